@@ -1,0 +1,648 @@
+"""TFP bijectors for residual flows.
+
+Direction convention
+--------------------
+Every bijector here maps **data to latent** in its ``forward`` direction, the
+cheap direction of an invertible residual block f(x) = x + g(x) (the paper's
+f). A flow is therefore used in a ``tfd.TransformedDistribution`` through
+``tfb.Invert``:
+
+```python
+flow = tfb.Chain([block3, block2, block1])        # data -> latent
+dist = tfd.TransformedDistribution(
+    tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(flow))
+dist.log_prob(x)   # runs flow.forward + its log-det: cheap, unbiased
+dist.sample(8)     # runs flow.inverse: fixed-point iteration per block
+```
+
+Randomness and caching
+----------------------
+The log-determinant of :class:`IResBlock` is a random estimate. Each call
+accepts a stateless ``seed`` (and a ``training`` switch) as bijector kwargs;
+inside a ``Chain`` route them by name, e.g.
+``chain.forward_log_det_jacobian(x, 1, block_0={"seed": s})``, or use
+:func:`flow_kwargs` to build the nested dict for every block. The bijectors in
+this module never use TFP's result cache: their outputs depend on variables
+that change during training, and a cached random log-det would be a stale
+sample (or give ``None`` gradients under a new tape).
+
+Variables
+---------
+``trainable_variables`` of these bijectors (and of any ``Chain`` or
+``TransformedDistribution`` containing them) lists the Keras weights, so
+``tfp.math.minimize(loss, ..., trainable_variables=dist.trainable_variables)``
+trains the flow.
+"""
+
+import itertools
+import sys
+import warnings
+
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import cache_util
+
+from rflow_tf import estimators as est
+from rflow_tf import layers as rlayers
+
+tfb = tfp.bijectors
+
+__all__ = [
+    "IResBlock",
+    "ActNorm",
+    "Squeeze",
+    "LogitTransform",
+    "LOGDET_MODES",
+    "flow_kwargs",
+]
+
+LOGDET_MODES = ("unbiased", "truncated", "exact")
+_BLOCK_IDS = itertools.count()
+
+
+class _UncachedBijectorCache(cache_util.BijectorCache):
+    """A drop-in for TFP's bijector cache that never stores anything."""
+
+    def forward(self, x, **kwargs):
+        return self.bijector._forward(x, **kwargs)
+
+    def inverse(self, y, **kwargs):
+        return self.bijector._inverse(y, **kwargs)
+
+    def _attributes(self, input, fn_name, **kwargs):  # noqa: A002 (TFP's signature)
+        return {}
+
+
+class _KerasBacked(tfb.Bijector):
+    """Base for bijectors whose weights live in Keras 3 layers.
+
+    tf.Module cannot see Keras 3 variables, so the underlying ``tf.Variable``s
+    are mirrored in an attribute that tf.Module's traversal finds.
+    """
+
+    _cache = _UncachedBijectorCache()
+
+    def _track_keras(self, *keras_objects):
+        variables = []
+        for obj in keras_objects:
+            variables.extend(w.value for w in obj.weights)
+        self._keras_tf_variables = tuple(variables)
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+
+def _as_float_tensor(x, name):
+    x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
+    if not x.dtype.is_floating:
+        raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype.name}")
+    return x
+
+
+class IResBlock(_KerasBacked):
+    """Invertible residual block f(x) = x + g(x) with Lip(g) < 1.
+
+    forward (data -> latent):  y = x + net(x)
+    inverse (latent -> data):  fixed point x <- y - net(x), starting at x = y;
+        converges geometrically (Banach) at rate Lip(g).
+    log |det df/dx| = log det(I + J_g) = sum_{k>=1} (-1)^(k+1)/k tr(J_g^k), estimated by
+
+    * ``logdet="unbiased"`` (default): Russian roulette over the power series
+      with Hutchinson probes (paper Theorem 1, eq. 6). N ~ ``dist``
+      (``"poisson"`` with ``rate``, or ``"geometric"`` with ``p``), n = N + m
+      terms with m = ``n_exact_terms`` when ``training=True`` and
+      ``n_exact_terms_eval`` otherwise (paper: 2 and 20), averaged over
+      ``n_samples`` draws of N. E[estimate] = log det(I + J).
+    * ``logdet="truncated"``: the first ``n_terms`` terms, weight 1 (the
+      i-ResNet estimator; biased low in magnitude, bias grows with Lip(g)).
+    * ``logdet="exact"``: ``slogdet(I + J)`` of the full Jacobian (small D,
+      e.g. 2-D toy data).
+
+    Gradients of the estimated log-det:
+
+    * ``neumann_grad=True`` (default): from the Neumann series (Theorem 2,
+      eq. 8), u^T (dJ/dtheta) v with u = sum_j (-1)^j c_{j+1} v^T J^j. The
+      series itself is not differentiated, so memory does not grow with the
+      number of terms. Without ``grad_in_forward`` the single differentiable
+      vector-Jacobian product is recomputed in the backward pass.
+    * ``grad_in_forward=True``: the log-det gradients w.r.t. x and the net's
+      weights are computed during the forward pass (eq. 9) and the backward
+      pass only multiplies them by the per-example upstream gradient
+      (exactly: if the upstream gradient differs between examples the
+      weight gradient is recomputed with those per-example factors).
+    * ``neumann_grad=False``: plain backpropagation through the power series
+      (memory grows with the number of terms; for comparison).
+
+    The value returned is always the real log-det estimate, never a
+    surrogate, so training logs show true bits/dim.
+
+    Call kwargs (route through ``Chain`` by name): ``seed`` (stateless seed,
+    shape [2]) and ``training`` (bool; default False = evaluation settings).
+    The net must act on each example independently (no batch statistics).
+
+    Example:
+    ```python
+    import tensorflow_probability as tfp
+    from rflow_tf.bijectors import IResBlock
+    tfb, tfd = tfp.bijectors, tfp.distributions
+
+    blocks = [IResBlock.dense(2, hidden_units=(64, 64), coeff=0.9) for _ in range(4)]
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain(blocks)))
+    lp = dist.log_prob(tf.random.normal([16, 2]))     # unbiased estimate
+    x = dist.sample(5)                                 # fixed-point inverse
+    ```
+    """
+
+    def __init__(self, net, *, logdet="unbiased", dist="poisson", rate=2.0, p=0.5,
+                 n_exact_terms=2, n_exact_terms_eval=20, n_samples=1, n_terms=5,
+                 probe="gaussian", neumann_grad=True, grad_in_forward=False,
+                 inverse_atol=1e-6, inverse_rtol=1e-6, inverse_max_iterations=200,
+                 event_ndims=None, validate_args=False, name=None):
+        name = name or f"iresblock_{next(_BLOCK_IDS)}"
+        parameters = dict(locals())
+        if not callable(net):
+            raise TypeError(f"net must be a callable Keras layer or model, got {type(net)}")
+        if logdet not in LOGDET_MODES:
+            raise ValueError(f"logdet must be one of {LOGDET_MODES}, got {logdet!r}")
+        if probe not in est.PROBES:
+            raise ValueError(f"probe must be one of {est.PROBES}, got {probe!r}")
+        est._check_dist(dist, rate if dist == "poisson" else p)
+        for key, val in (("n_exact_terms", n_exact_terms), ("n_exact_terms_eval", n_exact_terms_eval)):
+            if int(val) < 0:
+                raise ValueError(f"{key} must be >= 0, got {val}")
+        if int(n_samples) < 1 or int(n_terms) < 1:
+            raise ValueError("n_samples and n_terms must be >= 1")
+        if grad_in_forward and not neumann_grad:
+            raise ValueError("grad_in_forward=True requires neumann_grad=True")
+        if event_ndims is None:
+            in_shape = getattr(net, "input_shape", None) if getattr(net, "built", False) else None
+            event_ndims = len(in_shape) - 1 if in_shape is not None else 1
+        self._net = net
+        self.logdet_mode = logdet
+        self.dist = dist
+        self.dist_param = float(rate if dist == "poisson" else p)
+        self.n_exact_terms = int(n_exact_terms)
+        self.n_exact_terms_eval = int(n_exact_terms_eval)
+        self.n_samples = int(n_samples)
+        self.n_terms = int(n_terms)
+        self.probe = probe
+        self.neumann_grad = bool(neumann_grad)
+        self.grad_in_forward = bool(grad_in_forward)
+        self.inverse_atol = float(inverse_atol)
+        self.inverse_rtol = float(inverse_rtol)
+        self.inverse_max_iterations = int(inverse_max_iterations)
+        self._event_ndims = int(event_ndims)
+        self._checked_shapes = set()
+        if getattr(net, "built", False):
+            self._track_keras(net)
+        else:
+            self._keras_tf_variables = ()
+        super().__init__(forward_min_event_ndims=self._event_ndims, validate_args=validate_args,
+                         parameters=parameters, name=name)
+
+    # ----------------------------------------------------------- constructors
+    @classmethod
+    def dense(cls, dim, hidden_units=(128, 128), coeff=0.9, activation="lipswish",
+              preactivation=False, dtype="float32", **block_kwargs):
+        """A block for vectors in R^dim whose g is :func:`rflow_tf.layers.lipschitz_dense_net`.
+
+        Example: ``IResBlock.dense(2, hidden_units=(128,) * 4, coeff=0.9)``.
+        """
+        net = rlayers.lipschitz_dense_net(dim, hidden_units, coeff, activation, preactivation, dtype)
+        return cls(net, event_ndims=1, **block_kwargs)
+
+    @classmethod
+    def conv(cls, input_shape, hidden_channels=512, kernels="3-1-3", coeff=0.98,
+             activation="lipswish", preactivation=True, dtype="float32", **block_kwargs):
+        """A block for images of shape (H, W, C) whose g is
+        :func:`rflow_tf.layers.lipschitz_conv_net` (the paper's image block).
+
+        Example: ``IResBlock.conv((28, 28, 1), hidden_channels=512)``.
+        """
+        net = rlayers.lipschitz_conv_net(input_shape, hidden_channels, kernels, coeff, activation,
+                                         preactivation, dtype)
+        return cls(net, event_ndims=3, **block_kwargs)
+
+    @property
+    def net(self):
+        """The residual branch g (a Keras layer or model)."""
+        return self._net
+
+    # ------------------------------------------------------------ utilities
+    def _g(self, x, training):
+        gx = self._net(x, training=training)
+        if not isinstance(gx, tf.Tensor) or gx.dtype != x.dtype:
+            raise TypeError(
+                f"{self.name}: net returned dtype {getattr(gx, 'dtype', type(gx))} for a "
+                f"{x.dtype.name} input; build the net with dtype='{x.dtype.name}' "
+                "(e.g. IResBlock.dense(..., dtype='float64')).")
+        key = (tuple(x.shape[1:]), tuple(gx.shape[1:]))
+        if key not in self._checked_shapes:
+            if gx.shape[1:] != x.shape[1:]:
+                raise ValueError(
+                    f"{self.name}: net must preserve the shape of its input (a residual "
+                    f"block needs g(x) shaped like x); got {tuple(x.shape[1:])} -> "
+                    f"{tuple(gx.shape[1:])}")
+            self._checked_shapes.add(key)
+        if not self._keras_tf_variables and getattr(self._net, "weights", None):
+            self._track_keras(self._net)
+        return gx
+
+    def _flatten_batch(self, x, name):
+        """Validates x and reshapes it to [B, *event_shape]; returns (x, batch_shape)."""
+        x = _as_float_tensor(x, self.name)
+        nd = self._event_ndims
+        if x.shape.rank is not None and x.shape.rank < nd:
+            raise ValueError(
+                f"{self.name}: {name} needs rank >= {nd} (event shape of {nd} dims), "
+                f"got shape {x.shape}")
+        event_shape = x.shape[x.shape.rank - nd:]
+        if not event_shape.is_fully_defined():
+            raise ValueError(f"{self.name}: the event shape of {name} must be static, got {x.shape}")
+        if self.validate_args:
+            x = tf.debugging.assert_all_finite(x, f"{self.name}: {name} contains NaN or Inf")
+        batch_shape = tf.shape(x)[:tf.rank(x) - nd]
+        return tf.reshape(x, tf.concat([[-1], event_shape], 0)), batch_shape
+
+    @staticmethod
+    def _unflatten(t, batch_shape):
+        return tf.reshape(t, tf.concat([batch_shape, tf.shape(t)[1:]], 0))
+
+    def _series(self, seed, training, dtype):
+        """Number of terms and roulette weights for this call."""
+        if self.logdet_mode == "truncated":
+            return tf.constant(self.n_terms), tf.ones([self.n_terms], dtype)
+        m = self.n_exact_terms if training else self.n_exact_terms_eval
+        draws = est.sample_roulette(seed, self.dist, self.dist_param, self.n_samples)
+        n_terms = tf.reduce_max(draws) + m
+        return n_terms, est.series_weights(n_terms, draws, m, self.dist, self.dist_param, dtype)
+
+    # ------------------------------------------------------------- the block
+    def forward_and_log_det(self, x, seed=None, training=False):
+        """Returns ``(x + g(x), log det(I + J_g(x)))`` in a single pass.
+
+        The log-det has the batch shape of ``x``; see the class docstring for
+        the estimator settings. ``seed``: optional stateless seed (shape [2]).
+        """
+        xf, batch_shape = self._flatten_batch(x, "x")
+        if self.logdet_mode == "exact":
+            gx, ld = self._exact(xf, training)
+        else:
+            seed = tfp.random.sanitize_seed(seed, salt="IResBlock")
+            probe_seed, series_seed = tfp.random.split_seed(seed, 2)
+            n_terms, weights = self._series(series_seed, training, xf.dtype)
+            v = est.hutchinson_probe(tf.shape(xf), probe_seed, self.probe, xf.dtype)
+            if self.neumann_grad:
+                gx, ld = self._neumann(xf, v, n_terms, weights, training)
+            else:
+                gx, ld = self._backprop(xf, v, n_terms, weights, training)
+        return self._unflatten(xf + gx, batch_shape), tf.reshape(ld, batch_shape)
+
+    def _exact(self, x, training):
+        d = x.shape[1:].num_elements()
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            gx = self._g(x, training)
+            gx_flat = tf.reshape(gx, [-1, d])
+        jac = tape.batch_jacobian(gx_flat, x)
+        return gx, est.exact_logdet(tf.reshape(jac, [-1, d, d]))
+
+    def _backprop(self, x, v, n_terms, weights, training):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            gx = self._g(x, training)
+        ld = est.power_series_logdet(lambda w: tape.gradient(gx, x, output_gradients=w),
+                                     v, n_terms, weights)
+        return gx, ld
+
+    def _neumann(self, x, v, n_terms, weights, training):
+        block = self
+        if not self._keras_tf_variables:     # build the net before reading its variables
+            self._g(x, training)
+        net_vars = [w for w in self._keras_tf_variables if w.trainable]
+
+        def surrogate_grads(upstream, targets):
+            """d/d(targets) of sum_b upstream_b * u_b^T J(x_b) v_b (recomputes g)."""
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    gx2 = block._g(x, training)
+                s = est.neumann_surrogate(
+                    lambda w: inner.gradient(gx2, x, output_gradients=w), u, v)
+                total = tf.reduce_sum(s if upstream is None else upstream * s)
+            return outer.gradient(total, [x] + list(targets))
+
+        @tf.custom_gradient
+        def residual_and_logdet(x):
+            nonlocal u
+            with tf.GradientTape(persistent=True) as outer:
+                outer.watch(x)
+                with tf.GradientTape(persistent=True) as inner:
+                    inner.watch(x)
+                    gx = block._g(x, training)
+                with outer.stop_recording():
+                    ld, u = est.power_series_terms(
+                        lambda w: inner.gradient(gx, x, output_gradients=w), v, n_terms,
+                        weights, with_neumann=True)
+                if block.grad_in_forward:
+                    s = tf.reduce_sum(est.neumann_surrogate(
+                        lambda w: inner.gradient(gx, x, output_gradients=w), u, v))
+            if block.grad_in_forward:
+                pre = outer.gradient(s, [x] + net_vars)
+                pre_x = pre[0]
+                pre_vars = {var.ref(): g for var, g in zip(net_vars, pre[1:])}
+            del outer
+
+            def grad(dgx, dld, variables=None):
+                variables = list(variables or [])
+                # Path-wise part: d(g(x))/d(x, theta) against the upstream dgx.
+                if dgx is None:
+                    dgx = tf.zeros_like(gx)
+                path = inner.gradient(gx, [x] + variables, output_gradients=dgx)
+                path = [tf.zeros_like(t) if p is None else p
+                        for p, t in zip(path, [x] + variables)]
+                if dld is None:
+                    return path[0], path[1:]
+                dld_x = tf.reshape(dld, [-1] + [1] * (x.shape.rank - 1))
+                if block.grad_in_forward:
+                    dx = dld_x * pre_x
+                    uniform = tf.reduce_all(tf.equal(dld, dld[0]))
+
+                    def scaled():
+                        return [tf.cast(dld[0], var.dtype) * pre_vars[var.ref()] if var.ref() in pre_vars
+                                else tf.zeros_like(var) for var in variables]
+
+                    def recomputed():
+                        gs = surrogate_grads(dld, variables)[1:]
+                        return [tf.zeros_like(var) if g is None else g
+                                for g, var in zip(gs, variables)]
+
+                    dvars = tf.cond(uniform, scaled, recomputed) if variables else []
+                else:
+                    gs = surrogate_grads(dld, variables)
+                    dx = gs[0]
+                    dvars = [tf.zeros_like(var) if g is None else g
+                             for g, var in zip(gs[1:], variables)]
+                return path[0] + dx, [p + d for p, d in zip(path[1:], dvars)]
+
+            return (gx, ld), grad
+
+        u = None
+        return residual_and_logdet(x)
+
+    # ------------------------------------------------------ TFP bijector API
+    def _forward(self, x, seed=None, training=False):
+        xf, batch_shape = self._flatten_batch(x, "x")
+        return self._unflatten(xf + self._g(xf, training), batch_shape)
+
+    def _forward_log_det_jacobian(self, x, seed=None, training=False):
+        return self.forward_and_log_det(x, seed=seed, training=training)[1]
+
+    def _inverse(self, y, seed=None, training=False):
+        x, residual, converged = self.inverse_with_diagnostics(y)
+        if tf.executing_eagerly():
+            if not bool(converged):
+                warnings.warn(
+                    f"{self.name}: fixed-point inverse did not converge in "
+                    f"{self.inverse_max_iterations} iterations; final residual "
+                    f"max|x + g(x) - y| = {float(residual):.3g}", RuntimeWarning, stacklevel=2)
+        else:
+            def warn():
+                tf.print("WARNING:", self.name, "fixed-point inverse did not converge in",
+                         self.inverse_max_iterations, "iterations; final residual",
+                         residual, output_stream=sys.stderr)
+                return tf.constant(False)
+            ok = tf.cond(converged, lambda: tf.constant(True), warn)
+            with tf.control_dependencies([ok]):
+                x = tf.identity(x)
+        return x
+
+    def _inverse_log_det_jacobian(self, y, seed=None, training=False):
+        x = self._inverse(y)
+        return -self.forward_and_log_det(x, seed=seed, training=training)[1]
+
+    def inverse_with_diagnostics(self, y):
+        """Fixed-point inverse with its diagnostics.
+
+        Iterates x <- y - g(x) from x = y until max|x_new - x| <= atol +
+        rtol * max|x_new| or ``inverse_max_iterations``. Returns
+        ``(x, residual, converged)`` where residual = max|x + g(x) - y|.
+
+        Example:
+        ```python
+        x, residual, ok = block.inverse_with_diagnostics(y)
+        ```
+        """
+        yf, batch_shape = self._flatten_batch(y, "y")
+        atol = tf.cast(self.inverse_atol, yf.dtype)
+        rtol = tf.cast(self.inverse_rtol, yf.dtype)
+
+        def cond(i, x, change):
+            return change > atol + rtol * tf.reduce_max(tf.abs(x))
+
+        def body(i, x, change):
+            x_new = yf - self._g(x, False)
+            return i + 1, x_new, tf.reduce_max(tf.abs(x_new - x))
+
+        big = tf.constant(float("inf"), yf.dtype)
+        _, x, change = tf.while_loop(cond, body, (tf.constant(0), yf, big),
+                                     maximum_iterations=self.inverse_max_iterations)
+        residual = tf.reduce_max(tf.abs(x + self._g(x, False) - yf))
+        converged = change <= atol + rtol * tf.reduce_max(tf.abs(x))
+        return self._unflatten(x, batch_shape), residual, converged
+
+
+class ActNorm(_KerasBacked):
+    """Per-channel affine bijector with data-dependent initialisation.
+
+    forward (data -> latent): y = (x + b) * exp(s), b and s per channel (last
+    axis); log |det| = (positions per example) * sum(s). On the first forward
+    call outside a replica context the layer initialises b = -mean(x),
+    s = -0.5 log max(var(x), 0.2) from that batch (Glow / the reference).
+    Under a distribution strategy, initialise explicitly first with
+    :meth:`initialize`.
+
+    Example:
+    ```python
+    an = ActNorm(event_shape=(8, 8, 3))
+    z = an.forward(images)       # first call initialises from `images`
+    ```
+    """
+
+    def __init__(self, event_shape, layer=None, validate_args=False, name="actnorm"):
+        parameters = dict(locals())
+        self.event_shape_ = tuple(int(d) for d in event_shape)
+        self.layer = layer if layer is not None else rlayers.ActNormalization()
+        if not self.layer.built:
+            self.layer.build((None,) + self.event_shape_)
+        self._track_keras(self.layer)
+        super().__init__(forward_min_event_ndims=len(self.event_shape_),
+                         validate_args=validate_args, parameters=parameters, name=name)
+
+    def initialize(self, x):
+        """Data-dependent initialisation from the batch ``x`` (no-op if done)."""
+        self.layer.initialize(tf.reshape(x, (-1,) + self.event_shape_))
+
+    def _maybe_initialize(self, x):
+        if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+            self.initialize(x)
+
+    def _positions(self):
+        n = 1
+        for d in self.event_shape_[:-1]:
+            n *= d
+        return n
+
+    def _forward(self, x, **kwargs):
+        self._maybe_initialize(x)
+        return self.layer(x)
+
+    def _inverse(self, y, **kwargs):
+        return self.layer.inverse(y)
+
+    def _forward_log_det_jacobian(self, x, **kwargs):
+        self._maybe_initialize(x)
+        ld = self._positions() * tf.reduce_sum(tf.cast(self.layer.log_scale, x.dtype))
+        batch_shape = tf.shape(x)[:tf.rank(x) - len(self.event_shape_)]
+        return tf.fill(batch_shape, ld)
+
+
+class Squeeze(tfb.Bijector):
+    """Space-to-depth by a factor 2: [..., H, W, C] -> [..., H/2, W/2, 4C].
+
+    A permutation of the pixels, so log |det| = 0. forward = data -> latent.
+
+    Example:
+    ```python
+    Squeeze().forward(tf.zeros([2, 8, 8, 3])).shape  # (2, 4, 4, 12)
+    ```
+    """
+
+    def __init__(self, validate_args=False, name="squeeze"):
+        parameters = dict(locals())
+        super().__init__(forward_min_event_ndims=3, is_constant_jacobian=True,
+                         validate_args=validate_args, parameters=parameters, name=name)
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    @staticmethod
+    def _reshape_apply(x, fn):
+        shape = tf.shape(x)
+        flat = tf.reshape(x, tf.concat([[-1], shape[-3:]], 0))
+        out = fn(flat)
+        return tf.reshape(out, tf.concat([shape[:-3], tf.shape(out)[1:]], 0))
+
+    def _forward(self, x):
+        if x.shape.rank is not None and (x.shape[-3] or 0) % 2 + (x.shape[-2] or 0) % 2:
+            raise ValueError(f"Squeeze needs even height and width, got shape {x.shape}")
+        return self._reshape_apply(x, lambda t: tf.nn.space_to_depth(t, 2))
+
+    def _inverse(self, y):
+        return self._reshape_apply(y, lambda t: tf.nn.depth_to_space(t, 2))
+
+    def _forward_log_det_jacobian(self, x):
+        return tf.zeros([], x.dtype)
+
+    def _forward_event_shape(self, s):
+        return tf.TensorShape(s[:-3]).concatenate([s[-3] // 2, s[-2] // 2, s[-1] * 4]) \
+            if s.rank is not None and s[-3] is not None else s
+
+    def _inverse_event_shape(self, s):
+        return tf.TensorShape(s[:-3]).concatenate([s[-3] * 2, s[-2] * 2, s[-1] // 4]) \
+            if s.rank is not None and s[-3] is not None else s
+
+    def _forward_event_shape_tensor(self, s):
+        return tf.concat([s[:-3], [s[-3] // 2, s[-2] // 2, s[-1] * 4]], 0)
+
+    def _inverse_event_shape_tensor(self, s):
+        return tf.concat([s[:-3], [s[-3] * 2, s[-2] * 2, s[-1] // 4]], 0)
+
+
+class LogitTransform(tfb.Bijector):
+    """Logit of the squeezed unit interval, elementwise (data -> latent):
+
+    s = alpha + (1 - 2 alpha) x,   y = log s - log(1 - s),
+    log |dy/dx| = log(1 - 2 alpha) - log s - log(1 - s).
+
+    Inverse: x = (sigmoid(y) - alpha) / (1 - 2 alpha). ``alpha`` keeps the
+    logit finite at x in {0, 1}; the reference uses 1e-6 (MNIST) or 0.05.
+    With ``validate_args=True`` inputs outside [0, 1] are rejected.
+
+    Example:
+    ```python
+    LogitTransform(0.05).forward(tf.constant([0.0, 0.5, 1.0]))
+    ```
+    """
+
+    def __init__(self, alpha=1e-6, validate_args=False, name="logit"):
+        parameters = dict(locals())
+        if not 0.0 <= alpha < 0.5:
+            raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
+        self.alpha = float(alpha)
+        super().__init__(forward_min_event_ndims=0, validate_args=validate_args,
+                         parameters=parameters, name=name)
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    def _squash(self, x):
+        if self.validate_args:
+            x = tf.debugging.assert_greater_equal(x, tf.zeros([], x.dtype),
+                                                  "LogitTransform: input below 0")
+            x = tf.debugging.assert_less_equal(x, tf.ones([], x.dtype),
+                                               "LogitTransform: input above 1")
+        return self.alpha + (1.0 - 2.0 * self.alpha) * x
+
+    def _forward(self, x):
+        s = self._squash(x)
+        return tf.math.log(s) - tf.math.log1p(-s)
+
+    def _inverse(self, y):
+        return (tf.sigmoid(y) - self.alpha) / (1.0 - 2.0 * self.alpha)
+
+    def _forward_log_det_jacobian(self, x):
+        s = self._squash(x)
+        return tf.math.log(tf.cast(1.0 - 2.0 * self.alpha, x.dtype)) - tf.math.log(s) \
+            - tf.math.log1p(-s)
+
+
+def flow_kwargs(bijector, **kwargs):
+    """Nested per-name kwargs that route ``kwargs`` (e.g. ``seed``,
+    ``training``) to every :class:`IResBlock` inside ``bijector`` through
+    ``tfb.Chain`` / ``tfb.Invert``. Seeds are split so blocks draw
+    independent probes.
+
+    Example:
+    ```python
+    flow = tfb.Chain(blocks)
+    ld = flow.forward_log_det_jacobian(x, 1, **flow_kwargs(flow, seed=[1, 2], training=True))
+    ```
+    """
+    seed = kwargs.pop("seed", None)
+    counter = [0]
+
+    def visit(b):
+        if isinstance(b, IResBlock):
+            out = dict(kwargs)
+            if seed is not None:
+                out["seed"] = tfp.random.split_seed(seed, counter[0] + 2)[counter[0] + 1]
+            counter[0] += 1
+            return out
+        if isinstance(b, tfb.Invert):
+            return visit(b.bijector)
+        if isinstance(b, tfb.Chain):
+            nested = {}
+            for sub in b.bijectors:
+                sub_kwargs = visit(sub)
+                if sub_kwargs:
+                    nested[sub.name] = sub_kwargs
+            return nested
+        return {}
+
+    return visit(bijector)

@@ -1,0 +1,259 @@
+"""Estimators of log det(I + J_g) for a contractive residual map, as pure functions.
+
+Everything here follows Chen et al., "Residual Flows for Invertible Generative
+Modeling" (NeurIPS 2019); the equation numbers below are the paper's.
+
+For f(x) = x + g(x) with Lip(g) < 1 and J = dg/dx,
+
+    log det(I + J) = sum_{k>=1} (-1)^(k+1) / k * tr(J^k).                 (3)
+
+*Russian roulette* (eq. 5) turns the infinite sum into an unbiased finite one:
+draw N ~ p(N) and evaluate n = N + m terms (m = ``n_exact_terms`` always
+evaluated); term k gets the weight 1 for k <= m and 1 / P(N >= k - m) for
+k > m. With several independent draws N_1..N_s the weight of term k > m is
+(1/s) sum_i 1[N_i >= k - m] / P(N >= k - m) (the average of s unbiased
+estimates), and n = max_i N_i + m.
+
+*Hutchinson* replaces tr(A) by v^T A v with E[v v^T] = I (eq. 6).
+
+*Neumann gradient* (Theorem 2, eq. 8): d/dtheta log det(I + J) =
+tr((I + J)^-1 dJ/dtheta) = E[(sum_{j>=0} (-1)^j v^T J^j) dJ/dtheta v]. With the
+same roulette draw, the coefficient of v^T J^j is (-1)^j times the weight of
+log-det term j + 1, so the vectors w_k = v^T J^k needed for the value
+(k = 1..n) also give the Neumann vector u = sum_{j=0}^{n-1} (-1)^j c_{j+1} w_j,
+and the gradient is that of the scalar u^T J v with u held constant.
+
+All functions take and return tensors; none creates variables.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "PROBES",
+    "roulette_tail_prob",
+    "sample_roulette",
+    "series_weights",
+    "hutchinson_probe",
+    "power_series_terms",
+    "logdet_coefficients",
+    "neumann_coefficients",
+    "power_series_logdet",
+    "neumann_surrogate",
+    "exact_logdet",
+]
+
+DISTRIBUTIONS = ("poisson", "geometric")
+PROBES = ("gaussian", "rademacher")
+
+
+def _check_dist(dist, param):
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    if dist == "geometric" and not 0.0 < float(param) < 1.0:
+        raise ValueError(f"geometric p must lie in (0, 1), got {param}")
+    if dist == "poisson" and not float(param) > 0.0:
+        raise ValueError(f"poisson rate must be > 0, got {param}")
+
+
+def roulette_tail_prob(k, dist="poisson", param=2.0, dtype=tf.float32):
+    """P(N >= k) for the roulette distribution, elementwise in integer ``k``.
+
+    * ``"geometric"`` with success probability p, support {1, 2, ...}:
+      P(N >= k) = (1 - p)^(k - 1) for k >= 1, and 1 for k <= 1.
+    * ``"poisson"`` with rate lambda, support {0, 1, ...}:
+      P(N >= k) = 1 - e^-lambda sum_{i<k} lambda^i / i! = P(k, lambda)
+      (the regularised lower incomplete gamma function) for k >= 1, and 1 for
+      k <= 0.
+
+    Example:
+    ```python
+    roulette_tail_prob(tf.range(1, 4), "geometric", 0.5)  # [1., .5, .25]
+    ```
+    """
+    _check_dist(dist, param)
+    k = tf.cast(k, dtype)
+    param = tf.cast(param, dtype)
+    if dist == "geometric":
+        return tf.where(k <= 1.0, tf.ones_like(k),
+                        tf.pow(1.0 - param, tf.maximum(k - 1.0, 0.0)))
+    return tf.where(k <= 0.0, tf.ones_like(k),
+                    tf.math.igamma(tf.maximum(k, 1.0), param))
+
+
+def sample_roulette(seed, dist="poisson", param=2.0, n_samples=1):
+    """Draws ``n_samples`` values of N ~ p(N) (int32, shape [n_samples]).
+
+    Geometric(p) on {1, 2, ...} by inversion, N = 1 + floor(log U / log(1 - p));
+    Poisson(lambda) on {0, 1, ...}. ``seed`` is a stateless seed (shape [2]).
+
+    Example:
+    ```python
+    sample_roulette(tf.constant([1, 2]), "geometric", 0.5, n_samples=3)
+    ```
+    """
+    _check_dist(dist, param)
+    if dist == "geometric":
+        u = tf.random.stateless_uniform([n_samples], seed, minval=np.finfo(np.float32).tiny,
+                                        maxval=1.0, dtype=tf.float32)
+        n = 1.0 + tf.floor(tf.math.log(u) / tf.math.log1p(-tf.cast(param, tf.float32)))
+        return tf.cast(n, tf.int32)
+    n = tf.random.stateless_poisson([n_samples], seed, lam=tf.cast(param, tf.float32),
+                                    dtype=tf.float32)
+    return tf.cast(n, tf.int32)
+
+
+def series_weights(n_terms, draws, n_exact_terms, dist="poisson", param=2.0,
+                   dtype=tf.float32):
+    """Roulette weights of terms k = 1..``n_terms`` (eq. 5 with m exact terms).
+
+    weight_k = 1                                               for k <= m
+    weight_k = mean_i 1[N_i >= k - m] / P(N >= k - m)          for k > m
+
+    ``draws`` are the sampled N_i (shape [s]); with ``draws=None`` every weight
+    is 1 (the fixed truncation of i-ResNets, biased). Returns shape [n_terms].
+
+    Example:
+    ```python
+    n = sample_roulette(seed, "poisson", 2.0)
+    w = series_weights(n[0] + 2, n, n_exact_terms=2)
+    ```
+    """
+    k = tf.range(1, n_terms + 1)
+    if draws is None:
+        return tf.ones([n_terms], dtype)
+    j = k - n_exact_terms
+    hit = tf.cast(draws[None, :] >= j[:, None], dtype)
+    frac = tf.reduce_mean(hit, axis=1)
+    tail = roulette_tail_prob(j, dist, param, dtype)
+    return tf.where(j <= 0, tf.ones_like(frac), frac / tail)
+
+
+def hutchinson_probe(shape, seed, kind="gaussian", dtype=tf.float32):
+    """A probe v with E[v v^T] = I for Hutchinson's estimator tr(A) = E[v^T A v].
+
+    ``"gaussian"``: v ~ N(0, I). ``"rademacher"``: entries +-1 with prob. 1/2
+    (lower variance for the trace of a fixed matrix).
+
+    Example:
+    ```python
+    v = hutchinson_probe([batch, dim], seed=[0, 1], kind="rademacher")
+    ```
+    """
+    if kind == "gaussian":
+        return tf.random.stateless_normal(shape, seed, dtype=dtype)
+    if kind == "rademacher":
+        b = tf.random.stateless_uniform(shape, seed, minval=0, maxval=2, dtype=tf.int32)
+        return tf.cast(2 * b - 1, dtype)
+    raise ValueError(f"probe must be one of {PROBES}, got {kind!r}")
+
+
+def logdet_coefficients(weights):
+    """c_k = (-1)^(k+1) / k * weight_k for k = 1..n (the terms of eq. 6).
+
+    Example:
+    ```python
+    logdet_coefficients(tf.ones([3]))  # [1, -1/2, 1/3]
+    ```
+    """
+    k = tf.cast(tf.range(1, tf.shape(weights)[0] + 1), weights.dtype)
+    sign = tf.where(tf.math.floormod(k, 2.0) == 1.0, 1.0, -1.0)
+    return tf.cast(sign, weights.dtype) * weights / k
+
+
+def neumann_coefficients(weights):
+    """d_j = (-1)^j * weight_{j+1} for j = 0..n-1 (the terms of eq. 8).
+
+    The Neumann series sum_j (-1)^j J^j = (I + J)^-1 weighted so that power
+    J^j uses the same roulette weight as log-det term j + 1, whose derivative
+    it is (d/dtheta tr(J^k)/k = tr(J^(k-1) dJ/dtheta)).
+
+    Example:
+    ```python
+    neumann_coefficients(tf.ones([3]))  # [1, -1, 1]
+    ```
+    """
+    j = tf.cast(tf.range(tf.shape(weights)[0]), weights.dtype)
+    sign = tf.where(tf.math.floormod(j, 2.0) == 0.0, 1.0, -1.0)
+    return tf.cast(sign, weights.dtype) * weights
+
+
+def _batch_dot(a, b):
+    axes = tf.range(1, tf.rank(a))
+    return tf.reduce_sum(a * b, axis=axes)
+
+
+def power_series_terms(vjp_fn, v, n_terms, weights, with_neumann=False):
+    """Runs w_k = w_{k-1}^T J (w_0 = v) for k = 1..n_terms and accumulates
+    the log-det estimate sum_k c_k (w_k . v) (eq. 6) and, if ``with_neumann``,
+    the Neumann vector u = sum_{j<n} d_j w_j (eq. 8).
+
+    ``vjp_fn(w)`` must return w^T J for a batch of row vectors shaped like
+    ``v`` (leading axis = batch). Returns ``(logdet [batch], u or None)``.
+    Uses ``tf.while_loop`` so ``n_terms`` may be a random tensor.
+
+    Example:
+    ```python
+    A = tf.constant([[0.1, 0.2], [0.0, 0.3]])
+    est, _ = power_series_terms(lambda w: w @ A, v, 10, tf.ones([10]))
+    ```
+    """
+    c = logdet_coefficients(weights)
+    d = neumann_coefficients(weights)
+    batch = tf.shape(v)[0]
+    acc0 = tf.zeros([batch], v.dtype)
+    u0 = tf.zeros_like(v)
+
+    def body(k, w, acc, u):
+        if with_neumann:
+            u = u + d[k] * w
+        w = vjp_fn(w)
+        acc = acc + c[k] * _batch_dot(w, v)
+        return k + 1, w, acc, u
+
+    _, _, acc, u = tf.while_loop(
+        lambda k, *_: k < n_terms, body, (tf.constant(0), v, acc0, u0))
+    return acc, (u if with_neumann else None)
+
+
+def power_series_logdet(vjp_fn, v, n_terms, weights):
+    """Unbiased (or truncated) estimate of log det(I + J) per example (eq. 6).
+
+    sum_{k=1}^{n} (-1)^(k+1)/k * weight_k * v^T J^k v, computed with n
+    vector-Jacobian products. See :func:`power_series_terms`.
+
+    Example:
+    ```python
+    est = power_series_logdet(lambda w: w @ A, v, n, series_weights(n, draws, 2))
+    ```
+    """
+    return power_series_terms(vjp_fn, v, n_terms, weights)[0]
+
+
+def neumann_surrogate(vjp_fn, u, v):
+    """The scalar-per-example s = u^T J v whose gradient, with u held constant,
+    is the Neumann estimate of d log det(I + J) (Theorem 2, eq. 8).
+
+    ``vjp_fn`` must be differentiable (recorded by the caller's tape).
+
+    Example:
+    ```python
+    with tf.GradientTape() as tape:
+        s = neumann_surrogate(lambda w: w @ A, tf.stop_gradient(u), v)
+    grad_A = tape.gradient(tf.reduce_sum(s), A)
+    ```
+    """
+    return _batch_dot(vjp_fn(tf.stop_gradient(u)), v)
+
+
+def exact_logdet(jacobian):
+    """log |det(I + J)| for a batch of square Jacobians J ([..., D, D]).
+
+    Example:
+    ```python
+    exact_logdet(tf.zeros([4, 2, 2]))  # zeros([4])
+    ```
+    """
+    eye = tf.eye(tf.shape(jacobian)[-1], dtype=jacobian.dtype)
+    return tf.linalg.slogdet(eye + jacobian)[1]

@@ -1,0 +1,461 @@
+"""Keras 3 layers for Lipschitz-constrained residual branches.
+
+* :class:`LipSwish` -- phi(x) = x * sigmoid(softplus(beta) x) / 1.1, |phi'| <= 1.
+* :class:`LipschitzDense`, :class:`LipschitzConv2D` -- spectral normalisation
+  W_eff = W / max(1, sigma / coeff), sigma = ||W||_2 estimated by power
+  iteration on persistent non-trainable vectors; the gradient flows through
+  sigma. For k x k convolutions sigma is the operator norm of the whole padded
+  convolution on the layer's input size.
+* :class:`ActNormalization` -- the weights of the ActNorm bijector.
+* :func:`lipschitz_dense_net`, :func:`lipschitz_conv_net` -- residual branches g
+  with Lip(g) <= coeff, ready for :class:`rflow_tf.bijectors.IResBlock`.
+* :func:`converge_lipschitz` -- runs every power iteration found in a model,
+  bijector or distribution to convergence (call it after each optimiser step
+  and before evaluation or sampling).
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+__all__ = [
+    "LipSwish",
+    "LipschitzDense",
+    "LipschitzConv2D",
+    "ActNormalization",
+    "lipschitz_dense_net",
+    "lipschitz_conv_net",
+    "lipschitz_layers",
+    "converge_lipschitz",
+    "make_activation",
+    "ACTIVATIONS",
+]
+
+_PACKAGE = "rflow_tf"
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LipSwish(keras.layers.Layer):
+    """LipSwish activation (paper eq. 10): phi(x) = x * sigmoid(b x) / 1.1,
+    b = softplus(beta) > 0, with one learnable scalar beta per layer.
+
+    max_x |phi'(x)| <= 1 for every b > 0, so it keeps Lip(g) <= 1 while its
+    second derivative does not vanish where |phi'| is close to 1.
+
+    Example:
+    ```python
+    act = LipSwish()          # beta initialised to 0.5
+    y = act(tf.linspace(-3., 3., 7))
+    ```
+    """
+
+    def __init__(self, beta_initializer=0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.beta_initializer = float(beta_initializer)
+
+    def build(self, input_shape):
+        self.beta = self.add_weight(
+            name="beta", shape=(), initializer=keras.initializers.Constant(self.beta_initializer))
+
+    def call(self, x):
+        b = tf.nn.softplus(tf.cast(self.beta, x.dtype))
+        return x * tf.sigmoid(b * x) / 1.1
+
+    def get_config(self):
+        return {**super().get_config(), "beta_initializer": self.beta_initializer}
+
+
+ACTIVATIONS = ("lipswish", "elu", "softplus", "relu", "identity")
+
+
+def make_activation(name, dtype=None):
+    """A 1-Lipschitz activation layer by name: one of :data:`ACTIVATIONS`.
+
+    Example:
+    ```python
+    act = make_activation("elu")
+    ```
+    """
+    if name == "lipswish":
+        return LipSwish(dtype=dtype)
+    if name in ("elu", "softplus", "relu"):
+        return keras.layers.Activation(name, dtype=dtype)
+    if name == "identity":
+        return keras.layers.Identity(dtype=dtype)
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def _l2_normalize(x):
+    return x / (tf.norm(tf.reshape(x, [-1])) + 1e-12)
+
+
+class _SpectralNormalized(keras.layers.Layer):
+    """Shared power-iteration machinery for the Lipschitz layers.
+
+    Subclasses implement ``_apply_w(v, kernel)`` (W v), ``_apply_wt(u, kernel)``
+    (W^T u) and create ``self.kernel``, ``self.u`` (shape of W v) and ``self.v``.
+    """
+
+    def __init__(self, coeff=0.98, power_iterations=0, tol=1e-3, max_iterations=200,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 < coeff:
+            raise ValueError(f"coeff must be positive, got {coeff}")
+        self.coeff = float(coeff)
+        self.power_iterations = int(power_iterations)
+        self.tol = float(tol)
+        self.max_iterations = int(max_iterations)
+
+    def _init_power_vectors(self, u_shape, v_shape):
+        self.u = self.add_weight(name="power_u", shape=u_shape, trainable=False,
+                                 initializer=keras.initializers.RandomNormal(seed=None))
+        self.v = self.add_weight(name="power_v", shape=v_shape, trainable=False,
+                                 initializer=keras.initializers.RandomNormal(seed=None))
+        self.sigma = self.add_weight(name="sigma", shape=(), trainable=False,
+                                     initializer="zeros")
+        self.converge()
+
+    def _power_step(self, u, v, kernel):
+        v = _l2_normalize(self._apply_wt(u, kernel))
+        u = _l2_normalize(self._apply_w(v, kernel))
+        return u, v
+
+    def _sigma(self, kernel, u, v):
+        """u^T W v: differentiable in the kernel with u and v held constant."""
+        return tf.reduce_sum(tf.stop_gradient(u) * self._apply_w(tf.stop_gradient(v), kernel))
+
+    def power_iterate(self, n):
+        """Runs ``n`` power-iteration steps and stores u, v and sigma."""
+        kernel = tf.stop_gradient(tf.convert_to_tensor(self.kernel))
+        u, v = tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
+        for _ in range(int(n)):
+            u, v = self._power_step(u, v, kernel)
+        self._store(u, v, kernel)
+
+    def converge(self, tol=None, max_iterations=None):
+        """Power iteration until the relative change of sigma is below ``tol``
+        (default ``self.tol``) or ``max_iterations`` steps. Returns sigma.
+
+        Call after every optimiser step and before evaluation or sampling.
+        """
+        tol = self.tol if tol is None else tol
+        max_iterations = self.max_iterations if max_iterations is None else max_iterations
+        kernel = tf.stop_gradient(tf.convert_to_tensor(self.kernel))
+        u, v = tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
+        u, v = _l2_normalize(u), _l2_normalize(v)
+        sigma0 = self._sigma(kernel, u, v)
+
+        def cond(i, u, v, sigma, change):
+            return change > tol
+
+        def body(i, u, v, sigma, change):
+            u, v = self._power_step(u, v, kernel)
+            new = self._sigma(kernel, u, v)
+            return i + 1, u, v, new, tf.abs(new - sigma) / (tf.abs(new) + 1e-12)
+
+        _, u, v, _, _ = tf.while_loop(
+            cond, body, (tf.constant(0), u, v, sigma0, tf.constant(np.inf, kernel.dtype)),
+            maximum_iterations=max_iterations)
+        return self._store(u, v, kernel)
+
+    def _store(self, u, v, kernel):
+        self.u.assign(u)
+        self.v.assign(v)
+        sigma = self._sigma(kernel, u, v)
+        self.sigma.assign(sigma)
+        return sigma
+
+    def effective_kernel(self):
+        """W / max(1, sigma / coeff) with sigma = u^T W v (gradient through sigma)."""
+        kernel = tf.convert_to_tensor(self.kernel)
+        sigma = self._sigma(kernel, self.u, self.v)
+        return kernel / tf.maximum(tf.ones_like(sigma), sigma / self.coeff)
+
+    def _maybe_iterate(self, training):
+        if training and self.power_iterations > 0:
+            self.power_iterate(self.power_iterations)
+
+    def get_config(self):
+        return {**super().get_config(), "coeff": self.coeff,
+                "power_iterations": self.power_iterations, "tol": self.tol,
+                "max_iterations": self.max_iterations}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LipschitzDense(_SpectralNormalized):
+    """Dense layer with spectral norm at most ``coeff``: y = x W_eff + b,
+    W_eff = W / max(1, sigma / coeff), sigma ~= ||W||_2 by power iteration.
+
+    ``power_iterations`` steps run inside ``call(training=True)``; call
+    :meth:`converge` (or :func:`converge_lipschitz`) after each optimiser step.
+
+    Example:
+    ```python
+    layer = LipschitzDense(64, coeff=0.9)
+    y = layer(tf.zeros([8, 2]))
+    layer.converge()
+    ```
+    """
+
+    def __init__(self, units, coeff=0.98, use_bias=True, kernel_initializer="glorot_uniform",
+                 **kwargs):
+        super().__init__(coeff=coeff, **kwargs)
+        self.units = int(units)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, input_shape):
+        d_in = input_shape[-1]
+        if d_in is None:
+            raise ValueError("LipschitzDense needs a known last input dimension")
+        self.kernel = self.add_weight(name="kernel", shape=(d_in, self.units),
+                                      initializer=self.kernel_initializer)
+        self.bias = (self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
+                     if self.use_bias else None)
+        self._init_power_vectors((self.units,), (d_in,))
+
+    def _apply_w(self, v, kernel):          # W v with W = kernel^T
+        return tf.linalg.matvec(kernel, v, transpose_a=True)
+
+    def _apply_wt(self, u, kernel):         # W^T u
+        return tf.linalg.matvec(kernel, u)
+
+    def call(self, x, training=False):
+        self._maybe_iterate(training)
+        y = tf.matmul(x, self.effective_kernel())
+        return y + self.bias if self.use_bias else y
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LipschitzConv2D(_SpectralNormalized):
+    """Stride-1 'same' convolution whose operator norm is at most ``coeff``.
+
+    sigma is the largest singular value of the *whole* linear map
+    x -> conv(x, W) on the layer's input size (zero padding included),
+    estimated by power iteration with conv2d and conv2d_transpose over
+    feature maps u (output-shaped) and v (input-shaped). For 1x1 kernels the
+    operator norm equals the kernel's matrix norm and vectors of size C are
+    used. The layer therefore needs static input height and width.
+
+    Example:
+    ```python
+    conv = LipschitzConv2D(32, 3, coeff=0.98)
+    y = conv(tf.zeros([4, 8, 8, 3]))
+    ```
+    """
+
+    def __init__(self, filters, kernel_size, coeff=0.98, use_bias=True,
+                 kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(coeff=coeff, **kwargs)
+        self.filters = int(filters)
+        ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * 2
+        self.kernel_size = tuple(int(k) for k in ks)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    @property
+    def _is_pointwise(self):
+        return self.kernel_size == (1, 1)
+
+    def build(self, input_shape):
+        if len(input_shape) != 4:
+            raise ValueError(f"LipschitzConv2D expects [batch, H, W, C] input, got {input_shape}")
+        _, h, w, c = input_shape
+        if c is None or (not self._is_pointwise and (h is None or w is None)):
+            raise ValueError(
+                "LipschitzConv2D needs static input height, width and channels to compute "
+                f"the operator norm of the padded convolution; got input shape {input_shape}")
+        self.kernel = self.add_weight(name="kernel", shape=self.kernel_size + (c, self.filters),
+                                      initializer=self.kernel_initializer)
+        self.bias = (self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+                     if self.use_bias else None)
+        self._in_hw = (h, w)
+        if self._is_pointwise:
+            self._init_power_vectors((self.filters,), (c,))
+        else:
+            self._init_power_vectors((1, h, w, self.filters), (1, h, w, c))
+
+    def _apply_w(self, v, kernel):
+        if self._is_pointwise:
+            return tf.linalg.matvec(kernel[0, 0], v, transpose_a=True)
+        return tf.nn.conv2d(v, kernel, strides=1, padding="SAME")
+
+    def _apply_wt(self, u, kernel):
+        if self._is_pointwise:
+            return tf.linalg.matvec(kernel[0, 0], u)
+        h, w = self._in_hw
+        c = kernel.shape[2]
+        return tf.nn.conv2d_transpose(u, kernel, output_shape=[1, h, w, c], strides=1,
+                                      padding="SAME")
+
+    def call(self, x, training=False):
+        self._maybe_iterate(training)
+        y = tf.nn.conv2d(x, self.effective_kernel(), strides=1, padding="SAME")
+        return y + self.bias if self.use_bias else y
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.filters,)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters,
+                "kernel_size": self.kernel_size, "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ActNormalization(keras.layers.Layer):
+    """Per-channel affine y = (x + bias) * exp(log_scale) with data-dependent
+    initialisation (Kingma & Dhariwal 2018): on the first batch seen by
+    :meth:`initialize`, bias = -mean and log_scale = -0.5 log max(var, 0.2)
+    (the reference's floor), so the output has zero mean and unit variance.
+
+    Its log-det per example is (number of positions) * sum(log_scale).
+    The flag ``initialized`` is a variable, so it is saved in checkpoints.
+
+    Example:
+    ```python
+    an = ActNormalization()
+    an.initialize(x_first_batch)
+    y = an(x)
+    ```
+    """
+
+    def build(self, input_shape):
+        c = input_shape[-1]
+        self.bias = self.add_weight(name="bias", shape=(c,), initializer="zeros")
+        self.log_scale = self.add_weight(name="log_scale", shape=(c,), initializer="zeros")
+        self.initialized = self.add_weight(name="initialized", shape=(), dtype="bool",
+                                           trainable=False, initializer="zeros")
+
+    def initialize(self, x):
+        """Sets bias and log_scale from the batch ``x`` unless already initialised."""
+        if not self.built:
+            self.build(x.shape)
+        axes = list(range(len(x.shape) - 1))
+        mean, var = tf.nn.moments(tf.cast(x, self.bias.dtype), axes)
+
+        def init():
+            self.bias.assign(-mean)
+            self.log_scale.assign(-0.5 * tf.math.log(tf.maximum(var, 0.2)))
+            self.initialized.assign(True)
+            return tf.constant(True)
+
+        tf.cond(tf.convert_to_tensor(self.initialized), lambda: tf.constant(False), init)
+
+    def call(self, x):
+        return (x + self.bias) * tf.exp(self.log_scale)
+
+    def inverse(self, y):
+        """x = y * exp(-log_scale) - bias."""
+        return y * tf.exp(-self.log_scale) - self.bias
+
+
+def _sequential(layers, input_shape, dtype, name):
+    model = keras.Sequential([keras.Input(shape=input_shape, dtype=dtype)] + layers, name=name)
+    return model
+
+
+def lipschitz_dense_net(dim, hidden_units=(128, 128), coeff=0.9, activation="lipswish",
+                        preactivation=False, dtype="float32", name=None):
+    """A residual branch g: R^dim -> R^dim, Lip(g) <= coeff^L (<= coeff).
+
+    g = W_L phi(... phi(W_1 x)) with every W_i a :class:`LipschitzDense`
+    (spectral norm <= coeff) and phi a 1-Lipschitz activation; with
+    ``preactivation=True`` an activation is applied to x first.
+
+    Example:
+    ```python
+    net = lipschitz_dense_net(2, hidden_units=(64, 64), coeff=0.9)
+    block = rflow_tf.bijectors.IResBlock(net)
+    ```
+    """
+    units = list(hidden_units) + [dim]
+    layers = [make_activation(activation, dtype)] if preactivation else []
+    for i, u in enumerate(units):
+        if i > 0:
+            layers.append(make_activation(activation, dtype))
+        layers.append(LipschitzDense(u, coeff=coeff, dtype=dtype))
+    return _sequential(layers, (dim,), dtype, name)
+
+
+def lipschitz_conv_net(input_shape, hidden_channels=512, kernels="3-1-3", coeff=0.98,
+                       activation="lipswish", preactivation=True, dtype="float32", name=None):
+    """The paper's image residual branch (Appendix E), Lip(g) <= coeff:
+    [act] Conv_k1(C -> h) act Conv_k2(h -> h) act ... Conv_kL(h -> C), each a
+    :class:`LipschitzConv2D` on the block's spatial size.
+
+    ``input_shape`` is (H, W, C) without batch; ``kernels`` like "3-1-3".
+
+    Example:
+    ```python
+    net = lipschitz_conv_net((8, 8, 3), hidden_channels=64)
+    block = rflow_tf.bijectors.IResBlock(net)
+    ```
+    """
+    ks = [int(k) for k in str(kernels).split("-")]
+    channels = input_shape[-1]
+    layers = [make_activation(activation, dtype)] if preactivation else []
+    for i, k in enumerate(ks):
+        if i > 0:
+            layers.append(make_activation(activation, dtype))
+        out = channels if i == len(ks) - 1 else hidden_channels
+        layers.append(LipschitzConv2D(out, k, coeff=coeff, dtype=dtype))
+    return _sequential(layers, tuple(input_shape), dtype, name)
+
+
+def lipschitz_layers(obj):
+    """All spectrally normalised layers inside ``obj``: a Keras layer or model,
+    a bijector (Chain, Invert, IResBlock, ...), a TransformedDistribution, or
+    a list of these.
+
+    Example:
+    ```python
+    for layer in lipschitz_layers(flow):
+        print(layer.name, float(layer.sigma))
+    ```
+    """
+    found, seen = [], set()
+
+    def visit(o):
+        if o is None or id(o) in seen:
+            return
+        seen.add(id(o))
+        if isinstance(o, (list, tuple)):
+            for item in o:
+                visit(item)
+            return
+        if isinstance(o, keras.layers.Layer):
+            for layer in o._flatten_layers(include_self=True, recursive=True):
+                if isinstance(layer, _SpectralNormalized) and id(layer) not in seen:
+                    seen.add(id(layer))
+                    found.append(layer)
+            return
+        for attr in ("net", "bijector", "bijectors", "distribution", "layers_for_lipschitz"):
+            if hasattr(o, attr):
+                try:
+                    visit(getattr(o, attr))
+                except (AttributeError, NotImplementedError):
+                    pass
+
+    visit(obj)
+    return found
+
+
+def converge_lipschitz(obj, tol=1e-3, max_iterations=200):
+    """Runs power iteration to convergence in every Lipschitz layer of ``obj``
+    (see :func:`lipschitz_layers`); returns the list of sigma estimates.
+
+    Call after each optimiser step and before evaluation or sampling, so that
+    W_eff = W / max(1, sigma / coeff) has spectral norm <= coeff.
+
+    Example:
+    ```python
+    optimizer.apply_gradients(zip(grads, variables))
+    converge_lipschitz(flow)
+    ```
+    """
+    return [layer.converge(tol, max_iterations) for layer in lipschitz_layers(obj)]

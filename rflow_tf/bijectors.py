@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 LOGDET_MODES = ("unbiased", "truncated", "exact")
+# tfb.Chain / tfb.Invert are auto-composite subclasses of these base classes.
+_INVERT_TYPES = (tfp.bijectors.invert._Invert,)
 _BLOCK_IDS = itertools.count()
 
 
@@ -353,7 +355,8 @@ class IResBlock(_KerasBacked):
             if block.grad_in_forward:
                 pre = outer.gradient(s, [x] + net_vars)
                 pre_x = pre[0]
-                pre_vars = {var.ref(): g for var, g in zip(net_vars, pre[1:])}
+                pre_vars = {var.ref(): tf.zeros_like(var) if g is None else g
+                            for var, g in zip(net_vars, pre[1:])}
             del outer
 
             def grad(dgx, dld, variables=None):
@@ -634,9 +637,9 @@ def flow_kwargs(bijector, **kwargs):
                 out["seed"] = tfp.random.split_seed(seed, counter[0] + 2)[counter[0] + 1]
             counter[0] += 1
             return out
-        if isinstance(b, tfb.Invert):
+        if isinstance(b, _INVERT_TYPES):
             return visit(b.bijector)
-        if isinstance(b, tfb.Chain):
+        if isinstance(b, tfb.Composition):
             nested = {}
             for sub in b.bijectors:
                 sub_kwargs = visit(sub)

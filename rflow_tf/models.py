@@ -1,0 +1,1168 @@
+"""Multiscale Residual Flow image models (Chen et al. 2019, Section 5 / Appendix E).
+
+Contents
+--------
+* :class:`FlowConfig` -- every architectural and estimator setting of an image
+  flow, as a dataclass that round-trips through JSON.
+* :data:`PRESETS` / :func:`get_preset` -- the paper's architectures (``mnist``,
+  ``cifar10``, ``imagenet32``, ``imagenet64``, ``celeb_a_hq``) and small
+  presets that train in minutes on a CPU (``digits_small``, ``tiny``), each
+  with the reference's training defaults (:class:`Preset`).
+* :class:`FactorOut` -- a TFP bijector that sends half of the channels
+  straight to the latent and runs the rest of the flow on the other half.
+* :class:`ResidualFlow` -- a Keras 3 model holding the whole flow, with
+  ``log_prob``, ``bits_per_dim``, ``sample``, ``.bijector`` and
+  ``.distribution()``.
+
+Architecture (data -> latent; every piece is a bijector whose ``forward`` is
+the data -> latent direction, see :mod:`rflow_tf.bijectors`)::
+
+    x in [0, 1]^(H x W x C)           (dequantised pixels)
+    LogitTransform(alpha)             y = logit(alpha + (1 - 2 alpha) x)
+    [Squeeze]                         only if squeeze_first
+    ActNorm                           once, before the first block
+    scale 0:  (IResBlock.conv -> ActNorm) x n_blocks[0]
+              Squeeze                 (H, W, C) -> (H/2, W/2, 4C)
+              [FactorOut]             half the channels -> latent (if factor_out)
+    scale 1:  ...
+    last scale: (IResBlock.conv -> ActNorm) x n_blocks[-1]
+              flatten to a vector of size d
+              [(IResBlock.dense -> ActNorm) x n_fc_blocks]   (the "FC end")
+    z in R^D, D = H * W * C, base density N(0, I)
+
+Change of variables, with the log-dets of all pieces (including the logit):
+
+    log p(x) = log N(f(x); 0, I) + sum_pieces log |det J_piece|
+    bits/dim = -(log p(x) - D n_bits ln 2) / (D ln 2)
+
+where ``x`` is uniformly dequantised (:func:`rflow_tf.data.dequantize`), so
+``D n_bits ln 2`` converts the density on [0, 1]^D into a likelihood of the
+discrete n-bit pixels.
+
+Latent layout: a flat vector of size D. Without factor-out it is the output of
+the last stage. With factor-out it is ``[factored_0, factored_1, ...,
+final]``, each factored part flattened in (h, w, c) order.
+
+Example:
+```python
+import tensorflow as tf
+from rflow_tf import data, models
+
+cfg = models.get_preset("digits_small")
+flow = models.ResidualFlow(cfg)
+x = data.dequantize(next(iter(data.load_image_dataset("digits", "train", 64))), 8)
+flow.initialize(x)                      # data-dependent ActNorm init
+bpd = flow.bits_per_dim(x)              # [64]
+imgs = flow.sample(16, temperature=0.8, seed=[1, 2])   # [16, 8, 8, 1] in [0, 1]
+```
+"""
+
+import dataclasses
+import json
+import math
+from typing import Optional, Tuple
+
+import keras
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from rflow_tf import bijectors as rbij
+from rflow_tf import layers as rlayers
+
+tfb = tfp.bijectors
+tfd = tfp.distributions
+
+__all__ = [
+    "FlowConfig",
+    "Preset",
+    "PRESETS",
+    "get_preset",
+    "get_preset_training",
+    "preset_for_dataset",
+    "FlowBijector",
+    "FactorOut",
+    "FlowDistribution",
+    "ResidualFlow",
+]
+
+_PACKAGE = "rflow_tf"
+_LN2 = math.log(2.0)
+
+
+# ----------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------
+
+_TUPLE_FIELDS = ("input_shape", "n_blocks", "fc_hidden")
+
+
+@dataclasses.dataclass
+class FlowConfig:
+    """All settings of a :class:`ResidualFlow`; JSON round-trips exactly.
+
+    Architecture:
+      input_shape: (H, W, C) of one image.
+      n_blocks: residual blocks per scale, e.g. (16, 16, 16); scales are
+        separated by a 2x2 Squeeze, so H and W must be divisible by
+        2**(len(n_blocks) - 1 + squeeze_first).
+      hidden_channels: width h of each block g = [act] Conv_k1(C->h) act
+        Conv_k2(h->h) act ... Conv_kL(h->C).
+      kernels: kernel sizes of g's convolutions, "3-1-3" in the paper.
+      activation: "lipswish" (paper), "elu", "softplus", "relu", "identity".
+      coeff: Lipschitz bound c < 1 of every linear map (spectral norm).
+      preactivation: apply the activation to the block's input first.
+      actnorm: ActNorm before the first block and after every block.
+      squeeze_first: squeeze the input once before the first scale (the
+        reference uses it for ImageNet64 and CelebA-HQ).
+      factor_out: after each scale but the last, half of the channels go
+        straight to the latent (standard normal); the rest continue.
+      fc_end: fully connected residual blocks on the flattened last scale.
+      n_fc_blocks, fc_hidden: number of FC blocks and their hidden widths
+        (reference: 4 blocks, d -> 128 -> 128 -> d).
+      logit_alpha: alpha of the logit transform (1e-6 MNIST, 0.05 otherwise).
+      n_bits: bits per pixel of the data (8; 5 for CelebA-HQ).
+
+    Log-det estimator (see :class:`rflow_tf.bijectors.IResBlock`):
+      logdet: "unbiased" (Russian roulette + Hutchinson), "truncated" or
+        "exact" (full Jacobian; small inputs only).
+      dist, rate, p: roulette distribution, "poisson" with ``rate`` (lambda)
+        or "geometric" with ``p``.
+      n_exact_terms: terms always evaluated when training (paper: 2).
+      n_exact_terms_eval: exact terms when evaluating (paper: 20).
+      n_samples: roulette draws averaged per estimate; n_terms: terms of the
+        "truncated" mode; probe: "gaussian" or "rademacher".
+      neumann_grad: Neumann-series gradient of the log-det (Theorem 2).
+      grad_in_forward: compute the log-det gradient in the forward pass
+        (memory-saving, eq. 9).
+      inverse_tol, inverse_max_iterations: fixed-point inverse tolerance
+        (absolute and relative) and iteration cap (used for sampling).
+      dtype: "float32" or "float64".
+
+    Example:
+    ```python
+    cfg = FlowConfig(input_shape=(8, 8, 1), n_blocks=(2, 2), hidden_channels=32)
+    assert FlowConfig.from_json(cfg.to_json()) == cfg
+    cfg2 = cfg.replace(activation="elu")
+    ```
+    """
+
+    input_shape: Tuple[int, int, int] = (28, 28, 1)
+    n_blocks: Tuple[int, ...] = (16, 16, 16)
+    hidden_channels: int = 512
+    kernels: str = "3-1-3"
+    activation: str = "lipswish"
+    coeff: float = 0.98
+    preactivation: bool = True
+    actnorm: bool = True
+    squeeze_first: bool = False
+    factor_out: bool = False
+    fc_end: bool = True
+    n_fc_blocks: int = 4
+    fc_hidden: Tuple[int, ...] = (128, 128)
+    logit_alpha: float = 1e-6
+    n_bits: int = 8
+    logdet: str = "unbiased"
+    dist: str = "poisson"
+    rate: float = 2.0
+    p: float = 0.5
+    n_exact_terms: int = 2
+    n_exact_terms_eval: int = 20
+    n_samples: int = 1
+    n_terms: int = 5
+    probe: str = "gaussian"
+    neumann_grad: bool = True
+    grad_in_forward: bool = True
+    inverse_tol: float = 1e-5
+    inverse_max_iterations: int = 1000
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        for name in _TUPLE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, tuple(value))
+
+    # ------------------------------------------------------------ validation
+    @property
+    def n_scales(self):
+        """Number of scales, len(n_blocks)."""
+        return len(self.n_blocks)
+
+    @property
+    def num_dims(self):
+        """D = H * W * C."""
+        h, w, c = self.input_shape
+        return int(h * w * c)
+
+    def validate(self):
+        """Raises ValueError/TypeError with a clear message if a setting is invalid;
+        returns ``self``.
+
+        Example: ``FlowConfig(input_shape=(7, 7, 1), n_blocks=(1, 1)).validate()``
+        raises because 7 is not divisible by 2.
+        """
+        def pos_int(name, v, allow_zero=False):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"FlowConfig.{name} must be an int, got {v!r}")
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ValueError(f"FlowConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, "
+                                 f"got {v}")
+
+        if not isinstance(self.input_shape, tuple) or len(self.input_shape) != 3:
+            raise ValueError(f"FlowConfig.input_shape must be (H, W, C), got {self.input_shape!r}")
+        for v in self.input_shape:
+            pos_int("input_shape", v)
+        if not isinstance(self.n_blocks, tuple) or not self.n_blocks:
+            raise ValueError(f"FlowConfig.n_blocks must be a non-empty tuple, got {self.n_blocks!r}")
+        for v in self.n_blocks:
+            pos_int("n_blocks", v)
+        h, w, c = self.input_shape
+        n_squeeze = self.n_scales - 1 + int(bool(self.squeeze_first))
+        if h % (2 ** n_squeeze) or w % (2 ** n_squeeze):
+            raise ValueError(
+                f"FlowConfig: input {h}x{w} cannot be squeezed {n_squeeze} times "
+                f"({self.n_scales} scales, squeeze_first={self.squeeze_first}); H and W must "
+                f"be divisible by {2 ** n_squeeze}")
+        pos_int("hidden_channels", self.hidden_channels)
+        try:
+            ks = [int(k) for k in str(self.kernels).split("-")]
+        except ValueError:
+            ks = []
+        if not ks or any(k < 1 or k % 2 == 0 for k in ks):
+            raise ValueError(f"FlowConfig.kernels must look like '3-1-3' (odd sizes), "
+                             f"got {self.kernels!r}")
+        if self.activation not in rlayers.ACTIVATIONS:
+            raise ValueError(f"FlowConfig.activation must be one of {rlayers.ACTIVATIONS}, "
+                             f"got {self.activation!r}")
+        if not 0.0 < float(self.coeff) < 1.0:
+            raise ValueError(f"FlowConfig.coeff must lie in (0, 1) for invertibility, "
+                             f"got {self.coeff}")
+        pos_int("n_fc_blocks", self.n_fc_blocks, allow_zero=True)
+        if not isinstance(self.fc_hidden, tuple):
+            raise ValueError(f"FlowConfig.fc_hidden must be a tuple, got {self.fc_hidden!r}")
+        for v in self.fc_hidden:
+            pos_int("fc_hidden", v)
+        if not 0.0 <= float(self.logit_alpha) < 0.5:
+            raise ValueError(f"FlowConfig.logit_alpha must lie in [0, 0.5), got {self.logit_alpha}")
+        pos_int("n_bits", self.n_bits)
+        if self.n_bits > 8:
+            raise ValueError(f"FlowConfig.n_bits must be in 1..8, got {self.n_bits}")
+        if self.logdet not in rbij.LOGDET_MODES:
+            raise ValueError(f"FlowConfig.logdet must be one of {rbij.LOGDET_MODES}, "
+                             f"got {self.logdet!r}")
+        if self.dist not in ("poisson", "geometric"):
+            raise ValueError(f"FlowConfig.dist must be 'poisson' or 'geometric', got {self.dist!r}")
+        if self.dist == "poisson" and not float(self.rate) > 0:
+            raise ValueError(f"FlowConfig.rate must be > 0, got {self.rate}")
+        if self.dist == "geometric" and not 0.0 < float(self.p) < 1.0:
+            raise ValueError(f"FlowConfig.p must lie in (0, 1), got {self.p}")
+        pos_int("n_exact_terms", self.n_exact_terms, allow_zero=True)
+        pos_int("n_exact_terms_eval", self.n_exact_terms_eval, allow_zero=True)
+        pos_int("n_samples", self.n_samples)
+        pos_int("n_terms", self.n_terms)
+        if self.probe not in ("gaussian", "rademacher"):
+            raise ValueError(f"FlowConfig.probe must be 'gaussian' or 'rademacher', "
+                             f"got {self.probe!r}")
+        if self.grad_in_forward and not self.neumann_grad:
+            raise ValueError("FlowConfig.grad_in_forward=True requires neumann_grad=True")
+        if not float(self.inverse_tol) > 0:
+            raise ValueError(f"FlowConfig.inverse_tol must be > 0, got {self.inverse_tol}")
+        pos_int("inverse_max_iterations", self.inverse_max_iterations)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"FlowConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        return self
+
+    # --------------------------------------------------------- serialisation
+    def to_dict(self):
+        """Plain dict of JSON types (tuples become lists).
+
+        Example: ``FlowConfig.from_dict(cfg.to_dict()) == cfg``.
+        """
+        d = dataclasses.asdict(self)
+        for name in _TUPLE_FIELDS:
+            d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        """Builds a config from a dict (as written by :meth:`to_dict`); unknown
+        keys raise a ValueError listing the valid ones. Missing keys take
+        their defaults.
+
+        Example: ``FlowConfig.from_dict({"input_shape": [8, 8, 1], "n_blocks": [2, 2]})``.
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"FlowConfig.from_dict expects a dict, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"Unknown FlowConfig keys {unknown}; valid keys: {names}")
+        return cls(**d)
+
+    def to_json(self, indent=2):
+        """JSON text of :meth:`to_dict`.
+
+        Example: ``open("config.json", "w").write(cfg.to_json())``.
+        """
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        """Inverse of :meth:`to_json`.
+
+        Example: ``cfg = FlowConfig.from_json(open("config.json").read())``.
+        """
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (validated).
+
+        Example: ``get_preset("mnist").replace(n_exact_terms=4)``.
+        """
+        return dataclasses.replace(self, **changes).validate()
+
+    @classmethod
+    def coerce(cls, config):
+        """Accepts a FlowConfig, a dict, JSON text, a preset name or None
+        (default config) and returns a validated FlowConfig (a copy).
+
+        Example: ``FlowConfig.coerce("tiny")``.
+        """
+        if config is None:
+            cfg = cls()
+        elif isinstance(config, cls):
+            cfg = dataclasses.replace(config)
+        elif isinstance(config, dict):
+            cfg = cls.from_dict(config)
+        elif isinstance(config, str):
+            cfg = cls.from_json(config) if config.lstrip().startswith("{") else get_preset(config)
+        else:
+            raise TypeError(f"config must be a FlowConfig, dict, JSON string or preset name; "
+                            f"got {type(config).__name__}")
+        return cfg.validate()
+
+
+# ----------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named architecture plus the reference's training defaults for it.
+
+    Fields: ``config`` (:class:`FlowConfig`), ``dataset`` (the dataset it was
+    designed for), ``batch_size`` (global), ``accumulate`` (gradient
+    accumulation steps per optimiser step), ``lr``, ``warmup_steps``,
+    ``epochs`` or ``steps`` (training length; ``steps`` wins if both set),
+    ``ema_decay``, ``grad_clip``, ``eval_every``, ``sample_every``,
+    ``description``.
+
+    Example:
+    ```python
+    p = PRESETS["celeb_a_hq"]
+    p.batch_size, p.accumulate, p.config.n_bits    # 8, 5, 5
+    ```
+    """
+
+    name: str
+    config: FlowConfig
+    dataset: str
+    batch_size: int = 64
+    accumulate: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 1000
+    epochs: Optional[float] = None
+    steps: Optional[int] = None
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    eval_every: int = 1000
+    sample_every: int = 1000
+    description: str = ""
+
+    def training_defaults(self):
+        """The training fields as a dict (everything but name/config/description)."""
+        d = dataclasses.asdict(self)
+        for k in ("name", "config", "description"):
+            d.pop(k)
+        return d
+
+
+def _paper(name, dataset, description, **cfg_kwargs):
+    train_kwargs = {k: cfg_kwargs.pop(k) for k in list(cfg_kwargs)
+                    if k in ("batch_size", "accumulate", "lr", "warmup_steps", "epochs", "steps",
+                             "ema_decay", "grad_clip", "eval_every", "sample_every")}
+    train_kwargs.setdefault("epochs", 1000)
+    return Preset(name=name, config=FlowConfig(**cfg_kwargs).validate(), dataset=dataset,
+                  description=description, **train_kwargs)
+
+
+PRESETS = {
+    # ---- the paper's architectures (reference defaults; Appendix E) ----
+    "mnist": _paper(
+        "mnist", "mnist", "Paper MNIST model: 3 scales of 16 blocks, 512 channels, FC end.",
+        input_shape=(28, 28, 1), n_blocks=(16, 16, 16), logit_alpha=1e-6),
+    "cifar10": _paper(
+        "cifar10", "cifar10", "Paper CIFAR-10 model: 3 scales of 16 blocks, 512 channels, FC end.",
+        input_shape=(32, 32, 3), n_blocks=(16, 16, 16), logit_alpha=0.05),
+    "imagenet32": _paper(
+        "imagenet32", "imagenet32", "Paper ImageNet32 model: 3 scales of 32 blocks.",
+        input_shape=(32, 32, 3), n_blocks=(32, 32, 32), logit_alpha=0.05, epochs=20),
+    "imagenet64": _paper(
+        "imagenet64", "imagenet64",
+        "Paper ImageNet64 model: squeeze first, 3 scales of 32 blocks, factor-out.",
+        input_shape=(64, 64, 3), n_blocks=(32, 32, 32), logit_alpha=0.05, squeeze_first=True,
+        factor_out=True, epochs=20),
+    "celeb_a_hq": _paper(
+        "celeb_a_hq", "celeb_a_hq",
+        "Paper CelebA-HQ 256 model: 5-bit, ELU, squeeze first, 6 scales of 16 blocks, "
+        "factor-out, no FC end, 8 exact terms, batch 8 x 5 accumulation.",
+        input_shape=(256, 256, 3), n_blocks=(16,) * 6, logit_alpha=0.05, n_bits=5,
+        activation="elu", squeeze_first=True, factor_out=True, fc_end=False, n_exact_terms=8,
+        batch_size=8, accumulate=5),
+    # ---- small presets for a CPU ----
+    "digits_small": Preset(
+        name="digits_small", dataset="digits",
+        description="CPU model for the 8x8 sklearn digits: 2 scales of 2 blocks, 32 channels, "
+                    "2 FC blocks. Trains in a few minutes on 2 cores.",
+        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(2, 2), hidden_channels=32,
+                          n_fc_blocks=2, fc_hidden=(64, 64), logit_alpha=1e-6).validate(),
+        batch_size=64, lr=2e-3, warmup_steps=100, steps=1500, ema_decay=0.99,
+        eval_every=500, sample_every=500),
+    "tiny": Preset(
+        name="tiny", dataset="digits",
+        description="Smallest useful model (tests, smoke runs): 2 scales of 1 block, 8 channels, "
+                    "1 FC block.",
+        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(1, 1), hidden_channels=8,
+                          n_fc_blocks=1, fc_hidden=(16,), logit_alpha=1e-6).validate(),
+        batch_size=16, lr=1e-3, warmup_steps=10, steps=20, ema_decay=0.9,
+        eval_every=20, sample_every=20),
+}
+
+_DATASET_PRESET = {
+    "digits": "digits_small",
+    "mnist": "mnist",
+    "cifar10": "cifar10",
+    "svhn_cropped": "cifar10",
+    "celeb_a_hq": "celeb_a_hq",
+    "celeb_a_hq/256": "celeb_a_hq",
+    "imagenet32": "imagenet32",
+    "imagenet64": "imagenet64",
+}
+
+
+def _check_preset_name(name):
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+
+
+def get_preset(name, **overrides):
+    """A fresh copy of preset ``name``'s :class:`FlowConfig`, with ``overrides``.
+
+    Presets: ``mnist``, ``cifar10``, ``imagenet32``, ``imagenet64``,
+    ``celeb_a_hq`` (the paper's), ``digits_small``, ``tiny`` (CPU).
+
+    Example:
+    ```python
+    cfg = get_preset("cifar10", n_exact_terms=4)
+    flow = ResidualFlow(cfg)
+    ```
+    """
+    _check_preset_name(name)
+    cfg = dataclasses.replace(PRESETS[name].config)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def get_preset_training(name):
+    """Training defaults of preset ``name`` as a dict (batch_size, accumulate,
+    lr, warmup_steps, epochs, steps, ema_decay, grad_clip, eval_every,
+    sample_every, dataset).
+
+    Example: ``get_preset_training("celeb_a_hq")["accumulate"]  # 5``.
+    """
+    _check_preset_name(name)
+    return PRESETS[name].training_defaults()
+
+
+def preset_for_dataset(dataset):
+    """The default preset name for a dataset name (``digits`` -> ``digits_small``,
+    ``svhn_cropped`` -> ``cifar10``, ...).
+
+    Example: ``preset_for_dataset("mnist")  # "mnist"``.
+    """
+    key = str(dataset).strip().lower()
+    if key not in _DATASET_PRESET:
+        raise ValueError(f"No default preset for dataset {dataset!r}; pass a preset "
+                         f"explicitly (one of {sorted(PRESETS)})")
+    return _DATASET_PRESET[key]
+
+
+# ----------------------------------------------------------------------------
+# Bijectors for the multiscale structure
+# ----------------------------------------------------------------------------
+
+
+def _iter_stages(stages):
+    """All pieces in application order, descending into FactorOut."""
+    for b in stages:
+        yield b
+        if isinstance(b, FactorOut):
+            yield from _iter_stages(b.stages)
+
+
+class FlowBijector(tfb.Bijector):
+    """A sequence of bijectors (``stages``, in data -> latent order) run as one
+    TFP bijector, in a single pass.
+
+    forward:  x -> z = s_n(... s_2(s_1(x)))
+    log |det dz/dx| = sum_i log |det ds_i/dx_i|     (x_i the input of stage i)
+    inverse:  z -> s_1^-1(... s_n^-1(z))
+
+    Unlike ``tfb.Chain``, the log-det pass runs every stage exactly once
+    (residual blocks through :meth:`rflow_tf.bijectors.IResBlock.forward_and_log_det`),
+    ActNorm pieces use their layers directly, and :class:`FactorOut` stages
+    are entered recursively so one seed is split over *all* residual blocks.
+    Results are never cached (they depend on changing weights and random
+    log-det estimates).
+
+    Call kwargs: ``seed`` (stateless seed, shape [2]; each residual block
+    gets its own split) and ``training`` (estimator settings: training or
+    evaluation). Any number of leading batch dimensions is accepted.
+
+    Example:
+    ```python
+    from rflow_tf.bijectors import IResBlock, ActNorm
+    stages = [IResBlock.conv((8, 8, 2), 16), ActNorm((8, 8, 2))]
+    flow = FlowBijector(stages, event_shape=(8, 8, 2))
+    z, ld = flow.forward_and_log_det(x, seed=[1, 2])
+    ld2 = flow.forward_log_det_jacobian(x, event_ndims=3, seed=[1, 2])   # same
+    ```
+    """
+
+    _cache = rbij._UncachedBijectorCache()  # pylint: disable=protected-access
+
+    def __init__(self, stages, event_shape, validate_args=False, name="flow"):
+        parameters = dict(locals())
+        self.stages = list(stages)
+        self.event_shape_in = tuple(int(d) for d in event_shape)
+        s = tf.TensorShape(self.event_shape_in)
+        for b in self.stages:
+            s = b.forward_event_shape(s)
+        if not s.is_fully_defined():
+            raise ValueError(f"{name}: could not infer the output event shape of the stages "
+                             f"from input event shape {self.event_shape_in}")
+        self.event_shape_out = tuple(int(d) for d in s)
+        self._blocks = [b for b in _iter_stages(self.stages) if isinstance(b, rbij.IResBlock)]
+        super().__init__(forward_min_event_ndims=len(self.event_shape_in),
+                         inverse_min_event_ndims=len(self.event_shape_out),
+                         validate_args=validate_args, parameters=parameters, name=name)
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    @property
+    def iresblocks(self):
+        """All residual blocks (also inside FactorOut stages), in order."""
+        return list(self._blocks)
+
+    # ------------------------------------------------------------- walking
+    def _walk(self, stages, x, seeds, counter, mode, training):
+        """x: [N, *event]. mode: "logdet" (value and log-det), "forward"
+        (value only) or "init" (value only, initialising ActNorm layers)."""
+        total = tf.zeros([tf.shape(x)[0]], x.dtype) if mode == "logdet" else None
+        for b in stages:
+            ld = None
+            if isinstance(b, rbij.IResBlock):
+                if mode == "logdet":
+                    x, ld = b.forward_and_log_det(x, seed=seeds[counter[0]], training=training)
+                else:
+                    x = b.forward(x, training=training)
+                counter[0] += 1
+            elif isinstance(b, rbij.ActNorm):
+                if mode == "init":
+                    b.initialize(x)
+                if mode == "logdet":
+                    positions = int(np.prod(b.event_shape_[:-1]))
+                    ld = positions * tf.reduce_sum(tf.cast(b.layer.log_scale, x.dtype))
+                x = b.layer(x)
+            elif isinstance(b, FactorOut):
+                keep, out = b.split(x)
+                z_inner, ld = self._walk(b.stages, keep, seeds, counter, mode, training)
+                x = b.merge(out, z_inner)
+            else:
+                if mode == "logdet":
+                    ld = b.forward_log_det_jacobian(x, event_ndims=x.shape.rank - 1)
+                x = b.forward(x)
+            if ld is not None:
+                total += ld
+        return x, total
+
+    def _flatten_batch(self, x):
+        x = tf.convert_to_tensor(x)
+        nd = len(self.event_shape_in)
+        if x.shape.rank is None or x.shape.rank < nd or \
+                tuple(x.shape[x.shape.rank - nd:]) != self.event_shape_in:
+            raise ValueError(f"{self.name}: expected inputs of event shape "
+                             f"{self.event_shape_in}, got shape {x.shape}")
+        batch_shape = tf.shape(x)[:tf.rank(x) - nd]
+        return tf.reshape(x, (-1,) + self.event_shape_in), batch_shape
+
+    def _block_seeds(self, seed):
+        seed = tfp.random.sanitize_seed(seed, salt="FlowBijector")
+        return tfp.random.split_seed(seed, max(len(self._blocks), 1))
+
+    def forward_and_log_det(self, x, seed=None, training=False):
+        """``(z, log |det dz/dx|)`` in one pass; the log-det has x's batch shape.
+
+        Example: ``z, ld = flow.forward_and_log_det(x, seed=[0, 1], training=True)``.
+        """
+        xf, batch_shape = self._flatten_batch(x)
+        z, ld = self._walk(self.stages, xf, self._block_seeds(seed), [0], "logdet", training)
+        z = tf.reshape(z, tf.concat([batch_shape, self.event_shape_out], 0))
+        return z, tf.reshape(ld, batch_shape)
+
+    def initialize(self, x):
+        """Runs the forward pass once, initialising every ActNorm from its input
+        (no-op for those already initialised).
+
+        Example: ``flow.initialize(first_batch)``.
+        """
+        xf, _ = self._flatten_batch(x)
+        self._walk(self.stages, xf, None, [0], "init", False)
+
+    def _forward(self, x, seed=None, training=False):
+        xf, batch_shape = self._flatten_batch(x)
+        z, _ = self._walk(self.stages, xf, None, [0], "forward", training)
+        return tf.reshape(z, tf.concat([batch_shape, self.event_shape_out], 0))
+
+    def _forward_log_det_jacobian(self, x, seed=None, training=False):
+        return self.forward_and_log_det(x, seed=seed, training=training)[1]
+
+    def _inverse_walk(self, stages, z):
+        for b in reversed(stages):
+            if isinstance(b, FactorOut):
+                d = b.factored_dim
+                keep = self._inverse_walk(b.stages, z[..., d:])
+                z = b.unmerge(z[..., :d], keep)
+            else:
+                z = b.inverse(z)
+        return z
+
+    def _inverse(self, z, seed=None, training=False):
+        nd = len(self.event_shape_out)
+        batch_shape = tf.shape(z)[:tf.rank(z) - nd]
+        zf = tf.reshape(z, (-1,) + self.event_shape_out)
+        x = self._inverse_walk(self.stages, zf)
+        return tf.reshape(x, tf.concat([batch_shape, self.event_shape_in], 0))
+
+    # -------------------------------------------------------------- shapes
+    def _forward_event_shape(self, s):
+        if s.rank is None:
+            return tf.TensorShape(None)
+        return s[:s.rank - len(self.event_shape_in)].concatenate(self.event_shape_out)
+
+    def _inverse_event_shape(self, s):
+        if s.rank is None:
+            return tf.TensorShape(None)
+        return s[:s.rank - len(self.event_shape_out)].concatenate(self.event_shape_in)
+
+    def _forward_event_shape_tensor(self, s):
+        n = tf.size(s) - len(self.event_shape_in)
+        return tf.concat([s[:n], tf.constant(self.event_shape_out, s.dtype)], 0)
+
+    def _inverse_event_shape_tensor(self, s):
+        n = tf.size(s) - len(self.event_shape_out)
+        return tf.concat([s[:n], tf.constant(self.event_shape_in, s.dtype)], 0)
+
+
+class FactorOut(tfb.Bijector):
+    """Multiscale factor-out (Dinh et al. 2017): half of the channels go
+    straight to the latent, the rest go through the remaining flow.
+
+    forward (data -> latent), x of event shape (H, W, C), k = C // 2:
+
+        x_keep = x[..., :k],  x_out = x[..., k:]
+        z = concat(flatten(x_out), inner(x_keep))        event shape (H W C,)
+
+    where ``inner`` (a :class:`FlowBijector` over the ``stages`` that follow,
+    applied in order) maps (H, W, k) to a flat vector of size H W k. The
+    factored part is an identity, so
+
+        log |det df/dx| = log |det d inner / d x_keep|.
+
+    Inverse: split z at H W (C - k), invert ``inner`` on the tail and
+    concatenate the channels back. Call kwargs (``seed``, ``training``) are
+    passed to ``inner``.
+
+    Example:
+    ```python
+    inner = [tfb.Reshape([8 * 8 * 2], [8, 8, 2])]
+    fo = FactorOut((8, 8, 4), inner)
+    z = fo.forward(tf.zeros([3, 8, 8, 4]))     # shape [3, 256]
+    x = fo.inverse(z)                          # shape [3, 8, 8, 4]
+    ```
+    """
+
+    _cache = rbij._UncachedBijectorCache()  # pylint: disable=protected-access
+
+    def __init__(self, event_shape, stages, validate_args=False, name="factor_out"):
+        parameters = dict(locals())
+        event_shape = tuple(int(d) for d in event_shape)
+        if len(event_shape) != 3 or event_shape[-1] < 2:
+            raise ValueError(f"FactorOut needs an event shape (H, W, C) with C >= 2, "
+                             f"got {event_shape}")
+        self.event_shape_ = event_shape
+        h, w, c = event_shape
+        self.n_keep = c // 2
+        self.keep_shape = (h, w, self.n_keep)
+        self.factored_dim = h * w * (c - self.n_keep)
+        self.stages = list(stages)
+        self.inner = FlowBijector(self.stages, self.keep_shape, name=f"{name}_inner")
+        if self.inner.event_shape_out != (h * w * self.n_keep,):
+            raise ValueError(f"{name}: the inner stages must map {self.keep_shape} to a flat "
+                             f"vector of size {h * w * self.n_keep}, got event shape "
+                             f"{self.inner.event_shape_out}")
+        super().__init__(forward_min_event_ndims=3, inverse_min_event_ndims=1,
+                         validate_args=validate_args, parameters=parameters, name=name)
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    def split(self, x):
+        """(x[..., :k], x[..., k:]) for x of event shape (H, W, C)."""
+        return x[..., :self.n_keep], x[..., self.n_keep:]
+
+    def merge(self, x_out, z_inner):
+        """concat(flatten(x_out), z_inner) along the last axis."""
+        batch = tf.shape(x_out)[:-3]
+        flat = tf.reshape(x_out, tf.concat([batch, [self.factored_dim]], 0))
+        return tf.concat([flat, tf.cast(z_inner, flat.dtype)], axis=-1)
+
+    def unmerge(self, z_out, x_keep):
+        """Inverse of :meth:`merge` given the inverted inner part ``x_keep``."""
+        h, w, c = self.event_shape_
+        out = tf.reshape(z_out, tf.concat([tf.shape(z_out)[:-1], [h, w, c - self.n_keep]], 0))
+        return tf.concat([tf.cast(x_keep, out.dtype), out], axis=-1)
+
+    def _forward(self, x, **kwargs):
+        keep, out = self.split(x)
+        return self.merge(out, self.inner.forward(keep, **kwargs))
+
+    def _inverse(self, z, **kwargs):
+        d = self.factored_dim
+        return self.unmerge(z[..., :d], self.inner.inverse(z[..., d:], **kwargs))
+
+    def _forward_log_det_jacobian(self, x, **kwargs):
+        keep, _ = self.split(x)
+        return self.inner.forward_log_det_jacobian(keep, event_ndims=3, **kwargs)
+
+    def _forward_event_shape(self, s):
+        if s.rank is None:
+            return tf.TensorShape(None)
+        return s[:-3].concatenate([int(np.prod(self.event_shape_))])
+
+    def _forward_event_shape_tensor(self, s):
+        return tf.concat([s[:-3], tf.constant([int(np.prod(self.event_shape_))], s.dtype)], 0)
+
+    def _inverse_event_shape(self, s):
+        if s.rank is None:
+            return tf.TensorShape(None)
+        return s[:-1].concatenate(self.event_shape_)
+
+    def _inverse_event_shape_tensor(self, s):
+        return tf.concat([s[:-1], tf.constant(self.event_shape_, s.dtype)], 0)
+
+
+class FlowDistribution(tfd.TransformedDistribution):
+    """``tfd.TransformedDistribution(base, tfb.Invert(flow))`` whose
+    ``log_prob`` runs the cheap data -> latent direction once:
+
+        log p(x) = base.log_prob(flow(x)) + log |det d flow / dx|
+
+    (TFP's generic ``log_prob`` would evaluate the log-det at
+    ``flow.inverse(flow(x))``, i.e. run the fixed-point inverse of every
+    residual block.) ``bijector_kwargs`` such as ``{"seed": s, "training":
+    True}`` reach the flow. Requires ``bijector`` to be
+    ``tfb.Invert(FlowBijector)``.
+
+    Example:
+    ```python
+    dist = FlowDistribution(tfd.MultivariateNormalDiag(tf.zeros([64])),
+                            tfb.Invert(model.bijector))
+    dist.log_prob(x, bijector_kwargs={"seed": [1, 2]})
+    ```
+    """
+
+    def _log_prob(self, y, **kwargs):
+        distribution_kwargs, bijector_kwargs = self._kwargs_split_fn(kwargs)
+        flow = self.bijector.bijector
+        z, ld = flow.forward_and_log_det(y, **bijector_kwargs)
+        return self.distribution.log_prob(z, **distribution_kwargs) + tf.cast(ld, self.dtype)
+
+
+# ----------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class ResidualFlow(keras.Model):
+    """A multiscale Residual Flow for images (a Keras 3 model).
+
+    Built from a :class:`FlowConfig` (or a dict, JSON text or preset name);
+    see the module docstring for the architecture. For dequantised images
+    x in [0, 1]^D (D = H W C), with f the data -> latent map:
+
+        log p(x) = log N(f(x); 0, I) + log |det df/dx|          (per example)
+        bits/dim = -(log p(x) - D n_bits ln 2) / (D ln 2)
+
+    log |det df/dx| sums the logit transform, ActNorm and squeeze log-dets
+    (exact) and every residual block's estimate (unbiased Russian roulette
+    with Hutchinson probes unless ``config.logdet`` says otherwise).
+    ``training=True`` uses the training estimator (``n_exact_terms``, Neumann
+    gradient); ``training=False`` the evaluation one (``n_exact_terms_eval``).
+
+    Main methods: :meth:`initialize` (data-dependent ActNorm init, once,
+    before training), :meth:`log_prob`, :meth:`bits_per_dim`,
+    :meth:`forward_and_log_det`, :meth:`sample` (fixed-point inverse),
+    :meth:`converge_lipschitz` (after every optimiser step and before
+    evaluation/sampling), ``.bijector`` (the whole flow as one TFP bijector,
+    data -> latent) and :meth:`distribution`.
+
+    All weights are Keras variables of ``model.flow_layers`` (the residual
+    nets and ActNorm layers), so ``model.trainable_variables``,
+    ``tf.train.Checkpoint(model=model)`` and EMA see every weight.
+
+    Example:
+    ```python
+    flow = ResidualFlow("tiny")
+    x = tf.random.uniform([16, 8, 8, 1])
+    flow.initialize(x)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(flow.bits_per_dim(x, training=True, seed=[0, 1]))
+    grads = tape.gradient(loss, flow.trainable_variables)
+    ```
+    """
+
+    def __init__(self, config=None, name="residual_flow", **kwargs):
+        super().__init__(name=name, **kwargs)
+        cfg = FlowConfig.coerce(config)
+        self.flow_config = cfg
+        keras_layers = []
+        stages = self._build(cfg, keras_layers)
+        # Keras layers holding every weight: tracked by Keras (trainable
+        # variables, checkpoints, EMA).
+        self.flow_layers = keras_layers
+        # Bijectors are tf.Modules; keep them out of Keras/AutoTrackable
+        # tracking so checkpoints do not store each variable twice.
+        object.__setattr__(self, "_stages", stages)
+        object.__setattr__(self, "_flow", FlowBijector(stages, cfg.input_shape, name=self.name))
+        object.__setattr__(self, "_iresblocks", self._flow.iresblocks)
+        object.__setattr__(self, "_actnorms",
+                           [b for b in _iter_stages(stages) if isinstance(b, rbij.ActNorm)])
+        self.built = True
+
+    # ----------------------------------------------------------- building
+    @staticmethod
+    def _build(cfg, keras_layers):
+        dtype = cfg.dtype
+        block_kwargs = dict(
+            logdet=cfg.logdet, dist=cfg.dist, rate=cfg.rate, p=cfg.p,
+            n_exact_terms=cfg.n_exact_terms, n_exact_terms_eval=cfg.n_exact_terms_eval,
+            n_samples=cfg.n_samples, n_terms=cfg.n_terms, probe=cfg.probe,
+            neumann_grad=cfg.neumann_grad, grad_in_forward=cfg.grad_in_forward,
+            inverse_atol=cfg.inverse_tol, inverse_rtol=cfg.inverse_tol,
+            inverse_max_iterations=cfg.inverse_max_iterations)
+
+        def actnorm(shape, name):
+            layer = rlayers.ActNormalization(dtype=dtype, name=name)
+            keras_layers.append(layer)
+            return rbij.ActNorm(shape, layer=layer, name=name)
+
+        def scale(s, shape):
+            h, w, c = shape
+            out = []
+            for i in range(cfg.n_blocks[s]):
+                blk = rbij.IResBlock.conv(
+                    shape, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
+                    coeff=cfg.coeff, activation=cfg.activation,
+                    preactivation=cfg.preactivation, dtype=dtype, name=f"s{s}_block{i}",
+                    **block_kwargs)
+                keras_layers.append(blk.net)
+                out.append(blk)
+                if cfg.actnorm:
+                    out.append(actnorm(shape, f"s{s}_actnorm{i + 1}"))
+            if s < cfg.n_scales - 1:
+                out.append(rbij.Squeeze(name=f"s{s}_squeeze"))
+                squeezed = (h // 2, w // 2, 4 * c)
+                if cfg.factor_out:
+                    inner = scale(s + 1, (h // 2, w // 2, 2 * c))
+                    out.append(FactorOut(squeezed, inner, name=f"s{s}_factor_out"))
+                    return out
+                return out + scale(s + 1, squeezed)
+            d = h * w * c
+            out.append(tfb.Reshape(event_shape_out=[d], event_shape_in=[h, w, c],
+                                   name="flatten"))
+            if cfg.fc_end:
+                for i in range(cfg.n_fc_blocks):
+                    blk = rbij.IResBlock.dense(
+                        d, hidden_units=cfg.fc_hidden, coeff=cfg.coeff,
+                        activation=cfg.activation, preactivation=cfg.preactivation,
+                        dtype=dtype, name=f"fc_block{i}", **block_kwargs)
+                    keras_layers.append(blk.net)
+                    out.append(blk)
+                    if cfg.actnorm:
+                        out.append(actnorm((d,), f"fc_actnorm{i}"))
+            return out
+
+        h, w, c = cfg.input_shape
+        stages = [rbij.LogitTransform(cfg.logit_alpha, name="logit")]
+        shape = (h, w, c)
+        if cfg.squeeze_first:
+            stages.append(rbij.Squeeze(name="squeeze_first"))
+            shape = (h // 2, w // 2, 4 * c)
+        if cfg.actnorm:
+            stages.append(actnorm(shape, "s0_actnorm0"))
+        return stages + scale(0, shape)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def bijector(self):
+        """The whole flow as one TFP bijector (a :class:`FlowBijector`), data ->
+        latent: ``forward`` maps images [..., H, W, C] to latents [..., D];
+        call kwargs ``seed`` and ``training`` select the log-det estimate.
+
+        Example:
+        ```python
+        z = flow.bijector.forward(x)
+        ld = flow.bijector.forward_log_det_jacobian(x, event_ndims=3, seed=[1, 2])
+        x2 = flow.bijector.inverse(z)          # fixed-point inverse
+        ```
+        """
+        return self._flow
+
+    @property
+    def stages(self):
+        """The flow's pieces in application (data -> latent) order."""
+        return list(self._stages)
+
+    @property
+    def input_shape_(self):
+        """(H, W, C)."""
+        return tuple(self.flow_config.input_shape)
+
+    @property
+    def num_dims(self):
+        """D = H W C (also the latent size)."""
+        return self.flow_config.num_dims
+
+    @property
+    def latent_shape(self):
+        """(D,): the latent is a flat vector."""
+        return (self.num_dims,)
+
+    @property
+    def flow_dtype(self):
+        """tf.DType of the flow's computations (config.dtype)."""
+        return tf.as_dtype(self.flow_config.dtype)
+
+    @property
+    def iresblocks(self):
+        """All residual blocks, in application order."""
+        return list(self._iresblocks)
+
+    @property
+    def actnorms(self):
+        """All ActNorm bijectors, in application order."""
+        return list(self._actnorms)
+
+    @property
+    def is_initialized(self):
+        """True when every ActNorm layer has had its data-dependent init."""
+        return all(bool(a.layer.initialized.numpy()) for a in self._actnorms)
+
+    def lipschitz_layers(self):
+        """The spectrally normalised layers (see :func:`rflow_tf.layers.lipschitz_layers`)."""
+        return rlayers.lipschitz_layers(self.flow_layers)
+
+    # ------------------------------------------------------------ validation
+    def _check_input(self, x, validate, name="x"):
+        """Returns (x as a [B, H, W, C] tensor of the flow dtype, was_unbatched)."""
+        x = tf.convert_to_tensor(x)
+        if not x.dtype.is_floating:
+            raise TypeError(
+                f"{self.name}: {name} must be dequantised floats in [0, 1], got dtype "
+                f"{x.dtype.name}; convert integer pixels with "
+                f"rflow_tf.data.dequantize(x, n_bits={self.flow_config.n_bits})")
+        if x.dtype != self.flow_dtype:
+            x = tf.cast(x, self.flow_dtype)
+        shape = tuple(self.flow_config.input_shape)
+        unbatched = x.shape.rank == 3 and tuple(x.shape) == shape
+        if unbatched:
+            x = x[None]
+        if x.shape.rank != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"{self.name}: {name} must have shape [batch, {shape[0]}, "
+                             f"{shape[1]}, {shape[2]}] (or {list(shape)}), got {x.shape}")
+        if validate:
+            if tf.executing_eagerly():
+                xv = x.numpy()
+                if not np.all(np.isfinite(xv)):
+                    raise ValueError(f"{self.name}: {name} contains NaN or Inf")
+                if xv.size and (xv.min() < 0.0 or xv.max() > 1.0):
+                    raise ValueError(
+                        f"{self.name}: {name} must lie in [0, 1] (dequantised pixels), got "
+                        f"values in [{xv.min():.4g}, {xv.max():.4g}]")
+            else:
+                x = tf.debugging.assert_all_finite(x, f"{self.name}: {name} contains NaN or Inf")
+                with tf.control_dependencies([
+                        tf.debugging.assert_greater_equal(
+                            x, tf.zeros([], x.dtype),
+                            message=f"{self.name}: {name} must lie in [0, 1]"),
+                        tf.debugging.assert_less_equal(
+                            x, tf.ones([], x.dtype),
+                            message=f"{self.name}: {name} must lie in [0, 1]")]):
+                    x = tf.identity(x)
+        return x, unbatched
+
+    # ------------------------------------------------------------ the flow
+    def forward_and_log_det(self, x, training=False, seed=None, validate=True):
+        """``(z, log |det df/dx|)`` for images x in [0, 1]: z [B, D], log-det [B].
+
+        Every piece runs once (see :class:`FlowBijector`); ``seed`` is an
+        optional stateless seed (shape [2]) split over the residual blocks.
+
+        Example: ``z, ld = flow.forward_and_log_det(x, seed=[0, 1])``.
+        """
+        x, unbatched = self._check_input(x, validate)
+        z, ld = self._flow.forward_and_log_det(x, seed=seed, training=training)
+        if unbatched:
+            z, ld = z[0], ld[0]
+        return z, ld
+
+    def base_log_prob(self, z):
+        """log N(z; 0, I) = -|z|^2 / 2 - D/2 log(2 pi), summed over the last axis.
+
+        Example: ``flow.base_log_prob(tf.zeros([2, flow.num_dims]))``.
+        """
+        d = tf.cast(tf.shape(z)[-1], z.dtype)
+        return -0.5 * tf.reduce_sum(tf.square(z), axis=-1) - 0.5 * d * math.log(2 * math.pi)
+
+    def log_prob(self, x, training=False, seed=None, validate=True):
+        """log p(x) for dequantised images x in [0, 1] (shape [B, H, W, C] or
+        [H, W, C]), one value per example, including the logit log-det:
+
+            log p(x) = log N(f(x); 0, I) + log |det df/dx|
+
+        ``training`` selects the training estimator (``n_exact_terms``) or the
+        evaluation one (``n_exact_terms_eval``); ``seed`` an optional
+        stateless seed. ``validate`` checks dtype, shape, finiteness and the
+        [0, 1] range (a ValueError eagerly, an assertion in graphs).
+
+        Example: ``lp = flow.log_prob(data.dequantize(x_uint8, 8))``.
+        """
+        z, ld = self.forward_and_log_det(x, training=training, seed=seed, validate=validate)
+        return self.base_log_prob(z) + ld
+
+    def bits_per_dim(self, x, n_bits=None, training=False, seed=None, validate=True):
+        """Bits per dimension of the n-bit data behind dequantised x:
+
+            bpd = -(log p(x) - D n_bits ln 2) / (D ln 2)
+
+        (``n_bits`` defaults to ``config.n_bits``). One value per example.
+
+        Example: ``tf.reduce_mean(flow.bits_per_dim(x))``.
+        """
+        n_bits = self.flow_config.n_bits if n_bits is None else int(n_bits)
+        if not 1 <= n_bits <= 8:
+            raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
+        lp = self.log_prob(x, training=training, seed=seed, validate=validate)
+        d = float(self.num_dims)
+        return -(lp - d * n_bits * _LN2) / (d * _LN2)
+
+    def call(self, inputs, training=False):
+        """Keras entry point: the per-example :meth:`log_prob` of ``inputs``."""
+        return self.log_prob(inputs, training=bool(training) if training is not None else False)
+
+    def initialize(self, x):
+        """Data-dependent ActNorm initialisation from a batch of dequantised
+        images x in [0, 1] (no-op for layers already initialised, e.g. after
+        restoring a checkpoint): each ActNorm sets bias = -mean and
+        log_scale = -0.5 log max(var, 0.2) of its input, in flow order.
+
+        Call once before training, in eager mode and (under a
+        tf.distribute strategy) in cross-replica context.
+
+        Example: ``flow.initialize(data.dequantize(first_batch, 8))``.
+        """
+        if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
+            raise RuntimeError("ResidualFlow.initialize must be called in cross-replica context "
+                               "(outside strategy.run)")
+        x, _ = self._check_input(x, True)
+        self._flow.initialize(x)
+
+    def converge_lipschitz(self, tol=1e-3, max_iterations=200):
+        """Power iteration to convergence in every Lipschitz layer; returns the
+        sigma estimates. Call after each optimiser step and before evaluation
+        or sampling (so every W_eff has spectral norm <= coeff).
+
+        Example: ``optimizer.apply_gradients(...); flow.converge_lipschitz()``.
+        """
+        return rlayers.converge_lipschitz(self.flow_layers, tol, max_iterations)
+
+    def sample(self, n, temperature=1.0, seed=None):
+        """``n`` images in [0, 1] (shape [n, H, W, C]): z ~ N(0, T^2 I) over the
+        latent, x = f^-1(z) by the blocks' fixed-point inverses (Banach
+        iteration x <- y - g(x)) and the other pieces' exact inverses, then
+        clipped to [0, 1] (the logit's alpha margin can overshoot slightly).
+
+        Example: ``imgs = flow.sample(64, temperature=0.7, seed=[3, 4])``.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if not float(temperature) >= 0.0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        shape = [int(n), self.num_dims]
+        if seed is None:
+            z = tf.random.normal(shape, dtype=self.flow_dtype)
+        else:
+            z = tf.random.stateless_normal(shape, tfp.random.sanitize_seed(seed),
+                                           dtype=self.flow_dtype)
+        x = self._flow.inverse(z * tf.cast(temperature, self.flow_dtype))
+        return tf.clip_by_value(x, 0.0, 1.0)
+
+    def distribution(self):
+        """The model as a ``tfd.TransformedDistribution`` over images:
+        base N(0, I) over the latent (D,), bijector ``tfb.Invert(self.bijector)``
+        (latent -> data). ``log_prob`` runs the cheap data -> latent direction,
+        ``sample`` the fixed-point inverse (see :class:`FlowDistribution`). Its
+        ``trainable_variables`` are the flow's weights.
+
+        Example:
+        ```python
+        dist = flow.distribution()
+        lp = dist.log_prob(x)        # same as flow.log_prob(x) (random estimate)
+        imgs = dist.sample(4)        # not clipped to [0, 1]
+        ```
+        """
+        base = tfd.MultivariateNormalDiag(loc=tf.zeros([self.num_dims], self.flow_dtype))
+        return FlowDistribution(base, tfb.Invert(self._flow), name=self.name)
+
+    # ---------------------------------------------------------- serialisation
+    def get_config(self):
+        """{"name": ..., "config": FlowConfig.to_dict()}."""
+        return {"name": self.name, "config": self.flow_config.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        """Inverse of :meth:`get_config` (weights are not included).
+
+        Example: ``ResidualFlow.from_config(flow.get_config())``.
+        """
+        config = dict(config)
+        cfg = FlowConfig.from_dict(config.pop("config"))
+        config.pop("trainable", None)
+        config.pop("dtype", None)
+        return cls(cfg, **config)

@@ -1,0 +1,152 @@
+"""Lipschitz layers: the bound is checked independently of the layers' own estimates."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rflow_tf import layers as rl
+
+
+@pytest.mark.parametrize("beta", [-20.0, -3.0, 0.0, 0.5, 3.0, 20.0])
+def test_lipswish_derivative_bounded(beta):
+    act = rl.LipSwish(beta_initializer=beta)
+    x = tf.linspace(-50.0, 50.0, 20001)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = act(x)
+    d = tape.gradient(y, x).numpy()
+    assert np.all(np.abs(d) <= 1.0 + 1e-6)
+    # and the bound is nearly tight for large beta: it is not a trivially small function
+    if beta >= 3.0:
+        assert np.max(np.abs(d)) > 0.95
+
+
+def test_lipswish_matches_formula():
+    act = rl.LipSwish()
+    x = tf.constant([-2.0, 0.1, 3.0])
+    b = np.log1p(np.exp(0.5))
+    expect = x.numpy() / (1 + np.exp(-b * x.numpy())) / 1.1
+    np.testing.assert_allclose(act(x).numpy(), expect, rtol=1e-6)
+
+
+def _big_init(seed):
+    return keras.initializers.RandomNormal(stddev=2.0, seed=seed)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (16, 3), (4, 4)])
+def test_dense_spectral_norm_bound(shape):
+    layer = rl.LipschitzDense(shape[1], coeff=0.9, kernel_initializer=_big_init(1))
+    layer.build((None, shape[0]))
+    layer.converge(tol=1e-6, max_iterations=500)
+    w_eff = layer.effective_kernel().numpy()
+    sigma_true = np.linalg.svd(w_eff, compute_uv=False)[0]
+    assert sigma_true <= 0.9 * (1 + 1e-3)
+    # the kernel is far above the bound, so normalisation must bring it to the bound
+    assert sigma_true >= 0.9 * (1 - 1e-2)
+    np.testing.assert_allclose(float(layer.sigma), np.linalg.svd(layer.kernel.numpy(),
+                                                                 compute_uv=False)[0], rtol=1e-3)
+
+
+def _conv_matrix(layer, h, w, c):
+    """Full matrix of x -> conv(x, W_eff) on an h x w x c input (columns = basis images)."""
+    kernel = layer.effective_kernel()
+    eye = tf.reshape(tf.eye(h * w * c), [h * w * c, h, w, c])
+    out = tf.nn.conv2d(eye, kernel, strides=1, padding="SAME")
+    return tf.reshape(out, [h * w * c, -1]).numpy().T
+
+
+@pytest.mark.parametrize("kernel_size,hw", [(3, (5, 5)), (1, (4, 4)), (3, (4, 6))])
+def test_conv_operator_norm_bound(kernel_size, hw):
+    h, w = hw
+    c_in, c_out = 2, 3
+    layer = rl.LipschitzConv2D(c_out, kernel_size, coeff=0.98, kernel_initializer=_big_init(2))
+    layer.build((None, h, w, c_in))
+    layer.converge(tol=1e-7, max_iterations=1000)
+    mat = _conv_matrix(layer, h, w, c_in)
+    sigma_true = np.linalg.svd(mat, compute_uv=False)[0]
+    assert sigma_true <= 0.98 * (1 + 1e-3)
+    assert sigma_true >= 0.98 * (1 - 2e-2)
+
+
+def test_conv_norm_is_not_reshaped_kernel_norm():
+    """The padded-convolution operator norm differs from the reshaped kernel's norm."""
+    layer = rl.LipschitzConv2D(2, 3, coeff=100.0, kernel_initializer=_big_init(3))
+    layer.build((None, 4, 4, 2))
+    layer.converge(tol=1e-7, max_iterations=1000)
+    mat = _conv_matrix(layer, 4, 4, 2)   # coeff is large, so W_eff = W
+    sigma_true = np.linalg.svd(mat, compute_uv=False)[0]
+    np.testing.assert_allclose(float(layer.sigma), sigma_true, rtol=1e-3)
+    kernel_matrix_norm = np.linalg.svd(layer.kernel.numpy().reshape(-1, 2), compute_uv=False)[0]
+    assert abs(kernel_matrix_norm - sigma_true) / sigma_true > 1e-2
+
+
+def test_gradient_flows_through_sigma():
+    layer = rl.LipschitzDense(3, coeff=0.5, kernel_initializer=_big_init(4))
+    layer.build((None, 3))
+    x = tf.random.normal([4, 3])
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(layer(x) ** 2)
+    grad = tape.gradient(y, layer.kernel.value)
+    # Finite difference through the normalised weight (u, v fixed as in the layer).
+    eps, k0 = 1e-3, layer.kernel.numpy()
+    d = np.zeros_like(k0)
+    d[0, 0] = eps
+    layer.kernel.assign(k0 + d)
+    y_plus = float(tf.reduce_sum(layer(x) ** 2))
+    layer.kernel.assign(k0 - d)
+    y_minus = float(tf.reduce_sum(layer(x) ** 2))
+    np.testing.assert_allclose(grad.numpy()[0, 0], (y_plus - y_minus) / (2 * eps), rtol=2e-2)
+
+
+def test_power_iterations_in_training_call():
+    layer = rl.LipschitzDense(4, coeff=0.9, power_iterations=3, kernel_initializer=_big_init(5))
+    layer.build((None, 4))
+    layer.kernel.assign(layer.kernel * 3.0)   # u, v and sigma are now stale
+    stale = float(layer.sigma)
+    layer(tf.zeros([1, 4]), training=True)
+    assert float(layer.sigma) > 2.5 * stale
+
+
+@pytest.mark.parametrize("make", [
+    lambda: rl.LipSwish(beta_initializer=0.3),
+    lambda: rl.LipschitzDense(5, coeff=0.7, use_bias=False, power_iterations=2, tol=1e-4),
+    lambda: rl.LipschitzConv2D(4, 3, coeff=0.95, max_iterations=50),
+    lambda: rl.ActNormalization(),
+])
+def test_get_config_round_trip(make):
+    layer = make()
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_nets_round_trip_and_bound():
+    net = rl.lipschitz_conv_net((6, 6, 2), hidden_channels=8, kernels="3-1-3", coeff=0.9)
+    clone = keras.Sequential.from_config(net.get_config())
+    assert [type(lay).__name__ for lay in clone.layers] == [type(lay).__name__ for lay in net.layers]
+    assert len(rl.lipschitz_layers(net)) == 3
+    sigmas = rl.converge_lipschitz(net)
+    assert len(sigmas) == 3
+    dense = rl.lipschitz_dense_net(3, (8, 8), coeff=0.9, activation="elu")
+    assert dense(tf.zeros([2, 3])).shape == (2, 3)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        rl.lipschitz_dense_net(3, (8,), activation="tanh-ish")
+
+
+def test_conv_needs_static_spatial_size():
+    layer = rl.LipschitzConv2D(2, 3)
+    with pytest.raises(ValueError, match="static input height"):
+        layer.build((None, None, None, 3))
+
+
+def test_actnorm_data_dependent_init():
+    an = rl.ActNormalization()
+    x = tf.random.normal([64, 4, 4, 3]) * 3.0 + 2.0
+    an.initialize(x)
+    y = an(x).numpy()
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
+    np.testing.assert_allclose(y.std(axis=(0, 1, 2)), 1.0, atol=1e-3)
+    before = an.bias.numpy().copy()
+    an.initialize(x * 10.0)          # second call is a no-op
+    np.testing.assert_array_equal(an.bias.numpy(), before)
+    np.testing.assert_allclose(an.inverse(an(x)).numpy(), x.numpy(), atol=1e-5)

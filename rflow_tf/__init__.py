@@ -13,5 +13,6 @@ from rflow_tf import estimators, layers, bijectors  # noqa: E402,F401
 from rflow_tf.bijectors import IResBlock, ActNorm, Squeeze, LogitTransform  # noqa: E402,F401
 from rflow_tf.layers import (  # noqa: E402,F401
     LipSwish, LipschitzDense, LipschitzConv2D, converge_lipschitz)
+from rflow_tf.export import load, save  # noqa
 
 __version__ = "0.1.0"

@@ -503,6 +503,17 @@ def preset_for_dataset(dataset):
 # ----------------------------------------------------------------------------
 
 
+def _as_seed(seed, salt):
+    """A stateless int32 seed of shape [2] from None/int/int32/int64 seeds."""
+    if seed is not None and not isinstance(seed, int):
+        seed = tf.convert_to_tensor(seed)
+        if seed.dtype != tf.int32:
+            if not seed.dtype.is_integer:
+                raise TypeError(f"seed must be an integer tensor of shape [2], got {seed.dtype}")
+            seed = tf.cast(seed, tf.int32)
+    return tfp.random.sanitize_seed(seed, salt=salt)
+
+
 def _iter_stages(stages):
     """All pieces in application order, descending into FactorOut."""
     for b in stages:
@@ -610,7 +621,7 @@ class FlowBijector(tfb.Bijector):
         return tf.reshape(x, (-1,) + self.event_shape_in), batch_shape
 
     def _block_seeds(self, seed):
-        seed = tfp.random.sanitize_seed(seed, salt="FlowBijector")
+        seed = _as_seed(seed, "FlowBijector")
         return tfp.random.split_seed(seed, max(len(self._blocks), 1))
 
     def forward_and_log_det(self, x, seed=None, training=False):
@@ -851,11 +862,15 @@ class ResidualFlow(keras.Model):
         super().__init__(name=name, **kwargs)
         cfg = FlowConfig.coerce(config)
         self.flow_config = cfg
-        keras_layers = []
-        stages = self._build(cfg, keras_layers)
-        # Keras layers holding every weight: tracked by Keras (trainable
-        # variables, checkpoints, EMA).
-        self.flow_layers = keras_layers
+        named_layers = []
+        stages = self._build(cfg, named_layers)
+        # The Keras layers holding every weight, each set as an attribute so
+        # that Keras (trainable_variables) and tf.train.Checkpoint track them
+        # (Keras 3 lists of layers are not checkpoint dependencies) with
+        # stable names such as "s0_block0_net" and "s0_actnorm1".
+        for attr, layer in named_layers:
+            setattr(self, attr, layer)
+        object.__setattr__(self, "_flow_layers", [layer for _, layer in named_layers])
         # Bijectors are tf.Modules; keep them out of Keras/AutoTrackable
         # tracking so checkpoints do not store each variable twice.
         object.__setattr__(self, "_stages", stages)
@@ -867,7 +882,7 @@ class ResidualFlow(keras.Model):
 
     # ----------------------------------------------------------- building
     @staticmethod
-    def _build(cfg, keras_layers):
+    def _build(cfg, named_layers):
         dtype = cfg.dtype
         block_kwargs = dict(
             logdet=cfg.logdet, dist=cfg.dist, rate=cfg.rate, p=cfg.p,
@@ -879,7 +894,7 @@ class ResidualFlow(keras.Model):
 
         def actnorm(shape, name):
             layer = rlayers.ActNormalization(dtype=dtype, name=name)
-            keras_layers.append(layer)
+            named_layers.append((name, layer))
             return rbij.ActNorm(shape, layer=layer, name=name)
 
         def scale(s, shape):
@@ -891,7 +906,7 @@ class ResidualFlow(keras.Model):
                     coeff=cfg.coeff, activation=cfg.activation,
                     preactivation=cfg.preactivation, dtype=dtype, name=f"s{s}_block{i}",
                     **block_kwargs)
-                keras_layers.append(blk.net)
+                named_layers.append((f"{blk.name}_net", blk.net))
                 out.append(blk)
                 if cfg.actnorm:
                     out.append(actnorm(shape, f"s{s}_actnorm{i + 1}"))
@@ -912,7 +927,7 @@ class ResidualFlow(keras.Model):
                         d, hidden_units=cfg.fc_hidden, coeff=cfg.coeff,
                         activation=cfg.activation, preactivation=cfg.preactivation,
                         dtype=dtype, name=f"fc_block{i}", **block_kwargs)
-                    keras_layers.append(blk.net)
+                    named_layers.append((f"{blk.name}_net", blk.net))
                     out.append(blk)
                     if cfg.actnorm:
                         out.append(actnorm((d,), f"fc_actnorm{i}"))
@@ -943,6 +958,11 @@ class ResidualFlow(keras.Model):
         ```
         """
         return self._flow
+
+    @property
+    def flow_layers(self):
+        """The Keras layers holding all weights: each residual net and ActNorm layer."""
+        return list(self._flow_layers)
 
     @property
     def stages(self):
@@ -1128,7 +1148,7 @@ class ResidualFlow(keras.Model):
         if seed is None:
             z = tf.random.normal(shape, dtype=self.flow_dtype)
         else:
-            z = tf.random.stateless_normal(shape, tfp.random.sanitize_seed(seed),
+            z = tf.random.stateless_normal(shape, _as_seed(seed, "ResidualFlow.sample"),
                                            dtype=self.flow_dtype)
         x = self._flow.inverse(z * tf.cast(temperature, self.flow_dtype))
         return tf.clip_by_value(x, 0.0, 1.0)

@@ -1,0 +1,1 @@
+"""Training entry points for rflow_tf (``python train/main.py --help``)."""

@@ -1,0 +1,1145 @@
+#!/usr/bin/env python
+"""Trains a multiscale Residual Flow on images with tf.distribute.
+
+Usage (``python train/main.py --help`` explains every flag)::
+
+    python train/main.py                              # sklearn digits, CPU preset, minutes
+    python train/main.py --dataset=mnist              # the paper's MNIST model, all GPUs
+    python train/main.py --dataset=celeb_a_hq --data_dir=/data/tfds
+    python train/main.py --cpu_devices=2 --steps=100  # MirroredStrategy over 2 logical CPUs
+
+Training objective, per example, for dequantised pixels x in [0, 1]^D:
+
+    bits/dim = -(log p(x) - D n_bits ln 2) / (D ln 2),
+    log p(x) = log N(f(x); 0, I) + log |det df/dx|         (unbiased estimate)
+
+averaged over the global batch with ``tf.nn.compute_average_loss``; Adam
+(beta 0.9, 0.99) with linear warm-up, gradient-norm clipping, optional
+gradient accumulation, an exponential moving average (EMA) of the weights
+used for evaluation and sampling, and power iteration to convergence after
+every optimiser step and before every evaluation or sampling.
+
+Run directory (``--out``, default ``runs/<dataset>_<preset>``)::
+
+    config.json          model config + training settings of the run
+    ckpt/                latest checkpoints (model, optimizer, EMA, step, ActNorm state)
+    ckpt_best/           best checkpoint(s) by test bits/dim
+    samples/step_*.png   sample grids (EMA weights)
+    tb/                  TensorBoard scalars
+    results.json         final and best test bits/dim
+
+Rerunning the same command resumes from ``ckpt/`` (step, optimizer, EMA,
+ActNorm initialisation) with no extra flags. Library use::
+
+    from train.main import parse_args, train
+    result = train(parse_args(["--preset=tiny", "--steps=20", "--out=/tmp/run"]))
+    result["test_bpd"]
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tensorflow.core.framework import summary_pb2  # noqa: E402
+
+from rflow_tf import data  # noqa: E402
+from rflow_tf import models  # noqa: E402
+
+_HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+__all__ = [
+    "build_parser",
+    "parse_args",
+    "configure_cpu_devices",
+    "make_strategy",
+    "resolve_run",
+    "RunSpec",
+    "LinearWarmup",
+    "PreReducedAdam",
+    "make_optimizer",
+    "make_train_step",
+    "make_eval_step",
+    "write_scalar",
+    "Trainer",
+    "train",
+    "export_only",
+    "main",
+    "UsageError",
+    "TrainingDivergedError",
+]
+
+_LN2 = math.log(2.0)
+
+
+class UsageError(Exception):
+    """Bad flags or an incompatible run directory; printed without a traceback."""
+
+
+class TrainingDivergedError(Exception):
+    """Too many consecutive non-finite steps; the message names the last good checkpoint."""
+
+
+# ----------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------
+
+
+def _str2bool(value):
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if v in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _int_list(value):
+    try:
+        out = tuple(int(v) for v in str(value).replace(",", "-").split("-") if v.strip())
+    except ValueError:
+        out = ()
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected integers like 16-16-16, got {value!r}")
+    return out
+
+
+def build_parser():
+    """The argparse parser of ``train/main.py`` (see ``--help``).
+
+    Example: ``build_parser().parse_args(["--dataset=mnist"])``.
+    """
+    p = argparse.ArgumentParser(
+        prog="train/main.py",
+        description="Train a multiscale Residual Flow (Chen et al. 2019) on images. "
+                    "Flags left unset take the preset's value (see rflow_tf.models.PRESETS).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bool_kw = dict(type=_str2bool, nargs="?", const=True, metavar="BOOL")
+
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default="digits",
+                   help="digits (offline, sklearn 8x8), mnist, cifar10, svhn_cropped, "
+                        "celeb_a_hq (celeb_a_hq/256, manual download), imagenet32, imagenet64 "
+                        "(bring-your-own .npz files).")
+    g.add_argument("--preset", default=None,
+                   help=f"Architecture + training defaults, one of {sorted(models.PRESETS)}. "
+                        "Default: chosen from the dataset (digits -> digits_small, mnist -> "
+                        "mnist, ...). The input shape and bits always come from the dataset.")
+    g.add_argument("--data_dir", default=None,
+                   help="TFDS data directory (and parent of imagenet32/ imagenet64/). "
+                        "Default: $TFDS_DATA_DIR or ~/tensorflow_datasets.")
+    g.add_argument("--download", default=True, **bool_kw,
+                   help="Let TFDS download/prepare a missing dataset (needs network).")
+    g.add_argument("--n_bits", type=int, default=None,
+                   help="Bits per pixel (default: the dataset's, 5 for celeb_a_hq).")
+    g.add_argument("--n_blocks", type=_int_list, default=None,
+                   help="Residual blocks per scale, e.g. 16-16-16 (default: preset).")
+    g.add_argument("--hidden_channels", type=int, default=None,
+                   help="Hidden channels of each block (default: preset).")
+    g.add_argument("--activation", default=None, choices=["lipswish", "elu", "softplus", "relu"],
+                   help="Block activation (default: preset).")
+    g.add_argument("--factor_out", default=None, **bool_kw,
+                   help="Factor out half the channels after each scale (default: preset).")
+    g.add_argument("--fc_end", default=None, **bool_kw,
+                   help="Fully connected blocks on the last scale (default: preset).")
+
+    g = p.add_argument_group("log-det estimator")
+    g.add_argument("--n_exact_terms", type=int, default=None,
+                   help="Power-series terms always evaluated when training (paper: 2; 8 for "
+                        "celeb_a_hq). Evaluation always uses 20.")
+    g.add_argument("--dist", default=None, choices=["poisson", "geometric"],
+                   help="Russian-roulette distribution of the number of extra terms.")
+    g.add_argument("--neumann_grad", default=None, **bool_kw,
+                   help="Neumann-series gradient of the log-det (memory does not grow "
+                        "with the number of terms).")
+    g.add_argument("--grad_in_forward", default=None, **bool_kw,
+                   help="Compute the log-det gradient during the forward pass (needs "
+                        "--neumann_grad).")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="Global batch size per micro-step (split over replicas).")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="Training length in epochs of the training split.")
+    g.add_argument("--steps", type=int, default=None,
+                   help="Training length in optimiser steps (wins over --epochs).")
+    g.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-3).")
+    g.add_argument("--warmup_steps", type=int, default=None,
+                   help="Linear learning-rate warm-up from lr/warmup_steps to lr.")
+    g.add_argument("--ema_decay", type=float, default=None,
+                   help="Decay of the EMA of the weights used for evaluation/sampling.")
+    g.add_argument("--grad_clip", type=float, default=None,
+                   help="Clip the global gradient norm to this value (0 disables).")
+    g.add_argument("--accumulate", type=int, default=None,
+                   help="Micro-batches of --batch_size accumulated per optimiser step.")
+    g.add_argument("--seed", type=int, default=0,
+                   help="Seed of the initial weights, data order, dequantisation noise and "
+                        "log-det estimators (stateless; the replica id is folded in).")
+    g.add_argument("--jit_compile", default=False, **bool_kw,
+                   help="Compile the per-replica forward/backward with XLA.")
+    g.add_argument("--max_nan_steps", type=int, default=10,
+                   help="Stop after this many consecutive non-finite steps (each one is "
+                        "skipped with a warning).")
+
+    g = p.add_argument_group("evaluation, logging and checkpoints")
+    g.add_argument("--out", default=None,
+                   help="Run directory. Default: runs/<run name>, run name = "
+                        "<dataset>_<preset>. Rerunning with the same directory resumes.")
+    g.add_argument("--run_name", default=None, help="Run name (default <dataset>_<preset>).")
+    g.add_argument("--eval_every", type=int, default=None,
+                   help="Test bits/dim (EMA weights, 20 exact terms) every N steps and at "
+                        "the end (default: preset).")
+    g.add_argument("--eval_examples", type=int, default=0,
+                   help="Test images per evaluation (0 = the whole test split).")
+    g.add_argument("--sample_every", type=int, default=None,
+                   help="Write a PNG grid of samples every N steps and at the end.")
+    g.add_argument("--n_sample_images", type=int, default=64, help="Images per sample grid.")
+    g.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
+    g.add_argument("--log_every", type=int, default=50,
+                   help="Progress line and TensorBoard scalars every N steps.")
+    g.add_argument("--ckpt_every", type=int, default=None,
+                   help="Save the latest checkpoint every N steps (default: --eval_every).")
+    g.add_argument("--keep_best", type=int, default=1,
+                   help="Number of best-by-test-bits/dim checkpoints kept in ckpt_best/.")
+
+    g = p.add_argument_group("distribution")
+    g.add_argument("--strategy", default="mirrored",
+                   choices=["mirrored", "one_device", "multi_worker"],
+                   help="mirrored: MirroredStrategy over all visible GPUs (or over the "
+                        "--cpu_devices logical CPUs), one device if there is only one; "
+                        "one_device: first GPU or the CPU; multi_worker: "
+                        "MultiWorkerMirroredStrategy configured by $TF_CONFIG.")
+    g.add_argument("--cpu_devices", type=int, default=0,
+                   help="Split the CPU into N logical devices before TensorFlow starts and "
+                        "mirror over them (tests the multi-device path without GPUs).")
+
+    g = p.add_argument_group("export")
+    g.add_argument("--export_dir", default=None,
+                   help="SavedModel directory written at the end of training with the EMA "
+                        "weights if rflow_tf.export is available (default "
+                        "saved_models/<run name>; '' disables).")
+    g.add_argument("--export_only", action="store_true",
+                   help="Export the latest checkpoint of the run directory and exit.")
+
+    # Testing aid: comma-separated steps whose loss is replaced by NaN.
+    p.add_argument("--inject_nan_steps", default="", help=argparse.SUPPRESS)
+    return p
+
+
+def parse_args(argv=None):
+    """Parses ``argv`` (default ``sys.argv[1:]``) into an argparse Namespace.
+
+    Example: ``args = parse_args(["--preset=tiny", "--steps=10"])``.
+    """
+    return build_parser().parse_args(argv)
+
+
+# ----------------------------------------------------------------------------
+# Devices and strategies
+# ----------------------------------------------------------------------------
+
+
+def configure_cpu_devices(n):
+    """Splits the first physical CPU into ``n`` logical devices. Must run before
+    TensorFlow initialises its runtime (before any op or device listing of
+    logical devices); raises UsageError otherwise.
+
+    Example: ``configure_cpu_devices(2); make_strategy("mirrored", 2)``.
+    """
+    n = int(n)
+    if n < 1:
+        raise UsageError(f"--cpu_devices must be >= 1, got {n}")
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != n:
+            raise UsageError(
+                f"--cpu_devices={n}: TensorFlow was already initialised with {have} logical "
+                f"CPU device(s); configure the devices before running any TensorFlow op "
+                f"({e})") from None
+
+
+def make_strategy(kind="mirrored", cpu_devices=0):
+    """A tf.distribute strategy by name.
+
+    * ``"mirrored"``: MirroredStrategy over all GPUs if there are several;
+      over the logical CPUs if ``cpu_devices > 1``; otherwise a
+      OneDeviceStrategy on the single GPU or the CPU.
+    * ``"one_device"``: OneDeviceStrategy on the first GPU or the CPU.
+    * ``"multi_worker"``: MultiWorkerMirroredStrategy (cluster from $TF_CONFIG).
+
+    Example: ``strategy = make_strategy("mirrored")``.
+    """
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if kind == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
+    if kind != "mirrored":
+        raise UsageError(f"unknown --strategy {kind!r}")
+    if cpu_devices and int(cpu_devices) > 1:
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        if len(cpus) < int(cpu_devices):
+            raise UsageError(f"--cpu_devices={cpu_devices} but only {len(cpus)} logical CPU "
+                             "device(s) exist (call configure_cpu_devices first)")
+        return tf.distribute.MirroredStrategy(cpus[:int(cpu_devices)])
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(gpus)
+    return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
+
+
+def _task(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return None, 0, True
+    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    return task_type, task_id, is_chief
+
+
+# ----------------------------------------------------------------------------
+# Run specification
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """Everything a run needs, resolved from the flags and the preset.
+
+    ``flow``: the :class:`rflow_tf.models.FlowConfig` (input shape and bits
+    from the dataset); ``hparams``: training settings (batch_size,
+    accumulate, lr, warmup_steps, ema_decay, grad_clip, eval_every,
+    sample_every, ckpt_every, steps); ``run_dir``, ``export_dir``.
+    """
+
+    dataset: str
+    preset: str
+    run_name: str
+    run_dir: str
+    export_dir: str
+    flow: models.FlowConfig
+    hparams: dict
+    info: data.ImageDatasetInfo
+
+    def config_json(self):
+        """The contents of config.json."""
+        return {"dataset": self.dataset, "preset": self.preset, "run_name": self.run_name,
+                "flow_config": self.flow.to_dict(), "training": dict(self.hparams)}
+
+
+def resolve_run(args):
+    """Builds the :class:`RunSpec` of parsed flags ``args``; raises UsageError
+    for inconsistent flags.
+
+    Example: ``spec = resolve_run(parse_args(["--dataset=mnist"]))``.
+    """
+    try:
+        info = data.dataset_info(args.dataset)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    preset_name = args.preset or models.preset_for_dataset(info.name)
+    if preset_name not in models.PRESETS:
+        raise UsageError(f"unknown --preset {preset_name!r}; valid: {sorted(models.PRESETS)}")
+    preset = models.PRESETS[preset_name]
+    if preset.dataset not in (info.name, "digits") and args.preset:
+        warnings.warn(f"preset {preset_name!r} was designed for {preset.dataset!r}, training on "
+                      f"{info.name!r} with input shape {info.image_shape}", stacklevel=2)
+
+    n_bits = args.n_bits if args.n_bits is not None else info.n_bits
+    overrides = dict(input_shape=tuple(info.image_shape), n_bits=n_bits)
+    for flag in ("n_exact_terms", "dist", "neumann_grad", "grad_in_forward", "n_blocks",
+                 "hidden_channels", "activation", "factor_out", "fc_end"):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[flag] = value
+    if overrides.get("neumann_grad") is False and args.grad_in_forward is None:
+        overrides["grad_in_forward"] = False
+    try:
+        flow = preset.config.replace(**overrides)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"invalid model configuration: {e}") from None
+
+    hp = preset.training_defaults()
+    hp.pop("dataset")
+    for key in ("batch_size", "accumulate", "lr", "warmup_steps", "ema_decay", "grad_clip",
+                "eval_every", "sample_every"):
+        value = getattr(args, key)
+        if value is not None:
+            hp[key] = value
+    for key in ("batch_size", "accumulate", "eval_every", "sample_every"):
+        if int(hp[key]) < 1:
+            raise UsageError(f"--{key} must be >= 1, got {hp[key]}")
+    if not hp["lr"] > 0:
+        raise UsageError(f"--lr must be > 0, got {hp['lr']}")
+    if not 0.0 <= hp["ema_decay"] < 1.0:
+        raise UsageError(f"--ema_decay must lie in [0, 1), got {hp['ema_decay']}")
+    if hp["grad_clip"] < 0 or hp["warmup_steps"] < 0:
+        raise UsageError("--grad_clip and --warmup_steps must be >= 0")
+    if args.steps is not None:
+        steps = int(args.steps)
+    elif args.epochs is not None or preset.steps is None:
+        epochs = args.epochs if args.epochs is not None else preset.epochs
+        steps = int(math.ceil(float(epochs) * info.n_train / (hp["batch_size"] * hp["accumulate"])))
+    else:
+        steps = int(preset.steps)
+    if steps < 0:
+        raise UsageError(f"--steps must be >= 0, got {steps}")
+    hp.pop("epochs")
+    hp["steps"] = steps
+    hp["ckpt_every"] = int(args.ckpt_every or hp["eval_every"])
+    if hp["ckpt_every"] < 1:
+        raise UsageError("--ckpt_every must be >= 1")
+    hp["seed"] = int(args.seed)
+    hp["jit_compile"] = bool(args.jit_compile)
+
+    run_name = args.run_name or f"{info.name}_{preset_name}".replace("/", "_")
+    run_dir = args.out or os.path.join("runs", run_name)
+    export_dir = args.export_dir if args.export_dir is not None else \
+        os.path.join("saved_models", run_name)
+    return RunSpec(dataset=info.name, preset=preset_name, run_name=run_name, run_dir=run_dir,
+                   export_dir=export_dir, flow=flow, hparams=hp, info=info)
+
+
+# ----------------------------------------------------------------------------
+# Optimiser
+# ----------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="rflow_tf_train")
+class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
+    """lr(t) = lr * min(1, (t + 1) / warmup_steps), t = optimiser iterations.
+
+    Example: ``keras.optimizers.Adam(LinearWarmup(1e-3, 1000))``.
+    """
+
+    def __init__(self, lr, warmup_steps):
+        self.lr = float(lr)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step):
+        lr = tf.constant(self.lr, tf.float32)
+        if self.warmup_steps <= 0:
+            return lr
+        frac = (tf.cast(step, tf.float32) + 1.0) / float(self.warmup_steps)
+        return lr * tf.minimum(1.0, frac)
+
+    def get_config(self):
+        return {"lr": self.lr, "warmup_steps": self.warmup_steps}
+
+
+class PreReducedAdam(keras.optimizers.Adam):
+    """Adam that expects gradients already summed over replicas.
+
+    The training step all-reduces the gradients itself so that the global
+    gradient norm is clipped (and checked for NaN) identically on every
+    replica; Keras' own all-reduce inside ``apply_gradients`` is therefore
+    skipped.
+
+    Example: ``PreReducedAdam(1e-3, beta_1=0.9, beta_2=0.99)``.
+    """
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        return list(grads_and_vars)
+
+
+def make_optimizer(lr, warmup_steps):
+    """Adam(beta_1=0.9, beta_2=0.99, epsilon=1e-8) with :class:`LinearWarmup`.
+    Call inside ``strategy.scope()`` and ``build`` it there.
+
+    Example:
+    ```python
+    with strategy.scope():
+        opt = make_optimizer(1e-3, 1000)
+        opt.build(model.trainable_variables)
+    ```
+    """
+    return PreReducedAdam(learning_rate=LinearWarmup(lr, warmup_steps), beta_1=0.9, beta_2=0.99,
+                          epsilon=1e-8)
+
+
+# ----------------------------------------------------------------------------
+# Compiled steps
+# ----------------------------------------------------------------------------
+
+
+def write_scalar(name, value, step):
+    """Writes a TensorBoard scalar to the default summary writer.
+
+    Uses ``tf.summary.scalar`` when the ``tensorboard`` package is installed,
+    otherwise writes the same event (a float32 tensor with the "scalars"
+    plugin metadata) with the core ``tf.summary.write``, so logs are
+    readable by TensorBoard either way.
+
+    Example:
+    ```python
+    with tf.summary.create_file_writer("tb").as_default():
+        write_scalar("train/bpd", 1.23, step=10)
+    ```
+    """
+    if _HAVE_TENSORBOARD:
+        return tf.summary.scalar(name, value, step=step)
+    metadata = summary_pb2.SummaryMetadata()
+    metadata.plugin_data.plugin_name = "scalars"
+    return tf.summary.write(name, tf.constant(value, tf.float32), step=step,
+                            metadata=metadata.SerializeToString())
+
+
+def _first(strategy, value):
+    return strategy.experimental_local_results(value)[0]
+
+
+def _var(v):
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, accumulate=1,
+                    n_bits=8, grad_clip=1.0, ema_decay=0.999, seed=0, jit_compile=False,
+                    converge=True, step_var=None):
+    """The distributed training step, a ``tf.function(x, step, poison)``.
+
+    Per replica (seed = fold_in([seed, step], replica id)), for each of
+    ``accumulate`` micro-batches of uint8 images: dequantise, compute
+    bits/dim with the training estimator, loss =
+    compute_average_loss(bpd, global_batch_size) / accumulate, gradients.
+    Then all-reduce (sum) the gradients and the loss, clip to the global norm
+    ``grad_clip``; if the loss (+ ``poison``, a testing aid) and the norm are
+    finite, apply Adam and update the EMA ``e <- d e + (1 - d) w``, else skip
+    the update. Finally run power iteration to convergence (``converge``)
+    and increment ``step_var`` if given.
+
+    ``x``: a distributed batch of uint8 images [B, H, W, C], or [B, k, H, W, C]
+    with accumulation. Returns a dict of scalars: ``loss`` (mean training
+    bits/dim), ``grad_norm`` (before clipping), ``ok`` (update applied) and
+    ``logdet`` (mean total log-det per example).
+
+    Example:
+    ```python
+    step_fn = make_train_step(model, opt, strategy, ema, global_batch_size=64)
+    out = step_fn(next(dist_iter), tf.constant(0, tf.int64), tf.constant(0.0))
+    ```
+    """
+    variables = list(model.trainable_variables)
+    dtype = model.flow_dtype
+    num_dims = float(model.num_dims)
+    offset = num_dims * n_bits * _LN2
+    k = int(accumulate)
+    base_seed = tf.constant(int(seed), tf.int64)
+
+    def micro(x_int, seed_pair):
+        seeds = tf.random.experimental.stateless_split(seed_pair, 2)
+        x = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype)
+        with tf.GradientTape() as tape:
+            z, ld = model.forward_and_log_det(x, training=True, seed=seeds[1], validate=False)
+            lp = model.base_log_prob(z) + ld
+            bpd = -(lp - offset) / (num_dims * _LN2)
+            loss = tf.nn.compute_average_loss(tf.cast(bpd, tf.float32),
+                                              global_batch_size=global_batch_size) / k
+        grads = tape.gradient(loss, variables)
+        grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
+        ld_mean = tf.reduce_sum(tf.cast(ld, tf.float32)) / float(global_batch_size * k)
+        return loss, grads, ld_mean
+
+    if jit_compile:
+        micro = tf.function(micro, jit_compile=True)
+
+    def replica_fn(x_int, step, poison):
+        ctx = tf.distribute.get_replica_context()
+        seed_pair = tf.random.experimental.stateless_fold_in(
+            tf.stack([base_seed, tf.cast(step, tf.int64)]), ctx.replica_id_in_sync_group)
+        if k == 1:
+            loss, grads, ld = micro(x_int, seed_pair)
+        else:
+            def body(i, loss_acc, grads_acc, ld_acc):
+                l_i, g_i, ld_i = micro(x_int[:, i],
+                                       tf.random.experimental.stateless_fold_in(seed_pair, i))
+                return (i + 1, loss_acc + l_i, [a + b for a, b in zip(grads_acc, g_i)],
+                        ld_acc + ld_i)
+
+            init = (tf.constant(0), tf.constant(0.0),
+                    [tf.zeros(v.shape, v.dtype) for v in variables], tf.constant(0.0))
+            _, loss, grads, ld = tf.while_loop(lambda i, *_: i < k, body, init)
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        loss, ld = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, ld])
+        loss = loss + poison
+        gnorm = tf.linalg.global_norm(grads)
+        ok = tf.math.is_finite(loss) & tf.math.is_finite(gnorm)
+        if grad_clip and grad_clip > 0:
+            grads, _ = tf.clip_by_global_norm(grads, grad_clip, use_norm=gnorm)
+        return loss, gnorm, ok, ld, grads
+
+    def apply_fn(grads):
+        optimizer.apply_gradients(zip(grads, variables))
+
+    def ema_update(e, w):
+        return e.assign(ema_decay * e + (1.0 - ema_decay) * tf.cast(w, e.dtype))
+
+    @tf.function
+    def train_step(x, step, poison):
+        loss, gnorm, ok, ld, grads = strategy.run(replica_fn, args=(x, step, poison))
+        ok0 = _first(strategy, ok)
+
+        def apply():
+            strategy.run(apply_fn, args=(grads,))
+            for e, v in zip(ema_vars, variables):
+                strategy.extended.update(e, ema_update, args=(_var(v),), group=False)
+            return tf.constant(True)
+
+        tf.cond(ok0, apply, lambda: tf.constant(False))
+        if converge:
+            model.converge_lipschitz()
+        if step_var is not None:
+            step_var.assign_add(1)
+        return {"loss": _first(strategy, loss), "grad_norm": _first(strategy, gnorm),
+                "ok": ok0, "logdet": _first(strategy, ld)}
+
+    return train_step
+
+
+def make_eval_step(model, strategy, *, n_bits=8, seed=0):
+    """The distributed evaluation step ``(x, mask, batch_index) -> (sum bpd,
+    sum bpd^2, count)`` over the masked examples, with the evaluation
+    estimator (``n_exact_terms_eval`` = 20 exact terms) and fixed seeds (the
+    same weights give the same result).
+
+    Example: ``s, s2, n = eval_fn(x, mask, tf.constant(0, tf.int64))``.
+    """
+    dtype = model.flow_dtype
+    base_seed = tf.constant(int(seed) + 1_000_003, tf.int64)
+
+    def replica_fn(x_int, mask, index):
+        ctx = tf.distribute.get_replica_context()
+        seed_pair = tf.random.experimental.stateless_fold_in(
+            tf.stack([base_seed, tf.cast(index, tf.int64)]), ctx.replica_id_in_sync_group)
+        seeds = tf.random.experimental.stateless_split(seed_pair, 2)
+        x = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype)
+        bpd = tf.cast(model.bits_per_dim(x, n_bits=n_bits, training=False, seed=seeds[1],
+                                         validate=False), tf.float64)
+        m = tf.cast(mask, tf.float64)
+        return tf.reduce_sum(bpd * m), tf.reduce_sum(tf.square(bpd) * m), tf.reduce_sum(m)
+
+    @tf.function
+    def eval_step(x, mask, index):
+        out = strategy.run(replica_fn, args=(x, mask, index))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in out]
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------
+
+
+def _fmt_time(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class Trainer:
+    """Owns a run: strategy, model, optimizer, EMA, checkpoints, data and logs.
+
+    ``Trainer(args)`` resolves the flags (:func:`resolve_run`), creates the
+    strategy (unless given), builds everything inside ``strategy.scope()``
+    (optimizer slots created up front) and checks/writes ``config.json``.
+    :meth:`train` restores the latest checkpoint or initialises ActNorm from
+    the first batch, then runs the loop; :meth:`evaluate`, :meth:`sample`,
+    :meth:`export` and :meth:`ema_weights` are usable on their own.
+
+    Example:
+    ```python
+    trainer = Trainer(parse_args(["--preset=tiny", "--steps=10", "--out=/tmp/r"]))
+    result = trainer.train()
+    print(result["test_bpd"])
+    ```
+    """
+
+    def __init__(self, args, strategy=None):
+        self.args = args
+        self.spec = resolve_run(args)
+        self.hp = self.spec.hparams
+        self.flow_config = self.spec.flow
+        self.run_dir = self.spec.run_dir
+        self.strategy = strategy or make_strategy(args.strategy, args.cpu_devices)
+        self.task_type, self.task_id, self.is_chief = _task(self.strategy)
+        self.n_replicas = self.strategy.num_replicas_in_sync
+        if self.hp["batch_size"] % self.n_replicas:
+            raise UsageError(f"--batch_size={self.hp['batch_size']} is not divisible by the "
+                             f"{self.n_replicas} replicas")
+        self.nan_steps = {int(s) for s in str(args.inject_nan_steps).split(",") if s.strip()}
+        self._check_run_dir()
+
+        keras.utils.set_random_seed(int(self.hp["seed"]))
+        with self.strategy.scope():
+            self.model = models.ResidualFlow(self.flow_config)
+            self.optimizer = make_optimizer(self.hp["lr"], self.hp["warmup_steps"])
+            self.optimizer.build(self.model.trainable_variables)
+            self.ema_vars = [tf.Variable(_var(v).read_value(), trainable=False,
+                                         name="ema_" + v.path.replace("/", "_"))
+                             for v in self.model.trainable_variables]
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.best_bpd = tf.Variable(np.inf, dtype=tf.float64, trainable=False,
+                                        name="best_test_bpd")
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                              ema=self.ema_vars, step=self.step,
+                                              best_bpd=self.best_bpd)
+        self.ckpt_dir = self._write_dir("ckpt")
+        self.best_dir = self._write_dir("ckpt_best")
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=2)
+        self.best_manager = tf.train.CheckpointManager(
+            self.checkpoint, self.best_dir, max_to_keep=max(1, int(args.keep_best)),
+            checkpoint_name="best")
+        self.writer = (tf.summary.create_file_writer(os.path.join(self.run_dir, "tb"))
+                       if self.is_chief else tf.summary.create_noop_writer())
+        self._train_step = None
+        self._eval_step = None
+        self._sample_fn = None
+        self._swap_fn = None
+        self._restored = False
+
+    # --------------------------------------------------------------- helpers
+    def log(self, msg):
+        """Prints a timestamped line (chief only)."""
+        if self.is_chief:
+            print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+    def warn(self, msg):
+        """Prints a warning to stderr (chief only)."""
+        if self.is_chief:
+            print(f"[{datetime.datetime.now():%H:%M:%S}] WARNING: {msg}", file=sys.stderr,
+                  flush=True)
+
+    def _write_dir(self, name):
+        if self.is_chief:
+            return os.path.join(self.run_dir, name)
+        return os.path.join(self.run_dir, f".tmp_{self.task_type}_{self.task_id}", name)
+
+    def _check_run_dir(self):
+        path = os.path.join(self.run_dir, "config.json")
+        new = self.spec.config_json()
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("flow_config") != new["flow_config"]:
+                diff = sorted(k for k in set(old.get("flow_config", {})) | set(new["flow_config"])
+                              if old.get("flow_config", {}).get(k) != new["flow_config"].get(k))
+                raise UsageError(
+                    f"{self.run_dir} holds a run with a different model configuration "
+                    f"(differs in: {', '.join(diff)}). Use another --out/--run_name, or delete "
+                    f"the directory to start over.")
+            changed = sorted(k for k in new["training"]
+                             if old.get("training", {}).get(k) != new["training"][k])
+            if changed:
+                self.log(f"training settings changed since the last run: {', '.join(changed)}")
+        if self.is_chief:
+            os.makedirs(self.run_dir, exist_ok=True)
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(new, f, indent=2, sort_keys=True)
+            os.replace(tmp, path)
+
+    def _save(self, manager, step):
+        path = manager.save(checkpoint_number=int(step))
+        if not self.is_chief:
+            tf.io.gfile.rmtree(os.path.dirname(os.path.dirname(path)))
+        return path
+
+    # ------------------------------------------------------------------ data
+    def _train_dataset(self, data_seed):
+        hp = self.hp
+        ds = data.load_image_dataset(
+            self.spec.dataset, "train", batch_size=hp["batch_size"], data_dir=self.args.data_dir,
+            n_bits=self.flow_config.n_bits, shuffle=True, repeat=True, seed=data_seed,
+            download=self.args.download, drop_remainder=True)
+        if hp["accumulate"] > 1:
+            ds = ds.batch(hp["accumulate"], drop_remainder=True).map(
+                lambda x: tf.transpose(x, [1, 0, 2, 3, 4]))
+        return ds
+
+    def _test_dataset(self):
+        bs = self.hp["batch_size"]
+        h, w, c = self.flow_config.input_shape
+        ds = data.load_image_dataset(
+            self.spec.dataset, "test", batch_size=bs, data_dir=self.args.data_dir,
+            n_bits=self.flow_config.n_bits, shuffle=False, flip=False, repeat=False,
+            download=self.args.download)
+        if self.args.eval_examples and self.args.eval_examples > 0:
+            ds = ds.unbatch().take(int(self.args.eval_examples)).batch(bs)
+
+        def pad(x):
+            n = tf.shape(x)[0]
+            x = tf.pad(x, [[0, bs - n], [0, 0], [0, 0], [0, 0]])
+            return tf.ensure_shape(x, [bs, h, w, c]), tf.range(bs) < n
+
+        return ds.map(pad)
+
+    def _distribute(self, ds):
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = \
+            tf.data.experimental.AutoShardPolicy.DATA
+        return self.strategy.experimental_distribute_dataset(ds.with_options(options))
+
+    # ------------------------------------------------------------ components
+    @property
+    def train_step_fn(self):
+        """The compiled training step (see :func:`make_train_step`)."""
+        if self._train_step is None:
+            hp = self.hp
+            self._train_step = make_train_step(
+                self.model, self.optimizer, self.strategy, self.ema_vars,
+                global_batch_size=hp["batch_size"], accumulate=hp["accumulate"],
+                n_bits=self.flow_config.n_bits, grad_clip=hp["grad_clip"],
+                ema_decay=hp["ema_decay"], seed=hp["seed"], jit_compile=hp["jit_compile"],
+                step_var=self.step)
+        return self._train_step
+
+    def _swap_ema(self):
+        if self._swap_fn is None:
+            def swap(a, b):
+                tmp = tf.identity(a)
+                a.assign(b)
+                b.assign(tmp)
+                return tf.constant(True)
+
+            @tf.function
+            def swap_all():
+                for v, e in zip(self.model.trainable_variables, self.ema_vars):
+                    self.strategy.extended.update(_var(v), swap, args=(e,), group=False)
+
+            self._swap_fn = swap_all
+        self._swap_fn()
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Context in which the model holds the EMA weights (power iteration
+        converged for them); the training weights come back on exit.
+
+        Example: ``with trainer.ema_weights(): trainer.model.sample(16)``.
+        """
+        self._swap_ema()
+        self.model.converge_lipschitz()
+        try:
+            yield self.model
+        finally:
+            self._swap_ema()
+            self.model.converge_lipschitz()
+
+    def restore_or_initialize(self, first_batch=None):
+        """Restores the latest checkpoint of the run directory; without one,
+        initialises ActNorm from ``first_batch`` (uint8 images), converges the
+        power iterations and sets the EMA to the initial weights. Returns the
+        restored checkpoint path or None.
+        """
+        if self._restored:
+            return None
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            self._restored = True
+            self.log(f"resumed from {latest} at step {int(self.step.numpy())}")
+            return latest
+        if first_batch is None:
+            raise UsageError(f"no checkpoint in {self.ckpt_dir}")
+        x = first_batch[:, 0] if first_batch.shape.rank == 5 else first_batch
+        x = data.dequantize(x, self.flow_config.n_bits, seed=[int(self.hp["seed"]), 12345],
+                            dtype=self.model.flow_dtype)
+        self.model.initialize(x)
+        self.model.converge_lipschitz()
+        for e, v in zip(self.ema_vars, self.model.trainable_variables):
+            e.assign(_var(v).read_value())
+        self._restored = True
+        return None
+
+    # ----------------------------------------------------------- evaluation
+    def evaluate(self, use_ema=True):
+        """Test bits/dim over the test split (or ``--eval_examples``) with the
+        evaluation estimator. Returns ``(mean, standard error, count)``.
+
+        Example: ``bpd, se, n = trainer.evaluate()``.
+        """
+        if self._eval_step is None:
+            self._eval_step = make_eval_step(self.model, self.strategy,
+                                             n_bits=self.flow_config.n_bits, seed=self.hp["seed"])
+        ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
+        s = s2 = n = 0.0
+        with ctx:
+            for i, (x, mask) in enumerate(self._distribute(self._test_dataset())):
+                a, b, c = self._eval_step(x, mask, tf.constant(i, tf.int64))
+                s, s2, n = s + float(a), s2 + float(b), n + float(c)
+        if n == 0:
+            raise UsageError(f"the test split of {self.spec.dataset!r} is empty")
+        mean = s / n
+        var = max(s2 / n - mean * mean, 0.0)
+        return mean, math.sqrt(var / n), int(n)
+
+    def sample(self, path=None, n=None, temperature=None, use_ema=True):
+        """Samples ``n`` images (EMA weights), writes a PNG grid to ``path``
+        (default samples/step_XXXXXXX.png) and returns the path.
+
+        Example: ``trainer.sample("/tmp/grid.png", n=16)``.
+        """
+        n = int(n or self.args.n_sample_images)
+        temperature = self.args.temperature if temperature is None else temperature
+        if self._sample_fn is None or self._sample_fn[0] != (n, temperature):
+            fn = tf.function(lambda seed: self.model.sample(n, temperature=temperature, seed=seed))
+            self._sample_fn = ((n, temperature), fn)
+        ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
+        with ctx:
+            imgs = self._sample_fn[1](tf.constant([int(self.hp["seed"]), 777], tf.int64))
+        if path is None:
+            path = os.path.join(self.run_dir, "samples", f"step_{int(self.step.numpy()):07d}.png")
+        if self.is_chief:
+            data.save_image_grid(data.to_uint8_images(imgs, self.flow_config.n_bits).numpy(), path)
+        return path
+
+    def export(self, export_dir=None):
+        """Export hook: if ``rflow_tf.export`` exists, calls
+        ``rflow_tf.export.save(model, export_dir)`` with the EMA weights
+        swapped in. Returns the directory, or None when skipped.
+
+        Example: ``trainer.export("saved_models/mnist")``.
+        """
+        export_dir = self.spec.export_dir if export_dir is None else export_dir
+        if not export_dir:
+            return None
+        try:
+            export = importlib.import_module("rflow_tf.export")
+        except ImportError:
+            self.log("rflow_tf.export is not available; skipping the SavedModel export")
+            return None
+        if not self.is_chief:
+            return None
+        with self.ema_weights():
+            export.save(self.model, export_dir)
+        self.log(f"exported SavedModel (EMA weights) to {export_dir}")
+        return export_dir
+
+    # -------------------------------------------------------------- training
+    def _summaries(self, step, scalars):
+        with self.writer.as_default(step=int(step)):
+            for name, value in scalars.items():
+                write_scalar(name, float(value), int(step))
+        self.writer.flush()
+
+    def _lipschitz_stats(self):
+        sigmas = np.array([float(l.sigma.numpy()) for l in self.model.lipschitz_layers()])
+        if sigmas.size == 0:
+            return {}
+        coeff = self.flow_config.coeff
+        return {"lipschitz/max_sigma": sigmas.max(), "lipschitz/mean_sigma": sigmas.mean(),
+                "lipschitz/max_effective": np.minimum(sigmas, coeff).max()}
+
+    def _eval_and_sample(self, step, do_sample):
+        bpd, se, n = self.evaluate()
+        self.log(f"step {step}: test bits/dim {bpd:.4f} +- {se:.4f} ({n} images, EMA weights, "
+                 f"{self.flow_config.n_exact_terms_eval} exact terms)")
+        scalars = {"test/bpd": bpd, "test/bpd_stderr": se}
+        path = None
+        if do_sample:
+            path = self.sample()
+            self.log(f"step {step}: samples written to {path}")
+        if math.isfinite(bpd) and bpd < float(self.best_bpd.numpy()):
+            self.best_bpd.assign(bpd)
+            best = self._save(self.best_manager, step)
+            self.log(f"step {step}: new best test bits/dim, saved {best}")
+        scalars["test/best_bpd"] = float(self.best_bpd.numpy())
+        self._summaries(step, scalars)
+        return bpd, se, path
+
+    def train(self):
+        """Runs (or resumes) training to ``steps``, evaluating, sampling and
+        checkpointing on schedule, then the final evaluation, samples,
+        results.json and the export hook. Returns a dict with ``step``,
+        ``test_bpd``, ``test_bpd_stderr``, ``best_bpd``, ``samples``,
+        ``run_dir``, ``steps_per_sec``.
+
+        Raises TrainingDivergedError after ``--max_nan_steps`` consecutive
+        non-finite steps (nothing is saved after the last good checkpoint).
+        """
+        hp, args = self.hp, self.args
+        total = int(hp["steps"])
+        latest = self.manager.latest_checkpoint
+        start = 0
+        if latest:
+            self.restore_or_initialize()
+            start = int(self.step.numpy())
+        train_ds = self._train_dataset(int(hp["seed"]) + start)
+        if not latest:
+            self.restore_or_initialize(next(iter(train_ds)))
+        self.log(f"run {self.spec.run_name}: dataset {self.spec.dataset} "
+                 f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
+                 f"{self.model.count_params():,} parameters, {self.n_replicas} replica(s) "
+                 f"({type(self.strategy).__name__}), global batch {hp['batch_size']} x "
+                 f"{hp['accumulate']}, steps {start}->{total}, dir {self.run_dir}")
+        if self.is_chief:
+            tf.io.gfile.makedirs(os.path.join(self.run_dir, "samples"))
+
+        step = start
+        last_eval = None
+        nan_streak = 0
+        if step < total:
+            it = iter(self._distribute(train_ds))
+            step_fn = self.train_step_fn
+            t_log, n_log, t_start = time.time(), 0, time.time()
+            loss_sum = gnorm_sum = ld_sum = 0.0
+            n_ok = 0
+            steps_per_sec = float("nan")
+            try:
+                while step < total:
+                    poison = tf.constant(np.nan if step + 1 in self.nan_steps else 0.0,
+                                         tf.float32)
+                    out = step_fn(next(it), tf.constant(step, tf.int64), poison)
+                    step += 1
+                    n_log += 1
+                    if not bool(out["ok"]):
+                        nan_streak += 1
+                        self.warn(f"step {step}: non-finite loss or gradient (loss "
+                                  f"{float(out['loss'])}, grad norm {float(out['grad_norm'])}); "
+                                  f"update skipped ({nan_streak} in a row)")
+                        if nan_streak >= int(args.max_nan_steps):
+                            raise TrainingDivergedError(
+                                f"training stopped at step {step}: {nan_streak} consecutive "
+                                f"non-finite steps (--max_nan_steps={args.max_nan_steps}). The "
+                                f"last good checkpoint is "
+                                f"{self.manager.latest_checkpoint or '(none yet)'}; try a lower "
+                                f"--lr, a smaller --grad_clip or more --warmup_steps.")
+                    else:
+                        nan_streak = 0
+                        n_ok += 1
+                        loss_sum += float(out["loss"])
+                        gnorm_sum += float(out["grad_norm"])
+                        ld_sum += float(out["logdet"])
+                    if step % max(1, args.log_every) == 0 or step == total:
+                        now = time.time()
+                        steps_per_sec = n_log / max(now - t_log, 1e-9)
+                        lr = float(self.optimizer.learning_rate.numpy()) \
+                            if hasattr(self.optimizer.learning_rate, "numpy") \
+                            else float(self.optimizer.learning_rate)
+                        denom = max(n_ok, 1)
+                        self.log(f"step {step}/{total} | train bpd {loss_sum / denom:.4f} | "
+                                 f"lr {lr:.2e} | grad norm {gnorm_sum / denom:.3f} | "
+                                 f"{steps_per_sec:.2f} steps/s | ETA "
+                                 f"{_fmt_time((total - step) / max(steps_per_sec, 1e-9))}")
+                        scalars = {"train/bpd": loss_sum / denom, "train/lr": lr,
+                                   "train/grad_norm": gnorm_sum / denom,
+                                   "train/logdet": ld_sum / denom,
+                                   "train/skipped_steps": n_log - n_ok,
+                                   "perf/steps_per_sec": steps_per_sec}
+                        scalars.update(self._lipschitz_stats())
+                        self._summaries(step, scalars)
+                        t_log, n_log, n_ok = now, 0, 0
+                        loss_sum = gnorm_sum = ld_sum = 0.0
+                    if step % hp["ckpt_every"] == 0 or step == total:
+                        self._save(self.manager, step)
+                    if step % hp["eval_every"] == 0 and step != total:
+                        self._eval_and_sample(step, step % hp["sample_every"] == 0)
+                        last_eval = step
+                    elif step % hp["sample_every"] == 0 and step != total:
+                        self.log(f"step {step}: samples written to {self.sample()}")
+            except KeyboardInterrupt:
+                if nan_streak == 0:
+                    path = self._save(self.manager, int(self.step.numpy()))
+                    self.log(f"interrupted; saved {path}. Rerun the same command to resume.")
+                raise
+            elapsed = time.time() - t_start
+            steps_per_sec = (step - start) / max(elapsed, 1e-9)
+            self.log(f"trained {step - start} steps in {_fmt_time(elapsed)} "
+                     f"({steps_per_sec:.2f} steps/s)")
+        else:
+            steps_per_sec = float("nan")
+            self.log(f"already trained to step {step} (--steps={total}); evaluating")
+
+        bpd, se, samples = self._eval_and_sample(step, True) if last_eval != step else \
+            (float("nan"), float("nan"), None)
+        result = {"step": step, "test_bpd": bpd, "test_bpd_stderr": se,
+                  "best_bpd": float(self.best_bpd.numpy()), "samples": samples,
+                  "run_dir": self.run_dir, "steps_per_sec": steps_per_sec,
+                  "checkpoint": self.manager.latest_checkpoint}
+        self.log(f"final test bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}); "
+                 f"best {result['best_bpd']:.4f}; samples: {samples}")
+        if self.is_chief:
+            with open(os.path.join(self.run_dir, "results.json"), "w") as f:
+                json.dump(result, f, indent=2)
+        # Export hook: SavedModel with the EMA weights (rflow_tf.export.save).
+        result["export_dir"] = self.export()
+        return result
+
+
+# ----------------------------------------------------------------------------
+# Entry points
+# ----------------------------------------------------------------------------
+
+
+def train(args, strategy=None):
+    """Trains (or resumes) the run described by parsed flags ``args``; returns
+    the result dict of :meth:`Trainer.train`.
+
+    Example: ``train(parse_args(["--preset=tiny", "--steps=5", "--out=/tmp/r"]))``.
+    """
+    return Trainer(args, strategy=strategy).train()
+
+
+def export_only(args, strategy=None):
+    """Restores the latest checkpoint of the run and runs the export hook.
+
+    Example: ``export_only(parse_args(["--out=runs/x", "--export_only"]))``.
+    """
+    trainer = Trainer(args, strategy=strategy)
+    if not trainer.manager.latest_checkpoint:
+        raise UsageError(f"--export_only: no checkpoint in {trainer.ckpt_dir}")
+    trainer.restore_or_initialize()
+    if importlib.util.find_spec("rflow_tf.export") is None:
+        raise UsageError("--export_only: rflow_tf.export is not available in this version")
+    if not trainer.spec.export_dir:
+        raise UsageError("--export_only needs a non-empty --export_dir")
+    return trainer.export()
+
+
+def main(argv=None):
+    """Command-line entry point; returns the process exit status (0 ok, 2 bad
+    flags or missing data, 3 diverged, 130 interrupted)."""
+    args = parse_args(argv)
+    try:
+        if args.cpu_devices and args.cpu_devices > 1:
+            configure_cpu_devices(args.cpu_devices)
+        if args.export_only:
+            export_only(args)
+        else:
+            train(args)
+        return 0
+    except data.DatasetNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

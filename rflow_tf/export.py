@@ -22,10 +22,12 @@ root object has:
 ``log_prob(x)``        x: float images in [0, 1], shape [B, H, W, C] (the
                        model's dtype, normally float32) -> [B] log p(x),
                        the continuous density of dequantised pixels
-                       (logit log-det included).
+                       (logit log-det included). NaN/Inf or values outside
+                       [0, 1] raise ``InvalidArgumentError``.
 ``bits_per_dim(x)``    x: raw integer images, uint8 or int32, shape
                        [B, H, W, C], values in [0, 2**n_bits - 1] -> [B]
-                       bits per dimension, computed like training/eval.
+                       bits per dimension, computed like training/eval
+                       (see "Preprocessing" below).
 ``sample(n, temperature, seed)``
                        n: int32 scalar, temperature: float scalar, seed:
                        int32 [2] (stateless) -> [n, H, W, C] images in
@@ -50,7 +52,12 @@ Serving signatures (``obj.signatures[...]``, dict outputs):
 (uint8 input) and ``bits_per_dim_int32`` -> ``{"bits_per_dim"}``; ``sample``
 -> ``{"images"}``; ``forward`` -> ``{"latent", "log_det"}``; ``inverse`` ->
 ``{"images"}``; ``metadata``. Inputs are named ``x``, ``z``, ``n``,
-``temperature``, ``seed``.
+``temperature``, ``seed``. Every input has a fixed signature: a wrong image
+shape or dtype is rejected by TensorFlow with a message showing the expected
+``TensorSpec``.
+
+The graphs are for inference: the residual blocks are traced without their
+custom (Neumann-series) gradients. To fine-tune, use :func:`load`.
 
 Determinism of the log-densities
 --------------------------------
@@ -81,7 +88,10 @@ drawn from a fixed stateless seed (default; an unbiased single-sample
 estimate of the same bits/dim that training reports), or, with
 ``save(..., dequantization="midpoint")``, ``u = 1/2``. Then
 ``bpd = -(log p(y) - D n_bits ln 2) / (D ln 2)``. Values outside
-[0, 2**n_bits - 1] raise ``InvalidArgumentError``.
+[0, 2**n_bits - 1] raise ``InvalidArgumentError``. With uniform noise an
+image's value depends on its position in the batch (the noise is drawn for
+the whole batch from one seed); midpoint dequantisation does not.
+:meth:`LoadedFlow.bits_per_dim` reproduces the exported values.
 
 Example:
 ```python
@@ -295,16 +305,20 @@ class _ExportModule(tf.Module):
         # SavedModel holds one graph of the log-det pass and one of the
         # inverse).
         def forward(x):
+            """Data -> latent: (z [B, D], log |det dz/dx| [B])."""
             return model.forward_and_log_det(x, training=False, seed=seed_t)
 
         def inverse(z):
+            """Latent -> data: images [B, H, W, C] (not clipped)."""
             return model.bijector.inverse(z)
 
         def log_prob(x):
+            """log p(x) [B] of float images in [0, 1]."""
             z, ld = self.forward(x)
             return model.base_log_prob(z) + ld
 
         def bits_per_dim(x):
+            """Bits/dim [B] of raw n-bit integer images (dequantised here)."""
             xi = tf.cast(x, tf.int32)
             checks = [
                 tf.debugging.assert_greater_equal(
@@ -324,12 +338,14 @@ class _ExportModule(tf.Module):
             return -(lp - d * n_bits * _LN2) / (d * _LN2)
 
         def sample(n, temperature, seed):
+            """n images in [0, 1] from z ~ N(0, temperature^2 I), stateless seed."""
             z = tf.random.stateless_normal(tf.stack([n, d]), tfp.random.sanitize_seed(seed),
                                            dtype=dtype)
             x = self.inverse(z * tf.cast(temperature, dtype))
             return tf.clip_by_value(x, 0.0, 1.0)
 
         def metadata():
+            """Export metadata and preprocessing facts as tensors."""
             return {
                 "metadata_json": tf.constant(meta_json),
                 "config_json": tf.constant(cfg_json),
@@ -365,6 +381,7 @@ class _ExportModule(tf.Module):
         # Serving signatures: dict outputs with stable names, calling the
         # functions above.
         def sig_forward(x):
+            """forward() with dict outputs for the serving signature."""
             z, ld = self.forward(x)
             return {"latent": z, "log_det": ld}
 
@@ -386,7 +403,7 @@ class _ExportModule(tf.Module):
         sig["metadata"] = self.metadata
         object.__setattr__(self, "export_signatures", sig)   # not a tracked child
 
-    def cleanup(self):
+    def _cleanup(self):
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
@@ -522,7 +539,7 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        module.cleanup()
+        module._cleanup()  # pylint: disable=protected-access
     return path
 
 
@@ -593,13 +610,17 @@ class LoadedFlow(rmodels.FlowDistribution):
       floating point in [0, 1] with trailing shape (H, W, C) (any leading
       batch shape); otherwise :class:`InputDtypeError` or
       :class:`InputShapeError` naming what is expected;
+    * :meth:`bits_per_dim` for raw integer pixels, with the exported
+      preprocessing (same values as the SavedModel's ``bits_per_dim``);
     * ``model`` -- the rebuilt Keras :class:`~rflow_tf.models.ResidualFlow`
-      (``dist.model.bits_per_dim``, ``dist.model.sample`` with temperature,
-      ``dist.model.converge_lipschitz()`` after fine-tuning);
-    * ``metadata`` -- the export metadata dict, ``n_bits``, ``image_shape``,
+      (``dist.model.sample(n, temperature)``, ``dist.model.converge_lipschitz()``
+      after fine-tuning);
+    * ``metadata`` (the export metadata dict), ``n_bits``, ``image_shape``,
       ``logdet_seed``.
 
-    ``sample`` is not clipped (values can exceed [0, 1] by ~alpha); the
+    Called eagerly, ``log_prob`` runs inside a ``tf.function`` (traced on the
+    first call, fast afterwards; gradients flow as usual). ``sample`` is not
+    clipped (values can exceed [0, 1] by about ``logit_alpha``); the
     exported ``sample`` and ``dist.model.sample`` clip.
 
     Example:
@@ -625,8 +646,8 @@ class LoadedFlow(rmodels.FlowDistribution):
                 raise InputDtypeError(
                     f"{self.name}: expected {expected}; got dtype {vdtype.name}. Integer "
                     f"pixels must be dequantised first: rflow_tf.data.dequantize(x, "
-                    f"n_bits={self.n_bits}) (or use dist.model.bits_per_dim / the "
-                    "SavedModel's bits_per_dim signature for raw pixels).")
+                    f"n_bits={self.n_bits}), or use dist.bits_per_dim(x) / the "
+                    "SavedModel's bits_per_dim for raw pixels.")
             if tf.is_tensor(value) and vdtype != self.dtype:
                 raise InputDtypeError(f"{self.name}: expected {expected}; got a "
                                       f"{vdtype.name} tensor (cast it with "
@@ -639,16 +660,18 @@ class LoadedFlow(rmodels.FlowDistribution):
         shape = value.shape
         if shape.rank is None or shape.rank < 3 or \
                 tuple(shape[shape.rank - 3:]) != (h, w, c):
+            got = list(shape) if shape.rank is not None else "unknown"
             raise InputShapeError(f"{self.name}: expected {expected} (e.g. [batch, {h}, {w}, "
-                                  f"{c}]); got shape {list(shape) if shape.rank is not None else shape}")
+                                  f"{c}]); got shape {got}")
         return value
 
     def log_prob(self, value, name="log_prob", **kwargs):
         """log p(x) of images x in [0, 1] (shape [..., H, W, C]), after checking
         dtype and shape. ``bijector_kwargs={"seed": s, "training": t}`` select
-        the log-det estimate (ignored for exact exports).
+        the log-det estimate (no effect for exact exports; for ``"unbiased"``
+        exports ``seed=dist.logdet_seed`` reproduces the exported values).
 
-        Example: ``dist.log_prob(x, bijector_kwargs={"seed": dist.logdet_seed})``.
+        Example: ``dist.log_prob(x)``.
         """
         return super().log_prob(self._check_images(value), name=name, **kwargs)
 
@@ -659,30 +682,84 @@ class LoadedFlow(rmodels.FlowDistribution):
         """
         return super().prob(self._check_images(value), name=name, **kwargs)
 
+    def _log_prob(self, y, **kwargs):
+        if not tf.executing_eagerly():
+            return super()._log_prob(y, **kwargs)
+        fns = self.__dict__.setdefault("_rflow_functions", {})
+        if "log_prob" not in fns:
+            parent = super()._log_prob
+            fns["log_prob"] = tf.function(lambda y, kw: parent(y, **kw), reduce_retracing=True)
+        return fns["log_prob"](y, kwargs)
+
+    def bits_per_dim(self, x, name="bits_per_dim"):
+        """Bits per dimension of raw integer images ``x`` (uint8/int32/int64,
+        shape [..., H, W, C], values in [0, 2**n_bits - 1], already reduced to
+        ``n_bits``) with the export's preprocessing and fixed seeds: the same
+        values as the SavedModel's ``bits_per_dim``.
+
+        Example: ``dist.bits_per_dim(next(iter(load_image_dataset("digits", "test", 64))))``.
+        """
+        with tf.name_scope(name):
+            meta = self.metadata
+            n_bits = self.n_bits
+            h, w, c = self.image_shape
+            vdtype = getattr(x, "dtype", None)
+            if vdtype is not None and not tf.as_dtype(vdtype).is_integer:
+                raise InputDtypeError(f"{self.name}: bits_per_dim expects raw integer pixels "
+                                      f"(uint8/int32) in [0, {2 ** n_bits - 1}], got dtype "
+                                      f"{tf.as_dtype(vdtype).name}; use log_prob for "
+                                      "dequantised floats")
+            xi = tf.convert_to_tensor(x, dtype_hint=tf.int32)
+            if not xi.dtype.is_integer:
+                raise InputDtypeError(f"{self.name}: bits_per_dim expects integer pixels, got "
+                                      f"{xi.dtype.name}")
+            if xi.shape.rank is None or xi.shape.rank < 3 or \
+                    tuple(xi.shape[xi.shape.rank - 3:]) != (h, w, c):
+                raise InputShapeError(f"{self.name}: bits_per_dim expects integer images of "
+                                      f"shape [..., {h}, {w}, {c}], got shape {list(xi.shape)}")
+            xi = tf.cast(xi, tf.int32)
+            with tf.control_dependencies([
+                    tf.debugging.assert_greater_equal(
+                        xi, 0, message=f"bits_per_dim: pixels must lie in [0, {2 ** n_bits - 1}]"),
+                    tf.debugging.assert_less_equal(
+                        xi, 2 ** n_bits - 1,
+                        message=f"bits_per_dim: pixels must lie in [0, {2 ** n_bits - 1}]")]):
+                if meta.get("dequantization") == "midpoint":
+                    y = (tf.cast(xi, self.dtype) + 0.5) / (2.0 ** n_bits)
+                else:
+                    y = rdata.dequantize(xi, n_bits, seed=meta["dequantization_seed"],
+                                         dtype=self.dtype)
+            lp = self.log_prob(y, bijector_kwargs={"seed": self.logdet_seed})
+            d = float(h * w * c)
+            return -(lp - d * n_bits * _LN2) / (d * _LN2)
+
     @property
     def image_shape(self):
         """(H, W, C) of one image."""
-        return tuple(self._rflow_meta["image_shape"])
+        return tuple(self.bijector.bijector.event_shape_in)
+
+    @property
+    def metadata(self):
+        """The export metadata dict (see :func:`load_metadata`); empty for copies
+        made by TFP (``dist.copy()``)."""
+        return dict(self.__dict__.get("_rflow_meta") or {})
 
     @property
     def n_bits(self):
         """Bits per pixel of the training data."""
-        return int(self._rflow_meta["n_bits"])
+        meta = self.metadata
+        return int(meta.get("n_bits") or meta.get("config", {}).get("n_bits", 8))
 
     @property
     def logdet_seed(self):
         """The stateless seed the exported functions use for log-det estimates."""
-        return list(self._rflow_meta["logdet_seed"])
-
-    @property
-    def metadata(self):
-        """The export metadata dict (see :func:`load_metadata`)."""
-        return dict(self._rflow_meta)
+        return list(self.metadata.get("logdet_seed") or DEFAULT_SEED)
 
     @property
     def model(self):
-        """The rebuilt Keras :class:`~rflow_tf.models.ResidualFlow`."""
-        return self._rflow_model
+        """The rebuilt Keras :class:`~rflow_tf.models.ResidualFlow` (None for
+        copies made by TFP)."""
+        return self.__dict__.get("_rflow_model")
 
 
 def load(path, *, logdet=None):

@@ -190,9 +190,6 @@ def build_parser():
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
     t.add_argument("--seed", type=_non_negative_int, default=0,
                    help="seed of the weights, the data stream and the estimator")
-    t.add_argument("--jit", type=int, choices=(0, 1), default=0,
-                   help="compile the coupling model's train step with XLA (ignored for "
-                        "residual models, whose random-length series XLA cannot compile)")
     o = p.add_argument_group("evaluation and output")
     o.add_argument("--out", default="toy_out",
                    help="output directory for <data>_<model>.png")
@@ -556,7 +553,7 @@ def _fmt_time(seconds):
 
 _MODEL_KEYS = ("model", "blocks", "hidden", "activation", "coeff", "actnorm", "dist", "rate", "p",
                "n_exact_terms", "n_samples", "n_power_series", "neumann_grad", "power_iterations",
-               "batch_size", "lr", "seed", "jit")
+               "batch_size", "lr", "seed")
 
 
 class Trainer:
@@ -616,8 +613,7 @@ class Trainer:
                         layer.converge()
             return loss
 
-        jit = bool(args.jit) and args.model == "coupling"
-        self._train_step = tf.function(train_step, jit_compile=jit)
+        self._train_step = tf.function(train_step)
         spec = [tf.TensorSpec([None, 2], tf.float32)]
         self.log_prob_exact = tf.function(flow.log_prob_exact, input_signature=spec)
         self._sample = tf.function(

@@ -1,0 +1,162 @@
+#!/usr/bin/env python
+"""Time and peak memory of one full Residual Flow training step.
+
+The fixed configuration of issue 3 (the paper's MNIST block design, reduced):
+input 1x28x28, 3 scales of 2 blocks, 128 hidden channels, kernels 3-1-3,
+LipSwish, coeff 0.98, Russian roulette Poisson(lambda=2) with 2 exact terms,
+Neumann gradient with the gradient computed in the forward pass, ActNorm,
+FC end (4 blocks d -> 128 -> 128 -> d), logit alpha 1e-6, batch 64, Adam.
+
+A step is exactly the trainer's (``train.main.make_train_step``):
+dequantisation, forward + unbiased log-det, Neumann backward, gradient
+all-reduce and clipping, Adam, EMA update and power iteration to convergence.
+
+Each configuration (with and without ``jit_compile``) runs in a fresh
+subprocess so that its peak memory is its own: peak RSS from
+``resource.getrusage`` (``tf.config.experimental.get_memory_info`` is not
+supported for the CPU device); "step memory" is the peak RSS minus the RSS
+before the model was built. Times are the median of ``--steps`` steps after
+``--warmup`` steps (tracing/compilation excluded).
+
+Usage::
+
+    python benchmarks/train_step.py                 # table for jit off / on
+    python benchmarks/train_step.py --steps 20 --batch 32
+    python benchmarks/train_step.py --single --jit  # one configuration, JSON line
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Reference (authors' PyTorch implementation, same configuration, this machine).
+REFERENCE_SECONDS = 2.0
+REFERENCE_PEAK_GB = 1.8
+
+
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def benchmark_config():
+    """The fixed FlowConfig of the benchmark.
+
+    Example: ``ResidualFlow(benchmark_config())``.
+    """
+    from rflow_tf import models
+    return models.FlowConfig(
+        input_shape=(28, 28, 1), n_blocks=(2, 2, 2), hidden_channels=128, kernels="3-1-3",
+        activation="lipswish", coeff=0.98, dist="poisson", rate=2.0, n_exact_terms=2,
+        neumann_grad=True, grad_in_forward=True, actnorm=True, fc_end=True, n_fc_blocks=4,
+        fc_hidden=(128, 128), logit_alpha=1e-6, n_bits=8).validate()
+
+
+def run_single(jit, batch, steps, warmup):
+    """Builds the model, runs ``warmup`` + ``steps`` training steps; returns a dict."""
+    sys.path.insert(0, REPO)
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf import models
+    from train import main as trainer
+
+    rss0 = _rss_mb()
+    tf.keras.utils.set_random_seed(0)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model = models.ResidualFlow(benchmark_config())
+        optimizer = trainer.make_optimizer(1e-3, 1000)
+        optimizer.build(model.trainable_variables)
+        ema = [tf.Variable(trainer._var(v).read_value(), trainable=False)  # pylint: disable=protected-access
+               for v in model.trainable_variables]
+    x_int = tf.random.stateless_uniform([batch, 28, 28, 1], [0, 1], minval=0, maxval=256,
+                                        dtype=tf.int32)
+    x_int = tf.cast(x_int, tf.uint8)
+    model.initialize(tf.cast(x_int, tf.float32) / 256.0 + 1.0 / 512.0)
+    model.converge_lipschitz()
+    step_fn = trainer.make_train_step(
+        model, optimizer, strategy, ema, global_batch_size=batch, n_bits=8, grad_clip=1.0,
+        ema_decay=0.999, seed=0, jit_compile=jit)
+    x = strategy.experimental_distribute_values_from_function(lambda ctx: x_int)
+    poison = tf.constant(0.0)
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        out = step_fn(x, tf.constant(i, tf.int64), poison)
+        float(out["loss"])
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        out = step_fn(x, tf.constant(warmup + i, tf.int64), poison)
+        loss = float(out["loss"])                       # waits for the step
+        times.append(time.perf_counter() - t)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    try:
+        mem = tf.config.experimental.get_memory_info("CPU:0")
+        tf_peak_mb = mem["peak"] / 2**20
+    except (ValueError, RuntimeError):
+        tf_peak_mb = None
+    return {"jit_compile": bool(jit), "batch": batch, "steps": steps,
+            "median_s": float(np.median(times)), "min_s": float(np.min(times)),
+            "max_s": float(np.max(times)), "warmup_s": compile_s,
+            "peak_rss_mb": peak_mb, "step_mem_mb": peak_mb - rss0, "tf_peak_mb": tf_peak_mb,
+            "loss": loss, "params": int(model.count_params()),
+            "loadavg": os.getloadavg()[0]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--single", action="store_true", help="run one configuration, print JSON")
+    p.add_argument("--jit", action="store_true", help="with --single: jit_compile=True")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps (tracing/compiling)")
+    args = p.parse_args(argv)
+    if args.single:
+        print("RESULT " + json.dumps(run_single(args.jit, args.batch, args.steps, args.warmup)),
+              flush=True)
+        return 0
+
+    rows = []
+    for jit in (False, True):
+        cmd = [sys.executable, os.path.abspath(__file__), "--single", "--batch", str(args.batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--jit"] if jit else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"jit_compile={jit}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}",
+                  file=sys.stderr)
+            continue
+        rows.append(json.loads(lines[-1][len("RESULT "):]))
+
+    print(f"Training step, input 1x28x28, blocks 2-2-2, 128 channels, batch {args.batch}, "
+          f"{os.cpu_count()} CPU cores; median of {args.steps} steps after {args.warmup} warm-up")
+    print("| configuration | median s/step | vs PyTorch 2.0 s | peak RSS (GB) | step memory (GB) "
+          "| warm-up (s) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| PyTorch reference | {REFERENCE_SECONDS:.2f} | 1.00x | {REFERENCE_PEAK_GB:.2f} | - | - |")
+    for r in rows:
+        name = "rflow_tf, XLA jit_compile" if r["jit_compile"] else "rflow_tf, graph (tf.function)"
+        print(f"| {name} | {r['median_s']:.3f} | {REFERENCE_SECONDS / r['median_s']:.2f}x faster "
+              f"| {r['peak_rss_mb'] / 1024:.2f} | {r['step_mem_mb'] / 1024:.2f} "
+              f"| {r['warmup_s']:.0f} |")
+    for r in rows:
+        print(f"# jit={r['jit_compile']}: min {r['min_s']:.3f} s, max {r['max_s']:.3f} s, "
+              f"{r['params']:,} parameters, load average {r['loadavg']:.1f}, "
+              f"tf memory info: {r['tf_peak_mb']}")
+    return 0 if len(rows) == 2 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -179,6 +179,9 @@ def build_parser():
     e.add_argument("--neumann_grad", type=int, choices=(0, 1), default=1,
                    help="1: Neumann-series gradient of the log-det (memory-free); "
                         "0: backpropagate through the power series")
+    e.add_argument("--grad_in_forward", type=int, choices=(0, 1), default=0,
+                   help="1: compute the log-det gradients during the forward pass (paper "
+                        "eq. 9), so the backward pass does not recompute the block")
     e.add_argument("--power_iterations", type=_non_negative_int, default=5,
                    help="power-iteration steps per optimiser step for the spectral norms "
                         "(0: iterate to convergence every step, slow); they are always "
@@ -230,7 +233,10 @@ def parse_args(argv=None):
         return args
     if isinstance(argv, dict):
         return parse_args(argparse.Namespace(**argv))
-    return parser.parse_args(None if argv is None else [str(a) for a in argv])
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    if args.grad_in_forward and not args.neumann_grad:
+        parser.error("--grad_in_forward 1 needs --neumann_grad 1")
+    return args
 
 
 # --------------------------------------------------------------------------- the flow
@@ -303,13 +309,12 @@ class ToyFlow(tf.Module):
             out.extend(m.trainable_variables)
         return out
 
-    @property
-    def n_random_blocks(self):
-        """Number of bijectors that take a per-call seed (residual blocks)."""
-        return sum(isinstance(b, IResBlock) for b in self.bijectors)
-
     def initialize(self, x):
-        """Data-dependent ActNorm initialisation from the batch ``x`` (no-op otherwise)."""
+        """Data-dependent ActNorm initialisation from the batch ``x``: each ActNorm
+        sees the batch pushed through the bijectors before it (no-op without ActNorm).
+
+        Example: ``flow.initialize(toy_2d("moons", 1000, seed=0))``.
+        """
         z = tf.convert_to_tensor(x, tf.float32)
         for b in self.bijectors:
             if isinstance(b, ActNorm):
@@ -338,22 +343,31 @@ class ToyFlow(tf.Module):
         return z, ld
 
     def log_prob(self, x, seed=None, training=False):
-        """log p(x) with the training estimator of each block ([batch]).
+        """log p(x) = log N(f(x); 0, I) + sum_b log|det J_b| with the training
+        estimator of each block ([batch]).
 
         ``seed``: stateless seed (shape [2]) split across the residual blocks;
         ``training=True`` selects the blocks' training settings.
+
+        Example: ``flow.log_prob(x, seed=[0, it], training=True)``.
         """
         z, ld = self._apply(self.bijectors, x, seed, training)
         return standard_normal_log_prob(z) + ld
 
     def log_prob_exact(self, x):
-        """log p(x) with the exact 2-D log-det of every block ([batch])."""
+        """log p(x) with the exact 2-D log-det slogdet(I + J_g) of every block ([batch]).
+
+        Example: ``nll = -tf.reduce_mean(flow.log_prob_exact(x_test))``.
+        """
         z, ld = self._apply(self.eval_bijectors, x)
         return standard_normal_log_prob(z) + ld
 
     def sample(self, n, seed=0):
-        """``n`` samples x = f^{-1}(z), z ~ N(0, I) (fixed-point inverse for
-        residual blocks). ``seed``: int or stateless seed."""
+        """``n`` samples x = f^{-1}(z), z ~ N(0, I) (fixed-point inverse
+        x <- y - g(x) for residual blocks). ``seed``: int or stateless seed.
+
+        Example: ``x = flow.sample(1000, seed=0)  # [1000, 2]``.
+        """
         seed = [int(seed), 0] if isinstance(seed, (int, np.integer)) else seed
         x = tf.random.stateless_normal([int(n), 2], seed)
         for b in reversed(self.eval_bijectors):
@@ -552,7 +566,8 @@ def _fmt_time(seconds):
 
 
 _MODEL_KEYS = ("model", "blocks", "hidden", "activation", "coeff", "actnorm", "dist", "rate", "p",
-               "n_exact_terms", "n_samples", "n_power_series", "neumann_grad", "power_iterations",
+               "n_exact_terms", "n_samples", "n_power_series", "neumann_grad", "grad_in_forward",
+               "power_iterations",
                "batch_size", "lr", "seed")
 
 
@@ -583,7 +598,7 @@ class Trainer:
         self.flow = build_flow(
             args.model, args.blocks, args.hidden, args.activation, args.coeff, args.actnorm,
             args.dist, args.rate, args.p, args.n_exact_terms, args.n_samples,
-            args.n_power_series, bool(args.neumann_grad))
+            args.n_power_series, bool(args.neumann_grad), bool(args.grad_in_forward))
         self.optimizer = keras.optimizers.Adam(args.lr)
         self.variables = self.flow.variables_to_train
         self.optimizer.build(self.variables)
@@ -626,8 +641,11 @@ class Trainer:
         return x
 
     def reset(self, x_init):
-        """Restores the initial weights, zeroes Adam's state and re-initialises
-        ActNorm from ``x_init`` (a [n, 2] batch)."""
+        """Restores the initial weights, zeroes Adam's moments and step count and
+        re-initialises ActNorm from ``x_init`` (a [n, 2] batch).
+
+        Example: ``trainer.reset(toy_2d("rings", 1000, seed=0))``.
+        """
         for var, value in zip(self._all_state(), self._initial):
             var.assign(value)
         self.optimizer.iterations.assign(0)
@@ -638,17 +656,29 @@ class Trainer:
         self.converge()
 
     def converge(self):
-        """Power iteration to convergence in every Lipschitz layer (before eval)."""
+        """Power iteration to convergence in every Lipschitz layer, so that
+        ||W_eff||_2 <= coeff holds before evaluation and sampling.
+
+        Example: ``trainer.converge(); nll = evaluate_nll(trainer.log_prob_exact, x)``.
+        """
         if self.flow.lipschitz:
             rlayers.converge_lipschitz(self.flow.keras_models)
 
     def step(self, x, iteration):
-        """One optimiser step on the batch ``x``; returns the loss estimate (tensor)."""
+        """One optimiser step on the batch ``x`` with the stateless seed
+        (seed, iteration); returns the loss estimate -mean log p(x) (tensor).
+
+        Example: ``loss = float(trainer.step(toy_2d("moons", 500, seed=it), it))``.
+        """
         seed = tf.constant([int(self.args.seed), int(iteration)], tf.int32)
         return self._train_step(tf.convert_to_tensor(x, tf.float32), seed)
 
     def sample(self, n, seed=0):
-        """``n`` model samples via the inverse of the flow (numpy [n, 2])."""
+        """``n`` model samples x = f^{-1}(z), z ~ N(0, I), via the compiled
+        inverse of the flow (numpy [n, 2]).
+
+        Example: ``samples = trainer.sample(2000, seed=0)``.
+        """
         z = tf.random.stateless_normal([int(n), 2], [int(seed), 1])
         return self._sample(z).numpy()
 

@@ -303,13 +303,19 @@ class IResBlock(_KerasBacked):
         return self._unflatten(xf + gx, batch_shape), tf.reshape(ld, batch_shape)
 
     def _exact(self, x, training):
+        """Full Jacobian by one batched VJP: example b is repeated D times and
+        copy i gets the cotangent e_i, so its input gradient is row i of J_g."""
         d = x.shape[1:].num_elements()
+        x_rep = tf.reshape(tf.repeat(x[None], d, axis=0), [-1] + x.shape[1:].as_list())
+        cotangent = tf.repeat(tf.eye(d, dtype=x.dtype)[:, None, :], tf.shape(x)[0], axis=1)
         with tf.GradientTape() as tape:
-            tape.watch(x)
-            gx = self._g(x, training)
-            gx_flat = tf.reshape(gx, [-1, d])
-        jac = tape.batch_jacobian(gx_flat, x)
-        return gx, est.exact_logdet(tf.reshape(jac, [-1, d, d]))
+            tape.watch(x_rep)
+            g_rep = self._g(x_rep, training)
+        rows = tape.gradient(g_rep, x_rep,
+                             output_gradients=tf.reshape(cotangent, tf.shape(g_rep)))
+        jac = tf.transpose(tf.reshape(rows, [d, -1, d]), [1, 0, 2])      # [B, i, j]
+        gx = tf.reshape(g_rep, tf.concat([[d, -1], tf.shape(g_rep)[1:]], 0))[0]
+        return gx, est.exact_logdet(jac)
 
     def _backprop(self, x, v, n_terms, weights, training):
         with tf.GradientTape(persistent=True) as tape:
@@ -572,7 +578,7 @@ class LogitTransform(tfb.Bijector):
     s = alpha + (1 - 2 alpha) x,   y = log s - log(1 - s),
     log |dy/dx| = log(1 - 2 alpha) - log s - log(1 - s).
 
-    Inverse: x = (sigmoid(y) - alpha) / (1 - 2 alpha). ``alpha`` keeps the
+    Inverse: x = (sigmoid(y) - alpha) / (1 - 2 alpha), clipped to [0, 1]. ``alpha`` keeps the
     logit finite at x in {0, 1}; the reference uses 1e-6 (MNIST) or 0.05.
     With ``validate_args=True`` inputs outside [0, 1] are rejected.
 
@@ -607,7 +613,9 @@ class LogitTransform(tfb.Bijector):
         return tf.math.log(s) - tf.math.log1p(-s)
 
     def _inverse(self, y):
-        return (tf.sigmoid(y) - self.alpha) / (1.0 - 2.0 * self.alpha)
+        # Clipped: in float32 sigmoid saturates to exactly 0 or 1 for |y| > ~17.
+        return tf.clip_by_value((tf.sigmoid(y) - self.alpha) / (1.0 - 2.0 * self.alpha),
+                                0.0, 1.0)
 
     def _forward_log_det_jacobian(self, x):
         s = self._squash(x)

@@ -1,0 +1,211 @@
+"""Tests for the trainer train/main.py: data pipelines on TFDS mock data,
+MirroredStrategy on 2 logical CPUs, exact resume, NaN handling, missing data.
+
+Models are minimal (one residual block) so each run is dominated by tracing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from train import main as trainer_main  # noqa: E402
+
+TINY = ["--preset=tiny", "--n_blocks=1", "--fc_end=false", "--hidden_channels=4",
+        "--export_dir=", "--log_every=1", "--n_sample_images=4", "--download=false"]
+
+
+def run_args(tmp_path, *extra):
+    return trainer_main.parse_args(TINY + [f"--out={tmp_path}"] + list(extra))
+
+
+def values(variables):
+    return [np.array(tf.convert_to_tensor(trainer_main._var(v)))  # pylint: disable=protected-access
+            for v in variables]
+
+
+def test_help_lists_the_flags():
+    text = trainer_main.build_parser().format_help()
+    for flag in ("--dataset", "--preset", "--batch_size", "--epochs", "--steps", "--lr",
+                 "--warmup_steps", "--ema_decay", "--grad_clip", "--accumulate",
+                 "--n_exact_terms", "--dist", "--neumann_grad", "--grad_in_forward", "--out",
+                 "--seed", "--eval_every", "--sample_every", "--strategy", "--cpu_devices",
+                 "--data_dir", "--jit_compile", "--export_dir", "--export_only"):
+        assert flag in text, flag
+    args = trainer_main.parse_args([])
+    spec = trainer_main.resolve_run(args)
+    assert spec.dataset == "digits" and spec.preset == "digits_small"
+    assert spec.run_dir == os.path.join("runs", "digits_digits_small")
+    assert spec.export_dir == os.path.join("saved_models", "digits_digits_small")
+    spec = trainer_main.resolve_run(trainer_main.parse_args(
+        ["--dataset=celeb_a_hq", "--neumann_grad=false", "--epochs=1"]))
+    assert spec.flow.n_bits == 5 and spec.flow.input_shape == (256, 256, 3)
+    assert not spec.flow.neumann_grad and not spec.flow.grad_in_forward
+    assert spec.hparams["batch_size"] == 8 and spec.hparams["accumulate"] == 5
+    assert spec.hparams["steps"] == 27000 // 40 + (27000 % 40 > 0)
+    with pytest.raises(trainer_main.UsageError):
+        trainer_main.resolve_run(trainer_main.parse_args(["--preset=nope"]))
+    with pytest.raises(trainer_main.UsageError, match="squeezed"):
+        trainer_main.resolve_run(trainer_main.parse_args(["--dataset=mnist",
+                                                          "--n_blocks=1-1-1-1"]))
+
+
+@pytest.mark.parametrize("dataset, extra", [
+    ("mnist", []),
+    ("cifar10", ["--accumulate=2"]),
+    ("celeb_a_hq", ["--batch_size=2"]),
+])
+def test_pipeline_on_mock_data(tmp_path, dataset, extra):
+    with tfds.testing.mock_data(num_examples=8):
+        args = run_args(tmp_path, f"--dataset={dataset}", "--steps=2", "--batch_size=4",
+                        "--eval_examples=4", "--data_dir", str(tmp_path / "tfds"), *extra)
+        result = trainer_main.train(args)
+    assert result["step"] == 2
+    assert np.isfinite(result["test_bpd"])
+    assert os.path.exists(result["samples"])
+    cfg = json.load(open(tmp_path / "config.json"))
+    info = trainer_main.data.dataset_info(dataset)
+    assert tuple(cfg["flow_config"]["input_shape"]) == info.image_shape
+    assert cfg["flow_config"]["n_bits"] == info.n_bits
+    assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-2")
+    assert tf.train.latest_checkpoint(str(tmp_path / "ckpt_best"))
+    assert os.listdir(tmp_path / "tb")
+
+
+def test_resume_continues_with_same_state(tmp_path):
+    common = ["--steps=2", "--batch_size=8", "--eval_examples=8", "--ckpt_every=1"]
+    first = trainer_main.Trainer(run_args(tmp_path, *common))
+    r1 = first.train()
+    assert r1["step"] == 2 and int(first.optimizer.iterations.numpy()) == 2
+    saved = {"opt": values(first.optimizer.variables), "ema": values(first.ema_vars),
+             "model": values(first.model.variables)}
+
+    # Rerun with more steps: restores step, optimizer, EMA and ActNorm state.
+    second = trainer_main.Trainer(run_args(tmp_path, *common[1:], "--steps=3"))
+    assert int(second.step.numpy()) == 0
+    assert second.restore_or_initialize() is not None
+    assert int(second.step.numpy()) == 2
+    assert second.model.is_initialized
+    for key, vs in (("opt", second.optimizer.variables), ("ema", second.ema_vars),
+                    ("model", second.model.variables)):
+        for a, b in zip(saved[key], values(vs)):
+            np.testing.assert_array_equal(a, b)
+    # Training is not reinitialised from data: ActNorm keeps its restored values.
+    r2 = second.train()
+    assert r2["step"] == 3 and int(second.optimizer.iterations.numpy()) == 3
+    assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-3")
+
+    # The export hook gets the model with the EMA weights swapped in.
+    seen = {}
+
+    def fake_save(model, path):
+        seen["path"] = path
+        seen["weights"] = values(model.trainable_variables)
+
+    fake = types.ModuleType("rflow_tf.export")
+    fake.save = fake_save
+    sys.modules["rflow_tf.export"] = fake
+    try:
+        assert second.export(str(tmp_path / "export")) == str(tmp_path / "export")
+    finally:
+        del sys.modules["rflow_tf.export"]
+    assert seen["path"] == str(tmp_path / "export")
+    for a, b in zip(seen["weights"], values(second.ema_vars)):
+        np.testing.assert_array_equal(a, b)
+    # ... and the training weights are back afterwards.
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(values(second.model.trainable_variables), values(second.ema_vars)))
+
+
+def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys):
+    args = run_args(tmp_path, "--steps=3", "--batch_size=8", "--eval_examples=8",
+                    "--ckpt_every=1", "--inject_nan_steps=2", "--max_nan_steps=2")
+    trainer = trainer_main.Trainer(args)
+    result = trainer.train()
+    assert result["step"] == 3
+    assert int(trainer.optimizer.iterations.numpy()) == 2     # step 2 was skipped
+    assert "step 2: non-finite loss" in capsys.readouterr().err
+
+    # Two NaN steps in a row stop training; the last good checkpoint stays.
+    args = run_args(tmp_path, "--steps=6", "--batch_size=8", "--eval_examples=8",
+                    "--ckpt_every=1", "--inject_nan_steps=5,6", "--max_nan_steps=2")
+    trainer = trainer_main.Trainer(args)
+    with pytest.raises(trainer_main.TrainingDivergedError, match="ckpt-4"):
+        trainer.train()
+    assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-4")
+    # Through main(): exit status 3 and a one-line message, no traceback.
+    capsys.readouterr()
+    code = trainer_main.main(TINY + [f"--out={tmp_path}", "--steps=6", "--batch_size=8",
+                                     "--inject_nan_steps=5,6", "--max_nan_steps=2"])
+    err = capsys.readouterr().err
+    assert code == 3 and "consecutive non-finite steps" in err and "Traceback" not in err
+
+
+def test_missing_dataset_message(tmp_path, capsys):
+    code = trainer_main.main(TINY + ["--dataset=mnist", f"--data_dir={tmp_path / 'none'}",
+                                     f"--out={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "mnist" in err and "not found" in err and "--data_dir" in err
+    assert "Traceback" not in err
+
+
+def test_model_config_mismatch_is_refused(tmp_path, capsys):
+    trainer_main.Trainer(run_args(tmp_path))          # writes config.json
+    code = trainer_main.main(TINY + [f"--out={tmp_path}", "--hidden_channels=8"])
+    assert code == 2 and "different model configuration" in capsys.readouterr().err
+
+
+_MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    sys.path.insert(0, {repo!r})
+    from train import main as m
+    m.configure_cpu_devices(2)
+    args = m.parse_args({argv!r})
+    trainer = m.Trainer(args)
+    result = trainer.train()
+    s = trainer.strategy
+    groups = {{"model": trainer.model.variables, "ema": trainer.ema_vars,
+               "optimizer": trainer.optimizer.variables}}
+    diffs = {{}}
+    for name, vs in groups.items():
+        worst = 0.0
+        for v in vs:
+            parts = [np.asarray(p) for p in s.experimental_local_results(m._var(v))]
+            assert len(parts) == 2, (name, len(parts))
+            if parts[0].dtype != bool:
+                worst = max(worst, float(np.max(np.abs(parts[0] - parts[1]), initial=0.0)))
+            elif not np.array_equal(parts[0], parts[1]):
+                worst = 1.0
+        diffs[name] = worst
+    print("RESULT " + json.dumps({{"replicas": s.num_replicas_in_sync, "diffs": diffs,
+                                   "iterations": int(trainer.optimizer.iterations.numpy()),
+                                   "test_bpd": result["test_bpd"],
+                                   "strategy": type(s).__name__}}))
+""")
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    argv = TINY + [f"--out={tmp_path}", "--cpu_devices=2", "--steps=3", "--batch_size=8",
+                   "--eval_examples=16"]
+    script = _MIRRORED_SCRIPT.format(repo=REPO, argv=argv)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=600, cwd=str(tmp_path))
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert out["strategy"] == "MirroredStrategy" and out["replicas"] == 2
+    assert out["iterations"] == 3 and np.isfinite(out["test_bpd"])
+    assert out["diffs"] == {"model": 0.0, "ema": 0.0, "optimizer": 0.0}, out["diffs"]

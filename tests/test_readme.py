@@ -17,3 +17,14 @@ def test_readme_direction_convention_example_runs():
     assert namespace["x"].shape == (8, 2)
     assert namespace["lp"].shape == (8,)
     assert float(namespace["losses"][-1]) < float(namespace["losses"][0])
+
+
+def test_readme_shipped_model_example_runs(tmp_path, monkeypatch):
+    block = next(b for b in python_blocks() if "rflow_tf.load" in b)
+    monkeypatch.chdir(tmp_path)
+    block = block.replace('"saved_models/digits"', repr(str(README.parent / "saved_models" / "digits")))
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)   # noqa: S102 (our own README)
+    assert namespace["x"].shape == (16, 8, 8, 1)
+    assert (tmp_path / "samples.png").exists()
+    assert 2.0 < namespace["bpd"] < 6.0

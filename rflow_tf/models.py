@@ -428,8 +428,8 @@ PRESETS = {
                     "2 FC blocks. Trains in a few minutes on 2 cores.",
         config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(2, 2), hidden_channels=32,
                           n_fc_blocks=2, fc_hidden=(64, 64), logit_alpha=1e-6).validate(),
-        batch_size=64, lr=2e-3, warmup_steps=100, steps=1500, ema_decay=0.99,
-        eval_every=500, sample_every=500),
+        batch_size=64, lr=2e-3, warmup_steps=100, steps=1200, ema_decay=0.99,
+        eval_every=400, sample_every=400),
     "tiny": Preset(
         name="tiny", dataset="digits",
         description="Smallest useful model (tests, smoke runs): 2 scales of 1 block, 8 channels, "

@@ -697,6 +697,12 @@ class Trainer:
             self.ema_vars = [tf.Variable(_var(v).read_value(), trainable=False,
                                          name="ema_" + v.path.replace("/", "_"))
                              for v in self.model.trainable_variables]
+            # Power-iteration state (u, v, sigma): backed up while the EMA weights
+            # are swapped in, so evaluation leaves the training state untouched.
+            self.power_vars = [w for layer in self.model.lipschitz_layers()
+                               for w in (layer.u, layer.v, layer.sigma)]
+            self.power_backup = [tf.Variable(_var(w).read_value(), trainable=False)
+                                 for w in self.power_vars]
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.best_bpd = tf.Variable(np.inf, dtype=tf.float64, trainable=False,
                                         name="best_test_bpd")
@@ -813,7 +819,7 @@ class Trainer:
                 step_var=self.step)
         return self._train_step
 
-    def _swap_ema(self):
+    def _swap_ema(self, entering):
         if self._swap_fn is None:
             def swap(a, b):
                 tmp = tf.identity(a)
@@ -821,28 +827,39 @@ class Trainer:
                 b.assign(tmp)
                 return tf.constant(True)
 
+            def copy(dst, src):
+                return dst.assign(src)
+
             @tf.function
-            def swap_all():
+            def swap_all(entering):
+                update = self.strategy.extended.update
+                if entering:     # keep the power-iteration state of the training weights
+                    for b, w in zip(self.power_backup, self.power_vars):
+                        update(b, copy, args=(_var(w),), group=False)
                 for v, e in zip(self.model.trainable_variables, self.ema_vars):
-                    self.strategy.extended.update(_var(v), swap, args=(e,), group=False)
+                    update(_var(v), swap, args=(e,), group=False)
+                if not entering:
+                    for w, b in zip(self.power_vars, self.power_backup):
+                        update(_var(w), copy, args=(b,), group=False)
 
             self._swap_fn = swap_all
-        self._swap_fn()
+        self._swap_fn(entering)
 
     @contextlib.contextmanager
     def ema_weights(self):
         """Context in which the model holds the EMA weights (power iteration
-        converged for them); the training weights come back on exit.
+        converged for them). On exit the training weights and their exact
+        power-iteration state come back, so evaluating or sampling never
+        changes the course of training.
 
         Example: ``with trainer.ema_weights(): trainer.model.sample(16)``.
         """
-        self._swap_ema()
+        self._swap_ema(True)
         self.model.converge_lipschitz()
         try:
             yield self.model
         finally:
-            self._swap_ema()
-            self.model.converge_lipschitz()
+            self._swap_ema(False)
 
     def restore_or_initialize(self, first_batch=None):
         """Restores the latest checkpoint of the run directory; without one,
@@ -1008,7 +1025,16 @@ class Trainer:
                 while step < total:
                     poison = tf.constant(np.nan if step + 1 in self.nan_steps else 0.0,
                                          tf.float32)
-                    out = step_fn(next(it), tf.constant(step, tf.int64), poison)
+                    try:
+                        out = step_fn(next(it), tf.constant(step, tf.int64), poison)
+                    except tf.errors.InvalidArgumentError as e:
+                        if hp["jit_compile"] and ("XLA" in str(e) or "compile" in str(e)):
+                            reason = next((ln.strip() for ln in str(e).splitlines()
+                                           if "unsupported" in ln or "compile-time" in ln),
+                                          str(e).splitlines()[0])
+                            raise UsageError(f"--jit_compile: XLA cannot compile the training "
+                                             f"step: {reason[:400]}") from None
+                        raise
                     step += 1
                     n_log += 1
                     if not bool(out["ok"]):
@@ -1049,7 +1075,9 @@ class Trainer:
                         self._summaries(step, scalars)
                         t_log, n_log, n_ok = now, 0, 0
                         loss_sum = gnorm_sum = ld_sum = 0.0
-                    if step % hp["ckpt_every"] == 0 or step == total:
+                    # No periodic checkpoint in the middle of a run of skipped steps:
+                    # the latest checkpoint stays the last good step.
+                    if (step % hp["ckpt_every"] == 0 and nan_streak == 0) or step == total:
                         self._save(self.manager, step)
                     if step % hp["eval_every"] == 0 and step != total:
                         self._eval_and_sample(step, step % hp["sample_every"] == 0)
@@ -1061,6 +1089,7 @@ class Trainer:
                     path = self._save(self.manager, int(self.step.numpy()))
                     self.log(f"interrupted; saved {path}. Rerun the same command to resume.")
                 raise
+            del it          # release the input pipeline before evaluation and export
             elapsed = time.time() - t_start
             steps_per_sec = (step - start) / max(elapsed, 1e-9)
             self.log(f"trained {step - start} steps in {_fmt_time(elapsed)} "

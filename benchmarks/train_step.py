@@ -18,9 +18,20 @@ supported for the CPU device); "step memory" is the peak RSS minus the RSS
 before the model was built. Times are the median of ``--steps`` steps after
 ``--warmup`` steps (tracing/compilation excluded).
 
+XLA: the unbiased estimator does not compile (the Poisson draw has no XLA
+kernel and the number of series terms is random, i.e. not a compile-time
+constant), so that row reports the compiler's message. ``--with_truncated``
+also times the same network with a fixed 4-term series (the expected cost of
+Poisson(2) + 2 exact terms), which does compile: on this 2-core CPU XLA's
+convolutions made that step about 3x slower than the graph executor.
+
+The machine is shared: the load average during the run is printed; compare
+rows measured at similar loads.
+
 Usage::
 
     python benchmarks/train_step.py                 # table for jit off / on
+    python benchmarks/train_step.py --with_truncated
     python benchmarks/train_step.py --steps 20 --batch 32
     python benchmarks/train_step.py --single --jit  # one configuration, JSON line
 """
@@ -50,20 +61,21 @@ def _rss_mb():
     return float("nan")
 
 
-def benchmark_config():
-    """The fixed FlowConfig of the benchmark.
+def benchmark_config(logdet="unbiased"):
+    """The fixed FlowConfig of the benchmark (``logdet="truncated"``: the same
+    network with a fixed 4-term series, which XLA can compile).
 
     Example: ``ResidualFlow(benchmark_config())``.
     """
     from rflow_tf import models
-    return models.FlowConfig(
+    return models.FlowConfig(logdet=logdet, n_terms=4,
         input_shape=(28, 28, 1), n_blocks=(2, 2, 2), hidden_channels=128, kernels="3-1-3",
         activation="lipswish", coeff=0.98, dist="poisson", rate=2.0, n_exact_terms=2,
         neumann_grad=True, grad_in_forward=True, actnorm=True, fc_end=True, n_fc_blocks=4,
         fc_hidden=(128, 128), logit_alpha=1e-6, n_bits=8).validate()
 
 
-def run_single(jit, batch, steps, warmup):
+def run_single(jit, batch, steps, warmup, logdet="unbiased"):
     """Builds the model, runs ``warmup`` + ``steps`` training steps; returns a dict."""
     sys.path.insert(0, REPO)
     import numpy as np
@@ -75,10 +87,10 @@ def run_single(jit, batch, steps, warmup):
     tf.keras.utils.set_random_seed(0)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     with strategy.scope():
-        model = models.ResidualFlow(benchmark_config())
+        model = models.ResidualFlow(benchmark_config(logdet))
         optimizer = trainer.make_optimizer(1e-3, 1000)
         optimizer.build(model.trainable_variables)
-        ema = [tf.Variable(trainer._var(v).read_value(), trainable=False)  # pylint: disable=protected-access
+        ema = [tf.Variable(tf.convert_to_tensor(v), trainable=False)
                for v in model.trainable_variables]
     x_int = tf.random.stateless_uniform([batch, 28, 28, 1], [0, 1], minval=0, maxval=256,
                                         dtype=tf.int32)
@@ -107,7 +119,7 @@ def run_single(jit, batch, steps, warmup):
         tf_peak_mb = mem["peak"] / 2**20
     except (ValueError, RuntimeError):
         tf_peak_mb = None
-    return {"jit_compile": bool(jit), "batch": batch, "steps": steps,
+    return {"jit_compile": bool(jit), "logdet": logdet, "batch": batch, "steps": steps,
             "median_s": float(np.median(times)), "min_s": float(np.min(times)),
             "max_s": float(np.max(times)), "warmup_s": compile_s,
             "peak_rss_mb": peak_mb, "step_mem_mb": peak_mb - rss0, "tf_peak_mb": tf_peak_mb,
@@ -136,22 +148,31 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (tracing/compiling)")
+    p.add_argument("--logdet", default="unbiased", choices=["unbiased", "truncated"],
+                   help="with --single: the estimator (truncated = fixed 4 terms)")
+    p.add_argument("--with_truncated", action="store_true",
+                   help="also time the fixed 4-term estimator with and without XLA (the "
+                        "unbiased estimator does not compile with XLA)")
     args = p.parse_args(argv)
     if args.single:
-        print("RESULT " + json.dumps(run_single(args.jit, args.batch, args.steps, args.warmup)),
-              flush=True)
+        print("RESULT " + json.dumps(run_single(args.jit, args.batch, args.steps, args.warmup,
+                                                args.logdet)), flush=True)
         return 0
 
     rows, failures = [], {}
-    for jit in (False, True):
+    configs = [(False, "unbiased"), (True, "unbiased")]
+    if args.with_truncated:
+        configs += [(False, "truncated"), (True, "truncated")]
+    for jit, logdet in configs:
         cmd = [sys.executable, os.path.abspath(__file__), "--single", "--batch", str(args.batch),
-               "--steps", str(args.steps), "--warmup", str(args.warmup)] + (["--jit"] if jit else [])
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--logdet", logdet] + \
+            (["--jit"] if jit else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            failures[jit] = _failure_reason(proc.stderr)
-            print(f"jit_compile={jit}: failed (exit {proc.returncode}): {failures[jit]}",
-                  file=sys.stderr)
+            failures[(jit, logdet)] = _failure_reason(proc.stderr)
+            print(f"jit_compile={jit}, {logdet}: failed (exit {proc.returncode}): "
+                  f"{failures[(jit, logdet)]}", file=sys.stderr)
             continue
         rows.append(json.loads(lines[-1][len("RESULT "):]))
 
@@ -161,19 +182,24 @@ def main(argv=None):
           "| warm-up (s) |")
     print("|---|---|---|---|---|---|")
     print(f"| PyTorch reference | {REFERENCE_SECONDS:.2f} | 1.00x | {REFERENCE_PEAK_GB:.2f} | - | - |")
+
+    def label(jit, logdet):
+        name = "rflow_tf, XLA jit_compile" if jit else "rflow_tf, graph (tf.function)"
+        return name + (", fixed 4-term series" if logdet == "truncated" else "")
+
     for r in rows:
-        name = "rflow_tf, XLA jit_compile" if r["jit_compile"] else "rflow_tf, graph (tf.function)"
+        name = label(r["jit_compile"], r["logdet"])
         ratio = REFERENCE_SECONDS / r["median_s"]
         speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
         print(f"| {name} | {r['median_s']:.3f} | {speed} "
               f"| {r['peak_rss_mb'] / 1024:.2f} | {r['step_mem_mb'] / 1024:.2f} "
               f"| {r['warmup_s']:.0f} |")
-    for jit, reason in failures.items():
-        name = "rflow_tf, XLA jit_compile" if jit else "rflow_tf, graph (tf.function)"
+    for (jit, logdet), reason in failures.items():
+        name = label(jit, logdet)
         print(f"| {name} | fails to compile: {reason[:160]} | - | - | - | - |")
     for r in rows:
-        print(f"# jit={r['jit_compile']}: min {r['min_s']:.3f} s, max {r['max_s']:.3f} s, "
-              f"{r['params']:,} parameters, load average {r['loadavg']:.1f}, "
+        print(f"# {label(r['jit_compile'], r['logdet'])}: min {r['min_s']:.3f} s, "
+              f"max {r['max_s']:.3f} s, {r['params']:,} parameters, load average {r['loadavg']:.1f}, "
               f"tf memory info: {r['tf_peak_mb']}")
     return 0 if rows else 1
 

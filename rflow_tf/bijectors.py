@@ -22,9 +22,12 @@ accepts a stateless ``seed`` (and a ``training`` switch) as bijector kwargs;
 inside a ``Chain`` route them by name, e.g.
 ``chain.forward_log_det_jacobian(x, 1, block_0={"seed": s})``, or use
 :func:`flow_kwargs` to build the nested dict for every block. The bijectors in
-this module never use TFP's result cache: their outputs depend on variables
-that change during training, and a cached random log-det would be a stale
-sample (or give ``None`` gradients under a new tape).
+this module replace TFP's result cache: ``forward`` is always recomputed
+(weights change during training), log-dets are never cached (a cached random
+estimate would be a stale sample, or give ``None`` gradients under a new
+tape), and ``inverse(y)`` of a still-alive output ``y`` of ``forward`` returns
+its input, so ``TransformedDistribution.log_prob`` never runs a fixed-point
+inversion.
 
 Variables
 ---------
@@ -37,6 +40,7 @@ trains the flow.
 import itertools
 import sys
 import warnings
+import weakref
 
 import tensorflow as tf
 import tensorflow_probability as tfp
@@ -62,17 +66,53 @@ _INVERT_TYPES = (tfp.bijectors.invert._Invert,)
 _BLOCK_IDS = itertools.count()
 
 
-class _UncachedBijectorCache(cache_util.BijectorCache):
-    """A drop-in for TFP's bijector cache that never stores anything."""
+class _InverseMemo:
+    """y -> x for outputs y of ``forward`` that are still alive (weak keys)."""
+
+    def __init__(self):
+        self._entries = {}
+
+    def remember(self, y, x):
+        key = id(y)
+        self._entries[key] = (weakref.ref(y, lambda _, key=key: self._entries.pop(key, None)), x)
+
+    def recall(self, y):
+        entry = self._entries.get(id(y))
+        return entry[1] if entry is not None and entry[0]() is y else None
+
+
+class _FreshBijectorCache(cache_util.BijectorCache):
+    """Replaces TFP's bijector cache for bijectors whose weights change.
+
+    * ``forward(x)`` is always recomputed (never a stale value computed under
+      other weights or outside the current tape);
+    * ``inverse(y)`` of a ``y`` that ``forward`` returned and that is still
+      alive gives back that ``x`` without running the inverse -- this is what
+      ``TransformedDistribution.log_prob`` relies on to avoid a fixed-point
+      inversion at the latent point -- and is computed otherwise;
+    * log-det "attributes" are never stored, so a random log-det estimate is
+      fresh on every call.
+    """
+
+    _memos = weakref.WeakKeyDictionary()     # bijector -> _InverseMemo
+
+    def _memo(self):
+        return self._memos.setdefault(self.bijector, _InverseMemo())
 
     def forward(self, x, **kwargs):
-        return self.bijector._forward(x, **kwargs)
+        y = self.bijector._forward(x, **kwargs)
+        self._memo().remember(y, x)
+        return y
 
     def inverse(self, y, **kwargs):
-        return self.bijector._inverse(y, **kwargs)
+        x = self._memo().recall(y)
+        return self.bijector._inverse(y, **kwargs) if x is None else x
 
     def _attributes(self, input, fn_name, **kwargs):  # noqa: A002 (TFP's signature)
         return {}
+
+
+_UncachedBijectorCache = _FreshBijectorCache   # the name rflow_tf.models uses
 
 
 class _KerasBacked(tfb.Bijector):
@@ -82,7 +122,7 @@ class _KerasBacked(tfb.Bijector):
     are mirrored in an attribute that tf.Module's traversal finds.
     """
 
-    _cache = _UncachedBijectorCache()
+    _cache = _FreshBijectorCache()
 
     def _track_keras(self, *keras_objects):
         variables = []

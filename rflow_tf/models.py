@@ -214,7 +214,8 @@ class FlowConfig:
         for v in self.input_shape:
             pos_int("input_shape", v)
         if not isinstance(self.n_blocks, tuple) or not self.n_blocks:
-            raise ValueError(f"FlowConfig.n_blocks must be a non-empty tuple, got {self.n_blocks!r}")
+            raise ValueError(
+                f"FlowConfig.n_blocks must be a non-empty tuple, got {self.n_blocks!r}")
         for v in self.n_blocks:
             pos_int("n_blocks", v)
         h, w, c = self.input_shape
@@ -1158,7 +1159,8 @@ class ResidualFlow(keras.Model):
         base N(0, I) over the latent (D,), bijector ``tfb.Invert(self.bijector)``
         (latent -> data). ``log_prob`` runs the cheap data -> latent direction,
         ``sample`` the fixed-point inverse (see :class:`FlowDistribution`). Its
-        ``trainable_variables`` are the flow's weights.
+        ``trainable_variables`` are the flow's weights. ActNorm is not
+        initialised implicitly: call :meth:`initialize` first.
 
         Example:
         ```python

@@ -304,6 +304,7 @@ def test_tfp_math_minimize_fits_2d_target():
     dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
                                        tfb.Invert(tfb.Chain(blocks)))
 
+    @tf.function
     def loss():
         return -tf.reduce_mean(dist.log_prob(data))
 
@@ -358,3 +359,18 @@ def test_bad_inputs_give_clear_errors():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         checked.forward(tf.zeros([1, 3]))
+
+
+def test_log_prob_never_runs_the_fixed_point_inverse():
+    """TransformedDistribution.log_prob maps data -> latent and asks for the
+    log-det at the latent point; the bijector must recall x, not invert z."""
+    blocks = [IResBlock(dense_net(2, seed=s), inverse_max_iterations=1) for s in (40, 41)]
+    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2, tf.float64)),
+                                       tfb.Invert(tfb.Chain(blocks)))
+    x = tf.random.stateless_normal([6, 2], [6, 6], dtype=tf.float64) * 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")           # a 1-iteration inverse would warn
+        lp = dist.log_prob(x)
+    assert np.all(np.isfinite(lp.numpy()))
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        blocks[0].inverse(x)

@@ -120,6 +120,19 @@ def _int_list(value):
     return out
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" unless the help text already explains the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.help == argparse.SUPPRESS or \
+                isinstance(action, argparse._HelpAction):  # pylint: disable=protected-access
+            return text
+        if action.default is None:
+            return text + " (default: the preset's value)"
+        return text + " (default: %(default)s)"
+
+
 def build_parser():
     """The argparse parser of ``train/main.py`` (see ``--help``).
 
@@ -129,7 +142,7 @@ def build_parser():
         prog="train/main.py",
         description="Train a multiscale Residual Flow (Chen et al. 2019) on images. "
                     "Flags left unset take the preset's value (see rflow_tf.models.PRESETS).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     bool_kw = dict(type=_str2bool, nargs="?", const=True, metavar="BOOL")
 
     g = p.add_argument_group("data and model")
@@ -1012,7 +1025,6 @@ class Trainer:
             tf.io.gfile.makedirs(os.path.join(self.run_dir, "samples"))
 
         step = start
-        last_eval = None
         nan_streak = 0
         if step < total:
             it = iter(self._distribute(train_ds))
@@ -1081,7 +1093,6 @@ class Trainer:
                         self._save(self.manager, step)
                     if step % hp["eval_every"] == 0 and step != total:
                         self._eval_and_sample(step, step % hp["sample_every"] == 0)
-                        last_eval = step
                     elif step % hp["sample_every"] == 0 and step != total:
                         self.log(f"step {step}: samples written to {self.sample()}")
             except KeyboardInterrupt:
@@ -1098,8 +1109,7 @@ class Trainer:
             steps_per_sec = float("nan")
             self.log(f"already trained to step {step} (--steps={total}); evaluating")
 
-        bpd, se, samples = self._eval_and_sample(step, True) if last_eval != step else \
-            (float("nan"), float("nan"), None)
+        bpd, se, samples = self._eval_and_sample(step, True)
         result = {"step": step, "test_bpd": bpd, "test_bpd_stderr": se,
                   "best_bpd": float(self.best_bpd.numpy()), "samples": samples,
                   "run_dir": self.run_dir, "steps_per_sec": steps_per_sec,

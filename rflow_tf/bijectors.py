@@ -470,7 +470,7 @@ class IResBlock(_KerasBacked):
         return x
 
     def _inverse_log_det_jacobian(self, y, seed=None, training=False):
-        x = self._inverse(y)
+        x = self.inverse(y)      # through the cache: recalls x if y came from forward(x)
         return -self.forward_and_log_det(x, seed=seed, training=training)[1]
 
     def inverse_with_diagnostics(self, y):

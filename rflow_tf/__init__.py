@@ -4,6 +4,9 @@ Modules:
   rflow_tf.layers      Keras 3 layers: LipSwish, LipschitzDense, LipschitzConv2D, ActNormalization
   rflow_tf.estimators  pure functions: roulette weights, Hutchinson probes, power/Neumann series
   rflow_tf.bijectors   TFP bijectors: IResBlock, ActNorm, Squeeze, LogitTransform
+  rflow_tf.models      ResidualFlow (Keras model), FlowConfig, paper presets
+  rflow_tf.data        TFDS image pipelines, offline digits, dequantisation, 2-D toy data
+  rflow_tf.export      SavedModel export; load() returns a TransformedDistribution
 """
 import os as _os
 
@@ -13,6 +16,7 @@ from rflow_tf import estimators, layers, bijectors  # noqa: E402,F401
 from rflow_tf.bijectors import IResBlock, ActNorm, Squeeze, LogitTransform  # noqa: E402,F401
 from rflow_tf.layers import (  # noqa: E402,F401
     LipSwish, LipschitzDense, LipschitzConv2D, converge_lipschitz)
-from rflow_tf.export import load, save  # noqa
+from rflow_tf.models import ResidualFlow, FlowConfig, get_preset  # noqa: E402,F401
+from rflow_tf.export import load, save  # noqa: E402,F401
 
 __version__ = "0.1.0"

@@ -38,6 +38,7 @@ trains the flow.
 """
 
 import itertools
+import math
 import sys
 import warnings
 import weakref
@@ -659,7 +660,7 @@ class LogitTransform(tfb.Bijector):
 
     def _forward_log_det_jacobian(self, x):
         s = self._squash(x)
-        return tf.math.log(tf.cast(1.0 - 2.0 * self.alpha, x.dtype)) - tf.math.log(s) \
+        return tf.constant(math.log1p(-2.0 * self.alpha), x.dtype) - tf.math.log(s) \
             - tf.math.log1p(-s)
 
 

@@ -113,9 +113,6 @@ class _FreshBijectorCache(cache_util.BijectorCache):
         return {}
 
 
-_UncachedBijectorCache = _FreshBijectorCache   # the name rflow_tf.models uses
-
-
 class _KerasBacked(tfb.Bijector):
     """Base for bijectors whose weights live in Keras 3 layers.
 

@@ -552,7 +552,7 @@ class FlowBijector(tfb.Bijector):
     ```
     """
 
-    _cache = rbij._UncachedBijectorCache()  # pylint: disable=protected-access
+    _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
 
     def __init__(self, stages, event_shape, validate_args=False, name="flow"):
         parameters = dict(locals())
@@ -717,7 +717,7 @@ class FactorOut(tfb.Bijector):
     ```
     """
 
-    _cache = rbij._UncachedBijectorCache()  # pylint: disable=protected-access
+    _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
 
     def __init__(self, event_shape, stages, validate_args=False, name="factor_out"):
         parameters = dict(locals())

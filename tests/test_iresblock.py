@@ -213,7 +213,9 @@ def test_inverse_round_trip_dense(dtype, tol):
     net = dense_net(5, seed=2, dtype=dtype)
     block = IResBlock(net)
     x = tf.random.stateless_normal([6, 5], [3, 1], dtype=dtype) * 2.0
-    np.testing.assert_allclose(block.inverse(block.forward(x)).numpy(), x.numpy(), atol=tol)
+    # tf.identity: a new tensor, so the cache cannot recall x and the fixed point runs
+    np.testing.assert_allclose(block.inverse(tf.identity(block.forward(x))).numpy(), x.numpy(),
+                               atol=tol)
     y = tf.random.stateless_normal([6, 5], [3, 2], dtype=dtype)
     np.testing.assert_allclose(block.forward(block.inverse(y)).numpy(), y.numpy(), atol=tol)
 
@@ -226,7 +228,7 @@ def test_inverse_round_trip_conv(dtype, tol):
         layer.kernel.assign(layer.kernel * 4.0)
     rl.converge_lipschitz(block)
     x = tf.random.stateless_normal([3, 6, 6, 2], [1, 5], dtype=dtype)
-    y = block.forward(x)
+    y = tf.identity(block.forward(x))      # a new tensor: the fixed point really runs
     assert float(tf.reduce_max(tf.abs(y - x))) > 0.03         # g is not negligible
     np.testing.assert_allclose(block.inverse(y).numpy(), x.numpy(), atol=tol)
 
@@ -374,3 +376,12 @@ def test_log_prob_never_runs_the_fixed_point_inverse():
     assert np.all(np.isfinite(lp.numpy()))
     with pytest.warns(RuntimeWarning, match="did not converge"):
         blocks[0].inverse(x)
+
+
+def test_inverse_recalls_live_forward_output():
+    block = IResBlock.dense(3, hidden_units=(8,), inverse_max_iterations=1)
+    x = tf.random.normal([4, 3]) * 3.0
+    y = block.forward(x)
+    assert block.inverse(y) is x                 # recalled, no fixed-point iteration
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        block.inverse(tf.identity(y))            # a different tensor is really inverted

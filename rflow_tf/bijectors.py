@@ -537,11 +537,12 @@ class ActNorm(_KerasBacked):
         if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
             self.initialize(x)
 
-    def _positions(self):
-        n = 1
+    def log_det(self, dtype=tf.float32):
+        """log |det dy/dx| per example: (positions per example) * sum(log_scale)."""
+        positions = 1
         for d in self.event_shape_[:-1]:
-            n *= d
-        return n
+            positions *= d
+        return positions * tf.reduce_sum(tf.cast(self.layer.log_scale, dtype))
 
     def _forward(self, x, **kwargs):
         self._maybe_initialize(x)
@@ -552,7 +553,7 @@ class ActNorm(_KerasBacked):
 
     def _forward_log_det_jacobian(self, x, **kwargs):
         self._maybe_initialize(x)
-        ld = self._positions() * tf.reduce_sum(tf.cast(self.layer.log_scale, x.dtype))
+        ld = self.log_det(x.dtype)
         batch_shape = tf.shape(x)[:tf.rank(x) - len(self.event_shape_)]
         return tf.fill(batch_shape, ld)
 

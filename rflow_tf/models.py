@@ -596,8 +596,7 @@ class FlowBijector(tfb.Bijector):
                 if mode == "init":
                     b.initialize(x)
                 if mode == "logdet":
-                    positions = int(np.prod(b.event_shape_[:-1]))
-                    ld = positions * tf.reduce_sum(tf.cast(b.layer.log_scale, x.dtype))
+                    ld = b.log_det(x.dtype)
                 x = b.layer(x)
             elif isinstance(b, FactorOut):
                 keep, out = b.split(x)

@@ -47,6 +47,7 @@ def _rss_mb(field):
 def run_single(mode, n_terms, args):
     """Builds the stack, runs the steps, returns a dict of measurements."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
     import keras
     import tensorflow as tf
 

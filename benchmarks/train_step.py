@@ -78,6 +78,7 @@ def benchmark_config(logdet="unbiased"):
 def run_single(jit, batch, steps, warmup, logdet="unbiased"):
     """Builds the model, runs ``warmup`` + ``steps`` training steps; returns a dict."""
     sys.path.insert(0, REPO)
+    import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
     import numpy as np
     import tensorflow as tf
     from rflow_tf import models

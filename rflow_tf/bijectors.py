@@ -220,6 +220,7 @@ class IResBlock(_KerasBacked):
             in_shape = getattr(net, "input_shape", None) if getattr(net, "built", False) else None
             event_ndims = len(in_shape) - 1 if in_shape is not None else 1
         self._net = net
+        self._chain = rlayers.JacobianChain.from_net(net)
         self.logdet_mode = logdet
         self.dist = dist
         self.dist_param = float(rate if dist == "poisson" else p)
@@ -272,7 +273,10 @@ class IResBlock(_KerasBacked):
 
     # ------------------------------------------------------------ utilities
     def _g(self, x, training):
-        gx = self._net(x, training=training)
+        return self._checked(x, self._net(x, training=training))
+
+    def _checked(self, x, gx):
+        """Validates the net's output for input x (dtype, shape) once per shape."""
         if not isinstance(gx, tf.Tensor) or gx.dtype != x.dtype:
             raise TypeError(
                 f"{self.name}: net returned dtype {getattr(gx, 'dtype', type(gx))} for a "
@@ -289,6 +293,25 @@ class IResBlock(_KerasBacked):
         if not self._keras_tf_variables and getattr(self._net, "weights", None):
             self._track_keras(self._net)
         return gx
+
+    def _linearize(self, x, training):
+        """Returns ``(g(x), vjp, surrogate)``: ``vjp(u)`` = u^T J_g(x) and
+        ``surrogate(u, v)`` = u^T J_g(x) v per example, both differentiable
+        on any enclosing tape. Known Lipschitz nets use their explicit
+        Jacobian factors (:class:`rflow_tf.layers.JacobianChain`); any other
+        net uses automatic differentiation (then the surrogate is a
+        differentiated VJP)."""
+        if self._chain is not None and self._net.built:
+            gx, lin = self._chain.linearize(x, training)
+            gx = self._checked(x, gx)
+            return gx, lin.vjp, lambda u, v: est.neumann_surrogate_jvp(lin.jvp, u, v)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            gx = self._g(x, training)
+
+        def vjp(u):
+            return tape.gradient(gx, x, output_gradients=u)
+        return gx, vjp, lambda u, v: est.neumann_surrogate(vjp, u, v)
 
     def _flatten_batch(self, x, name):
         """Validates x and reshapes it to [B, *event_shape]; returns (x, batch_shape)."""
@@ -356,59 +379,47 @@ class IResBlock(_KerasBacked):
         return gx, est.exact_logdet(jac)
 
     def _backprop(self, x, v, n_terms, weights, training):
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x)
-            gx = self._g(x, training)
-        ld = est.power_series_logdet(lambda w: tape.gradient(gx, x, output_gradients=w),
-                                     v, n_terms, weights)
-        return gx, ld
+        gx, vjp, _ = self._linearize(x, training)
+        return gx, est.power_series_logdet(vjp, v, n_terms, weights)
 
     def _neumann(self, x, v, n_terms, weights, training):
         block = self
         if not self._keras_tf_variables:     # build the net before reading its variables
-            self._g(x, training)
+            self._g(x, False)
         net_vars = [w for w in self._keras_tf_variables if w.trainable]
 
         def surrogate_grads(upstream, targets):
-            """d/d(targets) of sum_b upstream_b * u_b^T J(x_b) v_b (recomputes g)."""
-            with tf.GradientTape() as outer:
-                outer.watch(x)
-                with tf.GradientTape() as inner:
-                    inner.watch(x)
-                    gx2 = block._g(x, training)
-                s = est.neumann_surrogate(
-                    lambda w: inner.gradient(gx2, x, output_gradients=w), u, v)
+            """d/d(targets) of sum_b upstream_b * u_b^T J(x_b) v_b (recomputes g
+            with the forward pass's weights: no further power iteration)."""
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                _, _, surrogate = block._linearize(x, False)
+                s = surrogate(u, v)
                 total = tf.reduce_sum(s if upstream is None else upstream * s)
-            return outer.gradient(total, [x] + list(targets))
+            return tape.gradient(total, [x] + list(targets))
 
         @tf.custom_gradient
         def residual_and_logdet(x):
             nonlocal u
-            with tf.GradientTape(persistent=True) as outer:
-                outer.watch(x)
-                with tf.GradientTape(persistent=True) as inner:
-                    inner.watch(x)
-                    gx = block._g(x, training)
-                with outer.stop_recording():
-                    ld, u = est.power_series_terms(
-                        lambda w: inner.gradient(gx, x, output_gradients=w), v, n_terms,
-                        weights, with_neumann=True)
+            with tf.GradientTape(persistent=True) as tape:
+                tape.watch(x)
+                gx, vjp, surrogate = block._linearize(x, training)
+                with tape.stop_recording():
+                    ld, u = est.power_series_terms(vjp, v, n_terms, weights, with_neumann=True)
                 if block.grad_in_forward:
-                    s = tf.reduce_sum(est.neumann_surrogate(
-                        lambda w: inner.gradient(gx, x, output_gradients=w), u, v))
+                    s = tf.reduce_sum(surrogate(u, v))
             if block.grad_in_forward:
-                pre = outer.gradient(s, [x] + net_vars)
+                pre = tape.gradient(s, [x] + net_vars)
                 pre_x = pre[0]
                 pre_vars = {var.ref(): tf.zeros_like(var) if g is None else g
                             for var, g in zip(net_vars, pre[1:])}
-            del outer
 
             def grad(dgx, dld, variables=None):
                 variables = list(variables or [])
                 # Path-wise part: d(g(x))/d(x, theta) against the upstream dgx.
                 if dgx is None:
                     dgx = tf.zeros_like(gx)
-                path = inner.gradient(gx, [x] + variables, output_gradients=dgx)
+                path = tape.gradient(gx, [x] + variables, output_gradients=dgx)
                 path = [tf.zeros_like(t) if p is None else p
                         for p, t in zip(path, [x] + variables)]
                 if dld is None:

@@ -41,6 +41,7 @@ __all__ = [
     "neumann_coefficients",
     "power_series_logdet",
     "neumann_surrogate",
+    "neumann_surrogate_jvp",
     "exact_logdet",
 ]
 
@@ -246,6 +247,22 @@ def neumann_surrogate(vjp_fn, u, v):
     """
     return _batch_dot(vjp_fn(tf.stop_gradient(u)), v)
 
+
+
+def neumann_surrogate_jvp(jvp_fn, u, v):
+    """The same s = u^T J v as :func:`neumann_surrogate`, from a
+    Jacobian-vector product ``jvp_fn(v)`` = J v (a forward-mode pass) instead
+    of a vector-Jacobian product; its gradient then needs no second-order
+    backward pass through a VJP.
+
+    Example:
+    ```python
+    with tf.GradientTape() as tape:
+        s = neumann_surrogate_jvp(lambda t: t @ tf.transpose(A), u, v)
+    grad_A = tape.gradient(tf.reduce_sum(s), A)
+    ```
+    """
+    return _batch_dot(tf.stop_gradient(u), jvp_fn(v))
 
 def exact_logdet(jacobian):
     """log |det(I + J)| for a batch of square Jacobians J ([..., D, D]).

@@ -9,6 +9,8 @@
 * :class:`ActNormalization` -- the weights of the ActNorm bijector.
 * :func:`lipschitz_dense_net`, :func:`lipschitz_conv_net` -- residual branches g
   with Lip(g) <= coeff, ready for :class:`rflow_tf.bijectors.IResBlock`.
+* :class:`JacobianChain` -- such a branch evaluated with the factors of its
+  Jacobian, for cheap vector-Jacobian products in the log-det power series.
 * :func:`converge_lipschitz` -- runs every power iteration found in a model,
   bijector or distribution to convergence (call it after each optimiser step
   and before evaluation or sampling).
@@ -25,6 +27,7 @@ __all__ = [
     "ActNormalization",
     "lipschitz_dense_net",
     "lipschitz_conv_net",
+    "JacobianChain",
     "lipschitz_layers",
     "converge_lipschitz",
     "make_activation",
@@ -60,6 +63,13 @@ class LipSwish(keras.layers.Layer):
     def call(self, x):
         b = tf.nn.softplus(tf.cast(self.beta, x.dtype))
         return x * tf.sigmoid(b * x) / 1.1
+
+    def value_and_derivative(self, x):
+        """(phi(x), phi'(x)) sharing one sigmoid s = sigmoid(b x):
+        phi = x s / 1.1 and phi' = s (1 + b x (1 - s)) / 1.1."""
+        b = tf.nn.softplus(tf.cast(self.beta, x.dtype))
+        s = tf.sigmoid(b * x)
+        return x * s / 1.1, s * (1.0 + b * x * (1.0 - s)) / 1.1
 
     def get_config(self):
         return {**super().get_config(), "beta_initializer": self.beta_initializer}
@@ -220,6 +230,14 @@ class LipschitzDense(_SpectralNormalized):
     def _apply_wt(self, u, kernel):         # W^T u
         return tf.linalg.matvec(kernel, u)
 
+    def apply_kernel(self, x, kernel):
+        """x W for a batch of rows x (no bias)."""
+        return tf.matmul(x, kernel)
+
+    def apply_kernel_transpose(self, u, kernel):
+        """u W^T: the transposed map, for vector-Jacobian products."""
+        return tf.matmul(u, kernel, transpose_b=True)
+
     def call(self, x, training=False):
         self._maybe_iterate(training)
         y = tf.matmul(x, self.effective_kernel())
@@ -291,6 +309,15 @@ class LipschitzConv2D(_SpectralNormalized):
         c = kernel.shape[2]
         return tf.nn.conv2d_transpose(u, kernel, output_shape=[1, h, w, c], strides=1,
                                       padding="SAME")
+
+    def apply_kernel(self, x, kernel):
+        """conv(x, kernel) for a batch of feature maps (no bias)."""
+        return tf.nn.conv2d(x, kernel, strides=1, padding="SAME")
+
+    def apply_kernel_transpose(self, u, kernel):
+        """The transposed convolution, for vector-Jacobian products."""
+        shape = tf.concat([tf.shape(u)[:-1], [kernel.shape[2]]], 0)
+        return tf.nn.conv2d_transpose(u, kernel, output_shape=shape, strides=1, padding="SAME")
 
     def call(self, x, training=False):
         self._maybe_iterate(training)
@@ -405,6 +432,114 @@ def lipschitz_conv_net(input_shape, hidden_channels=512, kernels="3-1-3", coeff=
         out = channels if i == len(ks) - 1 else hidden_channels
         layers.append(LipschitzConv2D(out, k, coeff=coeff, dtype=dtype))
     return _sequential(layers, tuple(input_shape), dtype, name)
+
+
+def _activation_with_derivative(layer):
+    """phi -> (phi(a), phi'(a)) for the activation layers of our nets, else None."""
+    if isinstance(layer, LipSwish):
+        return layer.value_and_derivative
+    if isinstance(layer, keras.layers.Identity):
+        return lambda a: (a, tf.ones_like(a))
+    if not isinstance(layer, keras.layers.Activation):
+        return None
+    name = layer.get_config().get("activation")
+    if name == "elu":
+        def elu(a):
+            y = tf.nn.elu(a)
+            return y, tf.where(a > 0, tf.ones_like(a), y + 1.0)
+        return elu
+    if name == "softplus":
+        return lambda a: (tf.nn.softplus(a), tf.sigmoid(a))
+    if name == "relu":
+        return lambda a: (tf.nn.relu(a), tf.cast(a > 0, a.dtype))
+    return None
+
+
+class JacobianChain:
+    """A Lipschitz net g evaluated together with the factors of its Jacobian.
+
+    For g = L_n o phi o L_{n-1} o ... o phi o L_1 (optionally with a leading
+    phi), with L_i(h) = K_i h + b_i a :class:`LipschitzDense` or
+    :class:`LipschitzConv2D` and phi a pointwise activation,
+
+        J_g(x) = K_n D_{n-1} K_{n-1} ... D_1 K_1,   D_i = diag(phi'(a_i)),
+
+    where a_i are the pre-activations of the forward pass. :meth:`linearize`
+    returns g(x) and these factors (the effective kernels and phi'(a_i),
+    computed from the same sigmoid as phi), so every vector-Jacobian product
+    u^T J of the power series costs one transposed linear map and one
+    multiply per layer instead of a generic backward pass that recomputes the
+    activation's derivative; Jacobian-vector products J v (for the Neumann
+    surrogate u^T J v) use the same factors. All results are differentiable.
+
+    :meth:`from_net` returns ``None`` for a net of any other structure (then
+    :class:`rflow_tf.bijectors.IResBlock` falls back to automatic
+    differentiation).
+
+    Example:
+    ```python
+    net = lipschitz_dense_net(2, hidden_units=(64, 64))
+    chain = JacobianChain.from_net(net)
+    gx, lin = chain.linearize(x)
+    w = lin.vjp(u)        # u^T J_g(x)
+    jv = lin.jvp(v)       # J_g(x) v
+    ```
+    """
+
+    def __init__(self, layers):
+        self._layers = list(layers)
+
+    @classmethod
+    def from_net(cls, net):
+        """A chain for a Sequential of Lipschitz linear layers and supported
+        activations (LipSwish, elu, softplus, relu, identity); else None."""
+        layers = getattr(net, "layers", None)
+        if not isinstance(net, keras.Sequential) or not layers:
+            return None
+        for layer in layers:
+            if not isinstance(layer, (LipschitzDense, LipschitzConv2D)) and \
+                    _activation_with_derivative(layer) is None:
+                return None
+        return cls(layers)
+
+    def linearize(self, x, training=False):
+        """Returns ``(g(x), lin)``: lin.vjp(u) = u^T J_g(x), lin.jvp(v) = J_g(x) v.
+
+        ``training=True`` runs each layer's ``power_iterations`` first, as
+        the layer's own ``call`` does.
+        """
+        factors, h = [], x
+        for layer in self._layers:
+            if isinstance(layer, _SpectralNormalized):
+                layer._maybe_iterate(training)
+                kernel = tf.cast(layer.effective_kernel(), h.dtype)
+                factors.append((layer, kernel))
+                h = layer.apply_kernel(h, kernel)
+                if layer.use_bias:
+                    h = h + tf.cast(layer.bias, h.dtype)
+            else:
+                h, d = _activation_with_derivative(layer)(h)
+                factors.append((None, d))
+        return h, _Linearization(factors)
+
+
+class _Linearization:
+    """The factors of J_g(x) from :meth:`JacobianChain.linearize`."""
+
+    def __init__(self, factors):
+        self._factors = factors
+
+    def vjp(self, u):
+        """u^T J: transposed maps and derivative multiplies, last layer first."""
+        for layer, t in reversed(self._factors):
+            u = u * t if layer is None else layer.apply_kernel_transpose(u, t)
+        return u
+
+    def jvp(self, v):
+        """J v: the linear maps (without bias) and derivative multiplies in order."""
+        for layer, t in self._factors:
+            v = v * t if layer is None else layer.apply_kernel(v, t)
+        return v
 
 
 def lipschitz_layers(obj):

@@ -49,8 +49,7 @@ import sys
 import time
 import warnings
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+import rflow_tf  # noqa: E402,F401  (first: sets TensorFlow's runtime defaults)
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -39,12 +39,10 @@ import os
 import sys
 import time
 
-# Quiet TF's C++ start-up chatter for a CLI (rflow_tf sets the same default).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 import numpy as np  # noqa: E402
 
-from rflow_tf.data import TOY_DATASETS, toy_2d  # noqa: E402  (imports TensorFlow)
+# rflow_tf first: it sets TensorFlow's runtime defaults before TensorFlow loads.
+from rflow_tf.data import TOY_DATASETS, toy_2d  # noqa: E402
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -11,12 +11,18 @@ A step is exactly the trainer's (``train.main.make_train_step``):
 dequantisation, forward + unbiased log-det, Neumann backward, gradient
 all-reduce and clipping, Adam, EMA update and power iteration to convergence.
 
-Each configuration (with and without ``jit_compile``) runs in a fresh
-subprocess so that its peak memory is its own: peak RSS from
-``resource.getrusage`` (``tf.config.experimental.get_memory_info`` is not
-supported for the CPU device); "step memory" is the peak RSS minus the RSS
-before the model was built. Times are the median of ``--steps`` steps after
-``--warmup`` steps (tracing/compilation excluded).
+Rows: the issue's configuration (gradient-in-forward, the reference's
+memory-saving mode), the same model with our default Neumann backward
+(``grad_in_forward=False``: g is recomputed in the backward pass and one
+backward pass serves the path and the log-det gradients), and XLA.
+
+Each configuration runs in a fresh subprocess so that its peak memory is its
+own: peak RSS from ``resource.getrusage``; "TF runtime" is the RSS right
+after importing TensorFlow, TFP and Keras (before any model); "step memory"
+is peak RSS minus that; "tensor peak" is TensorFlow's allocator peak
+(``tf.config.experimental.get_memory_info``, available on CPU with the oneDNN
+kernels that ``rflow_tf`` turns on). Times are the median of ``--steps``
+steps after ``--warmup`` steps (tracing/compilation excluded).
 
 XLA: the unbiased estimator does not compile (the Poisson draw has no XLA
 kernel and the number of series terms is random, i.e. not a compile-time
@@ -30,10 +36,11 @@ rows measured at similar loads.
 
 Usage::
 
-    python benchmarks/train_step.py                 # table for jit off / on
+    python benchmarks/train_step.py                 # the table (3 rows)
     python benchmarks/train_step.py --with_truncated
     python benchmarks/train_step.py --steps 20 --batch 32
     python benchmarks/train_step.py --single --jit  # one configuration, JSON line
+    python benchmarks/train_step.py --single --no_grad_in_forward
 """
 
 import argparse
@@ -61,9 +68,11 @@ def _rss_mb():
     return float("nan")
 
 
-def benchmark_config(logdet="unbiased"):
+def benchmark_config(logdet="unbiased", grad_in_forward=True):
     """The fixed FlowConfig of the benchmark (``logdet="truncated"``: the same
-    network with a fixed 4-term series, which XLA can compile).
+    network with a fixed 4-term series, which XLA can compile;
+    ``grad_in_forward=False``: our default Neumann backward instead of the
+    reference's gradient-in-forward).
 
     Example: ``ResidualFlow(benchmark_config())``.
     """
@@ -71,11 +80,11 @@ def benchmark_config(logdet="unbiased"):
     return models.FlowConfig(logdet=logdet, n_terms=4,
         input_shape=(28, 28, 1), n_blocks=(2, 2, 2), hidden_channels=128, kernels="3-1-3",
         activation="lipswish", coeff=0.98, dist="poisson", rate=2.0, n_exact_terms=2,
-        neumann_grad=True, grad_in_forward=True, actnorm=True, fc_end=True, n_fc_blocks=4,
+        neumann_grad=True, grad_in_forward=grad_in_forward, actnorm=True, fc_end=True, n_fc_blocks=4,
         fc_hidden=(128, 128), logit_alpha=1e-6, n_bits=8).validate()
 
 
-def run_single(jit, batch, steps, warmup, logdet="unbiased"):
+def run_single(jit, batch, steps, warmup, logdet="unbiased", grad_in_forward=True):
     """Builds the model, runs ``warmup`` + ``steps`` training steps; returns a dict."""
     sys.path.insert(0, REPO)
     import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
@@ -84,11 +93,11 @@ def run_single(jit, batch, steps, warmup, logdet="unbiased"):
     from rflow_tf import models
     from train import main as trainer
 
-    rss0 = _rss_mb()
+    rss0 = _rss_mb()            # the TensorFlow runtime after import, before any model
     tf.keras.utils.set_random_seed(0)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     with strategy.scope():
-        model = models.ResidualFlow(benchmark_config(logdet))
+        model = models.ResidualFlow(benchmark_config(logdet, grad_in_forward))
         optimizer = trainer.make_optimizer(1e-3, 1000)
         optimizer.build(model.trainable_variables)
         ema = [tf.Variable(tf.convert_to_tensor(v), trainable=False)
@@ -120,7 +129,8 @@ def run_single(jit, batch, steps, warmup, logdet="unbiased"):
         tf_peak_mb = mem["peak"] / 2**20
     except (ValueError, RuntimeError):
         tf_peak_mb = None
-    return {"jit_compile": bool(jit), "logdet": logdet, "batch": batch, "steps": steps,
+    return {"jit_compile": bool(jit), "logdet": logdet, "grad_in_forward": bool(grad_in_forward),
+            "batch": batch, "steps": steps, "import_rss_mb": rss0,
             "median_s": float(np.median(times)), "min_s": float(np.min(times)),
             "max_s": float(np.max(times)), "warmup_s": compile_s,
             "peak_rss_mb": peak_mb, "step_mem_mb": peak_mb - rss0, "tf_peak_mb": tf_peak_mb,
@@ -151,55 +161,64 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (tracing/compiling)")
     p.add_argument("--logdet", default="unbiased", choices=["unbiased", "truncated"],
                    help="with --single: the estimator (truncated = fixed 4 terms)")
+    p.add_argument("--no_grad_in_forward", action="store_true",
+                   help="with --single: our default Neumann backward (recompute g, one shared "
+                        "backward pass) instead of the reference's gradient-in-forward")
     p.add_argument("--with_truncated", action="store_true",
                    help="also time the fixed 4-term estimator with and without XLA (the "
                         "unbiased estimator does not compile with XLA)")
     args = p.parse_args(argv)
     if args.single:
         print("RESULT " + json.dumps(run_single(args.jit, args.batch, args.steps, args.warmup,
-                                                args.logdet)), flush=True)
+                                                args.logdet, not args.no_grad_in_forward)),
+              flush=True)
         return 0
 
     rows, failures = [], {}
-    configs = [(False, "unbiased"), (True, "unbiased")]
+    configs = [(False, "unbiased", True), (False, "unbiased", False), (True, "unbiased", True)]
     if args.with_truncated:
-        configs += [(False, "truncated"), (True, "truncated")]
-    for jit, logdet in configs:
+        configs += [(False, "truncated", True), (True, "truncated", True)]
+    for jit, logdet, gif in configs:
         cmd = [sys.executable, os.path.abspath(__file__), "--single", "--batch", str(args.batch),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--logdet", logdet] + \
-            (["--jit"] if jit else [])
+            (["--jit"] if jit else []) + ([] if gif else ["--no_grad_in_forward"])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            failures[(jit, logdet)] = _failure_reason(proc.stderr)
+            failures[(jit, logdet, gif)] = _failure_reason(proc.stderr)
             print(f"jit_compile={jit}, {logdet}: failed (exit {proc.returncode}): "
-                  f"{failures[(jit, logdet)]}", file=sys.stderr)
+                  f"{failures[(jit, logdet, gif)]}", file=sys.stderr)
             continue
         rows.append(json.loads(lines[-1][len("RESULT "):]))
 
     print(f"Training step, input 1x28x28, blocks 2-2-2, 128 channels, batch {args.batch}, "
           f"{os.cpu_count()} CPU cores; median of {args.steps} steps after {args.warmup} warm-up")
-    print("| configuration | median s/step | vs PyTorch 2.0 s | peak RSS (GB) | step memory (GB) "
-          "| warm-up (s) |")
-    print("|---|---|---|---|---|---|")
-    print(f"| PyTorch reference | {REFERENCE_SECONDS:.2f} | 1.00x | {REFERENCE_PEAK_GB:.2f} | - | - |")
+    print("| configuration | median s/step | vs PyTorch 2.0 s | peak RSS (GB) | TF runtime "
+          "after import (GB) | step memory (GB) | tensor peak (GB) | warm-up (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| PyTorch reference | {REFERENCE_SECONDS:.2f} | 1.00x | {REFERENCE_PEAK_GB:.2f} "
+          "| - | - | - | - |")
 
-    def label(jit, logdet):
-        name = "rflow_tf, XLA jit_compile" if jit else "rflow_tf, graph (tf.function)"
+    def label(jit, logdet, gif):
+        name = "XLA jit_compile" if jit else "graph (tf.function)"
+        name += ", grad-in-forward" if gif else ", Neumann backward (default)"
         return name + (", fixed 4-term series" if logdet == "truncated" else "")
 
+    def gb(mb):
+        return "-" if mb is None else f"{mb / 1024:.2f}"
+
     for r in rows:
-        name = label(r["jit_compile"], r["logdet"])
+        name = label(r["jit_compile"], r["logdet"], r["grad_in_forward"])
         ratio = REFERENCE_SECONDS / r["median_s"]
         speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-        print(f"| {name} | {r['median_s']:.3f} | {speed} "
-              f"| {r['peak_rss_mb'] / 1024:.2f} | {r['step_mem_mb'] / 1024:.2f} "
+        print(f"| {name} | {r['median_s']:.3f} | {speed} | {gb(r['peak_rss_mb'])} "
+              f"| {gb(r['import_rss_mb'])} | {gb(r['step_mem_mb'])} | {gb(r['tf_peak_mb'])} "
               f"| {r['warmup_s']:.0f} |")
-    for (jit, logdet), reason in failures.items():
-        name = label(jit, logdet)
-        print(f"| {name} | fails to compile: {reason[:160]} | - | - | - | - |")
+    for key, reason in failures.items():
+        print(f"| {label(*key)} | fails to compile: {reason[:160]} | - | - | - | - | - | - |")
     for r in rows:
-        print(f"# {label(r['jit_compile'], r['logdet'])}: min {r['min_s']:.3f} s, "
+        print(f"# {label(r['jit_compile'], r['logdet'], r['grad_in_forward'])}: "
+              f"min {r['min_s']:.3f} s, "
               f"max {r['max_s']:.3f} s, {r['params']:,} parameters, load average {r['loadavg']:.1f}, "
               f"tf memory info: {r['tf_peak_mb']}")
     return 0 if rows else 1

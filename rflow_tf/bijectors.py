@@ -164,13 +164,22 @@ class IResBlock(_KerasBacked):
     * ``neumann_grad=True`` (default): from the Neumann series (Theorem 2,
       eq. 8), u^T (dJ/dtheta) v with u = sum_j (-1)^j c_{j+1} v^T J^j. The
       series itself is not differentiated, so memory does not grow with the
-      number of terms. Without ``grad_in_forward`` the single differentiable
-      vector-Jacobian product is recomputed in the backward pass.
+      number of terms. The forward pass keeps only x (and u, v); the
+      backward pass recomputes g(x) and differentiates g and the surrogate
+      u^T J v together, so one backward pass through g serves both (the
+      fastest mode, and activations are not held between blocks).
     * ``grad_in_forward=True``: the log-det gradients w.r.t. x and the net's
-      weights are computed during the forward pass (eq. 9) and the backward
-      pass only multiplies them by the per-example upstream gradient
-      (exactly: if the upstream gradient differs between examples the
-      weight gradient is recomputed with those per-example factors).
+      weights are computed during the forward pass (eq. 9, the reference's
+      memory-saving mode) and the backward pass multiplies them by the
+      per-example upstream gradient (exactly: if the upstream gradient
+      differs between examples the weight gradient is recomputed with those
+      per-example factors); it then recomputes g(x) for the path gradient.
+
+    For the nets of :func:`rflow_tf.layers.lipschitz_dense_net` and
+    :func:`rflow_tf.layers.lipschitz_conv_net` the vector-Jacobian products
+    of the series and the Jacobian-vector product of the surrogate use the
+    explicit Jacobian factors of :class:`rflow_tf.layers.JacobianChain`;
+    any other net is differentiated automatically.
     * ``neumann_grad=False``: plain backpropagation through the power series
       (memory grows with the number of terms; for comparison).
 
@@ -383,26 +392,37 @@ class IResBlock(_KerasBacked):
         return gx, est.power_series_logdet(vjp, v, n_terms, weights)
 
     def _neumann(self, x, v, n_terms, weights, training):
+        """g(x) and the log-det estimate with Neumann-series gradients.
+
+        Only x (and, with ``grad_in_forward``, the log-det gradients) are kept
+        for the backward pass, which recomputes g(x) with the weights of this
+        forward pass (no further power iteration) and differentiates it once:
+        without ``grad_in_forward`` together with the surrogate u^T J v, so the
+        backward pass through g is shared. Memory therefore does not grow with
+        the number of series terms, nor with the activations of every block.
+        """
         block = self
         if not self._keras_tf_variables:     # build the net before reading its variables
             self._g(x, False)
         net_vars = [w for w in self._keras_tf_variables if w.trainable]
 
-        def surrogate_grads(upstream, targets):
-            """d/d(targets) of sum_b upstream_b * u_b^T J(x_b) v_b (recomputes g
-            with the forward pass's weights: no further power iteration)."""
+        def recomputed_grads(dgx, dld, variables):
+            """d/d(x, variables) of sum(dgx * g(x)) + sum_b dld_b u_b^T J(x_b) v_b."""
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                _, _, surrogate = block._linearize(x, False)
-                s = surrogate(u, v)
-                total = tf.reduce_sum(s if upstream is None else upstream * s)
-            return tape.gradient(total, [x] + list(targets))
+                gx, _, surrogate = block._linearize(x, False)
+                total = tf.zeros([], x.dtype) if dgx is None else tf.reduce_sum(dgx * gx)
+                if dld is not None:
+                    total += tf.reduce_sum(dld * surrogate(u, v))
+            grads = tape.gradient(total, [x] + list(variables))
+            return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, [x] + variables)]
 
         @tf.custom_gradient
         def residual_and_logdet(x):
             nonlocal u
-            with tf.GradientTape(persistent=True) as tape:
-                tape.watch(x)
+            with tf.GradientTape(watch_accessed_variables=block.grad_in_forward) as tape:
+                if block.grad_in_forward:
+                    tape.watch(x)
                 gx, vjp, surrogate = block._linearize(x, training)
                 with tape.stop_recording():
                     ld, u = est.power_series_terms(vjp, v, n_terms, weights, with_neumann=True)
@@ -413,38 +433,26 @@ class IResBlock(_KerasBacked):
                 pre_x = pre[0]
                 pre_vars = {var.ref(): tf.zeros_like(var) if g is None else g
                             for var, g in zip(net_vars, pre[1:])}
+            del tape
 
             def grad(dgx, dld, variables=None):
                 variables = list(variables or [])
-                # Path-wise part: d(g(x))/d(x, theta) against the upstream dgx.
-                if dgx is None:
-                    dgx = tf.zeros_like(gx)
-                path = tape.gradient(gx, [x] + variables, output_gradients=dgx)
-                path = [tf.zeros_like(t) if p is None else p
-                        for p, t in zip(path, [x] + variables)]
-                if dld is None:
-                    return path[0], path[1:]
-                dld_x = tf.reshape(dld, [-1] + [1] * (x.shape.rank - 1))
-                if block.grad_in_forward:
-                    dx = dld_x * pre_x
-                    uniform = tf.reduce_all(tf.equal(dld, dld[0]))
+                if not block.grad_in_forward or dld is None:
+                    grads = recomputed_grads(dgx, dld, variables)
+                    return grads[0], grads[1:]
+                path = recomputed_grads(dgx, None, variables)
+                dx = path[0] + tf.reshape(dld, [-1] + [1] * (x.shape.rank - 1)) * pre_x
+                uniform = tf.reduce_all(tf.equal(dld, dld[0]))
 
-                    def scaled():
-                        return [tf.cast(dld[0], var.dtype) * pre_vars[var.ref()] if var.ref() in pre_vars
-                                else tf.zeros_like(var) for var in variables]
+                def scaled():
+                    return [tf.cast(dld[0], var.dtype) * pre_vars[var.ref()] if var.ref() in pre_vars
+                            else tf.zeros_like(var) for var in variables]
 
-                    def recomputed():
-                        gs = surrogate_grads(dld, variables)[1:]
-                        return [tf.zeros_like(var) if g is None else g
-                                for g, var in zip(gs, variables)]
+                def per_example():
+                    return recomputed_grads(None, dld, variables)[1:]
 
-                    dvars = tf.cond(uniform, scaled, recomputed) if variables else []
-                else:
-                    gs = surrogate_grads(dld, variables)
-                    dx = gs[0]
-                    dvars = [tf.zeros_like(var) if g is None else g
-                             for g, var in zip(gs[1:], variables)]
-                return path[0] + dx, [p + d for p, d in zip(path[1:], dvars)]
+                dvars = tf.cond(uniform, scaled, per_example) if variables else []
+                return dx, [p + d for p, d in zip(path[1:], dvars)]
 
             return (gx, ld), grad
 

@@ -65,11 +65,15 @@ class LipSwish(keras.layers.Layer):
         return x * tf.sigmoid(b * x) / 1.1
 
     def value_and_derivative(self, x):
-        """(phi(x), phi'(x)) sharing one sigmoid s = sigmoid(b x):
-        phi = x s / 1.1 and phi' = s (1 + b x (1 - s)) / 1.1."""
+        """``(y, d, c)`` with phi(x) = c y and phi'(x) = c d, c = 1/1.1, from one
+        sigmoid s = sigmoid(b x): y = x s and d = s + b x s (1 - s). (The constant
+        c is returned separately so a caller can fold it into the next linear
+        map instead of spending a pass over the tensor.)"""
         b = tf.nn.softplus(tf.cast(self.beta, x.dtype))
-        s = tf.sigmoid(b * x)
-        return x * s / 1.1, s * (1.0 + b * x * (1.0 - s)) / 1.1
+        bx = b * x
+        s = tf.sigmoid(bx)
+        # b y (1 - s) = bx s (1 - s) is exactly TF's fused SigmoidGrad(s, bx).
+        return x * s, s + tf.raw_ops.SigmoidGrad(y=s, dy=bx), 1.0 / 1.1
 
     def get_config(self):
         return {**super().get_config(), "beta_initializer": self.beta_initializer}
@@ -435,23 +439,24 @@ def lipschitz_conv_net(input_shape, hidden_channels=512, kernels="3-1-3", coeff=
 
 
 def _activation_with_derivative(layer):
-    """phi -> (phi(a), phi'(a)) for the activation layers of our nets, else None."""
+    """The activation layer as a -> (y, d, c) with phi(a) = c y and
+    phi'(a) = c d (c a Python float), for the activations of our nets; else None."""
     if isinstance(layer, LipSwish):
         return layer.value_and_derivative
     if isinstance(layer, keras.layers.Identity):
-        return lambda a: (a, tf.ones_like(a))
+        return lambda a: (a, tf.ones_like(a), 1.0)
     if not isinstance(layer, keras.layers.Activation):
         return None
     name = layer.get_config().get("activation")
     if name == "elu":
         def elu(a):
             y = tf.nn.elu(a)
-            return y, tf.where(a > 0, tf.ones_like(a), y + 1.0)
+            return y, tf.where(a > 0, tf.ones_like(a), y + 1.0), 1.0
         return elu
     if name == "softplus":
-        return lambda a: (tf.nn.softplus(a), tf.sigmoid(a))
+        return lambda a: (tf.nn.softplus(a), tf.sigmoid(a), 1.0)
     if name == "relu":
-        return lambda a: (tf.nn.relu(a), tf.cast(a > 0, a.dtype))
+        return lambda a: (tf.nn.relu(a), tf.cast(a > 0, a.dtype), 1.0)
     return None
 
 
@@ -471,6 +476,8 @@ class JacobianChain:
     multiply per layer instead of a generic backward pass that recomputes the
     activation's derivative; Jacobian-vector products J v (for the Neumann
     surrogate u^T J v) use the same factors. All results are differentiable.
+    A constant activation scale (LipSwish's 1/1.1) is folded into the next
+    kernel, which saves a pass over the activations.
 
     :meth:`from_net` returns ``None`` for a net of any other structure (then
     :class:`rflow_tf.bijectors.IResBlock` falls back to automatic
@@ -508,18 +515,24 @@ class JacobianChain:
         ``training=True`` runs each layer's ``power_iterations`` first, as
         the layer's own ``call`` does.
         """
-        factors, h = [], x
+        factors, h, scale = [], x, 1.0
         for layer in self._layers:
             if isinstance(layer, _SpectralNormalized):
                 layer._maybe_iterate(training)
                 kernel = tf.cast(layer.effective_kernel(), h.dtype)
+                if scale != 1.0:        # phi = c y: fold c into this (small) kernel
+                    kernel, scale = kernel * scale, 1.0
                 factors.append((layer, kernel))
                 h = layer.apply_kernel(h, kernel)
                 if layer.use_bias:
                     h = h + tf.cast(layer.bias, h.dtype)
             else:
-                h, d = _activation_with_derivative(layer)(h)
+                if scale != 1.0:
+                    h, factors[-1] = h * scale, (None, factors[-1][1] * scale)
+                h, d, scale = _activation_with_derivative(layer)(h)
                 factors.append((None, d))
+        if scale != 1.0:
+            h, factors[-1] = h * scale, (None, factors[-1][1] * scale)
         return h, _Linearization(factors)
 
 

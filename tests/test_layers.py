@@ -150,3 +150,44 @@ def test_actnorm_data_dependent_init():
     an.initialize(x * 10.0)          # second call is a no-op
     np.testing.assert_array_equal(an.bias.numpy(), before)
     np.testing.assert_allclose(an.inverse(an(x)).numpy(), x.numpy(), atol=1e-5)
+
+
+def _autodiff_vjp_jvp(net, x, u, v):
+    with tf.autodiff.ForwardAccumulator(x, v) as acc:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = net(x)
+    return y, tape.gradient(y, x, output_gradients=u), acc.jvp(y)
+
+
+@pytest.mark.parametrize("activation", ["lipswish", "elu", "softplus", "relu", "identity"])
+@pytest.mark.parametrize("kind", ["dense", "dense_preact", "conv"])
+def test_jacobian_chain_matches_autodiff(activation, kind):
+    keras.utils.set_random_seed(3)
+    if kind == "conv":
+        net = rl.lipschitz_conv_net((5, 5, 2), 6, "3-1-3", activation=activation, dtype="float64")
+        shape = (3, 5, 5, 2)
+    else:
+        net = rl.lipschitz_dense_net(3, (8, 8), activation=activation,
+                                     preactivation=kind == "dense_preact", dtype="float64")
+        shape = (4, 3)
+    for layer in net.layers:          # a LipSwish beta away from its initial value
+        if isinstance(layer, rl.LipSwish):
+            layer.beta.assign(1.7)
+    x, u, v = (tf.random.stateless_normal(shape, [i, 1], dtype=tf.float64) for i in range(3))
+    chain = rl.JacobianChain.from_net(net)
+    assert chain is not None
+    y, vjp, jvp = _autodiff_vjp_jvp(net, x, u, v)
+    gx, lin = chain.linearize(x)
+    np.testing.assert_allclose(gx.numpy(), y.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(lin.vjp(u).numpy(), vjp.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(lin.jvp(v).numpy(), jvp.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_jacobian_chain_only_for_known_structure():
+    inp = keras.Input((3,))
+    functional = keras.Model(inp, rl.LipschitzDense(3)(inp))
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3)])
+    assert rl.JacobianChain.from_net(functional) is None
+    assert rl.JacobianChain.from_net(plain) is None
+    assert rl.JacobianChain.from_net(rl.lipschitz_dense_net(3, (4,))) is not None

@@ -408,13 +408,18 @@ class IResBlock(_KerasBacked):
 
         def recomputed_grads(dgx, dld, variables):
             """d/d(x, variables) of sum(dgx * g(x)) + sum_b dld_b u_b^T J(x_b) v_b."""
+            # Recompute only once the upstream gradient exists: otherwise the
+            # executor may run every block's recomputation at the start of the
+            # backward pass and hold all their activations at once.
+            with tf.control_dependencies([t for t in (dgx, dld) if t is not None]):
+                x_re = tf.identity(x)
             with tf.GradientTape() as tape:
-                tape.watch(x)
-                gx, _, surrogate = block._linearize(x, False)
+                tape.watch(x_re)
+                gx, _, surrogate = block._linearize(x_re, False)
                 total = tf.zeros([], x.dtype) if dgx is None else tf.reduce_sum(dgx * gx)
                 if dld is not None:
                     total += tf.reduce_sum(dld * surrogate(u, v))
-            grads = tape.gradient(total, [x] + list(variables))
+            grads = tape.gradient(total, [x_re] + list(variables))
             return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, [x] + variables)]
 
         @tf.custom_gradient
@@ -428,12 +433,18 @@ class IResBlock(_KerasBacked):
                     ld, u = est.power_series_terms(vjp, v, n_terms, weights, with_neumann=True)
                 if block.grad_in_forward:
                     s = tf.reduce_sum(surrogate(u, v))
+            done = [ld]
             if block.grad_in_forward:
                 pre = tape.gradient(s, [x] + net_vars)
                 pre_x = pre[0]
                 pre_vars = {var.ref(): tf.zeros_like(var) if g is None else g
                             for var, g in zip(net_vars, pre[1:])}
+                done += [g for g in pre if g is not None]
             del tape
+            # The next block starts once this one is finished, so that only one
+            # block's activations are alive at a time.
+            with tf.control_dependencies(done):
+                gx = tf.identity(gx)
 
             def grad(dgx, dld, variables=None):
                 variables = list(variables or [])

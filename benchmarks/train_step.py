@@ -24,12 +24,9 @@ is peak RSS minus that; "tensor peak" is TensorFlow's allocator peak
 kernels that ``rflow_tf`` turns on). Times are the median of ``--steps``
 steps after ``--warmup`` steps (tracing/compilation excluded).
 
-XLA: the unbiased estimator does not compile (the Poisson draw has no XLA
-kernel and the number of series terms is random, i.e. not a compile-time
-constant), so that row reports the compiler's message. ``--with_truncated``
-also times the same network with a fixed 4-term series (the expected cost of
-Poisson(2) + 2 exact terms), which does compile: on this 2-core CPU XLA's
-convolutions made that step about 3x slower than the graph executor.
+XLA: the whole step compiles (the roulette draw is an inversion of a
+stateless uniform and the series weights are computed per term, so every
+shape is static); a row that fails to compile reports the compiler's message.
 
 The machine is shared: the load average during the run is printed; compare
 rows measured at similar loads.
@@ -37,7 +34,6 @@ rows measured at similar loads.
 Usage::
 
     python benchmarks/train_step.py                 # the table (3 rows)
-    python benchmarks/train_step.py --with_truncated
     python benchmarks/train_step.py --steps 20 --batch 32
     python benchmarks/train_step.py --single --jit  # one configuration, JSON line
     python benchmarks/train_step.py --single --no_grad_in_forward
@@ -68,23 +64,21 @@ def _rss_mb():
     return float("nan")
 
 
-def benchmark_config(logdet="unbiased", grad_in_forward=True):
-    """The fixed FlowConfig of the benchmark (``logdet="truncated"``: the same
-    network with a fixed 4-term series, which XLA can compile;
-    ``grad_in_forward=False``: our default Neumann backward instead of the
-    reference's gradient-in-forward).
+def benchmark_config(grad_in_forward=True):
+    """The fixed FlowConfig of the benchmark (``grad_in_forward=False``: our
+    default Neumann backward instead of the reference's gradient-in-forward).
 
     Example: ``ResidualFlow(benchmark_config())``.
     """
     from rflow_tf import models
-    return models.FlowConfig(logdet=logdet, n_terms=4,
+    return models.FlowConfig(
         input_shape=(28, 28, 1), n_blocks=(2, 2, 2), hidden_channels=128, kernels="3-1-3",
         activation="lipswish", coeff=0.98, dist="poisson", rate=2.0, n_exact_terms=2,
         neumann_grad=True, grad_in_forward=grad_in_forward, actnorm=True, fc_end=True, n_fc_blocks=4,
         fc_hidden=(128, 128), logit_alpha=1e-6, n_bits=8).validate()
 
 
-def run_single(jit, batch, steps, warmup, logdet="unbiased", grad_in_forward=True):
+def run_single(jit, batch, steps, warmup, grad_in_forward=True):
     """Builds the model, runs ``warmup`` + ``steps`` training steps; returns a dict."""
     sys.path.insert(0, REPO)
     import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
@@ -97,7 +91,7 @@ def run_single(jit, batch, steps, warmup, logdet="unbiased", grad_in_forward=Tru
     tf.keras.utils.set_random_seed(0)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     with strategy.scope():
-        model = models.ResidualFlow(benchmark_config(logdet, grad_in_forward))
+        model = models.ResidualFlow(benchmark_config(grad_in_forward))
         optimizer = trainer.make_optimizer(1e-3, 1000)
         optimizer.build(model.trainable_variables)
         ema = [tf.Variable(tf.convert_to_tensor(v), trainable=False)
@@ -129,7 +123,7 @@ def run_single(jit, batch, steps, warmup, logdet="unbiased", grad_in_forward=Tru
         tf_peak_mb = mem["peak"] / 2**20
     except (ValueError, RuntimeError):
         tf_peak_mb = None
-    return {"jit_compile": bool(jit), "logdet": logdet, "grad_in_forward": bool(grad_in_forward),
+    return {"jit_compile": bool(jit), "grad_in_forward": bool(grad_in_forward),
             "batch": batch, "steps": steps, "import_rss_mb": rss0,
             "median_s": float(np.median(times)), "min_s": float(np.min(times)),
             "max_s": float(np.max(times)), "warmup_s": compile_s,
@@ -159,35 +153,28 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (tracing/compiling)")
-    p.add_argument("--logdet", default="unbiased", choices=["unbiased", "truncated"],
-                   help="with --single: the estimator (truncated = fixed 4 terms)")
     p.add_argument("--no_grad_in_forward", action="store_true",
                    help="with --single: our default Neumann backward (recompute g, one shared "
                         "backward pass) instead of the reference's gradient-in-forward")
-    p.add_argument("--with_truncated", action="store_true",
-                   help="also time the fixed 4-term estimator with and without XLA (the "
-                        "unbiased estimator does not compile with XLA)")
     args = p.parse_args(argv)
     if args.single:
         print("RESULT " + json.dumps(run_single(args.jit, args.batch, args.steps, args.warmup,
-                                                args.logdet, not args.no_grad_in_forward)),
+                                                not args.no_grad_in_forward)),
               flush=True)
         return 0
 
     rows, failures = [], {}
-    configs = [(False, "unbiased", True), (False, "unbiased", False), (True, "unbiased", True)]
-    if args.with_truncated:
-        configs += [(False, "truncated", True), (True, "truncated", True)]
-    for jit, logdet, gif in configs:
+    configs = [(False, True), (False, False), (True, True)]      # (jit_compile, grad_in_forward)
+    for jit, gif in configs:
         cmd = [sys.executable, os.path.abspath(__file__), "--single", "--batch", str(args.batch),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--logdet", logdet] + \
+               "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
             (["--jit"] if jit else []) + ([] if gif else ["--no_grad_in_forward"])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
-            failures[(jit, logdet, gif)] = _failure_reason(proc.stderr)
-            print(f"jit_compile={jit}, {logdet}: failed (exit {proc.returncode}): "
-                  f"{failures[(jit, logdet, gif)]}", file=sys.stderr)
+            failures[(jit, gif)] = _failure_reason(proc.stderr)
+            print(f"jit_compile={jit}, grad_in_forward={gif}: failed (exit {proc.returncode}): "
+                  f"{failures[(jit, gif)]}", file=sys.stderr)
             continue
         rows.append(json.loads(lines[-1][len("RESULT "):]))
 
@@ -199,16 +186,15 @@ def main(argv=None):
     print(f"| PyTorch reference | {REFERENCE_SECONDS:.2f} | 1.00x | {REFERENCE_PEAK_GB:.2f} "
           "| - | - | - | - |")
 
-    def label(jit, logdet, gif):
+    def label(jit, gif):
         name = "XLA jit_compile" if jit else "graph (tf.function)"
-        name += ", grad-in-forward" if gif else ", Neumann backward (default)"
-        return name + (", fixed 4-term series" if logdet == "truncated" else "")
+        return name + (", grad-in-forward" if gif else ", Neumann backward (default)")
 
     def gb(mb):
         return "-" if mb is None else f"{mb / 1024:.2f}"
 
     for r in rows:
-        name = label(r["jit_compile"], r["logdet"], r["grad_in_forward"])
+        name = label(r["jit_compile"], r["grad_in_forward"])
         ratio = REFERENCE_SECONDS / r["median_s"]
         speed = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
         print(f"| {name} | {r['median_s']:.3f} | {speed} | {gb(r['peak_rss_mb'])} "
@@ -217,7 +203,7 @@ def main(argv=None):
     for key, reason in failures.items():
         print(f"| {label(*key)} | fails to compile: {reason[:160]} | - | - | - | - | - | - |")
     for r in rows:
-        print(f"# {label(r['jit_compile'], r['logdet'], r['grad_in_forward'])}: "
+        print(f"# {label(r['jit_compile'], r['grad_in_forward'])}: "
               f"min {r['min_s']:.3f} s, "
               f"max {r['max_s']:.3f} s, {r['params']:,} parameters, load average {r['loadavg']:.1f}, "
               f"tf memory info: {r['tf_peak_mb']}")

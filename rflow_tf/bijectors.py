@@ -343,13 +343,13 @@ class IResBlock(_KerasBacked):
         return tf.reshape(t, tf.concat([batch_shape, tf.shape(t)[1:]], 0))
 
     def _series(self, seed, training, dtype):
-        """Number of terms and roulette weights for this call."""
+        """Number of terms and the roulette weight function k -> weight_k for this call."""
         if self.logdet_mode == "truncated":
-            return tf.constant(self.n_terms), tf.ones([self.n_terms], dtype)
+            return tf.constant(self.n_terms), lambda k: tf.ones([], dtype)
         m = self.n_exact_terms if training else self.n_exact_terms_eval
         draws = est.sample_roulette(seed, self.dist, self.dist_param, self.n_samples)
-        n_terms = tf.reduce_max(draws) + m
-        return n_terms, est.series_weights(n_terms, draws, m, self.dist, self.dist_param, dtype)
+        return tf.reduce_max(draws) + m, lambda k: est.series_weight(
+            k, draws, m, self.dist, self.dist_param, dtype)
 
     # ------------------------------------------------------------- the block
     def forward_and_log_det(self, x, seed=None, training=False):

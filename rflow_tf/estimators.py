@@ -26,6 +26,8 @@ and the gradient is that of the scalar u^T J v with u held constant.
 All functions take and return tensors; none creates variables.
 """
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
@@ -34,6 +36,7 @@ __all__ = [
     "PROBES",
     "roulette_tail_prob",
     "sample_roulette",
+    "series_weight",
     "series_weights",
     "hutchinson_probe",
     "power_series_terms",
@@ -83,11 +86,24 @@ def roulette_tail_prob(k, dist="poisson", param=2.0, dtype=tf.float32):
                     tf.math.igamma(tf.maximum(k, 1.0), param))
 
 
+def _poisson_support_bound(rate):
+    """The first K > 2 rate with P(N = K) < 1e-20, so P(N >= K) < 2e-20: below
+    the resolution of a float64 uniform, so inversion over {0..K} is exact."""
+    k = 0
+    while k <= 2 * rate or k * math.log(rate) - rate - math.lgamma(k + 1) > math.log(1e-20):
+        k += 1
+    return k
+
+
 def sample_roulette(seed, dist="poisson", param=2.0, n_samples=1):
     """Draws ``n_samples`` values of N ~ p(N) (int32, shape [n_samples]).
 
-    Geometric(p) on {1, 2, ...} by inversion, N = 1 + floor(log U / log(1 - p));
-    Poisson(lambda) on {0, 1, ...}. ``seed`` is a stateless seed (shape [2]).
+    Both by inversion of one stateless uniform U (float64) per draw, so the
+    sampler compiles with XLA: Geometric(p) on {1, 2, ...} as
+    N = 1 + floor(log U / log(1 - p)); Poisson(lambda) on {0, 1, ...} as
+    N = #{k >= 1 : U < P(N >= k)} (the tail is decreasing, so this is the
+    inverse CDF), with k up to a bound whose tail probability is < 2e-20.
+    ``seed`` is a stateless seed (shape [2]).
 
     Example:
     ```python
@@ -95,25 +111,45 @@ def sample_roulette(seed, dist="poisson", param=2.0, n_samples=1):
     ```
     """
     _check_dist(dist, param)
+    u = tf.random.stateless_uniform([n_samples], seed, minval=np.finfo(np.float64).tiny,
+                                    maxval=1.0, dtype=tf.float64)
     if dist == "geometric":
-        u = tf.random.stateless_uniform([n_samples], seed, minval=np.finfo(np.float32).tiny,
-                                        maxval=1.0, dtype=tf.float32)
-        n = 1.0 + tf.floor(tf.math.log(u) / tf.math.log1p(-tf.cast(param, tf.float32)))
+        n = 1.0 + tf.floor(tf.math.log(u) / tf.math.log1p(-tf.cast(param, tf.float64)))
         return tf.cast(n, tf.int32)
-    n = tf.random.stateless_poisson([n_samples], seed, lam=tf.cast(param, tf.float32),
-                                    dtype=tf.float32)
-    return tf.cast(n, tf.int32)
+    k = tf.range(1, _poisson_support_bound(float(param)) + 1)
+    tail = roulette_tail_prob(k, dist, param, tf.float64)
+    return tf.reduce_sum(tf.cast(u[:, None] < tail[None, :], tf.int32), axis=1)
 
 
-def series_weights(n_terms, draws, n_exact_terms, dist="poisson", param=2.0,
-                   dtype=tf.float32):
-    """Roulette weights of terms k = 1..``n_terms`` (eq. 5 with m exact terms).
+def series_weight(k, draws, n_exact_terms, dist="poisson", param=2.0, dtype=tf.float32):
+    """Roulette weight of term(s) ``k`` (int, 1-based; any shape) (eq. 5 with
+    m exact terms):
 
     weight_k = 1                                               for k <= m
     weight_k = mean_i 1[N_i >= k - m] / P(N >= k - m)          for k > m
 
     ``draws`` are the sampled N_i (shape [s]); with ``draws=None`` every weight
-    is 1 (the fixed truncation of i-ResNets, biased). Returns shape [n_terms].
+    is 1 (the fixed truncation of i-ResNets, biased).
+
+    Example:
+    ```python
+    n = sample_roulette(seed, "poisson", 2.0)
+    w3 = series_weight(3, n, n_exact_terms=2)
+    ```
+    """
+    k = tf.convert_to_tensor(k, tf.int32)
+    if draws is None:
+        return tf.ones(tf.shape(k), dtype)
+    j = k - n_exact_terms
+    hit = tf.cast(draws >= j[..., None], dtype)
+    frac = tf.reduce_mean(hit, axis=-1)
+    tail = roulette_tail_prob(j, dist, param, dtype)
+    return tf.where(j <= 0, tf.ones_like(frac), frac / tail)
+
+
+def series_weights(n_terms, draws, n_exact_terms, dist="poisson", param=2.0,
+                   dtype=tf.float32):
+    """:func:`series_weight` of terms k = 1..``n_terms`` (shape [n_terms]).
 
     Example:
     ```python
@@ -121,14 +157,7 @@ def series_weights(n_terms, draws, n_exact_terms, dist="poisson", param=2.0,
     w = series_weights(n[0] + 2, n, n_exact_terms=2)
     ```
     """
-    k = tf.range(1, n_terms + 1)
-    if draws is None:
-        return tf.ones([n_terms], dtype)
-    j = k - n_exact_terms
-    hit = tf.cast(draws[None, :] >= j[:, None], dtype)
-    frac = tf.reduce_mean(hit, axis=1)
-    tail = roulette_tail_prob(j, dist, param, dtype)
-    return tf.where(j <= 0, tf.ones_like(frac), frac / tail)
+    return series_weight(tf.range(1, n_terms + 1), draws, n_exact_terms, dist, param, dtype)
 
 
 def hutchinson_probe(shape, seed, kind="gaussian", dtype=tf.float32):
@@ -150,21 +179,25 @@ def hutchinson_probe(shape, seed, kind="gaussian", dtype=tf.float32):
     raise ValueError(f"probe must be one of {PROBES}, got {kind!r}")
 
 
-def logdet_coefficients(weights):
-    """c_k = (-1)^(k+1) / k * weight_k for k = 1..n (the terms of eq. 6).
+def logdet_coefficients(weights, k=None):
+    """c_k = (-1)^(k+1) / k * weight_k (the terms of eq. 6), for k = 1..n or
+    the given 1-based ``k`` (same shape as ``weights``).
 
     Example:
     ```python
     logdet_coefficients(tf.ones([3]))  # [1, -1/2, 1/3]
     ```
     """
-    k = tf.cast(tf.range(1, tf.shape(weights)[0] + 1), weights.dtype)
+    if k is None:
+        k = tf.range(1, tf.shape(weights)[0] + 1)
+    k = tf.cast(k, weights.dtype)
     sign = tf.where(tf.math.floormod(k, 2.0) == 1.0, 1.0, -1.0)
     return tf.cast(sign, weights.dtype) * weights / k
 
 
-def neumann_coefficients(weights):
-    """d_j = (-1)^j * weight_{j+1} for j = 0..n-1 (the terms of eq. 8).
+def neumann_coefficients(weights, j=None):
+    """d_j = (-1)^j * weight_{j+1} for j = 0..n-1 (the terms of eq. 8), or
+    for the given 0-based ``j`` (same shape as ``weights``, weights_{j+1}).
 
     The Neumann series sum_j (-1)^j J^j = (I + J)^-1 weighted so that power
     J^j uses the same roulette weight as log-det term j + 1, whose derivative
@@ -175,7 +208,9 @@ def neumann_coefficients(weights):
     neumann_coefficients(tf.ones([3]))  # [1, -1, 1]
     ```
     """
-    j = tf.cast(tf.range(tf.shape(weights)[0]), weights.dtype)
+    if j is None:
+        j = tf.range(tf.shape(weights)[0])
+    j = tf.cast(j, weights.dtype)
     sign = tf.where(tf.math.floormod(j, 2.0) == 0.0, 1.0, -1.0)
     return tf.cast(sign, weights.dtype) * weights
 
@@ -191,8 +226,11 @@ def power_series_terms(vjp_fn, v, n_terms, weights, with_neumann=False):
     the Neumann vector u = sum_{j<n} d_j w_j (eq. 8).
 
     ``vjp_fn(w)`` must return w^T J for a batch of row vectors shaped like
-    ``v`` (leading axis = batch). Returns ``(logdet [batch], u or None)``.
-    Uses ``tf.while_loop`` so ``n_terms`` may be a random tensor.
+    ``v`` (leading axis = batch). ``weights``: the series weights, a tensor
+    [n_terms] or a function of the 1-based term index k (a scalar tensor)
+    such as ``lambda k: series_weight(k, draws, m)``, which keeps every shape
+    static for XLA. Returns ``(logdet [batch], u or None)``. Uses
+    ``tf.while_loop`` so ``n_terms`` may be a random tensor.
 
     Example:
     ```python
@@ -200,17 +238,17 @@ def power_series_terms(vjp_fn, v, n_terms, weights, with_neumann=False):
     est, _ = power_series_terms(lambda w: w @ A, v, 10, tf.ones([10]))
     ```
     """
-    c = logdet_coefficients(weights)
-    d = neumann_coefficients(weights)
+    weight_fn = weights if callable(weights) else (lambda k: tf.gather(weights, k - 1))
     batch = tf.shape(v)[0]
     acc0 = tf.zeros([batch], v.dtype)
     u0 = tf.zeros_like(v)
 
-    def body(k, w, acc, u):
+    def body(k, w, acc, u):        # k = 0..n-1: adds log-det term k + 1, Neumann power k
+        weight = tf.cast(weight_fn(k + 1), v.dtype)
         if with_neumann:
-            u = u + d[k] * w
+            u = u + neumann_coefficients(weight, k) * w
         w = vjp_fn(w)
-        acc = acc + c[k] * _batch_dot(w, v)
+        acc = acc + logdet_coefficients(weight, k + 1) * _batch_dot(w, v)
         return k + 1, w, acc, u
 
     _, _, acc, u = tf.while_loop(

@@ -173,7 +173,9 @@ class IResBlock(_KerasBacked):
       memory-saving mode) and the backward pass multiplies them by the
       per-example upstream gradient (exactly: if the upstream gradient
       differs between examples the weight gradient is recomputed with those
-      per-example factors); it then recomputes g(x) for the path gradient.
+      per-example factors). g's activations are kept for the path gradient,
+      as in ordinary backprop: one more backward pass through g per block and
+      more memory than the default, which is preferable outside parity runs.
 
     For the nets of :func:`rflow_tf.layers.lipschitz_dense_net` and
     :func:`rflow_tf.layers.lipschitz_conv_net` the vector-Jacobian products
@@ -394,12 +396,15 @@ class IResBlock(_KerasBacked):
     def _neumann(self, x, v, n_terms, weights, training):
         """g(x) and the log-det estimate with Neumann-series gradients.
 
-        Only x (and, with ``grad_in_forward``, the log-det gradients) are kept
-        for the backward pass, which recomputes g(x) with the weights of this
-        forward pass (no further power iteration) and differentiates it once:
-        without ``grad_in_forward`` together with the surrogate u^T J v, so the
-        backward pass through g is shared. Memory therefore does not grow with
-        the number of series terms, nor with the activations of every block.
+        Default: only x, u and v are kept for the backward pass, which
+        recomputes g(x) with the weights of this forward pass (no further power
+        iteration) and differentiates g and the surrogate u^T J v together, so
+        one backward pass through g serves both. Memory therefore does not grow
+        with the number of series terms, nor with the activations of every block.
+
+        ``grad_in_forward``: the surrogate's gradients are computed here, and
+        the forward pass's activations are kept (as in ordinary backprop) for
+        the path gradient of the backward pass.
         """
         block = self
         if not self._keras_tf_variables:     # build the net before reading its variables
@@ -425,8 +430,9 @@ class IResBlock(_KerasBacked):
         @tf.custom_gradient
         def residual_and_logdet(x):
             nonlocal u
-            with tf.GradientTape(watch_accessed_variables=block.grad_in_forward) as tape:
-                if block.grad_in_forward:
+            gif = block.grad_in_forward
+            with tf.GradientTape(persistent=gif, watch_accessed_variables=gif) as tape:
+                if gif:
                     tape.watch(x)
                 gx, vjp, surrogate = block._linearize(x, training)
                 with tape.stop_recording():
@@ -434,24 +440,28 @@ class IResBlock(_KerasBacked):
                 if block.grad_in_forward:
                     s = tf.reduce_sum(surrogate(u, v))
             done = [ld]
-            if block.grad_in_forward:
+            if gif:
                 pre = tape.gradient(s, [x] + net_vars)
                 pre_x = pre[0]
                 pre_vars = {var.ref(): tf.zeros_like(var) if g is None else g
                             for var, g in zip(net_vars, pre[1:])}
                 done += [g for g in pre if g is not None]
-            del tape
-            # The next block starts once this one is finished, so that only one
-            # block's activations are alive at a time.
+            # The next block starts once this one is finished, so that the
+            # transient tensors of only one block are alive at a time.
             with tf.control_dependencies(done):
-                gx = tf.identity(gx)
+                gx_out = tf.identity(gx)
 
             def grad(dgx, dld, variables=None):
                 variables = list(variables or [])
-                if not block.grad_in_forward or dld is None:
+                if not gif:
                     grads = recomputed_grads(dgx, dld, variables)
                     return grads[0], grads[1:]
-                path = recomputed_grads(dgx, None, variables)
+                if dgx is None:
+                    dgx = tf.zeros_like(gx)
+                path = tape.gradient(gx, [x] + variables, output_gradients=dgx)
+                path = [tf.zeros_like(t) if g is None else g for g, t in zip(path, [x] + variables)]
+                if dld is None:
+                    return path[0], path[1:]
                 dx = path[0] + tf.reshape(dld, [-1] + [1] * (x.shape.rank - 1)) * pre_x
                 uniform = tf.reduce_all(tf.equal(dld, dld[0]))
 
@@ -465,7 +475,7 @@ class IResBlock(_KerasBacked):
                 dvars = tf.cond(uniform, scaled, per_example) if variables else []
                 return dx, [p + d for p, d in zip(path[1:], dvars)]
 
-            return (gx, ld), grad
+            return (gx_out, ld), grad
 
         u = None
         return residual_and_logdet(x)

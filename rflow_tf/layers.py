@@ -22,6 +22,7 @@ import tensorflow as tf
 
 __all__ = [
     "LipSwish",
+    "lipswish_value_and_derivative",
     "LipschitzDense",
     "LipschitzConv2D",
     "ActNormalization",
@@ -35,6 +36,65 @@ __all__ = [
 ]
 
 _PACKAGE = "rflow_tf"
+
+
+@tf.function(jit_compile=True)
+def _lipswish_forward(x, beta):
+    b = tf.nn.softplus(beta)
+    bx = b * x
+    s = tf.sigmoid(bx)
+    return x * s, s + tf.raw_ops.SigmoidGrad(y=s, dy=bx)      # SigmoidGrad(s, w) = w s (1 - s)
+
+
+@tf.function(jit_compile=True)
+def _lipswish_backward(x, beta, gy, gd):
+    b = tf.nn.softplus(beta)
+    w = b * x
+    s = tf.sigmoid(w)
+    ss = s * (1.0 - s)
+    e = ss * (2.0 + w * (1.0 - 2.0 * s))           # dd/dw
+    gx = gy * (s + w * ss) + gd * (b * e)          # dy/dx = d, dd/dx = b e
+    gb = tf.reduce_sum(x * (gy * x * ss + gd * e))  # dy/db = x^2 s (1 - s), dd/db = x e
+    return gx, gb * tf.sigmoid(beta)                # db/dbeta = sigmoid(beta)
+
+
+@tf.function(jit_compile=True)
+def _lipswish_backward_value_only(x, beta, gy):
+    b = tf.nn.softplus(beta)
+    w = b * x
+    s = tf.sigmoid(w)
+    ss = s * (1.0 - s)
+    return gy * (s + w * ss), tf.reduce_sum(gy * x * x * ss) * tf.sigmoid(beta)
+
+
+@tf.custom_gradient
+def lipswish_value_and_derivative(x, beta):
+    """(y, d) = (x s, s + b x s (1 - s)), s = sigmoid(b x), b = softplus(beta):
+    LipSwish without its 1/1.1 and its derivative, phi = y / 1.1 and
+    phi' = d / 1.1 (paper eq. 10).
+
+    Forward and backward are each one fused XLA kernel: a pass over x writes
+    y and d, and the backward pass recomputes s from x (so only x is kept)
+    and writes dx in one pass, with the closed forms dy/dx = d,
+    dd/dx = b e, dy/db = x^2 s (1 - s), dd/db = x e, where
+    e = s (1 - s) (2 + b x (1 - 2 s)). Unfused, TensorFlow runs about fifteen
+    memory-bound element-wise kernels for the same backward pass.
+
+    Example:
+    ```python
+    y, d = lipswish_value_and_derivative(tf.linspace(-3., 3., 7), tf.constant(0.5))
+    ```
+    """
+    y, d = _lipswish_forward(x, beta)
+
+    def grad(gy, gd):
+        if gy is None:
+            gy = tf.zeros_like(x)
+        if gd is None:
+            return _lipswish_backward_value_only(x, beta, gy)
+        return _lipswish_backward(x, beta, gy, gd)
+
+    return (y, d), grad
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -65,15 +125,13 @@ class LipSwish(keras.layers.Layer):
         return x * tf.sigmoid(b * x) / 1.1
 
     def value_and_derivative(self, x):
-        """``(y, d, c)`` with phi(x) = c y and phi'(x) = c d, c = 1/1.1, from one
-        sigmoid s = sigmoid(b x): y = x s and d = s + b x s (1 - s). (The constant
+        """``(y, d, c)`` with phi(x) = c y and phi'(x) = c d, c = 1/1.1:
+        y = x s and d = s + b x s (1 - s) with s = sigmoid(b x). (The constant
         c is returned separately so a caller can fold it into the next linear
-        map instead of spending a pass over the tensor.)"""
-        b = tf.nn.softplus(tf.cast(self.beta, x.dtype))
-        bx = b * x
-        s = tf.sigmoid(bx)
-        # b y (1 - s) = bx s (1 - s) is exactly TF's fused SigmoidGrad(s, bx).
-        return x * s, s + tf.raw_ops.SigmoidGrad(y=s, dy=bx), 1.0 / 1.1
+        map instead of spending a pass over the tensor.) Forward and backward
+        passes are each one fused XLA kernel (see :func:`lipswish_value_and_derivative`).
+        """
+        return lipswish_value_and_derivative(x, tf.cast(self.beta, x.dtype)) + (1.0 / 1.1,)
 
     def get_config(self):
         return {**super().get_config(), "beta_initializer": self.beta_initializer}

@@ -191,3 +191,31 @@ def test_jacobian_chain_only_for_known_structure():
     assert rl.JacobianChain.from_net(functional) is None
     assert rl.JacobianChain.from_net(plain) is None
     assert rl.JacobianChain.from_net(rl.lipschitz_dense_net(3, (4,))) is not None
+
+
+@pytest.mark.parametrize("with_derivative_grad", [True, False])
+def test_fused_lipswish_gradients_match_autodiff(with_derivative_grad):
+    """The closed-form backward pass of lipswish_value_and_derivative (x and beta)
+    against autodiff of the plain formulas y = x s, d = s + b x s (1 - s)."""
+    x = tf.random.stateless_normal([4, 5, 3], [1, 2], dtype=tf.float64) * 3.0
+    beta = tf.constant(0.8, tf.float64)
+    gy, gd = (tf.random.stateless_normal(x.shape, [i, 3], dtype=tf.float64) for i in range(2))
+
+    def plain(x, beta):
+        b = tf.nn.softplus(beta)
+        s = tf.sigmoid(b * x)
+        return x * s, s + b * x * s * (1.0 - s)
+
+    results = []
+    for fn in (rl.lipswish_value_and_derivative, plain):
+        with tf.GradientTape() as tape:
+            tape.watch([x, beta])
+            y, d = fn(x, beta)
+            total = tf.reduce_sum(gy * y) + (tf.reduce_sum(gd * d) if with_derivative_grad else 0.0)
+        results.append([y, d] + tape.gradient(total, [x, beta]))
+    for a, b in zip(*results):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+    act = rl.LipSwish(beta_initializer=0.8, dtype="float64")
+    phi = act(x)
+    y, d, c = act.value_and_derivative(x)
+    np.testing.assert_allclose((c * y).numpy(), phi.numpy(), rtol=1e-12)

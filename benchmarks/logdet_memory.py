@@ -7,9 +7,10 @@ maximum likelihood with a fixed number n of power-series terms
 (``logdet="truncated"``, so every mode does exactly the same work), using
 
 * ``backprop``: plain backpropagation through the power series,
-* ``neumann``: the Neumann-series gradient (Theorem 2), recomputing the one
-  differentiable vector-Jacobian product in the backward pass,
-* ``neumann+gif``: Neumann gradient computed in the forward pass (eq. 9).
+* ``neumann``: the Neumann-series gradient (Theorem 2); the backward pass
+  recomputes g and differentiates it together with the surrogate u^T J v,
+* ``neumann+gif``: Neumann gradient computed in the forward pass (eq. 9),
+  g's activations kept for the path gradient.
 
 Each configuration runs in a fresh subprocess; memory is the growth of the
 process's peak resident set (VmHWM) during the first compiled step over the

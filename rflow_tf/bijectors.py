@@ -176,14 +176,15 @@ class IResBlock(_KerasBacked):
       per-example factors). g's activations are kept for the path gradient,
       as in ordinary backprop: one more backward pass through g per block and
       more memory than the default, which is preferable outside parity runs.
+    * ``neumann_grad=False``: plain backpropagation through the power series
+      (memory grows with the number of terms; for comparison).
 
     For the nets of :func:`rflow_tf.layers.lipschitz_dense_net` and
     :func:`rflow_tf.layers.lipschitz_conv_net` the vector-Jacobian products
     of the series and the Jacobian-vector product of the surrogate use the
     explicit Jacobian factors of :class:`rflow_tf.layers.JacobianChain`;
-    any other net is differentiated automatically.
-    * ``neumann_grad=False``: plain backpropagation through the power series
-      (memory grows with the number of terms; for comparison).
+    any other net is differentiated automatically. Every mode compiles with
+    XLA (``jit_compile=True``).
 
     The value returned is always the real log-det estimate, never a
     surrogate, so training logs show true bits/dim.
@@ -437,7 +438,7 @@ class IResBlock(_KerasBacked):
                 gx, vjp, surrogate = block._linearize(x, training)
                 with tape.stop_recording():
                     ld, u = est.power_series_terms(vjp, v, n_terms, weights, with_neumann=True)
-                if block.grad_in_forward:
+                if gif:
                     s = tf.reduce_sum(surrogate(u, v))
             done = [ld]
             if gif:

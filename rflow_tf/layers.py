@@ -364,7 +364,6 @@ class LipschitzConv2D(_SpectralNormalized):
                                       initializer=self.kernel_initializer)
         self.bias = (self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
                      if self.use_bias else None)
-        self._in_hw = (h, w)
         if self._is_pointwise:
             self._init_power_vectors((self.filters,), (c,))
         else:
@@ -373,15 +372,12 @@ class LipschitzConv2D(_SpectralNormalized):
     def _apply_w(self, v, kernel):
         if self._is_pointwise:
             return tf.linalg.matvec(kernel[0, 0], v, transpose_a=True)
-        return tf.nn.conv2d(v, kernel, strides=1, padding="SAME")
+        return self.apply_kernel(v, kernel)
 
     def _apply_wt(self, u, kernel):
         if self._is_pointwise:
             return tf.linalg.matvec(kernel[0, 0], u)
-        h, w = self._in_hw
-        c = kernel.shape[2]
-        return tf.nn.conv2d_transpose(u, kernel, output_shape=[1, h, w, c], strides=1,
-                                      padding="SAME")
+        return self.apply_kernel_transpose(u, kernel)
 
     def apply_kernel(self, x, kernel):
         """conv(x, kernel) for a batch of feature maps (no bias)."""

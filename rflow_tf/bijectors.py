@@ -133,6 +133,11 @@ class _KerasBacked(tfb.Bijector):
         return {}
 
 
+def _zeros_for_none(grads, targets):
+    """Gradients with each ``None`` (unconnected) replaced by zeros shaped like its target."""
+    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, targets)]
+
+
 def _as_float_tensor(x, name):
     x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
     if not x.dtype.is_floating:
@@ -426,7 +431,7 @@ class IResBlock(_KerasBacked):
                 if dld is not None:
                     total += tf.reduce_sum(dld * surrogate(u, v))
             grads = tape.gradient(total, [x_re] + list(variables))
-            return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, [x] + variables)]
+            return _zeros_for_none(grads, [x] + variables)
 
         @tf.custom_gradient
         def residual_and_logdet(x):
@@ -444,8 +449,8 @@ class IResBlock(_KerasBacked):
             if gif:
                 pre = tape.gradient(s, [x] + net_vars)
                 pre_x = pre[0]
-                pre_vars = {var.ref(): tf.zeros_like(var) if g is None else g
-                            for var, g in zip(net_vars, pre[1:])}
+                pre_vars = {var.ref(): g
+                            for var, g in zip(net_vars, _zeros_for_none(pre[1:], net_vars))}
                 done += [g for g in pre if g is not None]
             # The next block starts once this one is finished, so that the
             # transient tensors of only one block are alive at a time.
@@ -460,7 +465,7 @@ class IResBlock(_KerasBacked):
                 if dgx is None:
                     dgx = tf.zeros_like(gx)
                 path = tape.gradient(gx, [x] + variables, output_gradients=dgx)
-                path = [tf.zeros_like(t) if g is None else g for g, t in zip(path, [x] + variables)]
+                path = _zeros_for_none(path, [x] + variables)
                 if dld is None:
                     return path[0], path[1:]
                 dx = path[0] + tf.reshape(dld, [-1] + [1] * (x.shape.rank - 1)) * pre_x

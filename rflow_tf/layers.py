@@ -53,24 +53,20 @@ def _lipswish_forward(x, beta):
 
 
 @tf.function(jit_compile=True)
-def _lipswish_backward(x, beta, gy, gd):
+def _lipswish_backward(x, beta, gy, gd=None):
+    """d/d(x, beta) of sum(gy * y + gd * d); ``gd=None``: of sum(gy * y) only
+    (a separate trace, without the second-derivative terms)."""
     b = tf.nn.softplus(beta)
     w = b * x
     s = tf.sigmoid(w)
     ss = s * (1.0 - s)
-    e = ss * (2.0 + w * (1.0 - 2.0 * s))           # dd/dw
-    gx = gy * (s + w * ss) + gd * (b * e)          # dy/dx = d, dd/dx = b e
-    gb = tf.reduce_sum(x * (gy * x * ss + gd * e))  # dy/db = x^2 s (1 - s), dd/db = x e
-    return gx, gb * tf.sigmoid(beta)                # db/dbeta = sigmoid(beta)
-
-
-@tf.function(jit_compile=True)
-def _lipswish_backward_value_only(x, beta, gy):
-    b = tf.nn.softplus(beta)
-    w = b * x
-    s = tf.sigmoid(w)
-    ss = s * (1.0 - s)
-    return gy * (s + w * ss), tf.reduce_sum(gy * x * x * ss) * tf.sigmoid(beta)
+    gx = gy * (s + w * ss)                          # dy/dx = d
+    gb_pointwise = gy * x * x * ss                  # dy/db = x^2 s (1 - s)
+    if gd is not None:
+        e = ss * (2.0 + w * (1.0 - 2.0 * s))        # dd/dw
+        gx += gd * (b * e)                          # dd/dx = b e
+        gb_pointwise += gd * x * e                  # dd/db = x e
+    return gx, tf.reduce_sum(gb_pointwise) * tf.sigmoid(beta)   # db/dbeta = sigmoid(beta)
 
 
 @tf.custom_gradient
@@ -96,8 +92,6 @@ def lipswish_value_and_derivative(x, beta):
     def grad(gy, gd):
         if gy is None:
             gy = tf.zeros_like(x)
-        if gd is None:
-            return _lipswish_backward_value_only(x, beta, gy)
         return _lipswish_backward(x, beta, gy, gd)
 
     return (y, d), grad
@@ -176,7 +170,10 @@ class _SpectralNormalized(keras.layers.Layer):
     """Shared power-iteration machinery for the Lipschitz layers.
 
     Subclasses implement ``_apply_w(v, kernel)`` (W v), ``_apply_wt(u, kernel)``
-    (W^T u) and create ``self.kernel``, ``self.u`` (shape of W v) and ``self.v``.
+    (W^T u) for power iteration, the batched ``apply_kernel(x, kernel)`` and
+    ``apply_kernel_transpose(u, kernel)``, and create ``self.kernel``,
+    ``self.bias`` (or None with ``use_bias=False``), ``self.u`` (shape of W v)
+    and ``self.v``; ``call`` is x -> apply_kernel(x, W_eff) + bias.
     """
 
     def __init__(self, coeff=0.98, power_iterations=0, tol=1e-3, max_iterations=200,
@@ -258,6 +255,11 @@ class _SpectralNormalized(keras.layers.Layer):
         if training and self.power_iterations > 0:
             self.power_iterate(self.power_iterations)
 
+    def call(self, x, training=False):
+        self._maybe_iterate(training)
+        y = self.apply_kernel(x, self.effective_kernel())
+        return y + self.bias if self.use_bias else y
+
     def get_config(self):
         return {**super().get_config(), "coeff": self.coeff,
                 "power_iterations": self.power_iterations, "tol": self.tol,
@@ -310,11 +312,6 @@ class LipschitzDense(_SpectralNormalized):
     def apply_kernel_transpose(self, u, kernel):
         """u W^T: the transposed map, for vector-Jacobian products."""
         return tf.matmul(u, kernel, transpose_b=True)
-
-    def call(self, x, training=False):
-        self._maybe_iterate(training)
-        y = tf.matmul(x, self.effective_kernel())
-        return y + self.bias if self.use_bias else y
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
@@ -387,11 +384,6 @@ class LipschitzConv2D(_SpectralNormalized):
         """The transposed convolution, for vector-Jacobian products."""
         shape = tf.concat([tf.shape(u)[:-1], [kernel.shape[2]]], 0)
         return tf.nn.conv2d_transpose(u, kernel, output_shape=shape, strides=1, padding="SAME")
-
-    def call(self, x, training=False):
-        self._maybe_iterate(training)
-        y = tf.nn.conv2d(x, self.effective_kernel(), strides=1, padding="SAME")
-        return y + self.bias if self.use_bias else y
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.filters,)

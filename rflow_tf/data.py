@@ -64,6 +64,7 @@ __all__ = [
     'ImageDatasetInfo',
     'TOY_DATASETS',
     'bits_per_dim_offset',
+    'classification_augmentation',
     'dataset_info',
     'dequantize',
     'load_image_dataset',
@@ -110,6 +111,9 @@ class ImageDatasetInfo:
     test_split: Split name/spec used for `split='test'`.
     source: `'sklearn'` (bundled, offline), `'tfds'` or `'npz'` (user files).
     tfds_name: TFDS builder name (with config), or `None` if not from TFDS.
+    n_classes: Number of class labels `load_image_dataset(...,
+      with_labels=True)` yields (labels are `0..n_classes - 1`), or `None`
+      for datasets without labels here (`celeb_a_hq`, `imagenet32/64`).
 
   #### Examples
 
@@ -131,6 +135,7 @@ class ImageDatasetInfo:
   test_split: str
   source: str
   tfds_name: Optional[str] = None
+  n_classes: Optional[int] = None
 
   @property
   def num_dims(self) -> int:
@@ -145,19 +150,23 @@ _INFOS = {
     'digits': ImageDatasetInfo(
         name='digits', image_shape=(8, 8, 1), n_train=1797 - _DIGITS_N_TEST,
         n_test=_DIGITS_N_TEST, n_bits=8, horizontal_flip=False,
-        train_split='train', test_split='test', source='sklearn'),
+        train_split='train', test_split='test', source='sklearn',
+        n_classes=10),
     'mnist': ImageDatasetInfo(
         name='mnist', image_shape=(28, 28, 1), n_train=60000, n_test=10000,
         n_bits=8, horizontal_flip=False, train_split='train',
-        test_split='test', source='tfds', tfds_name='mnist'),
+        test_split='test', source='tfds', tfds_name='mnist',
+        n_classes=10),
     'cifar10': ImageDatasetInfo(
         name='cifar10', image_shape=(32, 32, 3), n_train=50000, n_test=10000,
         n_bits=8, horizontal_flip=True, train_split='train',
-        test_split='test', source='tfds', tfds_name='cifar10'),
+        test_split='test', source='tfds', tfds_name='cifar10',
+        n_classes=10),
     'svhn_cropped': ImageDatasetInfo(
         name='svhn_cropped', image_shape=(32, 32, 3), n_train=73257,
         n_test=26032, n_bits=8, horizontal_flip=False, train_split='train',
-        test_split='test', source='tfds', tfds_name='svhn_cropped'),
+        test_split='test', source='tfds', tfds_name='svhn_cropped',
+        n_classes=10),
     # TFDS only has a 30000-image 'train' split; the paper (following Glow)
     # uses 27000 for training and 3000 for testing.
     'celeb_a_hq': ImageDatasetInfo(
@@ -282,6 +291,58 @@ def dataset_info(name: str) -> ImageDatasetInfo:
   return _INFOS[_canonical_name(name)]
 
 
+# Training-split augmentation of the reference's classification / hybrid runs
+# (train_img.py): random crops of the image padded by 4 pixels (reflection
+# padding, its default) for SVHN and CIFAR-10, plus horizontal flips for
+# CIFAR-10; none for MNIST (and the digits).
+_CLASSIFICATION_AUGMENTATION = {
+    'digits': dict(flip=False, crop_padding=0),
+    'mnist': dict(flip=False, crop_padding=0),
+    'svhn_cropped': dict(flip=False, crop_padding=4),
+    'cifar10': dict(flip=True, crop_padding=4),
+}
+
+
+def classification_augmentation(name: str) -> dict:
+  """Training-split augmentation of the reference's classification runs.
+
+  Returns the keyword arguments `flip` and `crop_padding` of
+  `load_image_dataset` that reproduce the augmentation of the reference's
+  classification and hybrid runs (`--task classification|hybrid`):
+
+  | dataset | random crop (4-pixel reflection padding) | horizontal flip |
+  |---|---|---|
+  | `svhn_cropped` | yes | no |
+  | `cifar10` | yes | yes |
+  | `mnist`, `digits` | no | no |
+
+  Use it for the training split only; test images are never augmented.
+
+  Args:
+    name: A dataset with labels: `'digits'`, `'mnist'`, `'svhn_cropped'` or
+      `'cifar10'` (aliases accepted).
+
+  Returns:
+    A new dict `{'flip': bool, 'crop_padding': int}`.
+
+  Raises:
+    ValueError: unknown dataset, or a dataset without labels.
+
+  #### Examples
+
+  ```python
+  aug = classification_augmentation('cifar10')  # {'flip': True, 'crop_padding': 4}
+  ds = load_image_dataset('cifar10', 'train', 64, with_labels=True, **aug)
+  ```
+  """
+  key = _canonical_name(name)
+  if key not in _CLASSIFICATION_AUGMENTATION:
+    raise ValueError(
+        f'Dataset {name!r} has no labels here; classification datasets: '
+        f'{", ".join(_CLASSIFICATION_AUGMENTATION)}.')
+  return dict(_CLASSIFICATION_AUGMENTATION[key])
+
+
 def load_image_dataset(
     name: str,
     split: str,
@@ -297,11 +358,14 @@ def load_image_dataset(
     drop_remainder: bool = False,
     shuffle_buffer: Optional[int] = None,
     manual_dir: Optional[str] = None,
+    with_labels: bool = False,
+    crop_padding: int = 0,
 ) -> tf.data.Dataset:
   """Builds a batched `tf.data` pipeline of raw integer images.
 
-  Each element is a `tf.uint8` tensor of shape `[B, H, W, C]` holding raw
-  pixel values reduced to `n_bits` bits:
+  Each element is a `tf.uint8` tensor of shape `[B, H, W, C]` (with
+  `with_labels=True`, a pair `(pixels, labels)` with `tf.int64` labels of
+  shape `[B]`) holding raw pixel values reduced to `n_bits` bits:
 
   ```none
   x = floor(x_8bit / 2**(8 - n_bits))   in {0, ..., 2**n_bits - 1}
@@ -311,8 +375,9 @@ def load_image_dataset(
   continuous inputs in `[0, 1)` for the flow.
 
   The pipeline is `read -> shuffle -> repeat -> batch -> (bit reduction,
-  random horizontal flip) -> prefetch`, with all per-example work done by TF
-  ops (`num_parallel_calls=AUTOTUNE`), none in Python.
+  random crop, random horizontal flip) -> prefetch`, with all per-example
+  work done by TF ops (`num_parallel_calls=AUTOTUNE`), none in Python.
+  Labels travel with their images through every step.
 
   Datasets and where their data comes from:
 
@@ -374,9 +439,20 @@ def load_image_dataset(
       `clip(128 MiB / image_bytes, 1024, 10000)`.
     manual_dir: Directory holding the manually downloaded CelebA-HQ tar file
       (default `<data_dir>/downloads/manual`).
+    with_labels: Yield `(pixels, labels)` pairs; `labels` are `tf.int64`
+      class indices `[B]` in `0..info.n_classes - 1` (the digit for `digits`,
+      `mnist`, `svhn_cropped`; the class for `cifar10`). Only for datasets
+      with `info.n_classes` set.
+    crop_padding: `p > 0` applies a random crop to every image: the image is
+      padded by `p` pixels on each side by reflection (the reference's
+      default `padding_mode='reflect'`) and an `H x W` window is cut at a
+      uniformly random offset in `{0, ..., 2p}^2`, independently per image.
+      `0` (default): no crop. The reference's classification runs use `4`
+      on the training split (`classification_augmentation(name)`).
 
   Returns:
-    A `tf.data.Dataset` of `tf.uint8` tensors `[B, H, W, C]`.
+    A `tf.data.Dataset` of `tf.uint8` tensors `[B, H, W, C]`, or of pairs
+    `([B, H, W, C] uint8, [B] int64)` with `with_labels=True`.
 
   Raises:
     ValueError: unknown dataset name (message lists valid names), bad
@@ -392,6 +468,11 @@ def load_image_dataset(
   # Offline dataset bundled with scikit-learn.
   ds = load_image_dataset('digits', 'train', batch_size=64, seed=0)
   x = next(iter(ds))          # uint8, [64, 8, 8, 1], values 0..255
+
+  # Labelled digits with the reference's classification augmentation.
+  ds = load_image_dataset('digits', 'train', 64, with_labels=True,
+                          **classification_augmentation('digits'))
+  x, y = next(iter(ds))       # uint8 [64, 8, 8, 1], int64 [64] in 0..9
 
   # CelebA-HQ 256 at 5 bits (values 0..31), with default flips.
   ds = load_image_dataset('celeb_a_hq', 'train', 8, n_bits=5,
@@ -409,6 +490,21 @@ def load_image_dataset(
     raise ValueError(f'split must be a non-empty str, got {split!r}.')
   if flip is not None and not isinstance(flip, bool):
     raise TypeError(f'flip must be None, True or False, got {flip!r}.')
+  if not isinstance(with_labels, bool):
+    raise TypeError(f'with_labels must be True or False, got {with_labels!r}.')
+  if with_labels and info.n_classes is None:
+    raise ValueError(
+        f'Dataset {key!r} has no labels here; with_labels=True needs one of '
+        f'{", ".join(k for k, v in _INFOS.items() if v.n_classes)}.')
+  if isinstance(crop_padding, bool) or not isinstance(
+      crop_padding, (int, np.integer)) or crop_padding < 0:
+    raise ValueError(
+        f'crop_padding must be a non-negative int, got {crop_padding!r}.')
+  crop_padding = int(crop_padding)
+  if crop_padding >= min(info.image_shape[:2]):
+    raise ValueError(
+        f'crop_padding={crop_padding} must be smaller than the image height '
+        f'and width {info.image_shape[:2]} (reflection padding).')
 
   split_key = split.strip()
   if split_key.lower() == 'train':
@@ -438,13 +534,14 @@ def load_image_dataset(
           np.clip(_SHUFFLE_BUFFER_BYTES // (h * w * c), 1024, 10000))
 
   if info.source == 'sklearn':
-    images = _digits_split(is_train)
-    ds = tf.data.Dataset.from_tensor_slices(images)
+    images, labels = _digits_split(is_train)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (images, labels) if with_labels else images)
   elif info.source == 'npz':
     ds = _npz_dataset(info, is_train, data_dir, shuffle, seed)
   else:
     ds = _tfds_dataset(info, source_split, data_dir, download, shuffle, seed,
-                       manual_dir)
+                       manual_dir, with_labels)
 
   if shuffle:
     ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
@@ -452,13 +549,30 @@ def load_image_dataset(
     ds = ds.repeat()
   ds = ds.batch(batch_size, drop_remainder=drop_remainder,
                 num_parallel_calls=tf.data.AUTOTUNE)
-  ds = _postprocess(ds, n_bits=n_bits, flip=flip, seed=seed)
+  ds = _postprocess(ds, n_bits=n_bits, flip=flip, crop_padding=crop_padding,
+                    seed=seed, with_labels=with_labels)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _random_crop_batch(x, padding: int, offsets):
+  """Per-image crops of the reflection-padded batch x at offsets [B, 2]."""
+  h, w = tf.shape(x)[1], tf.shape(x)[2]
+  padded = tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]],
+                  mode='REFLECT')
+  rows = offsets[:, :1] + tf.range(h)[None]                 # [B, H]
+  cols = offsets[:, 1:] + tf.range(w)[None]                 # [B, W]
+  out = tf.gather(padded, rows, axis=1, batch_dims=1)
+  return tf.gather(out, cols, axis=2, batch_dims=1)
+
+
 def _postprocess(ds: tf.data.Dataset, *, n_bits: int, flip: bool,
-                 seed: Optional[int]) -> tf.data.Dataset:
-  """Batch-level bit reduction and random horizontal flips (pure TF)."""
+                 crop_padding: int, seed: Optional[int],
+                 with_labels: bool) -> tf.data.Dataset:
+  """Batch-level bit reduction, random crops and flips (pure TF).
+
+  Elements are image batches, or (images, labels) pairs with `with_labels`;
+  labels pass through unchanged.
+  """
   shift = 8 - n_bits
 
   def reduce_bits(x):
@@ -467,25 +581,41 @@ def _postprocess(ds: tf.data.Dataset, *, n_bits: int, flip: bool,
       x = tf.bitwise.right_shift(x, tf.constant(shift, tf.uint8))
     return x
 
-  def flip_batch(x, flips):
-    mask = tf.reshape(flips, [-1, 1, 1, 1])
-    return tf.where(mask, tf.reverse(x, axis=[2]), x)
-
-  if not flip:
-    return ds.map(reduce_bits, num_parallel_calls=tf.data.AUTOTUNE)
-
-  if seed is None:
-    def fn(x):
-      x = reduce_bits(x)
-      flips = tf.random.uniform([tf.shape(x)[0]]) < 0.5
-      return flip_batch(x, flips)
-    return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
-
-  def fn_seeded(step, x):
+  def augment(x, pair):
+    """Crop then flip; `pair` is a stateless seed or None (stateful)."""
     x = reduce_bits(x)
-    pair = tf.stack([tf.constant(seed, tf.int64), step])
-    flips = tf.random.stateless_uniform([tf.shape(x)[0]], seed=pair) < 0.5
-    return flip_batch(x, flips)
+    batch = tf.shape(x)[0]
+    if crop_padding:
+      shape, hi = [batch, 2], 2 * crop_padding + 1
+      if pair is None:
+        offsets = tf.random.uniform(shape, 0, hi, dtype=tf.int32)
+      else:
+        # A seed derived from `pair`, so the flips below stay those of
+        # crop-free pipelines with the same seed.
+        crop_seed = tf.random.experimental.stateless_fold_in(pair, 1)
+        offsets = tf.random.stateless_uniform(shape, crop_seed, 0, hi,
+                                              dtype=tf.int32)
+      x = _random_crop_batch(x, crop_padding, offsets)
+    if flip:
+      if pair is None:
+        flips = tf.random.uniform([batch]) < 0.5
+      else:
+        flips = tf.random.stateless_uniform([batch], seed=pair) < 0.5
+      x = tf.where(tf.reshape(flips, [-1, 1, 1, 1]), tf.reverse(x, axis=[2]),
+                   x)
+    return x
+
+  def apply(elem, pair):
+    if with_labels:
+      return augment(elem[0], pair), tf.cast(elem[1], tf.int64)
+    return augment(elem, pair)
+
+  if seed is None or not (flip or crop_padding):
+    return ds.map(lambda *elem: apply(elem if with_labels else elem[0], None),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+
+  def fn_seeded(step, elem):
+    return apply(elem, tf.stack([tf.constant(seed, tf.int64), step]))
 
   ds = tf.data.Dataset.zip((tf.data.Dataset.counter(), ds))
   return ds.map(fn_seeded, num_parallel_calls=tf.data.AUTOTUNE)
@@ -494,16 +624,19 @@ def _postprocess(ds: tf.data.Dataset, *, n_bits: int, flip: bool,
 _DIGITS_CACHE = {}
 
 
-def _digits_split(is_train: bool) -> np.ndarray:
-  """scikit-learn digits as uint8 [N, 8, 8, 1]; last 297 images are test."""
+def _digits_split(is_train: bool) -> Tuple[np.ndarray, np.ndarray]:
+  """scikit-learn digits as (uint8 [N, 8, 8, 1], int64 labels [N]); the last
+  297 images are test."""
   if 'all' not in _DIGITS_CACHE:
     from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-    raw = load_digits().images  # [1797, 8, 8] float64, values 0..16
+    bunch = load_digits()
+    raw = bunch.images  # [1797, 8, 8] float64, values 0..16
     imgs = np.round(raw * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    _DIGITS_CACHE['all'] = imgs[..., None]
-  imgs = _DIGITS_CACHE['all']
+    _DIGITS_CACHE['all'] = (imgs[..., None], bunch.target.astype(np.int64))
+  imgs, labels = _DIGITS_CACHE['all']
   n_train = len(imgs) - _DIGITS_N_TEST
-  return imgs[:n_train] if is_train else imgs[n_train:]
+  part = slice(None, n_train) if is_train else slice(n_train, None)
+  return imgs[part], labels[part]
 
 
 # ----------------------------------------------------------------------------
@@ -544,8 +677,10 @@ def _tfds_is_prepared(tfds, tfds_name: str, data_dir: Optional[str]) -> bool:
 
 def _tfds_dataset(info: ImageDatasetInfo, split: str, data_dir: Optional[str],
                   download: bool, shuffle: bool, seed: Optional[int],
-                  manual_dir: Optional[str]) -> tf.data.Dataset:
-  """Loads `info.tfds_name` as a dataset of single uint8 images."""
+                  manual_dir: Optional[str],
+                  with_labels: bool = False) -> tf.data.Dataset:
+  """Loads `info.tfds_name` as a dataset of single uint8 images (with
+  `with_labels`: of (image, label) pairs)."""
   tfds = _tfds()
   shown_dir = os.path.expanduser(data_dir) if data_dir else _default_data_dir()
   if manual_dir is None:
@@ -600,6 +735,9 @@ def _tfds_dataset(info: ImageDatasetInfo, split: str, data_dir: Optional[str],
           f'preparing it failed (no network?): {_one_line(e)}. ' +
           _tfds_help(info, shown_dir, manual_dir)) from None
 
+  if with_labels:
+    return ds.map(lambda ex: (ex['image'], ex['label']),
+                  num_parallel_calls=tf.data.AUTOTUNE)
   return ds.map(lambda ex: ex['image'], num_parallel_calls=tf.data.AUTOTUNE)
 
 

@@ -482,3 +482,119 @@ def test_save_image_grid_rgb(tmp_path):
     data.save_image_grid(x.astype(np.float32) / 255, str(path))
   with pytest.raises(ValueError):
     data.save_image_grid(np.zeros((2, 4, 4, 2), np.uint8), str(path))
+
+
+# ----------------------------------------------------------------------------
+# Labels and the classification augmentation (random crop, flips)
+# ----------------------------------------------------------------------------
+
+
+def _collect_pairs(ds):
+  xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def _window_offsets(plain, cropped, padding, allow_mirror=False):
+  """Each cropped image is an H x W window of the reflection-padded plain
+  image (or, with allow_mirror, of its mirror); returns the offsets found."""
+  h, w = plain.shape[1:3]
+  found = []
+  for a, b in zip(plain, cropped):
+    candidates = [a, a[:, ::-1]] if allow_mirror else [a]
+    hits = []
+    for img in candidates:
+      padded = np.pad(img, [(padding, padding), (padding, padding), (0, 0)],
+                      mode='reflect')
+      hits += [(i, j) for i in range(2 * padding + 1)
+               for j in range(2 * padding + 1)
+               if np.array_equal(padded[i:i + h, j:j + w], b)]
+    assert hits, 'cropped image is no window of the padded original'
+    found.append(hits[0])
+  return found
+
+
+def test_digits_labels_are_sklearn_targets():
+  from sklearn.datasets import load_digits
+  target = load_digits().target
+  x_tr, y_tr = _collect_pairs(data.load_image_dataset(
+      'digits', 'train', 500, shuffle=False, with_labels=True))
+  x_te, y_te = _collect_pairs(data.load_image_dataset(
+      'digits', 'test', 500, shuffle=False, with_labels=True))
+  assert y_tr.dtype == np.int64 and x_tr.dtype == np.uint8
+  np.testing.assert_array_equal(y_tr, target[:1500])
+  np.testing.assert_array_equal(y_te, target[1500:])
+  np.testing.assert_array_equal(x_tr, _collect(data.load_image_dataset(
+      'digits', 'train', 500, shuffle=False)))
+
+
+def test_digits_labels_stay_with_their_images_when_shuffled():
+  x0, y0 = _collect_pairs(data.load_image_dataset(
+      'digits', 'train', 256, shuffle=False, with_labels=True))
+  labels_of = {}
+  for x, y in zip(x0, y0):
+    labels_of.setdefault(x.tobytes(), set()).add(int(y))
+  x1, y1 = _collect_pairs(data.load_image_dataset(
+      'digits', 'train', 256, seed=3, with_labels=True))
+  assert not np.array_equal(y0, y1)                       # really shuffled
+  assert all(int(y) in labels_of[x.tobytes()] for x, y in zip(x1, y1))
+
+
+def test_digits_random_crop_is_a_window_of_the_padded_image():
+  kw = dict(shuffle=False, with_labels=True)
+  x0, y0 = _collect_pairs(data.load_image_dataset('digits', 'train', 100,
+                                                  **kw))
+  x1, y1 = _collect_pairs(data.load_image_dataset('digits', 'train', 100,
+                                                  crop_padding=2, seed=5,
+                                                  **kw))
+  x2, _ = _collect_pairs(data.load_image_dataset('digits', 'train', 100,
+                                                 crop_padding=2, seed=5, **kw))
+  np.testing.assert_array_equal(y0, y1)
+  np.testing.assert_array_equal(x1, x2)                   # seeded: repeatable
+  offsets = _window_offsets(x0[:200], x1[:200], 2)
+  # 25 equally likely offsets: all 200 images uncropped has probability 25^-200.
+  assert len({o for o in offsets if o != (2, 2)}) > 5
+
+
+@pytest.mark.parametrize('name', ['mnist', 'cifar10', 'svhn_cropped'])
+def test_tfds_mock_labels(tmp_path, name):
+  kw = dict(data_dir=str(tmp_path), download=False, shuffle=False, seed=0)
+  with tfds.testing.mock_data(num_examples=12):
+    x, y = _collect_pairs(data.load_image_dataset(name, 'test', 5,
+                                                  with_labels=True, **kw))
+    x_plain = _collect(data.load_image_dataset(name, 'test', 5, **kw))
+    aug = data.classification_augmentation(name)
+    x_aug, y_aug = _collect_pairs(data.load_image_dataset(
+        name, 'train', 6, with_labels=True, **aug, **kw))
+    x_train, y_train = _collect_pairs(data.load_image_dataset(
+        name, 'train', 6, with_labels=True, flip=False, **kw))
+  assert y.shape == (12,) and y.dtype == np.int64
+  assert 0 <= y.min() and y.max() < data.dataset_info(name).n_classes
+  np.testing.assert_array_equal(x, x_plain)
+  np.testing.assert_array_equal(y_aug, y_train)
+  if aug['crop_padding']:
+    _window_offsets(x_train, x_aug, aug['crop_padding'],
+                    allow_mirror=aug['flip'])
+  else:
+    np.testing.assert_array_equal(x_aug, x_train)
+
+
+def test_classification_augmentation_is_the_references():
+  assert data.classification_augmentation('svhn') == dict(flip=False,
+                                                          crop_padding=4)
+  assert data.classification_augmentation('cifar10') == dict(flip=True,
+                                                             crop_padding=4)
+  assert data.classification_augmentation('mnist') == dict(flip=False,
+                                                           crop_padding=0)
+  with pytest.raises(ValueError, match='no labels'):
+    data.classification_augmentation('celeb_a_hq')
+
+
+def test_labels_and_crop_argument_errors():
+  with pytest.raises(ValueError, match='no labels'):
+    data.load_image_dataset('imagenet32', 'train', 4, with_labels=True)
+  with pytest.raises(ValueError, match='crop_padding'):
+    data.load_image_dataset('digits', 'train', 4, crop_padding=-1)
+  with pytest.raises(ValueError, match='smaller than the image'):
+    data.load_image_dataset('digits', 'train', 4, crop_padding=8)
+  with pytest.raises(TypeError, match='with_labels'):
+    data.load_image_dataset('digits', 'train', 4, with_labels='yes')

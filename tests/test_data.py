@@ -518,7 +518,7 @@ def test_digits_labels_are_sklearn_targets():
   target = load_digits().target
   x_tr, y_tr = _collect_pairs(data.load_image_dataset(
       'digits', 'train', 500, shuffle=False, with_labels=True))
-  x_te, y_te = _collect_pairs(data.load_image_dataset(
+  _, y_te = _collect_pairs(data.load_image_dataset(
       'digits', 'test', 500, shuffle=False, with_labels=True))
   assert y_tr.dtype == np.int64 and x_tr.dtype == np.uint8
   np.testing.assert_array_equal(y_tr, target[:1500])

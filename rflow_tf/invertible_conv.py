@@ -165,7 +165,7 @@ class Invertible1x1Weights(keras.layers.Layer):
     def log_abs_det(self):
         """log |det W| (a scalar): sum(log_s) for "lu", via QR of W for "matrix"."""
         if self.parameterization == "matrix":
-            return _log_abs_det(self.w)
+            return _log_abs_det(tf.convert_to_tensor(self.w))   # a read: no variables inside
         return tf.reduce_sum(self.log_s)
 
     def call(self, x):

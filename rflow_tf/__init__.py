@@ -4,6 +4,9 @@ Modules:
   rflow_tf.layers      Keras 3 layers: LipSwish, LipschitzDense, LipschitzConv2D, ActNormalization
   rflow_tf.estimators  pure functions: roulette weights, Hutchinson probes, power/Neumann series
   rflow_tf.bijectors   TFP bijectors: IResBlock, ActNorm, Squeeze, LogitTransform
+  rflow_tf.coupling    AffineCoupling (the paper's coupling baseline) and its nets
+  rflow_tf.invertible_conv  Invertible1x1Conv (Glow 1x1 convolution, exact log-det)
+  rflow_tf.classifier  ClassifierHeads, hybrid_loss, ChannelNormalize (hybrid models)
   rflow_tf.models      ResidualFlow (Keras model), FlowConfig, paper presets
   rflow_tf.data        TFDS image pipelines, offline digits, dequantisation, 2-D toy data
   rflow_tf.export      SavedModel export; load() returns a TransformedDistribution
@@ -19,6 +22,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from rflow_tf import estimators, layers, bijectors  # noqa: E402,F401
+from rflow_tf import coupling, invertible_conv, classifier  # noqa: E402,F401
 from rflow_tf.bijectors import IResBlock, ActNorm, Squeeze, LogitTransform  # noqa: E402,F401
 from rflow_tf.layers import (  # noqa: E402,F401
     LipSwish, LipschitzDense, LipschitzConv2D, converge_lipschitz)

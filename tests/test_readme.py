@@ -3,6 +3,8 @@
 import pathlib
 import re
 
+import tensorflow as tf
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -28,3 +30,11 @@ def test_readme_shipped_model_example_runs(tmp_path, monkeypatch):
     assert namespace["x"].shape == (16, 8, 8, 1)
     assert (tmp_path / "samples.png").exists()
     assert 2.0 < namespace["bpd"] < 6.0
+
+
+def test_readme_hybrid_building_blocks_example_runs():
+    block = next(b for b in python_blocks() if "hybrid_loss(log_px" in b)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)   # noqa: S102 (our own README)
+    assert namespace["logits"].shape == (32, 10)
+    assert namespace["loss"].shape == () and bool(tf.math.is_finite(namespace["loss"]))

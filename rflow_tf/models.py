@@ -20,9 +20,12 @@ the data -> latent direction, see :mod:`rflow_tf.bijectors`)::
     x in [0, 1]^(H x W x C)           (dequantised pixels)
     LogitTransform(alpha)             y = logit(alpha + (1 - 2 alpha) x)
     [Squeeze]                         only if squeeze_first
-    ActNorm                           once, before the first block
+    [ActNorm]                         only if first_resblock (and actnorm)
     scale 0:  (IResBlock.conv -> ActNorm) x n_blocks[0]
-              Squeeze                 (H, W, C) -> (H/2, W/2, 4C)
+                                      (with first_resblock, block 0 is not
+                                      pre-activated)
+              Squeeze                 (H, W, C) -> (H/2, W/2, 4C), channel
+                                      c*4 + 2*dy + dx as the reference
               [FactorOut]             half the channels -> latent (if factor_out)
     scale 1:  ...
     last scale: (IResBlock.conv -> ActNorm) x n_blocks[-1]
@@ -41,7 +44,10 @@ discrete n-bit pixels.
 
 Latent layout: a flat vector of size D. Without factor-out it is the output of
 the last stage. With factor-out it is ``[factored_0, factored_1, ...,
-final]``, each factored part flattened in (h, w, c) order.
+final]``, each factored part flattened in (h, w, c) order. The authors'
+PyTorch code flattens (c, h, w) instead, in the latent and before the FC end;
+that is a fixed permutation (the same model once weights are permuted), the
+one remaining layout difference from the reference (see :class:`FlowConfig`).
 
 Example:
 ```python
@@ -75,6 +81,8 @@ tfd = tfp.distributions
 
 __all__ = [
     "FlowConfig",
+    "CONFIG_VERSION",
+    "LEGACY_DEFAULTS",
     "Preset",
     "PRESETS",
     "get_preset",
@@ -96,6 +104,26 @@ _LN2 = math.log(2.0)
 
 _TUPLE_FIELDS = ("input_shape", "n_blocks", "fc_hidden")
 
+#: Version of :class:`FlowConfig`'s meaning. A config (dict/JSON) written
+#: without ``config_version`` is version 1; its missing fields take the
+#: version-1 values below, so models saved before a default changed load and
+#: train exactly as they were built.
+CONFIG_VERSION = 2
+#: Fields whose default changed, with their value in each older version.
+#: Version 2: the reference's first block (``first_resblock``) and squeeze order.
+LEGACY_DEFAULTS = {
+    1: {"first_resblock": False, "squeeze_order": "space_to_depth"},
+}
+
+
+
+def _check_config_version(version):
+    if (isinstance(version, bool) or not isinstance(version, (int, np.integer))
+            or not 1 <= version <= CONFIG_VERSION):
+        raise ValueError(f"FlowConfig.config_version must be an int in 1..{CONFIG_VERSION} "
+                         f"(the versions this rflow_tf knows), got {version!r}; a newer "
+                         f"version was written by a newer rflow_tf")
+
 
 @dataclasses.dataclass
 class FlowConfig:
@@ -112,9 +140,20 @@ class FlowConfig:
       activation: "lipswish" (paper), "elu", "softplus", "relu", "identity".
       coeff: Lipschitz bound c < 1 of every linear map (spectral norm).
       preactivation: apply the activation to the block's input first.
-      actnorm: ActNorm before the first block and after every block.
+      actnorm: ActNorm after every block (and before the first block, see
+        ``first_resblock``).
+      first_resblock: the reference's ``--first-resblock`` (True in all its
+        published models): an ActNorm before the first block of scale 0 (if
+        ``actnorm``), and that block has no pre-activation (it sees the
+        logit, or ActNorm, output directly). False: no ActNorm before the
+        first block and every block pre-activated. (Version-1 configs:
+        False, and the ActNorm before the first block was always there.)
       squeeze_first: squeeze the input once before the first scale (the
         reference uses it for ImageNet64 and CelebA-HQ).
+      squeeze_order: channel order of every squeeze, "reference" (out
+        channel c*4 + 2*dy + dx, the authors' code) or "space_to_depth"
+        ((2*dy + dx)*C + c); see :class:`rflow_tf.bijectors.Squeeze`. They
+        differ as models only with ``factor_out``.
       factor_out: after each scale but the last, half of the channels go
         straight to the latent (standard normal); the rest continue.
       fc_end: fully connected residual blocks on the flattened last scale.
@@ -141,6 +180,19 @@ class FlowConfig:
         (absolute and relative) and iteration cap (used for sampling).
       dtype: "float32" or "float64".
 
+    Versioning:
+      config_version: the meaning of the config (:data:`CONFIG_VERSION` for
+        a config made in code). A dict or JSON without this key is version 1,
+        written before ``first_resblock`` and ``squeeze_order`` existed; its
+        missing fields take the version-1 values, so an old config, run
+        directory or SavedModel still builds the model it was trained as.
+
+    Differences from the reference that remain (permutations, not models):
+    the FC end flattens the last scale in (H, W, C) order (the reference:
+    (C, H, W)), and the latent's factored parts are flattened the same way.
+    A weight converter must permute the first FC kernel's input rows, the FC
+    blocks' ActNorm vectors and the latent accordingly.
+
     Example:
     ```python
     cfg = FlowConfig(input_shape=(8, 8, 1), n_blocks=(2, 2), hidden_channels=32)
@@ -157,7 +209,9 @@ class FlowConfig:
     coeff: float = 0.98
     preactivation: bool = True
     actnorm: bool = True
+    first_resblock: bool = True
     squeeze_first: bool = False
+    squeeze_order: str = "reference"
     factor_out: bool = False
     fc_end: bool = True
     n_fc_blocks: int = 4
@@ -178,6 +232,7 @@ class FlowConfig:
     inverse_tol: float = 1e-5
     inverse_max_iterations: int = 1000
     dtype: str = "float32"
+    config_version: int = CONFIG_VERSION
 
     def __post_init__(self):
         for name in _TUPLE_FIELDS:
@@ -220,6 +275,7 @@ class FlowConfig:
                 f"FlowConfig.n_blocks must be a non-empty tuple, got {self.n_blocks!r}")
         for v in self.n_blocks:
             pos_int("n_blocks", v)
+        _check_config_version(self.config_version)
         h, w, c = self.input_shape
         n_squeeze = self.n_scales - 1 + int(bool(self.squeeze_first))
         if h % (2 ** n_squeeze) or w % (2 ** n_squeeze):
@@ -235,6 +291,12 @@ class FlowConfig:
         if not ks or any(k < 1 or k % 2 == 0 for k in ks):
             raise ValueError(f"FlowConfig.kernels must look like '3-1-3' (odd sizes), "
                              f"got {self.kernels!r}")
+        if self.squeeze_order not in rbij.SQUEEZE_ORDERS:
+            raise ValueError(f"FlowConfig.squeeze_order must be one of {rbij.SQUEEZE_ORDERS}, "
+                             f"got {self.squeeze_order!r}")
+        for name in ("preactivation", "actnorm", "first_resblock", "squeeze_first"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"FlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.activation not in rlayers.ACTIVATIONS:
             raise ValueError(f"FlowConfig.activation must be one of {rlayers.ACTIVATIONS}, "
                              f"got {self.activation!r}")
@@ -291,9 +353,11 @@ class FlowConfig:
     def from_dict(cls, d):
         """Builds a config from a dict (as written by :meth:`to_dict`); unknown
         keys raise a ValueError listing the valid ones. Missing keys take
-        their defaults.
+        their defaults *of the dict's* ``config_version`` (missing: version
+        1, whose defaults are the values before they changed).
 
-        Example: ``FlowConfig.from_dict({"input_shape": [8, 8, 1], "n_blocks": [2, 2]})``.
+        Example: ``FlowConfig.from_dict({"input_shape": [8, 8, 1], "n_blocks": [2, 2]})``
+        is a version-1 config (``first_resblock=False``, space_to_depth squeeze).
         """
         if not isinstance(d, dict):
             raise TypeError(f"FlowConfig.from_dict expects a dict, got {type(d).__name__}")
@@ -301,6 +365,13 @@ class FlowConfig:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"Unknown FlowConfig keys {unknown}; valid keys: {names}")
+        d = dict(d)
+        version = d.setdefault("config_version", 1)
+        _check_config_version(version)
+        for old, defaults in sorted(LEGACY_DEFAULTS.items()):
+            if version <= old:
+                for name, value in defaults.items():
+                    d.setdefault(name, value)
         return cls(**d)
 
     def to_json(self, indent=2):
@@ -903,17 +974,18 @@ class ResidualFlow(keras.Model):
             h, w, c = shape
             out = []
             for i in range(cfg.n_blocks[s]):
+                first = cfg.first_resblock and s == 0 and i == 0
                 blk = rbij.IResBlock.conv(
                     shape, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
                     coeff=cfg.coeff, activation=cfg.activation,
-                    preactivation=cfg.preactivation, dtype=dtype, name=f"s{s}_block{i}",
-                    **block_kwargs)
+                    preactivation=cfg.preactivation and not first, dtype=dtype,
+                    name=f"s{s}_block{i}", **block_kwargs)
                 named_layers.append((f"{blk.name}_net", blk.net))
                 out.append(blk)
                 if cfg.actnorm:
                     out.append(actnorm(shape, f"s{s}_actnorm{i + 1}"))
             if s < cfg.n_scales - 1:
-                out.append(rbij.Squeeze(name=f"s{s}_squeeze"))
+                out.append(rbij.Squeeze(cfg.squeeze_order, name=f"s{s}_squeeze"))
                 squeezed = (h // 2, w // 2, 4 * c)
                 if cfg.factor_out:
                     inner = scale(s + 1, (h // 2, w // 2, 2 * c))
@@ -939,9 +1011,11 @@ class ResidualFlow(keras.Model):
         stages = [rbij.LogitTransform(cfg.logit_alpha, name="logit")]
         shape = (h, w, c)
         if cfg.squeeze_first:
-            stages.append(rbij.Squeeze(name="squeeze_first"))
+            stages.append(rbij.Squeeze(cfg.squeeze_order, name="squeeze_first"))
             shape = (h // 2, w // 2, 4 * c)
-        if cfg.actnorm:
+        # Version 1 always put an ActNorm before the first block; the reference
+        # (and version 2) only with first_resblock.
+        if cfg.actnorm and (cfg.first_resblock or cfg.config_version < 2):
             stages.append(actnorm(shape, "s0_actnorm0"))
         return stages + scale(0, shape)
 

@@ -284,3 +284,30 @@ def test_shipped_model_loads_and_is_finite():
     assert np.all(np.isfinite(lp))
     bpd = dist.model.bits_per_dim(test).numpy()
     assert np.all(np.isfinite(bpd)) and float(np.mean(bpd)) < 5.0
+
+
+def test_shipped_model_keeps_its_version_1_meaning():
+    # saved_models/digits was exported before config_version existed: its config
+    # reads as version 1 and rebuilds the model it was trained as. The
+    # reference values come from the SavedModel's own graphs, traced by the
+    # code that trained it (no rflow_tf code runs in them).
+    meta = json.load(open(os.path.join(SHIPPED, "assets", export.METADATA_FILE)))
+    assert "config_version" not in meta["config"]
+    dist = rflow_tf.load(SHIPPED)
+    cfg = dist.model.flow_config
+    assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order) == (1, False,
+                                                                           "space_to_depth")
+    obj = tf.saved_model.load(SHIPPED)
+    x_int = _digits(64, seed=1)
+    traced = obj.bits_per_dim(tf.constant(x_int, tf.uint8)).numpy()
+    rebuilt = dist.bits_per_dim(x_int).numpy()
+    np.testing.assert_allclose(rebuilt, traced, atol=1e-5)
+    x = tf.cast(rdata.dequantize(x_int, 8, seed=[1, 1]), tf.float32)
+    z_traced, ld_traced = obj.forward(x)
+    z, ld = dist.model.forward_and_log_det(x)
+    np.testing.assert_allclose(z.numpy(), z_traced.numpy(), atol=1e-4)
+    np.testing.assert_allclose(ld.numpy(), ld_traced.numpy(), rtol=1e-5, atol=1e-3)
+    # Read as a version-2 config it would be another model (no pre-activation in
+    # the first block: one LipSwish weight fewer), so the version matters.
+    v2 = models.ResidualFlow(dict(meta["config"], config_version=models.CONFIG_VERSION))
+    assert len(v2.weights) != len(dist.model.weights)

@@ -23,8 +23,12 @@ ALPHA = 0.25
 
 
 def tiny_config(**kw):
+    # inverse_tol: the fixed-point iteration stops when a step changes x by less
+    # than the tolerance; the error left is up to Lip/(1 - Lip) (~50 at coeff
+    # 0.98) times that, so 1e-10 keeps inverses within 1e-8 in float64.
     base = dict(input_shape=(4, 4, 1), n_blocks=(1, 1), hidden_channels=8, n_fc_blocks=1,
-                fc_hidden=(8,), logit_alpha=ALPHA, logdet="exact", dtype="float64")
+                fc_hidden=(8,), logit_alpha=ALPHA, logdet="exact", dtype="float64",
+                inverse_tol=1e-10)
     base.update(kw)
     return models.FlowConfig(**base)
 
@@ -365,3 +369,102 @@ def test_flow_bijector_seed_routing():
     # Extra batch dimensions are accepted by the bijector.
     assert model.bijector.forward(tf.reshape(tf.concat([x, x], 0), [2, 2, 4, 4, 1])).shape \
         == (2, 2, 16)
+
+
+# ---------------------------------------------------------------- reference parity
+
+
+@pytest.mark.parametrize("order", rbij.SQUEEZE_ORDERS)
+def test_squeeze_channel_order_known_values(order):
+    # x[0, y, x, c] = 100 y + 10 x + c: every value names its pixel and channel.
+    h, w, c = 4, 6, 3
+    vals = np.array([[[100 * i + 10 * j + k for k in range(c)] for j in range(w)]
+                     for i in range(h)], np.float64)[None]
+    out = rbij.Squeeze(order).forward(tf.constant(vals)).numpy()
+    assert out.shape == (1, h // 2, w // 2, 4 * c)
+    for i in range(h // 2):
+        for j in range(w // 2):
+            for k in range(c):
+                for dy in range(2):
+                    for dx in range(2):
+                        ch = (k * 4 + 2 * dy + dx if order == "reference"
+                              else (2 * dy + dx) * c + k)
+                        assert out[0, i, j, ch] == 100 * (2 * i + dy) + 10 * (2 * j + dx) + k
+    y = check_bijector(rbij.Squeeze(order), uniform((2, 4, 6, 2), seed=5), 3)
+    assert y.shape == (2, 2, 3, 8)
+
+
+def test_squeeze_rejects_bad_order_and_shapes():
+    with pytest.raises(ValueError, match="order"):
+        rbij.Squeeze("nchw")
+    with pytest.raises(ValueError, match="even"):
+        rbij.Squeeze().forward(tf.zeros([1, 3, 4, 1]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        rbij.Squeeze().inverse(tf.zeros([1, 2, 2, 3]))
+
+
+def _is_preactivated(block):
+    return not isinstance(block.net.layers[0], (rlayers.LipschitzConv2D, rlayers.LipschitzDense))
+
+
+def _layout(model):
+    """(kind, detail) per stage in application order, descending into FactorOut."""
+    out = []
+    for b in models._iter_stages(model.stages):   # pylint: disable=protected-access
+        if isinstance(b, rbij.IResBlock):
+            out.append(("block", "preact" if _is_preactivated(b) else "no_preact"))
+        elif isinstance(b, rbij.Squeeze):
+            out.append(("squeeze", b.order))
+        elif isinstance(b, rbij.ActNorm):
+            out.append(("actnorm", None))
+    return out
+
+
+PAPER_PRESETS = ("mnist", "cifar10", "imagenet32", "imagenet64", "celeb_a_hq")
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_preset_layout_matches_reference(name):
+    # The reference (StackediResBlocks with first_resblock, actnorm, preact):
+    # [squeeze] ActNorm, block 0 of scale 0 without pre-activation, every other
+    # block pre-activated and followed by an ActNorm, squeezes in c*4+2dy+dx order.
+    preset = models.get_preset(name)
+    assert preset.first_resblock and preset.squeeze_order == "reference"
+    assert preset.config_version == models.CONFIG_VERSION
+    n_scales = preset.n_scales
+    size = 2 ** (n_scales - 1 + preset.squeeze_first) * 2
+    cfg = preset.replace(input_shape=(size, size, 3), n_blocks=(2,) * n_scales,
+                         hidden_channels=4, fc_hidden=(4,), n_fc_blocks=1)
+    expected = [("squeeze", "reference")] if cfg.squeeze_first else []
+    expected.append(("actnorm", None))
+    for s in range(n_scales):
+        for i in range(2):
+            expected += [("block", "no_preact" if s == i == 0 else "preact"), ("actnorm", None)]
+        if s < n_scales - 1:
+            expected.append(("squeeze", "reference"))
+    if cfg.fc_end:
+        expected += [("block", "preact"), ("actnorm", None)]
+    assert _layout(models.ResidualFlow(cfg)) == expected
+
+
+def test_config_version_1_keeps_old_meaning():
+    # A dict without config_version is version 1: space_to_depth squeezes, an
+    # ActNorm before the first block and every block pre-activated.
+    old = tiny_config(n_blocks=(1, 1), fc_end=False).to_dict()
+    for key in ("config_version", "first_resblock", "squeeze_order"):
+        del old[key]
+    v1 = models.FlowConfig.from_dict(old)
+    assert (v1.config_version, v1.first_resblock, v1.squeeze_order) == (1, False, "space_to_depth")
+    assert _layout(models.ResidualFlow(v1)) == [
+        ("actnorm", None), ("block", "preact"), ("actnorm", None),
+        ("squeeze", "space_to_depth"), ("block", "preact"), ("actnorm", None)]
+    assert models.FlowConfig.from_json(v1.to_json()) == v1      # round trip keeps version 1
+    # Version 2 with first_resblock=False is the reference's: no leading ActNorm.
+    v2 = tiny_config(n_blocks=(1, 1), fc_end=False, first_resblock=False)
+    assert _layout(models.ResidualFlow(v2))[0] == ("block", "preact")
+    # Explicit keys win over the version's defaults.
+    assert models.FlowConfig.from_dict(dict(old, first_resblock=True)).first_resblock
+    with pytest.raises(ValueError, match="config_version"):
+        models.FlowConfig.from_dict(dict(old, config_version=models.CONFIG_VERSION + 1))
+    with pytest.raises(ValueError, match="squeeze_order"):
+        tiny_config(squeeze_order="nchw").validate()

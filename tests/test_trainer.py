@@ -167,6 +167,29 @@ def test_model_config_mismatch_is_refused(tmp_path, capsys):
     assert code == 2 and "different model configuration" in capsys.readouterr().err
 
 
+def test_version_1_run_dir_resumes_with_its_old_architecture(tmp_path):
+    # A run directory written before config_version existed (no config_version,
+    # first_resblock, squeeze_order keys) resumes as the model it was built as.
+    spec = trainer_main.resolve_run(run_args(tmp_path))
+    old = spec.config_json()
+    for key in ("config_version", "first_resblock", "squeeze_order"):
+        del old["flow_config"][key]
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(old, f)
+    trainer = trainer_main.Trainer(run_args(tmp_path))
+    cfg = trainer.flow_config
+    assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order) == (1, False,
+                                                                           "space_to_depth")
+    assert isinstance(trainer.model.stages[1], trainer_main.models.rbij.ActNorm)
+    assert json.load(open(tmp_path / "config.json"))["flow_config"]["config_version"] == 1
+    # Any other difference is still refused.
+    old["flow_config"]["hidden_channels"] = 8
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(old, f)
+    with pytest.raises(trainer_main.UsageError, match="hidden_channels"):
+        trainer_main.Trainer(run_args(tmp_path))
+
+
 _MIRRORED_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np

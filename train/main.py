@@ -752,13 +752,37 @@ class Trainer:
             return os.path.join(self.run_dir, name)
         return os.path.join(self.run_dir, f".tmp_{self.task_type}_{self.task_id}", name)
 
+    def _resumable_flow_config(self, old):
+        """The run directory's config, read with its own version's meaning, if
+        it was written by an older :data:`rflow_tf.models.CONFIG_VERSION` and
+        differs from this run's config only in defaults that changed since;
+        then the run resumes as the model it was (and ``self.flow_config`` is
+        set to it). Else None."""
+        try:
+            old_cfg = models.FlowConfig.from_dict(dict(old))
+        except (TypeError, ValueError):
+            return None
+        if old_cfg.config_version >= models.CONFIG_VERSION:
+            return None
+        versioned = {"config_version", *models.LEGACY_DEFAULTS[old_cfg.config_version]}
+        new = self.flow_config.to_dict()
+        if any(v != new.get(k) for k, v in old_cfg.to_dict().items() if k not in versioned):
+            return None
+        self.log(f"{self.run_dir} holds a config_version {old_cfg.config_version} run: resuming "
+                 f"it with its original architecture")
+        self.flow_config = self.spec.flow = old_cfg
+        return old_cfg
+
     def _check_run_dir(self):
         path = os.path.join(self.run_dir, "config.json")
         new = self.spec.config_json()
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            if old.get("flow_config") != new["flow_config"]:
+            old_flow = self._resumable_flow_config(old.get("flow_config", {}))
+            if old_flow is not None:
+                new["flow_config"] = old_flow.to_dict()
+            elif old.get("flow_config") != new["flow_config"]:
                 diff = sorted(k for k in set(old.get("flow_config", {})) | set(new["flow_config"])
                               if old.get("flow_config", {}).get(k) != new["flow_config"].get(k))
                 raise UsageError(

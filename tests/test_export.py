@@ -291,7 +291,8 @@ def test_shipped_model_keeps_its_version_1_meaning():
     # reads as version 1 and rebuilds the model it was trained as. The
     # reference values come from the SavedModel's own graphs, traced by the
     # code that trained it (no rflow_tf code runs in them).
-    meta = json.load(open(os.path.join(SHIPPED, "assets", export.METADATA_FILE)))
+    with open(os.path.join(SHIPPED, "assets", export.METADATA_FILE)) as f:
+        meta = json.load(f)
     assert "config_version" not in meta["config"]
     dist = rflow_tf.load(SHIPPED)
     cfg = dist.model.flow_config

@@ -181,7 +181,8 @@ def test_version_1_run_dir_resumes_with_its_old_architecture(tmp_path):
     assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order) == (1, False,
                                                                            "space_to_depth")
     assert isinstance(trainer.model.stages[1], trainer_main.models.rbij.ActNorm)
-    assert json.load(open(tmp_path / "config.json"))["flow_config"]["config_version"] == 1
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["flow_config"]["config_version"] == 1
     # Any other difference is still refused.
     old["flow_config"]["hidden_channels"] = 8
     with open(tmp_path / "config.json", "w") as f:

@@ -2,6 +2,8 @@
 
 Modules:
   rflow_tf.layers      Keras 3 layers: LipSwish, LipschitzDense, LipschitzConv2D, ActNormalization
+  rflow_tf.norms       pure functions: induced mixed norms ||W||_{p->q}, learnable orders, chaining
+  rflow_tf.activations Keras 3 layers: LipschitzCube, FullSort, MaxMin (1-Lipschitz in every p-norm)
   rflow_tf.estimators  pure functions: roulette weights, Hutchinson probes, power/Neumann series
   rflow_tf.bijectors   TFP bijectors: IResBlock, ActNorm, Squeeze, LogitTransform
   rflow_tf.coupling    AffineCoupling (the paper's coupling baseline) and its nets
@@ -21,7 +23,7 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from rflow_tf import estimators, layers, bijectors  # noqa: E402,F401
+from rflow_tf import estimators, norms, activations, layers, bijectors  # noqa: E402,F401
 from rflow_tf import coupling, invertible_conv, classifier  # noqa: E402,F401
 from rflow_tf.bijectors import IResBlock, ActNorm, Squeeze, LogitTransform  # noqa: E402,F401
 from rflow_tf.layers import (  # noqa: E402,F401

@@ -70,20 +70,20 @@ import tensorflow as tf
 __all__ = [
     "INF",
     "LEARNABLE_ORDER_RANGE",
-    "parse_order",
-    "dual_order",
-    "vector_norm",
-    "dual_direction",
-    "has_closed_form",
-    "closed_form_induced_norm",
-    "matrix_induced_norm",
-    "induced_norm_lower_bound",
-    "power_iteration",
-    "induced_norm_power_method",
     "PowerIterationResult",
-    "order_from_unconstrained",
-    "unconstrained_from_order",
     "chain_orders",
+    "closed_form_induced_norm",
+    "dual_direction",
+    "dual_order",
+    "has_closed_form",
+    "induced_norm_lower_bound",
+    "induced_norm_power_method",
+    "matrix_induced_norm",
+    "order_from_unconstrained",
+    "parse_order",
+    "power_iteration",
+    "unconstrained_from_order",
+    "vector_norm",
 ]
 
 INF = math.inf
@@ -142,6 +142,14 @@ def _static_order(order):
     return parse_order(order)
 
 
+def _order_tensor(order, dtype):
+    """The order as a tensor of ``dtype`` (a Python float converted directly, not
+    via float32)."""
+    if tf.is_tensor(order) or isinstance(order, tf.Variable):
+        return tf.cast(order, dtype)
+    return tf.constant(order, dtype)
+
+
 def dual_order(order):
     """The dual (Hoelder conjugate) order p* with 1/p + 1/p* = 1.
 
@@ -197,7 +205,7 @@ def vector_norm(x, order, axis=None, keepdims=False):
         return tf.reduce_sum(a, axis=axis, keepdims=keepdims)
     m = tf.stop_gradient(tf.reduce_max(a, axis=axis, keepdims=True))
     m = tf.where(m > 0, m, tf.ones_like(m))             # the formula holds for any m > 0
-    order = tf.cast(order, x.dtype)
+    order = _order_tensor(order, x.dtype)
     s = tf.reduce_sum(_safe_pow(a / m, order), axis=axis, keepdims=True)
     norm = m * _safe_pow(s, 1.0 / order)
     if keepdims:
@@ -233,7 +241,7 @@ def dual_direction(x, order, axis=None):
         top = tf.cast(tf.logical_and(a >= m, m > 0), x.dtype)
         return tf.sign(x) * top / tf.maximum(tf.reduce_sum(top, axis=axis, keepdims=True), 1)
     r = a / tf.where(m > 0, m, tf.ones_like(m))
-    y = tf.sign(x) * _safe_pow(r, tf.cast(order, x.dtype) - 1.0)
+    y = tf.sign(x) * _safe_pow(r, _order_tensor(order, x.dtype) - 1.0)
     scale = vector_norm(y, dual_order(order), axis=axis, keepdims=True)
     return y / tf.where(scale > 0, scale, tf.ones_like(scale))
 
@@ -302,12 +310,11 @@ def closed_form_induced_norm(apply_kernel, apply_kernel_transpose, kernel, input
     m = tf.stop_gradient(tf.reduce_max(a))
     m = tf.where(m > 0, m, tf.ones_like(m))
     if p == 1.0:                                  # largest column q-norm
-        r = tf.cast(codomain, kernel.dtype)
+        r = _order_tensor(codomain, kernel.dtype)
         ones_out = tf.ones_like(apply_kernel(ones_in, kernel))
         sums = apply_kernel_transpose(ones_out, _safe_pow(a / m, r))
     else:                                         # q = inf: largest row p*-norm
-        r = dual_order(domain)
-        r = tf.cast(r, kernel.dtype)
+        r = _order_tensor(dual_order(domain), kernel.dtype)
         sums = apply_kernel(ones_in, _safe_pow(a / m, r))
     return m * _safe_pow(tf.maximum(tf.reduce_max(sums), 0.0), 1.0 / r)
 
@@ -320,7 +327,7 @@ def _matrix_apply_transpose(u, w):
     return tf.linalg.matvec(w, u, transpose_a=True)
 
 
-def matrix_induced_norm(w, domain, codomain, num_restarts=10, max_iterations=200, seed=None):
+def matrix_induced_norm(w, domain, codomain, num_restarts=128, max_iterations=200, seed=None):
     """||W||_{p->q} of an explicit matrix W of shape [m, n] (maps R^n to R^m).
 
     Exact for p = 1, q = inf (:func:`closed_form_induced_norm`) and for
@@ -434,7 +441,7 @@ def power_iteration(apply, apply_transpose, v, domain, codomain, max_iterations=
 
 
 def induced_norm_power_method(apply, apply_transpose, input_shape, domain, codomain,
-                              num_restarts=10, max_iterations=200, tol=1e-6, seed=None,
+                              num_restarts=128, max_iterations=200, tol=1e-6, seed=None,
                               dtype=tf.float32):
     """Best of ``num_restarts`` random starts of :func:`power_iteration` (all run
     as one batch): the initialisation of a stored power vector.
@@ -445,6 +452,13 @@ def induced_norm_power_method(apply, apply_transpose, input_shape, domain, codom
     and its ``v`` and ``u`` with a batch axis of 1, ready to be stored and
     warm-started. The estimate is a certified lower bound of ||A||_{p->q}.
     For p = q = 2 a single start suffices (one maximum), so one is used.
+
+    Why 128 starts (the authors' code uses 11): on random 3x5 ... 18x9 matrices
+    (incl. 3x3 convolutions) against the exact norms of the hard cases p > q
+    (2->1, 3->1, inf->1, inf->2, inf->3; exact by enumerating sign vectors), the
+    worst ratio estimate / exact over 200 matrices was 0.959 with 32 starts,
+    0.974 with 64 and 0.9989 with 128. The starts run as one batch, so memory
+    is ``num_restarts`` times one input; pass fewer for very large inputs.
 
     Example:
     ```python
@@ -502,9 +516,9 @@ def order_from_unconstrained(raw):
     ```
     """
     raw = tf.convert_to_tensor(raw)
-    s = -_leaky_elu(tf.cast(_SQUASH_SHIFT, raw.dtype) - raw)
+    s = -_leaky_elu(tf.constant(_SQUASH_SHIFT, raw.dtype) - raw)
     low, _ = LEARNABLE_ORDER_RANGE
-    return tf.maximum(3.0 + 2.0 * tf.tanh(s), tf.cast(low, raw.dtype))
+    return tf.maximum(3.0 + 2.0 * tf.tanh(s), tf.constant(low, raw.dtype))
 
 
 def unconstrained_from_order(order):
@@ -561,7 +575,7 @@ def chain_orders(vnorms, num_layers):
     n = int(num_layers)
     if n < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    items = list(vnorms) if isinstance(vnorms, str) else list(vnorms)
+    items = list(vnorms)
     orders = [parse_order(o, name=f"vnorms[{i}]") for i, o in enumerate(items)]
     if len(orders) == 1:
         orders = orders * n

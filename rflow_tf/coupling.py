@@ -366,9 +366,11 @@ class AffineCoupling(_KerasBacked):
             log_scale = (1.0 - self._keep_mask(log_scale.dtype)) * log_scale
         return tf.reduce_sum(tf.reshape(log_scale, [tf.shape(log_scale)[0], -1]), axis=1)
 
-    def forward_and_log_det(self, x):
+    def forward_and_log_det(self, x, seed=None, training=False):
         """(y, log |det dy/dx|) with one evaluation of the net; the log-det
-        has the batch shape of x."""
+        has the batch shape of x. ``seed`` and ``training`` are accepted for
+        the interface of :meth:`rflow_tf.bijectors.IResBlock.forward_and_log_det`
+        and ignored (the coupling is deterministic)."""
         xf, batch_shape = self._flatten_batch(x, "x")
         kept, part = self._split(xf)
         log_scale, shift = self._log_scale_and_shift(kept)

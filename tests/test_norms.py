@@ -295,6 +295,35 @@ def test_learnable_order_gradients_finite_at_the_bounds(raw):
     assert np.all(res.norm.numpy() > 0)
 
 
+def test_learning_chained_orders_by_gradient_steps_stays_finite():
+    """Two chained layers (p1 -> p2, p2 -> p1) with learnable orders; large gradient
+    steps on the summed norm estimates (warm-started power iteration each step, as a
+    layer would do) drive the orders to the ends of their range without NaN."""
+    rng = np.random.default_rng(13)
+    ws = [tf.constant(rng.standard_normal(s), tf.float32) for s in [(6, 4), (4, 6)]]
+    raws = [tf.Variable(0.0), tf.Variable(0.0)]
+    vs = [tf.random.stateless_normal([4, 4], [0, 1]), tf.random.stateless_normal([4, 6], [0, 2])]
+    seen = []
+    for step in range(12):
+        with tf.GradientTape() as tape:
+            p = [rn.order_from_unconstrained(r) for r in raws]
+            total = 0.0
+            for i, w in enumerate(ws):
+                apply = lambda x, w=w: tf.linalg.matvec(w, x)
+                apply_t = lambda u, w=w: tf.linalg.matvec(w, u, transpose_a=True)
+                res = rn.power_iteration(apply, apply_t, vs[i], p[i], p[1 - i], max_iterations=5)
+                vs[i] = res.v
+                total += tf.reduce_max(rn.induced_norm_lower_bound(apply, res.v, p[i], p[1 - i]))
+        grads = tape.gradient(total, raws)
+        assert np.isfinite(total.numpy()) and all(np.isfinite(g.numpy()) for g in grads)
+        for r, g in zip(raws, grads):
+            r.assign_sub(50.0 * tf.sign(g) * (1.0 + step))
+        seen += [float(x) for x in p]
+    low, high = rn.LEARNABLE_ORDER_RANGE
+    assert min(seen) >= low and max(seen) <= high
+    assert min(seen) < 1.01 or max(seen) > 4.99          # an end of the range was reached
+
+
 def test_tensor_order_near_one_agrees_with_the_one_norm_closed_form():
     """Continuity in p at 1.001: the power method with a tensor order takes the
     general formula, and lands within 1% of the exact 1->2 norm."""

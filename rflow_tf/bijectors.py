@@ -499,9 +499,12 @@ class IResBlock(_KerasBacked):
         x, residual, converged = self.inverse_with_diagnostics(y)
         if tf.executing_eagerly():
             if not bool(converged):
+                why = "" if math.isfinite(float(residual)) and bool(
+                    tf.reduce_all(tf.math.is_finite(x))) else \
+                    " (the result is not finite: is y infinite or NaN?)"
                 warnings.warn(
                     f"{self.name}: fixed-point inverse did not converge in "
-                    f"{self.inverse_max_iterations} iterations; final residual "
+                    f"{self.inverse_max_iterations} iterations{why}; final residual "
                     f"max|x + g(x) - y| = {float(residual):.3g}", RuntimeWarning, stacklevel=2)
         else:
             def warn():
@@ -522,8 +525,11 @@ class IResBlock(_KerasBacked):
         """Fixed-point inverse with its diagnostics.
 
         Iterates x <- y - g(x) from x = y until max|x_new - x| <= atol +
-        rtol * max|x_new| or ``inverse_max_iterations``. Returns
-        ``(x, residual, converged)`` where residual = max|x + g(x) - y|.
+        rtol * max|x_new| or ``inverse_max_iterations``, or until the iterate
+        stops being finite. Returns ``(x, residual, converged)`` where
+        residual = max|x + g(x) - y| and ``converged`` holds only when the
+        stopping rule was met with a finite x and a finite residual (an
+        inf/NaN result, e.g. from an infinite y, is never "converged").
 
         Example:
         ```python
@@ -535,6 +541,7 @@ class IResBlock(_KerasBacked):
         rtol = tf.cast(self.inverse_rtol, yf.dtype)
 
         def cond(i, x, change):
+            # NaN compares False: a non-finite iterate stops the loop.
             return change > atol + rtol * tf.reduce_max(tf.abs(x))
 
         def body(i, x, change):
@@ -545,7 +552,9 @@ class IResBlock(_KerasBacked):
         _, x, change = tf.while_loop(cond, body, (tf.constant(0), yf, big),
                                      maximum_iterations=self.inverse_max_iterations)
         residual = tf.reduce_max(tf.abs(x + self._g(x, False) - yf))
-        converged = change <= atol + rtol * tf.reduce_max(tf.abs(x))
+        finite = tf.math.is_finite(change) & tf.math.is_finite(residual) & \
+            tf.reduce_all(tf.math.is_finite(x))
+        converged = finite & (change <= atol + rtol * tf.reduce_max(tf.abs(x)))
         return self._unflatten(x, batch_shape), residual, converged
 
 

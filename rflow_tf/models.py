@@ -66,6 +66,8 @@ imgs = flow.sample(16, temperature=0.8, seed=[1, 2])   # [16, 8, 8, 1] in [0, 1]
 import dataclasses
 import json
 import math
+import sys
+import warnings
 from typing import Optional, Tuple
 
 import keras
@@ -893,6 +895,32 @@ class FlowDistribution(tfd.TransformedDistribution):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
+def _finite_images_or_nan(x, z, where):
+    """clip(x, 0, 1) for samples whose image x and latent z are finite; the
+    others become all-NaN and are reported (RuntimeWarning eagerly, stderr in
+    graphs)."""
+    ok = tf.reduce_all(tf.math.is_finite(x), axis=list(range(1, x.shape.rank))) & \
+        tf.reduce_all(tf.math.is_finite(z), axis=list(range(1, z.shape.rank)))
+    bad = tf.reduce_sum(tf.cast(~ok, tf.int32))
+    msg = ("sample(s) not finite (infinite latent or temperature, or a diverged fixed-point "
+           "inverse); returned as NaN")
+    if tf.executing_eagerly():
+        if int(bad):
+            warnings.warn(f"{where}: {int(bad)} of {int(tf.size(ok))} {msg}", RuntimeWarning,
+                          stacklevel=3)
+    else:
+        def report():
+            tf.print("WARNING:", where + ":", bad, "of", tf.size(ok), msg,
+                     output_stream=sys.stderr)
+            return tf.constant(False)
+
+        flag = tf.cond(bad > 0, report, lambda: tf.constant(True))
+        with tf.control_dependencies([flag]):
+            x = tf.identity(x)
+    mask = tf.reshape(ok, [-1] + [1] * (x.shape.rank - 1))
+    return tf.where(mask, tf.clip_by_value(x, 0.0, 1.0), tf.constant(np.nan, x.dtype))
+
+
 class ResidualFlow(keras.Model):
     """A multiscale Residual Flow for images (a Keras 3 model).
 
@@ -1213,6 +1241,10 @@ class ResidualFlow(keras.Model):
         latent, x = f^-1(z) by the blocks' fixed-point inverses (Banach
         iteration x <- y - g(x)) and the other pieces' exact inverses, then
         clipped to [0, 1] (the logit's alpha margin can overshoot slightly).
+        A sample whose inverse is not finite (a diverged fixed-point
+        iteration, e.g. from an infinite latent) is returned as NaN, never
+        clipped into a plausible image, with a warning (a ``RuntimeWarning``
+        eagerly, a line on stderr inside ``tf.function``).
 
         Example: ``imgs = flow.sample(64, temperature=0.7, seed=[3, 4])``.
         """
@@ -1226,8 +1258,8 @@ class ResidualFlow(keras.Model):
         else:
             z = tf.random.stateless_normal(shape, _as_seed(seed, "ResidualFlow.sample"),
                                            dtype=self.flow_dtype)
-        x = self._flow.inverse(z * tf.cast(temperature, self.flow_dtype))
-        return tf.clip_by_value(x, 0.0, 1.0)
+        z = z * tf.cast(temperature, self.flow_dtype)
+        return _finite_images_or_nan(self._flow.inverse(z), z, "ResidualFlow.sample")
 
     def distribution(self):
         """The model as a ``tfd.TransformedDistribution`` over images:

@@ -6,6 +6,7 @@ Models are minimal (one residual block) so each run is dominated by tracing.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -233,3 +234,192 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
     assert out["strategy"] == "MirroredStrategy" and out["replicas"] == 2
     assert out["iterations"] == 3 and np.isfinite(out["test_bpd"])
     assert out["diffs"] == {"model": 0.0, "ema": 0.0, "optimizer": 0.0}, out["diffs"]
+
+
+# ----------------------------------------------------------------------------
+# Faults: bad flags, run-directory lock, lost/corrupt checkpoints, exact resume
+# ----------------------------------------------------------------------------
+
+
+def run_main(argv):
+    """main(argv)'s exit status; argparse's own rejections (SystemExit) included."""
+    try:
+        return trainer_main.main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("flag", ["--lr=inf", "--grad_clip=nan", "--n_blocks=-1",
+                                  "--ckpt_every=0", "--cpu_devices=-1", "--keep_best=0",
+                                  "--eval_examples=-5", "--temperature=-1",
+                                  "--n_sample_images=0"])
+def test_bad_flag_is_rejected_before_any_work(tmp_path, capsys, flag):
+    out = tmp_path / "run"
+    code = run_main(TINY + [f"--out={out}", "--steps=1", flag])
+    err = capsys.readouterr().err
+    name = flag.split("=")[0]
+    assert code == 2 and name in err and "Traceback" not in err, err
+    assert not out.exists()                       # nothing was started
+
+
+def test_flag_constraints_name_real_flags():
+    dests = {a.dest for a in trainer_main.build_parser()._actions}  # pylint: disable=protected-access
+    for flag, _, _ in trainer_main.FLAG_CONSTRAINTS:
+        assert flag in dests, flag
+    trainer_main.check_flags(trainer_main.parse_args([]))        # the defaults pass
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from train.main import RunDirLock
+    lock = RunDirLock({run_dir!r}).acquire()
+    print("locked", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_run_dir_lock_refuses_a_second_trainer_and_dies_with_its_holder(tmp_path, capsys):
+    first = trainer_main.Trainer(run_args(tmp_path))
+    assert first.lock.held
+    config = (tmp_path / "config.json").read_text()
+    code = trainer_main.main(TINY + [f"--out={tmp_path}", "--seed=5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "in use by another trainer" in err and f"pid {os.getpid()}" in err
+    assert (tmp_path / "config.json").read_text() == config        # nothing overwritten
+    first.close()
+    # A holder killed with SIGKILL (no cleanup at all) leaves no stale lock.
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK.format(repo=REPO,
+                                                                     run_dir=str(tmp_path))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(trainer_main.RunDirLockedError, match=f"pid {proc.pid}"):
+            trainer_main.RunDirLock(str(tmp_path)).acquire()
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    trainer_main.RunDirLock(str(tmp_path)).acquire().release()
+
+
+RESUME = ["--steps=6", "--batch_size=8", "--eval_examples=8", "--ckpt_every=2",
+          "--eval_every=3", "--sample_every=100"]
+
+
+def state_of(trainer):
+    return {"model": values(trainer.model.variables), "ema": values(trainer.ema_vars),
+            "optimizer": values(trainer.optimizer.variables)}
+
+
+def test_resume_after_a_kill_at_a_random_step_is_bit_identical(tmp_path, capsys):
+    k = int(np.random.default_rng().integers(1, 6))       # a random step in 1..5
+    straight = trainer_main.Trainer(run_args(tmp_path / "a", *RESUME))
+    straight.train()
+    expected = state_of(straight)
+
+    crashed = trainer_main.Trainer(run_args(tmp_path / "b", *RESUME,
+                                            f"--inject_crash_step={k}"))
+    with pytest.raises(RuntimeError, match=f"injected crash after step {k}"):
+        crashed.train()
+    assert not crashed.lock.held                             # released on the way out
+    resumed = trainer_main.Trainer(run_args(tmp_path / "b", *RESUME))
+    resumed.train()
+    log = capsys.readouterr().out
+    if k >= 2:
+        assert f"resumed from {tmp_path / 'b' / 'ckpt' / f'ckpt-{k - k % 2}'}" in log, (k, log)
+    for group, arrays in state_of(resumed).items():
+        assert len(arrays) == len(expected[group])
+        for i, (a, b) in enumerate(zip(expected[group], arrays)):
+            np.testing.assert_array_equal(a, b, err_msg=f"kill after step {k}: {group}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A run trained for 3 steps with a checkpoint every step: ckpt-2 and ckpt-3 kept."""
+    out = tmp_path_factory.mktemp("trained")
+    trainer_main.train(run_args(out, "--steps=3", "--batch_size=8", "--eval_examples=8",
+                                "--ckpt_every=1", "--sample_every=100"))
+    assert sorted(f for f in os.listdir(out / "ckpt") if f.endswith(".index")) == \
+        ["ckpt-2.index", "ckpt-3.index"]
+    return out
+
+
+def copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def restored(run_dir, *extra):
+    trainer = trainer_main.Trainer(run_args(run_dir, "--steps=4", "--batch_size=8",
+                                            "--eval_examples=8", *extra))
+    try:
+        path = trainer.restore_or_initialize()
+        return path, int(trainer.step.numpy())
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_lost_state_file_recovers_from_the_checkpoint_files(trained_run, tmp_path, capsys,
+                                                            damage):
+    run = copy_run(trained_run, tmp_path / "run")
+    state = run / "ckpt" / "checkpoint"
+    if damage == "deleted":
+        state.unlink()
+    else:
+        state.write_bytes(b"\x00garbage {{{ not a CheckpointState")
+    path, step = restored(run)
+    assert path == str(run / "ckpt" / "ckpt-3") and step == 3
+    assert ("missing" if damage == "deleted" else "unreadable") in capsys.readouterr().err
+    assert tf.train.latest_checkpoint(str(run / "ckpt")) == path        # state repaired
+    if damage == "garbage":
+        return
+    # Training on saves ckpt-4 and never deletes ckpt-2, which this run did not write.
+    trainer_main.train(run_args(run, "--steps=4", "--batch_size=8", "--eval_examples=8",
+                                "--ckpt_every=1", "--sample_every=100"))
+    names = sorted(f for f in os.listdir(run / "ckpt") if f.endswith(".index"))
+    assert names == ["ckpt-2.index", "ckpt-3.index", "ckpt-4.index"]
+
+
+def truncate(path, keep=0.5):
+    raw = path.read_bytes()
+    path.write_bytes(raw[:int(len(raw) * keep)])
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_none_restoring_stops(trained_run, tmp_path,
+                                                                        capsys):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt = run / "ckpt"
+    truncate(ckpt / "ckpt-3.data-00000-of-00001")
+    path, step = restored(run)
+    err = capsys.readouterr().err
+    assert path == str(ckpt / "ckpt-2") and step == 2
+    assert "ckpt-3 does not restore" in err and "resumed from the older checkpoint" in err
+    assert (ckpt / "unrestorable" / "ckpt-3.index").exists()            # kept, moved aside
+    assert tf.train.latest_checkpoint(str(ckpt)) == path
+
+    truncate(ckpt / "ckpt-2.index")                      # now nothing restores: stop
+    code = trainer_main.main(TINY + [f"--out={run}", "--steps=4", "--batch_size=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and "none of the 1 checkpoint(s)" in err and "Traceback" not in err
+    assert (ckpt / "ckpt-2.index").exists()                              # nothing deleted
+
+
+def test_leftovers_of_a_kill_mid_save_are_cleaned_and_skipped(trained_run, tmp_path, capsys):
+    run = copy_run(trained_run, tmp_path / "run")
+    ckpt, best = run / "ckpt", run / "ckpt_best"
+    # What a kill during the save of step 4 leaves: TensorFlow's temporary directory and a
+    # partial ckpt-4 (killed while merging into place); the state file still says ckpt-3.
+    for d in (ckpt / "ckpt-4_temp", best / "best-4_temp"):
+        d.mkdir()
+        (d / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"partial")
+    (ckpt / "ckpt-4.index").write_bytes((ckpt / "ckpt-3.index").read_bytes()[:20])
+    (ckpt / "ckpt-4.data-00000-of-00001").write_bytes(b"")
+    (ckpt / "notes_temp").mkdir()                        # not ours: left alone
+    path, step = restored(run)
+    assert path == str(ckpt / "ckpt-3") and step == 3
+    assert not (ckpt / "ckpt-4_temp").exists() and not (best / "best-4_temp").exists()
+    assert (ckpt / "notes_temp").exists()
+    out = capsys.readouterr()
+    assert "ckpt-4_temp, left by a save that was interrupted" in out.out
+    assert "ckpt-4 does not restore" in out.err

@@ -40,11 +40,15 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import importlib
 import importlib.util
 import json
 import math
 import os
+import re
+import shutil
+import socket
 import sys
 import time
 import warnings
@@ -80,6 +84,13 @@ __all__ = [
     "main",
     "UsageError",
     "TrainingDivergedError",
+    "FLAG_CONSTRAINTS",
+    "check_flags",
+    "RunDirLock",
+    "RunDirLockedError",
+    "checkpoint_candidates",
+    "remove_stale_temp_checkpoints",
+    "restore_newest",
 ]
 
 _LN2 = math.log(2.0)
@@ -91,6 +102,10 @@ class UsageError(Exception):
 
 class TrainingDivergedError(Exception):
     """Too many consecutive non-finite steps; the message names the last good checkpoint."""
+
+
+class _InjectedCrash(RuntimeError):
+    """Testing aid (--inject_crash_step): an abrupt stop with nothing saved, like a kill."""
 
 
 # ----------------------------------------------------------------------------
@@ -110,12 +125,14 @@ def _str2bool(value):
 
 
 def _int_list(value):
+    parts = str(value).replace(",", "-").split("-")
     try:
-        out = tuple(int(v) for v in str(value).replace(",", "-").split("-") if v.strip())
+        out = tuple(int(v) for v in parts)
     except ValueError:
         out = ()
-    if not out:
-        raise argparse.ArgumentTypeError(f"expected integers like 16-16-16, got {value!r}")
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected positive integers like 16-16-16, got {value!r}")
     return out
 
 
@@ -249,9 +266,63 @@ def build_parser():
     g.add_argument("--export_only", action="store_true",
                    help="Export the latest checkpoint of the run directory and exit.")
 
-    # Testing aid: comma-separated steps whose loss is replaced by NaN.
+    # Testing aids: comma-separated steps whose loss is replaced by NaN; a step after
+    # which training stops abruptly, saving nothing (a kill).
     p.add_argument("--inject_nan_steps", default="", help=argparse.SUPPRESS)
+    p.add_argument("--inject_crash_step", type=int, default=0, help=argparse.SUPPRESS)
     return p
+
+
+def _finite(v):
+    return math.isfinite(float(v))
+
+
+# Constraints on flag values, checked by check_flags() before any work. One row per
+# flag: (flag, predicate on the parsed value, what the flag must be). Flags left unset
+# (None: "the preset's value") are not checked here; add a row for every new numeric flag.
+FLAG_CONSTRAINTS = (
+    ("lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("grad_clip", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
+    ("ema_decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("epochs", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("steps", lambda v: v >= 0, ">= 0"),
+    ("batch_size", lambda v: v >= 1, ">= 1"),
+    ("accumulate", lambda v: v >= 1, ">= 1"),
+    ("n_bits", lambda v: 1 <= v <= 8, "in 1..8"),
+    ("hidden_channels", lambda v: v >= 1, ">= 1"),
+    ("n_exact_terms", lambda v: v >= 0, ">= 0"),
+    ("max_nan_steps", lambda v: v >= 1, ">= 1"),
+    ("eval_every", lambda v: v >= 1, ">= 1"),
+    ("eval_examples", lambda v: v >= 0, ">= 0 (0 = the whole test split)"),
+    ("sample_every", lambda v: v >= 1, ">= 1"),
+    ("n_sample_images", lambda v: v >= 1, ">= 1"),
+    ("temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("log_every", lambda v: v >= 1, ">= 1"),
+    ("ckpt_every", lambda v: v >= 1, ">= 1"),
+    ("keep_best", lambda v: v >= 1, ">= 1"),
+    ("cpu_devices", lambda v: v >= 0, ">= 0 (0 = no split)"),
+)
+
+
+def check_flags(args):
+    """Checks every flag of ``args`` against :data:`FLAG_CONSTRAINTS`; raises
+    :class:`UsageError` naming the first bad flag. Runs before any work
+    (``main`` and :func:`resolve_run` call it), so a bad value never trains
+    to NaN, is never replaced by a default and never fails after the run.
+
+    Example:
+    ```python
+    check_flags(parse_args(["--lr=1e-3"]))           # fine
+    check_flags(parse_args(["--lr=inf"]))            # UsageError: --lr must be ...
+    ```
+    """
+    for flag, ok, requirement in FLAG_CONSTRAINTS:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if not ok(value):
+            raise UsageError(f"--{flag} must be {requirement}, got {value!r}")
 
 
 def parse_args(argv=None):
@@ -365,6 +436,7 @@ def resolve_run(args):
 
     Example: ``spec = resolve_run(parse_args(["--dataset=mnist"]))``.
     """
+    check_flags(args)
     try:
         info = data.dataset_info(args.dataset)
     except ValueError as e:
@@ -398,15 +470,7 @@ def resolve_run(args):
         value = getattr(args, key)
         if value is not None:
             hp[key] = value
-    for key in ("batch_size", "accumulate", "eval_every", "sample_every"):
-        if int(hp[key]) < 1:
-            raise UsageError(f"--{key} must be >= 1, got {hp[key]}")
-    if not hp["lr"] > 0:
-        raise UsageError(f"--lr must be > 0, got {hp['lr']}")
-    if not 0.0 <= hp["ema_decay"] < 1.0:
-        raise UsageError(f"--ema_decay must lie in [0, 1), got {hp['ema_decay']}")
-    if hp["grad_clip"] < 0 or hp["warmup_steps"] < 0:
-        raise UsageError("--grad_clip and --warmup_steps must be >= 0")
+    # The flags were checked by check_flags(); the presets' values are valid.
     if args.steps is not None:
         steps = int(args.steps)
     elif args.epochs is not None or preset.steps is None:
@@ -414,13 +478,9 @@ def resolve_run(args):
         steps = int(math.ceil(float(epochs) * info.n_train / (hp["batch_size"] * hp["accumulate"])))
     else:
         steps = int(preset.steps)
-    if steps < 0:
-        raise UsageError(f"--steps must be >= 0, got {steps}")
     hp.pop("epochs")
     hp["steps"] = steps
-    hp["ckpt_every"] = int(args.ckpt_every or hp["eval_every"])
-    if hp["ckpt_every"] < 1:
-        raise UsageError("--ckpt_every must be >= 1")
+    hp["ckpt_every"] = int(hp["eval_every"] if args.ckpt_every is None else args.ckpt_every)
     hp["seed"] = int(args.seed)
     hp["jit_compile"] = bool(args.jit_compile)
 
@@ -658,6 +718,194 @@ def make_eval_step(model, strategy, *, n_bits=8, seed=0):
 
 
 # ----------------------------------------------------------------------------
+# Run directory: lock and checkpoints that are never lost
+# ----------------------------------------------------------------------------
+
+
+class RunDirLockedError(UsageError):
+    """Another live process holds the lock of the run directory."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory: ``fcntl.flock`` on ``<dir>/.lock``.
+
+    The operating system releases the lock when the holder exits or is killed
+    (even by SIGKILL), so a crashed trainer never leaves a stale lock. The
+    lock file is never deleted (deleting it would let two processes lock two
+    different files); it holds the pid and host of the current holder, for the
+    message the next trainer prints. :meth:`acquire` is idempotent.
+
+    Example:
+    ```python
+    lock = RunDirLock("runs/x")
+    lock.acquire()        # RunDirLockedError if another process holds it
+    ...
+    lock.release()
+    ```
+    """
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, ".lock")
+        self._fd = None
+
+    @property
+    def held(self):
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self):
+        """Takes the lock, or raises RunDirLockedError naming the holder."""
+        if self._fd is not None:
+            return self
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirLockedError(
+                f"{os.path.dirname(self.path)} is in use by another trainer ({holder}); "
+                f"wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self):
+        """Releases the lock (no-op when not held)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __del__(self):
+        self.release()
+
+
+def _checkpoint_step(path, prefix):
+    m = re.fullmatch(re.escape(prefix) + r"-(\d+)", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_candidates(directory, prefix="ckpt"):
+    """Checkpoint prefixes ``<directory>/<prefix>-N`` to try, newest first: the
+    union of those listed in the ``checkpoint`` state file and those whose
+    ``.index`` file is present, so a deleted or garbage state file loses nothing.
+
+    Example: ``checkpoint_candidates("runs/x/ckpt")  # ['runs/x/ckpt/ckpt-40', ...]``
+    """
+    found = {}
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.endswith(".index"):
+                step = _checkpoint_step(name[:-len(".index")], prefix)
+                if step is not None:
+                    found[step] = os.path.join(directory, name[:-len(".index")])
+    state = tf.train.get_checkpoint_state(directory)
+    if state is not None:
+        for path in list(state.all_model_checkpoint_paths) + [state.model_checkpoint_path]:
+            path = path if os.path.isabs(path) else os.path.join(directory, path)
+            step = _checkpoint_step(path, prefix)
+            if step is not None and os.path.exists(path + ".index"):
+                found[step] = path
+    return [found[k] for k in sorted(found, reverse=True)]
+
+
+def remove_stale_temp_checkpoints(directory, prefix="ckpt"):
+    """Removes ``<prefix>-N_temp/`` directories, which TensorFlow writes a
+    checkpoint into before renaming it into place and which a kill mid-save
+    leaves behind. Only this exact naming is touched (call it while holding
+    the run-directory lock). Returns the removed paths.
+
+    Example: ``remove_stale_temp_checkpoints("runs/x/ckpt")``.
+    """
+    removed = []
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if re.fullmatch(re.escape(prefix) + r"-\d+_temp", name) and os.path.isdir(path):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def _move_aside(path, log):
+    """Moves the files of checkpoint ``path`` to ``<dir>/unrestorable/`` (kept,
+    never deleted, and out of the way of the save that will reuse the name)."""
+    directory = os.path.dirname(path)
+    dest = os.path.join(directory, "unrestorable")
+    os.makedirs(dest, exist_ok=True)
+    base = os.path.basename(path)
+    for name in os.listdir(directory):
+        if name == base + ".index" or name.startswith(base + ".data-"):
+            target = os.path.join(dest, name)
+            n = 1
+            while os.path.exists(target):
+                target, n = os.path.join(dest, f"{name}.{n}"), n + 1
+            os.replace(os.path.join(directory, name), target)
+    log(f"moved the files of the unrestorable checkpoint {path} to {dest}/")
+
+
+def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, repair=True):
+    """Restores the newest checkpoint of ``directory`` that restores completely.
+
+    Candidates come from :func:`checkpoint_candidates` (state file and files
+    present). A candidate that fails to restore (truncated or corrupt files) is
+    reported and moved to ``<directory>/unrestorable/``, and the next older one
+    is tried. The state file is rewritten when it was missing, unreadable or
+    did not name the restored checkpoint; checkpoints it did not list are left
+    in place. Returns the restored path, None when there is no checkpoint, and
+    raises UsageError when checkpoints exist but none restores (the caller
+    must not start over and overwrite them). ``repair=False`` (readers such as
+    non-chief workers) only restores: nothing is moved and no state written.
+
+    Example: ``restore_newest(tf.train.Checkpoint(model=m), "runs/x/ckpt")``.
+    """
+    candidates = checkpoint_candidates(directory, prefix)
+    state = tf.train.get_checkpoint_state(directory)
+    state_file = os.path.join(directory, "checkpoint")
+    if candidates and state is None:
+        warn(f"{state_file} is {'unreadable' if os.path.exists(state_file) else 'missing'}; "
+             f"recovering from the checkpoint files present: "
+             f"{', '.join(os.path.basename(c) for c in candidates)}")
+    failures = []
+    for path in candidates:
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except Exception as e:  # noqa: BLE001  (any failure: try the older one)
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            failures.append((path, f"{os.path.basename(path)} ({type(e).__name__}: {reason})"))
+            warn(f"checkpoint {path} does not restore ({type(e).__name__}: {reason}); "
+                 f"trying the next older checkpoint")
+            continue
+        for bad, _ in failures:
+            if repair:
+                _move_aside(bad, log)
+        step = _checkpoint_step(path, prefix)
+        listed = [] if state is None else [
+            q if os.path.isabs(q) else os.path.join(directory, q)
+            for q in state.all_model_checkpoint_paths]
+        kept = sorted({q for q in listed if os.path.exists(q + ".index")
+                       and _checkpoint_step(q, prefix) is not None
+                       and _checkpoint_step(q, prefix) <= step} | {path},
+                      key=lambda q: _checkpoint_step(q, prefix))
+        if repair and (state is None or state.model_checkpoint_path != path or failures):
+            tf.compat.v1.train.update_checkpoint_state(
+                directory, path, all_model_checkpoint_paths=kept)
+        if failures:
+            warn(f"resumed from the older checkpoint {path} because newer ones did not "
+                 f"restore: {'; '.join(f for _, f in failures)}")
+        return path
+    if failures:
+        raise UsageError(
+            f"none of the {len(failures)} checkpoint(s) in {directory} restores: "
+            f"{'; '.join(f for _, f in failures)}. Not starting over from step 0 (that would "
+            f"overwrite them); move or delete {directory} to start over.")
+    return None
+
+
+# ----------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------
 
@@ -699,6 +947,8 @@ class Trainer:
             raise UsageError(f"--batch_size={self.hp['batch_size']} is not divisible by the "
                              f"{self.n_replicas} replicas")
         self.nan_steps = {int(s) for s in str(args.inject_nan_steps).split(",") if s.strip()}
+        self.crash_step = int(args.inject_crash_step)
+        self.lock = RunDirLock(self.run_dir)
         self._check_run_dir()
 
         keras.utils.set_random_seed(int(self.hp["seed"]))
@@ -723,10 +973,11 @@ class Trainer:
                                               best_bpd=self.best_bpd)
         self.ckpt_dir = self._write_dir("ckpt")
         self.best_dir = self._write_dir("ckpt_best")
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=2)
-        self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, self.best_dir, max_to_keep=max(1, int(args.keep_best)),
-            checkpoint_name="best")
+        if self.is_chief:
+            for directory, prefix in ((self.ckpt_dir, "ckpt"), (self.best_dir, "best")):
+                for path in remove_stale_temp_checkpoints(directory, prefix):
+                    self.log(f"removed {path}, left by a save that was interrupted")
+        self._make_managers()
         self.writer = (tf.summary.create_file_writer(os.path.join(self.run_dir, "tb"))
                        if self.is_chief else tf.summary.create_noop_writer())
         self._train_step = None
@@ -736,6 +987,20 @@ class Trainer:
         self._restored = False
 
     # --------------------------------------------------------------- helpers
+    def _make_managers(self):
+        # Managers read the state file when built: rebuilt after a repair.
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=2)
+        self.best_manager = tf.train.CheckpointManager(
+            self.checkpoint, self.best_dir, max_to_keep=int(self.args.keep_best),
+            checkpoint_name="best")
+
+    def close(self):
+        """Releases the run-directory lock (``train`` does so when it returns or raises).
+
+        Example: ``trainer.close()``.
+        """
+        self.lock.release()
+
     def log(self, msg):
         """Prints a timestamped line (chief only)."""
         if self.is_chief:
@@ -794,7 +1059,7 @@ class Trainer:
             if changed:
                 self.log(f"training settings changed since the last run: {', '.join(changed)}")
         if self.is_chief:
-            os.makedirs(self.run_dir, exist_ok=True)
+            self.lock.acquire()     # before writing anything into the run directory
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(new, f, indent=2, sort_keys=True)
@@ -807,16 +1072,19 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ data
-    def _train_dataset(self, data_seed):
+    def _train_dataset(self, start_step=0):
+        """The training batches from optimiser step ``start_step`` on. The stream is a
+        function of the seed alone (seeded shuffles, flips keyed by batch number), so
+        batch k is the same whether a run started at 0 or resumed at k."""
         hp = self.hp
         ds = data.load_image_dataset(
             self.spec.dataset, "train", batch_size=hp["batch_size"], data_dir=self.args.data_dir,
-            n_bits=self.flow_config.n_bits, shuffle=True, repeat=True, seed=data_seed,
+            n_bits=self.flow_config.n_bits, shuffle=True, repeat=True, seed=int(hp["seed"]),
             download=self.args.download, drop_remainder=True)
         if hp["accumulate"] > 1:
             ds = ds.batch(hp["accumulate"], drop_remainder=True).map(
                 lambda x: tf.transpose(x, [1, 0, 2, 3, 4]))
-        return ds
+        return ds.skip(int(start_step)) if start_step else ds
 
     def _test_dataset(self):
         bs = self.hp["batch_size"]
@@ -897,19 +1165,29 @@ class Trainer:
         finally:
             self._swap_ema(False)
 
+    def _restore_newest(self):
+        """Restores the newest checkpoint that restores (:func:`restore_newest`); None if
+        there is none. Non-chief workers read the chief's ``ckpt/`` without repairing it."""
+        directory = self.ckpt_dir if self.is_chief else os.path.join(self.run_dir, "ckpt")
+        path = restore_newest(self.checkpoint, directory, "ckpt", log=self.log, warn=self.warn,
+                              repair=self.is_chief)
+        if path:
+            self._restored = True
+            self._make_managers()
+            self.log(f"resumed from {path} at step {int(self.step.numpy())}")
+        return path
+
     def restore_or_initialize(self, first_batch=None):
-        """Restores the latest checkpoint of the run directory; without one,
+        """Restores the newest checkpoint of the run directory that restores
+        (falling back past corrupt ones, see :func:`restore_newest`); without one,
         initialises ActNorm from ``first_batch`` (uint8 images), converges the
         power iterations and sets the EMA to the initial weights. Returns the
         restored checkpoint path or None.
         """
         if self._restored:
             return None
-        latest = self.manager.latest_checkpoint
+        latest = self._restore_newest()
         if latest:
-            self.checkpoint.restore(latest).assert_existing_objects_matched()
-            self._restored = True
-            self.log(f"resumed from {latest} at step {int(self.step.numpy())}")
             return latest
         if first_batch is None:
             raise UsageError(f"no checkpoint in {self.ckpt_dir}")
@@ -1028,16 +1306,24 @@ class Trainer:
 
         Raises TrainingDivergedError after ``--max_nan_steps`` consecutive
         non-finite steps (nothing is saved after the last good checkpoint).
+        Holds the run-directory lock while it runs and releases it on return
+        or on any exception.
         """
+        if self.is_chief:
+            self.lock.acquire()
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self):
         hp, args = self.hp, self.args
         total = int(hp["steps"])
-        latest = self.manager.latest_checkpoint
-        start = 0
-        if latest:
-            self.restore_or_initialize()
-            start = int(self.step.numpy())
-        train_ds = self._train_dataset(int(hp["seed"]) + start)
-        if not latest:
+        if not self._restored:
+            self._restore_newest()
+        start = int(self.step.numpy()) if self._restored else 0
+        train_ds = self._train_dataset(start)
+        if not self._restored:
             self.restore_or_initialize(next(iter(train_ds)))
         self.log(f"run {self.spec.run_name}: dataset {self.spec.dataset} "
                  f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
@@ -1072,6 +1358,8 @@ class Trainer:
                         raise
                     step += 1
                     n_log += 1
+                    if step == self.crash_step:
+                        raise _InjectedCrash(f"injected crash after step {step}")
                     if not bool(out["ok"]):
                         nan_streak += 1
                         self.warn(f"step {step}: non-finite loss or gradient (loss "
@@ -1090,7 +1378,7 @@ class Trainer:
                         loss_sum += float(out["loss"])
                         gnorm_sum += float(out["grad_norm"])
                         ld_sum += float(out["logdet"])
-                    if step % max(1, args.log_every) == 0 or step == total:
+                    if step % args.log_every == 0 or step == total:
                         now = time.time()
                         steps_per_sec = n_log / max(now - t_log, 1e-9)
                         lr = float(self.optimizer.learning_rate.numpy()) \
@@ -1167,14 +1455,16 @@ def export_only(args, strategy=None):
     Example: ``export_only(parse_args(["--out=runs/x", "--export_only"]))``.
     """
     trainer = Trainer(args, strategy=strategy)
-    if not trainer.manager.latest_checkpoint:
-        raise UsageError(f"--export_only: no checkpoint in {trainer.ckpt_dir}")
-    trainer.restore_or_initialize()
-    if importlib.util.find_spec("rflow_tf.export") is None:
-        raise UsageError("--export_only: rflow_tf.export is not available in this version")
-    if not trainer.spec.export_dir:
-        raise UsageError("--export_only needs a non-empty --export_dir")
-    return trainer.export()
+    try:
+        if not trainer._restore_newest():  # pylint: disable=protected-access
+            raise UsageError(f"--export_only: no checkpoint in {trainer.ckpt_dir}")
+        if importlib.util.find_spec("rflow_tf.export") is None:
+            raise UsageError("--export_only: rflow_tf.export is not available in this version")
+        if not trainer.spec.export_dir:
+            raise UsageError("--export_only needs a non-empty --export_dir")
+        return trainer.export()
+    finally:
+        trainer.close()
 
 
 def main(argv=None):
@@ -1182,7 +1472,8 @@ def main(argv=None):
     flags or missing data, 3 diverged, 130 interrupted)."""
     args = parse_args(argv)
     try:
-        if args.cpu_devices and args.cpu_devices > 1:
+        check_flags(args)
+        if args.cpu_devices > 1:
             configure_cpu_devices(args.cpu_devices)
         if args.export_only:
             export_only(args)

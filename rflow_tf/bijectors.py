@@ -499,12 +499,13 @@ class IResBlock(_KerasBacked):
         x, residual, converged = self.inverse_with_diagnostics(y)
         if tf.executing_eagerly():
             if not bool(converged):
-                why = "" if math.isfinite(float(residual)) and bool(
-                    tf.reduce_all(tf.math.is_finite(x))) else \
-                    " (the result is not finite: is y infinite or NaN?)"
+                if math.isfinite(float(residual)) and bool(
+                        tf.reduce_all(tf.math.is_finite(x))):
+                    why = f"in {self.inverse_max_iterations} iterations"
+                else:
+                    why = "(the result is not finite: is y infinite or NaN?)"
                 warnings.warn(
-                    f"{self.name}: fixed-point inverse did not converge in "
-                    f"{self.inverse_max_iterations} iterations{why}; final residual "
+                    f"{self.name}: fixed-point inverse did not converge {why}; final residual "
                     f"max|x + g(x) - y| = {float(residual):.3g}", RuntimeWarning, stacklevel=2)
         else:
             def warn():

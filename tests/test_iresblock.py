@@ -243,6 +243,20 @@ def test_inverse_non_convergence_is_reported():
     assert not bool(converged) and float(residual) > 0.0
 
 
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+def test_non_finite_inverse_is_never_converged(bad):
+    block = IResBlock(dense_net(3, seed=4))
+    y = tf.constant([[0.3, -0.2, 0.1], [bad, 0.0, 0.5]], tf.float64)
+    x, residual, converged = block.inverse_with_diagnostics(y)
+    assert not bool(converged) and not np.isfinite(float(residual))
+    with pytest.warns(RuntimeWarning, match="did not converge.*not finite"):
+        block.inverse(y)
+    # A finite input still converges to the exact inverse.
+    x, residual, converged = block.inverse_with_diagnostics(y[:1])
+    assert bool(converged) and float(residual) < 1e-5
+    np.testing.assert_allclose(block.forward(x).numpy(), y[:1].numpy(), atol=1e-5)
+
+
 def test_transformed_distribution_exact_log_prob_is_change_of_variables():
     nets = [dense_net(2, seed=s) for s in (30, 31, 32)]
     blocks = [IResBlock(n, logdet="exact") for n in nets]

@@ -468,3 +468,18 @@ def test_config_version_1_keeps_old_meaning():
         models.FlowConfig.from_dict(dict(old, config_version=models.CONFIG_VERSION + 1))
     with pytest.raises(ValueError, match="squeeze_order"):
         tiny_config(squeeze_order="nchw").validate()
+
+
+def test_non_finite_sample_is_nan_with_a_warning(capfd):
+    """An infinite latent (here from temperature=inf) must not come back as a plausible
+    clipped image: every block reports the diverged inverse, the sample is NaN."""
+    model = make_model(tiny_config(logdet="unbiased"))
+    with pytest.warns(RuntimeWarning, match="2 of 2 sample.*not finite"):
+        imgs = model.sample(2, temperature=float("inf"), seed=[3, 4])
+    assert np.all(np.isnan(imgs.numpy()))
+    ok = model.sample(2, temperature=0.5, seed=[3, 4]).numpy()      # finite ones unchanged
+    assert np.all((ok >= 0.0) & (ok <= 1.0))
+    # Inside tf.function the warning goes to stderr.
+    graph = tf.function(lambda: model.sample(2, temperature=float("inf"), seed=[3, 4]))
+    assert np.all(np.isnan(graph().numpy()))
+    assert "2 of 2 sample(s) not finite" in capfd.readouterr().err

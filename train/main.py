@@ -22,6 +22,7 @@ every optimiser step and before every evaluation or sampling.
 Run directory (``--out``, default ``runs/<dataset>_<preset>``)::
 
     config.json          model config + training settings of the run
+    .lock                exclusive lock of the running trainer (pid inside)
     ckpt/                latest checkpoints (model, optimizer, EMA, step, ActNorm state)
     ckpt_best/           best checkpoint(s) by test bits/dim
     samples/step_*.png   sample grids (EMA weights)
@@ -29,7 +30,14 @@ Run directory (``--out``, default ``runs/<dataset>_<preset>``)::
     results.json         final and best test bits/dim
 
 Rerunning the same command resumes from ``ckpt/`` (step, optimizer, EMA,
-ActNorm initialisation) with no extra flags. Library use::
+ActNorm initialisation) with no extra flags, exactly: the data order, the
+dequantisation noise and the estimators are functions of (seed, step), so a
+killed and resumed run ends bit-identical to an uninterrupted one. A lost or
+garbage ``ckpt/checkpoint`` file is rebuilt from the files present, a corrupt
+newest checkpoint falls back to the newest one that restores (moved to
+``ckpt/unrestorable/``, never deleted), leftovers of a kill mid-save
+(``ckpt-N_temp/``) are removed, and ``<run dir>/.lock`` (flock) keeps a second
+trainer off the directory. Library use::
 
     from train.main import parse_args, train
     result = train(parse_args(["--preset=tiny", "--steps=20", "--out=/tmp/run"]))
@@ -854,8 +862,10 @@ def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, 
     present). A candidate that fails to restore (truncated or corrupt files) is
     reported and moved to ``<directory>/unrestorable/``, and the next older one
     is tried. The state file is rewritten when it was missing, unreadable or
-    did not name the restored checkpoint; checkpoints it did not list are left
-    in place. Returns the restored path, None when there is no checkpoint, and
+    did not name the restored checkpoint; it then lists the restored one (and
+    the older ones it listed) without timestamps, which ``CheckpointManager``
+    never rotates away, and checkpoints it did not list are left in place:
+    nothing this run did not write is ever deleted. Returns the restored path, None when there is no checkpoint, and
     raises UsageError when checkpoints exist but none restores (the caller
     must not start over and overwrite them). ``repair=False`` (readers such as
     non-chief workers) only restores: nothing is moved and no state written.

@@ -263,7 +263,8 @@ def test_bad_flag_is_rejected_before_any_work(tmp_path, capsys, flag):
 
 
 def test_flag_constraints_name_real_flags():
-    dests = {a.dest for a in trainer_main.build_parser()._actions}  # pylint: disable=protected-access
+    parser = trainer_main.build_parser()
+    dests = {a.dest for a in parser._actions}  # pylint: disable=protected-access
     for flag, _, _ in trainer_main.FLAG_CONSTRAINTS:
         assert flag in dests, flag
     trainer_main.check_flags(trainer_main.parse_args([]))        # the defaults pass

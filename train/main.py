@@ -859,16 +859,21 @@ def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, 
     """Restores the newest checkpoint of ``directory`` that restores completely.
 
     Candidates come from :func:`checkpoint_candidates` (state file and files
-    present). A candidate that fails to restore (truncated or corrupt files) is
-    reported and moved to ``<directory>/unrestorable/``, and the next older one
-    is tried. The state file is rewritten when it was missing, unreadable or
-    did not name the restored checkpoint; it then lists the restored one (and
-    the older ones it listed) without timestamps, which ``CheckpointManager``
+    present), newest first. A candidate that fails to restore (truncated or
+    corrupt files) is reported and the next older one is tried; once one
+    restores, the failed ones are moved to ``<directory>/unrestorable/``
+    (kept, and out of the way of the saves that will reuse their names).
+    The state file is rewritten when it was missing, unreadable or did not
+    name the restored checkpoint; it then lists the restored one (and the
+    older ones it listed) without timestamps, which ``CheckpointManager``
     never rotates away, and checkpoints it did not list are left in place:
-    nothing this run did not write is ever deleted. Returns the restored path, None when there is no checkpoint, and
-    raises UsageError when checkpoints exist but none restores (the caller
-    must not start over and overwrite them). ``repair=False`` (readers such as
-    non-chief workers) only restores: nothing is moved and no state written.
+    nothing this run did not write is ever deleted.
+
+    Returns the restored path, or None when there is no checkpoint. Raises
+    UsageError when checkpoints exist but none restores; they are then left
+    untouched and the caller must not start over and overwrite them.
+    ``repair=False`` (readers such as non-chief workers) only restores:
+    nothing is moved and no state is written.
 
     Example: ``restore_newest(tf.train.Checkpoint(model=m), "runs/x/ckpt")``.
     """

@@ -12,6 +12,8 @@ Modules:
   rflow_tf.models      ResidualFlow (Keras model), FlowConfig, paper presets
   rflow_tf.data        TFDS image pipelines, offline digits, dequantisation, 2-D toy data
   rflow_tf.export      SavedModel export; load() returns a TransformedDistribution
+  rflow_tf.convert     the authors' PyTorch checkpoints -> ResidualFlow / SavedModel (no PyTorch)
+  rflow_tf.torch_format  safe reader of torch.save files (restricted unpickler)
 """
 import os as _os
 

@@ -639,8 +639,10 @@ def load_reference_weights(flow, path, weights="ema", verbose=False, _read=None)
         n_iter = _arg(args, "n_lipschitz_iters", None)
         lipschitz = flow.lipschitz_layers()
         _log(verbose, f"power iteration in {len(lipschitz)} layers (reference rule, tol {tol})")
-        for layer in lipschitz:
-            reference_power_iteration(layer, tol=tol, n_iterations=n_iter)
+        for i, layer in enumerate(lipschitz, 1):
+            steps = reference_power_iteration(layer, tol=tol, n_iterations=n_iter)
+            if i % 16 == 0 or i == len(lipschitz):
+                _log(verbose, f"  {i}/{len(lipschitz)} layers (last: {steps} steps)")
     flow.reference_metadata = {
         "source": os.path.basename(os.fspath(path)),
         "weights": weights,
@@ -686,8 +688,12 @@ def main(argv=None):
     print("inferred configuration:")
     print(flow.flow_config.to_json())
     _log(True, f"exporting to {ns.out}")
-    rexport.save(flow, ns.out, logdet=ns.logdet,
-                 extra_metadata={"converted_from": flow.reference_metadata})
+    try:
+        rexport.save(flow, ns.out, logdet=ns.logdet,
+                     extra_metadata={"converted_from": flow.reference_metadata})
+    except rexport.ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     meta = flow.reference_metadata
     print(json.dumps({"out": ns.out, **meta}))
     return 0

@@ -289,11 +289,10 @@ def test_cli_exports_a_model_that_loads_samples_and_scores(tmp_path, capsys):
     z, _ = dist.model.forward_and_log_det(x)
     perm = convert.latent_permutation(dist.model.flow_config)
     np.testing.assert_allclose(z.numpy(), d["ema/z"][:, perm], rtol=0, atol=2e-3)
-    assert np.all(np.isfinite(dist.log_prob(x).numpy()))
     samples = dist.sample(2, seed=[1, 2])
     assert samples.shape == (2, 16, 16, 3) and np.all(np.isfinite(samples.numpy()))
     pixels = np.floor(x * 32).astype(np.uint8)            # 5-bit CelebA-HQ pixels
-    bpd = dist.bits_per_dim(pixels).numpy()
+    bpd = dist.bits_per_dim(pixels).numpy()              # the density path of the export
     assert bpd.shape == (4,) and np.all(np.isfinite(bpd))
     # A missing file exits with a message, not a traceback.
     assert convert.main([str(tmp_path / "missing.pth"), "--out", out]) == 2

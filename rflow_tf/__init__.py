@@ -9,6 +9,10 @@ Modules:
   rflow_tf.coupling    AffineCoupling (the paper's coupling baseline) and its nets
   rflow_tf.invertible_conv  Invertible1x1Conv (Glow 1x1 convolution, exact log-det)
   rflow_tf.classifier  ClassifierHeads, hybrid_loss, ChannelNormalize (hybrid models)
+  rflow_tf.sigmoidal_flows  NAF bijectors: DeepSigmoidalFlow, DeepDenseSigmoidalFlow (MADE)
+  rflow_tf.mixlogcdf   Flow++ MixLogCDFCoupling and its gated-conv/attention conditioner
+  rflow_tf.dequantization  UniformDequantizer, VariationalDequantizer (negative ELBO, bits/dim)
+  rflow_tf.monotone    log-space sigmoid mixtures and the vectorised bisection they share
   rflow_tf.models      ResidualFlow (Keras model), FlowConfig, paper presets
   rflow_tf.data        TFDS image pipelines, offline digits, dequantisation, 2-D toy data
   rflow_tf.export      SavedModel export; load() returns a TransformedDistribution
@@ -30,6 +34,10 @@ from rflow_tf import coupling, invertible_conv, classifier  # noqa: E402,F401
 from rflow_tf.bijectors import IResBlock, ActNorm, Squeeze, LogitTransform  # noqa: E402,F401
 from rflow_tf.layers import (  # noqa: E402,F401
     LipSwish, LipschitzDense, LipschitzConv2D, converge_lipschitz)
+from rflow_tf.sigmoidal_flows import (  # noqa: E402,F401
+    MADE, DeepSigmoidalFlow, DeepDenseSigmoidalFlow)
+from rflow_tf.mixlogcdf import MixLogCDFCoupling, GatedAttentionConditioner  # noqa: E402,F401
+from rflow_tf.dequantization import UniformDequantizer, VariationalDequantizer  # noqa: E402,F401
 from rflow_tf.models import ResidualFlow, FlowConfig, get_preset  # noqa: E402,F401
 from rflow_tf.export import load, save  # noqa: E402,F401
 

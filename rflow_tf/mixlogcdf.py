@@ -289,7 +289,13 @@ class MixLogCDFCoupling(_KerasBacked):
         shift = params[..., 3 * k + 1]
         return (tf.nn.log_softmax(logits, axis=-1), -log_s, -mu * tf.exp(-log_s)), scale, shift
 
-    def _forward_and_ld(self, x, condition):
+    def forward_and_log_det(self, x, condition=None):
+        """(y, log|det dy/dx|) from one conditioner pass (``forward`` and
+        ``forward_log_det_jacobian`` each run it once).
+
+        Example: ``y, ld = layer.forward_and_log_det(x)``.
+        """
+        x = tf.convert_to_tensor(x, dtype=self.dtype)
         flat, condition = self._flat(x, condition)
         mixture, scale, shift = self._elementwise(flat, condition)
         z, log_dz = sigmoid_mixture_logit(flat, *mixture)
@@ -299,10 +305,10 @@ class MixLogCDFCoupling(_KerasBacked):
         return tf.reshape(y, tf.shape(x)), tf.reshape(ld, tf.shape(x)[:-len(self.event_shape_)])
 
     def _forward(self, x, condition=None):
-        return self._forward_and_ld(x, condition)[0]
+        return self.forward_and_log_det(x, condition)[0]
 
     def _forward_log_det_jacobian(self, x, condition=None):
-        return self._forward_and_ld(x, condition)[1]
+        return self.forward_and_log_det(x, condition)[1]
 
     def _inverse(self, y, condition=None):
         flat, condition = self._flat(y, condition)

@@ -168,7 +168,12 @@ class _AutoregressiveMonotone(_KerasBacked):
         self._check_input(x)
         return tf.reshape(x, [-1, self.event_size])
 
-    def _forward_and_ld(self, x):
+    def forward_and_log_det(self, x):
+        """(y, log|det dy/dx|) from one conditioner pass.
+
+        Example: ``y, ld = flow.forward_and_log_det(x)``.
+        """
+        x = tf.convert_to_tensor(x, dtype=self.dtype)
         flat = self._flat(x)
         y, ld = self._transform(flat, self.conditioner(flat))
         batch = tf.shape(x)[:-1]
@@ -176,10 +181,10 @@ class _AutoregressiveMonotone(_KerasBacked):
                 tf.reshape(tf.reduce_sum(ld, axis=-1), batch))
 
     def _forward(self, x):
-        return self._forward_and_ld(x)[0]
+        return self.forward_and_log_det(x)[0]
 
     def _forward_log_det_jacobian(self, x):
-        return self._forward_and_ld(x)[1]
+        return self.forward_and_log_det(x)[1]
 
     def _inverse(self, y):
         """Dimension by dimension: x_t = tau^{-1}(y_t; params_t(x_{<t})) by bisection."""

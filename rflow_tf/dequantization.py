@@ -28,7 +28,6 @@ import math
 
 import keras
 import tensorflow as tf
-import tensorflow_probability as tfp
 
 from rflow_tf.data import _check_n_bits, bits_per_dim_offset
 from rflow_tf.mixlogcdf import MixLogCDFCoupling
@@ -181,8 +180,18 @@ class VariationalDequantizer(_Dequantizer):
         return self.features_net(scaled)
 
     def sample_and_log_prob(self, x, seed):
-        """(u, log q(u|x)) for float integers ``x`` [batch, *event_shape], u in (0, 1)."""
+        """(u, log q(u|x)) for float integers ``x`` [batch, *event_shape], u in (0, 1).
+
+        Example: ``u, log_q = deq.sample_and_log_prob(tf.cast(x_int, tf.float32), [0, 1])``.
+        """
         eps = tf.random.stateless_normal(tf.shape(x), seed, dtype=self.dtype)
+        return self.noise_and_log_prob(eps, x)
+
+    def noise_and_log_prob(self, eps, x):
+        """The deterministic part of q: (u(eps; x), log q(u|x)) for base noise ``eps``.
+
+        Example: ``u, log_q = deq.noise_and_log_prob(tf.random.normal(x.shape), x)``.
+        """
         axes = list(range(1, 1 + len(self.event_shape_)))
         log_q = -0.5 * tf.reduce_sum(tf.square(eps), axis=axes) - 0.5 * self.num_dims * _LOG_2PI
         h = self.features(x)

@@ -8,8 +8,8 @@ Direction: ``forward`` is data -> latent (the closed-form direction), as in
 tolerance. In a ``tfd.TransformedDistribution`` use ``tfb.Invert(coupling)``.
 """
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 

@@ -15,7 +15,19 @@ tolerance.
 
 import tensorflow as tf
 
-__all__ = ["sigmoid_mixture_logit", "logit_of_log_mixture", "bisect_increasing"]
+__all__ = ["sigmoid_mixture_logit", "logit_of_log_mixture", "log_softplus", "bisect_increasing"]
+
+
+def log_softplus(t):
+    """log(softplus(t)) = log log(1 + e^t), exact also where softplus(t) underflows.
+
+    For t < -30, softplus(t) = e^t (1 - e^t / 2 + ...) so log softplus(t) = t to within
+    e^-30. Positive slopes a = softplus(t) grow linearly (not exponentially) in t.
+
+    Example: ``log_softplus(tf.constant([-1e3, 0.0, 1e3]))  # [-1e3, log log 2, log 1e3]``.
+    """
+    safe = tf.where(t < -30.0, tf.zeros_like(t), t)
+    return tf.where(t < -30.0, t, tf.math.log(tf.nn.softplus(safe)))
 
 
 def logit_of_log_mixture(log_w, z):

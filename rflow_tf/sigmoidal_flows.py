@@ -19,13 +19,18 @@ Variables: ``trainable_variables`` lists the conditioner's Keras weights, so
 ``tfp.math.minimize(..., trainable_variables=dist.trainable_variables)`` works.
 """
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf.bijectors import _KerasBacked
-from rflow_tf.monotone import bisect_increasing, logit_of_log_mixture, sigmoid_mixture_logit
+from rflow_tf.monotone import (
+    log_softplus,
+    bisect_increasing,
+    logit_of_log_mixture,
+    sigmoid_mixture_logit,
+)
 
 tfb = tfp.bijectors
 
@@ -206,10 +211,10 @@ class _AutoregressiveMonotone(_KerasBacked):
 class DeepSigmoidalFlow(_AutoregressiveMonotone):
     """Deep sigmoidal flow (NAF-DSF): an autoregressive bijector on R^D.
 
-    For each dimension t, with (log a_t, b_t, w-logits_t) = MADE(x_{<t}) in R^{3K}:
+    For each dimension t, with (a-raw_t, b_t, w-logits_t) = MADE(x_{<t}) in R^{3K}:
 
         y_t = logit( sum_{j=1}^K w_tj sigmoid(a_tj x_t + b_tj) ),
-        w_t = softmax(w-logits_t) (on the simplex),  a_tj = exp(log a_tj) > 0,
+        w_t = softmax(w-logits_t) (on the simplex),  a_tj = softplus(a-raw_tj) > 0,
         log|det dy/dx| = sum_t log dy_t/dx_t,
         log dy_t/dx_t = logsumexp_j(log w_tj + log a_tj + log s(z_j) + log s(-z_j))
                         - log S_t - log(1 - S_t),
@@ -265,8 +270,9 @@ class DeepSigmoidalFlow(_AutoregressiveMonotone):
 
     def _transform(self, x, params):
         k = self.num_components
-        log_a, b, w_logits = params[..., :k], params[..., k:2 * k], params[..., 2 * k:]
-        return sigmoid_mixture_logit(x, tf.nn.log_softmax(w_logits, axis=-1), log_a, b)
+        a_raw, b, w_logits = params[..., :k], params[..., k:2 * k], params[..., 2 * k:]
+        return sigmoid_mixture_logit(x, tf.nn.log_softmax(w_logits, axis=-1),
+                                     log_softplus(a_raw), b)
 
 
 def _log_matmul(log_a, log_b):
@@ -285,7 +291,7 @@ class DeepDenseSigmoidalFlow(_AutoregressiveMonotone):
         h^{l+1} = logit( w^{l+1} sigmoid(C^{l+1}) ),                     (d_{l+1})
 
     with u (H x d_l) and w (d_{l+1} x H) row-wise on the simplex (softmax), a > 0
-    (exp) and b free, all produced per dimension by a MADE of x_{<t}. Each layer
+    (softplus) and b free, all produced per dimension by a MADE of x_{<t}. Each layer
     is increasing in every input, so the map is strictly increasing. Its
     derivative is the product of the layer Jacobians (all entries positive),
 
@@ -346,9 +352,10 @@ class DeepDenseSigmoidalFlow(_AutoregressiveMonotone):
         start = 0
         for d_in, d_out in self._layer_widths():
             sizes = [h_size * d_in, h_size, h_size, d_out * h_size]
-            u_logits, log_a, b, w_logits = tf.split(
+            u_logits, a_raw, b, w_logits = tf.split(
                 params[..., start:start + sum(sizes)], sizes, axis=-1)
             start += sum(sizes)
+            log_a = log_softplus(a_raw)
             log_u = tf.nn.log_softmax(
                 tf.reshape(u_logits, tf.concat([tf.shape(u_logits)[:-1], [h_size, d_in]], 0)))
             log_w = tf.nn.log_softmax(

@@ -7,7 +7,7 @@ likelihood,
     log p(x) = log N(f(x); 0, I) + sum_b log |det df_b/dx_b|,
 
 where the sum runs over the flow's bijectors b (residual blocks, optional
-ActNorm, or coupling layers). Three model families:
+ActNorm, or coupling layers). Four model families:
 
 * ``resflow``  -- invertible residual blocks x + g(x), Lip(g) <= coeff, with
   the *unbiased* Russian-roulette log-det estimator and Neumann gradients.
@@ -15,6 +15,8 @@ ActNorm, or coupling layers). Three model families:
   of i-ResNets (``--n_power_series`` terms).
 * ``coupling`` -- TFP's own ``tfb.RealNVP`` affine coupling layers with
   ``tfb.Permute`` between them (a Glow/RealNVP-style baseline).
+* ``naf``      -- neural autoregressive flow: ``DeepSigmoidalFlow`` layers
+  (``rflow_tf.sigmoidal_flows``) with ``tfb.Permute`` between them.
 
 Evaluation always uses the exact 2-D log-det (``slogdet(I + J_g)`` per block),
 so the test negative log-likelihood (nats) is comparable across models.
@@ -50,6 +52,7 @@ import tensorflow_probability as tfp  # noqa: E402
 
 from rflow_tf import layers as rlayers  # noqa: E402
 from rflow_tf.bijectors import ActNorm, IResBlock  # noqa: E402
+from rflow_tf.sigmoidal_flows import DeepSigmoidalFlow  # noqa: E402
 
 tfb = tfp.bijectors
 
@@ -70,7 +73,7 @@ __all__ = [
     "main",
 ]
 
-MODELS = ("resflow", "iresnet", "coupling")
+MODELS = ("resflow", "iresnet", "coupling", "naf")
 #: The plots (and density grids) cover [-PLOT_LIMIT, PLOT_LIMIT]^2, as in the reference.
 PLOT_LIMIT = 4.0
 _COUPLING_ACTIVATIONS = {"lipswish": "swish", "swish": "swish", "elu": "elu", "relu": "relu",
@@ -137,7 +140,8 @@ def build_parser():
                    help=f"toy dataset, one of: {', '.join(TOY_DATASETS)}")
     g.add_argument("--model", choices=MODELS, default="resflow",
                    help="resflow: unbiased residual flow; iresnet: truncated (biased) "
-                        "log-det; coupling: tfb.RealNVP affine coupling layers + tfb.Permute")
+                        "log-det; coupling: tfb.RealNVP affine coupling layers + tfb.Permute; "
+                        "naf: DeepSigmoidalFlow (NAF-DSF) layers + tfb.Permute")
     g.add_argument("--blocks", type=_positive_int, default=10,
                    help="number of residual blocks (or coupling layers)")
     g.add_argument("--hidden", type=_hidden_units, default=(128, 128, 128, 128),
@@ -373,6 +377,8 @@ def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activati
     * ``iresnet``: the same blocks, logdet="truncated" with ``n_power_series`` terms.
     * ``coupling``: ``blocks`` x [tfb.RealNVP(num_masked=1), tfb.Permute([1, 0])],
       shift and log-scale from an MLP with widths ``hidden``.
+    * ``naf``: ``blocks`` x [DeepSigmoidalFlow(2, 8 sigmoids), tfb.Permute([1, 0])],
+      MADE conditioner with widths ``hidden``; sampling inverts by bisection.
 
     With ``actnorm``, an ActNorm comes before the first and after every block.
     The evaluation copy of each residual block shares its net and uses
@@ -404,6 +410,14 @@ def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activati
             train_b += [layer, perm]
             eval_b += [layer, perm]
             models.append(net.model)
+        elif model == "naf":
+            layer = DeepSigmoidalFlow(2, num_components=8, hidden_units=hidden,
+                                      activation=_COUPLING_ACTIVATIONS[activation],
+                                      name=f"dsf_{i}")
+            perm = tfb.Permute([1, 0], name=f"permute_{i}")
+            train_b += [layer, perm]
+            eval_b += [layer, perm]
+            models.append(layer.conditioner)
         else:
             net = rlayers.lipschitz_dense_net(2, hidden, coeff, activation, name=f"resnet_{i}")
             kw = dict(neumann_grad=bool(neumann_grad),

@@ -14,6 +14,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf.bijectors import _KerasBacked
+from rflow_tf.coupling import checkerboard_mask
 from rflow_tf.monotone import bisect_increasing, sigmoid_mixture_logit
 from rflow_tf.sigmoidal_flows import _hidden_sizes, _positive_int
 
@@ -50,11 +51,10 @@ def coupling_mask(event_shape, kind="checkerboard", parity=0):
         else:
             raise ValueError(f"vector masks are 'checkerboard' or 'half', got {kind!r}")
     elif len(shape) == 3:
-        h, w, c = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
-        if kind == "checkerboard":
-            mask = (h + w) % 2 == 0
+        if kind == "checkerboard":      # the same tiles as AffineCoupling's "checkerboard0"
+            mask = np.broadcast_to(checkerboard_mask(shape[0], shape[1]).numpy(), shape) > 0
         elif kind == "channel":
-            mask = c < (shape[2] + 1) // 2
+            mask = np.broadcast_to(np.arange(shape[2]) < (shape[2] + 1) // 2, shape)
         else:
             raise ValueError(f"image masks are 'checkerboard' or 'channel', got {kind!r}")
     else:

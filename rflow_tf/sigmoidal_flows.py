@@ -26,8 +26,8 @@ import tensorflow_probability as tfp
 
 from rflow_tf.bijectors import _KerasBacked
 from rflow_tf.monotone import (
-    log_softplus,
     bisect_increasing,
+    log_softplus,
     logit_of_log_mixture,
     sigmoid_mixture_logit,
 )
@@ -118,7 +118,7 @@ class MADE(keras.layers.Layer):
 
 
 class _AutoregressiveMonotone(_KerasBacked):
-    """y_t = tau(x_t; params_t(x_{<t})); subclasses define ``_transform`` and ``_params_per_dim``."""
+    """y_t = tau(x_t; params_t(x_{<t})); subclasses define ``_transform``, ``_params_per_dim``."""
 
     def __init__(self, event_size, conditioner, hidden_units, activation, inverse_atol,
                  inverse_rtol, inverse_max_iterations, dtype, validate_args, name, parameters):
@@ -276,7 +276,7 @@ class DeepSigmoidalFlow(_AutoregressiveMonotone):
 
 
 def _log_matmul(log_a, log_b):
-    """log(exp(A) @ exp(B)) for positive matrices given by their logs ([..., m, k] @ [..., k, n])."""
+    """log(exp(A) @ exp(B)) for positive matrices given by their logs ([.., m, k] @ [.., k, n])."""
     return tf.reduce_logsumexp(log_a[..., :, :, None] + log_b[..., None, :, :], axis=-2)
 
 

@@ -21,7 +21,8 @@ def _ddsf(num_layers=2, dtype=tf.float64, **kw):
                                   dtype=dtype, **kw)
 
 
-_BUILDERS = {"dsf": _dsf, "ddsf1": lambda **kw: _ddsf(1, **kw), "ddsf3": lambda **kw: _ddsf(3, **kw)}
+_BUILDERS = {"dsf": _dsf, "ddsf1": lambda **kw: _ddsf(1, **kw),
+             "ddsf3": lambda **kw: _ddsf(3, **kw)}
 
 
 def _jacobian(bij, x):

@@ -133,18 +133,21 @@ class _AutoregressiveMonotone(_KerasBacked):
         self.inverse_max_iterations = _positive_int(inverse_max_iterations,
                                                     "inverse_max_iterations")
         p = self._params_per_dim()
-        if conditioner is None:
-            conditioner = MADE(self.event_size, p, hidden_units, activation, dtype=dtype.name,
-                               name=f"{name}_made")
-        self.conditioner = conditioner
-        self._check_conditioner(dtype)
-        if isinstance(conditioner, keras.layers.Layer):
-            self._track_keras(conditioner)
+        if conditioner is None:     # autoregressive by construction: no Jacobian check
+            self.conditioner = MADE(self.event_size, p, hidden_units, activation,
+                                    dtype=dtype.name, name=f"{name}_made")
+            self.conditioner.build((None, self.event_size))
+        else:
+            self.conditioner = conditioner
+            self._check_conditioner(dtype)
+        if isinstance(self.conditioner, keras.layers.Layer):
+            self._track_keras(self.conditioner)
         super().__init__(forward_min_event_ndims=1, dtype=dtype, validate_args=validate_args,
                          parameters=parameters, name=name)
 
     def _check_conditioner(self, dtype):
-        """Shape [..., D, P] and autoregressive: d params[t] / d x[s] = 0 for s >= t."""
+        """A user conditioner: shape [..., D, P] and autoregressive (d params[t]/d x[s] = 0
+        for s >= t, checked on a random batch by its full Jacobian)."""
         d, p = self.event_size, self._params_per_dim()
         x = tf.random.stateless_normal([2, d], [7, 11], dtype=dtype)
         with tf.GradientTape() as tape:

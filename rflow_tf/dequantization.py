@@ -95,7 +95,9 @@ class UniformDequantizer(_Dequantizer):
     Example:
     ```python
     deq = UniformDequantizer((8, 8, 1), n_bits=8)
-    bpd = deq.bits_per_dim(x_int, flow.log_prob, seed=[0, 1])    # [batch]
+    model = tfd.Independent(tfd.Uniform(tf.zeros([8, 8, 1]), 1.0), 3)   # p(y) = 1 on [0,1)^D
+    x_int = tf.random.uniform([4, 8, 8, 1], 0, 256, tf.int32)
+    bpd = deq.bits_per_dim(x_int, model.log_prob, seed=[0, 1])   # [4], exactly 8.0
     ```
     """
 
@@ -136,7 +138,6 @@ class VariationalDequantizer(_Dequantizer):
 
     Example:
     ```python
-    tfd = tfp.distributions
     deq = VariationalDequantizer((2,), n_bits=3, num_couplings=2, hidden_channels=8)
     model = tfd.Independent(tfd.Beta(tf.fill([2], 2.0), 3.0), 1)   # any log p(y) on [0,1)^D
     x_int = tf.constant([[1, 5], [0, 7]])

@@ -43,6 +43,8 @@ def logit_of_log_mixture(log_w, z):
     log_s, log_1ms, y = logit_of_log_mixture(tf.math.log([[0.5, 0.5]]), [[-1e3, 2.0]])
     ```
     """
+    z = tf.convert_to_tensor(z, dtype_hint=tf.float32)
+    log_w = tf.convert_to_tensor(log_w, dtype=z.dtype)
     log_s = tf.reduce_logsumexp(log_w + tf.math.log_sigmoid(z), axis=-1)
     log_1ms = tf.reduce_logsumexp(log_w + tf.math.log_sigmoid(-z), axis=-1)
     return log_s, log_1ms, log_s - log_1ms

@@ -43,6 +43,7 @@ import sys
 import warnings
 import weakref
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
@@ -60,6 +61,7 @@ __all__ = [
     "LogitTransform",
     "LOGDET_MODES",
     "flow_kwargs",
+    "use_fixed_seed",
 ]
 
 LOGDET_MODES = ("unbiased", "truncated", "exact")
@@ -83,6 +85,13 @@ class _InverseMemo:
         return entry[1] if entry is not None and entry[0]() is y else None
 
 
+def _reproduces(y_now, y):
+    """True (a bool tensor) when ``y_now`` equals ``y`` to 64 ulps of max|y|:
+    the same forward pass under the same weights (only reordering round-off)."""
+    tol = 64 * float(np.finfo(y.dtype.as_numpy_dtype).eps) * (1.0 + tf.reduce_max(tf.abs(y)))
+    return tf.reduce_all(tf.abs(y_now - y) <= tol)
+
+
 class _FreshBijectorCache(cache_util.BijectorCache):
     """Replaces TFP's bijector cache for bijectors whose weights change.
 
@@ -91,7 +100,9 @@ class _FreshBijectorCache(cache_util.BijectorCache):
     * ``inverse(y)`` of a ``y`` that ``forward`` returned and that is still
       alive gives back that ``x`` without running the inverse -- this is what
       ``TransformedDistribution.log_prob`` relies on to avoid a fixed-point
-      inversion at the latent point -- and is computed otherwise;
+      inversion at the latent point -- but only while ``forward(x)`` still
+      reproduces ``y`` (checked by one cheap forward pass, in graphs with a
+      ``tf.cond``): after any change of the weights the inverse is computed;
     * log-det "attributes" are never stored, so a random log-det estimate is
       fresh on every call.
     """
@@ -108,13 +119,38 @@ class _FreshBijectorCache(cache_util.BijectorCache):
 
     def inverse(self, y, **kwargs):
         x = self._memo().recall(y)
-        return self.bijector._inverse(y, **kwargs) if x is None else x
+        if x is None:
+            return self.bijector._inverse(y, **kwargs)
+        still_valid = _reproduces(self.bijector._forward(x, **kwargs), y)
+        if tf.executing_eagerly():
+            return x if bool(still_valid) else self.bijector._inverse(y, **kwargs)
+        return tf.cond(still_valid, lambda: tf.identity(x),
+                       lambda: self.bijector._inverse(y, **kwargs))
 
     def _attributes(self, input, fn_name, **kwargs):  # noqa: A002 (TFP's signature)
         return {}
 
 
-class _KerasBacked(tfb.Bijector):
+class _EqualOnlyToItself:
+    """Equality and hash by identity, for bijectors that hold weights.
+
+    TFP compares bijectors by their constructor ``parameters``; two
+    bijectors built with the same arguments but holding different Keras
+    weights must never compare equal (``tf.function`` would reuse one's
+    trace for the other, and TFP caches key on bijectors).
+    """
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    def __hash__(self):
+        return id(self)
+
+
+class _KerasBacked(_EqualOnlyToItself, tfb.Bijector):
     """Base for bijectors whose weights live in Keras 3 layers.
 
     tf.Module cannot see Keras 3 variables, so the underlying ``tf.Variable``s
@@ -144,6 +180,21 @@ def _as_float_tensor(x, name):
     if not x.dtype.is_floating:
         raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype.name}")
     return x
+
+
+def _check_stateless_seed(seed, name):
+    """``None``, or a stateless seed (two integers) as a tuple of two Python
+    ints; a ValueError naming ``name`` for anything else."""
+    if seed is None:
+        return None
+    try:
+        arr = np.asarray(seed.numpy() if tf.is_tensor(seed) else seed)
+    except (TypeError, ValueError, AttributeError):
+        arr = None
+    if arr is None or arr.shape != (2,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be None or a stateless seed of two ints, e.g. (1, 2); "
+                         f"got {seed!r}")
+    return tuple(int(v) for v in arr)
 
 
 class IResBlock(_KerasBacked):
@@ -217,7 +268,7 @@ class IResBlock(_KerasBacked):
                  n_exact_terms=2, n_exact_terms_eval=20, n_samples=1, n_terms=5,
                  probe="gaussian", neumann_grad=True, grad_in_forward=False,
                  inverse_atol=1e-6, inverse_rtol=1e-6, inverse_max_iterations=200,
-                 event_ndims=None, validate_args=False, name=None):
+                 event_ndims=None, default_seed=None, validate_args=False, name=None):
         name = name or f"iresblock_{next(_BLOCK_IDS)}"
         parameters = dict(locals())
         if not callable(net):
@@ -253,6 +304,7 @@ class IResBlock(_KerasBacked):
         self.inverse_rtol = float(inverse_rtol)
         self.inverse_max_iterations = int(inverse_max_iterations)
         self._event_ndims = int(event_ndims)
+        self._default_seed = _check_stateless_seed(default_seed, f"{name}: default_seed")
         self._checked_shapes = set()
         if getattr(net, "built", False):
             self._track_keras(net)
@@ -288,6 +340,25 @@ class IResBlock(_KerasBacked):
     def net(self):
         """The residual branch g (a Keras layer or model)."""
         return self._net
+
+    @property
+    def default_seed(self):
+        """The stateless seed (two ints) used when a call passes no ``seed``;
+        ``None`` (the default) draws a fresh random seed on every call.
+
+        With a fixed default seed the log-det estimate is a deterministic
+        function of (x, weights), as tools that cannot pass a seed need
+        (TFP's bijector test helpers, MCMC kernels, AutoBatched
+        JointDistributions). Set it before tracing a ``tf.function``. See
+        :func:`use_fixed_seed` to set it on every block of a flow.
+
+        Example: ``block.default_seed = (1, 2)``.
+        """
+        return self._default_seed
+
+    @default_seed.setter
+    def default_seed(self, seed):
+        self._default_seed = _check_stateless_seed(seed, f"{self.name}.default_seed")
 
     # ------------------------------------------------------------ utilities
     def _g(self, x, training):
@@ -371,7 +442,8 @@ class IResBlock(_KerasBacked):
         if self.logdet_mode == "exact":
             gx, ld = self._exact(xf, training)
         else:
-            seed = tfp.random.sanitize_seed(seed, salt="IResBlock")
+            seed = tfp.random.sanitize_seed(self._default_seed if seed is None else seed,
+                                            salt="IResBlock")
             probe_seed, series_seed = tfp.random.split_seed(seed, 2)
             n_terms, weights = self._series(series_seed, training, xf.dtype)
             v = est.hutchinson_probe(tf.shape(xf), probe_seed, self.probe, xf.dtype)
@@ -509,10 +581,20 @@ class IResBlock(_KerasBacked):
                     f"max|x + g(x) - y| = {float(residual):.3g}", RuntimeWarning, stacklevel=2)
         else:
             def warn():
-                tf.print("WARNING:", self.name, "fixed-point inverse did not converge in",
-                         self.inverse_max_iterations, "iterations; final residual",
-                         residual, output_stream=sys.stderr)
-                return tf.constant(False)
+                # Under tf.vectorized_map (pfor, also AutoBatched
+                # JointDistributions) this branch runs once for the, possibly
+                # empty, set of examples that did not converge. StringFormat
+                # formats that whole set ("[]" when empty) as one string, so
+                # the print is skipped exactly when no example failed.
+                text = tf.strings.format("{}", residual)
+
+                def report():
+                    tf.print("WARNING:", self.name, "fixed-point inverse did not converge in",
+                             self.inverse_max_iterations, "iterations; final residual",
+                             text, output_stream=sys.stderr)
+                    return tf.constant(False)
+                return tf.cond(tf.strings.regex_full_match(text, r"\[\]"),
+                               lambda: tf.constant(True), report)
             ok = tf.cond(converged, lambda: tf.constant(True), warn)
             with tf.control_dependencies([ok]):
                 x = tf.identity(x)
@@ -560,26 +642,31 @@ class IResBlock(_KerasBacked):
 
 
 class ActNorm(_KerasBacked):
-    """Per-channel affine bijector with data-dependent initialisation.
+    """Per-channel affine bijector with explicit data-dependent initialisation.
 
     forward (data -> latent): y = (x + b) * exp(s), b and s per channel (last
-    axis); log |det| = (positions per example) * sum(s). On the first forward
-    call outside a replica context the layer initialises b = -mean(x),
-    s = -0.5 log max(var(x), 0.2) from that batch (Glow / the reference).
-    Under a distribution strategy, initialise explicitly first with
-    :meth:`initialize`.
+    axis); log |det| = (positions per example) * sum(s). :meth:`initialize`
+    sets b = -mean(x), s = -0.5 log max(var(x), 0.2) from a batch (Glow / the
+    reference). Initialisation is never implicit: ``forward``, ``inverse``
+    and the log-dets of an uninitialised ActNorm raise an error naming
+    :meth:`initialize` (an implicit first-call init inside ``log_prob`` would
+    fit the layer to whatever single point came first). Inputs must have the
+    layer's dtype (``dtype=``, default float32); another dtype raises a
+    ``TypeError`` instead of being cast.
 
     Example:
     ```python
     an = ActNorm(event_shape=(8, 8, 3))
-    z = an.forward(images)       # first call initialises from `images`
+    an.initialize(images)        # explicit, once (no-op when already done)
+    z = an.forward(images)       # zero mean, unit variance per channel
     ```
     """
 
-    def __init__(self, event_shape, layer=None, validate_args=False, name="actnorm"):
+    def __init__(self, event_shape, layer=None, validate_args=False, name="actnorm", *,
+                 dtype="float32"):
         parameters = dict(locals())
         self.event_shape_ = tuple(int(d) for d in event_shape)
-        self.layer = layer if layer is not None else rlayers.ActNormalization()
+        self.layer = layer if layer is not None else rlayers.ActNormalization(dtype=dtype)
         if not self.layer.built:
             self.layer.build((None,) + self.event_shape_)
         self._track_keras(self.layer)
@@ -588,11 +675,36 @@ class ActNorm(_KerasBacked):
 
     def initialize(self, x):
         """Data-dependent initialisation from the batch ``x`` (no-op if done)."""
+        x = self._checked(x)
         self.layer.initialize(tf.reshape(x, (-1,) + self.event_shape_))
 
-    def _maybe_initialize(self, x):
-        if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-            self.initialize(x)
+    @property
+    def is_initialized(self):
+        """True once :meth:`initialize` has run (a variable: saved in checkpoints)."""
+        return bool(self.layer.initialized.numpy())
+
+    def _checked(self, x):
+        """x as a tensor of the layer's dtype; raises unless it has that dtype."""
+        dtype = tf.as_dtype(self.layer.compute_dtype)
+        x = tf.convert_to_tensor(x, dtype_hint=dtype)
+        if x.dtype != dtype:
+            raise TypeError(f"{self.name}: expects {dtype.name} input, got {x.dtype.name} "
+                            f"(build it with ActNorm(..., dtype='{x.dtype.name}') or cast "
+                            "the input)")
+        return x
+
+    def _checked_initialized(self, x):
+        """x (dtype-checked), once the layer is known to be initialised."""
+        x = self._checked(x)
+        message = (f"{self.name}: ActNorm is not initialised; call {self.name}.initialize"
+                   "(first_batch) once before using it (its data-dependent "
+                   "initialisation is explicit)")
+        if tf.executing_eagerly():
+            if not self.is_initialized:
+                raise RuntimeError(message)
+            return x
+        with tf.control_dependencies([tf.debugging.Assert(self.layer.initialized, [message])]):
+            return tf.identity(x)
 
     def log_det(self, dtype=tf.float32):
         """log |det dy/dx| per example: (positions per example) * sum(log_scale)."""
@@ -602,14 +714,13 @@ class ActNorm(_KerasBacked):
         return positions * tf.reduce_sum(tf.cast(self.layer.log_scale, dtype))
 
     def _forward(self, x, **kwargs):
-        self._maybe_initialize(x)
-        return self.layer(x)
+        return self.layer(self._checked_initialized(x))
 
     def _inverse(self, y, **kwargs):
-        return self.layer.inverse(y)
+        return self.layer.inverse(self._checked_initialized(y))
 
     def _forward_log_det_jacobian(self, x, **kwargs):
-        self._maybe_initialize(x)
+        x = self._checked_initialized(x)
         ld = self.log_det(x.dtype)
         batch_shape = tf.shape(x)[:tf.rank(x) - len(self.event_shape_)]
         return tf.fill(batch_shape, ld)
@@ -742,10 +853,12 @@ class LogitTransform(tfb.Bijector):
 
     def _squash(self, x):
         if self.validate_args:
-            x = tf.debugging.assert_greater_equal(x, tf.zeros([], x.dtype),
-                                                  "LogitTransform: input below 0")
-            x = tf.debugging.assert_less_equal(x, tf.ones([], x.dtype),
-                                               "LogitTransform: input above 1")
+            with tf.control_dependencies([
+                    tf.debugging.assert_greater_equal(
+                        x, tf.zeros([], x.dtype), f"{self.name}: input below 0"),
+                    tf.debugging.assert_less_equal(
+                        x, tf.ones([], x.dtype), f"{self.name}: input above 1")]):
+                x = tf.identity(x)
         return self.alpha + (1.0 - 2.0 * self.alpha) * x
 
     def _log_s_and_1ms(self, x):
@@ -771,11 +884,33 @@ class LogitTransform(tfb.Bijector):
         return tf.constant(math.log1p(-2.0 * self.alpha), x.dtype) - log_s - log_1ms
 
 
+def _seeded_parts(obj):
+    """The pieces of ``obj`` that take a ``seed`` call kwarg, in application
+    order, as (piece, route) pairs: ``route`` is the list of names under which
+    ``tfb.Chain`` / ``tfb.Invert`` pass kwargs down to the piece. A piece is an
+    :class:`IResBlock` or a multi-block bijector that splits its seed itself
+    (``_takes_flow_kwargs``, e.g. :class:`rflow_tf.models.FlowBijector`).
+    ``obj`` may also be a distribution or model with a ``bijector``."""
+    if isinstance(obj, IResBlock) or getattr(obj, "_takes_flow_kwargs", False):
+        return [(obj, [])]
+    if isinstance(obj, _INVERT_TYPES):
+        return _seeded_parts(obj.bijector)
+    if isinstance(obj, tfb.Composition):
+        return [(piece, [sub.name] + route) for sub in obj.bijectors
+                for piece, route in _seeded_parts(sub)]
+    if not isinstance(obj, tfb.Bijector) and getattr(obj, "bijector", None) is not None:
+        return _seeded_parts(obj.bijector)
+    return []
+
+
 def flow_kwargs(bijector, **kwargs):
     """Nested per-name kwargs that route ``kwargs`` (e.g. ``seed``,
     ``training``) to every :class:`IResBlock` inside ``bijector`` through
-    ``tfb.Chain`` / ``tfb.Invert``. Seeds are split so blocks draw
-    independent probes.
+    ``tfb.Chain`` / ``tfb.Invert``, and to multi-block bijectors such as
+    :class:`rflow_tf.models.FlowBijector` (``model.bijector``), which split
+    their seed over their own blocks. Seeds are split so blocks draw
+    independent probes. A ``seed`` that no piece would receive raises a
+    ValueError instead of being dropped.
 
     Example:
     ```python
@@ -784,24 +919,52 @@ def flow_kwargs(bijector, **kwargs):
     ```
     """
     seed = kwargs.pop("seed", None)
-    counter = [0]
-
-    def visit(b):
-        if isinstance(b, IResBlock):
-            out = dict(kwargs)
-            if seed is not None:
-                out["seed"] = tfp.random.split_seed(seed, counter[0] + 2)[counter[0] + 1]
-            counter[0] += 1
-            return out
-        if isinstance(b, _INVERT_TYPES):
-            return visit(b.bijector)
-        if isinstance(b, tfb.Composition):
-            nested = {}
-            for sub in b.bijectors:
-                sub_kwargs = visit(sub)
-                if sub_kwargs:
-                    nested[sub.name] = sub_kwargs
-            return nested
+    parts = _seeded_parts(bijector)
+    if seed is not None and not parts:
+        raise ValueError(f"flow_kwargs: {getattr(bijector, 'name', bijector)!r} contains no "
+                         "residual block or flow that takes a seed; the seed would be dropped")
+    if not parts:
         return {}
+    seeds = tfp.random.split_seed(seed, len(parts) + 1)[1:] if seed is not None else None
+    if not parts[0][1]:            # the bijector itself takes the kwargs
+        return dict(kwargs, **({"seed": seeds[0]} if seeds is not None else {}))
+    nested = {}
+    for i, (_, route) in enumerate(parts):
+        leaf = dict(kwargs, **({"seed": seeds[i]} if seeds is not None else {}))
+        node = nested
+        for name in route[:-1]:
+            node = node.setdefault(name, {})
+        node[route[-1]] = leaf
+    return nested
 
-    return visit(bijector)
+
+def use_fixed_seed(flow, seed):
+    """Makes every residual block's log-det in ``flow`` a deterministic
+    function of (x, weights): each :class:`IResBlock` gets its own split of
+    ``seed`` as its :attr:`IResBlock.default_seed`, used whenever a call
+    passes no seed. ``seed=None`` restores fresh random estimates.
+
+    This is the switch for tools that cannot pass a seed: TFP's bijector
+    test helpers, MCMC kernels (``tfp.mcmc``), ``JointDistribution*AutoBatched``.
+    ``flow`` is a bijector, a ``TransformedDistribution`` or a
+    :class:`rflow_tf.models.ResidualFlow`. Call it before tracing
+    ``tf.function``s that use the flow. (``logdet="exact"`` blocks are
+    deterministic already.) Returns ``flow``.
+
+    Example:
+    ```python
+    use_fixed_seed(dist, (1, 2))
+    assert dist.log_prob(x) == dist.log_prob(x)     # same estimate every call
+    ```
+    """
+    seed = _check_stateless_seed(seed, "use_fixed_seed: seed")
+    blocks = []
+    for piece, _ in _seeded_parts(flow):
+        blocks.extend(getattr(piece, "iresblocks", None) or [piece])
+    if not blocks:
+        raise ValueError(f"use_fixed_seed: {getattr(flow, 'name', flow)!r} contains no "
+                         "residual block")
+    seeds = tfp.random.split_seed(seed, len(blocks)) if seed is not None else [None] * len(blocks)
+    for block, block_seed in zip(blocks, seeds):
+        block.default_seed = None if block_seed is None else tuple(block_seed.numpy())
+    return flow

@@ -598,7 +598,7 @@ def _iter_stages(stages):
             yield from _iter_stages(b.stages)
 
 
-class FlowBijector(tfb.Bijector):
+class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=protected-access
     """A sequence of bijectors (``stages``, in data -> latent order) run as one
     TFP bijector, in a single pass.
 
@@ -628,6 +628,7 @@ class FlowBijector(tfb.Bijector):
     """
 
     _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
+    _takes_flow_kwargs = True       # rflow_tf.bijectors.flow_kwargs routes seed/training here
 
     def __init__(self, stages, event_shape, validate_args=False, name="flow"):
         parameters = dict(locals())
@@ -696,6 +697,10 @@ class FlowBijector(tfb.Bijector):
         return tf.reshape(x, (-1,) + self.event_shape_in), batch_shape
 
     def _block_seeds(self, seed):
+        """One seed per residual block; without a seed each block uses its own
+        ``default_seed`` (random when that is None)."""
+        if seed is None:
+            return [None] * len(self._blocks)
         seed = _as_seed(seed, "FlowBijector")
         return tfp.random.split_seed(seed, max(len(self._blocks), 1))
 
@@ -763,7 +768,7 @@ class FlowBijector(tfb.Bijector):
         return tf.concat([s[:n], tf.constant(self.event_shape_in, s.dtype)], 0)
 
 
-class FactorOut(tfb.Bijector):
+class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=protected-access
     """Multiscale factor-out (Dinh et al. 2017): half of the channels go
     straight to the latent, the rest go through the remaining flow.
 
@@ -792,6 +797,7 @@ class FactorOut(tfb.Bijector):
     """
 
     _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
+    _takes_flow_kwargs = True
 
     def __init__(self, event_shape, stages, validate_args=False, name="factor_out"):
         parameters = dict(locals())

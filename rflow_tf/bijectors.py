@@ -188,8 +188,8 @@ def _check_stateless_seed(seed, name):
     if seed is None:
         return None
     try:
-        arr = np.asarray(seed.numpy() if tf.is_tensor(seed) else seed)
-    except (TypeError, ValueError, AttributeError):
+        arr = np.asarray(tf.get_static_value(seed) if tf.is_tensor(seed) else seed)
+    except (TypeError, ValueError):
         arr = None
     if arr is None or arr.shape != (2,) or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must be None or a stateless seed of two ints, e.g. (1, 2); "

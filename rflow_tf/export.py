@@ -122,6 +122,8 @@ import warnings
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from google.protobuf import message
+from tensorflow.core.protobuf import saved_model_pb2
 
 from rflow_tf import data as rdata
 from rflow_tf import models as rmodels
@@ -663,7 +665,8 @@ class LoadedFlow(rmodels.FlowDistribution):
             got = list(shape) if shape.rank is not None else "unknown"
             raise InputShapeError(f"{self.name}: expected {expected} (e.g. [batch, {h}, {w}, "
                                   f"{c}]); got shape {got}")
-        return value
+        # Empty batch, NaN/Inf, pixels outside [0, 1]: the fresh model's checks.
+        return rmodels.check_pixels(value, self.name)
 
     def log_prob(self, value, name="log_prob", **kwargs):
         """log p(x) of images x in [0, 1] (shape [..., H, W, C]), after checking
@@ -689,7 +692,11 @@ class LoadedFlow(rmodels.FlowDistribution):
         if "log_prob" not in fns:
             parent = super()._log_prob
             fns["log_prob"] = tf.function(lambda y, kw: parent(y, **kw), reduce_retracing=True)
-        return fns["log_prob"](y, kwargs)
+        # The traced function always sees [N, H, W, C] (one trace serves every
+        # batch shape, including a single unbatched image).
+        batch_shape = tf.shape(y)[:-3]
+        lp = fns["log_prob"](tf.reshape(y, (-1,) + self.image_shape), kwargs)
+        return tf.reshape(lp, batch_shape)
 
     def bits_per_dim(self, x, name="bits_per_dim"):
         """Bits per dimension of raw integer images ``x`` (uint8/int32/int64,
@@ -762,6 +769,24 @@ class LoadedFlow(rmodels.FlowDistribution):
         return self.__dict__.get("_rflow_model")
 
 
+def _check_saved_model_proto(path):
+    """Parses ``saved_model.pb`` (a truncated or corrupt file fails to parse, or
+    lacks its single meta graph) so that :func:`load` never accepts an export
+    whose serving graph is broken; raises :class:`NotAnExportError`."""
+    pb_path = os.path.join(path, "saved_model.pb")
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with open(pb_path, "rb") as f:
+            proto.ParseFromString(f.read())
+        ok = len(proto.meta_graphs) == 1 and proto.meta_graphs[0].HasField("object_graph_def")
+        problem = "it has no complete meta graph"
+    except (OSError, message.DecodeError) as e:
+        ok, problem = False, f"{type(e).__name__}: {e}"
+    if not ok:
+        raise NotAnExportError(f"{path!r}: saved_model.pb is truncated or corrupt ({problem}); "
+                               "export the model again")
+
+
 def load(path, *, logdet=None):
     """Loads a flow written by :func:`save` as a TFP distribution over images.
 
@@ -803,6 +828,7 @@ def load(path, *, logdet=None):
     """
     path = os.fspath(path)
     meta = load_metadata(path)
+    _check_saved_model_proto(path)
     if logdet is not None and logdet not in ("exact", "unbiased", "truncated"):
         raise ValueError(f"logdet must be 'exact', 'unbiased' or 'truncated', got {logdet!r}")
     try:
@@ -817,9 +843,12 @@ def load(path, *, logdet=None):
         status = ckpt.read(prefix)
         status.assert_existing_objects_matched()
         status.expect_partial()
-    except (AssertionError, tf.errors.OpError, ValueError) as e:
+    except (AssertionError, tf.errors.OpError, ValueError, IndexError) as e:
+        # A truncated variables.data file surfaces as IndexError ("Read less
+        # bytes than requested"); a corrupt one as DataLossError (an OpError).
         raise NotAnExportError(f"{path!r}: could not restore the model's weights from "
-                               f"{prefix}: {str(e).splitlines()[0][:500]}") from None
+                               f"{prefix} (the files are incomplete or corrupt?): "
+                               f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from None
     base = tfd.MultivariateNormalDiag(loc=tf.zeros([cfg.num_dims], model.flow_dtype))
     dist = LoadedFlow(base, tfb.Invert(model.bijector), name=model.name)
     # Plain attributes set without tf.Module tracking (the weights are already

@@ -590,6 +590,67 @@ def _as_seed(seed, salt):
     return tfp.random.sanitize_seed(seed, salt=salt)
 
 
+def check_pixels(x, owner, name="x", values=True):
+    """Returns the float tensor ``x`` of images after checking that its batch is
+    not empty and (``values=True``) that every pixel is finite and in [0, 1]:
+    a ValueError naming ``owner`` and ``name`` eagerly, an assertion
+    (``InvalidArgumentError`` with the same message) in graphs. The one place
+    for these checks (:class:`ResidualFlow` and :func:`rflow_tf.load`'s
+    distribution use it).
+
+    Example: ``x = check_pixels(tf.zeros([2, 8, 8, 1]), "my_flow")``.
+    """
+    if x.shape.num_elements() == 0:
+        raise ValueError(f"{owner}: {name} is an empty batch (shape {x.shape}); pass at least "
+                         "one image")
+    if not values:
+        return x
+    if tf.executing_eagerly():
+        xv = x.numpy()
+        if not np.all(np.isfinite(xv)):
+            raise ValueError(f"{owner}: {name} contains NaN or Inf")
+        if xv.min() < 0.0 or xv.max() > 1.0:
+            raise ValueError(f"{owner}: {name} must lie in [0, 1] (dequantised pixels), got "
+                             f"values in [{xv.min():.4g}, {xv.max():.4g}]")
+        return x
+    x = tf.debugging.assert_all_finite(x, f"{owner}: {name} contains NaN or Inf")
+    in_range = f"{owner}: {name} must lie in [0, 1] (dequantised pixels)"
+    with tf.control_dependencies([
+            tf.debugging.assert_greater_equal(x, tf.zeros([], x.dtype), message=in_range),
+            tf.debugging.assert_less_equal(x, tf.ones([], x.dtype), message=in_range)]):
+        return tf.identity(x)
+
+
+def check_sample_args(sample_shape, seed, owner):
+    """Checks ``sample(sample_shape, seed)`` arguments before any work:
+    ``sample_shape`` a positive int, a list of them or ``()`` (``2.5``,
+    ``-1``, ``0`` and ``True`` raise), ``seed`` None, an int or an integer
+    stateless seed of shape [2]. Symbolic tensors (inside a ``tf.function``)
+    are checked as far as their static shape and dtype allow. Raises a
+    ValueError naming ``owner``.
+
+    Example: ``check_sample_args(16, [1, 2], "flow")``.
+    """
+    value = tf.get_static_value(sample_shape) if tf.is_tensor(sample_shape) else sample_shape
+    if value is not None:
+        try:
+            shape = np.asarray(value)
+        except (TypeError, ValueError):
+            shape = None
+        if shape is None or shape.ndim > 1 or shape.dtype == bool or \
+                not np.issubdtype(shape.dtype, np.integer) or np.any(shape < 1):
+            raise ValueError(f"{owner}: the sample shape must be a positive int (or a list of "
+                             f"them), got {sample_shape!r}")
+    if seed is None or isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return
+    if tf.is_tensor(seed) and tf.get_static_value(seed) is None:
+        if not seed.dtype.is_integer or seed.shape.rank != 1 or seed.shape[0] not in (2, None):
+            raise ValueError(f"{owner}: seed must be a stateless seed of two ints, got a "
+                             f"{seed.dtype.name} tensor of shape {seed.shape}")
+        return
+    rbij._check_stateless_seed(seed, f"{owner}: seed")  # pylint: disable=protected-access
+
+
 def _iter_stages(stages):
     """All pieces in application order, descending into FactorOut."""
     for b in stages:
@@ -888,6 +949,16 @@ class FlowDistribution(tfd.TransformedDistribution):
     ```
     """
 
+    def sample(self, sample_shape=(), seed=None, name="sample", **kwargs):
+        """Samples (see ``tfd.Distribution.sample``) after checking the arguments:
+        ``sample_shape`` positive ints, ``seed`` None, an int or shape [2]
+        (:func:`check_sample_args`), so bad values raise a clear ValueError.
+
+        Example: ``dist.sample(4, seed=[1, 2])``.
+        """
+        check_sample_args(sample_shape, seed, self.name)
+        return super().sample(sample_shape, seed=seed, name=name, **kwargs)
+
     def _log_prob(self, y, **kwargs):
         distribution_kwargs, bijector_kwargs = self._kwargs_split_fn(kwargs)
         flow = self.bijector.bijector
@@ -1136,26 +1207,7 @@ class ResidualFlow(keras.Model):
         if x.shape.rank != 4 or tuple(x.shape[1:]) != shape:
             raise ValueError(f"{self.name}: {name} must have shape [batch, {shape[0]}, "
                              f"{shape[1]}, {shape[2]}] (or {list(shape)}), got {x.shape}")
-        if validate:
-            if tf.executing_eagerly():
-                xv = x.numpy()
-                if not np.all(np.isfinite(xv)):
-                    raise ValueError(f"{self.name}: {name} contains NaN or Inf")
-                if xv.size and (xv.min() < 0.0 or xv.max() > 1.0):
-                    raise ValueError(
-                        f"{self.name}: {name} must lie in [0, 1] (dequantised pixels), got "
-                        f"values in [{xv.min():.4g}, {xv.max():.4g}]")
-            else:
-                x = tf.debugging.assert_all_finite(x, f"{self.name}: {name} contains NaN or Inf")
-                with tf.control_dependencies([
-                        tf.debugging.assert_greater_equal(
-                            x, tf.zeros([], x.dtype),
-                            message=f"{self.name}: {name} must lie in [0, 1]"),
-                        tf.debugging.assert_less_equal(
-                            x, tf.ones([], x.dtype),
-                            message=f"{self.name}: {name} must lie in [0, 1]")]):
-                    x = tf.identity(x)
-        return x, unbatched
+        return check_pixels(x, self.name, name, values=validate), unbatched
 
     # ------------------------------------------------------------ the flow
     def forward_and_log_det(self, x, training=False, seed=None, validate=True):
@@ -1256,6 +1308,7 @@ class ResidualFlow(keras.Model):
         """
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
+        check_sample_args(n, seed, self.name)
         if not float(temperature) >= 0.0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         shape = [int(n), self.num_dims]

@@ -591,7 +591,7 @@ class IResBlock(_KerasBacked):
                 def report():
                     tf.print("WARNING:", self.name, "fixed-point inverse did not converge in",
                              self.inverse_max_iterations, "iterations; final residual",
-                             text, output_stream=sys.stderr)
+                             residual, output_stream=sys.stderr)
                     return tf.constant(False)
                 return tf.cond(tf.strings.regex_full_match(text, r"\[\]"),
                                lambda: tf.constant(True), report)

@@ -3,6 +3,7 @@ fine-tuning, errors, and the shipped model in saved_models/digits."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -312,3 +313,53 @@ def test_shipped_model_keeps_its_version_1_meaning():
     # the first block: one LipSwish weight fewer), so the version matters.
     v2 = models.ResidualFlow(dict(meta["config"], config_version=models.CONFIG_VERSION))
     assert len(v2.weights) != len(dist.model.weights)
+
+
+def test_bad_input_is_rejected_like_the_fresh_model(exported):
+    """NaN, Inf, pixels outside [0, 1] and empty batches: the loaded
+    distribution raises the fresh model's ValueError (the SavedModel signature
+    the same message as InvalidArgumentError); bad sample shapes and seeds
+    raise ValueError before any work."""
+    dist, flow = rflow_tf.load(exported["path"]), exported["flow"]
+    obj = tf.saved_model.load(exported["path"])
+    x = exported["x"][:2]
+    bad = {"NaN or Inf": np.where(np.arange(64).reshape(8, 8, 1) == 3, np.nan, x),
+           "must lie in \\[0, 1\\]": x + 2.0}
+    bad["NaN or Inf "] = np.where(np.arange(64).reshape(8, 8, 1) == 3, np.inf, x)
+    for match, value in bad.items():
+        value = tf.constant(value, tf.float32)
+        for log_prob in (dist.log_prob, flow.log_prob):
+            with pytest.raises(ValueError, match=match.strip()):
+                log_prob(value)
+        with pytest.raises(tf.errors.InvalidArgumentError, match=match.strip()):
+            obj.log_prob(value)
+    for log_prob in (dist.log_prob, flow.log_prob):
+        with pytest.raises(ValueError, match="empty batch"):
+            log_prob(tf.zeros([0, 8, 8, 1]))
+    # An unbatched image after batched calls of several sizes (one trace serves all).
+    lp = dist.log_prob(x).numpy()
+    dist.log_prob(exported["x"][:3])
+    np.testing.assert_allclose(dist.log_prob(x[1]).numpy(), lp[1], rtol=1e-5)
+    np.testing.assert_allclose(dist.log_prob(x[None]).numpy(), lp[None], rtol=1e-5)
+    for n in (2.5, -1, 0, True, [2, -1]):
+        with pytest.raises(ValueError, match="sample shape must be a positive int"):
+            dist.sample(n, seed=[1, 2])
+    for sample in (lambda s: dist.sample(2, seed=s), lambda s: flow.sample(2, seed=s)):
+        for seed in ([1, 2, 3], [[1, 2]], [1.5, 2.0]):
+            with pytest.raises(ValueError, match="seed must be None or a stateless seed"):
+                sample(seed)
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        flow.sample(2.5)
+
+
+@pytest.mark.parametrize("name", ["saved_model.pb", "variables/variables.data-00000-of-00001"])
+def test_load_refuses_truncated_files(exported, tmp_path, name):
+    path = str(tmp_path / "copy")
+    shutil.copytree(exported["path"], path)
+    target = os.path.join(path, name)
+    with open(target, "rb") as f:
+        data = f.read()
+    with open(target, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with pytest.raises(export.NotAnExportError, match="truncated or corrupt|incomplete or corrupt"):
+        rflow_tf.load(path)

@@ -248,6 +248,9 @@ class IResBlock(_KerasBacked):
 
     Call kwargs (route through ``Chain`` by name): ``seed`` (stateless seed,
     shape [2]) and ``training`` (bool; default False = evaluation settings).
+    Without a ``seed`` a call uses ``default_seed`` (constructor argument or
+    :attr:`default_seed`; see :func:`use_fixed_seed`): None draws a fresh
+    random seed per call, two ints make the estimate deterministic.
     The net must act on each example independently (no batch statistics).
 
     Example:

@@ -125,6 +125,7 @@ import tensorflow_probability as tfp
 from google.protobuf import message
 from tensorflow.core.protobuf import saved_model_pb2
 
+from rflow_tf import bijectors as rbij
 from rflow_tf import data as rdata
 from rflow_tf import models as rmodels
 
@@ -234,10 +235,11 @@ def _resolve_logdet(logdet, cfg):
 
 
 def _check_seed(seed, name):
-    arr = np.asarray(seed)
-    if arr.shape != (2,) or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be two ints (a stateless seed), got {seed!r}")
-    return [int(v) for v in arr]
+    """A required stateless seed as a list of two ints (see
+    :func:`rflow_tf.bijectors._check_stateless_seed`)."""
+    if seed is None:
+        raise ValueError(f"{name} must be a stateless seed of two ints, e.g. (1, 2); got None")
+    return list(rbij._check_stateless_seed(seed, name))  # pylint: disable=protected-access
 
 
 def _metadata_path(path):

@@ -659,6 +659,7 @@ class ActNorm(_KerasBacked):
 
     Example:
     ```python
+    images = tf.random.uniform([16, 8, 8, 3])
     an = ActNorm(event_shape=(8, 8, 3))
     an.initialize(images)        # explicit, once (no-op when already done)
     z = an.forward(images)       # zero mean, unit variance per channel
@@ -956,8 +957,14 @@ def use_fixed_seed(flow, seed):
 
     Example:
     ```python
+    import tensorflow as tf, tensorflow_probability as tfp
+    from rflow_tf.bijectors import IResBlock, use_fixed_seed
+    tfb, tfd = tfp.bijectors, tfp.distributions
+    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
+                                       tfb.Invert(IResBlock.dense(2)))
     use_fixed_seed(dist, (1, 2))
-    assert dist.log_prob(x) == dist.log_prob(x)     # same estimate every call
+    x = tf.random.normal([4, 2])
+    assert (dist.log_prob(x).numpy() == dist.log_prob(x).numpy()).all()   # one draw
     ```
     """
     seed = _check_stateless_seed(seed, "use_fixed_seed: seed")

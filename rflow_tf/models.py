@@ -76,6 +76,9 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf import bijectors as rbij
+from rflow_tf import classifier as rclf
+from rflow_tf import coupling as rcoup
+from rflow_tf import invertible_conv as rinv
 from rflow_tf import layers as rlayers
 
 tfb = tfp.bijectors
@@ -83,6 +86,8 @@ tfd = tfp.distributions
 
 __all__ = [
     "FlowConfig",
+    "BLOCK_TYPES",
+    "INIT_LAYERS",
     "CONFIG_VERSION",
     "LEGACY_DEFAULTS",
     "Preset",
@@ -105,6 +110,10 @@ _LN2 = math.log(2.0)
 # ----------------------------------------------------------------------------
 
 _TUPLE_FIELDS = ("input_shape", "n_blocks", "fc_hidden")
+#: Kinds of flow block (:attr:`FlowConfig.block`).
+BLOCK_TYPES = ("residual", "coupling")
+#: Layers that map [0, 1] pixels to the flow's input (:attr:`FlowConfig.init_layer`).
+INIT_LAYERS = ("logit", "cifar10")
 
 #: Version of :class:`FlowConfig`'s meaning. A config (dict/JSON) written
 #: without ``config_version`` is version 1; its missing fields take the
@@ -163,6 +172,28 @@ class FlowConfig:
         (reference: 4 blocks, d -> 128 -> 128 -> d).
       logit_alpha: alpha of the logit transform (1e-6 MNIST, 0.05 otherwise).
       n_bits: bits per pixel of the data (8; 5 for CelebA-HQ).
+      block: "residual" (invertible residual blocks, the paper's model) or
+        "coupling" (the paper's Table 4/5 baseline, built like the
+        reference's: :class:`rflow_tf.coupling.AffineCoupling` with scale
+        sigmoid(s + 2) and an unconstrained ReLU net of ``kernels`` and
+        ``hidden_channels``; checkerboard masks in scale 0 (the scale with
+        the init layer), channel masks in later scales, the kept half
+        alternating from mask "0" in every scale and continuing through the
+        FC end, whose blocks are dense couplings with ``fc_hidden``). The
+        estimator settings below only matter for residual blocks.
+      invertible_1x1: a Glow invertible 1x1 convolution
+        (:class:`rflow_tf.invertible_conv.Invertible1x1Conv`, LU weights,
+        exact log-det) before every block of every scale (not the FC end),
+        the reference's ``--quadratic``.
+      init_layer: the first layer, mapping pixels in [0, 1] to the flow:
+        "logit" (:class:`rflow_tf.bijectors.LogitTransform` with
+        ``logit_alpha``) or "cifar10" (per-channel normalisation
+        :meth:`rflow_tf.classifier.ChannelNormalize.cifar10`, the
+        reference's layer for CIFAR-10 classification and hybrid runs).
+      n_classes: 0 (a density model) or the number of classes of the
+        classifier heads (:class:`rflow_tf.classifier.ClassifierHeads`) read
+        by :meth:`ResidualFlow.classify` / :meth:`ResidualFlow.log_prob_and_logits`.
+      head_channels: output channels of each head's 3x3 convolution (paper: 256).
 
     Log-det estimator (see :class:`rflow_tf.bijectors.IResBlock`):
       logdet: "unbiased" (Russian roulette + Hutchinson), "truncated" or
@@ -220,6 +251,11 @@ class FlowConfig:
     fc_hidden: Tuple[int, ...] = (128, 128)
     logit_alpha: float = 1e-6
     n_bits: int = 8
+    block: str = "residual"
+    invertible_1x1: bool = False
+    init_layer: str = "logit"
+    n_classes: int = 0
+    head_channels: int = 256
     logdet: str = "unbiased"
     dist: str = "poisson"
     rate: float = 2.0
@@ -296,7 +332,8 @@ class FlowConfig:
         if self.squeeze_order not in rbij.SQUEEZE_ORDERS:
             raise ValueError(f"FlowConfig.squeeze_order must be one of {rbij.SQUEEZE_ORDERS}, "
                              f"got {self.squeeze_order!r}")
-        for name in ("preactivation", "actnorm", "first_resblock", "squeeze_first"):
+        for name in ("preactivation", "actnorm", "first_resblock", "squeeze_first",
+                     "invertible_1x1"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"FlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.activation not in rlayers.ACTIVATIONS:
@@ -313,6 +350,24 @@ class FlowConfig:
         if not 0.0 <= float(self.logit_alpha) < 0.5:
             raise ValueError(f"FlowConfig.logit_alpha must lie in [0, 0.5), got {self.logit_alpha}")
         pos_int("n_bits", self.n_bits)
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"FlowConfig.block must be one of {BLOCK_TYPES}, got {self.block!r}")
+        if self.init_layer not in INIT_LAYERS:
+            raise ValueError(f"FlowConfig.init_layer must be one of {INIT_LAYERS}, "
+                             f"got {self.init_layer!r}")
+        if self.init_layer == "cifar10" and c != len(rclf.CIFAR10_MEAN):
+            raise ValueError(f"FlowConfig.init_layer='cifar10' normalises 3 (RGB) channels; the "
+                             f"input has {c}")
+        pos_int("n_classes", self.n_classes, allow_zero=True)
+        if self.n_classes == 1:
+            raise ValueError("FlowConfig.n_classes must be 0 (no classifier) or >= 2, got 1")
+        pos_int("head_channels", self.head_channels)
+        if self.block == "coupling":
+            last_c = c * (4 ** n_squeeze) // (2 ** (self.n_scales - 1) if self.factor_out else 1)
+            d_last = (h // 2 ** n_squeeze) * (w // 2 ** n_squeeze) * last_c
+            if self.fc_end and self.n_fc_blocks and d_last % 2:
+                raise ValueError(f"FlowConfig: coupling FC blocks split the flattened last "
+                                 f"scale in halves; its size {d_last} is odd")
         if self.n_bits > 8:
             raise ValueError(f"FlowConfig.n_bits must be in 1..8, got {self.n_bits}")
         if self.logdet not in rbij.LOGDET_MODES:
@@ -717,9 +772,12 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         return list(self._blocks)
 
     # ------------------------------------------------------------- walking
-    def _walk(self, stages, x, seeds, counter, mode, training):
+    def _walk(self, stages, x, seeds, counter, mode, training, features=None):
         """x: [N, *event]. mode: "logdet" (value and log-det), "forward"
-        (value only) or "init" (value only, initialising ActNorm layers)."""
+        (value only) or "init" (value only, initialising ActNorm layers).
+        ``features``: None, or ``(ids, out)``: the output of every stage whose
+        id is in ``ids`` (for a FactorOut: its factored half) is appended to
+        the list ``out``, in order."""
         total = tf.zeros([tf.shape(x)[0]], x.dtype) if mode == "logdet" else None
         for b in stages:
             ld = None
@@ -737,12 +795,23 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
                 x = b.layer(x)
             elif isinstance(b, FactorOut):
                 keep, out = b.split(x)
-                z_inner, ld = self._walk(b.stages, keep, seeds, counter, mode, training)
+                if features is not None and id(b) in features[0]:
+                    features[1].append(out)
+                z_inner, ld = self._walk(b.stages, keep, seeds, counter, mode, training,
+                                         features)
                 x = b.merge(out, z_inner)
+            elif isinstance(b, rcoup.AffineCoupling):
+                # One net evaluation for the value and the log-det.
+                if mode == "logdet":
+                    x, ld = b.forward_and_log_det(x)
+                else:
+                    x = b.forward(x)
             else:
                 if mode == "logdet":
                     ld = b.forward_log_det_jacobian(x, event_ndims=x.shape.rank - 1)
                 x = b.forward(x)
+                if features is not None and id(b) in features[0]:
+                    features[1].append(x)
             if ld is not None:
                 total += ld
         return x, total
@@ -775,14 +844,34 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         z = tf.reshape(z, tf.concat([batch_shape, self.event_shape_out], 0))
         return z, tf.reshape(ld, batch_shape)
 
-    def initialize(self, x):
+    def initialize(self, x, feature_stages=()):
         """Runs the forward pass once, initialising every ActNorm from its input
-        (no-op for those already initialised).
+        (no-op for those already initialised); returns the feature maps of
+        ``feature_stages`` (see :meth:`forward_with_features`).
 
         Example: ``flow.initialize(first_batch)``.
         """
+        return self.forward_with_features(x, feature_stages, mode="init")[2]
+
+    def forward_with_features(self, x, feature_stages, mode="forward", seed=None,
+                              training=False):
+        """``(z, log-det or None, features)`` for x [N, *event] in one pass:
+        ``features`` are the outputs of the stages in ``feature_stages`` (for
+        a :class:`FactorOut`, its factored half, before flattening), in flow
+        order. ``mode``: "forward" (no log-det is computed: ``None``),
+        "logdet" (the log-det [N], as :meth:`forward_and_log_det`) or "init"
+        (forward, initialising ActNorm layers).
+
+        Example: ``z, _, [h] = flow.forward_with_features(x, [squeeze])``.
+        """
+        if mode not in ("forward", "logdet", "init"):
+            raise ValueError(f"mode must be 'forward', 'logdet' or 'init', got {mode!r}")
         xf, _ = self._flatten_batch(x)
-        self._walk(self.stages, xf, None, [0], "init", False)
+        out = []
+        seeds = self._block_seeds(seed) if mode == "logdet" else None
+        z, ld = self._walk(self.stages, xf, seeds, [0], mode, training,
+                           ({id(b) for b in feature_stages}, out))
+        return z, ld, out
 
     def _forward(self, x, seed=None, training=False):
         xf, batch_shape = self._flatten_batch(x)
@@ -1040,8 +1129,18 @@ class ResidualFlow(keras.Model):
         super().__init__(name=name, **kwargs)
         cfg = FlowConfig.coerce(config)
         self.flow_config = cfg
-        named_layers = []
-        stages = self._build(cfg, named_layers)
+        named_layers, feature_stages, last_shape = [], [], []
+        stages = self._build(cfg, named_layers, feature_stages, last_shape)
+        # Classifier heads (n_classes > 0) read one feature map per scale.
+        object.__setattr__(self, "_feature_stages", [b for b, _ in feature_stages])
+        object.__setattr__(self, "_last_shape", tuple(last_shape))
+        self.classifier_heads = None
+        if cfg.n_classes:
+            heads = rclf.ClassifierHeads(cfg.n_classes, cfg.head_channels, dtype=cfg.dtype,
+                                         name="classifier_heads")
+            heads.build([(None,) + tuple(shape) for _, shape in feature_stages]
+                        + [(None,) + tuple(last_shape)])
+            self.classifier_heads = heads
         # The Keras layers holding every weight, each set as an attribute so
         # that Keras (trainable_variables) and tf.train.Checkpoint track them
         # (Keras 3 lists of layers are not checkpoint dependencies) with
@@ -1060,7 +1159,12 @@ class ResidualFlow(keras.Model):
 
     # ----------------------------------------------------------- building
     @staticmethod
-    def _build(cfg, named_layers):
+    def _build(cfg, named_layers, feature_stages, last_shape):
+        """The stages (data -> latent) of ``cfg``'s flow; appends the Keras
+        layers to ``named_layers``, ``(stage, feature shape)`` of the stages
+        after which a classifier head reads a feature map to ``feature_stages``
+        (inter-scale squeezes: their output; factor-outs: their factored
+        half) and the last scale's (H, W, C) to ``last_shape``."""
         dtype = cfg.dtype
         block_kwargs = dict(
             logdet=cfg.logdet, dist=cfg.dist, rate=cfg.rate, p=cfg.p,
@@ -1075,45 +1179,77 @@ class ResidualFlow(keras.Model):
             named_layers.append((name, layer))
             return rbij.ActNorm(shape, layer=layer, name=name)
 
+        def conv_block(s, i, shape, mask):
+            first = cfg.first_resblock and s == 0 and i == 0
+            preact = cfg.preactivation and not first
+            if cfg.block == "coupling":
+                return rcoup.AffineCoupling.conv(
+                    shape, mask, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
+                    preactivation=preact, dtype=dtype, name=f"s{s}_block{i}")
+            return rbij.IResBlock.conv(
+                shape, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
+                coeff=cfg.coeff, activation=cfg.activation, preactivation=preact,
+                dtype=dtype, name=f"s{s}_block{i}", **block_kwargs)
+
+        def fc_block(i, d, mask):
+            if cfg.block == "coupling":
+                return rcoup.AffineCoupling.dense(
+                    (d,), mask, hidden_units=cfg.fc_hidden, preactivation=cfg.preactivation,
+                    dtype=dtype, name=f"fc_block{i}")
+            return rbij.IResBlock.dense(
+                d, hidden_units=cfg.fc_hidden, coeff=cfg.coeff, activation=cfg.activation,
+                preactivation=cfg.preactivation, dtype=dtype, name=f"fc_block{i}",
+                **block_kwargs)
+
         def scale(s, shape):
             h, w, c = shape
             out = []
+            # Coupling masks as the reference: the kept half alternates from "0"
+            # in every scale (checkerboard in scale 0, channel halves after) and
+            # the FC end continues the alternation.
+            kind = "checkerboard" if s == 0 else "channel"
+            n_fc = cfg.n_fc_blocks if cfg.fc_end and s == cfg.n_scales - 1 else 0
+            masks = rcoup.alternating_masks("channel", cfg.n_blocks[s] + n_fc)
             for i in range(cfg.n_blocks[s]):
-                first = cfg.first_resblock and s == 0 and i == 0
-                blk = rbij.IResBlock.conv(
-                    shape, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
-                    coeff=cfg.coeff, activation=cfg.activation,
-                    preactivation=cfg.preactivation and not first, dtype=dtype,
-                    name=f"s{s}_block{i}", **block_kwargs)
+                if cfg.invertible_1x1:
+                    conv = rinv.Invertible1x1Conv(shape, seed=int(np.random.randint(2 ** 31 - 1)),
+                                                  dtype=dtype, name=f"s{s}_inv1x1_{i}")
+                    named_layers.append((conv.name, conv.layer))
+                    out.append(conv)
+                blk = conv_block(s, i, shape, kind + masks[i][-1])
                 named_layers.append((f"{blk.name}_net", blk.net))
                 out.append(blk)
                 if cfg.actnorm:
                     out.append(actnorm(shape, f"s{s}_actnorm{i + 1}"))
             if s < cfg.n_scales - 1:
-                out.append(rbij.Squeeze(cfg.squeeze_order, name=f"s{s}_squeeze"))
+                squeeze = rbij.Squeeze(cfg.squeeze_order, name=f"s{s}_squeeze")
+                out.append(squeeze)
                 squeezed = (h // 2, w // 2, 4 * c)
                 if cfg.factor_out:
                     inner = scale(s + 1, (h // 2, w // 2, 2 * c))
-                    out.append(FactorOut(squeezed, inner, name=f"s{s}_factor_out"))
+                    fo = FactorOut(squeezed, inner, name=f"s{s}_factor_out")
+                    feature_stages.append((fo, (h // 2, w // 2, 2 * c)))    # factored half
+                    out.append(fo)
                     return out
+                feature_stages.append((squeeze, squeezed))    # the squeezed scale output
                 return out + scale(s + 1, squeezed)
             d = h * w * c
             out.append(tfb.Reshape(event_shape_out=[d], event_shape_in=[h, w, c],
                                    name="flatten"))
-            if cfg.fc_end:
-                for i in range(cfg.n_fc_blocks):
-                    blk = rbij.IResBlock.dense(
-                        d, hidden_units=cfg.fc_hidden, coeff=cfg.coeff,
-                        activation=cfg.activation, preactivation=cfg.preactivation,
-                        dtype=dtype, name=f"fc_block{i}", **block_kwargs)
-                    named_layers.append((f"{blk.name}_net", blk.net))
-                    out.append(blk)
-                    if cfg.actnorm:
-                        out.append(actnorm((d,), f"fc_actnorm{i}"))
+            for i in range(n_fc):
+                blk = fc_block(i, d, masks[cfg.n_blocks[s] + i])
+                named_layers.append((f"{blk.name}_net", blk.net))
+                out.append(blk)
+                if cfg.actnorm:
+                    out.append(actnorm((d,), f"fc_actnorm{i}"))
+            last_shape.extend([h, w, c])
             return out
 
         h, w, c = cfg.input_shape
-        stages = [rbij.LogitTransform(cfg.logit_alpha, name="logit")]
+        if cfg.init_layer == "cifar10":
+            stages = [rclf.ChannelNormalize.cifar10(name="normalize")]
+        else:
+            stages = [rbij.LogitTransform(cfg.logit_alpha, name="logit")]
         shape = (h, w, c)
         if cfg.squeeze_first:
             stages.append(rbij.Squeeze(cfg.squeeze_order, name="squeeze_first"))
@@ -1182,8 +1318,17 @@ class ResidualFlow(keras.Model):
 
     @property
     def is_initialized(self):
-        """True when every ActNorm layer has had its data-dependent init."""
-        return all(bool(a.layer.initialized.numpy()) for a in self._actnorms)
+        """True when every ActNorm layer (also the classifier heads') has had
+        its data-dependent init."""
+        norms = [a.layer for a in self._actnorms]
+        if self.classifier_heads is not None:
+            norms += list(self.classifier_heads.norms)
+        return all(bool(n.initialized.numpy()) for n in norms)
+
+    @property
+    def n_classes(self):
+        """Number of classes of the classifier heads (0: a density model only)."""
+        return int(self.flow_config.n_classes)
 
     def lipschitz_layers(self):
         """The spectrally normalised layers (see :func:`rflow_tf.layers.lipschitz_layers`)."""
@@ -1223,6 +1368,61 @@ class ResidualFlow(keras.Model):
         if unbatched:
             z, ld = z[0], ld[0]
         return z, ld
+
+    # ------------------------------------------------------ classification
+    def _check_classifier(self, method):
+        if self.classifier_heads is None:
+            raise ValueError(f"{self.name}.{method} needs a classifier: build the model with "
+                             f"FlowConfig.n_classes >= 2 (this one has n_classes=0)")
+
+    def _head_inputs(self, z, features):
+        """Per-scale feature maps of the heads: the inter-scale outputs (with
+        factor-out: the factored halves) and the final output, i.e. the last
+        scale's part of z reshaped to that scale's (H, W, C)."""
+        h, w, c = self._last_shape
+        final = tf.reshape(z[:, z.shape[-1] - h * w * c:], [-1, h, w, c])
+        return list(features) + [final]
+
+    def classify(self, x, training=False, validate=True):
+        """Logits [B, n_classes] of p(y | x) for dequantised images x in [0, 1].
+
+        The flow runs forward (data -> latent) once without any log-det
+        (a pure classifier never needs one), and the heads
+        (:class:`rflow_tf.classifier.ClassifierHeads`) read one feature map
+        per scale: the output of each scale but the last (after its squeeze;
+        with factor-out, the factored half) and the final output of the flow
+        (the last scale's latent, after the FC end, reshaped to (H, W, C)).
+        (The reference reads, with factor-out, a stale tensor, the previous
+        scale's factored half, for its last head; this reads the final output.)
+
+        Example: ``probs = tf.nn.softmax(flow.classify(x))``.
+        """
+        self._check_classifier("classify")
+        x, unbatched = self._check_input(x, validate)
+        z, _, feats = self._flow.forward_with_features(x, self._feature_stages,
+                                                       training=training)
+        logits = self.classifier_heads(self._head_inputs(z, feats))
+        return logits[0] if unbatched else logits
+
+    def log_prob_and_logits(self, x, training=False, seed=None, validate=True):
+        """``(log p(x) [B], logits [B, n_classes])`` in one pass of the flow:
+        :meth:`log_prob` and :meth:`classify` of the same forward pass (the
+        hybrid model's two outputs).
+
+        Example:
+        ```python
+        lp, logits = flow.log_prob_and_logits(x, training=True, seed=[1, 2])
+        loss = classifier.hybrid_loss(lp - flow.num_dims * 8 * math.log(2), logits, y, "1/D",
+                                      num_dims=flow.num_dims)
+        ```
+        """
+        self._check_classifier("log_prob_and_logits")
+        x, unbatched = self._check_input(x, validate)
+        z, ld, feats = self._flow.forward_with_features(x, self._feature_stages, mode="logdet",
+                                                        seed=seed, training=training)
+        lp = self.base_log_prob(z) + ld
+        logits = self.classifier_heads(self._head_inputs(z, feats))
+        return (lp[0], logits[0]) if unbatched else (lp, logits)
 
     def base_log_prob(self, z):
         """log N(z; 0, I) = -|z|^2 / 2 - D/2 log(2 pi), summed over the last axis.
@@ -1284,6 +1484,10 @@ class ResidualFlow(keras.Model):
                                "(outside strategy.run)")
         x, _ = self._check_input(x, True)
         self._flow.initialize(x)
+        if self.classifier_heads is not None:
+            # Forward pass again: the flow's ActNorms were initialised on the way.
+            z, _, feats = self._flow.forward_with_features(x, self._feature_stages)
+            self.classifier_heads.initialize(self._head_inputs(z, feats))
 
     def converge_lipschitz(self, tol=1e-3, max_iterations=200):
         """Power iteration to convergence in every Lipschitz layer; returns the

@@ -7,11 +7,23 @@ Usage (``python train/main.py --help`` explains every flag)::
     python train/main.py --dataset=mnist              # the paper's MNIST model, all GPUs
     python train/main.py --dataset=celeb_a_hq --data_dir=/data/tfds
     python train/main.py --cpu_devices=2 --steps=100  # MirroredStrategy over 2 logical CPUs
+    python train/main.py --task=hybrid --hybrid_lambda=1/D --block=coupling --invertible_1x1
 
 Training objective, per example, for dequantised pixels x in [0, 1]^D:
 
     bits/dim = -(log p(x) - D n_bits ln 2) / (D ln 2),
     log p(x) = log N(f(x); 0, I) + log |det df/dx|         (unbiased estimate)
+
+(``--task=density``). ``--task=classification`` minimises the cross-entropy
+-log p(y | x) of classifier heads on the flow's per-scale features (no
+log-determinant is computed); ``--task=hybrid`` the paper's hybrid objective
+lambda * (-log P(x)) - log p(y | x) in nats per image, with
+-log P(x) = bits/dim * D ln 2 and ``--hybrid_lambda`` lambda (a number, or 1/D),
+see :func:`rflow_tf.classifier.hybrid_loss`. Classification and hybrid runs
+read labelled data with the reference's augmentation
+(:func:`rflow_tf.data.classification_augmentation`), report test accuracy
+and cross-entropy (and bits/dim for hybrid) and keep the best checkpoint by
+test bits/dim (hybrid) or test error (classification).
 
 averaged over the global batch with ``tf.nn.compute_average_loss``; Adam
 (beta 0.9, 0.99) with linear warm-up, gradient-norm clipping, optional
@@ -68,6 +80,7 @@ import tensorflow as tf  # noqa: E402
 
 from tensorflow.core.framework import summary_pb2  # noqa: E402
 
+from rflow_tf import classifier as rclf  # noqa: E402
 from rflow_tf import data  # noqa: E402
 from rflow_tf import models  # noqa: E402
 
@@ -83,6 +96,7 @@ __all__ = [
     "LinearWarmup",
     "PreReducedAdam",
     "make_optimizer",
+    "TASKS",
     "make_train_step",
     "make_eval_step",
     "write_scalar",
@@ -102,6 +116,8 @@ __all__ = [
 ]
 
 _LN2 = math.log(2.0)
+#: Training tasks (``--task``).
+TASKS = ("density", "classification", "hybrid")
 
 
 class UsageError(Exception):
@@ -195,6 +211,26 @@ def build_parser():
                    help="Factor out half the channels after each scale (default: preset).")
     g.add_argument("--fc_end", default=None, **bool_kw,
                    help="Fully connected blocks on the last scale (default: preset).")
+    g.add_argument("--block", default=None, choices=list(models.BLOCK_TYPES),
+                   help="Flow blocks: residual (the paper's) or coupling (affine coupling "
+                        "baseline of Tables 4/5) (default: preset).")
+    g.add_argument("--invertible_1x1", default=None, **bool_kw,
+                   help="Invertible 1x1 convolution before every block (the reference's "
+                        "--quadratic) (default: preset).")
+    g.add_argument("--init_layer", default=None, choices=list(models.INIT_LAYERS),
+                   help="First layer: logit, or cifar10 per-channel normalisation. Default: "
+                        "cifar10 for classification/hybrid on CIFAR-10 (as the reference), "
+                        "else the preset's.")
+
+    g = p.add_argument_group("task")
+    g.add_argument("--task", default="density", choices=list(TASKS),
+                   help="density: maximum likelihood; classification: classifier heads on the "
+                        "flow's features, cross-entropy only (no log-det); hybrid: "
+                        "hybrid_lambda * (-log p(x)) - log p(y|x) (nats per image).")
+    g.add_argument("--hybrid_lambda", default=None,
+                   help="Weight of -log p(x) in the hybrid loss: a number >= 0 or 1/D "
+                        "(D = dimensions per image); paper: 1 or 1/D. Default: 1 "
+                        "(--task=hybrid only).")
 
     g = p.add_argument_group("log-det estimator")
     g.add_argument("--n_exact_terms", type=int, default=None,
@@ -460,10 +496,32 @@ def resolve_run(args):
     n_bits = args.n_bits if args.n_bits is not None else info.n_bits
     overrides = dict(input_shape=tuple(info.image_shape), n_bits=n_bits)
     for flag in ("n_exact_terms", "dist", "neumann_grad", "grad_in_forward", "n_blocks",
-                 "hidden_channels", "activation", "factor_out", "fc_end"):
-        value = getattr(args, flag)
+                 "hidden_channels", "activation", "factor_out", "fc_end", "block",
+                 "invertible_1x1", "init_layer"):
+        value = getattr(args, flag, None)
         if value is not None:
             overrides[flag] = value
+    task = getattr(args, "task", "density")
+    if task not in TASKS:
+        raise UsageError(f"--task must be one of {TASKS}, got {task!r}")
+    lam_text = getattr(args, "hybrid_lambda", None)
+    if lam_text is not None and task != "hybrid":
+        raise UsageError(f"--hybrid_lambda applies to --task=hybrid only (this is --task={task})")
+    hybrid_lambda = None
+    if task != "density":
+        if not info.n_classes:
+            raise UsageError(f"--task={task} needs labels; {info.name!r} has none (labelled: "
+                             f"digits, mnist, svhn_cropped, cifar10)")
+        overrides["n_classes"] = int(info.n_classes)
+        if args.init_layer is None and info.name == "cifar10":
+            overrides["init_layer"] = "cifar10"      # the reference's choice
+        if task == "hybrid":
+            lam_text = "1" if lam_text is None else str(lam_text)
+            try:
+                hybrid_lambda = rclf.resolve_hybrid_lambda(
+                    lam_text, int(np.prod(info.image_shape)))
+            except ValueError as e:
+                raise UsageError(f"--hybrid_lambda: {e}") from None
     if overrides.get("neumann_grad") is False and args.grad_in_forward is None:
         overrides["grad_in_forward"] = False
     try:
@@ -491,8 +549,13 @@ def resolve_run(args):
     hp["ckpt_every"] = int(hp["eval_every"] if args.ckpt_every is None else args.ckpt_every)
     hp["seed"] = int(args.seed)
     hp["jit_compile"] = bool(args.jit_compile)
+    hp["task"] = task
+    if task == "hybrid":
+        hp["hybrid_lambda"] = lam_text
+        hp["hybrid_lambda_value"] = hybrid_lambda
 
-    run_name = args.run_name or f"{info.name}_{preset_name}".replace("/", "_")
+    default_name = f"{info.name}_{preset_name}" + ("" if task == "density" else f"_{task}")
+    run_name = args.run_name or default_name.replace("/", "_")
     run_dir = args.out or os.path.join("runs", run_name)
     export_dir = args.export_dir if args.export_dir is not None else \
         os.path.join("saved_models", run_name)
@@ -594,7 +657,7 @@ def _var(v):
 
 def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, accumulate=1,
                     n_bits=8, grad_clip=1.0, ema_decay=0.999, seed=0, jit_compile=False,
-                    converge=True, step_var=None):
+                    converge=True, step_var=None, task="density", hybrid_lambda=None):
     """The distributed training step, a ``tf.function(x, step, poison)``.
 
     Per replica (seed = fold_in([seed, step], replica id)), for each of
@@ -608,9 +671,15 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
     and increment ``step_var`` if given.
 
     ``x``: a distributed batch of uint8 images [B, H, W, C], or [B, k, H, W, C]
-    with accumulation. Returns a dict of scalars: ``loss`` (mean training
-    bits/dim), ``grad_norm`` (before clipping), ``ok`` (update applied) and
-    ``logdet`` (mean total log-det per example).
+    with accumulation; for ``task`` "classification" or "hybrid" a pair
+    (images, int labels [B] or [B, k]). Returns a dict of scalars: ``loss``
+    (the mean training objective: bits/dim for "density", cross-entropy in
+    nats for "classification", the hybrid loss of
+    :func:`rflow_tf.classifier.hybrid_loss` with ``hybrid_lambda`` (a float)
+    for "hybrid"), ``grad_norm`` (before clipping), ``ok`` (update applied),
+    ``logdet`` (mean total log-det per example; 0 for "classification",
+    which never computes one), and for the labelled tasks ``bpd`` (hybrid),
+    ``xent`` and ``acc`` (training batch means).
 
     Example:
     ```python
@@ -625,47 +694,92 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
     k = int(accumulate)
     base_seed = tf.constant(int(seed), tf.int64)
 
-    def micro(x_int, seed_pair):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "hybrid" and hybrid_lambda is None:
+        raise ValueError("task='hybrid' needs hybrid_lambda (a float)")
+    labelled = task != "density"
+
+    def batch_mean(v):
+        return tf.nn.compute_average_loss(tf.cast(v, tf.float32),
+                                          global_batch_size=global_batch_size) / k
+
+    def micro(x_int, seed_pair, labels=None):
         seeds = tf.random.experimental.stateless_split(seed_pair, 2)
         x = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype)
+        metrics = {}
         with tf.GradientTape() as tape:
-            z, ld = model.forward_and_log_det(x, training=True, seed=seeds[1], validate=False)
-            lp = model.base_log_prob(z) + ld
-            bpd = -(lp - offset) / (num_dims * _LN2)
-            loss = tf.nn.compute_average_loss(tf.cast(bpd, tf.float32),
-                                              global_batch_size=global_batch_size) / k
+            if task == "density":
+                z, ld = model.forward_and_log_det(x, training=True, seed=seeds[1],
+                                                  validate=False)
+                lp = model.base_log_prob(z) + ld
+                bpd = -(lp - offset) / (num_dims * _LN2)
+                loss = batch_mean(bpd)
+            else:
+                if task == "classification":     # no log-det anywhere
+                    logits = model.classify(x, training=True, validate=False)
+                    lp, ld = None, tf.zeros([tf.shape(x)[0]], dtype)
+                else:
+                    lp, logits = model.log_prob_and_logits(x, training=True, seed=seeds[1],
+                                                           validate=False)
+                    # the log-det alone, for the logs: log p(x) - log N(f(x))
+                    ld = tf.zeros([tf.shape(x)[0]], dtype)
+                    metrics["bpd"] = batch_mean(-(lp - offset) / (num_dims * _LN2))
+                    lp = lp - offset                  # log P(discrete x), nats
+                per_example = rclf.hybrid_loss(
+                    lp, logits, labels, 0.0 if task == "classification" else hybrid_lambda)
+                loss = batch_mean(per_example)
+                metrics["xent"] = batch_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                    labels=tf.cast(labels, tf.int64), logits=logits))
+                metrics["acc"] = batch_mean(tf.cast(
+                    tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32))
         grads = tape.gradient(loss, variables)
         grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
         ld_mean = tf.reduce_sum(tf.cast(ld, tf.float32)) / float(global_batch_size * k)
+        if labelled:
+            return loss, grads, ld_mean, metrics
         return loss, grads, ld_mean
 
     if jit_compile:
         micro = tf.function(micro, jit_compile=True)
 
-    def replica_fn(x_int, step, poison):
+    metric_names = (("bpd",) if task == "hybrid" else ()) + (("xent", "acc") if labelled else ())
+
+    def micro_all(batch, i, seed_pair):
+        """micro() of micro-batch i (None: no accumulation) -> (loss, grads, ld, metrics)."""
+        x_int, labels = batch if labelled else (batch, None)
+        if i is not None:
+            x_int = x_int[:, i]
+            labels = None if labels is None else labels[:, i]
+            seed_pair = tf.random.experimental.stateless_fold_in(seed_pair, i)
+        out = micro(x_int, seed_pair, labels) if labelled else micro(x_int, seed_pair)
+        metrics = out[3] if labelled else {}
+        return out[0], out[1], out[2], [metrics[m] for m in metric_names]
+
+    def replica_fn(batch, step, poison):
         ctx = tf.distribute.get_replica_context()
         seed_pair = tf.random.experimental.stateless_fold_in(
             tf.stack([base_seed, tf.cast(step, tf.int64)]), ctx.replica_id_in_sync_group)
         if k == 1:
-            loss, grads, ld = micro(x_int, seed_pair)
+            loss, grads, ld, metrics = micro_all(batch, None, seed_pair)
         else:
-            def body(i, loss_acc, grads_acc, ld_acc):
-                l_i, g_i, ld_i = micro(x_int[:, i],
-                                       tf.random.experimental.stateless_fold_in(seed_pair, i))
+            def body(i, loss_acc, grads_acc, ld_acc, m_acc):
+                l_i, g_i, ld_i, m_i = micro_all(batch, i, seed_pair)
                 return (i + 1, loss_acc + l_i, [a + b for a, b in zip(grads_acc, g_i)],
-                        ld_acc + ld_i)
+                        ld_acc + ld_i, [a + b for a, b in zip(m_acc, m_i)])
 
             init = (tf.constant(0), tf.constant(0.0),
-                    [tf.zeros(v.shape, v.dtype) for v in variables], tf.constant(0.0))
-            _, loss, grads, ld = tf.while_loop(lambda i, *_: i < k, body, init)
+                    [tf.zeros(v.shape, v.dtype) for v in variables], tf.constant(0.0),
+                    [tf.constant(0.0) for _ in metric_names])
+            _, loss, grads, ld, metrics = tf.while_loop(lambda i, *_: i < k, body, init)
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        loss, ld = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, ld])
+        loss, ld, *metrics = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, ld, *metrics])
         loss = loss + poison
         gnorm = tf.linalg.global_norm(grads)
         ok = tf.math.is_finite(loss) & tf.math.is_finite(gnorm)
         if grad_clip and grad_clip > 0:
             grads, _ = tf.clip_by_global_norm(grads, grad_clip, use_norm=gnorm)
-        return loss, gnorm, ok, ld, grads
+        return loss, gnorm, ok, ld, grads, metrics
 
     def apply_fn(grads):
         optimizer.apply_gradients(zip(grads, variables))
@@ -675,7 +789,7 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
 
     @tf.function
     def train_step(x, step, poison):
-        loss, gnorm, ok, ld, grads = strategy.run(replica_fn, args=(x, step, poison))
+        loss, gnorm, ok, ld, grads, metrics = strategy.run(replica_fn, args=(x, step, poison))
         ok0 = _first(strategy, ok)
 
         def apply():
@@ -689,33 +803,58 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
             model.converge_lipschitz()
         if step_var is not None:
             step_var.assign_add(1)
-        return {"loss": _first(strategy, loss), "grad_norm": _first(strategy, gnorm),
-                "ok": ok0, "logdet": _first(strategy, ld)}
+        out = {"loss": _first(strategy, loss), "grad_norm": _first(strategy, gnorm),
+               "ok": ok0, "logdet": _first(strategy, ld)}
+        out.update({m: _first(strategy, v) for m, v in zip(metric_names, metrics)})
+        return out
 
     return train_step
 
 
-def make_eval_step(model, strategy, *, n_bits=8, seed=0):
+def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density"):
     """The distributed evaluation step ``(x, mask, batch_index) -> (sum bpd,
     sum bpd^2, count)`` over the masked examples, with the evaluation
     estimator (``n_exact_terms_eval`` = 20 exact terms) and fixed seeds (the
     same weights give the same result).
 
+    For ``task`` "classification" / "hybrid", ``x`` is a pair (images,
+    labels) and the step returns ``(sum bpd, sum bpd^2, count, number
+    correct, sum cross-entropy)``; for "classification" the bits/dim sums are
+    0 (no log-det is computed).
+
     Example: ``s, s2, n = eval_fn(x, mask, tf.constant(0, tf.int64))``.
     """
     dtype = model.flow_dtype
     base_seed = tf.constant(int(seed) + 1_000_003, tf.int64)
+    d = float(model.num_dims)
 
-    def replica_fn(x_int, mask, index):
+    def replica_fn(batch, mask, index):
+        x_int, labels = batch if task != "density" else (batch, None)
         ctx = tf.distribute.get_replica_context()
         seed_pair = tf.random.experimental.stateless_fold_in(
             tf.stack([base_seed, tf.cast(index, tf.int64)]), ctx.replica_id_in_sync_group)
         seeds = tf.random.experimental.stateless_split(seed_pair, 2)
         x = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype)
-        bpd = tf.cast(model.bits_per_dim(x, n_bits=n_bits, training=False, seed=seeds[1],
-                                         validate=False), tf.float64)
         m = tf.cast(mask, tf.float64)
-        return tf.reduce_sum(bpd * m), tf.reduce_sum(tf.square(bpd) * m), tf.reduce_sum(m)
+        if task == "density":
+            bpd = model.bits_per_dim(x, n_bits=n_bits, training=False, seed=seeds[1],
+                                     validate=False)
+        elif task == "classification":
+            logits = model.classify(x, training=False, validate=False)
+            bpd = tf.zeros([tf.shape(x)[0]], dtype)
+        else:
+            lp, logits = model.log_prob_and_logits(x, training=False, seed=seeds[1],
+                                                   validate=False)
+            bpd = -(lp - d * n_bits * _LN2) / (d * _LN2)
+        bpd = tf.cast(bpd, tf.float64)
+        sums = [tf.reduce_sum(bpd * m), tf.reduce_sum(tf.square(bpd) * m), tf.reduce_sum(m)]
+        if task != "density":
+            labels = tf.cast(labels, tf.int64)
+            correct = tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float64)
+            xent = tf.cast(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=labels, logits=logits), tf.float64)
+            sums += [tf.reduce_sum(correct * m), tf.reduce_sum(xent * m)]
+        return sums
 
     @tf.function
     def eval_step(x, mask, index):
@@ -1087,34 +1226,48 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ data
+    @property
+    def task(self):
+        """The run's task: "density", "classification" or "hybrid"."""
+        return self.hp.get("task", "density")
+
     def _train_dataset(self, start_step=0):
         """The training batches from optimiser step ``start_step`` on. The stream is a
         function of the seed alone (seeded shuffles, flips keyed by batch number), so
-        batch k is the same whether a run started at 0 or resumed at k."""
+        batch k is the same whether a run started at 0 or resumed at k. Classification
+        and hybrid runs get (images, labels) with the reference's augmentation."""
         hp = self.hp
+        labelled = self.task != "density"
+        aug = data.classification_augmentation(self.spec.dataset) if labelled else {}
         ds = data.load_image_dataset(
             self.spec.dataset, "train", batch_size=hp["batch_size"], data_dir=self.args.data_dir,
             n_bits=self.flow_config.n_bits, shuffle=True, repeat=True, seed=int(hp["seed"]),
-            download=self.args.download, drop_remainder=True)
+            download=self.args.download, drop_remainder=True, with_labels=labelled, **aug)
         if hp["accumulate"] > 1:
-            ds = ds.batch(hp["accumulate"], drop_remainder=True).map(
-                lambda x: tf.transpose(x, [1, 0, 2, 3, 4]))
+            def micro_major(*t):     # [k, B, ...] -> [B, k, ...]
+                out = tuple(tf.transpose(v, [1, 0] + list(range(2, v.shape.rank))) for v in t)
+                return out if labelled else out[0]
+
+            ds = ds.batch(hp["accumulate"], drop_remainder=True).map(micro_major)
         return ds.skip(int(start_step)) if start_step else ds
 
     def _test_dataset(self):
         bs = self.hp["batch_size"]
         h, w, c = self.flow_config.input_shape
+        labelled = self.task != "density"
         ds = data.load_image_dataset(
             self.spec.dataset, "test", batch_size=bs, data_dir=self.args.data_dir,
             n_bits=self.flow_config.n_bits, shuffle=False, flip=False, repeat=False,
-            download=self.args.download)
+            download=self.args.download, with_labels=labelled)
         if self.args.eval_examples and self.args.eval_examples > 0:
             ds = ds.unbatch().take(int(self.args.eval_examples)).batch(bs)
 
-        def pad(x):
+        def pad(x, y=None):
             n = tf.shape(x)[0]
-            x = tf.pad(x, [[0, bs - n], [0, 0], [0, 0], [0, 0]])
-            return tf.ensure_shape(x, [bs, h, w, c]), tf.range(bs) < n
+            x = tf.ensure_shape(tf.pad(x, [[0, bs - n], [0, 0], [0, 0], [0, 0]]), [bs, h, w, c])
+            if y is not None:
+                x = (x, tf.ensure_shape(tf.pad(y, [[0, bs - n]]), [bs]))
+            return x, tf.range(bs) < n
 
         return ds.map(pad)
 
@@ -1135,7 +1288,7 @@ class Trainer:
                 global_batch_size=hp["batch_size"], accumulate=hp["accumulate"],
                 n_bits=self.flow_config.n_bits, grad_clip=hp["grad_clip"],
                 ema_decay=hp["ema_decay"], seed=hp["seed"], jit_compile=hp["jit_compile"],
-                step_var=self.step)
+                step_var=self.step, task=self.task, hybrid_lambda=hp.get("hybrid_lambda_value"))
         return self._train_step
 
     def _swap_ema(self, entering):
@@ -1206,6 +1359,8 @@ class Trainer:
             return latest
         if first_batch is None:
             raise UsageError(f"no checkpoint in {self.ckpt_dir}")
+        if isinstance(first_batch, (tuple, list)):        # (images, labels)
+            first_batch = first_batch[0]
         x = first_batch[:, 0] if first_batch.shape.rank == 5 else first_batch
         x = data.dequantize(x, self.flow_config.n_bits, seed=[int(self.hp["seed"]), 12345],
                             dtype=self.model.flow_dtype)
@@ -1219,24 +1374,46 @@ class Trainer:
     # ----------------------------------------------------------- evaluation
     def evaluate(self, use_ema=True):
         """Test bits/dim over the test split (or ``--eval_examples``) with the
-        evaluation estimator. Returns ``(mean, standard error, count)``.
+        evaluation estimator. Returns ``(mean, standard error, count)``; the
+        mean is NaN for ``--task=classification`` (no log-det is computed).
+        :meth:`evaluate_metrics` also gives accuracy and cross-entropy.
 
         Example: ``bpd, se, n = trainer.evaluate()``.
         """
+        m = self.evaluate_metrics(use_ema)
+        return m["bpd"], m["bpd_stderr"], m["count"]
+
+    def evaluate_metrics(self, use_ema=True):
+        """Test metrics over the test split (or ``--eval_examples``), EMA
+        weights, evaluation estimator: a dict with ``count``, ``bpd`` and
+        ``bpd_stderr`` (NaN for classification), and for classification /
+        hybrid runs ``accuracy`` and ``cross_entropy`` (nats per image).
+
+        Example: ``trainer.evaluate_metrics()["accuracy"]``.
+        """
+        task = self.task
         if self._eval_step is None:
             self._eval_step = make_eval_step(self.model, self.strategy,
-                                             n_bits=self.flow_config.n_bits, seed=self.hp["seed"])
+                                             n_bits=self.flow_config.n_bits, seed=self.hp["seed"],
+                                             task=task)
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
-        s = s2 = n = 0.0
+        sums = None
         with ctx:
             for i, (x, mask) in enumerate(self._distribute(self._test_dataset())):
-                a, b, c = self._eval_step(x, mask, tf.constant(i, tf.int64))
-                s, s2, n = s + float(a), s2 + float(b), n + float(c)
-        if n == 0:
+                out = [float(v) for v in self._eval_step(x, mask, tf.constant(i, tf.int64))]
+                sums = out if sums is None else [a + b for a, b in zip(sums, out)]
+        if not sums or sums[2] == 0:
             raise UsageError(f"the test split of {self.spec.dataset!r} is empty")
+        s, s2, n = sums[:3]
         mean = s / n
         var = max(s2 / n - mean * mean, 0.0)
-        return mean, math.sqrt(var / n), int(n)
+        result = {"count": int(n), "bpd": mean, "bpd_stderr": math.sqrt(var / n)}
+        if task == "classification":
+            result["bpd"] = result["bpd_stderr"] = float("nan")
+        if task != "density":
+            result["accuracy"] = sums[3] / n
+            result["cross_entropy"] = sums[4] / n
+        return result
 
     def sample(self, path=None, n=None, temperature=None, use_ema=True):
         """Samples ``n`` images (EMA weights), writes a PNG grid to ``path``
@@ -1296,21 +1473,37 @@ class Trainer:
                 "lipschitz/max_effective": np.minimum(sigmas, coeff).max()}
 
     def _eval_and_sample(self, step, do_sample):
-        bpd, se, n = self.evaluate()
-        self.log(f"step {step}: test bits/dim {bpd:.4f} +- {se:.4f} ({n} images, EMA weights, "
-                 f"{self.flow_config.n_exact_terms_eval} exact terms)")
-        scalars = {"test/bpd": bpd, "test/bpd_stderr": se}
+        """Evaluates (and samples); returns (metrics of :meth:`evaluate_metrics`, sample path)."""
+        m = self.evaluate_metrics()
+        bpd, se, n = m["bpd"], m["bpd_stderr"], m["count"]
+        parts, scalars = [], {}
+        if self.task != "classification":
+            parts.append(f"test bits/dim {bpd:.4f} +- {se:.4f}")
+            scalars.update({"test/bpd": bpd, "test/bpd_stderr": se})
+        if self.task != "density":
+            parts.append(f"accuracy {m['accuracy']:.4f}, cross-entropy "
+                         f"{m['cross_entropy']:.4f} nats")
+            scalars.update({"test/accuracy": m["accuracy"],
+                            "test/cross_entropy": m["cross_entropy"]})
+        terms = "" if self.task == "classification" else \
+            f", {self.flow_config.n_exact_terms_eval} exact terms"
+        self.log(f"step {step}: {'; '.join(parts)} ({n} images, EMA weights{terms})")
         path = None
-        if do_sample:
+        if do_sample and self.task != "classification":     # a classifier is no sampler
             path = self.sample()
             self.log(f"step {step}: samples written to {path}")
-        if math.isfinite(bpd) and bpd < float(self.best_bpd.numpy()):
-            self.best_bpd.assign(bpd)
+        # Best checkpoint by test bits/dim; for classification by test error
+        # (kept in the same variable, lower is better).
+        criterion = 1.0 - m["accuracy"] if self.task == "classification" else bpd
+        name = "test error" if self.task == "classification" else "test bits/dim"
+        if math.isfinite(criterion) and criterion < float(self.best_bpd.numpy()):
+            self.best_bpd.assign(criterion)
             best = self._save(self.best_manager, step)
-            self.log(f"step {step}: new best test bits/dim, saved {best}")
-        scalars["test/best_bpd"] = float(self.best_bpd.numpy())
+            self.log(f"step {step}: new best {name}, saved {best}")
+        key = "test/best_error" if self.task == "classification" else "test/best_bpd"
+        scalars[key] = float(self.best_bpd.numpy())
         self._summaries(step, scalars)
-        return bpd, se, path
+        return m, path
 
     def train(self):
         """Runs (or resumes) training to ``steps``, evaluating, sampling and
@@ -1355,6 +1548,9 @@ class Trainer:
             step_fn = self.train_step_fn
             t_log, n_log, t_start = time.time(), 0, time.time()
             loss_sum = gnorm_sum = ld_sum = 0.0
+            metric_sums = dict.fromkeys(
+                {"density": (), "classification": ("xent", "acc"),
+                 "hybrid": ("bpd", "xent", "acc")}[self.task], 0.0)
             n_ok = 0
             steps_per_sec = float("nan")
             try:
@@ -1393,6 +1589,8 @@ class Trainer:
                         loss_sum += float(out["loss"])
                         gnorm_sum += float(out["grad_norm"])
                         ld_sum += float(out["logdet"])
+                        for key in metric_sums:
+                            metric_sums[key] += float(out[key])
                     if step % args.log_every == 0 or step == total:
                         now = time.time()
                         steps_per_sec = n_log / max(now - t_log, 1e-9)
@@ -1400,19 +1598,28 @@ class Trainer:
                             if hasattr(self.optimizer.learning_rate, "numpy") \
                             else float(self.optimizer.learning_rate)
                         denom = max(n_ok, 1)
-                        self.log(f"step {step}/{total} | train bpd {loss_sum / denom:.4f} | "
+                        if self.task == "density":
+                            what = f"train bpd {loss_sum / denom:.4f}"
+                            scalars = {"train/bpd": loss_sum / denom,
+                                       "train/logdet": ld_sum / denom}
+                        else:
+                            means = {k: v / denom for k, v in metric_sums.items()}
+                            what = f"train loss {loss_sum / denom:.4f} | " + " | ".join(
+                                f"{k} {v:.4f}" for k, v in means.items())
+                            scalars = {"train/loss": loss_sum / denom,
+                                       **{f"train/{k}": v for k, v in means.items()}}
+                        self.log(f"step {step}/{total} | {what} | "
                                  f"lr {lr:.2e} | grad norm {gnorm_sum / denom:.3f} | "
                                  f"{steps_per_sec:.2f} steps/s | ETA "
                                  f"{_fmt_time((total - step) / max(steps_per_sec, 1e-9))}")
-                        scalars = {"train/bpd": loss_sum / denom, "train/lr": lr,
-                                   "train/grad_norm": gnorm_sum / denom,
-                                   "train/logdet": ld_sum / denom,
-                                   "train/skipped_steps": n_log - n_ok,
-                                   "perf/steps_per_sec": steps_per_sec}
+                        scalars.update({"train/lr": lr, "train/grad_norm": gnorm_sum / denom,
+                                        "train/skipped_steps": n_log - n_ok,
+                                        "perf/steps_per_sec": steps_per_sec})
                         scalars.update(self._lipschitz_stats())
                         self._summaries(step, scalars)
                         t_log, n_log, n_ok = now, 0, 0
                         loss_sum = gnorm_sum = ld_sum = 0.0
+                        metric_sums = dict.fromkeys(metric_sums, 0.0)
                     # No periodic checkpoint in the middle of a run of skipped steps:
                     # the latest checkpoint stays the last good step.
                     if (step % hp["ckpt_every"] == 0 and nan_streak == 0) or step == total:
@@ -1435,13 +1642,25 @@ class Trainer:
             steps_per_sec = float("nan")
             self.log(f"already trained to step {step} (--steps={total}); evaluating")
 
-        bpd, se, samples = self._eval_and_sample(step, True)
-        result = {"step": step, "test_bpd": bpd, "test_bpd_stderr": se,
+        metrics, samples = self._eval_and_sample(step, True)
+        bpd, se = metrics["bpd"], metrics["bpd_stderr"]
+        result = {"step": step, "task": self.task, "test_bpd": bpd, "test_bpd_stderr": se,
                   "best_bpd": float(self.best_bpd.numpy()), "samples": samples,
                   "run_dir": self.run_dir, "steps_per_sec": steps_per_sec,
                   "checkpoint": self.manager.latest_checkpoint}
-        self.log(f"final test bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}); "
-                 f"best {result['best_bpd']:.4f}; samples: {samples}")
+        if self.task != "density":
+            result["test_accuracy"] = metrics["accuracy"]
+            result["test_cross_entropy"] = metrics["cross_entropy"]
+        if self.task == "classification":
+            result["best_error"] = result.pop("best_bpd")
+            self.log(f"final test accuracy: {metrics['accuracy']:.4f}, cross-entropy "
+                     f"{metrics['cross_entropy']:.4f} (EMA weights, step {step}); best error "
+                     f"{result['best_error']:.4f}")
+        else:
+            acc = (f"; test accuracy {metrics['accuracy']:.4f}" if self.task == "hybrid"
+                   else "")
+            self.log(f"final test bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}); "
+                     f"best {result['best_bpd']:.4f}{acc}; samples: {samples}")
         if self.is_chief:
             with open(os.path.join(self.run_dir, "results.json"), "w") as f:
                 json.dump(result, f, indent=2)

@@ -37,6 +37,10 @@ root object has:
 ``inverse(z)``         latent -> data: z [B, D] -> x [B, H, W, C]
                        (fixed-point inverse of every residual block; not
                        clipped).
+``classify(x)``        only for models with classifier heads
+                       (``FlowConfig.n_classes`` > 0): x as for ``log_prob``
+                       -> [B, n_classes] logits of p(y | x) (no log-det is
+                       computed).
 ``metadata()``         dict of string/int tensors: ``metadata_json``,
                        ``config_json``, ``n_bits``, ``logit_alpha``,
                        ``image_shape``, ``latent_shape``, ``rflow_tf_version``.
@@ -51,7 +55,8 @@ Serving signatures (``obj.signatures[...]``, dict outputs):
 ``serving_default`` and ``log_prob`` -> ``{"log_prob"}``; ``bits_per_dim``
 (uint8 input) and ``bits_per_dim_int32`` -> ``{"bits_per_dim"}``; ``sample``
 -> ``{"images"}``; ``forward`` -> ``{"latent", "log_det"}``; ``inverse`` ->
-``{"images"}``; ``metadata``. Inputs are named ``x``, ``z``, ``n``,
+``{"images"}``; ``metadata``; with classifier heads also ``classify`` ->
+``{"logits", "probabilities", "classes"}``. Inputs are named ``x``, ``z``, ``n``,
 ``temperature``, ``seed``. Every input has a fixed signature: a wrong image
 shape or dtype is rejected by TensorFlow with a message showing the expected
 ``TensorSpec``.
@@ -405,6 +410,19 @@ class _ExportModule(tf.Module):
         sig["inverse"] = tf.function(lambda z: {"images": self.inverse(z)},
                                      input_signature=[latent_spec])
         sig["metadata"] = self.metadata
+        if model.n_classes:
+            def classify(x):
+                """Logits [B, n_classes] of p(y | x), x float images in [0, 1]."""
+                return model.classify(x, training=False)
+
+            def sig_classify(x):
+                """classify() with dict outputs for the serving signature."""
+                logits = self.classify(x)
+                return {"logits": logits, "probabilities": tf.nn.softmax(logits),
+                        "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+
+            self.classify = tf.function(classify, input_signature=[image_spec])
+            sig["classify"] = tf.function(sig_classify, input_signature=[image_spec])
         object.__setattr__(self, "export_signatures", sig)   # not a tracked child
 
     def _cleanup(self):
@@ -523,7 +541,9 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
         "dequantization_seed": seed,
         "bits_per_dim_offset": rdata.bits_per_dim_offset(n_bits, cfg.num_dims),
         "signatures": ["serving_default", "log_prob", "bits_per_dim", "bits_per_dim_int32",
-                       "sample", "forward", "inverse", "metadata"],
+                       "sample", "forward", "inverse", "metadata"]
+                      + (["classify"] if cfg.n_classes else []),
+        "n_classes": int(cfg.n_classes),
         "extra": extra_metadata or {},
     }
 

@@ -236,6 +236,12 @@ def build_parser():
     g.add_argument("--n_exact_terms", type=int, default=None,
                    help="Power-series terms always evaluated when training (paper: 2; 8 for "
                         "celeb_a_hq). Evaluation always uses 20.")
+    g.add_argument("--logdet", default=None, choices=["unbiased", "truncated", "exact"],
+                   help="Log-det estimator of the residual blocks: unbiased (Russian roulette, "
+                        "the paper), truncated (first --n_terms terms, i-ResNet; biased) or "
+                        "exact (full Jacobian, tiny images only) (default: preset).")
+    g.add_argument("--n_terms", type=int, default=None,
+                   help="Terms of the truncated estimator (default: preset).")
     g.add_argument("--dist", default=None, choices=["poisson", "geometric"],
                    help="Russian-roulette distribution of the number of extra terms.")
     g.add_argument("--neumann_grad", default=None, **bool_kw,
@@ -495,8 +501,8 @@ def resolve_run(args):
 
     n_bits = args.n_bits if args.n_bits is not None else info.n_bits
     overrides = dict(input_shape=tuple(info.image_shape), n_bits=n_bits)
-    for flag in ("n_exact_terms", "dist", "neumann_grad", "grad_in_forward", "n_blocks",
-                 "hidden_channels", "activation", "factor_out", "fc_end", "block",
+    for flag in ("logdet", "n_terms", "n_exact_terms", "dist", "neumann_grad", "grad_in_forward",
+                 "n_blocks", "hidden_channels", "activation", "factor_out", "fc_end", "block",
                  "invertible_1x1", "init_layer"):
         value = getattr(args, flag, None)
         if value is not None:

@@ -144,7 +144,7 @@ def table3(args, workdir):
         train_fixed = _fixed_batches(trainer.spec.dataset, "train", n_bits, args.curve_images)
         test_fixed = _fixed_batches(trainer.spec.dataset, "test", n_bits, args.test_images)
         exact = _true_model(cfg)
-        ds = trainer._train_dataset(int(hp["seed"]))          # pylint: disable=protected-access
+        ds = trainer._train_dataset()                          # pylint: disable=protected-access
         trainer.restore_or_initialize(next(iter(ds)))
         it = iter(trainer._distribute(ds))                     # pylint: disable=protected-access
         step_fn = trainer.train_step_fn
@@ -168,6 +168,7 @@ def table3(args, workdir):
             own_test = _mean_bpd(trainer.model, test_fixed, n_bits, training=False)
             export._copy_weights(trainer.model, exact)         # pylint: disable=protected-access
             true_test = _mean_bpd(exact, test_fixed, n_bits, training=False)
+        trainer.close()
         results[label] = {"train_estimate": curve[-1][1], "train_true": curve[-1][2],
                           "test_own_estimator": own_test, "test_true": true_test,
                           "curve": curve, "seconds": time.time() - t0,

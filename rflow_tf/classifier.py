@@ -133,6 +133,10 @@ class ClassifierHeads(keras.layers.Layer):
             norm.build(s[:-1] + (self.hidden_channels,))
             self.convs.append(conv)
             self.norms.append(norm)
+            # Attributes too: Keras 3 lists of layers are not tf.train.Checkpoint
+            # dependencies, so without these checkpoints would miss the heads.
+            setattr(self, f"head_{i}_conv", conv)
+            setattr(self, f"head_{i}_actnorm", norm)
         width = self.hidden_channels * len(shapes)
         init = _torch_default_uniform(width)
         self.dense = keras.layers.Dense(self.n_classes, kernel_initializer=init,

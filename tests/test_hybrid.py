@@ -128,6 +128,22 @@ def test_heads_and_hybrid_loss_match_hand_computation(factor_out):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
 
 
+def test_checkpoint_restores_every_weight_of_a_hybrid_coupling_model(tmp_path):
+    cfg = models.FlowConfig(**TINY, block="coupling", invertible_1x1=True, n_classes=3,
+                            head_channels=4)
+    tf.keras.utils.set_random_seed(1)
+    a = models.ResidualFlow(cfg)
+    a.initialize(_images(4))
+    path = tf.train.Checkpoint(model=a).save(str(tmp_path / "ckpt"))
+    tf.keras.utils.set_random_seed(2)
+    b = models.ResidualFlow(cfg)
+    tf.train.Checkpoint(model=b).restore(path).assert_consumed()
+    assert len(a.variables) == len(b.variables) > 0
+    for va, vb in zip(a.variables, b.variables):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy(), err_msg=va.path)
+    assert b.is_initialized
+
+
 def _forbid_log_dets(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("a residual block's log-det was computed")

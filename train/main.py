@@ -211,6 +211,9 @@ def build_parser():
                    help="Factor out half the channels after each scale (default: preset).")
     g.add_argument("--fc_end", default=None, **bool_kw,
                    help="Fully connected blocks on the last scale (default: preset).")
+    g.add_argument("--logit_alpha", type=float, default=None,
+                   help="alpha of the logit layer y = logit(alpha + (1 - 2 alpha) x) "
+                        "(default: preset; the reference: 1e-6 for MNIST, 0.05 otherwise).")
     g.add_argument("--block", default=None, choices=list(models.BLOCK_TYPES),
                    help="Flow blocks: residual (the paper's) or coupling (affine coupling "
                         "baseline of Tables 4/5) (default: preset).")
@@ -502,7 +505,8 @@ def resolve_run(args):
     n_bits = args.n_bits if args.n_bits is not None else info.n_bits
     overrides = dict(input_shape=tuple(info.image_shape), n_bits=n_bits)
     for flag in ("logdet", "n_terms", "n_exact_terms", "dist", "neumann_grad", "grad_in_forward",
-                 "n_blocks", "hidden_channels", "activation", "factor_out", "fc_end", "block",
+                 "n_blocks", "hidden_channels", "activation", "logit_alpha", "factor_out",
+                 "fc_end", "block",
                  "invertible_1x1", "init_layer"):
         value = getattr(args, flag, None)
         if value is not None:

@@ -216,6 +216,11 @@ class IResBlock(_KerasBacked):
     * ``logdet="exact"``: ``slogdet(I + J)`` of the full Jacobian (small D,
       e.g. 2-D toy data).
 
+    ``logdet`` is the estimator of ``training=True`` calls; ``logdet_eval``
+    (default: the same) that of evaluation calls, so a block trained with the
+    biased truncated series can report its true log-det (the reference always
+    evaluates with the unbiased estimator and 20 exact terms).
+
     Gradients of the estimated log-det:
 
     * ``neumann_grad=True`` (default): from the Neumann series (Theorem 2,
@@ -267,7 +272,8 @@ class IResBlock(_KerasBacked):
     ```
     """
 
-    def __init__(self, net, *, logdet="unbiased", dist="poisson", rate=2.0, p=0.5,
+    def __init__(self, net, *, logdet="unbiased", logdet_eval=None, dist="poisson", rate=2.0,
+                 p=0.5,
                  n_exact_terms=2, n_exact_terms_eval=20, n_samples=1, n_terms=5,
                  probe="gaussian", neumann_grad=True, grad_in_forward=False,
                  inverse_atol=1e-6, inverse_rtol=1e-6, inverse_max_iterations=200,
@@ -278,6 +284,9 @@ class IResBlock(_KerasBacked):
             raise TypeError(f"net must be a callable Keras layer or model, got {type(net)}")
         if logdet not in LOGDET_MODES:
             raise ValueError(f"logdet must be one of {LOGDET_MODES}, got {logdet!r}")
+        if logdet_eval is not None and logdet_eval not in LOGDET_MODES:
+            raise ValueError(f"logdet_eval must be None or one of {LOGDET_MODES}, "
+                             f"got {logdet_eval!r}")
         if probe not in est.PROBES:
             raise ValueError(f"probe must be one of {est.PROBES}, got {probe!r}")
         est._check_dist(dist, rate if dist == "poisson" else p)
@@ -294,6 +303,7 @@ class IResBlock(_KerasBacked):
         self._net = net
         self._chain = rlayers.JacobianChain.from_net(net)
         self.logdet_mode = logdet
+        self.logdet_eval_mode = logdet if logdet_eval is None else logdet_eval
         self.dist = dist
         self.dist_param = float(rate if dist == "poisson" else p)
         self.n_exact_terms = int(n_exact_terms)
@@ -319,24 +329,28 @@ class IResBlock(_KerasBacked):
     # ----------------------------------------------------------- constructors
     @classmethod
     def dense(cls, dim, hidden_units=(128, 128), coeff=0.9, activation="lipswish",
-              preactivation=False, dtype="float32", **block_kwargs):
-        """A block for vectors in R^dim whose g is :func:`rflow_tf.layers.lipschitz_dense_net`.
+              preactivation=False, dtype="float32", init="reference", **block_kwargs):
+        """A block for vectors in R^dim whose g is :func:`rflow_tf.layers.lipschitz_dense_net`
+        (``init``: one of :data:`rflow_tf.layers.INITS`).
 
         Example: ``IResBlock.dense(2, hidden_units=(128,) * 4, coeff=0.9)``.
         """
-        net = rlayers.lipschitz_dense_net(dim, hidden_units, coeff, activation, preactivation, dtype)
+        net = rlayers.lipschitz_dense_net(dim, hidden_units, coeff, activation, preactivation, dtype,
+                                          init=init)
         return cls(net, event_ndims=1, **block_kwargs)
 
     @classmethod
     def conv(cls, input_shape, hidden_channels=512, kernels="3-1-3", coeff=0.98,
-             activation="lipswish", preactivation=True, dtype="float32", **block_kwargs):
+             activation="lipswish", preactivation=True, dtype="float32", init="reference",
+             **block_kwargs):
         """A block for images of shape (H, W, C) whose g is
-        :func:`rflow_tf.layers.lipschitz_conv_net` (the paper's image block).
+        :func:`rflow_tf.layers.lipschitz_conv_net` (the paper's image block;
+        ``init``: one of :data:`rflow_tf.layers.INITS`).
 
         Example: ``IResBlock.conv((28, 28, 1), hidden_channels=512)``.
         """
         net = rlayers.lipschitz_conv_net(input_shape, hidden_channels, kernels, coeff, activation,
-                                         preactivation, dtype)
+                                         preactivation, dtype, init=init)
         return cls(net, event_ndims=3, **block_kwargs)
 
     @property
@@ -425,9 +439,14 @@ class IResBlock(_KerasBacked):
     def _unflatten(t, batch_shape):
         return tf.reshape(t, tf.concat([batch_shape, tf.shape(t)[1:]], 0))
 
+    def _mode(self, training):
+        """The log-det estimator of a training (``logdet``) or evaluation
+        (``logdet_eval``) call."""
+        return self.logdet_mode if training else self.logdet_eval_mode
+
     def _series(self, seed, training, dtype):
         """Number of terms and the roulette weight function k -> weight_k for this call."""
-        if self.logdet_mode == "truncated":
+        if self._mode(training) == "truncated":
             return tf.constant(self.n_terms), lambda k: tf.ones([], dtype)
         m = self.n_exact_terms if training else self.n_exact_terms_eval
         draws = est.sample_roulette(seed, self.dist, self.dist_param, self.n_samples)
@@ -442,7 +461,7 @@ class IResBlock(_KerasBacked):
         the estimator settings. ``seed``: optional stateless seed (shape [2]).
         """
         xf, batch_shape = self._flatten_batch(x, "x")
-        if self.logdet_mode == "exact":
+        if self._mode(training) == "exact":
             gx, ld = self._exact(xf, training)
         else:
             seed = tfp.random.sanitize_seed(self._default_seed if seed is None else seed,

@@ -104,8 +104,9 @@ class ImageDatasetInfo:
     n_test: Number of test images.
     n_bits: Default number of bits per pixel used for modelling (8, or 5 for
       CelebA-HQ as in the paper).
-    horizontal_flip: Whether random horizontal flips are an appropriate
-      augmentation (natural images: yes; digits / house numbers: no). Only
+    horizontal_flip: Whether the training split is randomly flipped
+      horizontally by default, as in the reference's `train_img.py`: CIFAR-10
+      and CelebA-HQ yes; digits, house numbers and ImageNet 32/64 no. Only
       applied to the training split by default.
     train_split: Split name/spec used for `split='train'`.
     test_split: Split name/spec used for `split='test'`.
@@ -176,11 +177,11 @@ _INFOS = {
         tfds_name='celeb_a_hq/256'),
     'imagenet32': ImageDatasetInfo(
         name='imagenet32', image_shape=(32, 32, 3), n_train=1281167,
-        n_test=50000, n_bits=8, horizontal_flip=True, train_split='train',
+        n_test=50000, n_bits=8, horizontal_flip=False, train_split='train',
         test_split='val', source='npz'),
     'imagenet64': ImageDatasetInfo(
         name='imagenet64', image_shape=(64, 64, 3), n_train=1281167,
-        n_test=50000, n_bits=8, horizontal_flip=True, train_split='train',
+        n_test=50000, n_bits=8, horizontal_flip=False, train_split='train',
         test_split='val', source='npz'),
 }
 

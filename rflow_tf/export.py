@@ -254,7 +254,7 @@ def _metadata_path(path):
 def _eval_config(meta, logdet=None):
     """The FlowConfig the export was traced with (or with ``logdet`` overridden)."""
     cfg = rmodels.FlowConfig.from_dict(dict(meta["config"]))
-    changes = {"logdet": logdet or meta["logdet"]}
+    changes = {"logdet": logdet or meta["logdet"], "logdet_eval": logdet or meta["logdet"]}
     if meta.get("n_exact_terms_eval") is not None:
         changes["n_exact_terms_eval"] = int(meta["n_exact_terms_eval"])
     return cfg.replace(**changes)
@@ -516,7 +516,8 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
     model.converge_lipschitz()
     # Inference-only graph: no custom (Neumann) gradients to trace or store;
     # the log-det values do not depend on the gradient method.
-    export_cfg = cfg.replace(logdet=eval_logdet, neumann_grad=False, grad_in_forward=False)
+    export_cfg = cfg.replace(logdet=eval_logdet, logdet_eval=eval_logdet, neumann_grad=False,
+                             grad_in_forward=False)
     export_model = rmodels.ResidualFlow(export_cfg, name=model.name)
     _copy_weights(model, export_model)
 

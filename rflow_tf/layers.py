@@ -16,6 +16,8 @@
   and before evaluation or sampling).
 """
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -26,6 +28,8 @@ __all__ = [
     "LipschitzDense",
     "LipschitzConv2D",
     "ActNormalization",
+    "FanInUniform",
+    "INITS",
     "lipschitz_dense_net",
     "lipschitz_conv_net",
     "JacobianChain",
@@ -162,6 +166,76 @@ def make_activation(name, dtype=None):
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FanInUniform(keras.initializers.Initializer):
+    """U(-scale / sqrt(fan_in), scale / sqrt(fan_in)): PyTorch's default
+    initialisation of ``nn.Linear`` / ``nn.Conv2d`` weights and biases (the
+    authors' reference code), fan_in = the product of all kernel dimensions but
+    the last (kh * kw * c_in for a convolution, d_in for a dense kernel).
+
+    For a bias (shape (units,)) pass the kernel's ``fan_in`` explicitly; the
+    Lipschitz layers do that themselves when given
+    ``bias_initializer=FanInUniform()``. ``scale`` < 1 shrinks the range (the
+    reference's toy nets start their last layer at 1/1000 of it).
+
+    Example:
+    ```python
+    init = FanInUniform()
+    w = init((64, 32))              # |w| <= 1/8
+    b = FanInUniform(fan_in=64)((32,))
+    ```
+    """
+
+    def __init__(self, scale=1.0, fan_in=None, seed=None):
+        self.scale = float(scale)
+        self.fan_in = None if fan_in is None else int(fan_in)
+        self.seed = seed
+        self._uniform = keras.initializers.RandomUniform(-1.0, 1.0, seed=seed)
+
+    def for_fan_in(self, fan_in):
+        """The same initialiser with ``fan_in`` fixed (for a bias)."""
+        return FanInUniform(self.scale, fan_in if self.fan_in is None else self.fan_in,
+                            self.seed)
+
+    def __call__(self, shape, dtype=None):
+        fan_in = self.fan_in
+        if fan_in is None:
+            if len(shape) < 2:
+                raise ValueError(f"FanInUniform needs fan_in= for a shape of rank < 2, got "
+                                 f"{tuple(shape)}")
+            fan_in = int(np.prod(shape[:-1]))
+        bound = self.scale / math.sqrt(fan_in)
+        return self._uniform(shape, dtype=dtype) * bound
+
+    def get_config(self):
+        return {"scale": self.scale, "fan_in": self.fan_in, "seed": self.seed}
+
+
+#: Initialisations of the Lipschitz nets built here: "reference" (weights and
+#: biases :class:`FanInUniform`, as the authors' PyTorch code) and "glorot"
+#: (Glorot-uniform weights and zero biases; rflow_tf before config version 2).
+INITS = ("reference", "glorot")
+
+
+def _initializers(init, scale=1.0):
+    """(kernel_initializer, bias_initializer) of an :data:`INITS` name."""
+    if init == "reference":
+        return FanInUniform(scale), FanInUniform()
+    if init == "glorot":
+        kernel = "glorot_uniform"
+        if scale != 1.0:
+            kernel = keras.initializers.VarianceScaling(scale ** 2, "fan_avg", "uniform")
+        return kernel, "zeros"
+    raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+def _bias_initializer(initializer, kernel_shape):
+    """A FanInUniform bias initialiser learns its fan_in from the kernel."""
+    if isinstance(initializer, FanInUniform):
+        return initializer.for_fan_in(int(np.prod(kernel_shape[:-1])))
+    return initializer
+
+
 def _l2_normalize(x):
     return x / (tf.norm(tf.reshape(x, [-1])) + 1e-12)
 
@@ -283,11 +357,12 @@ class LipschitzDense(_SpectralNormalized):
     """
 
     def __init__(self, units, coeff=0.98, use_bias=True, kernel_initializer="glorot_uniform",
-                 **kwargs):
+                 bias_initializer="zeros", **kwargs):
         super().__init__(coeff=coeff, **kwargs)
         self.units = int(units)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
 
     def build(self, input_shape):
         d_in = input_shape[-1]
@@ -295,8 +370,10 @@ class LipschitzDense(_SpectralNormalized):
             raise ValueError("LipschitzDense needs a known last input dimension")
         self.kernel = self.add_weight(name="kernel", shape=(d_in, self.units),
                                       initializer=self.kernel_initializer)
-        self.bias = (self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
-                     if self.use_bias else None)
+        self.bias = (self.add_weight(
+            name="bias", shape=(self.units,),
+            initializer=_bias_initializer(self.bias_initializer, self.kernel.shape))
+            if self.use_bias else None)
         self._init_power_vectors((self.units,), (d_in,))
 
     def _apply_w(self, v, kernel):          # W v with W = kernel^T
@@ -315,7 +392,8 @@ class LipschitzDense(_SpectralNormalized):
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -337,13 +415,14 @@ class LipschitzConv2D(_SpectralNormalized):
     """
 
     def __init__(self, filters, kernel_size, coeff=0.98, use_bias=True,
-                 kernel_initializer="glorot_uniform", **kwargs):
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
         super().__init__(coeff=coeff, **kwargs)
         self.filters = int(filters)
         ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * 2
         self.kernel_size = tuple(int(k) for k in ks)
         self.use_bias = bool(use_bias)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
 
     @property
     def _is_pointwise(self):
@@ -359,8 +438,10 @@ class LipschitzConv2D(_SpectralNormalized):
                 f"the operator norm of the padded convolution; got input shape {input_shape}")
         self.kernel = self.add_weight(name="kernel", shape=self.kernel_size + (c, self.filters),
                                       initializer=self.kernel_initializer)
-        self.bias = (self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
-                     if self.use_bias else None)
+        self.bias = (self.add_weight(
+            name="bias", shape=(self.filters,),
+            initializer=_bias_initializer(self.bias_initializer, self.kernel.shape))
+            if self.use_bias else None)
         if self._is_pointwise:
             self._init_power_vectors((self.filters,), (c,))
         else:
@@ -391,7 +472,8 @@ class LipschitzConv2D(_SpectralNormalized):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters,
                 "kernel_size": self.kernel_size, "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer)}
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -400,6 +482,9 @@ class ActNormalization(keras.layers.Layer):
     initialisation (Kingma & Dhariwal 2018): on the first batch seen by
     :meth:`initialize`, bias = -mean and log_scale = -0.5 log max(var, 0.2)
     (the reference's floor), so the output has zero mean and unit variance.
+    ``variance="unbiased"`` (default, as the reference's ``torch.var``) divides
+    the sum of squares by n - 1, ``"biased"`` by n (rflow_tf before config
+    version 3).
 
     Its log-det per example is (number of positions) * sum(log_scale).
     The flag ``initialized`` is a variable, so it is saved in checkpoints.
@@ -411,6 +496,16 @@ class ActNormalization(keras.layers.Layer):
     y = an(x)
     ```
     """
+
+    def __init__(self, variance="unbiased", **kwargs):
+        super().__init__(**kwargs)
+        if variance not in ("unbiased", "biased"):
+            raise ValueError(f"ActNormalization variance must be 'unbiased' or 'biased', "
+                             f"got {variance!r}")
+        self.variance = variance
+
+    def get_config(self):
+        return {**super().get_config(), "variance": self.variance}
 
     def build(self, input_shape):
         c = input_shape[-1]
@@ -424,7 +519,11 @@ class ActNormalization(keras.layers.Layer):
         if not self.built:
             self.build(x.shape)
         axes = list(range(len(x.shape) - 1))
-        mean, var = tf.nn.moments(tf.cast(x, self.bias.dtype), axes)
+        x = tf.cast(x, self.bias.dtype)
+        mean, var = tf.nn.moments(x, axes)
+        if self.variance == "unbiased":
+            n = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), var.dtype)
+            var = var * n / tf.maximum(n - 1.0, 1.0)
 
         def init():
             self.bias.assign(-mean)
@@ -448,12 +547,18 @@ def _sequential(layers, input_shape, dtype, name):
 
 
 def lipschitz_dense_net(dim, hidden_units=(128, 128), coeff=0.9, activation="lipswish",
-                        preactivation=False, dtype="float32", name=None):
+                        preactivation=False, dtype="float32", name=None, init="reference",
+                        last_layer_scale=1.0):
     """A residual branch g: R^dim -> R^dim, Lip(g) <= coeff^L (<= coeff).
 
     g = W_L phi(... phi(W_1 x)) with every W_i a :class:`LipschitzDense`
     (spectral norm <= coeff) and phi a 1-Lipschitz activation; with
     ``preactivation=True`` an activation is applied to x first.
+
+    ``init``: one of :data:`INITS` ("reference": weights and biases
+    U(+-1/sqrt(fan_in)), as PyTorch and the authors' code; "glorot").
+    ``last_layer_scale`` multiplies W_L's initial range (the reference's toy
+    nets use 1e-3, so every block starts close to the identity).
 
     Example:
     ```python
@@ -466,15 +571,20 @@ def lipschitz_dense_net(dim, hidden_units=(128, 128), coeff=0.9, activation="lip
     for i, u in enumerate(units):
         if i > 0:
             layers.append(make_activation(activation, dtype))
-        layers.append(LipschitzDense(u, coeff=coeff, dtype=dtype))
+        scale = last_layer_scale if i == len(units) - 1 else 1.0
+        kernel_init, bias_init = _initializers(init, scale)
+        layers.append(LipschitzDense(u, coeff=coeff, dtype=dtype, kernel_initializer=kernel_init,
+                                     bias_initializer=bias_init))
     return _sequential(layers, (dim,), dtype, name)
 
 
 def lipschitz_conv_net(input_shape, hidden_channels=512, kernels="3-1-3", coeff=0.98,
-                       activation="lipswish", preactivation=True, dtype="float32", name=None):
+                       activation="lipswish", preactivation=True, dtype="float32", name=None,
+                       init="reference"):
     """The paper's image residual branch (Appendix E), Lip(g) <= coeff:
     [act] Conv_k1(C -> h) act Conv_k2(h -> h) act ... Conv_kL(h -> C), each a
-    :class:`LipschitzConv2D` on the block's spatial size.
+    :class:`LipschitzConv2D` on the block's spatial size; ``init`` one of
+    :data:`INITS` (see :func:`lipschitz_dense_net`).
 
     ``input_shape`` is (H, W, C) without batch; ``kernels`` like "3-1-3".
 
@@ -491,7 +601,9 @@ def lipschitz_conv_net(input_shape, hidden_channels=512, kernels="3-1-3", coeff=
         if i > 0:
             layers.append(make_activation(activation, dtype))
         out = channels if i == len(ks) - 1 else hidden_channels
-        layers.append(LipschitzConv2D(out, k, coeff=coeff, dtype=dtype))
+        kernel_init, bias_init = _initializers(init)
+        layers.append(LipschitzConv2D(out, k, coeff=coeff, dtype=dtype,
+                                      kernel_initializer=kernel_init, bias_initializer=bias_init))
     return _sequential(layers, tuple(input_shape), dtype, name)
 
 

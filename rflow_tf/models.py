@@ -90,6 +90,7 @@ __all__ = [
     "INIT_LAYERS",
     "CONFIG_VERSION",
     "LEGACY_DEFAULTS",
+    "legacy_defaults",
     "Preset",
     "PRESETS",
     "get_preset",
@@ -119,12 +120,30 @@ INIT_LAYERS = ("logit", "cifar10")
 #: without ``config_version`` is version 1; its missing fields take the
 #: version-1 values below, so models saved before a default changed load and
 #: train exactly as they were built.
-CONFIG_VERSION = 2
-#: Fields whose default changed, with their value in each older version.
-#: Version 2: the reference's first block (``first_resblock``) and squeeze order.
+CONFIG_VERSION = 3
+#: Fields whose default changed, with their value up to each older version:
+#: version 2 brought the reference's first block (``first_resblock``) and
+#: squeeze order, version 3 the reference's initialisation (``init``) and
+#: a separate evaluation estimator (``logdet_eval``; before, evaluation used
+#: the training estimator, written here as :data:`SAME_AS_LOGDET`).
+SAME_AS_LOGDET = "same_as_logdet"
 LEGACY_DEFAULTS = {
     1: {"first_resblock": False, "squeeze_order": "space_to_depth"},
+    2: {"init": "glorot", "logdet_eval": SAME_AS_LOGDET},
 }
+
+
+def legacy_defaults(version):
+    """The values a config of ``version`` gives the fields it does not name
+    (every field whose default changed after ``version``).
+
+    Example: ``legacy_defaults(1)["init"]  # "glorot"``.
+    """
+    out = {}
+    for old, defaults in LEGACY_DEFAULTS.items():
+        if version <= old:
+            out.update(defaults)
+    return out
 
 
 
@@ -161,6 +180,11 @@ class FlowConfig:
         False, and the ActNorm before the first block was always there.)
       squeeze_first: squeeze the input once before the first scale (the
         reference uses it for ImageNet64 and CelebA-HQ).
+      init: initialisation of fresh weights, "reference" (the authors' code:
+        weights and biases of every Lipschitz layer U(+-1/sqrt(fan_in)),
+        ActNorm's data init with the unbiased variance) or "glorot"
+        (Glorot-uniform weights, zero biases, biased variance; version <= 2).
+        Irrelevant once weights are trained or restored.
       squeeze_order: channel order of every squeeze, "reference" (out
         channel c*4 + 2*dy + dx, the authors' code) or "space_to_depth"
         ((2*dy + dx)*C + c); see :class:`rflow_tf.bijectors.Squeeze`. They
@@ -200,6 +224,11 @@ class FlowConfig:
         "exact" (full Jacobian; small inputs only).
       dist, rate, p: roulette distribution, "poisson" with ``rate`` (lambda)
         or "geometric" with ``p``.
+      logdet_eval: the estimator of evaluation calls (``training=False``:
+        test bits/dim, export, ``log_prob``); None (default) means "unbiased"
+        when ``logdet`` is "truncated" (so an i-ResNet trained with the biased
+        series reports its true bits/dim, as the reference does) and
+        ``logdet`` otherwise. See :attr:`logdet_eval_mode`.
       n_exact_terms: terms always evaluated when training (paper: 2).
       n_exact_terms_eval: exact terms when evaluating (paper: 20).
       n_samples: roulette draws averaged per estimate; n_terms: terms of the
@@ -217,8 +246,9 @@ class FlowConfig:
       config_version: the meaning of the config (:data:`CONFIG_VERSION` for
         a config made in code). A dict or JSON without this key is version 1,
         written before ``first_resblock`` and ``squeeze_order`` existed; its
-        missing fields take the version-1 values, so an old config, run
-        directory or SavedModel still builds the model it was trained as.
+        missing fields take the values of its version (:func:`legacy_defaults`),
+        so an old config, run directory or SavedModel still builds the model
+        it was trained as.
 
     Differences from the reference that remain (permutations, not models):
     the FC end flattens the last scale in (H, W, C) order (the reference:
@@ -245,6 +275,7 @@ class FlowConfig:
     first_resblock: bool = True
     squeeze_first: bool = False
     squeeze_order: str = "reference"
+    init: str = "reference"
     factor_out: bool = False
     fc_end: bool = True
     n_fc_blocks: int = 4
@@ -257,6 +288,7 @@ class FlowConfig:
     n_classes: int = 0
     head_channels: int = 256
     logdet: str = "unbiased"
+    logdet_eval: Optional[str] = None
     dist: str = "poisson"
     rate: float = 2.0
     p: float = 0.5
@@ -283,6 +315,17 @@ class FlowConfig:
     def n_scales(self):
         """Number of scales, len(n_blocks)."""
         return len(self.n_blocks)
+
+    @property
+    def logdet_eval_mode(self):
+        """The evaluation estimator: ``logdet_eval``, or if None "unbiased" for a
+        "truncated" ``logdet`` and ``logdet`` itself otherwise.
+
+        Example: ``FlowConfig(logdet="truncated").logdet_eval_mode  # "unbiased"``.
+        """
+        if self.logdet_eval is not None:
+            return self.logdet_eval
+        return "unbiased" if self.logdet == "truncated" else self.logdet
 
     @property
     def num_dims(self):
@@ -329,6 +372,8 @@ class FlowConfig:
         if not ks or any(k < 1 or k % 2 == 0 for k in ks):
             raise ValueError(f"FlowConfig.kernels must look like '3-1-3' (odd sizes), "
                              f"got {self.kernels!r}")
+        if self.init not in rlayers.INITS:
+            raise ValueError(f"FlowConfig.init must be one of {rlayers.INITS}, got {self.init!r}")
         if self.squeeze_order not in rbij.SQUEEZE_ORDERS:
             raise ValueError(f"FlowConfig.squeeze_order must be one of {rbij.SQUEEZE_ORDERS}, "
                              f"got {self.squeeze_order!r}")
@@ -373,11 +418,14 @@ class FlowConfig:
         if self.logdet not in rbij.LOGDET_MODES:
             raise ValueError(f"FlowConfig.logdet must be one of {rbij.LOGDET_MODES}, "
                              f"got {self.logdet!r}")
+        if self.logdet_eval is not None and self.logdet_eval not in rbij.LOGDET_MODES:
+            raise ValueError(f"FlowConfig.logdet_eval must be None or one of "
+                             f"{rbij.LOGDET_MODES}, got {self.logdet_eval!r}")
         if self.dist not in ("poisson", "geometric"):
             raise ValueError(f"FlowConfig.dist must be 'poisson' or 'geometric', got {self.dist!r}")
-        if self.dist == "poisson" and not float(self.rate) > 0:
+        if not float(self.rate) > 0:
             raise ValueError(f"FlowConfig.rate must be > 0, got {self.rate}")
-        if self.dist == "geometric" and not 0.0 < float(self.p) < 1.0:
+        if not 0.0 < float(self.p) < 1.0:
             raise ValueError(f"FlowConfig.p must lie in (0, 1), got {self.p}")
         pos_int("n_exact_terms", self.n_exact_terms, allow_zero=True)
         pos_int("n_exact_terms_eval", self.n_exact_terms_eval, allow_zero=True)
@@ -425,10 +473,10 @@ class FlowConfig:
         d = dict(d)
         version = d.setdefault("config_version", 1)
         _check_config_version(version)
-        for old, defaults in sorted(LEGACY_DEFAULTS.items()):
-            if version <= old:
-                for name, value in defaults.items():
-                    d.setdefault(name, value)
+        for name, value in legacy_defaults(version).items():
+            if value == SAME_AS_LOGDET:
+                value = d.get("logdet", cls.logdet)
+            d.setdefault(name, value)
         return cls(**d)
 
     def to_json(self, indent=2):
@@ -1167,7 +1215,8 @@ class ResidualFlow(keras.Model):
         half) and the last scale's (H, W, C) to ``last_shape``."""
         dtype = cfg.dtype
         block_kwargs = dict(
-            logdet=cfg.logdet, dist=cfg.dist, rate=cfg.rate, p=cfg.p,
+            logdet=cfg.logdet, logdet_eval=cfg.logdet_eval_mode, dist=cfg.dist, rate=cfg.rate,
+            p=cfg.p,
             n_exact_terms=cfg.n_exact_terms, n_exact_terms_eval=cfg.n_exact_terms_eval,
             n_samples=cfg.n_samples, n_terms=cfg.n_terms, probe=cfg.probe,
             neumann_grad=cfg.neumann_grad, grad_in_forward=cfg.grad_in_forward,
@@ -1175,7 +1224,9 @@ class ResidualFlow(keras.Model):
             inverse_max_iterations=cfg.inverse_max_iterations)
 
         def actnorm(shape, name):
-            layer = rlayers.ActNormalization(dtype=dtype, name=name)
+            layer = rlayers.ActNormalization(
+                variance="unbiased" if cfg.init == "reference" else "biased", dtype=dtype,
+                name=name)
             named_layers.append((name, layer))
             return rbij.ActNorm(shape, layer=layer, name=name)
 
@@ -1189,7 +1240,7 @@ class ResidualFlow(keras.Model):
             return rbij.IResBlock.conv(
                 shape, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
                 coeff=cfg.coeff, activation=cfg.activation, preactivation=preact,
-                dtype=dtype, name=f"s{s}_block{i}", **block_kwargs)
+                dtype=dtype, init=cfg.init, name=f"s{s}_block{i}", **block_kwargs)
 
         def fc_block(i, d, mask):
             if cfg.block == "coupling":
@@ -1198,8 +1249,8 @@ class ResidualFlow(keras.Model):
                     dtype=dtype, name=f"fc_block{i}")
             return rbij.IResBlock.dense(
                 d, hidden_units=cfg.fc_hidden, coeff=cfg.coeff, activation=cfg.activation,
-                preactivation=cfg.preactivation, dtype=dtype, name=f"fc_block{i}",
-                **block_kwargs)
+                preactivation=cfg.preactivation, dtype=dtype, init=cfg.init,
+                name=f"fc_block{i}", **block_kwargs)
 
         def scale(s, shape):
             h, w, c = shape

@@ -297,8 +297,8 @@ def test_shipped_model_keeps_its_version_1_meaning():
     assert "config_version" not in meta["config"]
     dist = rflow_tf.load(SHIPPED)
     cfg = dist.model.flow_config
-    assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order) == (1, False,
-                                                                           "space_to_depth")
+    assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order, cfg.init) == (
+        1, False, "space_to_depth", "glorot")
     obj = tf.saved_model.load(SHIPPED)
     x_int = _digits(64, seed=1)
     traced = obj.bits_per_dim(tf.constant(x_int, tf.uint8)).numpy()

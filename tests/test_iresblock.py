@@ -451,3 +451,23 @@ def test_unbiased_estimator_and_neumann_gradient_compile_with_xla():
     assert np.all(np.abs(lds.mean(0) - exact) < 4 * lds.std(0) / np.sqrt(n))
     assert np.all(np.abs(gxs.mean(0) - exact_grads[0]) < 4 * gxs.std(0) / np.sqrt(n))
     assert len({tuple(l) for l in np.round(lds, 12)}) > n // 2      # really random
+
+
+def test_logdet_eval_selects_the_evaluation_estimator():
+    # Trained with the biased truncated series, evaluated exactly: training=False
+    # calls must give slogdet, training=True calls the truncated series.
+    net = dense_net(3, seed=5)
+    x = tf.random.stateless_normal([6, 3], [5, 1], dtype=tf.float64)
+    exact = IResBlock(net, logdet="exact").forward_and_log_det(x)[1].numpy()
+    block = IResBlock(net, logdet="truncated", n_terms=2, logdet_eval="exact")
+    np.testing.assert_allclose(block.forward_and_log_det(x)[1].numpy(), exact, rtol=1e-10)
+    truncated = IResBlock(net, logdet="truncated", n_terms=2)
+    for training in (True, False):      # without logdet_eval both calls are truncated
+        np.testing.assert_allclose(
+            block.forward_and_log_det(x, seed=[3, 4], training=True)[1].numpy(),
+            truncated.forward_and_log_det(x, seed=[3, 4], training=training)[1].numpy(),
+            rtol=1e-10)
+    assert not np.allclose(truncated.forward_and_log_det(x, seed=[3, 4])[1].numpy(), exact,
+                           atol=1e-3)
+    with pytest.raises(ValueError, match="logdet_eval"):
+        IResBlock(net, logdet_eval="biased")

@@ -113,6 +113,9 @@ def test_power_iterations_in_training_call():
     lambda: rl.LipschitzDense(5, coeff=0.7, use_bias=False, power_iterations=2, tol=1e-4),
     lambda: rl.LipschitzConv2D(4, 3, coeff=0.95, max_iterations=50),
     lambda: rl.ActNormalization(),
+    lambda: rl.ActNormalization(variance="biased"),
+    lambda: rl.LipschitzDense(5, kernel_initializer=rl.FanInUniform(0.1),
+                              bias_initializer=rl.FanInUniform()),
 ])
 def test_get_config_round_trip(make):
     layer = make()
@@ -139,13 +142,17 @@ def test_conv_needs_static_spatial_size():
         layer.build((None, None, None, 3))
 
 
-def test_actnorm_data_dependent_init():
-    an = rl.ActNormalization()
-    x = tf.random.normal([64, 4, 4, 3]) * 3.0 + 2.0
+@pytest.mark.parametrize("variance, ddof", [("unbiased", 1), ("biased", 0)])
+def test_actnorm_data_dependent_init(variance, ddof):
+    an = rl.ActNormalization(variance=variance)
+    x = tf.random.normal([4, 2, 2, 3], seed=1) * 3.0 + 2.0     # n = 16: ddof matters (3%)
     an.initialize(x)
-    y = an(x).numpy()
-    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=1e-4)
-    np.testing.assert_allclose(y.std(axis=(0, 1, 2)), 1.0, atol=1e-3)
+    y = an(x).numpy().reshape(-1, 3)
+    np.testing.assert_allclose(y.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.std(axis=0, ddof=ddof), 1.0, rtol=1e-5)
+    assert not np.allclose(y.std(axis=0, ddof=1 - ddof), 1.0, rtol=1e-2)
+    with pytest.raises(ValueError, match="variance"):
+        rl.ActNormalization(variance="population")
     before = an.bias.numpy().copy()
     an.initialize(x * 10.0)          # second call is a no-op
     np.testing.assert_array_equal(an.bias.numpy(), before)
@@ -219,3 +226,42 @@ def test_fused_lipswish_gradients_match_autodiff(with_derivative_grad):
     phi = act(x)
     y, d, c = act.value_and_derivative(x)
     np.testing.assert_allclose((c * y).numpy(), phi.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_reference_init_is_uniform_in_one_over_sqrt_fan_in(kind):
+    # PyTorch's default (the reference's): kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    # fan_in = d_in (dense) or kh * kw * c_in (conv). Checked by the range (the max
+    # of >= 300 uniform draws lies within 2% of the bound with probability
+    # > 1 - 1e-2) and the standard deviation bound/sqrt(3) (within 4 standard errors).
+    keras.utils.set_random_seed(3)
+    init = {"kernel_initializer": rl.FanInUniform(), "bias_initializer": rl.FanInUniform()}
+    if kind == "dense":
+        layer, fan_in = rl.LipschitzDense(400, **init), 24
+        layer.build((None, 24))
+    else:
+        layer, fan_in = rl.LipschitzConv2D(300, 3, **init), 3 * 3 * 8
+        layer.build((None, 4, 4, 8))
+    bound = 1.0 / np.sqrt(fan_in)
+    for w in (layer.kernel.numpy().ravel(), layer.bias.numpy()):
+        assert np.abs(w).max() <= bound
+        assert np.abs(w).max() > 0.98 * bound
+        se = bound / np.sqrt(3) * np.sqrt(0.8 / w.size)          # sd of the sample sd of U
+        assert abs(w.std() - bound / np.sqrt(3)) < 4 * se + 1e-12
+    with pytest.raises(ValueError, match="fan_in"):
+        rl.FanInUniform()((5,))
+
+
+def test_dense_net_init_options():
+    keras.utils.set_random_seed(4)
+    net = rl.lipschitz_dense_net(2, (64, 64), preactivation=True, last_layer_scale=1e-3)
+    assert isinstance(net.layers[0], rl.LipSwish)                 # pre-activated input
+    dense = rl.lipschitz_layers(net)
+    last = dense[-1]
+    assert np.abs(last.kernel.numpy()).max() <= 1e-3 / np.sqrt(64)
+    assert np.abs(last.bias.numpy()).max() > 1e-2                 # bias range is not scaled
+    assert np.abs(dense[0].kernel.numpy()).max() > 0.5            # U(+-1/sqrt(2)) otherwise
+    glorot = rl.lipschitz_dense_net(2, (64, 64), init="glorot")
+    assert all(np.all(lay.bias.numpy() == 0) for lay in rl.lipschitz_layers(glorot))
+    with pytest.raises(ValueError, match="init must be one of"):
+        rl.lipschitz_dense_net(2, (8,), init="he")

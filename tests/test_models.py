@@ -451,10 +451,13 @@ def test_config_version_1_keeps_old_meaning():
     # A dict without config_version is version 1: space_to_depth squeezes, an
     # ActNorm before the first block and every block pre-activated.
     old = tiny_config(n_blocks=(1, 1), fc_end=False).to_dict()
-    for key in ("config_version", "first_resblock", "squeeze_order"):
+    for key in ("config_version", "first_resblock", "squeeze_order", "init"):
         del old[key]
     v1 = models.FlowConfig.from_dict(old)
-    assert (v1.config_version, v1.first_resblock, v1.squeeze_order) == (1, False, "space_to_depth")
+    assert (v1.config_version, v1.first_resblock, v1.squeeze_order, v1.init) == (
+        1, False, "space_to_depth", "glorot")
+    # Version 2 already had first_resblock and squeeze_order, not init.
+    assert models.FlowConfig.from_dict(dict(old, config_version=2)).init == "glorot"
     assert _layout(models.ResidualFlow(v1)) == [
         ("actnorm", None), ("block", "preact"), ("actnorm", None),
         ("squeeze", "space_to_depth"), ("block", "preact"), ("actnorm", None)]
@@ -483,3 +486,24 @@ def test_non_finite_sample_is_nan_with_a_warning(capfd):
     graph = tf.function(lambda: model.sample(2, temperature=float("inf"), seed=[3, 4]))
     assert np.all(np.isnan(graph().numpy()))
     assert "2 of 2 sample(s) not finite" in capfd.readouterr().err
+
+
+def test_logdet_eval_defaults_and_versions():
+    assert models.FlowConfig(logdet="truncated").logdet_eval_mode == "unbiased"
+    assert models.FlowConfig(logdet="exact").logdet_eval_mode == "exact"
+    assert models.FlowConfig(logdet="truncated", logdet_eval="exact").logdet_eval_mode == "exact"
+    # Before version 3 evaluation used the training estimator.
+    old = dict(models.FlowConfig(logdet="truncated").to_dict(), config_version=2)
+    del old["logdet_eval"]
+    assert models.FlowConfig.from_dict(old).logdet_eval_mode == "truncated"
+    with pytest.raises(ValueError, match="logdet_eval"):
+        models.FlowConfig(logdet_eval="biased").validate()
+    # A flow trained truncated evaluates (training=False) with the exact log-det
+    # here, so log_prob is the change of variables of the full Jacobian.
+    cfg = tiny_config(logdet="truncated", logdet_eval="exact", n_terms=1)
+    model = make_model(cfg)
+    x = uniform((3,) + cfg.input_shape, seed=8)
+    np.testing.assert_allclose(model.log_prob(x).numpy(), brute_force_log_prob(model, x).numpy(),
+                               rtol=1e-9, atol=1e-9)
+    lp_train = model.log_prob(x, training=True, seed=[1, 2]).numpy()
+    assert not np.allclose(lp_train, model.log_prob(x).numpy(), atol=1e-6)

@@ -161,3 +161,22 @@ def test_unknown_dataset_cli_exits_with_clear_message():
     assert "not_a_density" in proc.stderr
     for name in TOY_DATASETS:
         assert name in proc.stderr
+
+
+def test_default_toy_nets_are_the_references():
+    # The reference's toy nets: activation before every linear layer, weights and
+    # biases U(+-1/sqrt(fan_in)), last layer's weights 1/1000 of that range, so each
+    # block starts close to the identity: |g(x)| is tiny at initialisation.
+    tf.keras.utils.set_random_seed(0)
+    flow = toy.build_flow("resflow", blocks=2, hidden=(32, 32))
+    net = flow.keras_models[0]
+    assert isinstance(net.layers[0], rlayers.LipSwish)
+    dense = rlayers.lipschitz_layers(net)
+    assert np.abs(dense[0].kernel.numpy()).max() <= 1 / np.sqrt(2)
+    assert np.abs(dense[-1].kernel.numpy()).max() <= 1e-3 / np.sqrt(32)
+    x = tf.random.normal([64, 2])
+    g = net(x) - dense[-1].bias       # the last layer's output without its bias
+    assert float(tf.reduce_max(tf.abs(g))) < 1e-2
+    old = toy.build_flow("resflow", blocks=1, hidden=(32,), init="glorot", preactivation=False,
+                         last_layer_scale=1.0)
+    assert isinstance(old.keras_models[0].layers[0], rlayers.LipschitzDense)

@@ -42,7 +42,10 @@ def test_help_lists_the_flags():
                  "--warmup_steps", "--ema_decay", "--grad_clip", "--accumulate",
                  "--n_exact_terms", "--dist", "--neumann_grad", "--grad_in_forward", "--out",
                  "--seed", "--eval_every", "--sample_every", "--strategy", "--cpu_devices",
-                 "--data_dir", "--jit_compile", "--export_dir", "--export_only"):
+                 "--data_dir", "--jit_compile", "--export_dir", "--export_only",
+                 "--logdet", "--n_terms", "--coeff", "--squeeze_first", "--kernels", "--actnorm",
+                 "--first_resblock", "--n_samples", "--rate", "--p", "--fc_hidden",
+                 "--logit_alpha", "--logdet_eval", "--init"):
         assert flag in text, flag
     args = trainer_main.parse_args([])
     spec = trainer_main.resolve_run(args)
@@ -57,6 +60,20 @@ def test_help_lists_the_flags():
     assert spec.hparams["steps"] == 27000 // 40 + (27000 % 40 > 0)
     with pytest.raises(trainer_main.UsageError):
         trainer_main.resolve_run(trainer_main.parse_args(["--preset=nope"]))
+    spec = trainer_main.resolve_run(trainer_main.parse_args(
+        ["--logdet=truncated", "--n_terms=10", "--first_resblock=false", "--coeff=0.9",
+         "--kernels=3-3", "--actnorm=false", "--fc_hidden=32-32", "--squeeze_first",
+         "--logit_alpha=0.05", "--n_samples=2", "--dist=geometric", "--p=0.3", "--rate=3"]))
+    f = spec.flow
+    assert (f.logdet, f.n_terms, f.first_resblock, f.coeff, f.kernels, f.actnorm, f.fc_hidden,
+            f.squeeze_first, f.logit_alpha, f.n_samples, f.dist, f.p, f.rate) == (
+        "truncated", 10, False, 0.9, "3-3", False, (32, 32), True, 0.05, 2, "geometric", 0.3, 3.0)
+    assert f.logdet_eval_mode == "unbiased"
+    for bad, name in (["--coeff=1.2"], "coeff"), (["--p=0"], "p"), (["--kernels=3-2"], "kernels"), \
+            (["--logit_alpha=0.5"], "logit_alpha"), (["--n_terms=0"], "n_terms"), \
+            (["--rate=-1"], "rate"), (["--n_samples=0"], "n_samples"):
+        with pytest.raises(trainer_main.UsageError, match=f"FlowConfig.{name} must"):
+            trainer_main.resolve_run(trainer_main.parse_args(bad))
     with pytest.raises(trainer_main.UsageError, match="squeezed"):
         trainer_main.resolve_run(trainer_main.parse_args(["--dataset=mnist",
                                                           "--n_blocks=1-1-1-1"]))
@@ -129,6 +146,21 @@ def test_resume_continues_with_same_state(tmp_path):
                zip(values(second.model.trainable_variables), values(second.ema_vars)))
 
 
+def test_truncated_training_reports_true_and_training_estimate(tmp_path, capsys):
+    # An i-ResNet (truncated series) is evaluated with the unbiased estimator, and
+    # the log shows the training estimator's figure beside it.
+    trainer = trainer_main.Trainer(run_args(tmp_path, "--steps=1", "--batch_size=8",
+                                            "--eval_examples=8", "--logdet=truncated",
+                                            "--n_terms=1"))
+    trainer.train()
+    out = capsys.readouterr().out
+    assert "unbiased log-det, 20 exact terms" in out
+    true_bpd, _, _ = trainer.evaluate()
+    train_bpd, _, _ = trainer.evaluate(training_estimator=True)
+    assert f"with the training estimator (truncated): {train_bpd:.4f}" in out
+    assert true_bpd != train_bpd
+
+
 def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys):
     args = run_args(tmp_path, "--steps=3", "--batch_size=8", "--eval_examples=8",
                     "--ckpt_every=1", "--inject_nan_steps=2", "--max_nan_steps=2")
@@ -173,7 +205,7 @@ def test_version_1_run_dir_resumes_with_its_old_architecture(tmp_path):
     # first_resblock, squeeze_order keys) resumes as the model it was built as.
     spec = trainer_main.resolve_run(run_args(tmp_path))
     old = spec.config_json()
-    for key in ("config_version", "first_resblock", "squeeze_order"):
+    for key in ("config_version", "first_resblock", "squeeze_order", "init"):
         del old["flow_config"][key]
     with open(tmp_path / "config.json", "w") as f:
         json.dump(old, f)

@@ -225,6 +225,22 @@ def build_parser():
                         "cifar10 for classification/hybrid on CIFAR-10 (as the reference), "
                         "else the preset's.")
 
+    g.add_argument("--fc_hidden", type=_int_list, default=None,
+                   help="Hidden widths of the FC-end blocks, e.g. 128-128 (default: preset).")
+    g.add_argument("--kernels", default=None,
+                   help="Kernel sizes of each block's convolutions, e.g. 3-1-3 (default: preset).")
+    g.add_argument("--coeff", type=float, default=None,
+                   help="Lipschitz bound (< 1) of every linear map in a block (paper: 0.98).")
+    g.add_argument("--actnorm", default=None, **bool_kw,
+                   help="ActNorm after every block (default: preset).")
+    g.add_argument("--first_resblock", default=None, **bool_kw,
+                   help="The reference's first block: ActNorm before it and no pre-activation "
+                        "(default: preset; the paper's models use it).")
+    g.add_argument("--squeeze_first", default=None, **bool_kw,
+                   help="Squeeze the input before the first scale (default: preset).")
+    g.add_argument("--init", default=None, choices=["reference", "glorot"],
+                   help="Initialisation of fresh weights (default: preset; 'reference' as the "
+                        "authors' code).")
     g = p.add_argument_group("task")
     g.add_argument("--task", default="density", choices=list(TASKS),
                    help="density: maximum likelihood; classification: classifier heads on the "
@@ -245,8 +261,17 @@ def build_parser():
                         "exact (full Jacobian, tiny images only) (default: preset).")
     g.add_argument("--n_terms", type=int, default=None,
                    help="Terms of the truncated estimator (default: preset).")
+    g.add_argument("--logdet_eval", default=None, choices=["unbiased", "truncated", "exact"],
+                   help="Evaluation log-det estimator (default: unbiased when --logdet is "
+                        "truncated, else the same as --logdet); test bits/dim use it.")
     g.add_argument("--dist", default=None, choices=["poisson", "geometric"],
                    help="Russian-roulette distribution of the number of extra terms.")
+    g.add_argument("--rate", type=float, default=None,
+                   help="Poisson rate of the roulette (--dist=poisson; paper: 2).")
+    g.add_argument("--p", type=float, default=None,
+                   help="Success probability in (0, 1) of the geometric roulette (--dist=geometric).")
+    g.add_argument("--n_samples", type=int, default=None,
+                   help="Roulette draws averaged per estimate (default: preset, 1).")
     g.add_argument("--neumann_grad", default=None, **bool_kw,
                    help="Neumann-series gradient of the log-det (memory does not grow "
                         "with the number of terms).")
@@ -504,9 +529,10 @@ def resolve_run(args):
 
     n_bits = args.n_bits if args.n_bits is not None else info.n_bits
     overrides = dict(input_shape=tuple(info.image_shape), n_bits=n_bits)
-    for flag in ("logdet", "n_terms", "n_exact_terms", "dist", "neumann_grad", "grad_in_forward",
-                 "n_blocks", "hidden_channels", "activation", "logit_alpha", "factor_out",
-                 "fc_end", "block",
+    for flag in ("logdet", "logdet_eval", "n_terms", "n_exact_terms", "dist", "rate", "p",
+                 "n_samples", "neumann_grad", "grad_in_forward", "n_blocks", "hidden_channels",
+                 "activation", "logit_alpha", "factor_out", "fc_end", "fc_hidden", "kernels",
+                 "coeff", "actnorm", "first_resblock", "squeeze_first", "init", "block",
                  "invertible_1x1", "init_layer"):
         value = getattr(args, flag, None)
         if value is not None:
@@ -821,10 +847,12 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
     return train_step
 
 
-def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density"):
+def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density",
+                   training_estimator=False):
     """The distributed evaluation step ``(x, mask, batch_index) -> (sum bpd,
     sum bpd^2, count)`` over the masked examples, with the evaluation
-    estimator (``n_exact_terms_eval`` = 20 exact terms) and fixed seeds (the
+    estimator (``logdet_eval``, ``n_exact_terms_eval`` = 20 exact terms; or
+    the training estimator if ``training_estimator``) and fixed seeds (the
     same weights give the same result).
 
     For ``task`` "classification" / "hybrid", ``x`` is a pair (images,
@@ -847,8 +875,8 @@ def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density"):
         x = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype)
         m = tf.cast(mask, tf.float64)
         if task == "density":
-            bpd = model.bits_per_dim(x, n_bits=n_bits, training=False, seed=seeds[1],
-                                     validate=False)
+            bpd = model.bits_per_dim(x, n_bits=n_bits, training=training_estimator,
+                                     seed=seeds[1], validate=False)
         elif task == "classification":
             logits = model.classify(x, training=False, validate=False)
             bpd = tf.zeros([tf.shape(x)[0]], dtype)
@@ -1193,7 +1221,7 @@ class Trainer:
             return None
         if old_cfg.config_version >= models.CONFIG_VERSION:
             return None
-        versioned = {"config_version", *models.LEGACY_DEFAULTS[old_cfg.config_version]}
+        versioned = {"config_version", *models.legacy_defaults(old_cfg.config_version)}
         new = self.flow_config.to_dict()
         if any(v != new.get(k) for k, v in old_cfg.to_dict().items() if k not in versioned):
             return None
@@ -1382,18 +1410,19 @@ class Trainer:
         return None
 
     # ----------------------------------------------------------- evaluation
-    def evaluate(self, use_ema=True):
+    def evaluate(self, use_ema=True, training_estimator=False):
         """Test bits/dim over the test split (or ``--eval_examples``) with the
-        evaluation estimator. Returns ``(mean, standard error, count)``; the
-        mean is NaN for ``--task=classification`` (no log-det is computed).
+        evaluation estimator (or the training one, ``training_estimator=True``).
+        Returns ``(mean, standard error, count)``; the mean is NaN for
+        ``--task=classification`` (no log-det is computed).
         :meth:`evaluate_metrics` also gives accuracy and cross-entropy.
 
         Example: ``bpd, se, n = trainer.evaluate()``.
         """
-        m = self.evaluate_metrics(use_ema)
+        m = self.evaluate_metrics(use_ema, training_estimator)
         return m["bpd"], m["bpd_stderr"], m["count"]
 
-    def evaluate_metrics(self, use_ema=True):
+    def evaluate_metrics(self, use_ema=True, training_estimator=False):
         """Test metrics over the test split (or ``--eval_examples``), EMA
         weights, evaluation estimator: a dict with ``count``, ``bpd`` and
         ``bpd_stderr`` (NaN for classification), and for classification /
@@ -1403,14 +1432,17 @@ class Trainer:
         """
         task = self.task
         if self._eval_step is None:
-            self._eval_step = make_eval_step(self.model, self.strategy,
-                                             n_bits=self.flow_config.n_bits, seed=self.hp["seed"],
-                                             task=task)
+            self._eval_step = {}
+        if training_estimator not in self._eval_step:
+            self._eval_step[training_estimator] = make_eval_step(
+                self.model, self.strategy, n_bits=self.flow_config.n_bits, seed=self.hp["seed"],
+                task=task, training_estimator=training_estimator)
+        eval_step = self._eval_step[training_estimator]
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
         sums = None
         with ctx:
             for i, (x, mask) in enumerate(self._distribute(self._test_dataset())):
-                out = [float(v) for v in self._eval_step(x, mask, tf.constant(i, tf.int64))]
+                out = [float(v) for v in eval_step(x, mask, tf.constant(i, tf.int64))]
                 sums = out if sums is None else [a + b for a, b in zip(sums, out)]
         if not sums or sums[2] == 0:
             raise UsageError(f"the test split of {self.spec.dataset!r} is empty")
@@ -1495,9 +1527,17 @@ class Trainer:
                          f"{m['cross_entropy']:.4f} nats")
             scalars.update({"test/accuracy": m["accuracy"],
                             "test/cross_entropy": m["cross_entropy"]})
+        cfg = self.flow_config
         terms = "" if self.task == "classification" else \
-            f", {self.flow_config.n_exact_terms_eval} exact terms"
+            f", {cfg.logdet_eval_mode} log-det, {cfg.n_exact_terms_eval} exact terms"
         self.log(f"step {step}: {'; '.join(parts)} ({n} images, EMA weights{terms})")
+        if self.task != "classification" and cfg.logdet_eval_mode != cfg.logdet:
+            # Trained with another estimator (e.g. the biased truncated series):
+            # report what that estimator says too, beside the true value above.
+            bpd_t, se_t, _ = self.evaluate(training_estimator=True)
+            self.log(f"step {step}: test bits/dim with the training estimator ({cfg.logdet}): "
+                     f"{bpd_t:.4f} +- {se_t:.4f} (true: {bpd:.4f})")
+            scalars["test/bpd_training_estimator"] = bpd_t
         path = None
         if do_sample and self.task != "classification":     # a classifier is no sampler
             path = self.sample()

@@ -152,6 +152,16 @@ def build_parser():
                         "lipswish for residual blocks); coupling nets use the plain version")
     g.add_argument("--coeff", type=_positive_float, default=0.9,
                    help="Lipschitz bound of every linear layer in a residual block (< 1)")
+    g.add_argument("--init", choices=rlayers.INITS, default="reference",
+                   help="initialisation of the residual nets: 'reference' (weights and biases "
+                        "U(+-1/sqrt(fan_in)), as the authors' code) or 'glorot' (Glorot weights, "
+                        "zero biases; the default before the parity work)")
+    g.add_argument("--preactivation", type=int, choices=(0, 1), default=1,
+                   help="1: g = W_L act(... W_1 act(x)), activation before every linear layer "
+                        "(the reference's toy nets); 0: no activation on g's input")
+    g.add_argument("--last_layer_scale", type=_positive_float, default=1e-3,
+                   help="factor on the initial range of each block's last layer (the "
+                        "reference's 1/1000: every block starts near the identity)")
     g.add_argument("--actnorm", action="store_true",
                    help="add ActNorm (data-initialised affine) before the first and after "
                         "every block")
@@ -367,13 +377,17 @@ class ToyFlow(tf.Module):
 
 def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activation="lipswish",
                coeff=0.9, actnorm=False, dist="poisson", rate=2.0, p=0.5, n_exact_terms=2,
-               n_samples=1, n_power_series=5, neumann_grad=True, grad_in_forward=False):
+               n_samples=1, n_power_series=5, neumann_grad=True, grad_in_forward=False,
+               init="reference", preactivation=True, last_layer_scale=1e-3):
     """Builds a :class:`ToyFlow` of one of :data:`MODELS` for 2-D data.
 
     * ``resflow``: ``blocks`` x IResBlock(logdet="unbiased") with
-      g = LipschitzDense(2 -> h_1) phi ... phi LipschitzDense(h_L -> 2),
-      every spectral norm <= ``coeff``; roulette ``dist`` (``rate``/``p``),
-      ``n_exact_terms`` exact terms, ``n_samples`` draws.
+      g = LipschitzDense(2 -> h_1) phi ... phi LipschitzDense(h_L -> 2)
+      (with ``preactivation``, phi is applied to the input too, as in the
+      reference), every spectral norm <= ``coeff``; roulette ``dist``
+      (``rate``/``p``), ``n_exact_terms`` exact terms, ``n_samples`` draws.
+      ``init`` (:data:`rflow_tf.layers.INITS`) and ``last_layer_scale`` (the
+      reference's 1e-3: blocks start near the identity) set the initial weights.
     * ``iresnet``: the same blocks, logdet="truncated" with ``n_power_series`` terms.
     * ``coupling``: ``blocks`` x [tfb.RealNVP(num_masked=1), tfb.Permute([1, 0])],
       shift and log-scale from an MLP with widths ``hidden``.
@@ -395,7 +409,10 @@ def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activati
     train_b, eval_b, models = [], [], []
 
     def add_actnorm(i):
-        an = ActNorm(event_shape=(2,), name=f"actnorm_{i}")
+        an = ActNorm(event_shape=(2,), name=f"actnorm_{i}",
+                     layer=rlayers.ActNormalization(
+                         variance="unbiased" if init == "reference" else "biased",
+                         name=f"actnorm_{i}"))
         train_b.append(an)
         eval_b.append(an)
         models.append(an.layer)
@@ -419,7 +436,10 @@ def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activati
             eval_b += [layer, perm]
             models.append(layer.conditioner)
         else:
-            net = rlayers.lipschitz_dense_net(2, hidden, coeff, activation, name=f"resnet_{i}")
+            net = rlayers.lipschitz_dense_net(2, hidden, coeff, activation,
+                                              preactivation=bool(preactivation),
+                                              name=f"resnet_{i}", init=init,
+                                              last_layer_scale=last_layer_scale)
             kw = dict(neumann_grad=bool(neumann_grad),
                       grad_in_forward=bool(grad_in_forward) and bool(neumann_grad),
                       name=f"block_{i}")
@@ -566,7 +586,8 @@ def _fmt_time(seconds):
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-_MODEL_KEYS = ("model", "blocks", "hidden", "activation", "coeff", "actnorm", "dist", "rate", "p",
+_MODEL_KEYS = ("model", "blocks", "hidden", "activation", "coeff", "init", "preactivation",
+               "last_layer_scale", "actnorm", "dist", "rate", "p",
                "n_exact_terms", "n_samples", "n_power_series", "neumann_grad", "grad_in_forward",
                "power_iterations", "batch_size", "lr", "seed")
 
@@ -598,7 +619,8 @@ class Trainer:
         self.flow = build_flow(
             args.model, args.blocks, args.hidden, args.activation, args.coeff, args.actnorm,
             args.dist, args.rate, args.p, args.n_exact_terms, args.n_samples,
-            args.n_power_series, bool(args.neumann_grad), bool(args.grad_in_forward))
+            args.n_power_series, bool(args.neumann_grad), bool(args.grad_in_forward),
+            args.init, bool(args.preactivation), args.last_layer_scale)
         self.optimizer = keras.optimizers.Adam(args.lr)
         self.variables = self.flow.variables_to_train
         self.optimizer.build(self.variables)

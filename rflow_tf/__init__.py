@@ -14,7 +14,7 @@ Modules:
   rflow_tf.dequantization  UniformDequantizer, VariationalDequantizer (negative ELBO, bits/dim)
   rflow_tf.monotone    log-space sigmoid mixtures and the vectorised bisection they share
   rflow_tf.models      ResidualFlow (Keras model), FlowConfig, paper presets
-  rflow_tf.data        TFDS image pipelines, offline digits, dequantisation, 2-D toy data
+  rflow_tf.data        package: TFDS image pipelines, offline digits, dequantisation, 2-D toys
   rflow_tf.export      SavedModel export; load() returns a TransformedDistribution
   rflow_tf.convert     the authors' PyTorch checkpoints -> ResidualFlow / SavedModel (no PyTorch)
   rflow_tf.torch_format  safe reader of torch.save files (restricted unpickler)

@@ -29,7 +29,8 @@ import math
 import keras
 import tensorflow as tf
 
-from rflow_tf.data import _check_n_bits, bits_per_dim_offset
+from rflow_tf.data import bits_per_dim_offset
+from rflow_tf.data._checks import _check_n_bits
 from rflow_tf.mixlogcdf import MixLogCDFCoupling
 from rflow_tf.sigmoidal_flows import _hidden_sizes, _positive_int
 

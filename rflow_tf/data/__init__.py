@@ -1,0 +1,63 @@
+"""Data pipelines for Residual Flows: images, dequantisation and 2-D toys.
+
+The package's modules, each re-exported here:
+
+* `images`: `load_image_dataset` / `dataset_info` / `classification_augmentation`:
+  `tf.data` pipelines yielding batches of **raw integer pixels** `[B, H, W, C]`
+  (`tf.uint8`, values in `[0, 2**n_bits - 1]`) for `digits` (offline, bundled
+  with scikit-learn), `mnist`, `cifar10`, `svhn_cropped`, `celeb_a_hq` (TFDS)
+  and `imagenet32` / `imagenet64` (user-supplied `.npz` files), optionally with
+  labels and the reference's crops and flips.
+* `sources`: the readers behind them (scikit-learn, TFDS, `.npz`) and
+  `DatasetNotFoundError`.
+* `quantization`: `dequantize`, `bits_per_dim_offset`, `to_uint8_images`:
+  uniform dequantisation of those integers to `[0, 1)`, the matching
+  log-likelihood correction for bits/dim, and the way back to `uint8` images.
+* `toy2d`: `toy_2d` / `TOY_DATASETS`: the 2-D toy densities of the paper
+  (FFJORD / Residual Flows toy experiments), generated with numpy from a seed.
+* `png`: `save_image_grid` writes a batch of images as one PNG grid.
+
+A typical image-training input pipeline:
+
+```python
+from rflow_tf import data
+
+info = data.dataset_info('cifar10')
+ds = data.load_image_dataset('cifar10', 'train', batch_size=64, repeat=True)
+for x_int in ds:
+    x = data.dequantize(x_int, n_bits=info.n_bits)   # float32 in [0, 1)
+    # log p_cont(x) from the flow, then
+    # bpd = -(log_p - bits_per_dim_offset(n_bits, D)) / (D * ln 2)
+```
+
+No dataset is downloaded by this package unless `download=True` and the
+machine has network access; every "data not available" situation raises
+`DatasetNotFoundError` with instructions.
+"""
+
+from rflow_tf.data.images import (
+    IMAGE_DATASETS,
+    ImageDatasetInfo,
+    classification_augmentation,
+    dataset_info,
+    load_image_dataset,
+)
+from rflow_tf.data.png import save_image_grid
+from rflow_tf.data.quantization import bits_per_dim_offset, dequantize, to_uint8_images
+from rflow_tf.data.sources import DatasetNotFoundError
+from rflow_tf.data.toy2d import TOY_DATASETS, toy_2d
+
+__all__ = [
+    'DatasetNotFoundError',
+    'IMAGE_DATASETS',
+    'ImageDatasetInfo',
+    'TOY_DATASETS',
+    'bits_per_dim_offset',
+    'classification_augmentation',
+    'dataset_info',
+    'dequantize',
+    'load_image_dataset',
+    'save_image_grid',
+    'to_uint8_images',
+    'toy_2d',
+]

@@ -1,0 +1,561 @@
+"""Image datasets: static descriptions, batched `tf.data` pipelines, labels, augmentation.
+
+`load_image_dataset` yields batches of **raw integer pixels** `[B, H, W, C]`
+(`tf.uint8`, values in `[0, 2**n_bits - 1]`), optionally with labels and the
+reference's random crops and flips; `dataset_info` describes each dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+from rflow_tf.data._checks import _check_n_bits, _check_positive_int, _check_seed
+from rflow_tf.data.sources import (
+    _DIGITS_N_TEST,
+    _digits_split,
+    _npz_dataset,
+    _tfds_dataset,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDatasetInfo:
+    """Static description of an image dataset supported by `load_image_dataset`.
+
+    Attributes:
+      name: Canonical name accepted by `load_image_dataset` (e.g. `'cifar10'`).
+      image_shape: `(H, W, C)` of one image.
+      n_train: Number of training images (nominal for bring-your-own data).
+      n_test: Number of test images.
+      n_bits: Default number of bits per pixel used for modelling (8, or 5 for
+        CelebA-HQ as in the paper).
+      horizontal_flip: Whether the training split is randomly flipped
+        horizontally by default, as in the reference's `train_img.py`: CIFAR-10
+        and CelebA-HQ yes; digits, house numbers and ImageNet 32/64 no. Only
+        applied to the training split by default.
+      train_split: Split name/spec used for `split='train'`.
+      test_split: Split name/spec used for `split='test'`.
+      source: `'sklearn'` (bundled, offline), `'tfds'` or `'npz'` (user files).
+      tfds_name: TFDS builder name (with config), or `None` if not from TFDS.
+      n_classes: Number of class labels `load_image_dataset(...,
+        with_labels=True)` yields (labels are `0..n_classes - 1`), or `None`
+        for datasets without labels here (`celeb_a_hq`, `imagenet32/64`).
+
+    #### Examples
+
+    ```python
+    info = dataset_info('celeb_a_hq')
+    info.image_shape   # (256, 256, 3)
+    info.n_bits        # 5
+    info.num_dims      # 196608
+    ```
+    """
+
+    name: str
+    image_shape: Tuple[int, int, int]
+    n_train: int
+    n_test: int
+    n_bits: int
+    horizontal_flip: bool
+    train_split: str
+    test_split: str
+    source: str
+    tfds_name: Optional[str] = None
+    n_classes: Optional[int] = None
+
+    @property
+    def num_dims(self) -> int:
+        """Number of dimensions `D = H * W * C` of one image."""
+        h, w, c = self.image_shape
+        return h * w * c
+
+
+_INFOS = {
+    'digits': ImageDatasetInfo(
+        name='digits',
+        image_shape=(8, 8, 1),
+        n_train=1797 - _DIGITS_N_TEST,
+        n_test=_DIGITS_N_TEST,
+        n_bits=8,
+        horizontal_flip=False,
+        train_split='train',
+        test_split='test',
+        source='sklearn',
+        n_classes=10,
+    ),
+    'mnist': ImageDatasetInfo(
+        name='mnist',
+        image_shape=(28, 28, 1),
+        n_train=60000,
+        n_test=10000,
+        n_bits=8,
+        horizontal_flip=False,
+        train_split='train',
+        test_split='test',
+        source='tfds',
+        tfds_name='mnist',
+        n_classes=10,
+    ),
+    'cifar10': ImageDatasetInfo(
+        name='cifar10',
+        image_shape=(32, 32, 3),
+        n_train=50000,
+        n_test=10000,
+        n_bits=8,
+        horizontal_flip=True,
+        train_split='train',
+        test_split='test',
+        source='tfds',
+        tfds_name='cifar10',
+        n_classes=10,
+    ),
+    'svhn_cropped': ImageDatasetInfo(
+        name='svhn_cropped',
+        image_shape=(32, 32, 3),
+        n_train=73257,
+        n_test=26032,
+        n_bits=8,
+        horizontal_flip=False,
+        train_split='train',
+        test_split='test',
+        source='tfds',
+        tfds_name='svhn_cropped',
+        n_classes=10,
+    ),
+    # TFDS only has a 30000-image 'train' split; the paper (following Glow)
+    # uses 27000 for training and 3000 for testing.
+    'celeb_a_hq': ImageDatasetInfo(
+        name='celeb_a_hq',
+        image_shape=(256, 256, 3),
+        n_train=27000,
+        n_test=3000,
+        n_bits=5,
+        horizontal_flip=True,
+        train_split='train[:90%]',
+        test_split='train[90%:]',
+        source='tfds',
+        tfds_name='celeb_a_hq/256',
+    ),
+    'imagenet32': ImageDatasetInfo(
+        name='imagenet32',
+        image_shape=(32, 32, 3),
+        n_train=1281167,
+        n_test=50000,
+        n_bits=8,
+        horizontal_flip=False,
+        train_split='train',
+        test_split='val',
+        source='npz',
+    ),
+    'imagenet64': ImageDatasetInfo(
+        name='imagenet64',
+        image_shape=(64, 64, 3),
+        n_train=1281167,
+        n_test=50000,
+        n_bits=8,
+        horizontal_flip=False,
+        train_split='train',
+        test_split='val',
+        source='npz',
+    ),
+}
+
+_ALIASES = {
+    'celeb_a_hq/256': 'celeb_a_hq',
+    'celeba_hq': 'celeb_a_hq',
+    'svhn': 'svhn_cropped',
+    'cifar-10': 'cifar10',
+}
+
+#: Names accepted by `load_image_dataset` and `dataset_info`.
+IMAGE_DATASETS = tuple(_INFOS)
+
+_TEST_SPLIT_ALIASES = ('test', 'val', 'valid', 'validation')
+
+# Approximate memory budget of the default shuffle buffer.
+_SHUFFLE_BUFFER_BYTES = 128 * 2**20
+
+
+def _canonical_name(name) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f'Dataset name must be a str, got {name!r}.')
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _INFOS:
+        raise ValueError(
+            f'Unknown image dataset {name!r}. Valid names: {", ".join(IMAGE_DATASETS)}.'
+        )
+    return key
+
+
+# ----------------------------------------------------------------------------
+# Public dataset API.
+# ----------------------------------------------------------------------------
+
+
+def dataset_info(name: str) -> ImageDatasetInfo:
+    """Returns the static `ImageDatasetInfo` of an image dataset.
+
+    Args:
+      name: One of `IMAGE_DATASETS` (`'digits'`, `'mnist'`, `'cifar10'`,
+        `'svhn_cropped'`, `'celeb_a_hq'`, `'imagenet32'`, `'imagenet64'`);
+        `'celeb_a_hq/256'` is accepted as an alias.
+
+    Returns:
+      The frozen `ImageDatasetInfo` (shape, sizes, default bits, flips, splits).
+
+    Raises:
+      ValueError: if `name` is unknown (the message lists valid names).
+
+    #### Examples
+
+    ```python
+    info = dataset_info('mnist')
+    info.image_shape, info.n_train, info.n_test   # (28, 28, 1), 60000, 10000
+    ```
+    """
+    return _INFOS[_canonical_name(name)]
+
+
+# Training-split augmentation of the reference's classification / hybrid runs
+# (train_img.py): random crops of the image padded by 4 pixels (reflection
+# padding, its default) for SVHN and CIFAR-10, plus horizontal flips for
+# CIFAR-10; none for MNIST (and the digits).
+_CLASSIFICATION_AUGMENTATION = {
+    'digits': dict(flip=False, crop_padding=0),
+    'mnist': dict(flip=False, crop_padding=0),
+    'svhn_cropped': dict(flip=False, crop_padding=4),
+    'cifar10': dict(flip=True, crop_padding=4),
+}
+
+
+def classification_augmentation(name: str) -> dict:
+    """Training-split augmentation of the reference's classification runs.
+
+    Returns the keyword arguments `flip` and `crop_padding` of
+    `load_image_dataset` that reproduce the augmentation of the reference's
+    classification and hybrid runs (`--task classification|hybrid`):
+
+    | dataset | random crop (4-pixel reflection padding) | horizontal flip |
+    |---|---|---|
+    | `svhn_cropped` | yes | no |
+    | `cifar10` | yes | yes |
+    | `mnist`, `digits` | no | no |
+
+    Use it for the training split only; test images are never augmented.
+
+    Args:
+      name: A dataset with labels: `'digits'`, `'mnist'`, `'svhn_cropped'` or
+        `'cifar10'` (aliases accepted).
+
+    Returns:
+      A new dict `{'flip': bool, 'crop_padding': int}`.
+
+    Raises:
+      ValueError: unknown dataset, or a dataset without labels.
+
+    #### Examples
+
+    ```python
+    aug = classification_augmentation('cifar10')  # {'flip': True, 'crop_padding': 4}
+    ds = load_image_dataset('cifar10', 'train', 64, with_labels=True, **aug)
+    ```
+    """
+    key = _canonical_name(name)
+    if key not in _CLASSIFICATION_AUGMENTATION:
+        raise ValueError(
+            f'Dataset {name!r} has no labels here; classification datasets: '
+            f'{", ".join(_CLASSIFICATION_AUGMENTATION)}.'
+        )
+    return dict(_CLASSIFICATION_AUGMENTATION[key])
+
+
+def load_image_dataset(
+    name: str,
+    split: str,
+    batch_size: int,
+    *,
+    data_dir: Optional[str] = None,
+    n_bits: Optional[int] = 8,
+    shuffle: bool = True,
+    flip: Optional[bool] = None,
+    repeat: bool = False,
+    seed: Optional[int] = None,
+    download: bool = True,
+    drop_remainder: bool = False,
+    shuffle_buffer: Optional[int] = None,
+    manual_dir: Optional[str] = None,
+    with_labels: bool = False,
+    crop_padding: int = 0,
+) -> tf.data.Dataset:
+    """Builds a batched `tf.data` pipeline of raw integer images.
+
+    Each element is a `tf.uint8` tensor of shape `[B, H, W, C]` (with
+    `with_labels=True`, a pair `(pixels, labels)` with `tf.int64` labels of
+    shape `[B]`) holding raw pixel values reduced to `n_bits` bits:
+
+    ```none
+    x = floor(x_8bit / 2**(8 - n_bits))   in {0, ..., 2**n_bits - 1}
+    ```
+
+    No dequantisation or scaling is applied; use `dequantize(x, n_bits)` to get
+    continuous inputs in `[0, 1)` for the flow.
+
+    The pipeline is `read -> shuffle -> repeat -> batch -> (bit reduction,
+    random crop, random horizontal flip) -> prefetch`, with all per-example
+    work done by TF ops (`num_parallel_calls=AUTOTUNE`), none in Python.
+    Labels travel with their images through every step.
+
+    Datasets and where their data comes from:
+
+    * `digits`: scikit-learn's bundled `load_digits()` (1797 real 8x8
+      handwritten digits, values 0..16), rescaled to 0..255 as
+      `round(v * 255 / 16)`, shape `[8, 8, 1]`. Works offline. Deterministic
+      split: the first 1500 images are `train`, the last 297 are `test`.
+      `data_dir` and `download` are ignored.
+    * `mnist` (28x28x1), `cifar10` (32x32x3), `svhn_cropped` (32x32x3): TFDS,
+      downloaded into `data_dir` if `download=True` and the network is
+      reachable.
+    * `celeb_a_hq`: TFDS `celeb_a_hq/256` (256x256x3), default 5 bits. It needs
+      a *manual download*: `data256x256.tar` (built with the
+      progressive_growing_of_gans `dataset_tool.py create_celebahq`) must be in
+      `manual_dir` (default `<data_dir>/downloads/manual/`). TFDS has a single
+      30000-image split; `train` is its first 90% (27000), `test` the last 10%
+      (3000), as in the paper.
+    * `imagenet32` / `imagenet64`: bring-your-own `.npz` files (the upstream
+      TFDS `downsampled_imagenet` URL is dead). Expected layout:
+
+      ```none
+      <data_dir>/imagenet32/train*.npz   e.g. train_data_batch_1.npz ... _10.npz
+      <data_dir>/imagenet32/val*.npz     e.g. val_data.npz (or valid_*.npz)
+      <data_dir>/imagenet64/train*.npz
+      <data_dir>/imagenet64/val*.npz
+      ```
+
+      Each file holds an array under key `'data'`, `uint8`, either
+      `[N, H, W, 3]` (channels last), `[N, 3, H, W]`, or the official
+      "Downsampled ImageNet (npz format)" flattened layout `[N, 3*H*W]` (the
+      R plane, then G, then B, each row-major). Other keys (`labels`, `mean`)
+      are ignored. `data_dir=None` means the TFDS default data directory
+      (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+
+    Args:
+      name: Dataset name, one of `IMAGE_DATASETS`.
+      split: `'train'` or `'test'` (`'val'`, `'valid'`, `'validation'` are
+        aliases of `'test'`). For TFDS datasets any other TFDS split spec
+        (e.g. `'train[:10%]'`) is passed through unchanged.
+      batch_size: Positive number of images per batch.
+      data_dir: Root data directory (TFDS `data_dir`; parent of the
+        `imagenet32/` / `imagenet64/` folders). `None`: TFDS default.
+      n_bits: Bits per pixel to keep, in 1..8; `None` means the dataset
+        default `dataset_info(name).n_bits` (5 for `celeb_a_hq`, else 8).
+      shuffle: Shuffle files and examples (buffered shuffle, reshuffled each
+        epoch).
+      flip: Random horizontal flips with probability 1/2 per image. `None`
+        means the dataset default: on for the training split of `cifar10`,
+        `celeb_a_hq`, `imagenet32`, `imagenet64`; off otherwise (never for
+        `mnist`, `digits`, `svhn_cropped`, where it would be wrong).
+      repeat: Repeat indefinitely (batches then cross epoch boundaries).
+      seed: Optional int making shuffling and flips deterministic.
+      download: For TFDS datasets, download and prepare the data if it is not
+        in `data_dir` yet. Ignored for `digits` and ImageNet.
+      drop_remainder: Drop the last incomplete batch (gives a static batch
+        dimension).
+      shuffle_buffer: Size of the example shuffle buffer. Default: the whole
+        split for `digits`, otherwise
+        `clip(128 MiB / image_bytes, 1024, 10000)`.
+      manual_dir: Directory holding the manually downloaded CelebA-HQ tar file
+        (default `<data_dir>/downloads/manual`).
+      with_labels: Yield `(pixels, labels)` pairs; `labels` are `tf.int64`
+        class indices `[B]` in `0..info.n_classes - 1` (the digit for `digits`,
+        `mnist`, `svhn_cropped`; the class for `cifar10`). Only for datasets
+        with `info.n_classes` set.
+      crop_padding: `p > 0` applies a random crop to every image: the image is
+        padded by `p` pixels on each side by reflection (the reference's
+        default `padding_mode='reflect'`) and an `H x W` window is cut at a
+        uniformly random offset in `{0, ..., 2p}^2`, independently per image.
+        `0` (default): no crop. The reference's classification runs use `4`
+        on the training split (`classification_augmentation(name)`).
+
+    Returns:
+      A `tf.data.Dataset` of `tf.uint8` tensors `[B, H, W, C]`, or of pairs
+      `([B, H, W, C] uint8, [B] int64)` with `with_labels=True`.
+
+    Raises:
+      ValueError: unknown dataset name (message lists valid names), bad
+        `split`, `n_bits` not in 1..8, non-positive `batch_size`, or malformed
+        ImageNet `.npz` files.
+      TypeError: arguments of the wrong type.
+      DatasetNotFoundError: the data is not available locally and could not be
+        obtained (message says what is missing, where it looked, how to get it).
+
+    #### Examples
+
+    ```python
+    # Offline dataset bundled with scikit-learn.
+    ds = load_image_dataset('digits', 'train', batch_size=64, seed=0)
+    x = next(iter(ds))          # uint8, [64, 8, 8, 1], values 0..255
+
+    # Labelled digits with the reference's classification augmentation.
+    ds = load_image_dataset('digits', 'train', 64, with_labels=True,
+                            **classification_augmentation('digits'))
+    x, y = next(iter(ds))       # uint8 [64, 8, 8, 1], int64 [64] in 0..9
+
+    # CelebA-HQ 256 at 5 bits (values 0..31), with default flips.
+    ds = load_image_dataset('celeb_a_hq', 'train', 8, n_bits=5,
+                            data_dir='/data/tfds', repeat=True)
+    ```
+    """
+    key = _canonical_name(name)
+    info = _INFOS[key]
+    n_bits = info.n_bits if n_bits is None else _check_n_bits(n_bits)
+    batch_size = _check_positive_int(batch_size, 'batch_size')
+    seed = _check_seed(seed)
+    if shuffle_buffer is not None:
+        shuffle_buffer = _check_positive_int(shuffle_buffer, 'shuffle_buffer')
+    if not isinstance(split, str) or not split.strip():
+        raise ValueError(f'split must be a non-empty str, got {split!r}.')
+    if flip is not None and not isinstance(flip, bool):
+        raise TypeError(f'flip must be None, True or False, got {flip!r}.')
+    if not isinstance(with_labels, bool):
+        raise TypeError(f'with_labels must be True or False, got {with_labels!r}.')
+    if with_labels and info.n_classes is None:
+        raise ValueError(
+            f'Dataset {key!r} has no labels here; with_labels=True needs one of '
+            f'{", ".join(k for k, v in _INFOS.items() if v.n_classes)}.'
+        )
+    if (
+        isinstance(crop_padding, bool)
+        or not isinstance(crop_padding, (int, np.integer))
+        or crop_padding < 0
+    ):
+        raise ValueError(f'crop_padding must be a non-negative int, got {crop_padding!r}.')
+    crop_padding = int(crop_padding)
+    if crop_padding >= min(info.image_shape[:2]):
+        raise ValueError(
+            f'crop_padding={crop_padding} must be smaller than the image height '
+            f'and width {info.image_shape[:2]} (reflection padding).'
+        )
+
+    split_key = split.strip()
+    if split_key.lower() == 'train':
+        is_train, source_split = True, info.train_split
+    elif split_key.lower() in _TEST_SPLIT_ALIASES:
+        is_train, source_split = False, info.test_split
+    elif info.source == 'tfds':
+        is_train, source_split = split_key.startswith('train'), split_key
+    else:
+        raise ValueError(f'Dataset {key!r} has splits "train" and "test"; got {split!r}.')
+
+    if flip is None:
+        flip = info.horizontal_flip and is_train
+    elif flip and not info.horizontal_flip:
+        warnings.warn(
+            f'Horizontal flips requested for {key!r}, whose images are not '
+            'mirror-symmetric in distribution (digits/house numbers).',
+            stacklevel=2,
+        )
+
+    if shuffle_buffer is None:
+        h, w, c = info.image_shape
+        if key == 'digits':
+            shuffle_buffer = 1797
+        else:
+            shuffle_buffer = int(np.clip(_SHUFFLE_BUFFER_BYTES // (h * w * c), 1024, 10000))
+
+    if info.source == 'sklearn':
+        images, labels = _digits_split(is_train)
+        ds = tf.data.Dataset.from_tensor_slices((images, labels) if with_labels else images)
+    elif info.source == 'npz':
+        ds = _npz_dataset(info, is_train, data_dir, shuffle, seed)
+    else:
+        ds = _tfds_dataset(
+            info, source_split, data_dir, download, shuffle, seed, manual_dir, with_labels
+        )
+
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = _postprocess(
+        ds, n_bits=n_bits, flip=flip, crop_padding=crop_padding, seed=seed, with_labels=with_labels
+    )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _random_crop_batch(x, padding: int, offsets):
+    """Per-image crops of the reflection-padded batch x at offsets [B, 2]."""
+    h, w = tf.shape(x)[1], tf.shape(x)[2]
+    padded = tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]], mode='REFLECT')
+    rows = offsets[:, :1] + tf.range(h)[None]  # [B, H]
+    cols = offsets[:, 1:] + tf.range(w)[None]  # [B, W]
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(out, cols, axis=2, batch_dims=1)
+
+
+def _postprocess(
+    ds: tf.data.Dataset,
+    *,
+    n_bits: int,
+    flip: bool,
+    crop_padding: int,
+    seed: Optional[int],
+    with_labels: bool,
+) -> tf.data.Dataset:
+    """Batch-level bit reduction, random crops and flips (pure TF).
+
+    Elements are image batches, or (images, labels) pairs with `with_labels`;
+    labels pass through unchanged.
+    """
+    shift = 8 - n_bits
+
+    def reduce_bits(x):
+        x = tf.cast(x, tf.uint8)
+        if shift:
+            x = tf.bitwise.right_shift(x, tf.constant(shift, tf.uint8))
+        return x
+
+    def augment(x, pair):
+        """Crop then flip; `pair` is a stateless seed or None (stateful)."""
+        x = reduce_bits(x)
+        batch = tf.shape(x)[0]
+        if crop_padding:
+            shape, hi = [batch, 2], 2 * crop_padding + 1
+            if pair is None:
+                offsets = tf.random.uniform(shape, 0, hi, dtype=tf.int32)
+            else:
+                # A seed derived from `pair`, so the flips below stay those of
+                # crop-free pipelines with the same seed.
+                crop_seed = tf.random.experimental.stateless_fold_in(pair, 1)
+                offsets = tf.random.stateless_uniform(shape, crop_seed, 0, hi, dtype=tf.int32)
+            x = _random_crop_batch(x, crop_padding, offsets)
+        if flip:
+            if pair is None:
+                flips = tf.random.uniform([batch]) < 0.5
+            else:
+                flips = tf.random.stateless_uniform([batch], seed=pair) < 0.5
+            x = tf.where(tf.reshape(flips, [-1, 1, 1, 1]), tf.reverse(x, axis=[2]), x)
+        return x
+
+    def apply(elem, pair):
+        if with_labels:
+            return augment(elem[0], pair), tf.cast(elem[1], tf.int64)
+        return augment(elem, pair)
+
+    if seed is None or not (flip or crop_padding):
+        return ds.map(
+            lambda *elem: apply(elem if with_labels else elem[0], None),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+
+    def fn_seeded(step, elem):
+        return apply(elem, tf.stack([tf.constant(seed, tf.int64), step]))
+
+    ds = tf.data.Dataset.zip((tf.data.Dataset.counter(), ds))
+    return ds.map(fn_seeded, num_parallel_calls=tf.data.AUTOTUNE)

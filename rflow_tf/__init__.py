@@ -33,7 +33,7 @@ from rflow_tf import estimators, norms, activations, layers, bijectors  # noqa: 
 from rflow_tf import coupling, invertible_conv, classifier  # noqa: E402,F401
 from rflow_tf.bijectors import IResBlock, ActNorm, Squeeze, LogitTransform  # noqa: E402,F401
 from rflow_tf.layers import (  # noqa: E402,F401
-    LipSwish, LipschitzDense, LipschitzConv2D, converge_lipschitz)
+    LipSwish, LipschitzDense, LipschitzConv2D, converge_lipschitz, update_lipschitz)
 from rflow_tf.sigmoidal_flows import (  # noqa: E402,F401
     MADE, DeepSigmoidalFlow, DeepDenseSigmoidalFlow)
 from rflow_tf.mixlogcdf import MixLogCDFCoupling, GatedAttentionConditioner  # noqa: E402,F401

@@ -520,6 +520,8 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
                              grad_in_forward=False)
     export_model = rmodels.ResidualFlow(export_cfg, name=model.name)
     _copy_weights(model, export_model)
+    for layer in export_model.lipschitz_layers():   # frozen weights: no upkeep in the graphs
+        layer.auto_update = False
 
     meta = {
         "format": FORMAT,
@@ -872,6 +874,7 @@ def load(path, *, logdet=None):
         raise NotAnExportError(f"{path!r}: could not restore the model's weights from "
                                f"{prefix} (the files are incomplete or corrupt?): "
                                f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from None
+    model.mark_lipschitz_current()     # the saved power-iteration state, exactly as exported
     base = tfd.MultivariateNormalDiag(loc=tf.zeros([cfg.num_dims], model.flow_dtype))
     dist = LoadedFlow(base, tfb.Invert(model.bijector), name=model.name)
     # Plain attributes set without tf.Module tracking (the weights are already

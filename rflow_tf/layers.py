@@ -21,6 +21,9 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+# Pauses every gradient tape around the power-iteration graph function, so
+# enclosing tapes do not build its (unused) backward function at trace time.
+from tensorflow.python.eager import record as _tape_record
 
 __all__ = [
     "LipSwish",
@@ -35,6 +38,8 @@ __all__ = [
     "JacobianChain",
     "lipschitz_layers",
     "converge_lipschitz",
+    "update_lipschitz",
+    "mark_lipschitz_current",
     "make_activation",
     "ACTIVATIONS",
 ]
@@ -240,25 +245,58 @@ def _l2_normalize(x):
     return x / (tf.norm(tf.reshape(x, [-1])) + 1e-12)
 
 
+def _backing(variable):
+    """The tf.Variable behind a Keras 3 variable."""
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def _can_store_in_context():
+    """Whether a layer may assign its (mirrored) power-iteration state here:
+    not inside ``strategy.run`` of a multi-replica strategy (there every
+    replica computes the same fresh estimate and uses it without storing)."""
+    ctx = tf.distribute.get_replica_context()
+    return ctx is None or ctx.num_replicas_in_sync == 1
+
+
 class _SpectralNormalized(keras.layers.Layer):
     """Shared power-iteration machinery for the Lipschitz layers.
 
     Subclasses implement ``_apply_w(v, kernel)`` (W v), ``_apply_wt(u, kernel)``
     (W^T u) for power iteration, the batched ``apply_kernel(x, kernel)`` and
-    ``apply_kernel_transpose(u, kernel)``, and create ``self.kernel``,
-    ``self.bias`` (or None with ``use_bias=False``), ``self.u`` (shape of W v)
-    and ``self.v``; ``call`` is x -> apply_kernel(x, W_eff) + bias.
+    ``apply_kernel_transpose(u, kernel)``, ``_gram_operators(kernel)`` for the
+    certified bound, and create ``self.kernel``, ``self.bias`` (or None with
+    ``use_bias=False``) and call ``_init_power_vectors``; ``call`` is
+    x -> apply_kernel(x, W_eff) + bias.
+
+    The estimate is kept up to date automatically: every use of the kernel
+    (``call``, :meth:`effective_kernel`, :class:`JacobianChain`) first checks
+    whether the kernel differs from the kernel of the last converged estimate
+    and, if so, re-converges power iteration warm-started from the stored
+    u and v (usually a few steps). Any training loop (``tfp.math.minimize``,
+    Keras ``fit``, a hand-written tape) therefore sees a converged sigma.
     """
 
-    def __init__(self, coeff=0.98, power_iterations=0, tol=1e-3, max_iterations=200,
+    #: Relative size of the deterministic random perturbation added to v
+    #: before each re-estimate, so that a stored v exactly orthogonal to the
+    #: new top singular vector cannot stall power iteration.
+    _PERTURBATION = 1e-3
+
+    def __init__(self, coeff=0.98, power_iterations=0, tol=5e-4, max_iterations=200,
                  **kwargs):
         super().__init__(**kwargs)
         if not 0.0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
+        if not 0.0 < tol < 1.0:
+            raise ValueError(f"tol must be in (0, 1), got {tol}")
+        if int(max_iterations) < 1:
+            raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
         self.coeff = float(coeff)
         self.power_iterations = int(power_iterations)
         self.tol = float(tol)
         self.max_iterations = int(max_iterations)
+        #: Re-estimate sigma whenever the kernel changed (see the class docstring).
+        #: Export graphs switch it off (their weights are frozen).
+        self.auto_update = True
 
     def _init_power_vectors(self, u_shape, v_shape):
         self.u = self.add_weight(name="power_u", shape=u_shape, trainable=False,
@@ -267,6 +305,15 @@ class _SpectralNormalized(keras.layers.Layer):
                                  initializer=keras.initializers.RandomNormal(seed=None))
         self.sigma = self.add_weight(name="sigma", shape=(), trainable=False,
                                      initializer="zeros")
+        # The kernel of the last converged estimate. Deliberately untracked
+        # (plain attribute, no Keras weight, no checkpoint entry): checkpoints
+        # and SavedModels keep their layout; after a restore the kernel differs
+        # from it, so the first use re-estimates (rflow_tf.load and the trainer
+        # call mark_estimate_current instead, to keep a restored model exact).
+        with tf.init_scope():
+            estimated = tf.Variable(tf.zeros(self.kernel.shape, self.kernel.dtype),
+                                    trainable=False, name="estimated_kernel")
+        object.__setattr__(self, "_estimated_kernel", estimated)
         self.converge()
 
     def _power_step(self, u, v, kernel):
@@ -278,51 +325,175 @@ class _SpectralNormalized(keras.layers.Layer):
         """u^T W v: differentiable in the kernel with u and v held constant."""
         return tf.reduce_sum(tf.stop_gradient(u) * self._apply_w(tf.stop_gradient(v), kernel))
 
+    def _kernel_value(self):
+        return tf.stop_gradient(tf.convert_to_tensor(self.kernel))
+
+    def _iterate_to_convergence(self, kernel, v, tol, max_iterations):
+        """Power iteration from v until both singular vectors move by less than
+        ``tol`` (2-norm) in one step, or ``max_iterations`` steps.
+
+        The stopping rule is on the vectors, not on sigma: when the top
+        singular values are close, sigma changes little per step long before
+        it is accurate. Asymptotically the relative error of sigma is at most
+        half the last step's change of v, so ``tol`` bounds it by tol / 2.
+        Returns ``(u, v)``.
+        """
+        v = _l2_normalize(v)
+        u = _l2_normalize(self._apply_w(v, kernel))
+
+        def cond(u, v, change):
+            return change > tol
+
+        def body(u, v, change):
+            u2, v2 = self._power_step(u, v, kernel)
+            change = tf.maximum(tf.norm(tf.reshape(u2 - u, [-1])),
+                                tf.norm(tf.reshape(v2 - v, [-1])))
+            return u2, v2, change
+
+        u, v, _ = tf.while_loop(cond, body, (u, v, tf.constant(np.inf, kernel.dtype)),
+                                maximum_iterations=max_iterations)
+        return u, v
+
+    def _random_like(self, x, salt):
+        """A deterministic unit-norm random tensor shaped like x, seeded by
+        ``salt`` and the stored sigma: a function of the layer's state, so
+        resumed runs and rebuilt models repeat it."""
+        bits = tf.bitcast(tf.cast(tf.convert_to_tensor(self.sigma), tf.float32), tf.int32)
+        seed = tf.stack([tf.constant(salt, tf.int32), bits])
+        return _l2_normalize(tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype))
+
+    def _fresh_estimate(self, kernel, tol=None, max_iterations=None):
+        """(u, v) re-converged from the stored v plus a small deterministic perturbation."""
+        tol = self.tol if tol is None else float(tol)
+        max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
+        v = _l2_normalize(tf.convert_to_tensor(self.v))
+        v = v + self._PERTURBATION * self._random_like(v, 0)
+        return self._iterate_to_convergence(kernel, v, tol, max_iterations)
+
+    def _store(self, u, v, kernel, current=True):
+        # Assign the backing tf.Variables: a Keras StatelessScope (active while
+        # Keras builds a functional model symbolically) would otherwise turn
+        # these assignments into no-ops in the cached graph function.
+        _backing(self.u).assign(u)
+        _backing(self.v).assign(v)
+        sigma = self._sigma(kernel, u, v)
+        _backing(self.sigma).assign(sigma)
+        if current:
+            self._estimated_kernel.assign(kernel)
+        return sigma
+
+    def estimate_is_current(self):
+        """True (a bool tensor) when the stored u, v were converged for the
+        current kernel."""
+        return tf.reduce_all(tf.equal(self._kernel_value(), self._estimated_kernel))
+
+    def mark_estimate_current(self):
+        """Declares the stored u, v (e.g. just restored from a checkpoint) the
+        estimate for the current kernel, so they are used as they are until the
+        kernel changes. Keeps a restored model's outputs exactly as saved.
+
+        Example: ``ckpt.restore(path); [l.mark_estimate_current() for l in layers]``.
+        """
+        self._estimated_kernel.assign(self._kernel_value())
+
+    def update_estimate(self):
+        """Re-converges u, v (warm-started) if the kernel changed since the last
+        estimate; returns the (u, v) to use, as tensors. Inside ``strategy.run``
+        of a multi-replica strategy the fresh estimate is used but not stored."""
+        if not self.auto_update:
+            return tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
+        store = _can_store_in_context()
+        if tf.executing_eagerly():
+            return self._update_estimate(store)
+        # One graph function per layer (and context), traced once and reused by
+        # every enclosing trace: forward, recomputing backward, every retrace.
+        fns = self.__dict__.setdefault("_update_fns", {})
+        if store not in fns:
+            fns[store] = tf.function(lambda: self._update_estimate(store), autograph=False)
+        with _tape_record.stop_recording():     # no gradient flows through u, v
+            return fns[store]()
+
+    def _update_estimate(self, store):
+        kernel = self._kernel_value()
+
+        def fresh():
+            u, v = self._fresh_estimate(kernel)
+            if store:
+                self._store(u, v, kernel)
+            return u, v
+
+        def stored():
+            return tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
+
+        current = self.estimate_is_current()
+        if tf.executing_eagerly():
+            return stored() if bool(current) else fresh()
+        return tf.cond(current, stored, fresh)
+
     def power_iterate(self, n):
-        """Runs ``n`` power-iteration steps and stores u, v and sigma."""
-        kernel = tf.stop_gradient(tf.convert_to_tensor(self.kernel))
+        """Runs ``n`` power-iteration steps and stores u, v and sigma (a partial
+        estimate: the next use of the kernel still re-converges it)."""
+        kernel = self._kernel_value()
         u, v = tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
         for _ in range(int(n)):
             u, v = self._power_step(u, v, kernel)
-        self._store(u, v, kernel)
+        self._store(u, v, kernel, current=False)
 
     def converge(self, tol=None, max_iterations=None):
-        """Power iteration until the relative change of sigma is below ``tol``
-        (default ``self.tol``) or ``max_iterations`` steps. Returns sigma.
+        """Power iteration to convergence; returns sigma.
 
-        Call after every optimiser step and before evaluation or sampling.
+        Two runs: one warm-started from the stored v (slightly perturbed) and
+        a restart; the larger sigma is kept (both are lower bounds of ||W||_2,
+        so the larger is the better one; the restart guards against a stored
+        v with no component along the top singular vector, or one that power
+        iteration would need thousands of steps to find). For dense layers and
+        1x1 convolutions the restart begins at the top direction of Gram
+        iteration, (W^T W)^1024 r, so sigma is accurate to float rounding
+        whatever the spectrum; for k x k convolutions it begins at a
+        deterministic random vector. Convergence is judged on the singular vectors (see
+        ``tol``). Training loops need not call it: the layer re-estimates by
+        itself when its kernel changes. Call it before evaluation or export
+        for the most careful estimate.
         """
-        tol = self.tol if tol is None else tol
-        max_iterations = self.max_iterations if max_iterations is None else max_iterations
-        kernel = tf.stop_gradient(tf.convert_to_tensor(self.kernel))
-        u, v = tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
-        u, v = _l2_normalize(u), _l2_normalize(v)
-        sigma0 = self._sigma(kernel, u, v)
-
-        def cond(i, u, v, sigma, change):
-            return change > tol
-
-        def body(i, u, v, sigma, change):
-            u, v = self._power_step(u, v, kernel)
-            new = self._sigma(kernel, u, v)
-            return i + 1, u, v, new, tf.abs(new - sigma) / (tf.abs(new) + 1e-12)
-
-        _, u, v, _, _ = tf.while_loop(
-            cond, body, (tf.constant(0), u, v, sigma0, tf.constant(np.inf, kernel.dtype)),
-            maximum_iterations=max_iterations)
+        tol = self.tol if tol is None else float(tol)
+        max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
+        kernel = self._kernel_value()
+        u1, v1 = self._fresh_estimate(kernel, tol, max_iterations)
+        v0 = self._random_like(tf.convert_to_tensor(self.v), 1)
+        mats = self._gram_operators(kernel)
+        if mats.shape[0] == 1:          # a matrix: start at Gram iteration's top direction
+            v0 = _gram_top_vector(mats[0], v0)
+        u2, v2 = self._iterate_to_convergence(kernel, v0, tol, max_iterations)
+        better = self._sigma(kernel, u2, v2) > self._sigma(kernel, u1, v1)
+        u, v = tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
         return self._store(u, v, kernel)
 
-    def _store(self, u, v, kernel):
-        self.u.assign(u)
-        self.v.assign(v)
-        sigma = self._sigma(kernel, u, v)
-        self.sigma.assign(sigma)
-        return sigma
+    def sigma_upper_bound(self, n_iterations=12):
+        """A certified upper bound on the operator norm ||W||_2 of the layer's
+        linear map (raw kernel, before normalisation), by Gram iteration
+        (Delattre et al., ICML 2023): with G_0 = W, G_{t+1} = G_t^H G_t,
+
+            ||W||_2 <= ||G_t||_F ^ (1 / 2^t),
+
+        computed with rescaling (no overflow); the bound tightens doubly
+        exponentially, to a factor m^(1 / 2^(t+1)) for a top singular value of
+        multiplicity m. For a k x k convolution on an H x W input it bounds the
+        zero-padded convolution by the circular one on an (H + k - 1) x
+        (W + k - 1) torus (the padded map is a restriction of it), whose
+        norm is the largest norm of the kernel's per-frequency matrices (FFT);
+        that bound may exceed the padded norm by a few percent on small inputs.
+
+        Example: ``layer.sigma_upper_bound() >= np.linalg.norm(w, 2)``.
+        """
+        mats = self._gram_operators(self._kernel_value())
+        return _gram_iteration_bound(mats, int(n_iterations))
 
     def effective_kernel(self):
-        """W / max(1, sigma / coeff) with sigma = u^T W v (gradient through sigma)."""
+        """W / max(1, sigma / coeff) with sigma = u^T W v (gradient through sigma),
+        from a converged estimate for the current kernel (see :meth:`update_estimate`)."""
+        u, v = self.update_estimate()
         kernel = tf.convert_to_tensor(self.kernel)
-        sigma = self._sigma(kernel, self.u, self.v)
+        sigma = self._sigma(kernel, u, v)
         return kernel / tf.maximum(tf.ones_like(sigma), sigma / self.coeff)
 
     def _maybe_iterate(self, training):
@@ -338,6 +509,46 @@ class _SpectralNormalized(keras.layers.Layer):
         return {**super().get_config(), "coeff": self.coeff,
                 "power_iterations": self.power_iterations, "tol": self.tol,
                 "max_iterations": self.max_iterations}
+
+
+def _gram_top_vector(mat, v, n_squarings=10):
+    """(M M^T)^(2^n) applied to a start vector, for the matrix map
+    v -> M^T v of a kernel M [n_in, n_out] (v and the result in R^n_in):
+    components along singular values s_i shrink like (s_i / s_1)^(2^(n+1)).
+    Uses the smaller Gram matrix; rescaled at every squaring."""
+    transpose = mat.shape[0] > mat.shape[1]
+    gram = tf.matmul(mat, mat, transpose_a=True) if transpose else \
+        tf.matmul(mat, mat, transpose_b=True)
+    for _ in range(n_squarings):
+        gram = gram / tf.reduce_max(tf.abs(gram))
+        gram = tf.matmul(gram, gram)
+    if transpose:                       # iterate in R^n_out, then map back: v = M u
+        u = tf.linalg.matvec(gram, tf.linalg.matvec(mat, v, transpose_a=True))
+        return _l2_normalize(tf.linalg.matvec(mat, u))
+    return _l2_normalize(tf.linalg.matvec(gram, v))
+
+
+def _frobenius(g):
+    """Frobenius norms of a batch of (real or complex) matrices, as reals."""
+    return tf.sqrt(tf.reduce_sum(tf.square(tf.abs(g)), axis=[-2, -1]))
+
+
+def _gram_iteration_bound(mats, n_iterations):
+    """max over a batch of matrices [..., m, n] of the Gram-iteration bound
+    ||G_t||_F^(1/2^t) >= ||G_0||_2, with rescaling: G_t = c_t H_t, log c_t
+    tracked separately. Uses the smaller Gram side."""
+    g = tf.convert_to_tensor(mats)
+    if g.shape[-2] < g.shape[-1]:
+        g = tf.linalg.adjoint(g)
+    log_scale = tf.zeros(tf.shape(g)[:-2], g.dtype.real_dtype)
+    for t in range(n_iterations):
+        fro = tf.maximum(_frobenius(g), tf.cast(1e-30, log_scale.dtype))
+        g = g / tf.cast(fro, g.dtype)[..., None, None]
+        log_scale = log_scale + tf.math.log(fro) / (2.0 ** t)
+        g = tf.matmul(g, g, adjoint_a=True)
+    fro = tf.maximum(_frobenius(g), tf.cast(1e-30, log_scale.dtype))
+    log_bound = log_scale + tf.math.log(fro) / (2.0 ** n_iterations)
+    return tf.exp(tf.reduce_max(log_bound))
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -381,6 +592,9 @@ class LipschitzDense(_SpectralNormalized):
 
     def _apply_wt(self, u, kernel):         # W^T u
         return tf.linalg.matvec(kernel, u)
+
+    def _gram_operators(self, kernel):
+        return kernel[None]
 
     def apply_kernel(self, x, kernel):
         """x W for a batch of rows x (no bias)."""
@@ -442,6 +656,7 @@ class LipschitzConv2D(_SpectralNormalized):
             name="bias", shape=(self.filters,),
             initializer=_bias_initializer(self.bias_initializer, self.kernel.shape))
             if self.use_bias else None)
+        self._input_hw = (h, w)
         if self._is_pointwise:
             self._init_power_vectors((self.filters,), (c,))
         else:
@@ -456,6 +671,19 @@ class LipschitzConv2D(_SpectralNormalized):
         if self._is_pointwise:
             return tf.linalg.matvec(kernel[0, 0], u)
         return self.apply_kernel_transpose(u, kernel)
+
+    def _gram_operators(self, kernel):
+        """The matrices whose largest norm bounds the operator norm: the 1x1
+        kernel itself, or the per-frequency matrices of the circular
+        convolution on an (H + kh - 1) x (W + kw - 1) torus."""
+        if self._is_pointwise:
+            return kernel[0, 0][None]
+        kh, kw, c_in, c_out = kernel.shape
+        n1, n2 = self._input_hw[0] + kh - 1, self._input_hw[1] + kw - 1
+        padded = tf.pad(kernel, [[0, n1 - kh], [0, n2 - kw], [0, 0], [0, 0]])
+        spectrum = tf.signal.fft2d(tf.cast(tf.transpose(padded, [2, 3, 0, 1]), tf.complex64
+                                           if kernel.dtype == tf.float32 else tf.complex128))
+        return tf.reshape(tf.transpose(spectrum, [2, 3, 1, 0]), [n1 * n2, c_out, c_in])
 
     def apply_kernel(self, x, kernel):
         """conv(x, kernel) for a batch of feature maps (no bias)."""
@@ -735,7 +963,7 @@ def lipschitz_layers(obj):
         print(layer.name, float(layer.sigma))
     ```
     """
-    found, seen = [], set()
+    found, found_ids, seen = [], set(), set()
 
     def visit(o):
         if o is None or id(o) in seen:
@@ -747,8 +975,8 @@ def lipschitz_layers(obj):
             return
         if isinstance(o, keras.layers.Layer):
             for layer in o._flatten_layers(include_self=True, recursive=True):
-                if isinstance(layer, _SpectralNormalized) and id(layer) not in seen:
-                    seen.add(id(layer))
+                if isinstance(layer, _SpectralNormalized) and id(layer) not in found_ids:
+                    found_ids.add(id(layer))
                     found.append(layer)
             return
         for attr in ("net", "bijector", "bijectors", "distribution", "layers_for_lipschitz"):
@@ -762,17 +990,59 @@ def lipschitz_layers(obj):
     return found
 
 
-def converge_lipschitz(obj, tol=1e-3, max_iterations=200):
+def converge_lipschitz(obj, tol=None, max_iterations=None):
     """Runs power iteration to convergence in every Lipschitz layer of ``obj``
-    (see :func:`lipschitz_layers`); returns the list of sigma estimates.
+    (see :func:`lipschitz_layers`; a layer, model, bijector, distribution or a
+    list of these); returns the list of sigma estimates.
 
-    Call after each optimiser step and before evaluation or sampling, so that
-    W_eff = W / max(1, sigma / coeff) has spectral norm <= coeff.
+    Not needed for the bound during training: every layer re-estimates by
+    itself when its kernel has changed (see :func:`update_lipschitz`). This is
+    the careful version for before evaluation or export: a warm-started and a
+    randomly restarted power iteration per layer, the larger sigma kept.
+    ``tol`` and ``max_iterations`` default to each layer's own settings.
+
+    Example:
+    ```python
+    converge_lipschitz(flow)
+    ```
+    """
+    layers = lipschitz_layers(obj)
+    if not layers:
+        raise ValueError(f"converge_lipschitz: no Lipschitz layers found in {type(obj).__name__}"
+                         " (expected a Keras layer or model, a bijector, a distribution or a "
+                         "list of these)")
+    return [layer.converge(tol, max_iterations) for layer in layers]
+
+
+def update_lipschitz(obj):
+    """Re-estimates sigma (warm-started power iteration to convergence) in
+    every Lipschitz layer of ``obj`` whose kernel changed since its last
+    estimate; unchanged layers cost one comparison. This is what each layer
+    does by itself on its next use; calling it right after an optimiser step
+    (in cross-replica context, as the trainer does) keeps the stored state
+    current for every replica.
 
     Example:
     ```python
     optimizer.apply_gradients(zip(grads, variables))
-    converge_lipschitz(flow)
+    update_lipschitz(flow)
     ```
     """
-    return [layer.converge(tol, max_iterations) for layer in lipschitz_layers(obj)]
+    for layer in lipschitz_layers(obj):
+        layer.update_estimate()
+
+
+def mark_lipschitz_current(obj):
+    """Declares the stored power-iteration state of every Lipschitz layer in
+    ``obj`` current for its kernel (see
+    :meth:`LipschitzDense.mark_estimate_current`): used after restoring a
+    checkpoint, so a restored model computes exactly what it computed when saved.
+
+    Example:
+    ```python
+    tf.train.Checkpoint(model=flow).restore(path)
+    mark_lipschitz_current(flow)
+    ```
+    """
+    for layer in lipschitz_layers(obj):
+        layer.mark_estimate_current()

@@ -1540,14 +1540,33 @@ class ResidualFlow(keras.Model):
             z, _, feats = self._flow.forward_with_features(x, self._feature_stages)
             self.classifier_heads.initialize(self._head_inputs(z, feats))
 
-    def converge_lipschitz(self, tol=1e-3, max_iterations=200):
-        """Power iteration to convergence in every Lipschitz layer; returns the
-        sigma estimates. Call after each optimiser step and before evaluation
-        or sampling (so every W_eff has spectral norm <= coeff).
+    def converge_lipschitz(self, tol=None, max_iterations=None):
+        """Careful power iteration to convergence in every Lipschitz layer (see
+        :func:`rflow_tf.layers.converge_lipschitz`); returns the sigma
+        estimates. Not needed for the bound during training (each layer
+        re-estimates when its kernel changed); use before evaluation or export.
 
-        Example: ``optimizer.apply_gradients(...); flow.converge_lipschitz()``.
+        Example: ``flow.converge_lipschitz()``.
         """
         return rlayers.converge_lipschitz(self.flow_layers, tol, max_iterations)
+
+    def update_lipschitz(self):
+        """Re-estimates sigma in every Lipschitz layer whose kernel changed since
+        its last estimate (see :func:`rflow_tf.layers.update_lipschitz`); call
+        in cross-replica context after an optimiser step.
+
+        Example: ``optimizer.apply_gradients(...); flow.update_lipschitz()``.
+        """
+        rlayers.update_lipschitz(self.flow_layers)
+
+    def mark_lipschitz_current(self):
+        """Declares the stored power-iteration state current for the present
+        weights (after restoring a checkpoint: see
+        :func:`rflow_tf.layers.mark_lipschitz_current`).
+
+        Example: ``ckpt.restore(path); flow.mark_lipschitz_current()``.
+        """
+        rlayers.mark_lipschitz_current(self.flow_layers)
 
     def sample(self, n, temperature=1.0, seed=None):
         """``n`` images in [0, 1] (shape [n, H, W, C]): z ~ N(0, T^2 I) over the

@@ -836,7 +836,7 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
 
         tf.cond(ok0, apply, lambda: tf.constant(False))
         if converge:
-            model.converge_lipschitz()
+            model.update_lipschitz()
         if step_var is not None:
             step_var.assign_add(1)
         out = {"loss": _first(strategy, loss), "grad_norm": _first(strategy, gnorm),
@@ -1354,6 +1354,8 @@ class Trainer:
 
             self._swap_fn = swap_all
         self._swap_fn(entering)
+        if not entering:        # the backed-up state is the estimate for the training weights
+            self.model.mark_lipschitz_current()
 
     @contextlib.contextmanager
     def ema_weights(self):
@@ -1378,6 +1380,7 @@ class Trainer:
         path = restore_newest(self.checkpoint, directory, "ckpt", log=self.log, warn=self.warn,
                               repair=self.is_chief)
         if path:
+            self.model.mark_lipschitz_current()     # resume with the saved estimates, exactly
             self._restored = True
             self._make_managers()
             self.log(f"resumed from {path} at step {int(self.step.numpy())}")

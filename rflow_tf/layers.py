@@ -37,6 +37,7 @@ __all__ = [
     "lipschitz_conv_net",
     "JacobianChain",
     "lipschitz_layers",
+    "keras_layers",
     "converge_lipschitz",
     "update_lipschitz",
     "mark_lipschitz_current",
@@ -952,18 +953,22 @@ class _Linearization:
         return v
 
 
-def lipschitz_layers(obj):
-    """All spectrally normalised layers inside ``obj``: a Keras layer or model,
-    a bijector (Chain, Invert, IResBlock, ...), a TransformedDistribution, or
-    a list of these.
+#: Attributes through which bijectors, distributions and flows reach their parts.
+_PART_ATTRIBUTES = ("net", "layer", "bijector", "bijectors", "distribution", "stages", "inner",
+                    "layers_for_lipschitz")
+
+
+def keras_layers(obj):
+    """The outermost Keras layers (and models) inside ``obj``: a Keras layer,
+    a bijector (Chain, Invert, IResBlock, ActNorm, ...), a distribution, or a
+    list of these, each once. Their weights are all of ``obj``'s weights.
 
     Example:
     ```python
-    for layer in lipschitz_layers(flow):
-        print(layer.name, float(layer.sigma))
+    weights = [w for layer in keras_layers(dist) for w in layer.weights]
     ```
     """
-    found, found_ids, seen = [], set(), set()
+    found, seen = [], set()
 
     def visit(o):
         if o is None or id(o) in seen:
@@ -974,19 +979,39 @@ def lipschitz_layers(obj):
                 visit(item)
             return
         if isinstance(o, keras.layers.Layer):
-            for layer in o._flatten_layers(include_self=True, recursive=True):
-                if isinstance(layer, _SpectralNormalized) and id(layer) not in found_ids:
-                    found_ids.add(id(layer))
-                    found.append(layer)
+            found.append(o)
             return
-        for attr in ("net", "bijector", "bijectors", "distribution", "layers_for_lipschitz"):
+        for attr in _PART_ATTRIBUTES:
             if hasattr(o, attr):
                 try:
-                    visit(getattr(o, attr))
+                    part = getattr(o, attr)
                 except (AttributeError, NotImplementedError):
-                    pass
+                    continue
+                if isinstance(part, (list, tuple, keras.layers.Layer)) or \
+                        isinstance(part, tf.Module):
+                    visit(part)
 
     visit(obj)
+    return found
+
+
+def lipschitz_layers(obj):
+    """All spectrally normalised layers inside ``obj``: a Keras layer or model,
+    a bijector (Chain, Invert, IResBlock, ...), a TransformedDistribution, or
+    a list of these (see :func:`keras_layers`).
+
+    Example:
+    ```python
+    for layer in lipschitz_layers(flow):
+        print(layer.name, float(layer.sigma))
+    ```
+    """
+    found, found_ids = [], set()
+    for top in keras_layers(obj):
+        for layer in top._flatten_layers(include_self=True, recursive=True):
+            if isinstance(layer, _SpectralNormalized) and id(layer) not in found_ids:
+                found_ids.add(id(layer))
+                found.append(layer)
     return found
 
 

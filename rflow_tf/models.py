@@ -78,6 +78,7 @@ import tensorflow_probability as tfp
 from rflow_tf import bijectors as rbij
 from rflow_tf import classifier as rclf
 from rflow_tf import coupling as rcoup
+from rflow_tf import data as rdata
 from rflow_tf import invertible_conv as rinv
 from rflow_tf import layers as rlayers
 
@@ -100,6 +101,7 @@ __all__ = [
     "FactorOut",
     "FlowDistribution",
     "ResidualFlow",
+    "FlowLayer",
 ]
 
 _PACKAGE = "rflow_tf"
@@ -1103,6 +1105,54 @@ class FlowDistribution(tfd.TransformedDistribution):
         return self.distribution.log_prob(z, **distribution_kwargs) + tf.cast(ld, self.dtype)
 
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FlowLayer(keras.layers.Layer):
+    """A Keras layer holding a TFP distribution or bijector built from
+    rflow_tf pieces, so that a ``keras.Model`` that holds it sees its weights
+    (Keras 3 does not look inside ``tf.Module``s such as distributions).
+
+    ``call(x)`` is ``dist.log_prob(x)`` for a distribution, and
+    ``bijector.forward(x)`` for a bijector. The Lipschitz bound is kept by the
+    layers themselves in any training loop.
+
+    Example:
+    ```python
+    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
+                                       tfb.Invert(tfb.Chain(blocks)))
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.flow = FlowLayer(dist)
+        def call(self, x):
+            return self.flow(x)
+    len(Model().trainable_weights)     # every weight of the blocks
+    ```
+    """
+
+    def __init__(self, flow, **kwargs):
+        super().__init__(**kwargs)
+        parts = rlayers.keras_layers(flow)
+        if not parts:
+            raise ValueError(f"FlowLayer: found no Keras layers inside {type(flow).__name__}")
+        object.__setattr__(self, "_flow", flow)     # a tf.Module: keep out of Keras tracking
+        self.flow_parts = parts                     # tracked: their weights are this layer's
+        self.built = True
+
+    @property
+    def flow(self):
+        """The wrapped distribution or bijector."""
+        return self._flow
+
+    def call(self, x):
+        if isinstance(self._flow, tfd.Distribution):
+            return self._flow.log_prob(x)
+        return self._flow.forward(x)
+
+    def get_config(self):
+        raise NotImplementedError("FlowLayer wraps a Python object and has no config; save its "
+                                  "weights with tf.train.Checkpoint or model.save_weights")
+
+
 # ----------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------
@@ -1567,6 +1617,73 @@ class ResidualFlow(keras.Model):
         Example: ``ckpt.restore(path); flow.mark_lipschitz_current()``.
         """
         rlayers.mark_lipschitz_current(self.flow_layers)
+
+    # ------------------------------------------------------------ Keras fit
+    def _images_from(self, data):
+        """Dequantised images from what a Keras dataset yields: x, (x,),
+        (x, y[, w]) (y and w ignored) or a dict with key "image". Integer
+        pixels are dequantised with uniform noise (``config.n_bits``)."""
+        if isinstance(data, dict):
+            if "image" not in data:
+                raise ValueError(f"{self.name}: a dict batch needs an 'image' key, got keys "
+                                 f"{sorted(data)}")
+            data = data["image"]
+        if isinstance(data, (tuple, list)):
+            data = data[0]
+        x = tf.convert_to_tensor(data)
+        if x.dtype.is_integer:
+            x = rdata.dequantize(x, self.flow_config.n_bits, dtype=self.flow_dtype)
+        return x
+
+    def train_step(self, data):
+        """One Keras ``fit`` step: loss = mean bits/dim of the batch (training
+        estimator), no targets needed. The Lipschitz estimates are updated
+        after the optimiser step (and by every layer on its next use).
+
+        Example:
+        ```python
+        flow.initialize(x_first_batch)
+        flow.compile(optimizer=keras.optimizers.Adam(1e-3))
+        flow.fit(images_dataset, epochs=1)        # uint8 or [0, 1] float images
+        ```
+        """
+        x = self._images_from(data)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(self.bits_per_dim(x, training=True, validate=False))
+        grads = tape.gradient(loss, variables)
+        self.optimizer.apply_gradients(zip(grads, variables))
+        if rlayers._can_store_in_context():      # pylint: disable=protected-access
+            self.update_lipschitz()
+        return {"loss": loss}
+
+    def test_step(self, data):
+        """Keras ``evaluate``: mean bits/dim with the evaluation estimator."""
+        x = self._images_from(data)
+        return {"loss": tf.reduce_mean(self.bits_per_dim(x, training=False, validate=False))}
+
+    def fit(self, *args, **kwargs):
+        """Keras ``fit`` on images alone (see :meth:`train_step`): the loss is
+        bits/dim, so no targets and no ``loss=`` in ``compile`` are needed.
+        ActNorm must be initialised first (:meth:`initialize`).
+
+        Example: ``flow.compile(optimizer="adam"); flow.fit(ds, epochs=2)``.
+        """
+        if not self.is_initialized:
+            raise RuntimeError(
+                f"{self.name}: ActNorm is not initialised; call flow.initialize(x) with a "
+                "batch of dequantised images in [0, 1] before fit (data-dependent init)")
+        return super().fit(*args, **kwargs)
+
+    def export(self, filepath, *args, **kwargs):
+        """Not supported: use :func:`rflow_tf.export.save` (``rflow_tf.save``),
+        which writes a SavedModel with sampling, log-density and bits/dim
+        signatures that loads back as a TFP distribution."""
+        raise NotImplementedError(
+            f"{self.name}: keras.Model.export cannot export a residual flow (its fixed-point "
+            f"inverse and log-det estimators need fixed seeds and shapes); use "
+            f"rflow_tf.save(flow, {filepath!r}) (rflow_tf.export.save), and rflow_tf.load to "
+            "read it back")
 
     def sample(self, n, temperature=1.0, seed=None):
         """``n`` images in [0, 1] (shape [n, H, W, C]): z ~ N(0, T^2 I) over the

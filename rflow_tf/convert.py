@@ -643,6 +643,7 @@ def load_reference_weights(flow, path, weights="ema", verbose=False, _read=None)
             steps = reference_power_iteration(layer, tol=tol, n_iterations=n_iter)
             if i % 16 == 0 or i == len(lipschitz):
                 _log(verbose, f"  {i}/{len(lipschitz)} layers (last: {steps} steps)")
+    flow.mark_lipschitz_current()      # keep the reference's u, v as they are (exact parity)
     flow.reference_metadata = {
         "source": os.path.basename(os.fspath(path)),
         "weights": weights,

@@ -100,8 +100,7 @@ def test_stored_vectors_orthogonal_to_the_new_top_direction():
 
 
 @pytest.mark.parametrize("shape,filters,k,seed", [
-    ((4, 4, 4), 16, 3, 0), ((5, 5, 2), 8, 3, 1), ((4, 6, 3), 5, 3, 2), ((4, 4, 8), 4, 1, 3),
-    ((3, 3, 16), 4, 3, 4)])
+    ((4, 4, 4), 16, 3, 0), ((4, 6, 3), 5, 3, 2), ((3, 3, 16), 4, 3, 4)])
 def test_random_conv_kernels(shape, filters, k, seed):
     layer = rl.LipschitzConv2D(filters, k, coeff=0.98)
     layer.build((None,) + shape)
@@ -183,15 +182,15 @@ def test_readme_recipe_minimize_keeps_the_bound_and_converge_changes_nothing():
     held-out exact NLL unchanged."""
     keras.utils.set_random_seed(1)
     blocks = [IResBlock.dense(2, hidden_units=(32, 32), coeff=0.9, logdet="exact")
-              for _ in range(3)]
+              for _ in range(2)]
     dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
                                        tfb.Invert(tfb.Chain(blocks)))
     data, held_out = _two_moons_like(256, 1), _two_moons_like(256, 2)
-    tfp.math.minimize(tf.function(lambda: -tf.reduce_mean(dist.log_prob(data))), num_steps=60,
+    tfp.math.minimize(tf.function(lambda: -tf.reduce_mean(dist.log_prob(data))), num_steps=40,
                       optimizer=keras.optimizers.Adam(3e-2),
                       trainable_variables=dist.trainable_variables)
     layers = rl.lipschitz_layers(dist)
-    assert len(layers) == 9
+    assert len(layers) == 6
     raw = [operator_norm(layer, layer.kernel) / layer.coeff for layer in layers]
     assert max(raw) > 1.05          # training pushed kernels past the bound: normalisation acts
     nll = float(-tf.reduce_mean(dist.log_prob(held_out)))
@@ -217,3 +216,51 @@ def test_trainer_keeps_the_bound(tmp_path):
     layers = trainer.model.lipschitz_layers()
     assert all(bool(layer.estimate_is_current()) for layer in layers)
     assert_bound_holds(layers)
+
+
+def test_keras_fit_without_targets_keeps_the_bound():
+    """ResidualFlow.fit on images alone (uint8; loss = bits/dim), no upkeep by the user."""
+    from rflow_tf.models import ResidualFlow  # pylint: disable=import-outside-toplevel
+
+    keras.utils.set_random_seed(2)
+    flow = ResidualFlow(dict(input_shape=(4, 4, 1), n_blocks=(1,),
+                             hidden_channels=4, n_fc_blocks=1, fc_hidden=(8,),
+                             logit_alpha=1e-6))
+    images = tf.cast(tf.random.stateless_uniform([32, 4, 4, 1], [3, 4], 0, 256, tf.int32),
+                     tf.uint8)
+    with pytest.raises(RuntimeError, match="initialize"):
+        flow.fit(tf.data.Dataset.from_tensor_slices(images).batch(8), verbose=0)
+    flow.initialize(tf.cast(images, tf.float32) / 256.0 + 1.0 / 512.0)
+    flow.compile(optimizer=keras.optimizers.Adam(0.05))
+    history = flow.fit(tf.data.Dataset.from_tensor_slices(images).batch(8), epochs=2,
+                       verbose=0)
+    assert len(history.history["loss"]) == 2 and np.all(np.isfinite(history.history["loss"]))
+    layers = flow.lipschitz_layers()
+    assert max(operator_norm(layer, layer.kernel) / layer.coeff for layer in layers) > 1.0
+    assert_bound_holds(layers)
+    evaluated = flow.evaluate(tf.data.Dataset.from_tensor_slices(images).batch(8), verbose=0)
+    assert np.isfinite(evaluated)
+    with pytest.raises(NotImplementedError, match="rflow_tf.save"):
+        flow.export("unused")
+
+
+def test_keras_model_holding_a_distribution_sees_its_weights():
+    from rflow_tf.models import FlowLayer  # pylint: disable=import-outside-toplevel
+
+    blocks = [IResBlock.dense(2, hidden_units=(8,), coeff=0.9, logdet="exact") for _ in range(2)]
+    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
+                                       tfb.Invert(tfb.Chain(blocks)))
+
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.flow = FlowLayer(dist)
+
+        def call(self, x):
+            return self.flow(x)
+
+    model = Model()
+    expected = {id(w.value) for b in blocks for w in b.net.trainable_weights}
+    assert {id(w.value) for w in model.trainable_weights} == expected
+    x = tf.random.stateless_normal([4, 2], [5, 6])
+    np.testing.assert_allclose(model(x).numpy(), dist.log_prob(x).numpy(), rtol=1e-5)

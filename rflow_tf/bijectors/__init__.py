@@ -1,0 +1,75 @@
+"""TFP bijectors for residual flows.
+
+Direction convention
+--------------------
+Every bijector here maps **data to latent** in its ``forward`` direction, the
+cheap direction of an invertible residual block f(x) = x + g(x) (the paper's
+f). A flow is therefore used in a ``tfd.TransformedDistribution`` through
+``tfb.Invert``:
+
+```python
+flow = tfb.Chain([block3, block2, block1])        # data -> latent
+dist = tfd.TransformedDistribution(
+    tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(flow))
+dist.log_prob(x)   # runs flow.forward + its log-det: cheap, unbiased
+dist.sample(8)     # runs flow.inverse: fixed-point iteration per block
+```
+
+Randomness and caching
+----------------------
+The log-determinant of :class:`IResBlock` is a random estimate. Each call
+accepts a stateless ``seed`` (and a ``training`` switch) as bijector kwargs;
+inside a ``Chain`` route them by name, e.g.
+``chain.forward_log_det_jacobian(x, 1, block_0={"seed": s})``, or use
+:func:`flow_kwargs` to build the nested dict for every block. The bijectors in
+this module replace TFP's result cache: ``forward`` is always recomputed
+(weights change during training), log-dets are never cached (a cached random
+estimate would be a stale sample, or give ``None`` gradients under a new
+tape), and ``inverse(y)`` of a still-alive output ``y`` of ``forward`` returns
+its input, so ``TransformedDistribution.log_prob`` never runs a fixed-point
+inversion.
+
+Variables
+---------
+``trainable_variables`` of these bijectors (and of any ``Chain`` or
+``TransformedDistribution`` containing them) lists the Keras weights, so
+``tfp.math.minimize(loss, ..., trainable_variables=dist.trainable_variables)``
+trains the flow.
+
+Modules
+-------
+One module per bijector, each re-exported here (``from rflow_tf.bijectors
+import IResBlock``):
+
+* ``iresblock``: :class:`IResBlock` (``LOGDET_MODES``);
+* ``actnorm``: :class:`ActNorm`;
+* ``squeeze``: :class:`Squeeze` (``SQUEEZE_ORDERS``);
+* ``logit``: :class:`LogitTransform`;
+* ``seeds``: :func:`flow_kwargs`, :func:`use_fixed_seed`;
+* ``_base``: the shared private machinery (the cache above, identity
+  equality, the Keras-backed base class, argument checks).
+"""
+
+from rflow_tf.bijectors._base import (  # noqa: F401  (private names other modules import)
+    _as_float_tensor,
+    _check_stateless_seed,
+    _EqualOnlyToItself,
+    _FreshBijectorCache,
+    _KerasBacked,
+)
+from rflow_tf.bijectors.actnorm import ActNorm
+from rflow_tf.bijectors.iresblock import LOGDET_MODES, IResBlock
+from rflow_tf.bijectors.logit import LogitTransform
+from rflow_tf.bijectors.seeds import flow_kwargs, use_fixed_seed
+from rflow_tf.bijectors.squeeze import SQUEEZE_ORDERS, Squeeze
+
+__all__ = [
+    "IResBlock",
+    "ActNorm",
+    "Squeeze",
+    "SQUEEZE_ORDERS",
+    "LogitTransform",
+    "LOGDET_MODES",
+    "flow_kwargs",
+    "use_fixed_seed",
+]

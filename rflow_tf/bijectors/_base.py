@@ -1,0 +1,139 @@
+"""Shared machinery of the rflow_tf bijectors (private): the result cache that
+never serves stale values, identity equality for weight-holding bijectors, the
+Keras-backed base class and argument checks."""
+
+import weakref
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import cache_util
+
+tfb = tfp.bijectors
+
+
+class _InverseMemo:
+    """y -> x for outputs y of ``forward`` that are still alive (weak keys)."""
+
+    def __init__(self):
+        self._entries = {}
+
+    def remember(self, y, x):
+        key = id(y)
+        self._entries[key] = (weakref.ref(y, lambda _, key=key: self._entries.pop(key, None)), x)
+
+    def recall(self, y):
+        entry = self._entries.get(id(y))
+        return entry[1] if entry is not None and entry[0]() is y else None
+
+
+def _reproduces(y_now, y):
+    """True (a bool tensor) when ``y_now`` equals ``y`` to 64 ulps of max|y|:
+    the same forward pass under the same weights (only reordering round-off)."""
+    tol = 64 * float(np.finfo(y.dtype.as_numpy_dtype).eps) * (1.0 + tf.reduce_max(tf.abs(y)))
+    return tf.reduce_all(tf.abs(y_now - y) <= tol)
+
+
+class _FreshBijectorCache(cache_util.BijectorCache):
+    """Replaces TFP's bijector cache for bijectors whose weights change.
+
+    * ``forward(x)`` is always recomputed (never a stale value computed under
+      other weights or outside the current tape);
+    * ``inverse(y)`` of a ``y`` that ``forward`` returned and that is still
+      alive gives back that ``x`` without running the inverse -- this is what
+      ``TransformedDistribution.log_prob`` relies on to avoid a fixed-point
+      inversion at the latent point -- but only while ``forward(x)`` still
+      reproduces ``y`` (checked by one cheap forward pass, in graphs with a
+      ``tf.cond``): after any change of the weights the inverse is computed;
+    * log-det "attributes" are never stored, so a random log-det estimate is
+      fresh on every call.
+    """
+
+    _memos = weakref.WeakKeyDictionary()     # bijector -> _InverseMemo
+
+    def _memo(self):
+        return self._memos.setdefault(self.bijector, _InverseMemo())
+
+    def forward(self, x, **kwargs):
+        y = self.bijector._forward(x, **kwargs)
+        self._memo().remember(y, x)
+        return y
+
+    def inverse(self, y, **kwargs):
+        x = self._memo().recall(y)
+        if x is None:
+            return self.bijector._inverse(y, **kwargs)
+        still_valid = _reproduces(self.bijector._forward(x, **kwargs), y)
+        if tf.executing_eagerly():
+            return x if bool(still_valid) else self.bijector._inverse(y, **kwargs)
+        return tf.cond(still_valid, lambda: tf.identity(x),
+                       lambda: self.bijector._inverse(y, **kwargs))
+
+    def _attributes(self, input, fn_name, **kwargs):  # noqa: A002 (TFP's signature)
+        return {}
+
+
+class _EqualOnlyToItself:
+    """Equality and hash by identity, for bijectors that hold weights.
+
+    TFP compares bijectors by their constructor ``parameters``; two
+    bijectors built with the same arguments but holding different Keras
+    weights must never compare equal (``tf.function`` would reuse one's
+    trace for the other, and TFP caches key on bijectors).
+    """
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    def __hash__(self):
+        return id(self)
+
+
+class _KerasBacked(_EqualOnlyToItself, tfb.Bijector):
+    """Base for bijectors whose weights live in Keras 3 layers.
+
+    tf.Module cannot see Keras 3 variables, so the underlying ``tf.Variable``s
+    are mirrored in an attribute that tf.Module's traversal finds.
+    """
+
+    _cache = _FreshBijectorCache()
+
+    def _track_keras(self, *keras_objects):
+        variables = []
+        for obj in keras_objects:
+            variables.extend(w.value for w in obj.weights)
+        self._keras_tf_variables = tuple(variables)
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+
+def _zeros_for_none(grads, targets):
+    """Gradients with each ``None`` (unconnected) replaced by zeros shaped like its target."""
+    return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, targets)]
+
+
+def _as_float_tensor(x, name):
+    x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
+    if not x.dtype.is_floating:
+        raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype.name}")
+    return x
+
+
+def _check_stateless_seed(seed, name):
+    """``None``, or a stateless seed (two integers) as a tuple of two Python
+    ints; a ValueError naming ``name`` for anything else."""
+    if seed is None:
+        return None
+    try:
+        arr = np.asarray(tf.get_static_value(seed) if tf.is_tensor(seed) else seed)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.shape != (2,) or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must be None or a stateless seed of two ints, e.g. (1, 2); "
+                         f"got {seed!r}")
+    return tuple(int(v) for v in arr)

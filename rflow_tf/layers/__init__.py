@@ -1,0 +1,64 @@
+"""Keras 3 layers for Lipschitz-constrained residual branches.
+
+* :class:`LipSwish` -- phi(x) = x * sigmoid(softplus(beta) x) / 1.1, |phi'| <= 1.
+* :class:`LipschitzDense`, :class:`LipschitzConv2D` -- spectral normalisation
+  W_eff = W / max(1, sigma / coeff), sigma = ||W||_2 estimated by power
+  iteration on persistent non-trainable vectors; the gradient flows through
+  sigma. For k x k convolutions sigma is the operator norm of the whole padded
+  convolution on the layer's input size.
+* :class:`ActNormalization` -- the weights of the ActNorm bijector.
+* :func:`lipschitz_dense_net`, :func:`lipschitz_conv_net` -- residual branches g
+  with Lip(g) <= coeff, ready for :class:`rflow_tf.bijectors.IResBlock`.
+* :class:`JacobianChain` -- such a branch evaluated with the factors of its
+  Jacobian, for cheap vector-Jacobian products in the log-det power series.
+* :func:`converge_lipschitz` -- runs every power iteration found in a model,
+  bijector or distribution to convergence (call it after each optimiser step
+  and before evaluation or sampling).
+
+Modules (each re-exported here, so ``from rflow_tf.layers import LipschitzDense``
+works): ``activations`` (LipSwish, make_activation), ``initializers``
+(FanInUniform), ``lipschitz`` (the spectrally normalised layers and
+converge_lipschitz & co.), ``actnorm``, ``nets``, ``jacobian_chain``.
+"""
+
+from rflow_tf.layers.activations import (
+    ACTIVATIONS,
+    LipSwish,
+    lipswish_value_and_derivative,
+    make_activation,
+)
+from rflow_tf.layers.actnorm import ActNormalization
+from rflow_tf.layers.initializers import INITS, FanInUniform
+from rflow_tf.layers.jacobian_chain import JacobianChain
+from rflow_tf.layers.lipschitz import (  # noqa: F401  (private names other modules use)
+    LipschitzConv2D,
+    LipschitzDense,
+    _can_store_in_context,
+    _SpectralNormalized,
+    converge_lipschitz,
+    keras_layers,
+    lipschitz_layers,
+    mark_lipschitz_current,
+    update_lipschitz,
+)
+from rflow_tf.layers.nets import lipschitz_conv_net, lipschitz_dense_net
+
+__all__ = [
+    "LipSwish",
+    "lipswish_value_and_derivative",
+    "LipschitzDense",
+    "LipschitzConv2D",
+    "ActNormalization",
+    "FanInUniform",
+    "INITS",
+    "lipschitz_dense_net",
+    "lipschitz_conv_net",
+    "JacobianChain",
+    "lipschitz_layers",
+    "keras_layers",
+    "converge_lipschitz",
+    "update_lipschitz",
+    "mark_lipschitz_current",
+    "make_activation",
+    "ACTIVATIONS",
+]

@@ -49,7 +49,16 @@ garbage ``ckpt/checkpoint`` file is rebuilt from the files present, a corrupt
 newest checkpoint falls back to the newest one that restores (moved to
 ``ckpt/unrestorable/``, never deleted), leftovers of a kill mid-save
 (``ckpt-N_temp/``) are removed, and ``<run dir>/.lock`` (flock) keeps a second
-trainer off the directory. Library use::
+trainer off the directory.
+
+Several machines (``--strategy=multi_worker``, cluster from ``$TF_CONFIG``;
+README "Training on several machines"): every worker runs the same command
+with the same ``--out`` on a shared filesystem; each takes its slices of every
+global batch (:func:`distribute_dataset`), and only the chief writes the run
+directory and the export (the others write checkpoints and the export into a
+temporary directory they delete). A lost worker stops the others with exit
+status 4 and a message; rerunning every worker resumes from the chief's last
+checkpoint. Library use::
 
     from train.main import parse_args, train
     result = train(parse_args(["--preset=tiny", "--steps=20", "--out=/tmp/run"]))
@@ -70,6 +79,8 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
+import threading
 import time
 import warnings
 
@@ -113,6 +124,9 @@ __all__ = [
     "checkpoint_candidates",
     "remove_stale_temp_checkpoints",
     "restore_newest",
+    "WorkerLostError",
+    "ProgressWatchdog",
+    "distribute_dataset",
 ]
 
 _LN2 = math.log(2.0)
@@ -126,6 +140,18 @@ class UsageError(Exception):
 
 class TrainingDivergedError(Exception):
     """Too many consecutive non-finite steps; the message names the last good checkpoint."""
+
+
+class WorkerLostError(Exception):
+    """A worker of a multi-worker cluster died or stopped answering; the message
+    names the checkpoint a restart of every worker resumes from."""
+
+
+# The errors a collective op raises when a peer of the cluster is gone: UNAVAILABLE
+# (connection closed, or the coordination service's heartbeats stopped), DEADLINE_EXCEEDED,
+# ABORTED / CANCELLED (collectives aborted after another failure).
+_PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                     tf.errors.AbortedError, tf.errors.CancelledError)
 
 
 class _InjectedCrash(RuntimeError):
@@ -332,6 +358,11 @@ def build_parser():
                         "--cpu_devices logical CPUs), one device if there is only one; "
                         "one_device: first GPU or the CPU; multi_worker: "
                         "MultiWorkerMirroredStrategy configured by $TF_CONFIG.")
+    g.add_argument("--worker_timeout", type=float, default=1800,
+                   help="multi_worker only: stop with an error (exit status 4) when training "
+                        "makes no progress (no step, evaluation batch or save finishes) for "
+                        "this many seconds, e.g. because another worker hangs; 0 disables. A "
+                        "worker that dies is usually detected within seconds anyway.")
     g.add_argument("--cpu_devices", type=int, default=0,
                    help="Split the CPU into N logical devices before TensorFlow starts and "
                         "mirror over them (tests the multi-device path without GPUs).")
@@ -380,6 +411,7 @@ FLAG_CONSTRAINTS = (
     ("ckpt_every", lambda v: v >= 1, ">= 1"),
     ("keep_best", lambda v: v >= 1, ">= 1"),
     ("cpu_devices", lambda v: v >= 0, ">= 0 (0 = no split)"),
+    ("worker_timeout", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
 )
 
 
@@ -476,6 +508,28 @@ def _task(strategy):
     has_chief = "chief" in resolver.cluster_spec().as_dict()
     is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
     return task_type, task_id, is_chief
+
+
+def distribute_dataset(strategy, ds):
+    """``strategy.experimental_distribute_dataset`` of a dataset of *global*
+    batches, sharded by data: each global batch of B examples is split into
+    ``num_replicas_in_sync`` consecutive slices of B / num_replicas, and
+    replica r (of any worker) gets slice r. So the workers together see every
+    example of every global batch exactly once, whatever the number of files
+    behind ``ds`` (TFDS) or none (the in-memory digits), and a multi-worker
+    run sees the same batches in the same order as a single-process run with
+    the same global batch. Every worker must build the same ``ds`` (same seed).
+
+    Example:
+    ```python
+    ds = data.load_image_dataset("digits", "train", batch_size=64, seed=0)
+    for x in distribute_dataset(strategy, ds):   # x: PerReplica slices of 64 / replicas
+        ...
+    ```
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(ds.with_options(options))
 
 
 # ----------------------------------------------------------------------------
@@ -1098,6 +1152,72 @@ def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, 
 
 
 # ----------------------------------------------------------------------------
+# Multi-worker: a watchdog against hangs
+# ----------------------------------------------------------------------------
+
+
+class ProgressWatchdog:
+    """Ends the process when no progress is reported for ``timeout`` seconds.
+
+    A daemon thread checks every ``min(timeout / 4, 5)`` seconds whether
+    :meth:`tick` was called within the last ``timeout`` seconds; if not, it
+    calls ``on_timeout(seconds_since_last_tick)``, whose default prints
+    ``message`` to stderr and ends the process with ``os._exit(4)`` (a thread
+    cannot interrupt a collective op that waits for a worker that hangs).
+    ``timeout=0`` disables it. Use as a context manager; ticks are cheap (one
+    ``time.monotonic()``).
+
+    Example:
+    ```python
+    with ProgressWatchdog(600, "no training step finished for 600 s") as dog:
+        for batch in batches:
+            step(batch)
+            dog.tick()
+    ```
+    """
+
+    def __init__(self, timeout, message="no progress", on_timeout=None):
+        self.timeout = float(timeout)
+        self.message = message
+        self.on_timeout = on_timeout or self._exit
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _exit(self, idle):
+        print(f"error: {self.message} (nothing finished for {idle:.0f} s, "
+              f"--worker_timeout={self.timeout:g})", file=sys.stderr, flush=True)
+        os._exit(4)  # pylint: disable=protected-access
+
+    def tick(self):
+        """Reports progress: the timeout starts again."""
+        self._last = time.monotonic()
+
+    def _run(self):
+        period = min(self.timeout / 4.0, 5.0)
+        while not self._stop.wait(period):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout:
+                self.on_timeout(idle)
+                return
+
+    def __enter__(self):
+        self.tick()
+        if self.timeout > 0:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="ProgressWatchdog")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return False
+
+
+# ----------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------
 
@@ -1134,6 +1254,17 @@ class Trainer:
         self.run_dir = self.spec.run_dir
         self.strategy = strategy or make_strategy(args.strategy, args.cpu_devices)
         self.task_type, self.task_id, self.is_chief = _task(self.strategy)
+        # Multi-worker: only the chief writes into the run directory; the other
+        # workers write their (identical) checkpoints and export into a local
+        # temporary directory that they delete (TensorFlow's multi-worker guidance).
+        self.multi_worker = self.task_type is not None
+        self._tmp_root = None if self.is_chief else tempfile.mkdtemp(
+            prefix=f"rflow_tf_{self.task_type}_{self.task_id}_")
+        self.watchdog = ProgressWatchdog(
+            float(args.worker_timeout) if self.multi_worker else 0.0,
+            f"{self.task_type} {self.task_id} made no progress: another worker of the cluster "
+            f"probably hangs or died. Restart every worker with the same command; training "
+            f"resumes from the chief's last checkpoint in {os.path.join(self.run_dir, 'ckpt')}")
         self.n_replicas = self.strategy.num_replicas_in_sync
         if self.hp["batch_size"] % self.n_replicas:
             raise UsageError(f"--batch_size={self.hp['batch_size']} is not divisible by the "
@@ -1189,9 +1320,13 @@ class Trainer:
     def close(self):
         """Releases the run-directory lock (``train`` does so when it returns or raises).
 
+        Non-chief workers also delete their temporary directory.
+
         Example: ``trainer.close()``.
         """
         self.lock.release()
+        if self._tmp_root is not None:
+            shutil.rmtree(self._tmp_root, ignore_errors=True)
 
     def log(self, msg):
         """Prints a timestamped line (chief only)."""
@@ -1207,7 +1342,7 @@ class Trainer:
     def _write_dir(self, name):
         if self.is_chief:
             return os.path.join(self.run_dir, name)
-        return os.path.join(self.run_dir, f".tmp_{self.task_type}_{self.task_id}", name)
+        return os.path.join(self._tmp_root, name)
 
     def _resumable_flow_config(self, old):
         """The run directory's config, read with its own version's meaning, if
@@ -1259,8 +1394,9 @@ class Trainer:
 
     def _save(self, manager, step):
         path = manager.save(checkpoint_number=int(step))
-        if not self.is_chief:
-            tf.io.gfile.rmtree(os.path.dirname(os.path.dirname(path)))
+        self.watchdog.tick()
+        if not self.is_chief:     # every worker saves (collective); only the chief keeps it
+            tf.io.gfile.rmtree(os.path.dirname(path))
         return path
 
     # ------------------------------------------------------------------ data
@@ -1310,10 +1446,7 @@ class Trainer:
         return ds.map(pad)
 
     def _distribute(self, ds):
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = \
-            tf.data.experimental.AutoShardPolicy.DATA
-        return self.strategy.experimental_distribute_dataset(ds.with_options(options))
+        return distribute_dataset(self.strategy, ds)
 
     # ------------------------------------------------------------ components
     @property
@@ -1386,6 +1519,20 @@ class Trainer:
             self.log(f"resumed from {path} at step {int(self.step.numpy())}")
         return path
 
+    def _check_workers_agree_on_step(self, step):
+        """Multi-worker: every worker must resume at the same step (they all read the
+        chief's ``ckpt/``); otherwise they would train different batches and wait for
+        each other forever."""
+        local = tf.constant([step], tf.int64)
+        steps = self.strategy.gather(self.strategy.run(lambda: tf.identity(local)), axis=0)
+        lo, hi = int(tf.reduce_min(steps)), int(tf.reduce_max(steps))
+        if lo != hi:
+            raise UsageError(
+                f"the workers start at different steps ({lo} to {hi}; this is "
+                f"{self.task_type} {self.task_id} at step {step}): every worker must read the "
+                f"chief's checkpoints in {os.path.join(self.run_dir, 'ckpt')}, so --out must be "
+                f"on a filesystem shared by all workers")
+
     def restore_or_initialize(self, first_batch=None):
         """Restores the newest checkpoint of the run directory that restores
         (falling back past corrupt ones, see :func:`restore_newest`); without one,
@@ -1447,6 +1594,7 @@ class Trainer:
             for i, (x, mask) in enumerate(self._distribute(self._test_dataset())):
                 out = [float(v) for v in eval_step(x, mask, tf.constant(i, tf.int64))]
                 sums = out if sums is None else [a + b for a, b in zip(sums, out)]
+                self.watchdog.tick()
         if not sums or sums[2] == 0:
             raise UsageError(f"the test split of {self.spec.dataset!r} is empty")
         s, s2, n = sums[:3]
@@ -1495,10 +1643,15 @@ class Trainer:
         except ImportError:
             self.log("rflow_tf.export is not available; skipping the SavedModel export")
             return None
-        if not self.is_chief:
-            return None
+        # Every worker exports (the chief to export_dir, the others into their
+        # temporary directory, deleted at once), so that no worker waits for another.
+        target = export_dir if self.is_chief else os.path.join(self._tmp_root, "export")
         with self.ema_weights():
-            export.save(self.model, export_dir)
+            export.save(self.model, target)
+        self.watchdog.tick()
+        if not self.is_chief:
+            shutil.rmtree(target, ignore_errors=True)
+            return None
         self.log(f"exported SavedModel (EMA weights) to {export_dir}")
         return export_dir
 
@@ -1567,13 +1720,28 @@ class Trainer:
 
         Raises TrainingDivergedError after ``--max_nan_steps`` consecutive
         non-finite steps (nothing is saved after the last good checkpoint).
+        Multi-worker: raises WorkerLostError when a collective op fails
+        because another worker is gone, and ends the process (exit status 4)
+        when nothing progresses for ``--worker_timeout`` seconds.
         Holds the run-directory lock while it runs and releases it on return
         or on any exception.
         """
         if self.is_chief:
             self.lock.acquire()
         try:
-            return self._train()
+            with self.watchdog:
+                return self._train()
+        except _PEER_LOST_ERRORS as e:
+            if not self.multi_worker:
+                raise
+            reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            latest = (checkpoint_candidates(os.path.join(self.run_dir, "ckpt")) or
+                      ["none yet: a restart starts over"])[0]
+            raise WorkerLostError(
+                f"{self.task_type} {self.task_id} lost another worker of the cluster at step "
+                f"{int(self.step.numpy())} ({type(e).__name__}: {reason[:300]}). Restart every "
+                f"worker with the same command; training resumes from the chief's last "
+                f"checkpoint ({latest}).") from None
         finally:
             self.close()
 
@@ -1586,6 +1754,8 @@ class Trainer:
         train_ds = self._train_dataset(start)
         if not self._restored:
             self.restore_or_initialize(next(iter(train_ds)))
+        if self.multi_worker:
+            self._check_workers_agree_on_step(start)
         self.log(f"run {self.spec.run_name}: dataset {self.spec.dataset} "
                  f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
                  f"{self.model.count_params():,} parameters, {self.n_replicas} replica(s) "
@@ -1622,6 +1792,7 @@ class Trainer:
                         raise
                     step += 1
                     n_log += 1
+                    self.watchdog.tick()
                     if step == self.crash_step:
                         raise _InjectedCrash(f"injected crash after step {step}")
                     if not bool(out["ok"]):
@@ -1756,7 +1927,8 @@ def export_only(args, strategy=None):
 
 def main(argv=None):
     """Command-line entry point; returns the process exit status (0 ok, 2 bad
-    flags or missing data, 3 diverged, 130 interrupted)."""
+    flags or missing data, 3 diverged, 4 another worker of a multi-worker
+    cluster was lost or hangs, 130 interrupted)."""
     args = parse_args(argv)
     try:
         check_flags(args)
@@ -1776,6 +1948,9 @@ def main(argv=None):
     except TrainingDivergedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except WorkerLostError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

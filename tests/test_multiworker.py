@@ -226,6 +226,9 @@ def test_each_example_of_a_global_batch_goes_to_exactly_one_worker(two_worker_ru
         # Worker 0 holds the first half of every global batch, worker 1 the second.
         np.testing.assert_array_equal(np.concatenate([a, b], axis=1), glob, err_msg=name)
         assert len({x.tobytes() for x in glob[0]}) > 1     # the batches are not constant
+        # One process with 2 replicas splits the same way.
+        np.testing.assert_array_equal(two_worker_run.dumps["ref"][1][f"shard_{name}_local"],
+                                      glob, err_msg=name)
 
 
 def test_only_the_chief_writes(two_worker_run):

@@ -265,7 +265,7 @@ def test_killed_worker_stops_the_survivor_and_a_restart_resumes(tmp_path):
     run_dir = tmp_path / "run"
     argv = [sys.executable, "train/main.py"] + TINY + [
         "--strategy=multi_worker", "--steps=150", "--ckpt_every=2", "--eval_every=1000",
-        "--export_dir=", "--worker_timeout=60", f"--out={run_dir}"]
+        "--export_dir=", f"--out={run_dir}"]
     procs = Processes()
     t0 = time.monotonic()
     try:

@@ -1858,6 +1858,7 @@ class Trainer:
                     self.log(f"interrupted; saved {path}. Rerun the same command to resume.")
                 raise
             del it          # release the input pipeline before evaluation and export
+            self.watchdog.tick()
             elapsed = time.time() - t_start
             steps_per_sec = (step - start) / max(elapsed, 1e-9)
             self.log(f"trained {step - start} steps in {_fmt_time(elapsed)} "

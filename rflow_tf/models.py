@@ -33,6 +33,15 @@ the data -> latent direction, see :mod:`rflow_tf.bijectors`)::
               [(IResBlock.dense -> ActNorm) x n_fc_blocks]   (the "FC end")
     z in R^D, D = H * W * C, base density N(0, I)
 
+Variants (:class:`FlowConfig`): ``block="coupling"`` replaces every residual
+block by an affine coupling (:mod:`rflow_tf.coupling`; exact log-det),
+``invertible_1x1`` puts a Glow 1x1 convolution before every block of every
+scale, ``init_layer="cifar10"`` replaces the logit by per-channel
+normalisation, and ``n_classes`` adds classifier heads
+(:class:`rflow_tf.classifier.ClassifierHeads`) on each scale's output (the
+squeezed output, or with factor-out the factored half) and on the final
+output (:meth:`ResidualFlow.classify`, :meth:`ResidualFlow.log_prob_and_logits`).
+
 Change of variables, with the log-dets of all pieces (including the logit):
 
     log p(x) = log N(f(x); 0, I) + sum_pieces log |det J_piece|
@@ -1206,7 +1215,8 @@ class ResidualFlow(keras.Model):
     :meth:`forward_and_log_det`, :meth:`sample` (fixed-point inverse),
     :meth:`converge_lipschitz` (after every optimiser step and before
     evaluation/sampling), ``.bijector`` (the whole flow as one TFP bijector,
-    data -> latent) and :meth:`distribution`.
+    data -> latent) and :meth:`distribution`; with ``config.n_classes``:
+    :meth:`classify` (logits, no log-det) and :meth:`log_prob_and_logits`.
 
     All weights are Keras variables of ``model.flow_layers`` (the residual
     nets and ActNorm layers), so ``model.trainable_variables``,

@@ -366,7 +366,7 @@ def test_resume_after_a_kill_at_a_random_step_is_bit_identical(trained_run, tmp_
     resumed = trainer_main.Trainer(run_args(tmp_path, *RESUME))
     resumed.train()
     log = capsys.readouterr().out
-    if k >= 2:                                   # steps after ckpt-2 are trained again
+    if k >= 3:      # steps after ckpt-2 are trained again (a crash after step 2 precedes its save)
         assert f"resumed from {tmp_path / 'ckpt' / 'ckpt-2'} at step 2" in log, (k, log)
     expected = trained_run[1]
     for group, arrays in state_of(resumed).items():

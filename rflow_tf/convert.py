@@ -690,7 +690,9 @@ def main(argv=None):
     print(flow.flow_config.to_json())
     _log(True, f"exporting to {ns.out}")
     try:
-        rexport.save(flow, ns.out, logdet=ns.logdet,
+        # converge=False: keep the power-iteration state of the reference's own
+        # validate() procedure, so the export computes the reference's function.
+        rexport.save(flow, ns.out, logdet=ns.logdet, converge=False,
                      extra_metadata={"converted_from": flow.reference_metadata})
     except rexport.ExportError as e:
         print(f"error: {e}", file=sys.stderr)

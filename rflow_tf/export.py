@@ -435,13 +435,14 @@ class _ExportModule(tf.Module):
 
 
 def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
-         dequantization="uniform", extra_metadata=None, overwrite=True):
+         dequantization="uniform", extra_metadata=None, overwrite=True, converge=True):
     """Exports a :class:`~rflow_tf.models.ResidualFlow` as a SavedModel at ``path``.
 
     Pass the weights you want exported already in the model (for a trained
     model, the EMA weights swapped in). ``save`` first runs
     ``model.converge_lipschitz()`` (so the exported spectral normalisation is
-    converged; this updates the power-iteration vectors of ``model``), then
+    converged; this updates the power-iteration vectors of ``model``; see
+    ``converge``), then
     copies the weights into a fresh model built with the export's
     evaluation settings, traces the functions listed in the module
     docstring and writes the SavedModel (atomically: into a temporary
@@ -465,6 +466,11 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
         ``"extra"`` in the metadata (e.g. training step, test bits/dim).
       overwrite: replace an existing export at ``path`` (a directory that is
         not an export is never replaced).
+      converge: run ``model.converge_lipschitz()`` first (default). ``False``
+        exports the power-iteration state exactly as it is, e.g. a converted
+        reference checkpoint whose u, v come from the reference's own
+        ``validate()`` procedure (:mod:`rflow_tf.convert`), so the export
+        computes the reference's function.
 
     Returns:
       ``path``.
@@ -513,7 +519,8 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
                       "(call model.initialize(x) before training)", RuntimeWarning,
                       stacklevel=2)
 
-    model.converge_lipschitz()
+    if converge:
+        model.converge_lipschitz()
     # Inference-only graph: no custom (Neumann) gradients to trace or store;
     # the log-det values do not depend on the gradient method.
     export_cfg = cfg.replace(logdet=eval_logdet, logdet_eval=eval_logdet, neumann_grad=False,

@@ -90,6 +90,7 @@ from rflow_tf import coupling as rcoup
 from rflow_tf import data as rdata
 from rflow_tf import invertible_conv as rinv
 from rflow_tf import layers as rlayers
+from rflow_tf import mixlogcdf as rmix
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -123,7 +124,7 @@ _LN2 = math.log(2.0)
 
 _TUPLE_FIELDS = ("input_shape", "n_blocks", "fc_hidden")
 #: Kinds of flow block (:attr:`FlowConfig.block`).
-BLOCK_TYPES = ("residual", "coupling")
+BLOCK_TYPES = ("residual", "coupling", "flowpp")
 #: Layers that map [0, 1] pixels to the flow's input (:attr:`FlowConfig.init_layer`).
 INIT_LAYERS = ("logit", "cifar10")
 
@@ -207,8 +208,8 @@ class FlowConfig:
         (reference: 4 blocks, d -> 128 -> 128 -> d).
       logit_alpha: alpha of the logit transform (1e-6 MNIST, 0.05 otherwise).
       n_bits: bits per pixel of the data (8; 5 for CelebA-HQ).
-      block: "residual" (invertible residual blocks, the paper's model) or
-        "coupling" (the paper's Table 4/5 baseline, built like the
+      block: "residual" (invertible residual blocks, the paper's model),
+        "flowpp" (Flow++ couplings, see below) or "coupling" (the paper's Table 4/5 baseline, built like the
         reference's: :class:`rflow_tf.coupling.AffineCoupling` with scale
         sigmoid(s + 2) and an unconstrained ReLU net of ``kernels`` and
         ``hidden_channels``; checkerboard masks in scale 0 (the scale with
@@ -229,6 +230,23 @@ class FlowConfig:
         classifier heads (:class:`rflow_tf.classifier.ClassifierHeads`) read
         by :meth:`ResidualFlow.classify` / :meth:`ResidualFlow.log_prob_and_logits`.
       head_channels: output channels of each head's 3x3 convolution (paper: 256).
+
+      Flow++ (``block="flowpp"``, Ho et al. 2019): each block is a
+        :class:`rflow_tf.mixlogcdf.MixLogCDFCoupling` (logistic-mixture CDF,
+        exact log-det, bisection inverse) whose conditioner has
+        ``hidden_channels`` channels and ``flowpp_conditioner_blocks`` gated
+        conv (+ attention) blocks. Masks: checkerboard in scale 0; in later
+        scales the first ``flowpp_channel_couplings`` blocks use channel
+        masks, the rest checkerboard; the kept half alternates from block to
+        block; FC-end blocks are vector couplings (alternating halves).
+      flowpp_components: logistics K per element of every Flow++ coupling.
+      flowpp_conditioner_blocks: gated residual (conv, attention) blocks of
+        each Flow++ conditioner.
+      flowpp_attention: self-attention in the Flow++ conditioners (False: the
+        Flow++ "no self-attention" ablation).
+      flowpp_heads: attention heads (must divide ``hidden_channels``).
+      flowpp_channel_couplings: channel-mask couplings at the start of every
+        scale after the first.
 
     Log-det estimator (see :class:`rflow_tf.bijectors.IResBlock`):
       logdet: "unbiased" (Russian roulette + Hutchinson), "truncated" or
@@ -298,6 +316,11 @@ class FlowConfig:
     init_layer: str = "logit"
     n_classes: int = 0
     head_channels: int = 256
+    flowpp_components: int = 4
+    flowpp_conditioner_blocks: int = 2
+    flowpp_attention: bool = True
+    flowpp_heads: int = 4
+    flowpp_channel_couplings: int = 2
     logdet: str = "unbiased"
     logdet_eval: Optional[str] = None
     dist: str = "poisson"
@@ -389,7 +412,7 @@ class FlowConfig:
             raise ValueError(f"FlowConfig.squeeze_order must be one of {rbij.SQUEEZE_ORDERS}, "
                              f"got {self.squeeze_order!r}")
         for name in ("preactivation", "actnorm", "first_resblock", "squeeze_first",
-                     "invertible_1x1"):
+                     "invertible_1x1", "flowpp_attention"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"FlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.activation not in rlayers.ACTIVATIONS:
@@ -424,6 +447,14 @@ class FlowConfig:
             if self.fc_end and self.n_fc_blocks and d_last % 2:
                 raise ValueError(f"FlowConfig: coupling FC blocks split the flattened last "
                                  f"scale in halves; its size {d_last} is odd")
+        pos_int("flowpp_components", self.flowpp_components)
+        pos_int("flowpp_conditioner_blocks", self.flowpp_conditioner_blocks, allow_zero=True)
+        pos_int("flowpp_heads", self.flowpp_heads)
+        pos_int("flowpp_channel_couplings", self.flowpp_channel_couplings, allow_zero=True)
+        if self.block == "flowpp":
+            if self.flowpp_attention and self.hidden_channels % self.flowpp_heads:
+                raise ValueError(f"FlowConfig.flowpp_heads={self.flowpp_heads} must divide "
+                                 f"hidden_channels={self.hidden_channels}")
         if self.n_bits > 8:
             raise ValueError(f"FlowConfig.n_bits must be in 1..8, got {self.n_bits}")
         if self.logdet not in rbij.LOGDET_MODES:
@@ -618,6 +649,31 @@ PRESETS = {
                     "2 FC blocks. Trains in a few minutes on 2 cores.",
         config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(2, 2), hidden_channels=32,
                           n_fc_blocks=2, fc_hidden=(64, 64), logit_alpha=1e-6).validate(),
+        batch_size=64, lr=2e-3, warmup_steps=100, steps=1200, ema_decay=0.99,
+        eval_every=400, sample_every=400),
+    # ---- Flow++ (block="flowpp") ----
+    "flowpp_cifar10": Preset(
+        name="flowpp_cifar10", dataset="cifar10",
+        description="Flow++ CIFAR-10 structure (Ho et al. 2019): 4 checkerboard MixLogCDF "
+                    "couplings at 32x32x3, squeeze, 2 channel + 3 checkerboard couplings at "
+                    "16x16x12; 32 logistics, conditioners of 10 gated conv + 4-head attention "
+                    "blocks with 96 channels; ActNorm after each coupling; no factor-out, no "
+                    "FC end. Train with --dequantization=variational.",
+        config=FlowConfig(input_shape=(32, 32, 3), n_blocks=(4, 5), hidden_channels=96,
+                          block="flowpp", flowpp_components=32, flowpp_conditioner_blocks=10,
+                          flowpp_heads=4, flowpp_channel_couplings=2, fc_end=False,
+                          logit_alpha=0.05).validate(),
+        batch_size=64, lr=1e-3, warmup_steps=2000, epochs=400, eval_every=1000,
+        sample_every=5000),
+    "flowpp_digits": Preset(
+        name="flowpp_digits", dataset="digits",
+        description="Small Flow++ for the 8x8 digits: 4 checkerboard couplings at 8x8x1, "
+                    "squeeze, 2 channel + 2 checkerboard couplings at 4x4x4; 4 logistics, "
+                    "conditioners of 1 gated conv + 4-head attention block with 32 channels.",
+        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(4, 4), hidden_channels=32,
+                          block="flowpp", flowpp_components=4, flowpp_conditioner_blocks=1,
+                          flowpp_heads=4, flowpp_channel_couplings=2, fc_end=False,
+                          logit_alpha=1e-6).validate(),
         batch_size=64, lr=2e-3, warmup_steps=100, steps=1200, ema_decay=0.99,
         eval_every=400, sample_every=400),
     "tiny": Preset(
@@ -859,7 +915,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
                 z_inner, ld = self._walk(b.stages, keep, seeds, counter, mode, training,
                                          features)
                 x = b.merge(out, z_inner)
-            elif isinstance(b, rcoup.AffineCoupling):
+            elif isinstance(b, (rcoup.AffineCoupling, rmix.MixLogCDFCoupling)):
                 # One net evaluation for the value and the log-det.
                 if mode == "logdet":
                     x, ld = b.forward_and_log_det(x)
@@ -1290,9 +1346,21 @@ class ResidualFlow(keras.Model):
             named_layers.append((name, layer))
             return rbij.ActNorm(shape, layer=layer, name=name)
 
+        def flowpp_coupling(shape, mask, parity, name):
+            return rmix.MixLogCDFCoupling(
+                shape, mask=mask, parity=parity, num_components=cfg.flowpp_components,
+                hidden_channels=cfg.hidden_channels, num_blocks=cfg.flowpp_conditioner_blocks,
+                attention=cfg.flowpp_attention, num_heads=cfg.flowpp_heads,
+                inverse_atol=cfg.inverse_tol, inverse_rtol=cfg.inverse_tol,
+                inverse_max_iterations=cfg.inverse_max_iterations, dtype=dtype, name=name)
+
         def conv_block(s, i, shape, mask):
             first = cfg.first_resblock and s == 0 and i == 0
             preact = cfg.preactivation and not first
+            if cfg.block == "flowpp":
+                channel = s > 0 and i < cfg.flowpp_channel_couplings
+                return flowpp_coupling(shape, "channel" if channel else "checkerboard", i % 2,
+                                       f"s{s}_block{i}")
             if cfg.block == "coupling":
                 return rcoup.AffineCoupling.conv(
                     shape, mask, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
@@ -1303,6 +1371,8 @@ class ResidualFlow(keras.Model):
                 dtype=dtype, init=cfg.init, name=f"s{s}_block{i}", **block_kwargs)
 
         def fc_block(i, d, mask):
+            if cfg.block == "flowpp":
+                return flowpp_coupling((d,), "checkerboard", i % 2, f"fc_block{i}")
             if cfg.block == "coupling":
                 return rcoup.AffineCoupling.dense(
                     (d,), mask, hidden_units=cfg.fc_hidden, preactivation=cfg.preactivation,

@@ -25,7 +25,14 @@ read labelled data with the reference's augmentation
 and cross-entropy (and bits/dim for hybrid) and keep the best checkpoint by
 test bits/dim (hybrid) or test error (classification).
 
-averaged over the global batch with ``tf.nn.compute_average_loss``; Adam
+With ``--dequantization=variational`` the pixels are x = (x_int + u) / 2^n
+with u ~ q(u | x_int), a conditional flow trained jointly with the model
+(:class:`rflow_tf.dequantization.VariationalDequantizer`), and the loss is
+the negative ELBO in bits/dim, -(log p(x) - D n_bits ln 2 - log q(u|x_int)) /
+(D ln 2); the reported test bits/dim is then that dequantisation bound (with
+uniform noise log q = 0, the formula above).
+
+Losses are averaged over the global batch with ``tf.nn.compute_average_loss``; Adam
 (beta 0.9, 0.99) with linear warm-up, gradient-norm clipping, optional
 gradient accumulation, an exponential moving average (EMA) of the weights
 used for evaluation and sampling, and power iteration to convergence after
@@ -93,6 +100,7 @@ from tensorflow.core.framework import summary_pb2  # noqa: E402
 
 from rflow_tf import classifier as rclf  # noqa: E402
 from rflow_tf import data  # noqa: E402
+from rflow_tf import dequantization as rdeq  # noqa: E402
 from rflow_tf import models  # noqa: E402
 
 _HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -321,6 +329,10 @@ def build_parser():
                    help="Clip the global gradient norm to this value (0 disables).")
     g.add_argument("--accumulate", type=int, default=None,
                    help="Micro-batches of --batch_size accumulated per optimiser step.")
+    g.add_argument("--dequantization", default="uniform", choices=["uniform", "variational"],
+                   help="Dequantisation noise: uniform, or a learned conditional flow q(u|x) "
+                        "(Flow++) trained with the model on the negative ELBO; test bits/dim "
+                        "is then the variational bound. Fixed for the life of a run.")
     g.add_argument("--seed", type=int, default=0,
                    help="Seed of the initial weights, data order, dequantisation noise and "
                         "log-det estimators (stateless; the replica id is folded in).")
@@ -643,6 +655,10 @@ def resolve_run(args):
     if task == "hybrid":
         hp["hybrid_lambda"] = lam_text
         hp["hybrid_lambda_value"] = hybrid_lambda
+    hp["dequantization"] = args.dequantization
+    if args.dequantization != "uniform" and task != "density":
+        raise UsageError(f"--dequantization={args.dequantization} is for --task=density "
+                         f"(got --task={task})")
 
     default_name = f"{info.name}_{preset_name}" + ("" if task == "density" else f"_{task}")
     run_name = args.run_name or default_name.replace("/", "_")
@@ -745,9 +761,35 @@ def _var(v):
     return v.value if isinstance(v, keras.Variable) else v
 
 
+def make_dequantizer(kind, flow_config):
+    """None for ``kind="uniform"`` (the trainer adds uniform noise with
+    :func:`rflow_tf.data.dequantize`), or a
+    :class:`rflow_tf.dequantization.VariationalDequantizer` for the images of
+    ``flow_config`` (its default size: 4 MixLogCDF couplings, no attention).
+
+    Example: ``deq = make_dequantizer("variational", models.get_preset("tiny"))``.
+    """
+    if kind == "uniform":
+        return None
+    if kind != "variational":
+        raise UsageError(f"--dequantization must be 'uniform' or 'variational', got {kind!r}")
+    return rdeq.VariationalDequantizer(tuple(flow_config.input_shape), n_bits=flow_config.n_bits,
+                                       dtype=flow_config.dtype)
+
+
+def trained_variables(model, dequantizer=None):
+    """Every weight the optimiser trains: the model's, then the dequantiser's.
+
+    Example: ``opt.build(trained_variables(model, deq))``.
+    """
+    extra = list(dequantizer.trainable_variables) if dequantizer is not None else []
+    return list(model.trainable_variables) + extra
+
+
 def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, accumulate=1,
                     n_bits=8, grad_clip=1.0, ema_decay=0.999, seed=0, jit_compile=False,
-                    converge=True, step_var=None, task="density", hybrid_lambda=None):
+                    converge=True, step_var=None, task="density", hybrid_lambda=None,
+                    dequantizer=None):
     """The distributed training step, a ``tf.function(x, step, poison)``.
 
     Per replica (seed = fold_in([seed, step], replica id)), for each of
@@ -759,6 +801,12 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
     finite, apply Adam and update the EMA ``e <- d e + (1 - d) w``, else skip
     the update. Finally run power iteration to convergence (``converge``)
     and increment ``step_var`` if given.
+
+    ``dequantizer``: None (uniform noise) or a
+    :class:`rflow_tf.dequantization.VariationalDequantizer`; then the loss
+    is its negative ELBO in bits/dim and its weights are trained too (the
+    variables, and ``ema_vars``, are the model's followed by the
+    dequantiser's: :func:`trained_variables`).
 
     ``x``: a distributed batch of uint8 images [B, H, W, C], or [B, k, H, W, C]
     with accumulation; for ``task`` "classification" or "hybrid" a pair
@@ -777,7 +825,7 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
     out = step_fn(next(dist_iter), tf.constant(0, tf.int64), tf.constant(0.0))
     ```
     """
-    variables = list(model.trainable_variables)
+    variables = trained_variables(model, dequantizer)
     dtype = model.flow_dtype
     num_dims = float(model.num_dims)
     offset = num_dims * n_bits * _LN2
@@ -796,14 +844,17 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
 
     def micro(x_int, seed_pair, labels=None):
         seeds = tf.random.experimental.stateless_split(seed_pair, 2)
-        x = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype)
         metrics = {}
         with tf.GradientTape() as tape:
+            if dequantizer is None:
+                x, log_q = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype), 0.0
+            else:
+                x, log_q = dequantizer.dequantize(x_int, seeds[0])
             if task == "density":
                 z, ld = model.forward_and_log_det(x, training=True, seed=seeds[1],
                                                   validate=False)
                 lp = model.base_log_prob(z) + ld
-                bpd = -(lp - offset) / (num_dims * _LN2)
+                bpd = -(lp - offset - log_q) / (num_dims * _LN2)
                 loss = batch_mean(bpd)
             else:
                 if task == "classification":     # no log-det anywhere
@@ -902,12 +953,15 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
 
 
 def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density",
-                   training_estimator=False):
+                   training_estimator=False, dequantizer=None):
     """The distributed evaluation step ``(x, mask, batch_index) -> (sum bpd,
     sum bpd^2, count)`` over the masked examples, with the evaluation
     estimator (``logdet_eval``, ``n_exact_terms_eval`` = 20 exact terms; or
     the training estimator if ``training_estimator``) and fixed seeds (the
-    same weights give the same result).
+    same weights give the same result). With a variational ``dequantizer``
+    (density task) the bits/dim are its bound, -(log p(y) - D n ln 2 -
+    log q(u|x)) / (D ln 2) with one draw of u per image; else the uniform-noise
+    bound.
 
     For ``task`` "classification" / "hybrid", ``x`` is a pair (images,
     labels) and the step returns ``(sum bpd, sum bpd^2, count, number
@@ -926,11 +980,14 @@ def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density",
         seed_pair = tf.random.experimental.stateless_fold_in(
             tf.stack([base_seed, tf.cast(index, tf.int64)]), ctx.replica_id_in_sync_group)
         seeds = tf.random.experimental.stateless_split(seed_pair, 2)
-        x = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype)
+        if dequantizer is None:
+            x, log_q = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype), 0.0
+        else:
+            x, log_q = dequantizer.dequantize(x_int, seeds[0])
         m = tf.cast(mask, tf.float64)
         if task == "density":
             bpd = model.bits_per_dim(x, n_bits=n_bits, training=training_estimator,
-                                     seed=seeds[1], validate=False)
+                                     seed=seeds[1], validate=False) + log_q / (d * _LN2)
         elif task == "classification":
             logits = model.classify(x, training=False, validate=False)
             bpd = tf.zeros([tf.shape(x)[0]], dtype)
@@ -1277,11 +1334,14 @@ class Trainer:
         keras.utils.set_random_seed(int(self.hp["seed"]))
         with self.strategy.scope():
             self.model = models.ResidualFlow(self.flow_config)
+            self.dequantizer = make_dequantizer(self.hp["dequantization"], self.flow_config)
+            self.train_variables = trained_variables(self.model, self.dequantizer)
             self.optimizer = make_optimizer(self.hp["lr"], self.hp["warmup_steps"])
-            self.optimizer.build(self.model.trainable_variables)
+            self.optimizer.build(self.train_variables)
             self.ema_vars = [tf.Variable(_var(v).read_value(), trainable=False,
-                                         name="ema_" + v.path.replace("/", "_"))
-                             for v in self.model.trainable_variables]
+                                         name="ema_" + getattr(v, "path", v.name).replace(
+                                             "/", "_").replace(":", "_"))
+                             for v in self.train_variables]
             # Power-iteration state (u, v, sigma): backed up while the EMA weights
             # are swapped in, so evaluation leaves the training state untouched.
             self.power_vars = [w for layer in self.model.lipschitz_layers()
@@ -1291,9 +1351,10 @@ class Trainer:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
             self.best_bpd = tf.Variable(np.inf, dtype=tf.float64, trainable=False,
                                         name="best_test_bpd")
+        extra = {} if self.dequantizer is None else {"dequantizer": self.dequantizer}
         self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
                                               ema=self.ema_vars, step=self.step,
-                                              best_bpd=self.best_bpd)
+                                              best_bpd=self.best_bpd, **extra)
         self.ckpt_dir = self._write_dir("ckpt")
         self.best_dir = self._write_dir("ckpt_best")
         if self.is_chief:
@@ -1381,8 +1442,14 @@ class Trainer:
                     f"{self.run_dir} holds a run with a different model configuration "
                     f"(differs in: {', '.join(diff)}). Use another --out/--run_name, or delete "
                     f"the directory to start over.")
-            changed = sorted(k for k in new["training"]
-                             if old.get("training", {}).get(k) != new["training"][k])
+            old_deq = old.get("training", {}).get("dequantization", "uniform")
+            if old_deq != new["training"]["dequantization"]:
+                raise UsageError(
+                    f"{self.run_dir} holds a run trained with --dequantization={old_deq}; it "
+                    f"cannot continue with --dequantization="
+                    f"{new['training']['dequantization']}. Use another --out/--run_name.")
+            changed = sorted(k for k in new["training"] if k != "dequantization"
+                             and old.get("training", {}).get(k) != new["training"][k])
             if changed:
                 self.log(f"training settings changed since the last run: {', '.join(changed)}")
         if self.is_chief:
@@ -1459,7 +1526,8 @@ class Trainer:
                 global_batch_size=hp["batch_size"], accumulate=hp["accumulate"],
                 n_bits=self.flow_config.n_bits, grad_clip=hp["grad_clip"],
                 ema_decay=hp["ema_decay"], seed=hp["seed"], jit_compile=hp["jit_compile"],
-                step_var=self.step, task=self.task, hybrid_lambda=hp.get("hybrid_lambda_value"))
+                step_var=self.step, task=self.task, hybrid_lambda=hp.get("hybrid_lambda_value"),
+                dequantizer=self.dequantizer)
         return self._train_step
 
     def _swap_ema(self, entering):
@@ -1479,7 +1547,7 @@ class Trainer:
                 if entering:     # keep the power-iteration state of the training weights
                     for b, w in zip(self.power_backup, self.power_vars):
                         update(b, copy, args=(_var(w),), group=False)
-                for v, e in zip(self.model.trainable_variables, self.ema_vars):
+                for v, e in zip(self.train_variables, self.ema_vars):
                     update(_var(v), swap, args=(e,), group=False)
                 if not entering:
                     for w, b in zip(self.power_vars, self.power_backup):
@@ -1554,7 +1622,7 @@ class Trainer:
                             dtype=self.model.flow_dtype)
         self.model.initialize(x)
         self.model.converge_lipschitz()
-        for e, v in zip(self.ema_vars, self.model.trainable_variables):
+        for e, v in zip(self.ema_vars, self.train_variables):
             e.assign(_var(v).read_value())
         self._restored = True
         return None
@@ -1586,7 +1654,8 @@ class Trainer:
         if training_estimator not in self._eval_step:
             self._eval_step[training_estimator] = make_eval_step(
                 self.model, self.strategy, n_bits=self.flow_config.n_bits, seed=self.hp["seed"],
-                task=task, training_estimator=training_estimator)
+                task=task, training_estimator=training_estimator,
+                dequantizer=self.dequantizer)
         eval_step = self._eval_step[training_estimator]
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
         sums = None
@@ -1685,7 +1754,8 @@ class Trainer:
                             "test/cross_entropy": m["cross_entropy"]})
         cfg = self.flow_config
         terms = "" if self.task == "classification" else \
-            f", {cfg.logdet_eval_mode} log-det, {cfg.n_exact_terms_eval} exact terms"
+            f", {cfg.logdet_eval_mode} log-det, {cfg.n_exact_terms_eval} exact terms, " \
+            f"{self.hp['dequantization']} dequantisation bound"
         self.log(f"step {step}: {'; '.join(parts)} ({n} images, EMA weights{terms})")
         if self.task != "classification" and cfg.logdet_eval_mode != cfg.logdet:
             # Trained with another estimator (e.g. the biased truncated series):
@@ -1758,7 +1828,8 @@ class Trainer:
             self._check_workers_agree_on_step(start)
         self.log(f"run {self.spec.run_name}: dataset {self.spec.dataset} "
                  f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
-                 f"{self.model.count_params():,} parameters, {self.n_replicas} replica(s) "
+                 f"{self.model.count_params():,} parameters, {hp['dequantization']} "
+                 f"dequantisation, {self.n_replicas} replica(s) "
                  f"({type(self.strategy).__name__}), global batch {hp['batch_size']} x "
                  f"{hp['accumulate']}, steps {start}->{total}, dir {self.run_dir}")
         if self.is_chief:

@@ -107,18 +107,27 @@ class GatedAttentionConditioner(keras.layers.Layer):
         conv = keras.layers.Conv1D if positions_rank == 1 else keras.layers.Conv2D
         ch, dt = self.hidden_channels, self.dtype_policy
         self.conv_in = conv(ch, 3, padding="same", dtype=dt)
-        self.conv_blocks, self.attn_blocks = [], []
-        for _ in range(self.num_blocks):
-            self.conv_blocks.append((conv(ch, 3, padding="same", dtype=dt),
-                                     conv(2 * ch, 1, dtype=dt),
-                                     keras.layers.LayerNormalization(dtype=dt)))
+        conv_blocks, attn_blocks = [], []
+        for k in range(self.num_blocks):
+            conv_blocks.append((conv(ch, 3, padding="same", dtype=dt),
+                                conv(2 * ch, 1, dtype=dt),
+                                keras.layers.LayerNormalization(dtype=dt)))
             if self.attention:
-                self.attn_blocks.append((
+                attn_blocks.append((
                     conv(ch, 1, dtype=dt),
                     keras.layers.MultiHeadAttention(self.num_heads, max(ch // self.num_heads, 1),
                                                     dtype=dt),
                     conv(2 * ch, 1, dtype=dt),
                     keras.layers.LayerNormalization(dtype=dt)))
+            # Every sub-layer an attribute: Keras 3 lists (of tuples) are not checkpoint
+            # dependencies, so tf.train.Checkpoint / SavedModel would miss their weights.
+            for part, layer in zip(("conv", "gate", "norm"), conv_blocks[k]):
+                setattr(self, f"block{k}_{part}", layer)
+            for part, layer in zip(("proj", "attention", "attn_gate", "attn_norm"),
+                                   attn_blocks[k] if self.attention else ()):
+                setattr(self, f"block{k}_{part}", layer)
+        object.__setattr__(self, "conv_blocks", conv_blocks)
+        object.__setattr__(self, "attn_blocks", attn_blocks)
         self.conv_out = conv(self.out_channels * self.params_per_channel, 3, padding="same",
                              kernel_initializer="zeros", dtype=dt)
 

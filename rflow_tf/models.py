@@ -451,10 +451,10 @@ class FlowConfig:
         pos_int("flowpp_conditioner_blocks", self.flowpp_conditioner_blocks, allow_zero=True)
         pos_int("flowpp_heads", self.flowpp_heads)
         pos_int("flowpp_channel_couplings", self.flowpp_channel_couplings, allow_zero=True)
-        if self.block == "flowpp":
-            if self.flowpp_attention and self.hidden_channels % self.flowpp_heads:
-                raise ValueError(f"FlowConfig.flowpp_heads={self.flowpp_heads} must divide "
-                                 f"hidden_channels={self.hidden_channels}")
+        if (self.block == "flowpp" and self.flowpp_attention
+                and self.hidden_channels % self.flowpp_heads):
+            raise ValueError(f"FlowConfig.flowpp_heads={self.flowpp_heads} must divide "
+                             f"hidden_channels={self.hidden_channels}")
         if self.n_bits > 8:
             raise ValueError(f"FlowConfig.n_bits must be in 1..8, got {self.n_bits}")
         if self.logdet not in rbij.LOGDET_MODES:

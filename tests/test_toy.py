@@ -120,6 +120,7 @@ _SMALL = ["--blocks", "2", "--hidden", "16-16", "--iters", "30", "--batch_size",
     ("iresnet", "8gaussians", ["--n_power_series", "3"]),
     ("coupling", "checkerboard", ["--actnorm"]),
     ("naf", "moons", []),
+    ("mixlogcdf", "moons", []),
 ])
 def test_short_run_writes_png_and_finite_test_nll(tmp_path, capsys, model, data, extra):
     result = toy.run(["--data", data, "--model", model, "--out", str(tmp_path)] + _SMALL + extra)

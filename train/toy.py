@@ -17,6 +17,8 @@ ActNorm, or coupling layers). Four model families:
   ``tfb.Permute`` between them (a Glow/RealNVP-style baseline).
 * ``naf``      -- neural autoregressive flow: ``DeepSigmoidalFlow`` layers
   (``rflow_tf.sigmoidal_flows``) with ``tfb.Permute`` between them.
+* ``mixlogcdf`` -- Flow++ logistic-mixture CDF couplings
+  (``rflow_tf.mixlogcdf.MixLogCDFCoupling``, vector mode, alternating halves).
 
 Evaluation always uses the exact 2-D log-det (``slogdet(I + J_g)`` per block),
 so the test negative log-likelihood (nats) is comparable across models.
@@ -52,6 +54,7 @@ import tensorflow_probability as tfp  # noqa: E402
 
 from rflow_tf import layers as rlayers  # noqa: E402
 from rflow_tf.bijectors import ActNorm, IResBlock  # noqa: E402
+from rflow_tf.mixlogcdf import MixLogCDFCoupling  # noqa: E402
 from rflow_tf.sigmoidal_flows import DeepSigmoidalFlow  # noqa: E402
 
 tfb = tfp.bijectors
@@ -73,7 +76,7 @@ __all__ = [
     "main",
 ]
 
-MODELS = ("resflow", "iresnet", "coupling", "naf")
+MODELS = ("resflow", "iresnet", "coupling", "naf", "mixlogcdf")
 #: The plots (and density grids) cover [-PLOT_LIMIT, PLOT_LIMIT]^2, as in the reference.
 PLOT_LIMIT = 4.0
 _COUPLING_ACTIVATIONS = {"lipswish": "swish", "swish": "swish", "elu": "elu", "relu": "relu",
@@ -141,7 +144,8 @@ def build_parser():
     g.add_argument("--model", choices=MODELS, default="resflow",
                    help="resflow: unbiased residual flow; iresnet: truncated (biased) "
                         "log-det; coupling: tfb.RealNVP affine coupling layers + tfb.Permute; "
-                        "naf: DeepSigmoidalFlow (NAF-DSF) layers + tfb.Permute")
+                        "naf: DeepSigmoidalFlow (NAF-DSF) layers + tfb.Permute; mixlogcdf: "
+                        "Flow++ logistic-mixture CDF couplings")
     g.add_argument("--blocks", type=_positive_int, default=10,
                    help="number of residual blocks (or coupling layers)")
     g.add_argument("--hidden", type=_hidden_units, default=(128, 128, 128, 128),
@@ -336,6 +340,8 @@ class ToyFlow(tf.Module):
                 z, l = b.forward_and_log_det(z, seed=None if seeds is None else seeds[i],
                                              training=training)
                 i += 1
+            elif isinstance(b, MixLogCDFCoupling):
+                z, l = b.forward_and_log_det(z)     # one conditioner pass
             else:
                 l = b.forward_log_det_jacobian(z, event_ndims=1)
                 z = b.forward(z)
@@ -393,6 +399,10 @@ def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activati
       shift and log-scale from an MLP with widths ``hidden``.
     * ``naf``: ``blocks`` x [DeepSigmoidalFlow(2, 8 sigmoids), tfb.Permute([1, 0])],
       MADE conditioner with widths ``hidden``; sampling inverts by bisection.
+    * ``mixlogcdf``: ``blocks`` x MixLogCDFCoupling((2,)) with 8 logistics, the
+      kept coordinate alternating; conditioner of ``hidden[0]`` channels and
+      ``len(hidden) // 2`` gated conv blocks (no attention: 2 positions);
+      sampling inverts by bisection.
 
     With ``actnorm``, an ActNorm comes before the first and after every block.
     The evaluation copy of each residual block shares its net and uses
@@ -435,6 +445,14 @@ def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activati
             train_b += [layer, perm]
             eval_b += [layer, perm]
             models.append(layer.conditioner)
+        elif model == "mixlogcdf":
+            layer = MixLogCDFCoupling((2,), parity=i % 2, num_components=8,
+                                      hidden_channels=hidden[0],
+                                      num_blocks=max(1, len(hidden) // 2), attention=False,
+                                      name=f"mixlogcdf_{i}")
+            train_b.append(layer)
+            eval_b.append(layer)
+            models.append(layer.net)
         else:
             net = rlayers.lipschitz_dense_net(2, hidden, coeff, activation,
                                               preactivation=bool(preactivation),

@@ -1678,6 +1678,8 @@ class ResidualFlow(keras.Model):
 
         Example: ``flow.converge_lipschitz()``.
         """
+        if not self.lipschitz_layers():     # coupling / Flow++ blocks: nothing to converge
+            return []
         return rlayers.converge_lipschitz(self.flow_layers, tol, max_iterations)
 
     def update_lipschitz(self):

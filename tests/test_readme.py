@@ -38,3 +38,18 @@ def test_readme_hybrid_building_blocks_example_runs():
     exec(compile(block, "README.md", "exec"), namespace)   # noqa: S102 (our own README)
     assert namespace["logits"].shape == (32, 10)
     assert namespace["loss"].shape == () and bool(tf.math.is_finite(namespace["loss"]))
+
+
+def test_readme_surrogate_posterior_example_keeps_the_bound():
+    import numpy as np
+    from rflow_tf import layers
+
+    block = next(b for b in python_blocks() if "fit_surrogate_posterior" in b)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)   # noqa: S102 (our own README)
+    assert np.all(np.isfinite(namespace["losses"].numpy()))
+    found = layers.lipschitz_layers(namespace["q"])
+    assert found
+    for layer in found:      # every weight update re-estimated sigma: SVD of W_eff <= coeff
+        w = layer.effective_kernel().numpy()
+        assert np.linalg.norm(w, 2) <= layer.coeff * 1.001, (layer.name, np.linalg.norm(w, 2))

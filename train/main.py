@@ -1804,7 +1804,12 @@ class Trainer:
         except _PEER_LOST_ERRORS as e:
             if not self.multi_worker:
                 raise
-            reason = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            # The informative line ("Collective ops is aborted by: Socket closed", "... are
+            # unhealthy ..."), not TensorFlow's "Graph execution error:" header.
+            reason = next((ln for ln in lines if re.search(
+                r"aborted by|unhealthy|socket closed|connection|deadline", ln, re.IGNORECASE)),
+                lines[0] if lines else "")
             latest = (checkpoint_candidates(os.path.join(self.run_dir, "ckpt")) or
                       ["none yet: a restart starts over"])[0]
             raise WorkerLostError(

@@ -1,0 +1,637 @@
+"""FlowConfig (every architectural and estimator setting of an image flow, versioned)
+and the paper's presets (PRESETS, get_preset, preset_for_dataset)."""
+
+import dataclasses
+import json
+from typing import Optional, Tuple
+
+import numpy as np
+
+from rflow_tf import bijectors as rbij
+from rflow_tf import classifier as rclf
+from rflow_tf import layers as rlayers
+
+_TUPLE_FIELDS = ("input_shape", "n_blocks", "fc_hidden")
+
+
+#: Kinds of flow block (:attr:`FlowConfig.block`).
+BLOCK_TYPES = ("residual", "coupling", "flowpp")
+
+
+#: Layers that map [0, 1] pixels to the flow's input (:attr:`FlowConfig.init_layer`).
+INIT_LAYERS = ("logit", "cifar10")
+
+
+#: Version of :class:`FlowConfig`'s meaning. A config (dict/JSON) written
+#: without ``config_version`` is version 1; its missing fields take the
+#: version-1 values below, so models saved before a default changed load and
+#: train exactly as they were built.
+CONFIG_VERSION = 3
+
+
+#: Fields whose default changed, with their value up to each older version:
+#: version 2 brought the reference's first block (``first_resblock``) and
+#: squeeze order, version 3 the reference's initialisation (``init``) and
+#: a separate evaluation estimator (``logdet_eval``; before, evaluation used
+#: the training estimator, written here as :data:`SAME_AS_LOGDET`).
+SAME_AS_LOGDET = "same_as_logdet"
+
+
+LEGACY_DEFAULTS = {
+    1: {"first_resblock": False, "squeeze_order": "space_to_depth"},
+    2: {"init": "glorot", "logdet_eval": SAME_AS_LOGDET},
+}
+
+
+def legacy_defaults(version):
+    """The values a config of ``version`` gives the fields it does not name
+    (every field whose default changed after ``version``).
+
+    Example: ``legacy_defaults(1)["init"]  # "glorot"``.
+    """
+    out = {}
+    for old, defaults in LEGACY_DEFAULTS.items():
+        if version <= old:
+            out.update(defaults)
+    return out
+
+
+def _check_config_version(version):
+    if (isinstance(version, bool) or not isinstance(version, (int, np.integer))
+            or not 1 <= version <= CONFIG_VERSION):
+        raise ValueError(f"FlowConfig.config_version must be an int in 1..{CONFIG_VERSION} "
+                         f"(the versions this rflow_tf knows), got {version!r}; a newer "
+                         f"version was written by a newer rflow_tf")
+
+
+@dataclasses.dataclass
+class FlowConfig:
+    """All settings of a :class:`ResidualFlow`; JSON round-trips exactly.
+
+    Architecture:
+      input_shape: (H, W, C) of one image.
+      n_blocks: residual blocks per scale, e.g. (16, 16, 16); scales are
+        separated by a 2x2 Squeeze, so H and W must be divisible by
+        2**(len(n_blocks) - 1 + squeeze_first).
+      hidden_channels: width h of each block g = [act] Conv_k1(C->h) act
+        Conv_k2(h->h) act ... Conv_kL(h->C).
+      kernels: kernel sizes of g's convolutions, "3-1-3" in the paper.
+      activation: "lipswish" (paper), "elu", "softplus", "relu", "identity".
+      coeff: Lipschitz bound c < 1 of every linear map (spectral norm).
+      preactivation: apply the activation to the block's input first.
+      actnorm: ActNorm after every block (and before the first block, see
+        ``first_resblock``).
+      first_resblock: the reference's ``--first-resblock`` (True in all its
+        published models): an ActNorm before the first block of scale 0 (if
+        ``actnorm``), and that block has no pre-activation (it sees the
+        logit, or ActNorm, output directly). False: no ActNorm before the
+        first block and every block pre-activated. (Version-1 configs:
+        False, and the ActNorm before the first block was always there.)
+      squeeze_first: squeeze the input once before the first scale (the
+        reference uses it for ImageNet64 and CelebA-HQ).
+      init: initialisation of fresh weights, "reference" (the authors' code:
+        weights and biases of every Lipschitz layer U(+-1/sqrt(fan_in)),
+        ActNorm's data init with the unbiased variance) or "glorot"
+        (Glorot-uniform weights, zero biases, biased variance; version <= 2).
+        Irrelevant once weights are trained or restored.
+      squeeze_order: channel order of every squeeze, "reference" (out
+        channel c*4 + 2*dy + dx, the authors' code) or "space_to_depth"
+        ((2*dy + dx)*C + c); see :class:`rflow_tf.bijectors.Squeeze`. They
+        differ as models only with ``factor_out``.
+      factor_out: after each scale but the last, half of the channels go
+        straight to the latent (standard normal); the rest continue.
+      fc_end: fully connected residual blocks on the flattened last scale.
+      n_fc_blocks, fc_hidden: number of FC blocks and their hidden widths
+        (reference: 4 blocks, d -> 128 -> 128 -> d).
+      logit_alpha: alpha of the logit transform (1e-6 MNIST, 0.05 otherwise).
+      n_bits: bits per pixel of the data (8; 5 for CelebA-HQ).
+      block: "residual" (invertible residual blocks, the paper's model),
+        "flowpp" (Flow++ couplings, see below) or "coupling" (the paper's
+        Table 4/5 baseline, built like the reference's: :class:`rflow_tf.coupling.AffineCoupling` with scale
+        sigmoid(s + 2) and an unconstrained ReLU net of ``kernels`` and
+        ``hidden_channels``; checkerboard masks in scale 0 (the scale with
+        the init layer), channel masks in later scales, the kept half
+        alternating from mask "0" in every scale and continuing through the
+        FC end, whose blocks are dense couplings with ``fc_hidden``). The
+        estimator settings below only matter for residual blocks.
+      invertible_1x1: a Glow invertible 1x1 convolution
+        (:class:`rflow_tf.invertible_conv.Invertible1x1Conv`, LU weights,
+        exact log-det) before every block of every scale (not the FC end),
+        the reference's ``--quadratic``.
+      init_layer: the first layer, mapping pixels in [0, 1] to the flow:
+        "logit" (:class:`rflow_tf.bijectors.LogitTransform` with
+        ``logit_alpha``) or "cifar10" (per-channel normalisation
+        :meth:`rflow_tf.classifier.ChannelNormalize.cifar10`, the
+        reference's layer for CIFAR-10 classification and hybrid runs).
+      n_classes: 0 (a density model) or the number of classes of the
+        classifier heads (:class:`rflow_tf.classifier.ClassifierHeads`) read
+        by :meth:`ResidualFlow.classify` / :meth:`ResidualFlow.log_prob_and_logits`.
+      head_channels: output channels of each head's 3x3 convolution (paper: 256).
+
+      Flow++ (``block="flowpp"``, Ho et al. 2019): each block is a
+        :class:`rflow_tf.mixlogcdf.MixLogCDFCoupling` (logistic-mixture CDF,
+        exact log-det, bisection inverse) whose conditioner has
+        ``hidden_channels`` channels and ``flowpp_conditioner_blocks`` gated
+        conv (+ attention) blocks. Masks: checkerboard in scale 0; in later
+        scales the first ``flowpp_channel_couplings`` blocks use channel
+        masks, the rest checkerboard; the kept half alternates from block to
+        block; FC-end blocks are vector couplings (alternating halves).
+      flowpp_components: logistics K per element of every Flow++ coupling.
+      flowpp_conditioner_blocks: gated residual (conv, attention) blocks of
+        each Flow++ conditioner.
+      flowpp_attention: self-attention in the Flow++ conditioners (False: the
+        Flow++ "no self-attention" ablation).
+      flowpp_heads: attention heads (must divide ``hidden_channels``).
+      flowpp_channel_couplings: channel-mask couplings at the start of every
+        scale after the first.
+
+    Log-det estimator (see :class:`rflow_tf.bijectors.IResBlock`):
+      logdet: "unbiased" (Russian roulette + Hutchinson), "truncated" or
+        "exact" (full Jacobian; small inputs only).
+      dist, rate, p: roulette distribution, "poisson" with ``rate`` (lambda)
+        or "geometric" with ``p``.
+      logdet_eval: the estimator of evaluation calls (``training=False``:
+        test bits/dim, export, ``log_prob``); None (default) means "unbiased"
+        when ``logdet`` is "truncated" (so an i-ResNet trained with the biased
+        series reports its true bits/dim, as the reference does) and
+        ``logdet`` otherwise. See :attr:`logdet_eval_mode`.
+      n_exact_terms: terms always evaluated when training (paper: 2).
+      n_exact_terms_eval: exact terms when evaluating (paper: 20).
+      n_samples: roulette draws averaged per estimate; n_terms: terms of the
+        "truncated" mode; probe: "gaussian" or "rademacher".
+      neumann_grad: Neumann-series gradient of the log-det (Theorem 2).
+      grad_in_forward: compute the log-det gradient in the forward pass (the
+        reference's mode, eq. 9); the default False recomputes g in the
+        backward pass and shares one backward pass with the path gradient,
+        which is faster and keeps fewer activations (README, training step).
+      inverse_tol, inverse_max_iterations: fixed-point inverse tolerance
+        (absolute and relative) and iteration cap (used for sampling).
+      dtype: "float32" or "float64".
+
+    Versioning:
+      config_version: the meaning of the config (:data:`CONFIG_VERSION` for
+        a config made in code). A dict or JSON without this key is version 1,
+        written before ``first_resblock`` and ``squeeze_order`` existed; its
+        missing fields take the values of its version (:func:`legacy_defaults`),
+        so an old config, run directory or SavedModel still builds the model
+        it was trained as.
+
+    Differences from the reference that remain (permutations, not models):
+    the FC end flattens the last scale in (H, W, C) order (the reference:
+    (C, H, W)), and the latent's factored parts are flattened the same way.
+    A weight converter must permute the first FC kernel's input rows, the FC
+    blocks' ActNorm vectors and the latent accordingly.
+
+    Example:
+    ```python
+    cfg = FlowConfig(input_shape=(8, 8, 1), n_blocks=(2, 2), hidden_channels=32)
+    assert FlowConfig.from_json(cfg.to_json()) == cfg
+    cfg2 = cfg.replace(activation="elu")
+    ```
+    """
+
+    input_shape: Tuple[int, int, int] = (28, 28, 1)
+    n_blocks: Tuple[int, ...] = (16, 16, 16)
+    hidden_channels: int = 512
+    kernels: str = "3-1-3"
+    activation: str = "lipswish"
+    coeff: float = 0.98
+    preactivation: bool = True
+    actnorm: bool = True
+    first_resblock: bool = True
+    squeeze_first: bool = False
+    squeeze_order: str = "reference"
+    init: str = "reference"
+    factor_out: bool = False
+    fc_end: bool = True
+    n_fc_blocks: int = 4
+    fc_hidden: Tuple[int, ...] = (128, 128)
+    logit_alpha: float = 1e-6
+    n_bits: int = 8
+    block: str = "residual"
+    invertible_1x1: bool = False
+    init_layer: str = "logit"
+    n_classes: int = 0
+    head_channels: int = 256
+    flowpp_components: int = 4
+    flowpp_conditioner_blocks: int = 2
+    flowpp_attention: bool = True
+    flowpp_heads: int = 4
+    flowpp_channel_couplings: int = 2
+    logdet: str = "unbiased"
+    logdet_eval: Optional[str] = None
+    dist: str = "poisson"
+    rate: float = 2.0
+    p: float = 0.5
+    n_exact_terms: int = 2
+    n_exact_terms_eval: int = 20
+    n_samples: int = 1
+    n_terms: int = 5
+    probe: str = "gaussian"
+    neumann_grad: bool = True
+    grad_in_forward: bool = False
+    inverse_tol: float = 1e-5
+    inverse_max_iterations: int = 1000
+    dtype: str = "float32"
+    config_version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        for name in _TUPLE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, tuple(value))
+
+    # ------------------------------------------------------------ validation
+    @property
+    def n_scales(self):
+        """Number of scales, len(n_blocks)."""
+        return len(self.n_blocks)
+
+    @property
+    def logdet_eval_mode(self):
+        """The evaluation estimator: ``logdet_eval``, or if None "unbiased" for a
+        "truncated" ``logdet`` and ``logdet`` itself otherwise.
+
+        Example: ``FlowConfig(logdet="truncated").logdet_eval_mode  # "unbiased"``.
+        """
+        if self.logdet_eval is not None:
+            return self.logdet_eval
+        return "unbiased" if self.logdet == "truncated" else self.logdet
+
+    @property
+    def num_dims(self):
+        """D = H * W * C."""
+        h, w, c = self.input_shape
+        return int(h * w * c)
+
+    def validate(self):
+        """Raises ValueError/TypeError with a clear message if a setting is invalid;
+        returns ``self``.
+
+        Example: ``FlowConfig(input_shape=(7, 7, 1), n_blocks=(1, 1)).validate()``
+        raises because 7 is not divisible by 2.
+        """
+        def pos_int(name, v, allow_zero=False):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"FlowConfig.{name} must be an int, got {v!r}")
+            if v < 0 or (v == 0 and not allow_zero):
+                raise ValueError(f"FlowConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, "
+                                 f"got {v}")
+
+        if not isinstance(self.input_shape, tuple) or len(self.input_shape) != 3:
+            raise ValueError(f"FlowConfig.input_shape must be (H, W, C), got {self.input_shape!r}")
+        for v in self.input_shape:
+            pos_int("input_shape", v)
+        if not isinstance(self.n_blocks, tuple) or not self.n_blocks:
+            raise ValueError(
+                f"FlowConfig.n_blocks must be a non-empty tuple, got {self.n_blocks!r}")
+        for v in self.n_blocks:
+            pos_int("n_blocks", v)
+        _check_config_version(self.config_version)
+        h, w, c = self.input_shape
+        n_squeeze = self.n_scales - 1 + int(bool(self.squeeze_first))
+        if h % (2 ** n_squeeze) or w % (2 ** n_squeeze):
+            raise ValueError(
+                f"FlowConfig: input {h}x{w} cannot be squeezed {n_squeeze} times "
+                f"({self.n_scales} scales, squeeze_first={self.squeeze_first}); H and W must "
+                f"be divisible by {2 ** n_squeeze}")
+        pos_int("hidden_channels", self.hidden_channels)
+        try:
+            ks = [int(k) for k in str(self.kernels).split("-")]
+        except ValueError:
+            ks = []
+        if not ks or any(k < 1 or k % 2 == 0 for k in ks):
+            raise ValueError(f"FlowConfig.kernels must look like '3-1-3' (odd sizes), "
+                             f"got {self.kernels!r}")
+        if self.init not in rlayers.INITS:
+            raise ValueError(f"FlowConfig.init must be one of {rlayers.INITS}, got {self.init!r}")
+        if self.squeeze_order not in rbij.SQUEEZE_ORDERS:
+            raise ValueError(f"FlowConfig.squeeze_order must be one of {rbij.SQUEEZE_ORDERS}, "
+                             f"got {self.squeeze_order!r}")
+        for name in ("preactivation", "actnorm", "first_resblock", "squeeze_first",
+                     "invertible_1x1", "flowpp_attention"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"FlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.activation not in rlayers.ACTIVATIONS:
+            raise ValueError(f"FlowConfig.activation must be one of {rlayers.ACTIVATIONS}, "
+                             f"got {self.activation!r}")
+        if not 0.0 < float(self.coeff) < 1.0:
+            raise ValueError(f"FlowConfig.coeff must lie in (0, 1) for invertibility, "
+                             f"got {self.coeff}")
+        pos_int("n_fc_blocks", self.n_fc_blocks, allow_zero=True)
+        if not isinstance(self.fc_hidden, tuple):
+            raise ValueError(f"FlowConfig.fc_hidden must be a tuple, got {self.fc_hidden!r}")
+        for v in self.fc_hidden:
+            pos_int("fc_hidden", v)
+        if not 0.0 <= float(self.logit_alpha) < 0.5:
+            raise ValueError(f"FlowConfig.logit_alpha must lie in [0, 0.5), got {self.logit_alpha}")
+        pos_int("n_bits", self.n_bits)
+        if self.block not in BLOCK_TYPES:
+            raise ValueError(f"FlowConfig.block must be one of {BLOCK_TYPES}, got {self.block!r}")
+        if self.init_layer not in INIT_LAYERS:
+            raise ValueError(f"FlowConfig.init_layer must be one of {INIT_LAYERS}, "
+                             f"got {self.init_layer!r}")
+        if self.init_layer == "cifar10" and c != len(rclf.CIFAR10_MEAN):
+            raise ValueError(f"FlowConfig.init_layer='cifar10' normalises 3 (RGB) channels; the "
+                             f"input has {c}")
+        pos_int("n_classes", self.n_classes, allow_zero=True)
+        if self.n_classes == 1:
+            raise ValueError("FlowConfig.n_classes must be 0 (no classifier) or >= 2, got 1")
+        pos_int("head_channels", self.head_channels)
+        if self.block == "coupling":
+            last_c = c * (4 ** n_squeeze) // (2 ** (self.n_scales - 1) if self.factor_out else 1)
+            d_last = (h // 2 ** n_squeeze) * (w // 2 ** n_squeeze) * last_c
+            if self.fc_end and self.n_fc_blocks and d_last % 2:
+                raise ValueError(f"FlowConfig: coupling FC blocks split the flattened last "
+                                 f"scale in halves; its size {d_last} is odd")
+        pos_int("flowpp_components", self.flowpp_components)
+        pos_int("flowpp_conditioner_blocks", self.flowpp_conditioner_blocks, allow_zero=True)
+        pos_int("flowpp_heads", self.flowpp_heads)
+        pos_int("flowpp_channel_couplings", self.flowpp_channel_couplings, allow_zero=True)
+        if (self.block == "flowpp" and self.flowpp_attention
+                and self.hidden_channels % self.flowpp_heads):
+            raise ValueError(f"FlowConfig.flowpp_heads={self.flowpp_heads} must divide "
+                             f"hidden_channels={self.hidden_channels}")
+        if self.n_bits > 8:
+            raise ValueError(f"FlowConfig.n_bits must be in 1..8, got {self.n_bits}")
+        if self.logdet not in rbij.LOGDET_MODES:
+            raise ValueError(f"FlowConfig.logdet must be one of {rbij.LOGDET_MODES}, "
+                             f"got {self.logdet!r}")
+        if self.logdet_eval is not None and self.logdet_eval not in rbij.LOGDET_MODES:
+            raise ValueError(f"FlowConfig.logdet_eval must be None or one of "
+                             f"{rbij.LOGDET_MODES}, got {self.logdet_eval!r}")
+        if self.dist not in ("poisson", "geometric"):
+            raise ValueError(f"FlowConfig.dist must be 'poisson' or 'geometric', got {self.dist!r}")
+        if not float(self.rate) > 0:
+            raise ValueError(f"FlowConfig.rate must be > 0, got {self.rate}")
+        if not 0.0 < float(self.p) < 1.0:
+            raise ValueError(f"FlowConfig.p must lie in (0, 1), got {self.p}")
+        pos_int("n_exact_terms", self.n_exact_terms, allow_zero=True)
+        pos_int("n_exact_terms_eval", self.n_exact_terms_eval, allow_zero=True)
+        pos_int("n_samples", self.n_samples)
+        pos_int("n_terms", self.n_terms)
+        if self.probe not in ("gaussian", "rademacher"):
+            raise ValueError(f"FlowConfig.probe must be 'gaussian' or 'rademacher', "
+                             f"got {self.probe!r}")
+        if self.grad_in_forward and not self.neumann_grad:
+            raise ValueError("FlowConfig.grad_in_forward=True requires neumann_grad=True")
+        if not float(self.inverse_tol) > 0:
+            raise ValueError(f"FlowConfig.inverse_tol must be > 0, got {self.inverse_tol}")
+        pos_int("inverse_max_iterations", self.inverse_max_iterations)
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"FlowConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        return self
+
+    # --------------------------------------------------------- serialisation
+    def to_dict(self):
+        """Plain dict of JSON types (tuples become lists).
+
+        Example: ``FlowConfig.from_dict(cfg.to_dict()) == cfg``.
+        """
+        d = dataclasses.asdict(self)
+        for name in _TUPLE_FIELDS:
+            d[name] = list(d[name])
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        """Builds a config from a dict (as written by :meth:`to_dict`); unknown
+        keys raise a ValueError listing the valid ones. Missing keys take
+        their defaults *of the dict's* ``config_version`` (missing: version
+        1, whose defaults are the values before they changed).
+
+        Example: ``FlowConfig.from_dict({"input_shape": [8, 8, 1], "n_blocks": [2, 2]})``
+        is a version-1 config (``first_resblock=False``, space_to_depth squeeze).
+        """
+        if not isinstance(d, dict):
+            raise TypeError(f"FlowConfig.from_dict expects a dict, got {type(d).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"Unknown FlowConfig keys {unknown}; valid keys: {names}")
+        d = dict(d)
+        version = d.setdefault("config_version", 1)
+        _check_config_version(version)
+        for name, value in legacy_defaults(version).items():
+            if value == SAME_AS_LOGDET:
+                value = d.get("logdet", cls.logdet)
+            d.setdefault(name, value)
+        return cls(**d)
+
+    def to_json(self, indent=2):
+        """JSON text of :meth:`to_dict`.
+
+        Example: ``open("config.json", "w").write(cfg.to_json())``.
+        """
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        """Inverse of :meth:`to_json`.
+
+        Example: ``cfg = FlowConfig.from_json(open("config.json").read())``.
+        """
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied (validated).
+
+        Example: ``get_preset("mnist").replace(n_exact_terms=4)``.
+        """
+        return dataclasses.replace(self, **changes).validate()
+
+    @classmethod
+    def coerce(cls, config):
+        """Accepts a FlowConfig, a dict, JSON text, a preset name or None
+        (default config) and returns a validated FlowConfig (a copy).
+
+        Example: ``FlowConfig.coerce("tiny")``.
+        """
+        if config is None:
+            cfg = cls()
+        elif isinstance(config, cls):
+            cfg = dataclasses.replace(config)
+        elif isinstance(config, dict):
+            cfg = cls.from_dict(config)
+        elif isinstance(config, str):
+            cfg = cls.from_json(config) if config.lstrip().startswith("{") else get_preset(config)
+        else:
+            raise TypeError(f"config must be a FlowConfig, dict, JSON string or preset name; "
+                            f"got {type(config).__name__}")
+        return cfg.validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A named architecture plus the reference's training defaults for it.
+
+    Fields: ``config`` (:class:`FlowConfig`), ``dataset`` (the dataset it was
+    designed for), ``batch_size`` (global), ``accumulate`` (gradient
+    accumulation steps per optimiser step), ``lr``, ``warmup_steps``,
+    ``epochs`` or ``steps`` (training length; ``steps`` wins if both set),
+    ``ema_decay``, ``grad_clip``, ``eval_every``, ``sample_every``,
+    ``description``.
+
+    Example:
+    ```python
+    p = PRESETS["celeb_a_hq"]
+    p.batch_size, p.accumulate, p.config.n_bits    # 8, 5, 5
+    ```
+    """
+
+    name: str
+    config: FlowConfig
+    dataset: str
+    batch_size: int = 64
+    accumulate: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 1000
+    epochs: Optional[float] = None
+    steps: Optional[int] = None
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    eval_every: int = 1000
+    sample_every: int = 1000
+    description: str = ""
+
+    def training_defaults(self):
+        """The training fields as a dict (everything but name/config/description)."""
+        d = dataclasses.asdict(self)
+        for k in ("name", "config", "description"):
+            d.pop(k)
+        return d
+
+
+def _paper(name, dataset, description, **cfg_kwargs):
+    train_kwargs = {k: cfg_kwargs.pop(k) for k in list(cfg_kwargs)
+                    if k in ("batch_size", "accumulate", "lr", "warmup_steps", "epochs", "steps",
+                             "ema_decay", "grad_clip", "eval_every", "sample_every")}
+    train_kwargs.setdefault("epochs", 1000)
+    return Preset(name=name, config=FlowConfig(**cfg_kwargs).validate(), dataset=dataset,
+                  description=description, **train_kwargs)
+
+
+PRESETS = {
+    # ---- the paper's architectures (reference defaults; Appendix E) ----
+    "mnist": _paper(
+        "mnist", "mnist", "Paper MNIST model: 3 scales of 16 blocks, 512 channels, FC end.",
+        input_shape=(28, 28, 1), n_blocks=(16, 16, 16), logit_alpha=1e-6),
+    "cifar10": _paper(
+        "cifar10", "cifar10", "Paper CIFAR-10 model: 3 scales of 16 blocks, 512 channels, FC end.",
+        input_shape=(32, 32, 3), n_blocks=(16, 16, 16), logit_alpha=0.05),
+    "imagenet32": _paper(
+        "imagenet32", "imagenet32", "Paper ImageNet32 model: 3 scales of 32 blocks.",
+        input_shape=(32, 32, 3), n_blocks=(32, 32, 32), logit_alpha=0.05, epochs=20),
+    "imagenet64": _paper(
+        "imagenet64", "imagenet64",
+        "Paper ImageNet64 model: squeeze first, 3 scales of 32 blocks, factor-out.",
+        input_shape=(64, 64, 3), n_blocks=(32, 32, 32), logit_alpha=0.05, squeeze_first=True,
+        factor_out=True, epochs=20),
+    "celeb_a_hq": _paper(
+        "celeb_a_hq", "celeb_a_hq",
+        "Paper CelebA-HQ 256 model: 5-bit, ELU, squeeze first, 6 scales of 16 blocks, "
+        "factor-out, no FC end, 8 exact terms, batch 8 x 5 accumulation.",
+        input_shape=(256, 256, 3), n_blocks=(16,) * 6, logit_alpha=0.05, n_bits=5,
+        activation="elu", squeeze_first=True, factor_out=True, fc_end=False, n_exact_terms=8,
+        batch_size=8, accumulate=5),
+    # ---- small presets for a CPU ----
+    "digits_small": Preset(
+        name="digits_small", dataset="digits",
+        description="CPU model for the 8x8 sklearn digits: 2 scales of 2 blocks, 32 channels, "
+                    "2 FC blocks. Trains in a few minutes on 2 cores.",
+        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(2, 2), hidden_channels=32,
+                          n_fc_blocks=2, fc_hidden=(64, 64), logit_alpha=1e-6).validate(),
+        batch_size=64, lr=2e-3, warmup_steps=100, steps=1200, ema_decay=0.99,
+        eval_every=400, sample_every=400),
+    # ---- Flow++ (block="flowpp") ----
+    "flowpp_cifar10": Preset(
+        name="flowpp_cifar10", dataset="cifar10",
+        description="Flow++ CIFAR-10 structure (Ho et al. 2019): 4 checkerboard MixLogCDF "
+                    "couplings at 32x32x3, squeeze, 2 channel + 3 checkerboard couplings at "
+                    "16x16x12; 32 logistics, conditioners of 10 gated conv + 4-head attention "
+                    "blocks with 96 channels; ActNorm after each coupling; no factor-out, no "
+                    "FC end. Train with --dequantization=variational.",
+        config=FlowConfig(input_shape=(32, 32, 3), n_blocks=(4, 5), hidden_channels=96,
+                          block="flowpp", flowpp_components=32, flowpp_conditioner_blocks=10,
+                          flowpp_heads=4, flowpp_channel_couplings=2, fc_end=False,
+                          logit_alpha=0.05).validate(),
+        batch_size=64, lr=1e-3, warmup_steps=2000, epochs=400, eval_every=1000,
+        sample_every=5000),
+    "flowpp_digits": Preset(
+        name="flowpp_digits", dataset="digits",
+        description="Small Flow++ for the 8x8 digits: 4 checkerboard couplings at 8x8x1, "
+                    "squeeze, 2 channel + 2 checkerboard couplings at 4x4x4; 4 logistics, "
+                    "conditioners of 1 gated conv + 4-head attention block with 32 channels.",
+        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(4, 4), hidden_channels=32,
+                          block="flowpp", flowpp_components=4, flowpp_conditioner_blocks=1,
+                          flowpp_heads=4, flowpp_channel_couplings=2, fc_end=False,
+                          logit_alpha=1e-6).validate(),
+        batch_size=64, lr=2e-3, warmup_steps=100, steps=1200, ema_decay=0.99,
+        eval_every=400, sample_every=400),
+    "tiny": Preset(
+        name="tiny", dataset="digits",
+        description="Smallest useful model (tests, smoke runs): 2 scales of 1 block, 8 channels, "
+                    "1 FC block.",
+        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(1, 1), hidden_channels=8,
+                          n_fc_blocks=1, fc_hidden=(16,), logit_alpha=1e-6).validate(),
+        batch_size=16, lr=1e-3, warmup_steps=10, steps=20, ema_decay=0.9,
+        eval_every=20, sample_every=20),
+}
+
+
+_DATASET_PRESET = {
+    "digits": "digits_small",
+    "mnist": "mnist",
+    "cifar10": "cifar10",
+    "svhn_cropped": "cifar10",
+    "celeb_a_hq": "celeb_a_hq",
+    "celeb_a_hq/256": "celeb_a_hq",
+    "imagenet32": "imagenet32",
+    "imagenet64": "imagenet64",
+}
+
+
+def _check_preset_name(name):
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+
+
+def get_preset(name, **overrides):
+    """A fresh copy of preset ``name``'s :class:`FlowConfig`, with ``overrides``.
+
+    Presets: ``mnist``, ``cifar10``, ``imagenet32``, ``imagenet64``,
+    ``celeb_a_hq`` (the paper's), ``digits_small``, ``tiny`` (CPU).
+
+    Example:
+    ```python
+    cfg = get_preset("cifar10", n_exact_terms=4)
+    flow = ResidualFlow(cfg)
+    ```
+    """
+    _check_preset_name(name)
+    cfg = dataclasses.replace(PRESETS[name].config)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def get_preset_training(name):
+    """Training defaults of preset ``name`` as a dict (batch_size, accumulate,
+    lr, warmup_steps, epochs, steps, ema_decay, grad_clip, eval_every,
+    sample_every, dataset).
+
+    Example: ``get_preset_training("celeb_a_hq")["accumulate"]  # 5``.
+    """
+    _check_preset_name(name)
+    return PRESETS[name].training_defaults()
+
+
+def preset_for_dataset(dataset):
+    """The default preset name for a dataset name (``digits`` -> ``digits_small``,
+    ``svhn_cropped`` -> ``cifar10``, ...).
+
+    Example: ``preset_for_dataset("mnist")  # "mnist"``.
+    """
+    key = str(dataset).strip().lower()
+    if key not in _DATASET_PRESET:
+        raise ValueError(f"No default preset for dataset {dataset!r}; pass a preset "
+                         f"explicitly (one of {sorted(PRESETS)})")
+    return _DATASET_PRESET[key]

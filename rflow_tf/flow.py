@@ -1,0 +1,520 @@
+"""The structure of a multiscale flow: the stages of a FlowConfig (build_stages),
+FlowBijector (the whole flow as one TFP bijector) and FactorOut."""
+
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from rflow_tf import bijectors as rbij
+from rflow_tf import classifier as rclf
+from rflow_tf import coupling as rcoup
+from rflow_tf import invertible_conv as rinv
+from rflow_tf import layers as rlayers
+from rflow_tf import mixlogcdf as rmix
+
+tfb = tfp.bijectors
+
+
+
+def _as_seed(seed, salt):
+    """A stateless int32 seed of shape [2] from None/int/int32/int64 seeds."""
+    if seed is not None and not isinstance(seed, int):
+        seed = tf.convert_to_tensor(seed)
+        if seed.dtype != tf.int32:
+            if not seed.dtype.is_integer:
+                raise TypeError(f"seed must be an integer tensor of shape [2], got {seed.dtype}")
+            seed = tf.cast(seed, tf.int32)
+    return tfp.random.sanitize_seed(seed, salt=salt)
+
+
+def check_pixels(x, owner, name="x", values=True):
+    """Returns the float tensor ``x`` of images after checking that its batch is
+    not empty and (``values=True``) that every pixel is finite and in [0, 1]:
+    a ValueError naming ``owner`` and ``name`` eagerly, an assertion
+    (``InvalidArgumentError`` with the same message) in graphs. The one place
+    for these checks (:class:`ResidualFlow` and :func:`rflow_tf.load`'s
+    distribution use it).
+
+    Example: ``x = check_pixels(tf.zeros([2, 8, 8, 1]), "my_flow")``.
+    """
+    if x.shape.num_elements() == 0:
+        raise ValueError(f"{owner}: {name} is an empty batch (shape {x.shape}); pass at least "
+                         "one image")
+    if not values:
+        return x
+    if tf.executing_eagerly():
+        xv = x.numpy()
+        if not np.all(np.isfinite(xv)):
+            raise ValueError(f"{owner}: {name} contains NaN or Inf")
+        if xv.min() < 0.0 or xv.max() > 1.0:
+            raise ValueError(f"{owner}: {name} must lie in [0, 1] (dequantised pixels), got "
+                             f"values in [{xv.min():.4g}, {xv.max():.4g}]")
+        return x
+    x = tf.debugging.assert_all_finite(x, f"{owner}: {name} contains NaN or Inf")
+    in_range = f"{owner}: {name} must lie in [0, 1] (dequantised pixels)"
+    with tf.control_dependencies([
+            tf.debugging.assert_greater_equal(x, tf.zeros([], x.dtype), message=in_range),
+            tf.debugging.assert_less_equal(x, tf.ones([], x.dtype), message=in_range)]):
+        return tf.identity(x)
+
+
+def check_sample_args(sample_shape, seed, owner):
+    """Checks ``sample(sample_shape, seed)`` arguments before any work:
+    ``sample_shape`` a positive int, a list of them or ``()`` (``2.5``,
+    ``-1``, ``0`` and ``True`` raise), ``seed`` None, an int or an integer
+    stateless seed of shape [2]. Symbolic tensors (inside a ``tf.function``)
+    are checked as far as their static shape and dtype allow. Raises a
+    ValueError naming ``owner``.
+
+    Example: ``check_sample_args(16, [1, 2], "flow")``.
+    """
+    value = tf.get_static_value(sample_shape) if tf.is_tensor(sample_shape) else sample_shape
+    if value is not None:
+        try:
+            shape = np.asarray(value)
+        except (TypeError, ValueError):
+            shape = None
+        if shape is None or shape.ndim > 1 or shape.dtype == bool or \
+                not np.issubdtype(shape.dtype, np.integer) or np.any(shape < 1):
+            raise ValueError(f"{owner}: the sample shape must be a positive int (or a list of "
+                             f"them), got {sample_shape!r}")
+    if seed is None or isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return
+    if tf.is_tensor(seed) and tf.get_static_value(seed) is None:
+        if not seed.dtype.is_integer or seed.shape.rank != 1 or seed.shape[0] not in (2, None):
+            raise ValueError(f"{owner}: seed must be a stateless seed of two ints, got a "
+                             f"{seed.dtype.name} tensor of shape {seed.shape}")
+        return
+    rbij._check_stateless_seed(seed, f"{owner}: seed")  # pylint: disable=protected-access
+
+
+def _iter_stages(stages):
+    """All pieces in application order, descending into FactorOut."""
+    for b in stages:
+        yield b
+        if isinstance(b, FactorOut):
+            yield from _iter_stages(b.stages)
+
+
+class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=protected-access
+    """A sequence of bijectors (``stages``, in data -> latent order) run as one
+    TFP bijector, in a single pass.
+
+    forward:  x -> z = s_n(... s_2(s_1(x)))
+    log |det dz/dx| = sum_i log |det ds_i/dx_i|     (x_i the input of stage i)
+    inverse:  z -> s_1^-1(... s_n^-1(z))
+
+    Unlike ``tfb.Chain``, the log-det pass runs every stage exactly once
+    (residual blocks through :meth:`rflow_tf.bijectors.IResBlock.forward_and_log_det`),
+    ActNorm pieces use their layers directly, and :class:`FactorOut` stages
+    are entered recursively so one seed is split over *all* residual blocks.
+    Results are never cached (they depend on changing weights and random
+    log-det estimates).
+
+    Call kwargs: ``seed`` (stateless seed, shape [2]; each residual block
+    gets its own split) and ``training`` (estimator settings: training or
+    evaluation). Any number of leading batch dimensions is accepted.
+
+    Example:
+    ```python
+    from rflow_tf.bijectors import IResBlock, ActNorm
+    stages = [IResBlock.conv((8, 8, 2), 16), ActNorm((8, 8, 2))]
+    flow = FlowBijector(stages, event_shape=(8, 8, 2))
+    z, ld = flow.forward_and_log_det(x, seed=[1, 2])
+    ld2 = flow.forward_log_det_jacobian(x, event_ndims=3, seed=[1, 2])   # same
+    ```
+    """
+
+    _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
+    _takes_flow_kwargs = True       # rflow_tf.bijectors.flow_kwargs routes seed/training here
+
+    def __init__(self, stages, event_shape, validate_args=False, name="flow"):
+        parameters = dict(locals())
+        self.stages = list(stages)
+        self.event_shape_in = tuple(int(d) for d in event_shape)
+        s = tf.TensorShape(self.event_shape_in)
+        for b in self.stages:
+            s = b.forward_event_shape(s)
+        if not s.is_fully_defined():
+            raise ValueError(f"{name}: could not infer the output event shape of the stages "
+                             f"from input event shape {self.event_shape_in}")
+        self.event_shape_out = tuple(int(d) for d in s)
+        self._blocks = [b for b in _iter_stages(self.stages) if isinstance(b, rbij.IResBlock)]
+        super().__init__(forward_min_event_ndims=len(self.event_shape_in),
+                         inverse_min_event_ndims=len(self.event_shape_out),
+                         validate_args=validate_args, parameters=parameters, name=name)
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    @property
+    def iresblocks(self):
+        """All residual blocks (also inside FactorOut stages), in order."""
+        return list(self._blocks)
+
+    # ------------------------------------------------------------- walking
+    def _walk(self, stages, x, seeds, counter, mode, training, features=None):
+        """x: [N, *event]. mode: "logdet" (value and log-det), "forward"
+        (value only) or "init" (value only, initialising ActNorm layers).
+        ``features``: None, or ``(ids, out)``: the output of every stage whose
+        id is in ``ids`` (for a FactorOut: its factored half) is appended to
+        the list ``out``, in order."""
+        total = tf.zeros([tf.shape(x)[0]], x.dtype) if mode == "logdet" else None
+        for b in stages:
+            ld = None
+            if isinstance(b, rbij.IResBlock):
+                if mode == "logdet":
+                    x, ld = b.forward_and_log_det(x, seed=seeds[counter[0]], training=training)
+                else:
+                    x = b.forward(x, training=training)
+                counter[0] += 1
+            elif isinstance(b, rbij.ActNorm):
+                if mode == "init":
+                    b.initialize(x)
+                if mode == "logdet":
+                    ld = b.log_det(x.dtype)
+                x = b.layer(x)
+            elif isinstance(b, FactorOut):
+                keep, out = b.split(x)
+                if features is not None and id(b) in features[0]:
+                    features[1].append(out)
+                z_inner, ld = self._walk(b.stages, keep, seeds, counter, mode, training,
+                                         features)
+                x = b.merge(out, z_inner)
+            elif isinstance(b, (rcoup.AffineCoupling, rmix.MixLogCDFCoupling)):
+                # One net evaluation for the value and the log-det.
+                if mode == "logdet":
+                    x, ld = b.forward_and_log_det(x)
+                else:
+                    x = b.forward(x)
+            else:
+                if mode == "logdet":
+                    ld = b.forward_log_det_jacobian(x, event_ndims=x.shape.rank - 1)
+                x = b.forward(x)
+                if features is not None and id(b) in features[0]:
+                    features[1].append(x)
+            if ld is not None:
+                total += ld
+        return x, total
+
+    def _flatten_batch(self, x):
+        x = tf.convert_to_tensor(x)
+        nd = len(self.event_shape_in)
+        if x.shape.rank is None or x.shape.rank < nd or \
+                tuple(x.shape[x.shape.rank - nd:]) != self.event_shape_in:
+            raise ValueError(f"{self.name}: expected inputs of event shape "
+                             f"{self.event_shape_in}, got shape {x.shape}")
+        batch_shape = tf.shape(x)[:tf.rank(x) - nd]
+        return tf.reshape(x, (-1,) + self.event_shape_in), batch_shape
+
+    def _block_seeds(self, seed):
+        """One seed per residual block; without a seed each block uses its own
+        ``default_seed`` (random when that is None)."""
+        if seed is None:
+            return [None] * len(self._blocks)
+        seed = _as_seed(seed, "FlowBijector")
+        return tfp.random.split_seed(seed, max(len(self._blocks), 1))
+
+    def forward_and_log_det(self, x, seed=None, training=False):
+        """``(z, log |det dz/dx|)`` in one pass; the log-det has x's batch shape.
+
+        Example: ``z, ld = flow.forward_and_log_det(x, seed=[0, 1], training=True)``.
+        """
+        xf, batch_shape = self._flatten_batch(x)
+        z, ld = self._walk(self.stages, xf, self._block_seeds(seed), [0], "logdet", training)
+        z = tf.reshape(z, tf.concat([batch_shape, self.event_shape_out], 0))
+        return z, tf.reshape(ld, batch_shape)
+
+    def initialize(self, x, feature_stages=()):
+        """Runs the forward pass once, initialising every ActNorm from its input
+        (no-op for those already initialised); returns the feature maps of
+        ``feature_stages`` (see :meth:`forward_with_features`).
+
+        Example: ``flow.initialize(first_batch)``.
+        """
+        return self.forward_with_features(x, feature_stages, mode="init")[2]
+
+    def forward_with_features(self, x, feature_stages, mode="forward", seed=None,
+                              training=False):
+        """``(z, log-det or None, features)`` for x [N, *event] in one pass:
+        ``features`` are the outputs of the stages in ``feature_stages`` (for
+        a :class:`FactorOut`, its factored half, before flattening), in flow
+        order. ``mode``: "forward" (no log-det is computed: ``None``),
+        "logdet" (the log-det [N], as :meth:`forward_and_log_det`) or "init"
+        (forward, initialising ActNorm layers).
+
+        Example: ``z, _, [h] = flow.forward_with_features(x, [squeeze])``.
+        """
+        if mode not in ("forward", "logdet", "init"):
+            raise ValueError(f"mode must be 'forward', 'logdet' or 'init', got {mode!r}")
+        xf, _ = self._flatten_batch(x)
+        out = []
+        seeds = self._block_seeds(seed) if mode == "logdet" else None
+        z, ld = self._walk(self.stages, xf, seeds, [0], mode, training,
+                           ({id(b) for b in feature_stages}, out))
+        return z, ld, out
+
+    def _forward(self, x, seed=None, training=False):
+        xf, batch_shape = self._flatten_batch(x)
+        z, _ = self._walk(self.stages, xf, None, [0], "forward", training)
+        return tf.reshape(z, tf.concat([batch_shape, self.event_shape_out], 0))
+
+    def _forward_log_det_jacobian(self, x, seed=None, training=False):
+        return self.forward_and_log_det(x, seed=seed, training=training)[1]
+
+    def _inverse_walk(self, stages, z):
+        for b in reversed(stages):
+            if isinstance(b, FactorOut):
+                d = b.factored_dim
+                keep = self._inverse_walk(b.stages, z[..., d:])
+                z = b.unmerge(z[..., :d], keep)
+            else:
+                z = b.inverse(z)
+        return z
+
+    def _inverse(self, z, seed=None, training=False):
+        nd = len(self.event_shape_out)
+        batch_shape = tf.shape(z)[:tf.rank(z) - nd]
+        zf = tf.reshape(z, (-1,) + self.event_shape_out)
+        x = self._inverse_walk(self.stages, zf)
+        return tf.reshape(x, tf.concat([batch_shape, self.event_shape_in], 0))
+
+    # -------------------------------------------------------------- shapes
+    def _forward_event_shape(self, s):
+        if s.rank is None:
+            return tf.TensorShape(None)
+        return s[:s.rank - len(self.event_shape_in)].concatenate(self.event_shape_out)
+
+    def _inverse_event_shape(self, s):
+        if s.rank is None:
+            return tf.TensorShape(None)
+        return s[:s.rank - len(self.event_shape_out)].concatenate(self.event_shape_in)
+
+    def _forward_event_shape_tensor(self, s):
+        n = tf.size(s) - len(self.event_shape_in)
+        return tf.concat([s[:n], tf.constant(self.event_shape_out, s.dtype)], 0)
+
+    def _inverse_event_shape_tensor(self, s):
+        n = tf.size(s) - len(self.event_shape_out)
+        return tf.concat([s[:n], tf.constant(self.event_shape_in, s.dtype)], 0)
+
+
+class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=protected-access
+    """Multiscale factor-out (Dinh et al. 2017): half of the channels go
+    straight to the latent, the rest go through the remaining flow.
+
+    forward (data -> latent), x of event shape (H, W, C), k = C // 2:
+
+        x_keep = x[..., :k],  x_out = x[..., k:]
+        z = concat(flatten(x_out), inner(x_keep))        event shape (H W C,)
+
+    where ``inner`` (a :class:`FlowBijector` over the ``stages`` that follow,
+    applied in order) maps (H, W, k) to a flat vector of size H W k. The
+    factored part is an identity, so
+
+        log |det df/dx| = log |det d inner / d x_keep|.
+
+    Inverse: split z at H W (C - k), invert ``inner`` on the tail and
+    concatenate the channels back. Call kwargs (``seed``, ``training``) are
+    passed to ``inner``.
+
+    Example:
+    ```python
+    inner = [tfb.Reshape([8 * 8 * 2], [8, 8, 2])]
+    fo = FactorOut((8, 8, 4), inner)
+    z = fo.forward(tf.zeros([3, 8, 8, 4]))     # shape [3, 256]
+    x = fo.inverse(z)                          # shape [3, 8, 8, 4]
+    ```
+    """
+
+    _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
+    _takes_flow_kwargs = True
+
+    def __init__(self, event_shape, stages, validate_args=False, name="factor_out"):
+        parameters = dict(locals())
+        event_shape = tuple(int(d) for d in event_shape)
+        if len(event_shape) != 3 or event_shape[-1] < 2:
+            raise ValueError(f"FactorOut needs an event shape (H, W, C) with C >= 2, "
+                             f"got {event_shape}")
+        self.event_shape_ = event_shape
+        h, w, c = event_shape
+        self.n_keep = c // 2
+        self.keep_shape = (h, w, self.n_keep)
+        self.factored_dim = h * w * (c - self.n_keep)
+        self.stages = list(stages)
+        self.inner = FlowBijector(self.stages, self.keep_shape, name=f"{name}_inner")
+        if self.inner.event_shape_out != (h * w * self.n_keep,):
+            raise ValueError(f"{name}: the inner stages must map {self.keep_shape} to a flat "
+                             f"vector of size {h * w * self.n_keep}, got event shape "
+                             f"{self.inner.event_shape_out}")
+        super().__init__(forward_min_event_ndims=3, inverse_min_event_ndims=1,
+                         validate_args=validate_args, parameters=parameters, name=name)
+
+    @classmethod
+    def _parameter_properties(cls, dtype):
+        return {}
+
+    def split(self, x):
+        """(x[..., :k], x[..., k:]) for x of event shape (H, W, C)."""
+        return x[..., :self.n_keep], x[..., self.n_keep:]
+
+    def merge(self, x_out, z_inner):
+        """concat(flatten(x_out), z_inner) along the last axis."""
+        batch = tf.shape(x_out)[:-3]
+        flat = tf.reshape(x_out, tf.concat([batch, [self.factored_dim]], 0))
+        return tf.concat([flat, tf.cast(z_inner, flat.dtype)], axis=-1)
+
+    def unmerge(self, z_out, x_keep):
+        """Inverse of :meth:`merge` given the inverted inner part ``x_keep``."""
+        h, w, c = self.event_shape_
+        out = tf.reshape(z_out, tf.concat([tf.shape(z_out)[:-1], [h, w, c - self.n_keep]], 0))
+        return tf.concat([tf.cast(x_keep, out.dtype), out], axis=-1)
+
+    def _forward(self, x, **kwargs):
+        keep, out = self.split(x)
+        return self.merge(out, self.inner.forward(keep, **kwargs))
+
+    def _inverse(self, z, **kwargs):
+        d = self.factored_dim
+        return self.unmerge(z[..., :d], self.inner.inverse(z[..., d:], **kwargs))
+
+    def _forward_log_det_jacobian(self, x, **kwargs):
+        keep, _ = self.split(x)
+        return self.inner.forward_log_det_jacobian(keep, event_ndims=3, **kwargs)
+
+    def _forward_event_shape(self, s):
+        if s.rank is None:
+            return tf.TensorShape(None)
+        return s[:-3].concatenate([int(np.prod(self.event_shape_))])
+
+    def _forward_event_shape_tensor(self, s):
+        return tf.concat([s[:-3], tf.constant([int(np.prod(self.event_shape_))], s.dtype)], 0)
+
+    def _inverse_event_shape(self, s):
+        if s.rank is None:
+            return tf.TensorShape(None)
+        return s[:-1].concatenate(self.event_shape_)
+
+    def _inverse_event_shape_tensor(self, s):
+        return tf.concat([s[:-1], tf.constant(self.event_shape_, s.dtype)], 0)
+
+
+def build_stages(cfg, named_layers, feature_stages, last_shape):
+    """The stages (data -> latent) of ``cfg``'s flow; appends the Keras
+    layers to ``named_layers``, ``(stage, feature shape)`` of the stages
+    after which a classifier head reads a feature map to ``feature_stages``
+    (inter-scale squeezes: their output; factor-outs: their factored
+    half) and the last scale's (H, W, C) to ``last_shape``."""
+    dtype = cfg.dtype
+    block_kwargs = dict(
+        logdet=cfg.logdet, logdet_eval=cfg.logdet_eval_mode, dist=cfg.dist, rate=cfg.rate,
+        p=cfg.p,
+        n_exact_terms=cfg.n_exact_terms, n_exact_terms_eval=cfg.n_exact_terms_eval,
+        n_samples=cfg.n_samples, n_terms=cfg.n_terms, probe=cfg.probe,
+        neumann_grad=cfg.neumann_grad, grad_in_forward=cfg.grad_in_forward,
+        inverse_atol=cfg.inverse_tol, inverse_rtol=cfg.inverse_tol,
+        inverse_max_iterations=cfg.inverse_max_iterations)
+
+    def actnorm(shape, name):
+        layer = rlayers.ActNormalization(
+            variance="unbiased" if cfg.init == "reference" else "biased", dtype=dtype,
+            name=name)
+        named_layers.append((name, layer))
+        return rbij.ActNorm(shape, layer=layer, name=name)
+
+    def flowpp_coupling(shape, mask, parity, name):
+        return rmix.MixLogCDFCoupling(
+            shape, mask=mask, parity=parity, num_components=cfg.flowpp_components,
+            hidden_channels=cfg.hidden_channels, num_blocks=cfg.flowpp_conditioner_blocks,
+            attention=cfg.flowpp_attention, num_heads=cfg.flowpp_heads,
+            inverse_atol=cfg.inverse_tol, inverse_rtol=cfg.inverse_tol,
+            inverse_max_iterations=cfg.inverse_max_iterations, dtype=dtype, name=name)
+
+    def conv_block(s, i, shape, mask):
+        first = cfg.first_resblock and s == 0 and i == 0
+        preact = cfg.preactivation and not first
+        if cfg.block == "flowpp":
+            channel = s > 0 and i < cfg.flowpp_channel_couplings
+            return flowpp_coupling(shape, "channel" if channel else "checkerboard", i % 2,
+                                   f"s{s}_block{i}")
+        if cfg.block == "coupling":
+            return rcoup.AffineCoupling.conv(
+                shape, mask, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
+                preactivation=preact, dtype=dtype, name=f"s{s}_block{i}")
+        return rbij.IResBlock.conv(
+            shape, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
+            coeff=cfg.coeff, activation=cfg.activation, preactivation=preact,
+            dtype=dtype, init=cfg.init, name=f"s{s}_block{i}", **block_kwargs)
+
+    def fc_block(i, d, mask):
+        if cfg.block == "flowpp":
+            return flowpp_coupling((d,), "checkerboard", i % 2, f"fc_block{i}")
+        if cfg.block == "coupling":
+            return rcoup.AffineCoupling.dense(
+                (d,), mask, hidden_units=cfg.fc_hidden, preactivation=cfg.preactivation,
+                dtype=dtype, name=f"fc_block{i}")
+        return rbij.IResBlock.dense(
+            d, hidden_units=cfg.fc_hidden, coeff=cfg.coeff, activation=cfg.activation,
+            preactivation=cfg.preactivation, dtype=dtype, init=cfg.init,
+            name=f"fc_block{i}", **block_kwargs)
+
+    def scale(s, shape):
+        h, w, c = shape
+        out = []
+        # Coupling masks as the reference: the kept half alternates from "0"
+        # in every scale (checkerboard in scale 0, channel halves after) and
+        # the FC end continues the alternation.
+        kind = "checkerboard" if s == 0 else "channel"
+        n_fc = cfg.n_fc_blocks if cfg.fc_end and s == cfg.n_scales - 1 else 0
+        masks = rcoup.alternating_masks("channel", cfg.n_blocks[s] + n_fc)
+        for i in range(cfg.n_blocks[s]):
+            if cfg.invertible_1x1:
+                conv = rinv.Invertible1x1Conv(shape, seed=int(np.random.randint(2 ** 31 - 1)),
+                                              dtype=dtype, name=f"s{s}_inv1x1_{i}")
+                named_layers.append((conv.name, conv.layer))
+                out.append(conv)
+            blk = conv_block(s, i, shape, kind + masks[i][-1])
+            named_layers.append((f"{blk.name}_net", blk.net))
+            out.append(blk)
+            if cfg.actnorm:
+                out.append(actnorm(shape, f"s{s}_actnorm{i + 1}"))
+        if s < cfg.n_scales - 1:
+            squeeze = rbij.Squeeze(cfg.squeeze_order, name=f"s{s}_squeeze")
+            out.append(squeeze)
+            squeezed = (h // 2, w // 2, 4 * c)
+            if cfg.factor_out:
+                inner = scale(s + 1, (h // 2, w // 2, 2 * c))
+                fo = FactorOut(squeezed, inner, name=f"s{s}_factor_out")
+                feature_stages.append((fo, (h // 2, w // 2, 2 * c)))    # factored half
+                out.append(fo)
+                return out
+            feature_stages.append((squeeze, squeezed))    # the squeezed scale output
+            return out + scale(s + 1, squeezed)
+        d = h * w * c
+        out.append(tfb.Reshape(event_shape_out=[d], event_shape_in=[h, w, c],
+                               name="flatten"))
+        for i in range(n_fc):
+            blk = fc_block(i, d, masks[cfg.n_blocks[s] + i])
+            named_layers.append((f"{blk.name}_net", blk.net))
+            out.append(blk)
+            if cfg.actnorm:
+                out.append(actnorm((d,), f"fc_actnorm{i}"))
+        last_shape.extend([h, w, c])
+        return out
+
+    h, w, c = cfg.input_shape
+    if cfg.init_layer == "cifar10":
+        stages = [rclf.ChannelNormalize.cifar10(name="normalize")]
+    else:
+        stages = [rbij.LogitTransform(cfg.logit_alpha, name="logit")]
+    shape = (h, w, c)
+    if cfg.squeeze_first:
+        stages.append(rbij.Squeeze(cfg.squeeze_order, name="squeeze_first"))
+        shape = (h // 2, w // 2, 4 * c)
+    # Version 1 always put an ActNorm before the first block; the reference
+    # (and version 2) only with first_resblock.
+    if cfg.actnorm and (cfg.first_resblock or cfg.config_version < 2):
+        stages.append(actnorm(shape, "s0_actnorm0"))
+    return stages + scale(0, shape)

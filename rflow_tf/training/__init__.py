@@ -1,0 +1,94 @@
+"""Training as a library: ``Trainer(config, options).fit()``, usable in a notebook.
+
+* ``options``: :class:`TrainingOptions` (every non-architecture setting,
+  checked on construction), :func:`flow_config_for` (the FlowConfig a run of
+  the options trains), :func:`resolve_run` (both into a :class:`RunSpec`);
+* ``trainer``: :class:`Trainer` with ``fit`` (alias ``train``), ``evaluate``,
+  ``sample``, ``export``, ``ema_weights``;
+* ``steps``: the compiled distributed training / evaluation steps and the
+  optimiser;
+* ``checkpoints``: the run-directory lock and checkpoint recovery;
+* ``distribute``: strategies, data sharding, the multi-worker watchdog.
+
+``train/main.py`` is the command line over this package (flags ->
+(FlowConfig, TrainingOptions) -> Trainer).
+
+Example:
+```python
+from rflow_tf.training import Trainer, TrainingOptions, flow_config_for
+
+options = TrainingOptions(dataset="digits", preset="tiny", steps=20, out="/tmp/run")
+config = flow_config_for(options, hidden_channels=16)      # or None: the preset's
+trainer = Trainer(config, options)
+result = trainer.fit()            # {"test_bpd": ..., "step": 20, ...}
+trainer.sample("/tmp/run/grid.png", n=16)
+```
+"""
+
+from rflow_tf.training.checkpoints import (
+    RunDirLock,
+    RunDirLockedError,
+    checkpoint_candidates,
+    remove_stale_temp_checkpoints,
+    restore_newest,
+)
+from rflow_tf.training.distribute import (
+    ProgressWatchdog,
+    WorkerLostError,
+    configure_cpu_devices,
+    distribute_dataset,
+    make_strategy,
+)
+from rflow_tf.training.options import (
+    FLAG_CONSTRAINTS,
+    TASKS,
+    RunSpec,
+    TrainingDivergedError,
+    TrainingOptions,
+    UsageError,
+    check_flags,
+    flow_config_for,
+    resolve_run,
+)
+from rflow_tf.training.steps import (
+    LinearWarmup,
+    PreReducedAdam,
+    make_dequantizer,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    trained_variables,
+    write_scalar,
+)
+from rflow_tf.training.trainer import Trainer
+
+__all__ = [
+    "Trainer",
+    "TrainingOptions",
+    "flow_config_for",
+    "resolve_run",
+    "RunSpec",
+    "TASKS",
+    "UsageError",
+    "TrainingDivergedError",
+    "WorkerLostError",
+    "FLAG_CONSTRAINTS",
+    "check_flags",
+    "make_train_step",
+    "make_eval_step",
+    "make_optimizer",
+    "make_dequantizer",
+    "trained_variables",
+    "LinearWarmup",
+    "PreReducedAdam",
+    "write_scalar",
+    "make_strategy",
+    "configure_cpu_devices",
+    "distribute_dataset",
+    "ProgressWatchdog",
+    "RunDirLock",
+    "RunDirLockedError",
+    "checkpoint_candidates",
+    "remove_stale_temp_checkpoints",
+    "restore_newest",
+]

@@ -1,0 +1,202 @@
+"""The run directory: its lock and checkpoints that are never lost (restore the
+newest one that restores, move unrestorable ones aside, clean interrupted saves)."""
+
+import fcntl
+import os
+import re
+import shutil
+import socket
+
+import tensorflow as tf
+
+from rflow_tf.training.options import UsageError
+
+
+class RunDirLockedError(UsageError):
+    """Another live process holds the lock of the run directory."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory: ``fcntl.flock`` on ``<dir>/.lock``.
+
+    The operating system releases the lock when the holder exits or is killed
+    (even by SIGKILL), so a crashed trainer never leaves a stale lock. The
+    lock file is never deleted (deleting it would let two processes lock two
+    different files); it holds the pid and host of the current holder, for the
+    message the next trainer prints. :meth:`acquire` is idempotent.
+
+    Example:
+    ```python
+    lock = RunDirLock("runs/x")
+    lock.acquire()        # RunDirLockedError if another process holds it
+    ...
+    lock.release()
+    ```
+    """
+
+    def __init__(self, run_dir):
+        self.path = os.path.join(run_dir, ".lock")
+        self._fd = None
+
+    @property
+    def held(self):
+        """Whether this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self):
+        """Takes the lock, or raises RunDirLockedError naming the holder."""
+        if self._fd is not None:
+            return self
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunDirLockedError(
+                f"{os.path.dirname(self.path)} is in use by another trainer ({holder}); "
+                f"wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self):
+        """Releases the lock (no-op when not held)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __del__(self):
+        self.release()
+
+
+def _checkpoint_step(path, prefix):
+    m = re.fullmatch(re.escape(prefix) + r"-(\d+)", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_candidates(directory, prefix="ckpt"):
+    """Checkpoint prefixes ``<directory>/<prefix>-N`` to try, newest first: the
+    union of those listed in the ``checkpoint`` state file and those whose
+    ``.index`` file is present, so a deleted or garbage state file loses nothing.
+
+    Example: ``checkpoint_candidates("runs/x/ckpt")  # ['runs/x/ckpt/ckpt-40', ...]``
+    """
+    found = {}
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.endswith(".index"):
+                step = _checkpoint_step(name[:-len(".index")], prefix)
+                if step is not None:
+                    found[step] = os.path.join(directory, name[:-len(".index")])
+    state = tf.train.get_checkpoint_state(directory)
+    if state is not None:
+        for path in list(state.all_model_checkpoint_paths) + [state.model_checkpoint_path]:
+            path = path if os.path.isabs(path) else os.path.join(directory, path)
+            step = _checkpoint_step(path, prefix)
+            if step is not None and os.path.exists(path + ".index"):
+                found[step] = path
+    return [found[k] for k in sorted(found, reverse=True)]
+
+
+def remove_stale_temp_checkpoints(directory, prefix="ckpt"):
+    """Removes ``<prefix>-N_temp/`` directories, which TensorFlow writes a
+    checkpoint into before renaming it into place and which a kill mid-save
+    leaves behind. Only this exact naming is touched (call it while holding
+    the run-directory lock). Returns the removed paths.
+
+    Example: ``remove_stale_temp_checkpoints("runs/x/ckpt")``.
+    """
+    removed = []
+    if os.path.isdir(directory):
+        for name in sorted(os.listdir(directory)):
+            path = os.path.join(directory, name)
+            if re.fullmatch(re.escape(prefix) + r"-\d+_temp", name) and os.path.isdir(path):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def _move_aside(path, log):
+    """Moves the files of checkpoint ``path`` to ``<dir>/unrestorable/`` (kept,
+    never deleted, and out of the way of the save that will reuse the name)."""
+    directory = os.path.dirname(path)
+    dest = os.path.join(directory, "unrestorable")
+    os.makedirs(dest, exist_ok=True)
+    base = os.path.basename(path)
+    for name in os.listdir(directory):
+        if name == base + ".index" or name.startswith(base + ".data-"):
+            target = os.path.join(dest, name)
+            n = 1
+            while os.path.exists(target):
+                target, n = os.path.join(dest, f"{name}.{n}"), n + 1
+            os.replace(os.path.join(directory, name), target)
+    log(f"moved the files of the unrestorable checkpoint {path} to {dest}/")
+
+
+def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, repair=True):
+    """Restores the newest checkpoint of ``directory`` that restores completely.
+
+    Candidates come from :func:`checkpoint_candidates` (state file and files
+    present), newest first. A candidate that fails to restore (truncated or
+    corrupt files) is reported and the next older one is tried; once one
+    restores, the failed ones are moved to ``<directory>/unrestorable/``
+    (kept, and out of the way of the saves that will reuse their names).
+    The state file is rewritten when it was missing, unreadable or did not
+    name the restored checkpoint; it then lists the restored one (and the
+    older ones it listed) without timestamps, which ``CheckpointManager``
+    never rotates away, and checkpoints it did not list are left in place:
+    nothing this run did not write is ever deleted.
+
+    Returns the restored path, or None when there is no checkpoint. Raises
+    UsageError when checkpoints exist but none restores; they are then left
+    untouched and the caller must not start over and overwrite them.
+    ``repair=False`` (readers such as non-chief workers) only restores:
+    nothing is moved and no state is written.
+
+    Example: ``restore_newest(tf.train.Checkpoint(model=m), "runs/x/ckpt")``.
+    """
+    candidates = checkpoint_candidates(directory, prefix)
+    state = tf.train.get_checkpoint_state(directory)
+    state_file = os.path.join(directory, "checkpoint")
+    if candidates and state is None:
+        warn(f"{state_file} is {'unreadable' if os.path.exists(state_file) else 'missing'}; "
+             f"recovering from the checkpoint files present: "
+             f"{', '.join(os.path.basename(c) for c in candidates)}")
+    failures = []
+    for path in candidates:
+        try:
+            checkpoint.restore(path).assert_existing_objects_matched()
+        except Exception as e:  # noqa: BLE001  (any failure: try the older one)
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            failures.append((path, f"{os.path.basename(path)} ({type(e).__name__}: {reason})"))
+            warn(f"checkpoint {path} does not restore ({type(e).__name__}: {reason}); "
+                 f"trying the next older checkpoint")
+            continue
+        for bad, _ in failures:
+            if repair:
+                _move_aside(bad, log)
+        step = _checkpoint_step(path, prefix)
+        listed = [] if state is None else [
+            q if os.path.isabs(q) else os.path.join(directory, q)
+            for q in state.all_model_checkpoint_paths]
+        kept = sorted({q for q in listed if os.path.exists(q + ".index")
+                       and _checkpoint_step(q, prefix) is not None
+                       and _checkpoint_step(q, prefix) <= step} | {path},
+                      key=lambda q: _checkpoint_step(q, prefix))
+        if repair and (state is None or state.model_checkpoint_path != path or failures):
+            tf.compat.v1.train.update_checkpoint_state(
+                directory, path, all_model_checkpoint_paths=kept)
+        if failures:
+            warn(f"resumed from the older checkpoint {path} because newer ones did not "
+                 f"restore: {'; '.join(f for _, f in failures)}")
+        return path
+    if failures:
+        raise UsageError(
+            f"none of the {len(failures)} checkpoint(s) in {directory} restores: "
+            f"{'; '.join(f for _, f in failures)}. Not starting over from step 0 (that would "
+            f"overwrite them); move or delete {directory} to start over.")
+    return None

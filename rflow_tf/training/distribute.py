@@ -1,0 +1,168 @@
+"""Devices, tf.distribute strategies, data sharding over replicas and workers,
+and the watchdog that stops a cluster whose peer is lost."""
+
+import os
+import sys
+import threading
+import time
+
+import tensorflow as tf
+
+from rflow_tf.training.options import UsageError
+
+
+class WorkerLostError(Exception):
+    """A worker of a multi-worker cluster died or stopped answering; the message
+    names the checkpoint a restart of every worker resumes from."""
+
+
+# The errors a collective op raises when a peer of the cluster is gone: UNAVAILABLE
+# (connection closed, or the coordination service's heartbeats stopped), DEADLINE_EXCEEDED,
+# ABORTED / CANCELLED (collectives aborted after another failure).
+_PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                     tf.errors.AbortedError, tf.errors.CancelledError)
+
+
+def configure_cpu_devices(n):
+    """Splits the first physical CPU into ``n`` logical devices. Must run before
+    TensorFlow initialises its runtime (before any op or device listing of
+    logical devices); raises UsageError otherwise.
+
+    Example: ``configure_cpu_devices(2); make_strategy("mirrored", 2)``.
+    """
+    n = int(n)
+    if n < 1:
+        raise UsageError(f"--cpu_devices must be >= 1, got {n}")
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+        have = len(tf.config.list_logical_devices("CPU"))
+        if have != n:
+            raise UsageError(
+                f"--cpu_devices={n}: TensorFlow was already initialised with {have} logical "
+                f"CPU device(s); configure the devices before running any TensorFlow op "
+                f"({e})") from None
+
+
+def make_strategy(kind="mirrored", cpu_devices=0):
+    """A tf.distribute strategy by name.
+
+    * ``"mirrored"``: MirroredStrategy over all GPUs if there are several;
+      over the logical CPUs if ``cpu_devices > 1``; otherwise a
+      OneDeviceStrategy on the single GPU or the CPU.
+    * ``"one_device"``: OneDeviceStrategy on the first GPU or the CPU.
+    * ``"multi_worker"``: MultiWorkerMirroredStrategy (cluster from $TF_CONFIG).
+
+    Example: ``strategy = make_strategy("mirrored")``.
+    """
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    if kind == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
+    if kind != "mirrored":
+        raise UsageError(f"unknown --strategy {kind!r}")
+    if cpu_devices and int(cpu_devices) > 1:
+        cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+        if len(cpus) < int(cpu_devices):
+            raise UsageError(f"--cpu_devices={cpu_devices} but only {len(cpus)} logical CPU "
+                             "device(s) exist (call configure_cpu_devices first)")
+        return tf.distribute.MirroredStrategy(cpus[:int(cpu_devices)])
+    if len(gpus) > 1:
+        return tf.distribute.MirroredStrategy(gpus)
+    return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
+
+
+def _task(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return None, 0, True
+    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+    return task_type, task_id, is_chief
+
+
+def distribute_dataset(strategy, ds):
+    """``strategy.experimental_distribute_dataset`` of a dataset of *global*
+    batches, sharded by data: each global batch of B examples is split into
+    ``num_replicas_in_sync`` consecutive slices of B / num_replicas, and
+    replica r (of any worker) gets slice r. So the workers together see every
+    example of every global batch exactly once, whatever the number of files
+    behind ``ds`` (TFDS) or none (the in-memory digits), and a multi-worker
+    run sees the same batches in the same order as a single-process run with
+    the same global batch. Every worker must build the same ``ds`` (same seed).
+
+    Example:
+    ```python
+    ds = data.load_image_dataset("digits", "train", batch_size=64, seed=0)
+    for x in distribute_dataset(strategy, ds):   # x: PerReplica slices of 64 / replicas
+        ...
+    ```
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(ds.with_options(options))
+
+
+class ProgressWatchdog:
+    """Ends the process when no progress is reported for ``timeout`` seconds.
+
+    A daemon thread checks every ``min(timeout / 4, 5)`` seconds whether
+    :meth:`tick` was called within the last ``timeout`` seconds; if not, it
+    calls ``on_timeout(seconds_since_last_tick)``, whose default prints
+    ``message`` to stderr and ends the process with ``os._exit(4)`` (a thread
+    cannot interrupt a collective op that waits for a worker that hangs).
+    ``timeout=0`` disables it. Use as a context manager; ticks are cheap (one
+    ``time.monotonic()``).
+
+    Example:
+    ```python
+    with ProgressWatchdog(600, "no training step finished for 600 s") as dog:
+        for batch in batches:
+            step(batch)
+            dog.tick()
+    ```
+    """
+
+    def __init__(self, timeout, message="no progress", on_timeout=None):
+        self.timeout = float(timeout)
+        self.message = message
+        self.on_timeout = on_timeout or self._exit
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _exit(self, idle):
+        print(f"error: {self.message} (nothing finished for {idle:.0f} s, "
+              f"--worker_timeout={self.timeout:g})", file=sys.stderr, flush=True)
+        os._exit(4)  # pylint: disable=protected-access
+
+    def tick(self):
+        """Reports progress: the timeout starts again."""
+        self._last = time.monotonic()
+
+    def _run(self):
+        period = min(self.timeout / 4.0, 5.0)
+        while not self._stop.wait(period):
+            idle = time.monotonic() - self._last
+            if idle > self.timeout:
+                self.on_timeout(idle)
+                return
+
+    def __enter__(self):
+        self.tick()
+        if self.timeout > 0:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="ProgressWatchdog")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        return False

@@ -1,0 +1,763 @@
+"""Trainer: owns a run (strategy, model, optimiser, EMA, checkpoints, data, logs)
+and runs fit / evaluate / sample / export."""
+
+import contextlib
+import datetime
+import importlib
+import importlib.util
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from rflow_tf import data, models
+from rflow_tf.training.checkpoints import (
+    RunDirLock,
+    checkpoint_candidates,
+    remove_stale_temp_checkpoints,
+    restore_newest,
+)
+from rflow_tf.training.distribute import (
+    _PEER_LOST_ERRORS,
+    ProgressWatchdog,
+    WorkerLostError,
+    _task,
+    distribute_dataset,
+    make_strategy,
+)
+from rflow_tf.training.options import (
+    TrainingDivergedError,
+    TrainingOptions,
+    UsageError,
+    resolve_run,
+)
+from rflow_tf.training.steps import (
+    _var,
+    make_dequantizer,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    trained_variables,
+    write_scalar,
+)
+
+
+class _InjectedCrash(RuntimeError):
+    """Testing aid (--inject_crash_step): an abrupt stop with nothing saved, like a kill."""
+
+
+def _fmt_time(seconds):
+    if not math.isfinite(seconds):
+        return "?"
+    return str(datetime.timedelta(seconds=int(max(seconds, 0))))
+
+
+class Trainer:
+    """Owns a run: strategy, model, optimizer, EMA, checkpoints, data and logs.
+
+    ``Trainer(config, options)`` trains the :class:`rflow_tf.models.FlowConfig`
+    ``config`` (None: the preset's, :func:`flow_config_for`) with the
+    :class:`TrainingOptions` ``options`` (None: all defaults). It resolves
+    the run (:func:`resolve_run`), creates the strategy (unless given),
+    builds everything inside ``strategy.scope()`` (optimizer slots created up
+    front) and checks/writes ``config.json`` in the run directory.
+    :meth:`fit` (alias :meth:`train`) restores the latest checkpoint or
+    initialises ActNorm from the first batch, then runs the loop, minimising
+    per example
+
+        bits/dim = -(log p(x) - D n_bits ln 2) / (D ln 2)
+
+    (or the classification / hybrid loss of ``options.task``);
+    :meth:`evaluate`, :meth:`sample`, :meth:`export` and :meth:`ema_weights`
+    are usable on their own. ``train/main.py`` is this class behind flags.
+
+    Example:
+    ```python
+    from rflow_tf.training import Trainer, TrainingOptions
+    trainer = Trainer(None, TrainingOptions(preset="tiny", steps=10, out="/tmp/r"))
+    result = trainer.fit()
+    print(result["test_bpd"])
+    ```
+    """
+
+    def __init__(self, config=None, options=None, strategy=None):
+        options = TrainingOptions() if options is None else options
+        self.options = options
+        self.spec = resolve_run(config, options)
+        self.hp = self.spec.hparams
+        self.flow_config = self.spec.flow
+        self.run_dir = self.spec.run_dir
+        self.strategy = strategy or make_strategy(options.strategy, options.cpu_devices)
+        self.task_type, self.task_id, self.is_chief = _task(self.strategy)
+        # Multi-worker: only the chief writes into the run directory; the other
+        # workers write their (identical) checkpoints and export into a local
+        # temporary directory that they delete (TensorFlow's multi-worker guidance).
+        self.multi_worker = self.task_type is not None
+        self._tmp_root = None if self.is_chief else tempfile.mkdtemp(
+            prefix=f"rflow_tf_{self.task_type}_{self.task_id}_")
+        self.watchdog = ProgressWatchdog(
+            float(options.worker_timeout) if self.multi_worker else 0.0,
+            f"{self.task_type} {self.task_id} made no progress: another worker of the cluster "
+            f"probably hangs or died. Restart every worker with the same command; training "
+            f"resumes from the chief's last checkpoint in {os.path.join(self.run_dir, 'ckpt')}")
+        self.n_replicas = self.strategy.num_replicas_in_sync
+        if self.hp["batch_size"] % self.n_replicas:
+            raise UsageError(f"--batch_size={self.hp['batch_size']} is not divisible by the "
+                             f"{self.n_replicas} replicas")
+        self.nan_steps = {int(s) for s in str(options.inject_nan_steps).split(",") if s.strip()}
+        self.crash_step = int(options.inject_crash_step)
+        self.lock = RunDirLock(self.run_dir)
+        self._check_run_dir()
+
+        keras.utils.set_random_seed(int(self.hp["seed"]))
+        with self.strategy.scope():
+            self.model = models.ResidualFlow(self.flow_config)
+            self.dequantizer = make_dequantizer(self.hp["dequantization"], self.flow_config)
+            self.train_variables = trained_variables(self.model, self.dequantizer)
+            self.optimizer = make_optimizer(self.hp["lr"], self.hp["warmup_steps"])
+            self.optimizer.build(self.train_variables)
+            self.ema_vars = [tf.Variable(_var(v).read_value(), trainable=False,
+                                         name="ema_" + getattr(v, "path", v.name).replace(
+                                             "/", "_").replace(":", "_"))
+                             for v in self.train_variables]
+            # Power-iteration state (u, v, sigma): backed up while the EMA weights
+            # are swapped in, so evaluation leaves the training state untouched.
+            self.power_vars = [w for layer in self.model.lipschitz_layers()
+                               for w in (layer.u, layer.v, layer.sigma)]
+            self.power_backup = [tf.Variable(_var(w).read_value(), trainable=False)
+                                 for w in self.power_vars]
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+            self.best_bpd = tf.Variable(np.inf, dtype=tf.float64, trainable=False,
+                                        name="best_test_bpd")
+        extra = {} if self.dequantizer is None else {"dequantizer": self.dequantizer}
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
+                                              ema=self.ema_vars, step=self.step,
+                                              best_bpd=self.best_bpd, **extra)
+        self.ckpt_dir = self._write_dir("ckpt")
+        self.best_dir = self._write_dir("ckpt_best")
+        if self.is_chief:
+            for directory, prefix in ((self.ckpt_dir, "ckpt"), (self.best_dir, "best")):
+                for path in remove_stale_temp_checkpoints(directory, prefix):
+                    self.log(f"removed {path}, left by a save that was interrupted")
+        self._make_managers()
+        self.writer = (tf.summary.create_file_writer(os.path.join(self.run_dir, "tb"))
+                       if self.is_chief else tf.summary.create_noop_writer())
+        self._train_step = None
+        self._eval_step = None
+        self._sample_fn = None
+        self._swap_fn = None
+        self._restored = False
+
+    # --------------------------------------------------------------- helpers
+    def _make_managers(self):
+        # Managers read the state file when built: rebuilt after a repair.
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=2)
+        self.best_manager = tf.train.CheckpointManager(
+            self.checkpoint, self.best_dir, max_to_keep=int(self.options.keep_best),
+            checkpoint_name="best")
+
+    def close(self):
+        """Releases the run-directory lock (``train`` does so when it returns or raises).
+
+        Non-chief workers also delete their temporary directory.
+
+        Example: ``trainer.close()``.
+        """
+        self.lock.release()
+        if self._tmp_root is not None:
+            shutil.rmtree(self._tmp_root, ignore_errors=True)
+
+    def log(self, msg):
+        """Prints a timestamped line (chief only)."""
+        if self.is_chief:
+            print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+    def warn(self, msg):
+        """Prints a warning to stderr (chief only)."""
+        if self.is_chief:
+            print(f"[{datetime.datetime.now():%H:%M:%S}] WARNING: {msg}", file=sys.stderr,
+                  flush=True)
+
+    def _write_dir(self, name):
+        if self.is_chief:
+            return os.path.join(self.run_dir, name)
+        return os.path.join(self._tmp_root, name)
+
+    def _resumable_flow_config(self, old):
+        """The run directory's config, read with its own version's meaning, if
+        it was written by an older :data:`rflow_tf.models.CONFIG_VERSION` and
+        differs from this run's config only in defaults that changed since;
+        then the run resumes as the model it was (and ``self.flow_config`` is
+        set to it). Else None."""
+        try:
+            old_cfg = models.FlowConfig.from_dict(dict(old))
+        except (TypeError, ValueError):
+            return None
+        if old_cfg.config_version >= models.CONFIG_VERSION:
+            return None
+        versioned = {"config_version", *models.legacy_defaults(old_cfg.config_version)}
+        new = self.flow_config.to_dict()
+        if any(v != new.get(k) for k, v in old_cfg.to_dict().items() if k not in versioned):
+            return None
+        self.log(f"{self.run_dir} holds a config_version {old_cfg.config_version} run: resuming "
+                 f"it with its original architecture")
+        self.flow_config = self.spec.flow = old_cfg
+        return old_cfg
+
+    def _check_run_dir(self):
+        path = os.path.join(self.run_dir, "config.json")
+        new = self.spec.config_json()
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+            old_flow = self._resumable_flow_config(old.get("flow_config", {}))
+            if old_flow is not None:
+                new["flow_config"] = old_flow.to_dict()
+            elif old.get("flow_config") != new["flow_config"]:
+                diff = sorted(k for k in set(old.get("flow_config", {})) | set(new["flow_config"])
+                              if old.get("flow_config", {}).get(k) != new["flow_config"].get(k))
+                raise UsageError(
+                    f"{self.run_dir} holds a run with a different model configuration "
+                    f"(differs in: {', '.join(diff)}). Use another --out/--run_name, or delete "
+                    f"the directory to start over.")
+            old_deq = old.get("training", {}).get("dequantization", "uniform")
+            if old_deq != new["training"]["dequantization"]:
+                raise UsageError(
+                    f"{self.run_dir} holds a run trained with --dequantization={old_deq}; it "
+                    f"cannot continue with --dequantization="
+                    f"{new['training']['dequantization']}. Use another --out/--run_name.")
+            changed = sorted(k for k in new["training"] if k != "dequantization"
+                             and old.get("training", {}).get(k) != new["training"][k])
+            if changed:
+                self.log(f"training settings changed since the last run: {', '.join(changed)}")
+        if self.is_chief:
+            self.lock.acquire()     # before writing anything into the run directory
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(new, f, indent=2, sort_keys=True)
+            os.replace(tmp, path)
+
+    def _save(self, manager, step):
+        path = manager.save(checkpoint_number=int(step))
+        self.watchdog.tick()
+        if not self.is_chief:     # every worker saves (collective); only the chief keeps it
+            tf.io.gfile.rmtree(os.path.dirname(path))
+        return path
+
+    # ------------------------------------------------------------------ data
+    @property
+    def task(self):
+        """The run's task: "density", "classification" or "hybrid"."""
+        return self.hp.get("task", "density")
+
+    def _train_dataset(self, start_step=0):
+        """The training batches from optimiser step ``start_step`` on. The stream is a
+        function of the seed alone (seeded shuffles, flips keyed by batch number), so
+        batch k is the same whether a run started at 0 or resumed at k. Classification
+        and hybrid runs get (images, labels) with the reference's augmentation."""
+        hp = self.hp
+        labelled = self.task != "density"
+        aug = data.classification_augmentation(self.spec.dataset) if labelled else {}
+        ds = data.load_image_dataset(
+            self.spec.dataset, "train", batch_size=hp["batch_size"], data_dir=self.options.data_dir,
+            n_bits=self.flow_config.n_bits, shuffle=True, repeat=True, seed=int(hp["seed"]),
+            download=self.options.download, drop_remainder=True, with_labels=labelled, **aug)
+        if hp["accumulate"] > 1:
+            def micro_major(*t):     # [k, B, ...] -> [B, k, ...]
+                out = tuple(tf.transpose(v, [1, 0] + list(range(2, v.shape.rank))) for v in t)
+                return out if labelled else out[0]
+
+            ds = ds.batch(hp["accumulate"], drop_remainder=True).map(micro_major)
+        return ds.skip(int(start_step)) if start_step else ds
+
+    def _test_dataset(self):
+        bs = self.hp["batch_size"]
+        h, w, c = self.flow_config.input_shape
+        labelled = self.task != "density"
+        ds = data.load_image_dataset(
+            self.spec.dataset, "test", batch_size=bs, data_dir=self.options.data_dir,
+            n_bits=self.flow_config.n_bits, shuffle=False, flip=False, repeat=False,
+            download=self.options.download, with_labels=labelled)
+        if self.options.eval_examples and self.options.eval_examples > 0:
+            ds = ds.unbatch().take(int(self.options.eval_examples)).batch(bs)
+
+        def pad(x, y=None):
+            n = tf.shape(x)[0]
+            x = tf.ensure_shape(tf.pad(x, [[0, bs - n], [0, 0], [0, 0], [0, 0]]), [bs, h, w, c])
+            if y is not None:
+                x = (x, tf.ensure_shape(tf.pad(y, [[0, bs - n]]), [bs]))
+            return x, tf.range(bs) < n
+
+        return ds.map(pad)
+
+    def _distribute(self, ds):
+        return distribute_dataset(self.strategy, ds)
+
+    # ------------------------------------------------------------ components
+    @property
+    def train_step_fn(self):
+        """The compiled training step (see :func:`make_train_step`)."""
+        if self._train_step is None:
+            hp = self.hp
+            self._train_step = make_train_step(
+                self.model, self.optimizer, self.strategy, self.ema_vars,
+                global_batch_size=hp["batch_size"], accumulate=hp["accumulate"],
+                n_bits=self.flow_config.n_bits, grad_clip=hp["grad_clip"],
+                ema_decay=hp["ema_decay"], seed=hp["seed"], jit_compile=hp["jit_compile"],
+                step_var=self.step, task=self.task, hybrid_lambda=hp.get("hybrid_lambda_value"),
+                dequantizer=self.dequantizer)
+        return self._train_step
+
+    def _swap_ema(self, entering):
+        if self._swap_fn is None:
+            def swap(a, b):
+                tmp = tf.identity(a)
+                a.assign(b)
+                b.assign(tmp)
+                return tf.constant(True)
+
+            def copy(dst, src):
+                return dst.assign(src)
+
+            @tf.function
+            def swap_all(entering):
+                update = self.strategy.extended.update
+                if entering:     # keep the power-iteration state of the training weights
+                    for b, w in zip(self.power_backup, self.power_vars):
+                        update(b, copy, args=(_var(w),), group=False)
+                for v, e in zip(self.train_variables, self.ema_vars):
+                    update(_var(v), swap, args=(e,), group=False)
+                if not entering:
+                    for w, b in zip(self.power_vars, self.power_backup):
+                        update(_var(w), copy, args=(b,), group=False)
+
+            self._swap_fn = swap_all
+        self._swap_fn(entering)
+        if not entering:        # the backed-up state is the estimate for the training weights
+            self.model.mark_lipschitz_current()
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Context in which the model holds the EMA weights (power iteration
+        converged for them). On exit the training weights and their exact
+        power-iteration state come back, so evaluating or sampling never
+        changes the course of training.
+
+        Example: ``with trainer.ema_weights(): trainer.model.sample(16)``.
+        """
+        self._swap_ema(True)
+        self.model.converge_lipschitz()
+        try:
+            yield self.model
+        finally:
+            self._swap_ema(False)
+
+    def _restore_newest(self):
+        """Restores the newest checkpoint that restores (:func:`restore_newest`); None if
+        there is none. Non-chief workers read the chief's ``ckpt/`` without repairing it."""
+        directory = self.ckpt_dir if self.is_chief else os.path.join(self.run_dir, "ckpt")
+        path = restore_newest(self.checkpoint, directory, "ckpt", log=self.log, warn=self.warn,
+                              repair=self.is_chief)
+        if path:
+            self.model.mark_lipschitz_current()     # resume with the saved estimates, exactly
+            self._restored = True
+            self._make_managers()
+            self.log(f"resumed from {path} at step {int(self.step.numpy())}")
+        return path
+
+    def _check_workers_agree_on_step(self, step):
+        """Multi-worker: every worker must resume at the same step (they all read the
+        chief's ``ckpt/``); otherwise they would train different batches and wait for
+        each other forever."""
+        local = tf.constant([step], tf.int64)
+        steps = self.strategy.gather(self.strategy.run(lambda: tf.identity(local)), axis=0)
+        lo, hi = int(tf.reduce_min(steps)), int(tf.reduce_max(steps))
+        if lo != hi:
+            raise UsageError(
+                f"the workers start at different steps ({lo} to {hi}; this is "
+                f"{self.task_type} {self.task_id} at step {step}): every worker must read the "
+                f"chief's checkpoints in {os.path.join(self.run_dir, 'ckpt')}, so --out must be "
+                f"on a filesystem shared by all workers")
+
+    def restore_or_initialize(self, first_batch=None):
+        """Restores the newest checkpoint of the run directory that restores
+        (falling back past corrupt ones, see :func:`restore_newest`); without one,
+        initialises ActNorm from ``first_batch`` (uint8 images), converges the
+        power iterations and sets the EMA to the initial weights. Returns the
+        restored checkpoint path or None.
+        """
+        if self._restored:
+            return None
+        latest = self._restore_newest()
+        if latest:
+            return latest
+        if first_batch is None:
+            raise UsageError(f"no checkpoint in {self.ckpt_dir}")
+        if isinstance(first_batch, (tuple, list)):        # (images, labels)
+            first_batch = first_batch[0]
+        x = first_batch[:, 0] if first_batch.shape.rank == 5 else first_batch
+        x = data.dequantize(x, self.flow_config.n_bits, seed=[int(self.hp["seed"]), 12345],
+                            dtype=self.model.flow_dtype)
+        self.model.initialize(x)
+        self.model.converge_lipschitz()
+        for e, v in zip(self.ema_vars, self.train_variables):
+            e.assign(_var(v).read_value())
+        self._restored = True
+        return None
+
+    # ----------------------------------------------------------- evaluation
+    def evaluate(self, use_ema=True, training_estimator=False):
+        """Test bits/dim over the test split (or ``--eval_examples``) with the
+        evaluation estimator (or the training one, ``training_estimator=True``).
+        Returns ``(mean, standard error, count)``; the mean is NaN for
+        ``--task=classification`` (no log-det is computed).
+        :meth:`evaluate_metrics` also gives accuracy and cross-entropy.
+
+        Example: ``bpd, se, n = trainer.evaluate()``.
+        """
+        m = self.evaluate_metrics(use_ema, training_estimator)
+        return m["bpd"], m["bpd_stderr"], m["count"]
+
+    def evaluate_metrics(self, use_ema=True, training_estimator=False):
+        """Test metrics over the test split (or ``--eval_examples``), EMA
+        weights, evaluation estimator: a dict with ``count``, ``bpd`` and
+        ``bpd_stderr`` (NaN for classification), and for classification /
+        hybrid runs ``accuracy`` and ``cross_entropy`` (nats per image).
+
+        Example: ``trainer.evaluate_metrics()["accuracy"]``.
+        """
+        task = self.task
+        if self._eval_step is None:
+            self._eval_step = {}
+        if training_estimator not in self._eval_step:
+            self._eval_step[training_estimator] = make_eval_step(
+                self.model, self.strategy, n_bits=self.flow_config.n_bits, seed=self.hp["seed"],
+                task=task, training_estimator=training_estimator,
+                dequantizer=self.dequantizer)
+        eval_step = self._eval_step[training_estimator]
+        ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
+        sums = None
+        with ctx:
+            for i, (x, mask) in enumerate(self._distribute(self._test_dataset())):
+                out = [float(v) for v in eval_step(x, mask, tf.constant(i, tf.int64))]
+                sums = out if sums is None else [a + b for a, b in zip(sums, out)]
+                self.watchdog.tick()
+        if not sums or sums[2] == 0:
+            raise UsageError(f"the test split of {self.spec.dataset!r} is empty")
+        s, s2, n = sums[:3]
+        mean = s / n
+        var = max(s2 / n - mean * mean, 0.0)
+        result = {"count": int(n), "bpd": mean, "bpd_stderr": math.sqrt(var / n)}
+        if task == "classification":
+            result["bpd"] = result["bpd_stderr"] = float("nan")
+        if task != "density":
+            result["accuracy"] = sums[3] / n
+            result["cross_entropy"] = sums[4] / n
+        return result
+
+    def sample(self, path=None, n=None, temperature=None, use_ema=True):
+        """Samples ``n`` images (EMA weights), writes a PNG grid to ``path``
+        (default samples/step_XXXXXXX.png) and returns the path.
+
+        Example: ``trainer.sample("/tmp/grid.png", n=16)``.
+        """
+        n = int(n or self.options.n_sample_images)
+        temperature = self.options.temperature if temperature is None else temperature
+        if self._sample_fn is None or self._sample_fn[0] != (n, temperature):
+            fn = tf.function(lambda seed: self.model.sample(n, temperature=temperature, seed=seed))
+            self._sample_fn = ((n, temperature), fn)
+        ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
+        with ctx:
+            imgs = self._sample_fn[1](tf.constant([int(self.hp["seed"]), 777], tf.int64))
+        if path is None:
+            path = os.path.join(self.run_dir, "samples", f"step_{int(self.step.numpy()):07d}.png")
+        if self.is_chief:
+            data.save_image_grid(data.to_uint8_images(imgs, self.flow_config.n_bits).numpy(), path)
+        return path
+
+    def export(self, export_dir=None):
+        """Export hook: if ``rflow_tf.export`` exists, calls
+        ``rflow_tf.export.save(model, export_dir)`` with the EMA weights
+        swapped in. Returns the directory, or None when skipped.
+
+        Example: ``trainer.export("saved_models/mnist")``.
+        """
+        export_dir = self.spec.export_dir if export_dir is None else export_dir
+        if not export_dir:
+            return None
+        try:
+            export = importlib.import_module("rflow_tf.export")
+        except ImportError:
+            self.log("rflow_tf.export is not available; skipping the SavedModel export")
+            return None
+        # Every worker exports (the chief to export_dir, the others into their
+        # temporary directory, deleted at once), so that no worker waits for another.
+        target = export_dir if self.is_chief else os.path.join(self._tmp_root, "export")
+        with self.ema_weights():
+            export.save(self.model, target)
+        self.watchdog.tick()
+        if not self.is_chief:
+            shutil.rmtree(target, ignore_errors=True)
+            return None
+        self.log(f"exported SavedModel (EMA weights) to {export_dir}")
+        return export_dir
+
+    # -------------------------------------------------------------- training
+    def _summaries(self, step, scalars):
+        with self.writer.as_default(step=int(step)):
+            for name, value in scalars.items():
+                write_scalar(name, float(value), int(step))
+        self.writer.flush()
+
+    def _lipschitz_stats(self):
+        sigmas = np.array([float(l.sigma.numpy()) for l in self.model.lipschitz_layers()])
+        if sigmas.size == 0:
+            return {}
+        coeff = self.flow_config.coeff
+        return {"lipschitz/max_sigma": sigmas.max(), "lipschitz/mean_sigma": sigmas.mean(),
+                "lipschitz/max_effective": np.minimum(sigmas, coeff).max()}
+
+    def _eval_and_sample(self, step, do_sample):
+        """Evaluates (and samples); returns (metrics of :meth:`evaluate_metrics`, sample path)."""
+        m = self.evaluate_metrics()
+        bpd, se, n = m["bpd"], m["bpd_stderr"], m["count"]
+        parts, scalars = [], {}
+        if self.task != "classification":
+            parts.append(f"test bits/dim {bpd:.4f} +- {se:.4f}")
+            scalars.update({"test/bpd": bpd, "test/bpd_stderr": se})
+        if self.task != "density":
+            parts.append(f"accuracy {m['accuracy']:.4f}, cross-entropy "
+                         f"{m['cross_entropy']:.4f} nats")
+            scalars.update({"test/accuracy": m["accuracy"],
+                            "test/cross_entropy": m["cross_entropy"]})
+        cfg = self.flow_config
+        terms = "" if self.task == "classification" else \
+            f", {cfg.logdet_eval_mode} log-det, {cfg.n_exact_terms_eval} exact terms, " \
+            f"{self.hp['dequantization']} dequantisation bound"
+        self.log(f"step {step}: {'; '.join(parts)} ({n} images, EMA weights{terms})")
+        if self.task != "classification" and cfg.logdet_eval_mode != cfg.logdet:
+            # Trained with another estimator (e.g. the biased truncated series):
+            # report what that estimator says too, beside the true value above.
+            bpd_t, se_t, _ = self.evaluate(training_estimator=True)
+            self.log(f"step {step}: test bits/dim with the training estimator ({cfg.logdet}): "
+                     f"{bpd_t:.4f} +- {se_t:.4f} (true: {bpd:.4f})")
+            scalars["test/bpd_training_estimator"] = bpd_t
+        path = None
+        if do_sample and self.task != "classification":     # a classifier is no sampler
+            path = self.sample()
+            self.log(f"step {step}: samples written to {path}")
+        # Best checkpoint by test bits/dim; for classification by test error
+        # (kept in the same variable, lower is better).
+        criterion = 1.0 - m["accuracy"] if self.task == "classification" else bpd
+        name = "test error" if self.task == "classification" else "test bits/dim"
+        if math.isfinite(criterion) and criterion < float(self.best_bpd.numpy()):
+            self.best_bpd.assign(criterion)
+            best = self._save(self.best_manager, step)
+            self.log(f"step {step}: new best {name}, saved {best}")
+        key = "test/best_error" if self.task == "classification" else "test/best_bpd"
+        scalars[key] = float(self.best_bpd.numpy())
+        self._summaries(step, scalars)
+        return m, path
+
+    def fit(self):
+        """Trains (or resumes) the run; the same as :meth:`train` (Keras' name).
+
+        Example: ``result = Trainer(None, TrainingOptions(steps=5, out="/tmp/r")).fit()``.
+        """
+        return self.train()
+
+    def train(self):
+        """Runs (or resumes) training to ``steps``, evaluating, sampling and
+        checkpointing on schedule, then the final evaluation, samples,
+        results.json and the export hook. Returns a dict with ``step``,
+        ``test_bpd``, ``test_bpd_stderr``, ``best_bpd``, ``samples``,
+        ``run_dir``, ``steps_per_sec``.
+
+        Raises TrainingDivergedError after ``--max_nan_steps`` consecutive
+        non-finite steps (nothing is saved after the last good checkpoint).
+        Multi-worker: raises WorkerLostError when a collective op fails
+        because another worker is gone, and ends the process (exit status 4)
+        when nothing progresses for ``--worker_timeout`` seconds.
+        Holds the run-directory lock while it runs and releases it on return
+        or on any exception.
+        """
+        if self.is_chief:
+            self.lock.acquire()
+        try:
+            with self.watchdog:
+                return self._train()
+        except _PEER_LOST_ERRORS as e:
+            if not self.multi_worker:
+                raise
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            # The informative line ("Collective ops is aborted by: Socket closed", "... are
+            # unhealthy ..."), not TensorFlow's "Graph execution error:" header.
+            reason = next((ln for ln in lines if re.search(
+                r"aborted by|unhealthy|socket closed|connection|deadline", ln, re.IGNORECASE)),
+                lines[0] if lines else "")
+            latest = (checkpoint_candidates(os.path.join(self.run_dir, "ckpt")) or
+                      ["none yet: a restart starts over"])[0]
+            raise WorkerLostError(
+                f"{self.task_type} {self.task_id} lost another worker of the cluster at step "
+                f"{int(self.step.numpy())} ({type(e).__name__}: {reason[:300]}). Restart every "
+                f"worker with the same command; training resumes from the chief's last "
+                f"checkpoint ({latest}).") from None
+        finally:
+            self.close()
+
+    def _train(self):
+        hp, options = self.hp, self.options
+        total = int(hp["steps"])
+        if not self._restored:
+            self._restore_newest()
+        start = int(self.step.numpy()) if self._restored else 0
+        train_ds = self._train_dataset(start)
+        if not self._restored:
+            self.restore_or_initialize(next(iter(train_ds)))
+        if self.multi_worker:
+            self._check_workers_agree_on_step(start)
+        self.log(f"run {self.spec.run_name}: dataset {self.spec.dataset} "
+                 f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
+                 f"{self.model.count_params():,} parameters, {hp['dequantization']} "
+                 f"dequantisation, {self.n_replicas} replica(s) "
+                 f"({type(self.strategy).__name__}), global batch {hp['batch_size']} x "
+                 f"{hp['accumulate']}, steps {start}->{total}, dir {self.run_dir}")
+        if self.is_chief:
+            tf.io.gfile.makedirs(os.path.join(self.run_dir, "samples"))
+
+        step = start
+        nan_streak = 0
+        if step < total:
+            it = iter(self._distribute(train_ds))
+            step_fn = self.train_step_fn
+            t_log, n_log, t_start = time.time(), 0, time.time()
+            loss_sum = gnorm_sum = ld_sum = 0.0
+            metric_sums = dict.fromkeys(
+                {"density": (), "classification": ("xent", "acc"),
+                 "hybrid": ("bpd", "xent", "acc")}[self.task], 0.0)
+            n_ok = 0
+            steps_per_sec = float("nan")
+            try:
+                while step < total:
+                    poison = tf.constant(np.nan if step + 1 in self.nan_steps else 0.0,
+                                         tf.float32)
+                    try:
+                        out = step_fn(next(it), tf.constant(step, tf.int64), poison)
+                    except tf.errors.InvalidArgumentError as e:
+                        if hp["jit_compile"] and ("XLA" in str(e) or "compile" in str(e)):
+                            reason = next((ln.strip() for ln in str(e).splitlines()
+                                           if "unsupported" in ln or "compile-time" in ln),
+                                          str(e).splitlines()[0])
+                            raise UsageError(f"--jit_compile: XLA cannot compile the training "
+                                             f"step: {reason[:400]}") from None
+                        raise
+                    step += 1
+                    n_log += 1
+                    self.watchdog.tick()
+                    if step == self.crash_step:
+                        raise _InjectedCrash(f"injected crash after step {step}")
+                    if not bool(out["ok"]):
+                        nan_streak += 1
+                        self.warn(f"step {step}: non-finite loss or gradient (loss "
+                                  f"{float(out['loss'])}, grad norm {float(out['grad_norm'])}); "
+                                  f"update skipped ({nan_streak} in a row)")
+                        if nan_streak >= int(options.max_nan_steps):
+                            raise TrainingDivergedError(
+                                f"training stopped at step {step}: {nan_streak} consecutive "
+                                f"non-finite steps (--max_nan_steps={options.max_nan_steps}). The "
+                                f"last good checkpoint is "
+                                f"{self.manager.latest_checkpoint or '(none yet)'}; try a lower "
+                                f"--lr, a smaller --grad_clip or more --warmup_steps.")
+                    else:
+                        nan_streak = 0
+                        n_ok += 1
+                        loss_sum += float(out["loss"])
+                        gnorm_sum += float(out["grad_norm"])
+                        ld_sum += float(out["logdet"])
+                        for key in metric_sums:
+                            metric_sums[key] += float(out[key])
+                    if step % options.log_every == 0 or step == total:
+                        now = time.time()
+                        steps_per_sec = n_log / max(now - t_log, 1e-9)
+                        lr = float(self.optimizer.learning_rate.numpy()) \
+                            if hasattr(self.optimizer.learning_rate, "numpy") \
+                            else float(self.optimizer.learning_rate)
+                        denom = max(n_ok, 1)
+                        if self.task == "density":
+                            what = f"train bpd {loss_sum / denom:.4f}"
+                            scalars = {"train/bpd": loss_sum / denom,
+                                       "train/logdet": ld_sum / denom}
+                        else:
+                            means = {k: v / denom for k, v in metric_sums.items()}
+                            what = f"train loss {loss_sum / denom:.4f} | " + " | ".join(
+                                f"{k} {v:.4f}" for k, v in means.items())
+                            scalars = {"train/loss": loss_sum / denom,
+                                       **{f"train/{k}": v for k, v in means.items()}}
+                        self.log(f"step {step}/{total} | {what} | "
+                                 f"lr {lr:.2e} | grad norm {gnorm_sum / denom:.3f} | "
+                                 f"{steps_per_sec:.2f} steps/s | ETA "
+                                 f"{_fmt_time((total - step) / max(steps_per_sec, 1e-9))}")
+                        scalars.update({"train/lr": lr, "train/grad_norm": gnorm_sum / denom,
+                                        "train/skipped_steps": n_log - n_ok,
+                                        "perf/steps_per_sec": steps_per_sec})
+                        scalars.update(self._lipschitz_stats())
+                        self._summaries(step, scalars)
+                        t_log, n_log, n_ok = now, 0, 0
+                        loss_sum = gnorm_sum = ld_sum = 0.0
+                        metric_sums = dict.fromkeys(metric_sums, 0.0)
+                    # No periodic checkpoint in the middle of a run of skipped steps:
+                    # the latest checkpoint stays the last good step.
+                    if (step % hp["ckpt_every"] == 0 and nan_streak == 0) or step == total:
+                        self._save(self.manager, step)
+                    if step % hp["eval_every"] == 0 and step != total:
+                        self._eval_and_sample(step, step % hp["sample_every"] == 0)
+                    elif step % hp["sample_every"] == 0 and step != total:
+                        self.log(f"step {step}: samples written to {self.sample()}")
+            except KeyboardInterrupt:
+                if nan_streak == 0:
+                    path = self._save(self.manager, int(self.step.numpy()))
+                    self.log(f"interrupted; saved {path}. Rerun the same command to resume.")
+                raise
+            del it          # release the input pipeline before evaluation and export
+            self.watchdog.tick()
+            elapsed = time.time() - t_start
+            steps_per_sec = (step - start) / max(elapsed, 1e-9)
+            self.log(f"trained {step - start} steps in {_fmt_time(elapsed)} "
+                     f"({steps_per_sec:.2f} steps/s)")
+        else:
+            steps_per_sec = float("nan")
+            self.log(f"already trained to step {step} (--steps={total}); evaluating")
+
+        metrics, samples = self._eval_and_sample(step, True)
+        bpd, se = metrics["bpd"], metrics["bpd_stderr"]
+        result = {"step": step, "task": self.task, "test_bpd": bpd, "test_bpd_stderr": se,
+                  "best_bpd": float(self.best_bpd.numpy()), "samples": samples,
+                  "run_dir": self.run_dir, "steps_per_sec": steps_per_sec,
+                  "checkpoint": self.manager.latest_checkpoint}
+        if self.task != "density":
+            result["test_accuracy"] = metrics["accuracy"]
+            result["test_cross_entropy"] = metrics["cross_entropy"]
+        if self.task == "classification":
+            result["best_error"] = result.pop("best_bpd")
+            self.log(f"final test accuracy: {metrics['accuracy']:.4f}, cross-entropy "
+                     f"{metrics['cross_entropy']:.4f} (EMA weights, step {step}); best error "
+                     f"{result['best_error']:.4f}")
+        else:
+            acc = (f"; test accuracy {metrics['accuracy']:.4f}" if self.task == "hybrid"
+                   else "")
+            self.log(f"final test bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}); "
+                     f"best {result['best_bpd']:.4f}{acc}; samples: {samples}")
+        if self.is_chief:
+            with open(os.path.join(self.run_dir, "results.json"), "w") as f:
+                json.dump(result, f, indent=2)
+        # Export hook: SavedModel with the EMA weights (rflow_tf.export.save).
+        result["export_dir"] = self.export()
+        return result

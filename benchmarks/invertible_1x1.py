@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import rflow_tf  # noqa: E402,F401  (sets TensorFlow defaults first)
 import tensorflow as tf  # noqa: E402
 
-from rflow_tf.invertible_conv import Invertible1x1Conv  # noqa: E402
+from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv  # noqa: E402
 
 
 def make_step(parameterization, shape, jit):

@@ -1,23 +1,23 @@
 """rflow_tf: Residual Flows (Chen et al., NeurIPS 2019) for TensorFlow and TFP.
 
-Modules:
-  rflow_tf.layers      Keras 3 layers: LipSwish, LipschitzDense, LipschitzConv2D, ActNormalization
-  rflow_tf.norms       pure functions: induced mixed norms ||W||_{p->q}, learnable orders, chaining
-  rflow_tf.activations Keras 3 layers: LipschitzCube, FullSort, MaxMin (1-Lipschitz in every p-norm)
+Packages and modules, lowest layer first (no import runs back up; docs/ARCHITECTURE.md):
   rflow_tf.estimators  pure functions: roulette weights, Hutchinson probes, power/Neumann series
-  rflow_tf.bijectors   TFP bijectors: IResBlock, ActNorm, Squeeze, LogitTransform
-  rflow_tf.coupling    AffineCoupling (the paper's coupling baseline) and its nets
-  rflow_tf.invertible_conv  Invertible1x1Conv (Glow 1x1 convolution, exact log-det)
+  rflow_tf.norms       pure functions: induced mixed norms ||W||_{p->q}, learnable orders, chaining
+  rflow_tf.data        TFDS image pipelines, offline digits, dequantisation, 2-D toys, PNG grids
+  rflow_tf.layers      Keras 3 layers: LipSwish and other 1-Lipschitz activations, LipschitzDense,
+                       LipschitzConv2D, ActNormalization, Lipschitz nets, JacobianChain
+  rflow_tf.bijectors   TFP bijectors, one module each: IResBlock, ActNorm, Squeeze, LogitTransform,
+                       AffineCoupling, Invertible1x1Conv, DeepSigmoidalFlow / DeepDenseSigmoidalFlow
+                       (NAF), MixLogCDFCoupling (Flow++), Uniform/VariationalDequantizer
   rflow_tf.classifier  ClassifierHeads, hybrid_loss, ChannelNormalize (hybrid models)
-  rflow_tf.sigmoidal_flows  NAF bijectors: DeepSigmoidalFlow, DeepDenseSigmoidalFlow (MADE)
-  rflow_tf.mixlogcdf   Flow++ MixLogCDFCoupling and its gated-conv/attention conditioner
-  rflow_tf.dequantization  UniformDequantizer, VariationalDequantizer (negative ELBO, bits/dim)
-  rflow_tf.monotone    log-space sigmoid mixtures and the vectorised bisection they share
-  rflow_tf.models      ResidualFlow (Keras model), FlowConfig, paper presets
-  rflow_tf.data        package: TFDS image pipelines, offline digits, dequantisation, 2-D toys
+  rflow_tf.config      FlowConfig (versioned), paper presets
+  rflow_tf.flow        the multiscale flow: build_stages, FlowBijector, FactorOut
+  rflow_tf.models      ResidualFlow (Keras model), FlowDistribution
   rflow_tf.export      SavedModel export; load() returns a TransformedDistribution
   rflow_tf.convert     the authors' PyTorch checkpoints -> ResidualFlow / SavedModel (no PyTorch)
   rflow_tf.torch_format  safe reader of torch.save files (restricted unpickler)
+  rflow_tf.training    Trainer(config, options).fit(): training as a library (train/main.py is its CLI)
+  rflow_tf.toy         2-D toy models and their training loop (train/toy.py is its CLI)
 """
 import os as _os
 
@@ -29,15 +29,15 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from rflow_tf import estimators, norms, activations, layers, bijectors  # noqa: E402,F401
-from rflow_tf import coupling, invertible_conv, classifier  # noqa: E402,F401
+from rflow_tf import estimators, norms, layers, bijectors  # noqa: E402,F401
+from rflow_tf import classifier  # noqa: E402,F401
 from rflow_tf.bijectors import IResBlock, ActNorm, Squeeze, LogitTransform  # noqa: E402,F401
 from rflow_tf.layers import (  # noqa: E402,F401
     LipSwish, LipschitzDense, LipschitzConv2D, converge_lipschitz, update_lipschitz)
-from rflow_tf.sigmoidal_flows import (  # noqa: E402,F401
+from rflow_tf.bijectors.sigmoidal_flows import (  # noqa: E402,F401
     MADE, DeepSigmoidalFlow, DeepDenseSigmoidalFlow)
-from rflow_tf.mixlogcdf import MixLogCDFCoupling, GatedAttentionConditioner  # noqa: E402,F401
-from rflow_tf.dequantization import UniformDequantizer, VariationalDequantizer  # noqa: E402,F401
+from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling, GatedAttentionConditioner  # noqa: E402,F401
+from rflow_tf.bijectors.dequantization import UniformDequantizer, VariationalDequantizer  # noqa: E402,F401
 from rflow_tf.models import ResidualFlow, FlowConfig, get_preset  # noqa: E402,F401
 from rflow_tf.export import load, save  # noqa: E402,F401
 

@@ -56,7 +56,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf import layers as rlayers
-from rflow_tf.coupling import _torch_default_uniform
+from rflow_tf.bijectors.coupling import _torch_default_uniform
 
 tfb = tfp.bijectors
 

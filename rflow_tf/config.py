@@ -107,7 +107,7 @@ class FlowConfig:
       n_bits: bits per pixel of the data (8; 5 for CelebA-HQ).
       block: "residual" (invertible residual blocks, the paper's model),
         "flowpp" (Flow++ couplings, see below) or "coupling" (the paper's
-        Table 4/5 baseline, built like the reference's: :class:`rflow_tf.coupling.AffineCoupling` with scale
+        Table 4/5 baseline, built like the reference's: :class:`rflow_tf.bijectors.coupling.AffineCoupling` with scale
         sigmoid(s + 2) and an unconstrained ReLU net of ``kernels`` and
         ``hidden_channels``; checkerboard masks in scale 0 (the scale with
         the init layer), channel masks in later scales, the kept half
@@ -115,7 +115,7 @@ class FlowConfig:
         FC end, whose blocks are dense couplings with ``fc_hidden``). The
         estimator settings below only matter for residual blocks.
       invertible_1x1: a Glow invertible 1x1 convolution
-        (:class:`rflow_tf.invertible_conv.Invertible1x1Conv`, LU weights,
+        (:class:`rflow_tf.bijectors.invertible_conv.Invertible1x1Conv`, LU weights,
         exact log-det) before every block of every scale (not the FC end),
         the reference's ``--quadratic``.
       init_layer: the first layer, mapping pixels in [0, 1] to the flow:
@@ -129,7 +129,7 @@ class FlowConfig:
       head_channels: output channels of each head's 3x3 convolution (paper: 256).
 
       Flow++ (``block="flowpp"``, Ho et al. 2019): each block is a
-        :class:`rflow_tf.mixlogcdf.MixLogCDFCoupling` (logistic-mixture CDF,
+        :class:`rflow_tf.bijectors.mixlogcdf.MixLogCDFCoupling` (logistic-mixture CDF,
         exact log-det, bisection inverse) whose conditioner has
         ``hidden_channels`` channels and ``flowpp_conditioner_blocks`` gated
         conv (+ attention) blocks. Masks: checkerboard in scale 0; in later

@@ -8,10 +8,10 @@ import tensorflow_probability as tfp
 
 from rflow_tf import bijectors as rbij
 from rflow_tf import classifier as rclf
-from rflow_tf import coupling as rcoup
-from rflow_tf import invertible_conv as rinv
+from rflow_tf.bijectors import coupling as rcoup
+from rflow_tf.bijectors import invertible_conv as rinv
 from rflow_tf import layers as rlayers
-from rflow_tf import mixlogcdf as rmix
+from rflow_tf.bijectors import mixlogcdf as rmix
 
 tfb = tfp.bijectors
 

@@ -34,7 +34,7 @@ the data -> latent direction, see :mod:`rflow_tf.bijectors`)::
     z in R^D, D = H * W * C, base density N(0, I)
 
 Variants (:class:`FlowConfig`): ``block="coupling"`` replaces every residual
-block by an affine coupling (:mod:`rflow_tf.coupling`; exact log-det),
+block by an affine coupling (:mod:`rflow_tf.bijectors.coupling`; exact log-det),
 ``invertible_1x1`` puts a Glow 1x1 convolution before every block of every
 scale, ``init_layer="cifar10"`` replaces the logit by per-channel
 normalisation, and ``n_classes`` adds classifier heads

@@ -1,4 +1,4 @@
-"""Affine coupling bijectors (rflow_tf.coupling) against brute-force Jacobians."""
+"""Affine coupling bijectors (rflow_tf.bijectors.coupling) against brute-force Jacobians."""
 
 import keras
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from rflow_tf import coupling
+from rflow_tf.bijectors import coupling
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from rflow_tf.dequantization import UniformDequantizer, VariationalDequantizer
+from rflow_tf.bijectors.dequantization import UniformDequantizer, VariationalDequantizer
 
 tfd = tfp.distributions
 

@@ -21,7 +21,8 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import rflow_tf  # noqa: E402
-from rflow_tf import export, mixlogcdf, models  # noqa: E402
+from rflow_tf import export, models  # noqa: E402
+from rflow_tf.bijectors import mixlogcdf  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
 TINY_FLOWPP = ["--preset=flowpp_digits", "--n_blocks=1-1", "--hidden_channels=4",

@@ -20,8 +20,9 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from rflow_tf import bijectors as rbij  # noqa: E402
-from rflow_tf import classifier, coupling, export, models  # noqa: E402
-from rflow_tf.invertible_conv import Invertible1x1Conv  # noqa: E402
+from rflow_tf import classifier, export, models  # noqa: E402
+from rflow_tf.bijectors import coupling  # noqa: E402
+from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
 TINY = dict(input_shape=(8, 8, 1), n_blocks=(1, 1), hidden_channels=8, n_fc_blocks=1,

@@ -1,4 +1,4 @@
-"""Invertible 1x1 convolution (rflow_tf.invertible_conv) against brute-force Jacobians."""
+"""Invertible 1x1 convolution (rflow_tf.bijectors.invertible_conv) against brute-force Jacobians."""
 
 import itertools
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rflow_tf.invertible_conv import Invertible1x1Conv, Invertible1x1Weights
+from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv, Invertible1x1Weights
 
 
 def _perturbed(shape, parameterization, init):

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from rflow_tf.mixlogcdf import MixLogCDFCoupling, coupling_mask
+from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling, coupling_mask
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

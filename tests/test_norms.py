@@ -18,7 +18,7 @@ import pytest
 import scipy.optimize
 import tensorflow as tf
 
-from rflow_tf import activations as ra
+from rflow_tf.layers import activations as ra
 from rflow_tf import norms as rn
 
 INF = math.inf

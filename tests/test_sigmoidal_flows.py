@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from rflow_tf.sigmoidal_flows import MADE, DeepDenseSigmoidalFlow, DeepSigmoidalFlow
+from rflow_tf.bijectors.sigmoidal_flows import MADE, DeepDenseSigmoidalFlow, DeepSigmoidalFlow
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 

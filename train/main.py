@@ -27,7 +27,7 @@ test bits/dim (hybrid) or test error (classification).
 
 With ``--dequantization=variational`` the pixels are x = (x_int + u) / 2^n
 with u ~ q(u | x_int), a conditional flow trained jointly with the model
-(:class:`rflow_tf.dequantization.VariationalDequantizer`), and the loss is
+(:class:`rflow_tf.bijectors.dequantization.VariationalDequantizer`), and the loss is
 the negative ELBO in bits/dim, -(log p(x) - D n_bits ln 2 - log q(u|x_int)) /
 (D ln 2); the reported test bits/dim is then that dequantisation bound (with
 uniform noise log q = 0, the formula above).

@@ -16,9 +16,9 @@ ActNorm, or coupling layers). Four model families:
 * ``coupling`` -- TFP's own ``tfb.RealNVP`` affine coupling layers with
   ``tfb.Permute`` between them (a Glow/RealNVP-style baseline).
 * ``naf``      -- neural autoregressive flow: ``DeepSigmoidalFlow`` layers
-  (``rflow_tf.sigmoidal_flows``) with ``tfb.Permute`` between them.
+  (``rflow_tf.bijectors.sigmoidal_flows``) with ``tfb.Permute`` between them.
 * ``mixlogcdf`` -- Flow++ logistic-mixture CDF couplings
-  (``rflow_tf.mixlogcdf.MixLogCDFCoupling``, vector mode, alternating halves).
+  (``rflow_tf.bijectors.mixlogcdf.MixLogCDFCoupling``, vector mode, alternating halves).
 
 Evaluation always uses the exact 2-D log-det (``slogdet(I + J_g)`` per block),
 so the test negative log-likelihood (nats) is comparable across models.
@@ -54,8 +54,8 @@ import tensorflow_probability as tfp  # noqa: E402
 
 from rflow_tf import layers as rlayers  # noqa: E402
 from rflow_tf.bijectors import ActNorm, IResBlock  # noqa: E402
-from rflow_tf.mixlogcdf import MixLogCDFCoupling  # noqa: E402
-from rflow_tf.sigmoidal_flows import DeepSigmoidalFlow  # noqa: E402
+from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling  # noqa: E402
+from rflow_tf.bijectors.sigmoidal_flows import DeepSigmoidalFlow  # noqa: E402
 
 tfb = tfp.bijectors
 

@@ -46,6 +46,13 @@ import IResBlock``):
 * ``squeeze``: :class:`Squeeze` (``SQUEEZE_ORDERS``);
 * ``logit``: :class:`LogitTransform`;
 * ``seeds``: :func:`flow_kwargs`, :func:`use_fixed_seed`;
+* ``coupling``: :class:`AffineCoupling` (the paper's coupling baseline) and its nets;
+* ``invertible_conv``: :class:`Invertible1x1Conv` (Glow's 1x1 convolution);
+* ``sigmoidal_flows``: :class:`DeepSigmoidalFlow`, :class:`DeepDenseSigmoidalFlow`
+  (NAF) and their :class:`MADE` conditioner;
+* ``mixlogcdf``: :class:`MixLogCDFCoupling` (Flow++) and its conditioner;
+* ``dequantization``: :class:`UniformDequantizer`, :class:`VariationalDequantizer`;
+* ``monotone``: the log-space sigmoid mixtures and bisection NAF and Flow++ share;
 * ``_base``: the shared private machinery (the cache above, identity
   equality, the Keras-backed base class, argument checks).
 """
@@ -58,9 +65,14 @@ from rflow_tf.bijectors._base import (  # noqa: F401  (private names other modul
     _KerasBacked,
 )
 from rflow_tf.bijectors.actnorm import ActNorm
+from rflow_tf.bijectors.coupling import AffineCoupling
+from rflow_tf.bijectors.dequantization import UniformDequantizer, VariationalDequantizer
+from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv
 from rflow_tf.bijectors.iresblock import LOGDET_MODES, IResBlock
 from rflow_tf.bijectors.logit import LogitTransform
+from rflow_tf.bijectors.mixlogcdf import GatedAttentionConditioner, MixLogCDFCoupling
 from rflow_tf.bijectors.seeds import flow_kwargs, use_fixed_seed
+from rflow_tf.bijectors.sigmoidal_flows import MADE, DeepDenseSigmoidalFlow, DeepSigmoidalFlow
 from rflow_tf.bijectors.squeeze import SQUEEZE_ORDERS, Squeeze
 
 __all__ = [
@@ -72,4 +84,13 @@ __all__ = [
     "LOGDET_MODES",
     "flow_kwargs",
     "use_fixed_seed",
+    "AffineCoupling",
+    "Invertible1x1Conv",
+    "MADE",
+    "DeepSigmoidalFlow",
+    "DeepDenseSigmoidalFlow",
+    "MixLogCDFCoupling",
+    "GatedAttentionConditioner",
+    "UniformDequantizer",
+    "VariationalDequantizer",
 ]

@@ -16,14 +16,18 @@
   and before evaluation or sampling).
 
 Modules (each re-exported here, so ``from rflow_tf.layers import LipschitzDense``
-works): ``activations`` (LipSwish, make_activation), ``initializers``
+works): ``activations`` (LipSwish, make_activation, LipschitzCube, FullSort, MaxMin), ``initializers``
 (FanInUniform), ``lipschitz`` (the spectrally normalised layers and
 converge_lipschitz & co.), ``actnorm``, ``nets``, ``jacobian_chain``.
 """
 
 from rflow_tf.layers.activations import (
     ACTIVATIONS,
+    FullSort,
+    LipschitzCube,
     LipSwish,
+    MaxMin,
+    lipschitz_cube_value_and_derivative,
     lipswish_value_and_derivative,
     make_activation,
 )
@@ -61,4 +65,8 @@ __all__ = [
     "mark_lipschitz_current",
     "make_activation",
     "ACTIVATIONS",
+    "LipschitzCube",
+    "FullSort",
+    "MaxMin",
+    "lipschitz_cube_value_and_derivative",
 ]

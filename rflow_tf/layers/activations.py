@@ -1,4 +1,28 @@
-"""LipSwish and the 1-Lipschitz activations of the residual branches, by name."""
+"""1-Lipschitz activations of residual branches: LipSwish and the others by name
+(make_activation), and the activations that are 1-Lipschitz in every p-norm.
+
+A residual branch g = W_L o phi o ... o phi o W_1 with ||W_i||_{p_i -> p_{i+1}}
+<= c_i has Lip(g) <= prod c_i in the norm ||.||_{p_1} when every activation phi
+between W_i and W_{i+1} is 1-Lipschitz in ||.||_{p_{i+1}}. All three activations
+here are 1-Lipschitz in *every* p-norm, p in [1, inf]:
+
+* :class:`LipschitzCube` is elementwise with |phi'| <= 1, and an elementwise map
+  with |phi(a) - phi(b)| <= |a - b| per coordinate contracts every p-norm.
+* :class:`FullSort` and :class:`MaxMin` are continuous and piecewise linear with
+  every piece a permutation matrix. A permutation is an isometry of every
+  p-norm, so along the segment from x to y (finitely many pieces) the lengths
+  add up to at most ||x - y||_p. They are *gradient-norm preserving* (their
+  Jacobian is a permutation almost everywhere), not elementwise, so they have
+  no ``value_and_derivative``.
+
+What does *not* hold: a 1-Lipschitz bound between *different* orders. From
+||.||_p to ||.||_q with q < p the identity itself has norm n^(1/q - 1/p) > 1,
+so an activation placed between layers whose orders do not chain
+(codomain(i) != domain(i + 1)) breaks the bound; :func:`rflow_tf.norms.chain_orders`
+prevents this. Nor are these bounds valid for norms that are not invariant
+under permuting coordinates (e.g. weighted norms) in the case of FullSort
+and MaxMin.
+"""
 
 import keras
 import tensorflow as tf
@@ -127,3 +151,118 @@ def make_activation(name, dtype=None):
     if name == "identity":
         return keras.layers.Identity(dtype=dtype)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+
+
+def lipschitz_cube_value_and_derivative(x):
+    """(phi(x), phi'(x)) of :class:`LipschitzCube`:
+
+        phi(x) = x^3 / 3 for |x| < 1,   x - 2/3 sign(x) for |x| >= 1,
+        phi'(x) = min(x^2, 1).
+
+    Example:
+    ```python
+    y, d = lipschitz_cube_value_and_derivative(tf.constant([-2.0, 0.5, 3.0]))
+    # y = [-4/3, 1/24, 7/3], d = [1, 1/4, 1]
+    ```
+    """
+    x = tf.convert_to_tensor(x)
+    inside = tf.abs(x) < 1.0
+    y = tf.where(inside, x * x * x / 3.0, x - tf.sign(x) * (2.0 / 3.0))
+    d = tf.minimum(x * x, 1.0)
+    return y, d
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LipschitzCube(keras.layers.Layer):
+    """The "Lipschitz cube" of the Residual Flows code, elementwise:
+
+        phi(x) = x^3 / 3          for |x| < 1,
+        phi(x) = x - 2/3 sign(x)  for |x| >= 1,     phi'(x) = min(x^2, 1).
+
+    Continuously differentiable, with |phi'| <= 1, so 1-Lipschitz in every
+    p-norm (p in [1, inf]); phi'' = 2x is non-zero near the origin, unlike ReLU
+    or a clipped linear map, which the log-det gradient needs (paper Section 4).
+    Its derivative vanishes at 0, so a branch made only of it starts flat.
+
+    Example:
+    ```python
+    act = LipschitzCube()
+    y = act(tf.linspace(-2.0, 2.0, 5))      # [-4/3, -1/3, 0, 1/3, 4/3]
+    ```
+    """
+
+    def call(self, x):
+        return lipschitz_cube_value_and_derivative(x)[0]
+
+    def value_and_derivative(self, x):
+        """``(y, d, c)`` with phi(x) = c y and phi'(x) = c d, c = 1.0 (the same
+        contract as :meth:`rflow_tf.layers.LipSwish.value_and_derivative`)."""
+        y, d = lipschitz_cube_value_and_derivative(x)
+        return y, d, 1.0
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return super().get_config()
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class FullSort(keras.layers.Layer):
+    """Sorts the features (last axis) in ascending order (Anil et al. 2019):
+
+        phi(x) = (x_(1), ..., x_(n)),  x_(1) <= ... <= x_(n).
+
+    Piecewise a permutation of the coordinates, hence 1-Lipschitz in every
+    p-norm and gradient-norm preserving; not elementwise. For images
+    ([batch, H, W, C]) it sorts the channels of each pixel.
+
+    Example:
+    ```python
+    FullSort()(tf.constant([[3.0, -1.0, 2.0]]))     # [[-1, 2, 3]]
+    ```
+    """
+
+    def call(self, x):
+        return tf.sort(x, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return super().get_config()
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class MaxMin(keras.layers.Layer):
+    """Max-min on pairs of features (Anil et al. 2019), the authors' layout:
+    the last axis (even size n) is split into pairs (x_{2i}, x_{2i+1}), and
+
+        phi(x) = (max(x_0, x_1), ..., max(x_{n-2}, x_{n-1}),
+                  min(x_0, x_1), ..., min(x_{n-2}, x_{n-1})).
+
+    Piecewise a permutation of the coordinates, hence 1-Lipschitz in every
+    p-norm and gradient-norm preserving; not elementwise.
+
+    Example:
+    ```python
+    MaxMin()(tf.constant([[1.0, 3.0, -2.0, -5.0]]))   # [[3, -2, 1, -5]]
+    ```
+    """
+
+    def build(self, input_shape):
+        n = input_shape[-1]
+        if n is None or n % 2:
+            raise ValueError(f"MaxMin needs an even, static number of features on the last axis "
+                             f"to pair them, got input shape {tuple(input_shape)}")
+
+    def call(self, x):
+        n = x.shape[-1]
+        pairs = tf.reshape(x, tf.concat([tf.shape(x)[:-1], [n // 2, 2]], 0))
+        return tf.concat([tf.reduce_max(pairs, -1), tf.reduce_min(pairs, -1)], -1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return super().get_config()

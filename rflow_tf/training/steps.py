@@ -11,7 +11,7 @@ from tensorflow.core.framework import summary_pb2
 
 from rflow_tf import classifier as rclf
 from rflow_tf import data
-from rflow_tf import dequantization as rdeq
+from rflow_tf.bijectors import dequantization as rdeq
 from rflow_tf.training.options import TASKS, UsageError
 
 _HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -105,7 +105,7 @@ def _var(v):
 def make_dequantizer(kind, flow_config):
     """None for ``kind="uniform"`` (the trainer adds uniform noise with
     :func:`rflow_tf.data.dequantize`), or a
-    :class:`rflow_tf.dequantization.VariationalDequantizer` for the images of
+    :class:`rflow_tf.bijectors.dequantization.VariationalDequantizer` for the images of
     ``flow_config`` (its default size: 4 MixLogCDF couplings, no attention).
 
     Example: ``deq = make_dequantizer("variational", models.get_preset("tiny"))``.
@@ -144,7 +144,7 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
     and increment ``step_var`` if given.
 
     ``dequantizer``: None (uniform noise) or a
-    :class:`rflow_tf.dequantization.VariationalDequantizer`; then the loss
+    :class:`rflow_tf.bijectors.dequantization.VariationalDequantizer`; then the loss
     is its negative ELBO in bits/dim and its weights are trained too (the
     variables, and ``ema_vars``, are the model's followed by the
     dequantiser's: :func:`trained_variables`).

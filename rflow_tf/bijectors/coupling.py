@@ -41,7 +41,7 @@ Example:
 ```python
 import tensorflow as tf
 import tensorflow_probability as tfp
-from rflow_tf import coupling
+from rflow_tf.bijectors import coupling
 tfb, tfd = tfp.bijectors, tfp.distributions
 
 blocks = [coupling.AffineCoupling.conv((8, 8, 1), mask, hidden_channels=32)
@@ -66,7 +66,7 @@ import math
 import keras
 import tensorflow as tf
 
-from rflow_tf.bijectors import _as_float_tensor, _KerasBacked
+from rflow_tf.bijectors._base import _as_float_tensor, _KerasBacked
 
 __all__ = [
     "AffineCoupling",

@@ -13,10 +13,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from rflow_tf.bijectors import _KerasBacked
-from rflow_tf.coupling import checkerboard_mask
-from rflow_tf.monotone import bisect_increasing, sigmoid_mixture_logit
-from rflow_tf.sigmoidal_flows import _hidden_sizes, _positive_int
+from rflow_tf.bijectors._base import _KerasBacked
+from rflow_tf.bijectors.coupling import checkerboard_mask
+from rflow_tf.bijectors.monotone import bisect_increasing, sigmoid_mixture_logit
+from rflow_tf.bijectors.sigmoidal_flows import _hidden_sizes, _positive_int
 
 tfb = tfp.bijectors
 
@@ -169,7 +169,7 @@ class MixLogCDFCoupling(_KerasBacked):
         log|det dy/dx| = sum_{x_2} [ a + log d logit(MixLogCDF)/dx ],
 
     computed in log-space from the logistic-mixture density
-    (:func:`rflow_tf.monotone.sigmoid_mixture_logit`). The inverse solves the
+    (:func:`rflow_tf.bijectors.monotone.sigmoid_mixture_logit`). The inverse solves the
     increasing scalar equation for every transformed element at once by
     bisection, to within ``inverse_atol + inverse_rtol * |x|``.
 

@@ -7,7 +7,7 @@ where tau is a strictly increasing scalar network whose (pseudo-)parameters
 c_t come from a MADE conditioner (:class:`MADE`, Keras 3). The Jacobian dy/dx
 is lower triangular, so log|det dy/dx| = sum_t log dtau/dx_t, computed in
 log-space. The inverse runs dimension by dimension (x_t needs x_{<t}), each a
-1-D bisection (:func:`rflow_tf.monotone.bisect_increasing`) with the stated
+1-D bisection (:func:`rflow_tf.bijectors.monotone.bisect_increasing`) with the stated
 tolerance ``inverse_atol + inverse_rtol * |x|``.
 
 Direction: ``forward`` is the cheap direction, data -> latent (as in
@@ -24,8 +24,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from rflow_tf.bijectors import _KerasBacked
-from rflow_tf.monotone import (
+from rflow_tf.bijectors._base import _KerasBacked
+from rflow_tf.bijectors.monotone import (
     bisect_increasing,
     log_softplus,
     logit_of_log_mixture,
@@ -223,7 +223,7 @@ class DeepSigmoidalFlow(_AutoregressiveMonotone):
                         - log S_t - log(1 - S_t),
 
     with z_j = a_tj x_t + b_tj, s the sigmoid and S_t the mixture; every term is
-    evaluated in log-space (:func:`rflow_tf.monotone.sigmoid_mixture_logit`), so
+    evaluated in log-space (:func:`rflow_tf.bijectors.monotone.sigmoid_mixture_logit`), so
     the map, its log-det and their gradients stay finite for |x| ~ 1e3 and beyond.
     Strictly increasing in x_t, onto R. Inverse: bisection per dimension, in
     order, to within ``inverse_atol + inverse_rtol * |x|``.

@@ -31,8 +31,8 @@ import tensorflow as tf
 
 from rflow_tf.data import bits_per_dim_offset
 from rflow_tf.data._checks import _check_n_bits
-from rflow_tf.mixlogcdf import MixLogCDFCoupling
-from rflow_tf.sigmoidal_flows import _hidden_sizes, _positive_int
+from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling
+from rflow_tf.bijectors.sigmoidal_flows import _hidden_sizes, _positive_int
 
 __all__ = ["UniformDequantizer", "VariationalDequantizer"]
 

@@ -42,7 +42,7 @@ matrix) or ``"orthogonal"`` (Glow: a random rotation). Both have log |det| = 0.
 Example:
 ```python
 import tensorflow as tf
-from rflow_tf.invertible_conv import Invertible1x1Conv
+from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv
 
 conv = Invertible1x1Conv((8, 8, 12), seed=0)
 x = tf.random.normal([4, 8, 8, 12])
@@ -61,7 +61,7 @@ import numpy as np
 import scipy.linalg
 import tensorflow as tf
 
-from rflow_tf.bijectors import _as_float_tensor, _KerasBacked
+from rflow_tf.bijectors._base import _as_float_tensor, _KerasBacked
 
 __all__ = ["Invertible1x1Conv", "Invertible1x1Weights", "PARAMETERIZATIONS", "INITIALIZATIONS"]
 

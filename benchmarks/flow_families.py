@@ -4,7 +4,7 @@ Two tables (markdown, printed and written to ``--out``):
 
 1. **Toy densities**: residual flow (``resflow``), NAF with deep sigmoidal
    flows (``naf``), Flow++ MixLogCDF couplings (``mixlogcdf``) and RealNVP
-   (``coupling``), each trained by :func:`train.toy.run` with one budget on
+   (``coupling``), each trained by :func:`rflow_tf.toy.run` with one budget on
    the 8 toy datasets and several seeds (one compiled trainer per model,
    reused across datasets and seeds: :func:`benchmarks.toy_densities.run_table`).
    Cells: test NLL in nats (exact log-det, 10,000 held-out points), mean
@@ -43,7 +43,7 @@ from benchmarks.toy_densities import _load, run_table  # noqa: E402
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
-#: The toy model families compared (names of :data:`train.toy.MODELS`).
+#: The toy model families compared (names of :data:`rflow_tf.toy.MODELS`).
 TOY_FAMILIES = ("resflow", "naf", "mixlogcdf", "coupling")
 #: The digits runs: (preset, dequantisation).
 DIGITS_RUNS = (("flowpp_digits", "uniform"), ("flowpp_digits", "variational"),

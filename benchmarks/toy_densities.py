@@ -38,7 +38,7 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from train import toy  # noqa: E402  (imports TensorFlow)
+from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS, toy_2d  # noqa: E402
 
 #: The speed target configuration (issue 5) and the reference's figure on this machine.
@@ -101,7 +101,7 @@ def measure_speed(warmup=30, windows=5, steps=20, dataset="8gaussians", extra=()
 def run_table(datasets, models, iters, blocks, hidden, seed, actnorm=True, lr=5e-3,
               tmpdir=None, log=print):
     """Trains every model on every dataset with one budget; returns
-    ``{(dataset, model): result}`` with the dicts of :func:`train.toy.run`.
+    ``{(dataset, model): result}`` with the dicts of :func:`rflow_tf.toy.run`.
 
     One compiled trainer per model type is reused across datasets (weights and
     Adam state reset), so each model is traced once.

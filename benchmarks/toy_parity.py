@@ -34,7 +34,7 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from train import toy  # noqa: E402  (imports TensorFlow)
+from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
 
 #: The reference's train_toy.py settings, as flags of train/toy.py.

@@ -1,4 +1,4 @@
-"""Tests for train/toy.py: exact 2-D log-det, short runs of every model, CLI errors."""
+"""Tests for rflow_tf.toy and train/toy.py: exact 2-D log-det, short runs of every model, CLI errors."""
 
 import os
 import struct
@@ -16,7 +16,7 @@ if REPO not in sys.path:
 from rflow_tf import layers as rlayers  # noqa: E402
 from rflow_tf.bijectors import IResBlock  # noqa: E402
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
-from train import toy  # noqa: E402
+from rflow_tf import toy  # noqa: E402
 
 
 def _brute_force_slogdet(fn, x):

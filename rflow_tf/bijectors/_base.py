@@ -137,3 +137,46 @@ def _check_stateless_seed(seed, name):
         raise ValueError(f"{name} must be None or a stateless seed of two ints, e.g. (1, 2); "
                          f"got {seed!r}")
     return tuple(int(v) for v in arr)
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _hidden_sizes(hidden_units, name="hidden_units"):
+    units = tuple(hidden_units) if isinstance(hidden_units, (list, tuple)) else (hidden_units,)
+    for u in units:
+        if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 1:
+            raise ValueError(f"{name} must be positive integers (a hidden size), "
+                             f"got {hidden_units!r}")
+    return tuple(int(u) for u in units)
+
+
+def _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations):
+    """``(dtype, atol, rtol, max_iterations)`` of a bijector inverted by bisection
+    (:func:`rflow_tf.bijectors.monotone.bisect_increasing`): a floating dtype,
+    tolerances >= 0 and not both 0, a positive number of iterations; a
+    TypeError / ValueError naming the argument otherwise."""
+    dtype = tf.as_dtype(dtype)
+    if not dtype.is_floating:
+        raise TypeError(f"dtype must be a floating dtype, got {dtype.name}")
+    if not (inverse_atol >= 0 and inverse_rtol >= 0 and inverse_atol + inverse_rtol > 0):
+        raise ValueError("inverse_atol and inverse_rtol must be >= 0 and not both 0, "
+                         f"got {inverse_atol}, {inverse_rtol}")
+    return (dtype, float(inverse_atol), float(inverse_rtol),
+            _positive_int(inverse_max_iterations, "inverse_max_iterations"))
+
+
+def _checked_event_input(bijector, x, name):
+    """``x`` as a float tensor whose shape ends in ``bijector.event_shape_`` (a
+    ValueError naming ``name`` otherwise), checked finite under ``validate_args``."""
+    x = _as_float_tensor(x, bijector.name)
+    nd = len(bijector.event_shape_)
+    if x.shape.rank is not None and tuple(x.shape[x.shape.rank - nd:]) != bijector.event_shape_:
+        raise ValueError(f"{bijector.name}: {name} must end in the event shape "
+                         f"{bijector.event_shape_}, got shape {x.shape}")
+    if bijector.validate_args:
+        x = tf.debugging.assert_all_finite(x, f"{bijector.name}: {name} contains NaN or Inf")
+    return x

@@ -66,7 +66,7 @@ import math
 import keras
 import tensorflow as tf
 
-from rflow_tf.bijectors._base import _as_float_tensor, _KerasBacked
+from rflow_tf.bijectors._base import _checked_event_input, _KerasBacked
 
 __all__ = [
     "AffineCoupling",
@@ -331,13 +331,8 @@ class AffineCoupling(_KerasBacked):
         return self._net
 
     def _flatten_batch(self, x, name):
-        x = _as_float_tensor(x, self.name)
+        x = _checked_event_input(self, x, name)
         nd = len(self.event_shape_)
-        if x.shape.rank is not None and tuple(x.shape[x.shape.rank - nd:]) != self.event_shape_:
-            raise ValueError(f"{self.name}: {name} must end in the event shape "
-                             f"{self.event_shape_}, got shape {x.shape}")
-        if self.validate_args:
-            x = tf.debugging.assert_all_finite(x, f"{self.name}: {name} contains NaN or Inf")
         batch_shape = tf.shape(x)[:tf.rank(x) - nd]
         return tf.reshape(x, (-1,) + self.event_shape_), batch_shape
 

@@ -29,10 +29,10 @@ import math
 import keras
 import tensorflow as tf
 
+from rflow_tf.bijectors._base import _hidden_sizes, _positive_int
+from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling
 from rflow_tf.data import bits_per_dim_offset
 from rflow_tf.data._checks import _check_n_bits
-from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling
-from rflow_tf.bijectors.sigmoidal_flows import _hidden_sizes, _positive_int
 
 __all__ = ["UniformDequantizer", "VariationalDequantizer"]
 

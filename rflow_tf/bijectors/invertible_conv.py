@@ -61,7 +61,7 @@ import numpy as np
 import scipy.linalg
 import tensorflow as tf
 
-from rflow_tf.bijectors._base import _as_float_tensor, _KerasBacked
+from rflow_tf.bijectors._base import _checked_event_input, _KerasBacked
 
 __all__ = ["Invertible1x1Conv", "Invertible1x1Weights", "PARAMETERIZATIONS", "INITIALIZATIONS"]
 
@@ -225,14 +225,7 @@ class Invertible1x1Conv(_KerasBacked):
                          validate_args=validate_args, parameters=parameters, name=name)
 
     def _check(self, x, name):
-        x = _as_float_tensor(x, self.name)
-        nd = len(self.event_shape_)
-        if x.shape.rank is not None and tuple(x.shape[x.shape.rank - nd:]) != self.event_shape_:
-            raise ValueError(f"{self.name}: {name} must end in the event shape "
-                             f"{self.event_shape_}, got shape {x.shape}")
-        if self.validate_args:
-            x = tf.debugging.assert_all_finite(x, f"{self.name}: {name} contains NaN or Inf")
-        return x
+        return _checked_event_input(self, x, name)
 
     def log_det(self, dtype=tf.float32):
         """log |det dy/dx| per example: positions * log |det W|."""

@@ -13,10 +13,14 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from rflow_tf.bijectors._base import _KerasBacked
+from rflow_tf.bijectors._base import (
+    _check_bisection_settings,
+    _hidden_sizes,
+    _KerasBacked,
+    _positive_int,
+)
 from rflow_tf.bijectors.coupling import checkerboard_mask
 from rflow_tf.bijectors.monotone import bisect_increasing, sigmoid_mixture_logit
-from rflow_tf.bijectors.sigmoidal_flows import _hidden_sizes, _positive_int
 
 tfb = tfp.bijectors
 
@@ -222,15 +226,8 @@ class MixLogCDFCoupling(_KerasBacked):
         self.condition_channels = int(condition_channels)
         if self.condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels!r}")
-        dtype = tf.as_dtype(dtype)
-        if not dtype.is_floating:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype.name}")
-        if not (inverse_atol >= 0 and inverse_rtol >= 0 and inverse_atol + inverse_rtol > 0):
-            raise ValueError("inverse_atol and inverse_rtol must be >= 0 and not both 0, "
-                             f"got {inverse_atol}, {inverse_rtol}")
-        self.inverse_atol, self.inverse_rtol = float(inverse_atol), float(inverse_rtol)
-        self.inverse_max_iterations = _positive_int(inverse_max_iterations,
-                                                    "inverse_max_iterations")
+        dtype, self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations = \
+            _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations)
         if mask is None or isinstance(mask, str):
             kind = mask or "checkerboard"
             mask = coupling_mask(self.event_shape_, kind, parity)

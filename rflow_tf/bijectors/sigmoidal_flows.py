@@ -24,7 +24,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
-from rflow_tf.bijectors._base import _KerasBacked
+from rflow_tf.bijectors._base import (
+    _check_bisection_settings,
+    _hidden_sizes,
+    _KerasBacked,
+    _positive_int,
+)
 from rflow_tf.bijectors.monotone import (
     bisect_increasing,
     log_softplus,
@@ -35,21 +40,6 @@ from rflow_tf.bijectors.monotone import (
 tfb = tfp.bijectors
 
 __all__ = ["MADE", "DeepSigmoidalFlow", "DeepDenseSigmoidalFlow"]
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _hidden_sizes(hidden_units, name="hidden_units"):
-    units = tuple(hidden_units) if isinstance(hidden_units, (list, tuple)) else (hidden_units,)
-    for u in units:
-        if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 1:
-            raise ValueError(f"{name} must be positive integers (a hidden size), "
-                             f"got {hidden_units!r}")
-    return tuple(int(u) for u in units)
 
 
 class MADE(keras.layers.Layer):
@@ -123,15 +113,8 @@ class _AutoregressiveMonotone(_KerasBacked):
     def __init__(self, event_size, conditioner, hidden_units, activation, inverse_atol,
                  inverse_rtol, inverse_max_iterations, dtype, validate_args, name, parameters):
         self.event_size = _positive_int(event_size, "event_size")
-        dtype = tf.as_dtype(dtype)
-        if not dtype.is_floating:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype.name}")
-        if not (inverse_atol >= 0 and inverse_rtol >= 0 and inverse_atol + inverse_rtol > 0):
-            raise ValueError("inverse_atol and inverse_rtol must be >= 0 and not both 0, "
-                             f"got {inverse_atol}, {inverse_rtol}")
-        self.inverse_atol, self.inverse_rtol = float(inverse_atol), float(inverse_rtol)
-        self.inverse_max_iterations = _positive_int(inverse_max_iterations,
-                                                    "inverse_max_iterations")
+        dtype, self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations = \
+            _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations)
         p = self._params_per_dim()
         if conditioner is None:     # autoregressive by construction: no Jacobian check
             self.conditioner = MADE(self.event_size, p, hidden_units, activation,

@@ -7,7 +7,7 @@ LipSwish, coeff 0.98, Russian roulette Poisson(lambda=2) with 2 exact terms,
 Neumann gradient with the gradient computed in the forward pass, ActNorm,
 FC end (4 blocks d -> 128 -> 128 -> d), logit alpha 1e-6, batch 64, Adam.
 
-A step is exactly the trainer's (``train.main.make_train_step``):
+A step is exactly the trainer's (``rflow_tf.training.make_train_step``):
 dequantisation, forward + unbiased log-det, Neumann backward, gradient
 all-reduce and clipping, Adam, EMA update and power iteration to convergence.
 
@@ -85,7 +85,7 @@ def run_single(jit, batch, steps, warmup, grad_in_forward=True):
     import numpy as np
     import tensorflow as tf
     from rflow_tf import models
-    from train import main as trainer
+    from rflow_tf import training as trainer
 
     rss0 = _rss_mb()            # the TensorFlow runtime after import, before any model
     tf.keras.utils.set_random_seed(0)

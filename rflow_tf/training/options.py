@@ -18,7 +18,8 @@ TASKS = ("density", "classification", "hybrid")
 
 
 class UsageError(Exception):
-    """Bad flags or an incompatible run directory; printed without a traceback."""
+    """Bad flags or options, or an incompatible run directory; the command line prints it
+    without a traceback."""
 
 
 class TrainingDivergedError(Exception):
@@ -59,15 +60,18 @@ FLAG_CONSTRAINTS = (
 
 
 def check_flags(args):
-    """Checks every flag of ``args`` against :data:`FLAG_CONSTRAINTS`; raises
-    :class:`UsageError` naming the first bad flag. Runs before any work
-    (``main`` and :func:`resolve_run` call it), so a bad value never trains
-    to NaN, is never replaced by a default and never fails after the run.
+    """Checks every flag of ``args`` (parsed flags of ``train/main.py``, a
+    :class:`TrainingOptions`, or any object with such attributes) against
+    :data:`FLAG_CONSTRAINTS`; raises :class:`UsageError` naming the first bad
+    flag. Runs before any work (``main``, :class:`TrainingOptions` and
+    :func:`resolve_run` call it), so a bad value never trains to NaN, is never
+    replaced by a default and never fails after the run.
 
     Example:
     ```python
-    check_flags(parse_args(["--lr=1e-3"]))           # fine
-    check_flags(parse_args(["--lr=inf"]))            # UsageError: --lr must be ...
+    import types
+    check_flags(types.SimpleNamespace(lr=1e-3))      # fine
+    check_flags(types.SimpleNamespace(lr=float("inf")))  # UsageError: --lr must be ...
     ```
     """
     for flag, ok, requirement in FLAG_CONSTRAINTS:

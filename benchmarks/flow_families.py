@@ -120,9 +120,11 @@ def digits_markdown(results, steps):
              "|---|---:|---:|---:|"]
     for p in presets:
         u, v = results.get((p, "uniform")), results.get((p, "variational"))
-        cell = (lambda r: "-" if r is None else
-                f"{r['test_bpd']:.3f} +- {r['test_bpd_stderr']:.3f}")
-        rate = (lambda r: "-" if r is None else f"{r['steps_per_sec']:.2f}")
+        def cell(r):
+            return ("-" if r is None else
+                        f"{r['test_bpd']:.3f} +- {r['test_bpd_stderr']:.3f}")
+        def rate(r):
+            return ("-" if r is None else f"{r['steps_per_sec']:.2f}")
         lines.append(f"| {p} | {cell(u)} | {cell(v)} | {rate(u)} / {rate(v)} |")
     return "\n".join(lines)
 

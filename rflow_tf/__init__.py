@@ -16,7 +16,8 @@ Packages and modules, lowest layer first (no import runs back up; docs/ARCHITECT
   rflow_tf.export      SavedModel export; load() returns a TransformedDistribution
   rflow_tf.convert     the authors' PyTorch checkpoints -> ResidualFlow / SavedModel (no PyTorch)
   rflow_tf.torch_format  safe reader of torch.save files (restricted unpickler)
-  rflow_tf.training    Trainer(config, options).fit(): training as a library (train/main.py is its CLI)
+  rflow_tf.training    Trainer(config, options).fit(): training as a library (train/main.py:
+                       its command line)
   rflow_tf.toy         2-D toy models and their training loop (train/toy.py is its CLI)
 """
 import os as _os

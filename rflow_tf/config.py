@@ -107,7 +107,8 @@ class FlowConfig:
       n_bits: bits per pixel of the data (8; 5 for CelebA-HQ).
       block: "residual" (invertible residual blocks, the paper's model),
         "flowpp" (Flow++ couplings, see below) or "coupling" (the paper's
-        Table 4/5 baseline, built like the reference's: :class:`rflow_tf.bijectors.coupling.AffineCoupling` with scale
+        Table 4/5 baseline, built like the reference's:
+        :class:`rflow_tf.bijectors.coupling.AffineCoupling` with scale
         sigmoid(s + 2) and an unconstrained ReLU net of ``kernels`` and
         ``hidden_channels``; checkerboard masks in scale 0 (the scale with
         the init layer), channel masks in later scales, the kept half

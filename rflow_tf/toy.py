@@ -336,15 +336,15 @@ class ToyFlow(tf.Module):
         i = 0
         for b in bijectors:
             if isinstance(b, IResBlock):
-                z, l = b.forward_and_log_det(z, seed=None if seeds is None else seeds[i],
+                z, ld_b = b.forward_and_log_det(z, seed=None if seeds is None else seeds[i],
                                              training=training)
                 i += 1
             elif isinstance(b, MixLogCDFCoupling):
-                z, l = b.forward_and_log_det(z)     # one conditioner pass
+                z, ld_b = b.forward_and_log_det(z)     # one conditioner pass
             else:
-                l = b.forward_log_det_jacobian(z, event_ndims=1)
+                ld_b = b.forward_log_det_jacobian(z, event_ndims=1)
                 z = b.forward(z)
-            ld = ld + l
+            ld = ld + ld_b
         return z, ld
 
     def log_prob(self, x, seed=None, training=False):
@@ -498,9 +498,9 @@ def power_iterate_all(layers, n):
         else:
             layer.power_iterate(n)
     for group in groups.values():
-        k = tf.stop_gradient(tf.stack([tf.convert_to_tensor(l.kernel) for l in group]))
-        u = tf.stack([tf.convert_to_tensor(l.u) for l in group])        # [G, units]
-        v = tf.stack([tf.convert_to_tensor(l.v) for l in group])        # [G, d_in]
+        k = tf.stop_gradient(tf.stack([tf.convert_to_tensor(layer.kernel) for layer in group]))
+        u = tf.stack([tf.convert_to_tensor(layer.u) for layer in group])        # [G, units]
+        v = tf.stack([tf.convert_to_tensor(layer.v) for layer in group])        # [G, d_in]
 
         def normalize(t):
             return t / (tf.norm(t, axis=-1, keepdims=True) + 1e-12)

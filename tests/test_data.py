@@ -124,7 +124,8 @@ def test_digits_deterministic_split_and_shuffle():
     assert not np.array_equal(a, c)
     assert not np.array_equal(a, plain)
     # Same multiset of images: a permutation of the split.
-    key = lambda x: np.sort(x.reshape(len(x), -1).view('S64').ravel())
+    def key(x):
+        return np.sort(x.reshape(len(x), -1).view('S64').ravel())
     np.testing.assert_array_equal(key(a), key(plain))
 
 
@@ -334,7 +335,8 @@ def test_imagenet32_from_fake_npz(tmp_path):
     assert x.dtype == np.uint8 and x.shape == (13, 32, 32, 3)
     # cycle_length=2 interleaving reorders; compare as a multiset, and check
     # that flips (default for the train split) are mirror images.
-    flat = lambda a: {r.tobytes() for r in a}
+    def flat(a):
+        return {r.tobytes() for r in a}
     mirrored = nhwc[:, :, ::-1]
     for img in x:
         assert img.tobytes() in flat(nhwc) | flat(mirrored)

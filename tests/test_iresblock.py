@@ -450,7 +450,7 @@ def test_unbiased_estimator_and_neumann_gradient_compile_with_xla():
                                    for i in range(n)]))
     assert np.all(np.abs(lds.mean(0) - exact) < 4 * lds.std(0) / np.sqrt(n))
     assert np.all(np.abs(gxs.mean(0) - exact_grads[0]) < 4 * gxs.std(0) / np.sqrt(n))
-    assert len({tuple(l) for l in np.round(lds, 12)}) > n // 2      # really random
+    assert len({tuple(row) for row in np.round(lds, 12)}) > n // 2      # really random
 
 
 def test_logdet_eval_selects_the_evaluation_estimator():

@@ -48,8 +48,8 @@ def _exact_closed_form(a, p, q):
 def _brute_force(a, p, q, samples=20000, refine=4, seed=0):
     """max ||a x||_q / ||x||_p: exact for p = inf (over the cube's vertices: a convex
     function attains its maximum over a polytope at a vertex) and for q = 1 (by duality,
-    over the sign vectors); else the best of ``samples`` random directions (Gaussian and heavy-tailed), the
-    ``refine`` best of them polished by L-BFGS."""
+    over the sign vectors); else the best of ``samples`` random directions (Gaussian and
+    heavy-tailed), the ``refine`` best of them polished by L-BFGS."""
     m, n = a.shape
     if p == INF and n <= 16:
         return _rows_norm(_signs(n) @ a.T, q).max()
@@ -279,8 +279,10 @@ def test_learnable_order_gradients_finite_at_the_bounds(raw):
     w = tf.constant(rng.standard_normal((5, 4)), tf.float32)
     x = tf.constant([0.0, 1.0, -2.0, 0.0])
     r1, r2 = tf.Variable(raw), tf.Variable(-raw / 2)
-    apply = lambda x: tf.linalg.matvec(w, x)
-    apply_t = lambda u: tf.linalg.matvec(w, u, transpose_a=True)
+    def apply(x):
+        return tf.linalg.matvec(w, x)
+    def apply_t(u):
+        return tf.linalg.matvec(w, u, transpose_a=True)
     with tf.GradientTape() as tape:
         p, q = rn.order_from_unconstrained(r1), rn.order_from_unconstrained(r2)
         res = rn.power_iteration(apply, apply_t, tf.random.stateless_normal([3, 4], [1, 2]),
@@ -309,8 +311,10 @@ def test_learning_chained_orders_by_gradient_steps_stays_finite():
             p = [rn.order_from_unconstrained(r) for r in raws]
             total = 0.0
             for i, w in enumerate(ws):
-                apply = lambda x, w=w: tf.linalg.matvec(w, x)
-                apply_t = lambda u, w=w: tf.linalg.matvec(w, u, transpose_a=True)
+                def apply(x, w=w):
+                    return tf.linalg.matvec(w, x)
+                def apply_t(u, w=w):
+                    return tf.linalg.matvec(w, u, transpose_a=True)
                 res = rn.power_iteration(apply, apply_t, vs[i], p[i], p[1 - i], max_iterations=5)
                 vs[i] = res.v
                 total += tf.reduce_max(rn.induced_norm_lower_bound(apply, res.v, p[i], p[1 - i]))

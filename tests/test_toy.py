@@ -1,4 +1,5 @@
-"""Tests for rflow_tf.toy and train/toy.py: exact 2-D log-det, short runs of every model, CLI errors."""
+"""Tests for rflow_tf.toy and train/toy.py: exact 2-D log-det, short runs of every model,
+CLI errors."""
 
 import os
 import struct

@@ -190,7 +190,8 @@ def coupling_dense_net(input_shape, output_shape, hidden_units=(128, 128), preac
                        dtype="float32", name=None):
     """The reference's fully connected coupling network (its "FC end"):
 
-        flatten -> [ReLU] -> Dense(h1) -> ReLU -> ... -> Dense(h_L) -> ReLU -> Dense(prod(out)) -> reshape
+        flatten -> [ReLU] -> Dense(h1) -> ReLU -> ... -> Dense(h_L) -> ReLU
+                -> Dense(prod(out)) -> reshape
 
     Weights and biases start uniform in +-1/sqrt(fan_in) (PyTorch's default).
 

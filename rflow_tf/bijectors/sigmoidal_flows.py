@@ -325,7 +325,7 @@ class DeepDenseSigmoidalFlow(_AutoregressiveMonotone):
     def _layer_widths(self):
         """(d_in, d_out) per layer: 1 -> H -> ... -> H -> 1."""
         h, n = self.hidden_size, self.num_layers
-        return [(1 if l == 0 else h, 1 if l == n - 1 else h) for l in range(n)]
+        return [(1 if k == 0 else h, 1 if k == n - 1 else h) for k in range(n)]
 
     def _params_per_dim(self):
         h = self.hidden_size

@@ -16,8 +16,8 @@
   and before evaluation or sampling).
 
 Modules (each re-exported here, so ``from rflow_tf.layers import LipschitzDense``
-works): ``activations`` (LipSwish, make_activation, LipschitzCube, FullSort, MaxMin), ``initializers``
-(FanInUniform), ``lipschitz`` (the spectrally normalised layers and
+works): ``activations`` (LipSwish, make_activation, LipschitzCube, FullSort, MaxMin),
+``initializers`` (FanInUniform), ``lipschitz`` (the spectrally normalised layers and
 converge_lipschitz & co.), ``actnorm``, ``nets``, ``jacobian_chain``.
 """
 

@@ -518,7 +518,7 @@ class Trainer:
         self.writer.flush()
 
     def _lipschitz_stats(self):
-        sigmas = np.array([float(l.sigma.numpy()) for l in self.model.lipschitz_layers()])
+        sigmas = np.array([float(layer.sigma.numpy()) for layer in self.model.lipschitz_layers()])
         if sigmas.size == 0:
             return {}
         coeff = self.flow_config.coeff

@@ -91,8 +91,9 @@ def test_signatures_in_fresh_process_without_rflow_tf(exported, tmp_path):
         res["sample_shape"] = list(s.shape)
         res["sample_range"] = [float(tf.reduce_min(s)), float(tf.reduce_max(s))]
         res["sample_again_equal"] = bool(tf.reduce_all(s == obj.sample(5, 0.8, [1, 2])))
-        res["sig_sample_shape"] = list(obj.signatures["sample"](
-            n=tf.constant(3), temperature=tf.constant(1.0), seed=tf.constant([5, 6]))["images"].shape)
+        images = obj.signatures["sample"](
+            n=tf.constant(3), temperature=tf.constant(1.0), seed=tf.constant([5, 6]))["images"]
+        res["sig_sample_shape"] = list(images.shape)
         z, ld = obj.forward(x)
         res["latent_shape"] = list(z.shape)
         base = -0.5 * tf.reduce_sum(z ** 2, -1) - 32.0 * np.log(2 * np.pi)

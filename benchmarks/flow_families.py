@@ -46,8 +46,12 @@ from train import main as trainer_main  # noqa: E402
 #: The toy model families compared (names of :data:`rflow_tf.toy.MODELS`).
 TOY_FAMILIES = ("resflow", "naf", "mixlogcdf", "coupling")
 #: The digits runs: (preset, dequantisation).
-DIGITS_RUNS = (("flowpp_digits", "uniform"), ("flowpp_digits", "variational"),
-               ("digits_small", "uniform"), ("digits_small", "variational"))
+DIGITS_RUNS = (
+    ("flowpp_digits", "uniform"),
+    ("flowpp_digits", "variational"),
+    ("digits_small", "uniform"),
+    ("digits_small", "variational"),
+)
 
 
 def toy_table(datasets, models, seeds, iters, blocks, hidden, log=print):
@@ -78,8 +82,9 @@ def toy_markdown(results, datasets, models):
             text = f"{mean:.3f}" + (f" +- {np.std(nll):.3f}" if len(nll) > 1 else "")
             cells.append(f"**{text}**" if mean == min(means) else text)
         lines.append(f"| {data} | " + " | ".join(cells) + " |")
-    spi = [np.median([r["sec_per_iter"] for d in datasets for r in results[(d, m)]])
-           for m in models]
+    spi = [
+        np.median([r["sec_per_iter"] for d in datasets for r in results[(d, m)]]) for m in models
+    ]
     lines.append("| *s/iter (median)* | " + " | ".join(f"{s:.4f}" for s in spi) + " |")
     return "\n".join(lines)
 
@@ -93,18 +98,30 @@ def digits_runs(steps, seed=0, runs=DIGITS_RUNS, workdir=None, log=print):
     workdir = workdir or tempfile.mkdtemp(prefix="flow_families_")
     out = {}
     for preset, deq in runs:
-        args = trainer_main.parse_args([
-            f"--preset={preset}", f"--steps={steps}", f"--dequantization={deq}",
-            f"--seed={seed}", f"--out={os.path.join(workdir, f'{preset}_{deq}')}",
-            "--export_dir=", f"--eval_every={steps}", f"--sample_every={steps}",
-            "--log_every=100", "--download=false"])
+        args = trainer_main.parse_args(
+            [
+                f"--preset={preset}",
+                f"--steps={steps}",
+                f"--dequantization={deq}",
+                f"--seed={seed}",
+                f"--out={os.path.join(workdir, f'{preset}_{deq}')}",
+                "--export_dir=",
+                f"--eval_every={steps}",
+                f"--sample_every={steps}",
+                "--log_every=100",
+                "--download=false",
+            ]
+        )
         t0 = time.perf_counter()
         r = trainer_main.train(args)
         r["wall_s"] = time.perf_counter() - t0
         out[(preset, deq)] = r
-        log(f"[bench] {preset} {deq}: test bpd {r['test_bpd']:.4f} +- "
+        log(
+            f"[bench] {preset} {deq}: test bpd {r['test_bpd']:.4f} +- "
             f"{r['test_bpd_stderr']:.4f} | {r['steps_per_sec']:.2f} steps/s | "
-            f"run {r['wall_s']:.0f} s", flush=True)
+            f"run {r['wall_s']:.0f} s",
+            flush=True,
+        )
     return out
 
 
@@ -114,54 +131,71 @@ def digits_markdown(results, steps):
 
     Example: ``print(digits_markdown(digits_runs(20), 20))``.
     """
-    presets = sorted({p for p, _ in results}, key=lambda p: [q for q, _ in DIGITS_RUNS].index(p)
-                     if p in [q for q, _ in DIGITS_RUNS] else 99)
-    lines = [f"| model ({steps} steps) | uniform bpd | variational bpd | steps/s (u / v) |",
-             "|---|---:|---:|---:|"]
+    presets = sorted(
+        {p for p, _ in results},
+        key=lambda p: (
+            [q for q, _ in DIGITS_RUNS].index(p) if p in [q for q, _ in DIGITS_RUNS] else 99
+        ),
+    )
+    lines = [
+        f"| model ({steps} steps) | uniform bpd | variational bpd | steps/s (u / v) |",
+        "|---|---:|---:|---:|",
+    ]
     for p in presets:
         u, v = results.get((p, "uniform")), results.get((p, "variational"))
+
         def cell(r):
-            return ("-" if r is None else
-                        f"{r['test_bpd']:.3f} +- {r['test_bpd_stderr']:.3f}")
+            return "-" if r is None else f"{r['test_bpd']:.3f} +- {r['test_bpd_stderr']:.3f}"
+
         def rate(r):
-            return ("-" if r is None else f"{r['steps_per_sec']:.2f}")
+            return "-" if r is None else f"{r['steps_per_sec']:.2f}"
+
         lines.append(f"| {p} | {cell(u)} | {cell(v)} | {rate(u)} / {rate(v)} |")
     return "\n".join(lines)
 
 
 def main(argv=None):
     """CLI: see the module docstring. Returns 0."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--datasets", nargs="+", default=list(TOY_DATASETS), choices=TOY_DATASETS)
     p.add_argument("--models", nargs="+", default=list(TOY_FAMILIES), choices=TOY_FAMILIES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=1000, help="toy training steps per run")
     p.add_argument("--blocks", type=int, default=5, help="blocks / coupling layers per toy model")
     p.add_argument("--hidden", default="64-64-64", help="hidden widths of the toy nets")
-    p.add_argument("--digits_steps", type=int, default=1200,
-                   help="train/main.py steps of every digits run")
+    p.add_argument(
+        "--digits_steps", type=int, default=1200, help="train/main.py steps of every digits run"
+    )
     p.add_argument("--skip_toy", action="store_true")
     p.add_argument("--skip_digits", action="store_true")
-    p.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "flow_families"),
-                   help="directory for tables.md and results.json")
+    p.add_argument(
+        "--out",
+        default=os.path.join(tempfile.gettempdir(), "flow_families"),
+        help="directory for tables.md and results.json",
+    )
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     print(f"[bench] {_load()} (timings on a shared machine are noisy)", flush=True)
     sections, dump = [], {}
     if not a.skip_toy:
         res = toy_table(a.datasets, a.models, a.seeds, a.iters, a.blocks, a.hidden)
-        sections.append(f"Toy test NLL (nats), {a.iters} iterations, seeds {a.seeds}:\n\n"
-                        + toy_markdown(res, a.datasets, a.models))
-        dump["toy"] = {f"{d}/{m}": [{"test_nll": r["test_nll"],
-                                      "sec_per_iter": r["sec_per_iter"]} for r in rs]
-                       for (d, m), rs in res.items()}
+        sections.append(
+            f"Toy test NLL (nats), {a.iters} iterations, seeds {a.seeds}:\n\n"
+            + toy_markdown(res, a.datasets, a.models)
+        )
+        dump["toy"] = {
+            f"{d}/{m}": [{"test_nll": r["test_nll"], "sec_per_iter": r["sec_per_iter"]} for r in rs]
+            for (d, m), rs in res.items()
+        }
     if not a.skip_digits:
         res = digits_runs(a.digits_steps, seed=a.seeds[0])
         sections.append("Digits test bits/dim:\n\n" + digits_markdown(res, a.digits_steps))
-        dump["digits"] = {f"{p}/{d}": {k: r[k] for k in ("test_bpd", "test_bpd_stderr",
-                                                          "steps_per_sec")}
-                          for (p, d), r in res.items()}
+        dump["digits"] = {
+            f"{p}/{d}": {k: r[k] for k in ("test_bpd", "test_bpd_stderr", "steps_per_sec")}
+            for (p, d), r in res.items()
+        }
     text = "\n\n".join(sections) + f"\n\n({_load()})\n"
     print(text)
     with open(os.path.join(a.out, "tables.md"), "w") as f:

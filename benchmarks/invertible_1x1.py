@@ -14,6 +14,7 @@ Usage::
     python benchmarks/invertible_1x1.py                    # markdown table
     python benchmarks/invertible_1x1.py --channels 512 --size 4
 """
+
 import argparse
 import os
 import statistics
@@ -22,9 +23,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import rflow_tf  # noqa: E402,F401  (sets TensorFlow defaults first)
 import tensorflow as tf  # noqa: E402
 
+import rflow_tf  # noqa: E402,F401  (sets TensorFlow defaults first)
 from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv  # noqa: E402
 
 
@@ -37,8 +38,9 @@ def make_step(parameterization, shape, jit):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = conv.forward(x)
-            loss = 0.5 * tf.reduce_mean(tf.reduce_sum(tf.square(y), [1, 2, 3])) \
-                - tf.reduce_mean(conv.forward_log_det_jacobian(x, 3))
+            loss = 0.5 * tf.reduce_mean(tf.reduce_sum(tf.square(y), [1, 2, 3])) - tf.reduce_mean(
+                conv.forward_log_det_jacobian(x, 3)
+            )
         return tape.gradient(loss, [x] + variables)
 
     return step
@@ -56,21 +58,24 @@ def main(argv=None):
     configs = [(par, jit) for par in ("lu", "matrix") for jit in (False, True)]
     steps = {c: make_step(c[0], shape, c[1]) for c in configs}
     times = {c: [] for c in configs}
-    for c in configs:                                   # trace / compile
+    for c in configs:  # trace / compile
         [g.numpy() for g in steps[c](x)]
     for _ in range(args.rounds):
         for c in configs:
             t0 = time.perf_counter()
             [g.numpy() for g in steps[c](x)]
             times[c].append(time.perf_counter() - t0)
-    print(f"input {shape}, {args.rounds} interleaved rounds, load average "
-          f"{os.getloadavg()[0]:.1f}\n")
+    print(
+        f"input {shape}, {args.rounds} interleaved rounds, load average {os.getloadavg()[0]:.1f}\n"
+    )
     print("| parameterization | XLA | median ms/step | min ms/step |")
     print("|---|---|---|---|")
     for par, jit in configs:
         t = times[(par, jit)]
-        print(f"| {par} | {'yes' if jit else 'no'} | {1e3 * statistics.median(t):.2f} "
-              f"| {1e3 * min(t):.2f} |")
+        print(
+            f"| {par} | {'yes' if jit else 'no'} | {1e3 * statistics.median(t):.2f} "
+            f"| {1e3 * min(t):.2f} |"
+        )
 
 
 if __name__ == "__main__":

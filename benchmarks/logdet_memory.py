@@ -48,17 +48,26 @@ def _rss_mb(field):
 def run_single(mode, n_terms, args):
     """Builds the stack, runs the steps, returns a dict of measurements."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
     import keras
     import tensorflow as tf
 
+    import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
     from rflow_tf.bijectors import IResBlock
 
     keras.utils.set_random_seed(0)
     shape = (args.size, args.size, args.channels)
-    blocks = [IResBlock.conv(shape, hidden_channels=args.hidden, kernels="3-1-3", coeff=0.98,
-                             logdet="truncated", n_terms=n_terms, **MODES[mode])
-              for _ in range(args.blocks)]
+    blocks = [
+        IResBlock.conv(
+            shape,
+            hidden_channels=args.hidden,
+            kernels="3-1-3",
+            coeff=0.98,
+            logdet="truncated",
+            n_terms=n_terms,
+            **MODES[mode],
+        )
+        for _ in range(args.blocks)
+    ]
     variables = [w.value for b in blocks for w in b.net.trainable_weights]
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(variables)
@@ -71,13 +80,13 @@ def run_single(mode, n_terms, args):
             for i, b in enumerate(blocks):
                 z, ld = b.forward_and_log_det(z, seed=seed + i, training=True)
                 total += ld
-            log_prob = -0.5 * tf.reduce_sum(z ** 2, axis=[1, 2, 3]) + total
+            log_prob = -0.5 * tf.reduce_sum(z**2, axis=[1, 2, 3]) + total
             loss = -tf.reduce_mean(log_prob)
         grads = tape.gradient(loss, variables)
         optimizer.apply_gradients(zip(grads, variables))
         return loss
 
-    step.get_concrete_function(x, tf.constant([0, 0]))     # trace outside the measurement
+    step.get_concrete_function(x, tf.constant([0, 0]))  # trace outside the measurement
     base = _rss_mb("VmRSS")
     t0 = time.perf_counter()
     step(x, tf.constant([1, 1])).numpy()
@@ -89,15 +98,26 @@ def run_single(mode, n_terms, args):
         step(x, tf.constant([2 + r, 2])).numpy()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return {"mode": mode, "n": n_terms, "step_mb": peak - base, "peak_mb": peak,
-            "median_s": times[len(times) // 2] if times else first}
+    return {
+        "mode": mode,
+        "n": n_terms,
+        "step_mb": peak - base,
+        "peak_mb": peak,
+        "median_s": times[len(times) // 2] if times else first,
+    }
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--terms", type=int, nargs="+", default=[2, 5, 10, 20],
-                        help="numbers of power-series terms n")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--terms",
+        type=int,
+        nargs="+",
+        default=[2, 5, 10, 20],
+        help="numbers of power-series terms n",
+    )
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     parser.add_argument("--blocks", type=int, default=8, help="residual blocks")
     parser.add_argument("--size", type=int, default=16, help="image height and width")
@@ -112,27 +132,47 @@ def main(argv=None):
         print(json.dumps(run_single(args.single[0], int(args.single[1]), args)))
         return 0
 
-    print(f"# {args.blocks} conv blocks, input {args.channels}x{args.size}x{args.size}, "
-          f"{args.hidden} hidden channels, batch {args.batch}; one training step")
+    print(
+        f"# {args.blocks} conv blocks, input {args.channels}x{args.size}x{args.size}, "
+        f"{args.hidden} hidden channels, batch {args.batch}; one training step"
+    )
     rows, start = [], time.perf_counter()
     configs = [(m, n) for n in args.terms for m in args.modes]
-    passthrough = [f"--blocks={args.blocks}", f"--size={args.size}", f"--channels={args.channels}",
-                   f"--hidden={args.hidden}", f"--batch={args.batch}", f"--repeats={args.repeats}"]
+    passthrough = [
+        f"--blocks={args.blocks}",
+        f"--size={args.size}",
+        f"--channels={args.channels}",
+        f"--hidden={args.hidden}",
+        f"--batch={args.batch}",
+        f"--repeats={args.repeats}",
+    ]
     for i, (mode, n) in enumerate(configs):
-        out = subprocess.run([sys.executable, __file__, "--single", mode, str(n)] + passthrough,
-                             capture_output=True, text=True, check=False)
+        out = subprocess.run(
+            [sys.executable, __file__, "--single", mode, str(n)] + passthrough,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
             raise SystemExit(f"configuration {mode} n={n} failed")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         elapsed = time.perf_counter() - start
         eta = elapsed / (i + 1) * (len(configs) - i - 1)
-        print(f"  [{i + 1}/{len(configs)}] {mode:12s} n={n:<3d} {rows[-1]['step_mb']:8.0f} MB "
-              f"{rows[-1]['median_s']:7.2f} s   (elapsed {elapsed:.0f} s, ETA {eta:.0f} s)",
-              file=sys.stderr, flush=True)
+        print(
+            f"  [{i + 1}/{len(configs)}] {mode:12s} n={n:<3d} {rows[-1]['step_mb']:8.0f} MB "
+            f"{rows[-1]['median_s']:7.2f} s   (elapsed {elapsed:.0f} s, ETA {eta:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
-    print("\n| n terms | " + " | ".join(f"{m} MB" for m in args.modes) + " | "
-          + " | ".join(f"{m} s/step" for m in args.modes) + " |")
+    print(
+        "\n| n terms | "
+        + " | ".join(f"{m} MB" for m in args.modes)
+        + " | "
+        + " | ".join(f"{m} s/step" for m in args.modes)
+        + " |"
+    )
     print("|---|" + "---|" * (2 * len(args.modes)))
     for n in args.terms:
         by_mode = {r["mode"]: r for r in rows if r["n"] == n}

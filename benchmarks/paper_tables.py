@@ -45,31 +45,42 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import rflow_tf  # noqa: E402,F401  (first: sets TensorFlow's runtime defaults)
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import rflow_tf  # noqa: E402,F401  (first: sets TensorFlow's runtime defaults)
 from rflow_tf import data, export, models  # noqa: E402
 from train import main as tm  # noqa: E402
 
 #: Table 4/5 rows: (label, train/main.py flags).
-ROWS = (("Residual blocks", ["--block=residual"]),
-        ("Coupling", ["--block=coupling"]),
-        ("Coupling + 1x1 conv", ["--block=coupling", "--invertible_1x1"]))
+ROWS = (
+    ("Residual blocks", ["--block=residual"]),
+    ("Coupling", ["--block=coupling"]),
+    ("Coupling + 1x1 conv", ["--block=coupling", "--invertible_1x1"]),
+)
 #: Table 4/5 columns: (label, flags).
-COLUMNS = (("classification only", ["--task=classification"]),
-           ("hybrid, lambda = 1/D", ["--task=hybrid", "--hybrid_lambda=1/D"]),
-           ("hybrid, lambda = 1", ["--task=hybrid", "--hybrid_lambda=1"]))
+COLUMNS = (
+    ("classification only", ["--task=classification"]),
+    ("hybrid, lambda = 1/D", ["--task=hybrid", "--hybrid_lambda=1/D"]),
+    ("hybrid, lambda = 1", ["--task=hybrid", "--hybrid_lambda=1"]),
+)
 #: Table 3 rows: (label, flags).
-TABLE3 = (("i-ResNet (truncated, ELU)", ["--activation=elu", "--logdet=truncated"]),
-          ("Residual Flow, ELU", ["--activation=elu", "--logdet=unbiased"]),
-          ("Residual Flow, LipSwish", ["--activation=lipswish", "--logdet=unbiased"]))
+TABLE3 = (
+    ("i-ResNet (truncated, ELU)", ["--activation=elu", "--logdet=truncated"]),
+    ("Residual Flow, ELU", ["--activation=elu", "--logdet=unbiased"]),
+    ("Residual Flow, LipSwish", ["--activation=lipswish", "--logdet=unbiased"]),
+)
 
 
 def _base_flags(args, out):
-    flags = [f"--dataset={args.dataset}", f"--out={out}", "--export_dir=",
-             f"--seed={args.seed}", f"--log_every={args.log_every}",
-             f"--sample_every={10 ** 9}"]
+    flags = [
+        f"--dataset={args.dataset}",
+        f"--out={out}",
+        "--export_dir=",
+        f"--seed={args.seed}",
+        f"--log_every={args.log_every}",
+        f"--sample_every={10**9}",
+    ]
     if args.preset:
         flags.append(f"--preset={args.preset}")
     if args.logit_alpha:
@@ -94,8 +105,10 @@ def table45(args, workdir):
 
 
 def format_table45(results):
-    lines = ["| blocks | " + " | ".join(c for c, _ in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = [
+        "| blocks | " + " | ".join(c for c, _ in COLUMNS) + " |",
+        "|---" * (len(COLUMNS) + 1) + "|",
+    ]
     for row, _ in ROWS:
         cells = []
         for col, _ in COLUMNS:
@@ -110,20 +123,24 @@ def format_table45(results):
 def _true_model(cfg):
     """A model with the "true" log-det of ``cfg``'s flow (exact for D <= 256)."""
     if cfg.num_dims <= export.EXACT_MAX_DIMS:
-        return models.ResidualFlow(cfg.replace(logdet="exact", neumann_grad=False,
-                                               grad_in_forward=False))
+        return models.ResidualFlow(
+            cfg.replace(logdet="exact", neumann_grad=False, grad_in_forward=False)
+        )
     return models.ResidualFlow(cfg.replace(logdet="unbiased", n_exact_terms_eval=20))
 
 
 def _mean_bpd(model, batches, n_bits, training, seed=(3, 4)):
-    vals = [model.bits_per_dim(x, n_bits=n_bits, training=training, seed=list(seed),
-                               validate=False) for x in batches]
+    vals = [
+        model.bits_per_dim(x, n_bits=n_bits, training=training, seed=list(seed), validate=False)
+        for x in batches
+    ]
     return float(tf.reduce_mean(tf.concat(vals, 0)).numpy())
 
 
 def _fixed_batches(name, split, n_bits, n_images, batch=100):
-    ds = data.load_image_dataset(name, split, batch, n_bits=n_bits, shuffle=False, flip=False,
-                                 repeat=False)
+    ds = data.load_image_dataset(
+        name, split, batch, n_bits=n_bits, shuffle=False, flip=False, repeat=False
+    )
     out, count = [], 0
     for i, x in enumerate(ds):
         out.append(data.dequantize(x, n_bits, seed=[11, i]))
@@ -140,27 +157,29 @@ def table3(args, workdir):
     for i, (label, flags) in enumerate(TABLE3):
         print(f"\n=== Table 3: {label} ===", flush=True)
         t0 = time.time()
-        trainer = tm.Trainer(tm.parse_args(_base_flags(args, os.path.join(workdir, f"t3_{i}"))
-                                           + flags))
+        trainer = tm.Trainer(
+            tm.parse_args(_base_flags(args, os.path.join(workdir, f"t3_{i}")) + flags)
+        )
         cfg, hp = trainer.flow_config, trainer.hp
         n_bits = cfg.n_bits
         train_fixed = _fixed_batches(trainer.spec.dataset, "train", n_bits, args.curve_images)
         test_fixed = _fixed_batches(trainer.spec.dataset, "test", n_bits, args.test_images)
         exact = _true_model(cfg)
-        ds = trainer._train_dataset()                          # pylint: disable=protected-access
+        ds = trainer._train_dataset()  # pylint: disable=protected-access
         trainer.restore_or_initialize(next(iter(ds)))
-        it = iter(trainer._distribute(ds))                     # pylint: disable=protected-access
+        it = iter(trainer._distribute(ds))  # pylint: disable=protected-access
         step_fn = trainer.train_step_fn
         zero = tf.constant(0.0)
         curve = []
 
         def point(step):
             est = _mean_bpd(trainer.model, train_fixed, n_bits, training=True)
-            export._copy_weights(trainer.model, exact)         # pylint: disable=protected-access
+            export._copy_weights(trainer.model, exact)  # pylint: disable=protected-access
             true = _mean_bpd(exact, train_fixed, n_bits, training=False)
             curve.append((step, est, true))
-            print(f"  step {step}: training estimate {est:.4f}, true {true:.4f} bits/dim",
-                  flush=True)
+            print(
+                f"  step {step}: training estimate {est:.4f}, true {true:.4f} bits/dim", flush=True
+            )
 
         total = int(hp["steps"])
         for step in range(total):
@@ -169,30 +188,42 @@ def table3(args, workdir):
                 point(step + 1)
         with trainer.ema_weights():
             own_test = _mean_bpd(trainer.model, test_fixed, n_bits, training=False)
-            export._copy_weights(trainer.model, exact)         # pylint: disable=protected-access
+            export._copy_weights(trainer.model, exact)  # pylint: disable=protected-access
             true_test = _mean_bpd(exact, test_fixed, n_bits, training=False)
         trainer.close()
-        results[label] = {"train_estimate": curve[-1][1], "train_true": curve[-1][2],
-                          "test_own_estimator": own_test, "test_true": true_test,
-                          "curve": curve, "seconds": time.time() - t0,
-                          "logdet": cfg.logdet, "n_terms": cfg.n_terms,
-                          "activation": cfg.activation}
+        results[label] = {
+            "train_estimate": curve[-1][1],
+            "train_true": curve[-1][2],
+            "test_own_estimator": own_test,
+            "test_true": true_test,
+            "curve": curve,
+            "seconds": time.time() - t0,
+            "logdet": cfg.logdet,
+            "n_terms": cfg.n_terms,
+            "activation": cfg.activation,
+        }
     return results
 
 
 def format_table3(results):
-    lines = ["| model | training estimate | training, true | test (own estimator) | "
-             "test, true |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | training estimate | training, true | test (own estimator) | test, true |",
+        "|---|---|---|---|---|",
+    ]
     for label, r in results.items():
-        lines.append(f"| {label} | {r['train_estimate']:.3f} | {r['train_true']:.3f} | "
-                     f"{r['test_own_estimator']:.3f} | {r['test_true']:.3f} |")
+        lines.append(
+            f"| {label} | {r['train_estimate']:.3f} | {r['train_true']:.3f} | "
+            f"{r['test_own_estimator']:.3f} | {r['test_true']:.3f} |"
+        )
     return "\n".join(lines)
 
 
 def figure2(results, path):
     import matplotlib  # pylint: disable=import-outside-toplevel
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
     fig, ax = plt.subplots(figsize=(6, 4))
     label = TABLE3[0][0]
     curve = np.array(results[label]["curve"])
@@ -214,28 +245,49 @@ def figure2(results, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tables", nargs="+", default=["45", "3"], choices=["45", "3"],
-                   help="Which tables (Table 3 includes Figure 2).")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--tables",
+        nargs="+",
+        default=["45", "3"],
+        choices=["45", "3"],
+        help="Which tables (Table 3 includes Figure 2).",
+    )
     p.add_argument("--dataset", default="digits")
     p.add_argument("--preset", default=None, help="Default: the dataset's (digits_small).")
-    p.add_argument("--logit_alpha", type=float, default=0.05,
-                   help="alpha of every run's logit layer (0: the preset's). 0.05 is the "
-                        "reference's value except for MNIST; see the README for why digits "
-                        "uses it here.")
-    p.add_argument("--steps", type=int, default=500,
-                   help="Training steps of every run (0: the preset's length).")
+    p.add_argument(
+        "--logit_alpha",
+        type=float,
+        default=0.05,
+        help="alpha of every run's logit layer (0: the preset's). 0.05 is the "
+        "reference's value except for MNIST; see the README for why digits "
+        "uses it here.",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=500,
+        help="Training steps of every run (0: the preset's length).",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log_every", type=int, default=200)
-    p.add_argument("--train_flags", default="",
-                   help="Extra train/main.py flags for every run, e.g. '--batch_size=128'.")
-    p.add_argument("--curve_every", type=int, default=100,
-                   help="Figure 2: steps between points.")
-    p.add_argument("--curve_images", type=int, default=200,
-                   help="Figure 2: size of the fixed training batch.")
-    p.add_argument("--test_images", type=int, default=0,
-                   help="Table 3: test images for the true test bits/dim (0: all).")
+    p.add_argument(
+        "--train_flags",
+        default="",
+        help="Extra train/main.py flags for every run, e.g. '--batch_size=128'.",
+    )
+    p.add_argument("--curve_every", type=int, default=100, help="Figure 2: steps between points.")
+    p.add_argument(
+        "--curve_images", type=int, default=200, help="Figure 2: size of the fixed training batch."
+    )
+    p.add_argument(
+        "--test_images",
+        type=int,
+        default=0,
+        help="Table 3: test images for the true test bits/dim (0: all).",
+    )
     p.add_argument("--out", default=os.path.join(REPO, "docs", "paper_tables"))
     p.add_argument("--workdir", default=None, help="Run directories (default: a temp dir).")
     args = p.parse_args(argv)
@@ -249,9 +301,10 @@ def main(argv=None):
         md = format_table45(r45)
         print("\nTable 4/5 analogue (test accuracy / test bits/dim):\n" + md, flush=True)
         report.append("Table 4/5 analogue (test accuracy / test bits/dim)\n\n" + md)
-        saved["table45"] = {f"{r} | {c}": {k: v for k, v in res.items()
-                                           if isinstance(v, (int, float, str))}
-                            for (r, c), res in r45.items()}
+        saved["table45"] = {
+            f"{r} | {c}": {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+            for (r, c), res in r45.items()
+        }
     if "3" in args.tables:
         r3 = table3(args, workdir)
         md = format_table3(r3)
@@ -261,8 +314,10 @@ def main(argv=None):
         print(f"Figure 2 analogue: {fig}")
         saved["table3"] = r3
     load = os.getloadavg()
-    footer = (f"Total {time.time() - t0:.0f} s; load average at the end "
-              f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on {os.cpu_count()} CPUs.")
+    footer = (
+        f"Total {time.time() - t0:.0f} s; load average at the end "
+        f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} on {os.cpu_count()} CPUs."
+    )
     print(footer)
     with open(os.path.join(args.out, "paper_tables.md"), "w") as f:
         f.write("\n\n".join(report) + "\n\n" + footer + "\n")

@@ -42,10 +42,28 @@ from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS, toy_2d  # noqa: E402
 
 #: The speed target configuration (issue 5) and the reference's figure on this machine.
-SPEED_CONFIG = ["--model", "resflow", "--blocks", "10", "--hidden", "128-128-128-128",
-                "--activation", "lipswish", "--batch_size", "500", "--dist", "poisson",
-                "--n_exact_terms", "2", "--neumann_grad", "1", "--grad_in_forward", "1",
-                "--power_iterations", "5"]
+SPEED_CONFIG = [
+    "--model",
+    "resflow",
+    "--blocks",
+    "10",
+    "--hidden",
+    "128-128-128-128",
+    "--activation",
+    "lipswish",
+    "--batch_size",
+    "500",
+    "--dist",
+    "poisson",
+    "--n_exact_terms",
+    "2",
+    "--neumann_grad",
+    "1",
+    "--grad_in_forward",
+    "1",
+    "--power_iterations",
+    "5",
+]
 REFERENCE_SEC_PER_ITER = 0.2
 TARGET_SEC_PER_ITER = 0.1
 
@@ -53,7 +71,8 @@ TARGET_SEC_PER_ITER = 0.1
 def _load():
     try:
         return "load average %.2f / %.2f / %.2f (1/5/15 min) on %d CPUs" % (
-            os.getloadavg() + (os.cpu_count() or 0,))
+            os.getloadavg() + (os.cpu_count() or 0,)
+        )
     except OSError:
         return "load average unknown"
 
@@ -93,13 +112,19 @@ def measure_speed(warmup=30, windows=5, steps=20, dataset="8gaussians", extra=()
         float(loss)
         walls.append((time.perf_counter() - t0) / steps)
         cpus.append((time.process_time() - c0) / steps)
-    return dict(median=float(np.median(walls)), best=float(np.min(walls)),
-                cpu=float(np.median(cpus)), trace_s=trace_s, windows=walls,
-                loss=float(loss))
+    return dict(
+        median=float(np.median(walls)),
+        best=float(np.min(walls)),
+        cpu=float(np.median(cpus)),
+        trace_s=trace_s,
+        windows=walls,
+        loss=float(loss),
+    )
 
 
-def run_table(datasets, models, iters, blocks, hidden, seed, actnorm=True, lr=5e-3,
-              tmpdir=None, log=print):
+def run_table(
+    datasets, models, iters, blocks, hidden, seed, actnorm=True, lr=5e-3, tmpdir=None, log=print
+):
     """Trains every model on every dataset with one budget; returns
     ``{(dataset, model): result}`` with the dicts of :func:`rflow_tf.toy.run`.
 
@@ -117,19 +142,41 @@ def run_table(datasets, models, iters, blocks, hidden, seed, actnorm=True, lr=5e
     results = {}
     for model in models:
         for data in datasets:
-            argv = ["--data", data, "--model", model, "--blocks", str(blocks),
-                    "--hidden", hidden, "--iters", str(iters), "--batch_size", "500",
-                    "--lr", str(lr),
-                    "--seed", str(seed), "--out", tmpdir, "--grid", "120",
-                    "--n_plot_samples", "2000", "--quiet"] + (["--actnorm"] if actnorm else [])
+            argv = [
+                "--data",
+                data,
+                "--model",
+                model,
+                "--blocks",
+                str(blocks),
+                "--hidden",
+                hidden,
+                "--iters",
+                str(iters),
+                "--batch_size",
+                "500",
+                "--lr",
+                str(lr),
+                "--seed",
+                str(seed),
+                "--out",
+                tmpdir,
+                "--grid",
+                "120",
+                "--n_plot_samples",
+                "2000",
+                "--quiet",
+            ] + (["--actnorm"] if actnorm else [])
             t0 = time.perf_counter()
             r = toy.run(argv, reuse_trainer=True)
             r["wall_s"] = time.perf_counter() - t0
             results[(data, model)] = r
-            log(f"[bench] {model:>8s} on {data:<12s}: test NLL {r['test_nll']:.3f} nats | "
+            log(
+                f"[bench] {model:>8s} on {data:<12s}: test NLL {r['test_nll']:.3f} nats | "
                 f"{r['sec_per_iter']:.4f} s/iter | run {r['wall_s']:.0f} s"
                 + (f" (incl. {r['trace_s']:.0f} s first step/tracing)" if r["trace_s"] else ""),
-                flush=True)
+                flush=True,
+            )
     return results
 
 
@@ -142,8 +189,7 @@ def markdown_table(results, datasets, models):
     print(markdown_table(results, ["moons"], ["resflow", "coupling"]))
     ```
     """
-    lines = ["| dataset | " + " | ".join(models) + " |",
-             "|---|" + "---:|" * len(models)]
+    lines = ["| dataset | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for data in datasets:
         cells = []
         nlls = [results[(data, m)]["test_nll"] for m in models]
@@ -166,19 +212,21 @@ def density_figure(results, datasets, models, path):
     ```
     """
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lim = toy.PLOT_LIMIT
     cols = ["data"] + list(models)
-    fig, axes = plt.subplots(len(datasets), len(cols), figsize=(2.2 * len(cols),
-                                                                2.2 * len(datasets)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(datasets), len(cols), figsize=(2.2 * len(cols), 2.2 * len(datasets)), squeeze=False
+    )
     for i, data in enumerate(datasets):
         any_r = results[(data, models[0])]
         x = any_r["test_data"]
-        axes[i, 0].hist2d(x[:, 0], x[:, 1], bins=100, range=[[-lim, lim], [-lim, lim]],
-                          cmap="inferno")
+        axes[i, 0].hist2d(
+            x[:, 0], x[:, 1], bins=100, range=[[-lim, lim], [-lim, lim]], cmap="inferno"
+        )
         axes[i, 0].set_ylabel(data, fontsize=10)
         for j, model in enumerate(models, start=1):
             r = results[(data, model)]
@@ -206,22 +254,40 @@ def main(argv=None):
 
     Example: ``python benchmarks/toy_densities.py --iters 1000``.
     """
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(TOY_DATASETS), choices=TOY_DATASETS,
-                   help="toy datasets (rows)")
-    p.add_argument("--models", nargs="+", default=list(toy.MODELS), choices=toy.MODELS,
-                   help="model types (columns)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=list(TOY_DATASETS),
+        choices=TOY_DATASETS,
+        help="toy datasets (rows)",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=list(toy.MODELS),
+        choices=toy.MODELS,
+        help="model types (columns)",
+    )
     p.add_argument("--iters", type=int, default=1000, help="training steps per run")
     p.add_argument("--blocks", type=int, default=5, help="blocks / coupling layers per model")
     p.add_argument("--hidden", default="64-64-64", help="hidden widths of every block's net")
     p.add_argument("--no_actnorm", action="store_true", help="train without ActNorm")
-    p.add_argument("--lr", type=float, default=5e-3,
-                   help="Adam learning rate (higher than the reference's 1e-3 to suit the "
-                        "short budget; the same for every model)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=5e-3,
+        help="Adam learning rate (higher than the reference's 1e-3 to suit the "
+        "short budget; the same for every model)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--figure", default=os.path.join(REPO, "docs", "toy", "densities.png"),
-                   help="output path of the density grid")
+    p.add_argument(
+        "--figure",
+        default=os.path.join(REPO, "docs", "toy", "densities.png"),
+        help="output path of the density grid",
+    )
     p.add_argument("--skip_speed", action="store_true", help="skip the speed measurement")
     p.add_argument("--skip_table", action="store_true", help="skip the density table")
     p.add_argument("--speed_windows", type=int, default=5, help="timed windows of 20 steps")
@@ -230,28 +296,49 @@ def main(argv=None):
     t_all = time.perf_counter()
     print(f"[bench] {_load()}", flush=True)
     if not args.skip_speed:
-        print("[bench] speed: 10 blocks x (2-128-128-128-128-2 LipSwish), batch 500, unbiased "
-              "(poisson, 2 exact terms), Neumann gradients, 5 power iterations/step ...",
-              flush=True)
+        print(
+            "[bench] speed: 10 blocks x (2-128-128-128-128-2 LipSwish), batch 500, unbiased "
+            "(poisson, 2 exact terms), Neumann gradients, 5 power iterations/step ...",
+            flush=True,
+        )
         s = measure_speed(windows=args.speed_windows)
-        print(f"[bench] speed: {s['median']:.4f} s/iter median, {s['best']:.4f} best of "
-              f"{len(s['windows'])} windows x 20 steps ({s['cpu']:.4f} CPU-s/iter over all "
-              f"threads); first step incl. tracing {s['trace_s']:.1f} s; {_load()}", flush=True)
+        print(
+            f"[bench] speed: {s['median']:.4f} s/iter median, {s['best']:.4f} best of "
+            f"{len(s['windows'])} windows x 20 steps ({s['cpu']:.4f} CPU-s/iter over all "
+            f"threads); first step incl. tracing {s['trace_s']:.1f} s; {_load()}",
+            flush=True,
+        )
         verdict = "meets" if s["median"] < TARGET_SEC_PER_ITER else "misses"
-        print(f"\n**Speed** (paper toy config): {s['median']:.3f} s/iter (median; best "
-              f"{s['best']:.3f}) vs ~{REFERENCE_SEC_PER_ITER} s/iter for the authors' PyTorch "
-              f"code on this machine: {REFERENCE_SEC_PER_ITER / s['median']:.1f}x faster; "
-              f"{verdict} the < {TARGET_SEC_PER_ITER} s/iter goal.\n", flush=True)
+        print(
+            f"\n**Speed** (paper toy config): {s['median']:.3f} s/iter (median; best "
+            f"{s['best']:.3f}) vs ~{REFERENCE_SEC_PER_ITER} s/iter for the authors' PyTorch "
+            f"code on this machine: {REFERENCE_SEC_PER_ITER / s['median']:.1f}x faster; "
+            f"{verdict} the < {TARGET_SEC_PER_ITER} s/iter goal.\n",
+            flush=True,
+        )
     if not args.skip_table:
         actnorm = not args.no_actnorm
-        print(f"[bench] table: {len(args.datasets)} datasets x {len(args.models)} models, "
-              f"{args.iters} steps of batch 500, Adam lr {args.lr:g}, {args.blocks} blocks of "
-              f"{args.hidden}{' + ActNorm' if actnorm else ''}, seed {args.seed}", flush=True)
-        results = run_table(args.datasets, args.models, args.iters, args.blocks, args.hidden,
-                            args.seed, actnorm, args.lr)
-        print(f"\nTest NLL in nats (lower is better; exact 2-D log-det on 10,000 held-out "
-              f"points) after {args.iters} steps of batch 500 (Adam, lr {args.lr:g}), "
-              f"{args.blocks} blocks of {args.hidden}{' + ActNorm' if actnorm else ''}:\n")
+        print(
+            f"[bench] table: {len(args.datasets)} datasets x {len(args.models)} models, "
+            f"{args.iters} steps of batch 500, Adam lr {args.lr:g}, {args.blocks} blocks of "
+            f"{args.hidden}{' + ActNorm' if actnorm else ''}, seed {args.seed}",
+            flush=True,
+        )
+        results = run_table(
+            args.datasets,
+            args.models,
+            args.iters,
+            args.blocks,
+            args.hidden,
+            args.seed,
+            actnorm,
+            args.lr,
+        )
+        print(
+            f"\nTest NLL in nats (lower is better; exact 2-D log-det on 10,000 held-out "
+            f"points) after {args.iters} steps of batch 500 (Adam, lr {args.lr:g}), "
+            f"{args.blocks} blocks of {args.hidden}{' + ActNorm' if actnorm else ''}:\n"
+        )
         print(markdown_table(results, args.datasets, args.models))
         path = density_figure(results, args.datasets, args.models, args.figure)
         print(f"\n[bench] wrote {path}")

@@ -38,10 +38,32 @@ from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
 
 #: The reference's train_toy.py settings, as flags of train/toy.py.
-REFERENCE_SETTINGS = ["--model", "resflow", "--blocks", "10", "--hidden", "128-128-128-128",
-                      "--activation", "lipswish", "--coeff", "0.9", "--dist", "geometric",
-                      "--p", "0.5", "--n_exact_terms", "2", "--lr", "1e-3", "--batch_size", "500",
-                      "--power_iterations", "5", "--n_test", "10000"]
+REFERENCE_SETTINGS = [
+    "--model",
+    "resflow",
+    "--blocks",
+    "10",
+    "--hidden",
+    "128-128-128-128",
+    "--activation",
+    "lipswish",
+    "--coeff",
+    "0.9",
+    "--dist",
+    "geometric",
+    "--p",
+    "0.5",
+    "--n_exact_terms",
+    "2",
+    "--lr",
+    "1e-3",
+    "--batch_size",
+    "500",
+    "--power_iterations",
+    "5",
+    "--n_test",
+    "10000",
+]
 #: Test NLL (nats) of the authors' train_toy.py at these settings after 1000
 #: iterations (one seed each; issue 9).
 REFERENCE_NLL = {"checkerboard": 4.27, "8gaussians": 3.78, "2spirals": 3.59, "rings": 3.56}
@@ -52,8 +74,10 @@ DEFAULT_DATASETS = tuple(REFERENCE_NLL)
 def _load():
     try:
         one, five, fifteen = os.getloadavg()
-        return (f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on "
-                f"{os.cpu_count() or 0} CPUs")
+        return (
+            f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on "
+            f"{os.cpu_count() or 0} CPUs"
+        )
     except OSError:
         return "load average unknown"
 
@@ -63,8 +87,23 @@ def run_one(dataset, seed, iters, out_dir, extra=()):
 
     Example: ``nll, spi = run_one("rings", 0, 100, "/tmp/toy_parity")``.
     """
-    argv = [*REFERENCE_SETTINGS, "--data", dataset, "--seed", str(seed), "--iters", str(iters),
-            "--out", out_dir, "--quiet", "--grid", "50", "--n_plot_samples", "500", *extra]
+    argv = [
+        *REFERENCE_SETTINGS,
+        "--data",
+        dataset,
+        "--seed",
+        str(seed),
+        "--iters",
+        str(iters),
+        "--out",
+        out_dir,
+        "--quiet",
+        "--grid",
+        "50",
+        "--n_plot_samples",
+        "500",
+        *extra,
+    ]
     result = toy.run(argv, reuse_trainer=True)
     return float(result["test_nll"]), float(result["sec_per_iter"])
 
@@ -74,8 +113,10 @@ def table(results, iters):
 
     Example: ``print(table({"rings": [(3.5, 0.07), (3.52, 0.07)]}, 1000))``.
     """
-    header = (f"| dataset | ours: test NLL, mean +- sd ({iters} iters) | seeds | reference "
-              f"(1 seed) | ours - reference | s/iter (ours, mean) |")
+    header = (
+        f"| dataset | ours: test NLL, mean +- sd ({iters} iters) | seeds | reference "
+        f"(1 seed) | ours - reference | s/iter (ours, mean) |"
+    )
     lines = [header, "|---|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         nll = np.array([r[0] for r in runs])
@@ -84,16 +125,23 @@ def table(results, iters):
         ref = REFERENCE_NLL.get(name)
         ref_s = f"{ref:.2f}" if ref is not None and iters == 1000 else "-"
         diff = f"{nll.mean() - ref:+.3f}" if ref is not None and iters == 1000 else "-"
-        lines.append(f"| {name} | {nll.mean():.3f} +- {sd:.3f} | {len(nll)} | {ref_s} | "
-                     f"{diff} | {spi.mean():.4f} |")
+        lines.append(
+            f"| {name} | {nll.mean():.3f} +- {sd:.3f} | {len(nll)} | {ref_s} | "
+            f"{diff} | {spi.mean():.4f} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(DEFAULT_DATASETS),
-                   help=f"datasets, or 'all' for {', '.join(TOY_DATASETS)}")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=list(DEFAULT_DATASETS),
+        help=f"datasets, or 'all' for {', '.join(TOY_DATASETS)}",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
     p.add_argument("--iters", type=int, default=1000, help="training iterations per run")
     p.add_argument("--json", default=None, help="also write the raw results to this JSON file")
@@ -106,8 +154,11 @@ def main(argv=None):
     if args.iters < 1 or not args.seeds:
         p.error("--iters must be >= 1 and at least one seed given")
     out_dir = args.out or tempfile.mkdtemp(prefix="toy_parity_")
-    print(f"[toy_parity] {len(datasets)} datasets x {len(args.seeds)} seeds, {args.iters} "
-          f"iterations each; {_load()}", flush=True)
+    print(
+        f"[toy_parity] {len(datasets)} datasets x {len(args.seeds)} seeds, {args.iters} "
+        f"iterations each; {_load()}",
+        flush=True,
+    )
     results = {name: [] for name in datasets}
     t0 = time.perf_counter()
     n_runs, done = len(datasets) * len(args.seeds), 0
@@ -117,9 +168,12 @@ def main(argv=None):
             results[name].append((nll, spi))
             done += 1
             elapsed = time.perf_counter() - t0
-            print(f"[toy_parity] {done}/{n_runs} {name} seed {seed}: test NLL {nll:.4f} nats, "
-                  f"{spi:.4f} s/iter | elapsed {elapsed / 60:.1f} min, ETA "
-                  f"{elapsed / done * (n_runs - done) / 60:.1f} min | {_load()}", flush=True)
+            print(
+                f"[toy_parity] {done}/{n_runs} {name} seed {seed}: test NLL {nll:.4f} nats, "
+                f"{spi:.4f} s/iter | elapsed {elapsed / 60:.1f} min, ETA "
+                f"{elapsed / done * (n_runs - done) / 60:.1f} min | {_load()}",
+                flush=True,
+            )
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"iters": args.iters, "results": results}, f, indent=2)

@@ -20,6 +20,7 @@ Packages and modules, lowest layer first (no import runs back up; docs/ARCHITECT
                        its command line)
   rflow_tf.toy         2-D toy models and their training loop (train/toy.py is its CLI)
 """
+
 import os as _os
 
 # TensorFlow reads these when it loads, so they apply when rflow_tf is imported
@@ -30,16 +31,29 @@ import os as _os
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
-from rflow_tf import estimators, norms, layers, bijectors  # noqa: E402,F401
-from rflow_tf import classifier  # noqa: E402,F401
-from rflow_tf.bijectors import IResBlock, ActNorm, Squeeze, LogitTransform  # noqa: E402,F401
-from rflow_tf.layers import (  # noqa: E402,F401
-    LipSwish, LipschitzDense, LipschitzConv2D, converge_lipschitz, update_lipschitz)
-from rflow_tf.bijectors.sigmoidal_flows import (  # noqa: E402,F401
-    MADE, DeepSigmoidalFlow, DeepDenseSigmoidalFlow)
-from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling, GatedAttentionConditioner  # noqa: E402,F401
+from rflow_tf import (  # noqa: E402,F401
+    bijectors,
+    classifier,  # noqa: E402,F401
+    estimators,
+    layers,
+    norms,
+)
+from rflow_tf.bijectors import ActNorm, IResBlock, LogitTransform, Squeeze  # noqa: E402,F401
 from rflow_tf.bijectors.dequantization import UniformDequantizer, VariationalDequantizer  # noqa: E402,F401
-from rflow_tf.models import ResidualFlow, FlowConfig, get_preset  # noqa: E402,F401
+from rflow_tf.bijectors.mixlogcdf import GatedAttentionConditioner, MixLogCDFCoupling  # noqa: E402,F401
+from rflow_tf.bijectors.sigmoidal_flows import (  # noqa: E402,F401
+    MADE,
+    DeepDenseSigmoidalFlow,
+    DeepSigmoidalFlow,
+)
 from rflow_tf.export import load, save  # noqa: E402,F401
+from rflow_tf.layers import (  # noqa: E402,F401
+    LipschitzConv2D,
+    LipschitzDense,
+    LipSwish,
+    converge_lipschitz,
+    update_lipschitz,
+)
+from rflow_tf.models import FlowConfig, ResidualFlow, get_preset  # noqa: E402,F401
 
 __version__ = "0.1.0"

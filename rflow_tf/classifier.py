@@ -113,8 +113,10 @@ class ClassifierHeads(keras.layers.Layer):
 
     def _check_shapes(self, shapes):
         if not isinstance(shapes, (list, tuple)) or not shapes:
-            raise ValueError("ClassifierHeads takes a non-empty list of feature maps "
-                             f"[B, H, W, C], one per scale; got {shapes!r}")
+            raise ValueError(
+                "ClassifierHeads takes a non-empty list of feature maps "
+                f"[B, H, W, C], one per scale; got {shapes!r}"
+            )
         for i, s in enumerate(shapes):
             if len(s) != 4:
                 raise ValueError(f"feature map {i} must have shape [B, H, W, C], got {tuple(s)}")
@@ -125,9 +127,15 @@ class ClassifierHeads(keras.layers.Layer):
         self.convs, self.norms = [], []
         for i, s in enumerate(shapes):
             init = _torch_default_uniform(9 * int(s[-1]))
-            conv = keras.layers.Conv2D(self.hidden_channels, 3, padding="same",
-                                       kernel_initializer=init, bias_initializer=init,
-                                       dtype=self.dtype_policy, name=f"head_{i}_conv")
+            conv = keras.layers.Conv2D(
+                self.hidden_channels,
+                3,
+                padding="same",
+                kernel_initializer=init,
+                bias_initializer=init,
+                dtype=self.dtype_policy,
+                name=f"head_{i}_conv",
+            )
             conv.build(s)
             norm = rlayers.ActNormalization(dtype=self.dtype_policy, name=f"head_{i}_actnorm")
             norm.build(s[:-1] + (self.hidden_channels,))
@@ -139,16 +147,21 @@ class ClassifierHeads(keras.layers.Layer):
             setattr(self, f"head_{i}_actnorm", norm)
         width = self.hidden_channels * len(shapes)
         init = _torch_default_uniform(width)
-        self.dense = keras.layers.Dense(self.n_classes, kernel_initializer=init,
-                                        bias_initializer=init, dtype=self.dtype_policy,
-                                        name="logits")
+        self.dense = keras.layers.Dense(
+            self.n_classes,
+            kernel_initializer=init,
+            bias_initializer=init,
+            dtype=self.dtype_policy,
+            name="logits",
+        )
         self.dense.build((None, width))
         self._n_scales = len(shapes)
 
     def _conv_all(self, features):
         if len(features) != self._n_scales:
-            raise ValueError(f"expected {self._n_scales} feature maps (one per scale), "
-                             f"got {len(features)}")
+            raise ValueError(
+                f"expected {self._n_scales} feature maps (one per scale), got {len(features)}"
+            )
         return [conv(h) for conv, h in zip(self.convs, features)]
 
     def initialize(self, features):
@@ -177,8 +190,11 @@ class ClassifierHeads(keras.layers.Layer):
         return (input_shape[0][0], self.n_classes)
 
     def get_config(self):
-        return {**super().get_config(), "n_classes": self.n_classes,
-                "hidden_channels": self.hidden_channels}
+        return {
+            **super().get_config(),
+            "n_classes": self.n_classes,
+            "hidden_channels": self.hidden_channels,
+        }
 
 
 def resolve_hybrid_lambda(hybrid_lambda, num_dims=None):
@@ -201,18 +217,27 @@ def resolve_hybrid_lambda(hybrid_lambda, num_dims=None):
     if isinstance(hybrid_lambda, str):
         text = hybrid_lambda.strip()
         if text.replace(" ", "").upper() == "1/D":
-            if isinstance(num_dims, bool) or not isinstance(num_dims, numbers.Integral) \
-                    or num_dims < 1:
-                raise ValueError(f'hybrid_lambda="1/D" needs num_dims, a positive int; '
-                                 f"got {num_dims!r}")
+            if (
+                isinstance(num_dims, bool)
+                or not isinstance(num_dims, numbers.Integral)
+                or num_dims < 1
+            ):
+                raise ValueError(
+                    f'hybrid_lambda="1/D" needs num_dims, a positive int; got {num_dims!r}'
+                )
             return 1.0 / int(num_dims)
         try:
             hybrid_lambda = float(text)
         except ValueError:
-            raise ValueError(f'hybrid_lambda must be a number >= 0 or "1/D", got '
-                             f"{hybrid_lambda!r}") from None
-    if isinstance(hybrid_lambda, bool) or not isinstance(hybrid_lambda, numbers.Real) \
-            or not np.isfinite(hybrid_lambda) or hybrid_lambda < 0:
+            raise ValueError(
+                f'hybrid_lambda must be a number >= 0 or "1/D", got {hybrid_lambda!r}'
+            ) from None
+    if (
+        isinstance(hybrid_lambda, bool)
+        or not isinstance(hybrid_lambda, numbers.Real)
+        or not np.isfinite(hybrid_lambda)
+        or hybrid_lambda < 0
+    ):
         raise ValueError(f'hybrid_lambda must be a number >= 0 or "1/D", got {hybrid_lambda!r}')
     return float(hybrid_lambda)
 
@@ -246,14 +271,19 @@ def hybrid_loss(log_prob_x, logits, labels, hybrid_lambda, num_dims=None):
     lam = resolve_hybrid_lambda(hybrid_lambda, num_dims)
     logits = tf.convert_to_tensor(logits)
     if not logits.dtype.is_floating or logits.shape.rank != 2:
-        raise ValueError(f"logits must be a float tensor [B, n_classes], got {logits.dtype.name} "
-                         f"of shape {logits.shape}")
+        raise ValueError(
+            f"logits must be a float tensor [B, n_classes], got {logits.dtype.name} "
+            f"of shape {logits.shape}"
+        )
     labels = tf.convert_to_tensor(labels)
     if labels.dtype.is_floating or labels.shape.rank != 1:
-        raise ValueError(f"labels must be integer class indices of shape [B], got "
-                         f"{labels.dtype.name} of shape {labels.shape}")
+        raise ValueError(
+            f"labels must be integer class indices of shape [B], got "
+            f"{labels.dtype.name} of shape {labels.shape}"
+        )
     cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(labels, tf.int64), logits=logits)
+        labels=tf.cast(labels, tf.int64), logits=logits
+    )
     if lam == 0.0:
         return cross_entropy
     if log_prob_x is None:
@@ -297,15 +327,17 @@ class ChannelNormalize(tfb.Bijector):
         mean = np.asarray(mean, np.float64).reshape(-1)
         std = np.asarray(std, np.float64).reshape(-1)
         if mean.size == 0 or mean.shape != std.shape:
-            raise ValueError(f"mean and std must be non-empty with one value per channel; got "
-                             f"{mean.size} means and {std.size} stds")
+            raise ValueError(
+                f"mean and std must be non-empty with one value per channel; got "
+                f"{mean.size} means and {std.size} stds"
+            )
         if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
-            raise ValueError(f"std must be finite and > 0, mean finite; got mean={mean}, "
-                             f"std={std}")
+            raise ValueError(f"std must be finite and > 0, mean finite; got mean={mean}, std={std}")
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
-        super().__init__(forward_min_event_ndims=1,
-                         validate_args=validate_args, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=1, validate_args=validate_args, parameters=parameters, name=name
+        )
 
     @classmethod
     def cifar10(cls, **kwargs):
@@ -318,10 +350,11 @@ class ChannelNormalize(tfb.Bijector):
 
     def _constants(self, x):
         x = tf.convert_to_tensor(x)
-        if x.shape.rank is not None and x.shape[-1] is not None \
-                and x.shape[-1] != len(self.mean):
-            raise ValueError(f"{self.name}: expects {len(self.mean)} channels on the last axis, "
-                             f"got shape {x.shape}")
+        if x.shape.rank is not None and x.shape[-1] is not None and x.shape[-1] != len(self.mean):
+            raise ValueError(
+                f"{self.name}: expects {len(self.mean)} channels on the last axis, "
+                f"got shape {x.shape}"
+            )
         return x, tf.constant(self.mean, x.dtype), tf.constant(self.std, x.dtype)
 
     def _forward(self, x):

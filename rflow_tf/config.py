@@ -57,11 +57,16 @@ def legacy_defaults(version):
 
 
 def _check_config_version(version):
-    if (isinstance(version, bool) or not isinstance(version, (int, np.integer))
-            or not 1 <= version <= CONFIG_VERSION):
-        raise ValueError(f"FlowConfig.config_version must be an int in 1..{CONFIG_VERSION} "
-                         f"(the versions this rflow_tf knows), got {version!r}; a newer "
-                         f"version was written by a newer rflow_tf")
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, (int, np.integer))
+        or not 1 <= version <= CONFIG_VERSION
+    ):
+        raise ValueError(
+            f"FlowConfig.config_version must be an int in 1..{CONFIG_VERSION} "
+            f"(the versions this rflow_tf knows), got {version!r}; a newer "
+            f"version was written by a newer rflow_tf"
+        )
 
 
 @dataclasses.dataclass
@@ -272,12 +277,14 @@ class FlowConfig:
         Example: ``FlowConfig(input_shape=(7, 7, 1), n_blocks=(1, 1)).validate()``
         raises because 7 is not divisible by 2.
         """
+
         def pos_int(name, v, allow_zero=False):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"FlowConfig.{name} must be an int, got {v!r}")
             if v < 0 or (v == 0 and not allow_zero):
-                raise ValueError(f"FlowConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, "
-                                 f"got {v}")
+                raise ValueError(
+                    f"FlowConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}"
+                )
 
         if not isinstance(self.input_shape, tuple) or len(self.input_shape) != 3:
             raise ValueError(f"FlowConfig.input_shape must be (H, W, C), got {self.input_shape!r}")
@@ -285,40 +292,54 @@ class FlowConfig:
             pos_int("input_shape", v)
         if not isinstance(self.n_blocks, tuple) or not self.n_blocks:
             raise ValueError(
-                f"FlowConfig.n_blocks must be a non-empty tuple, got {self.n_blocks!r}")
+                f"FlowConfig.n_blocks must be a non-empty tuple, got {self.n_blocks!r}"
+            )
         for v in self.n_blocks:
             pos_int("n_blocks", v)
         _check_config_version(self.config_version)
         h, w, c = self.input_shape
         n_squeeze = self.n_scales - 1 + int(bool(self.squeeze_first))
-        if h % (2 ** n_squeeze) or w % (2 ** n_squeeze):
+        if h % (2**n_squeeze) or w % (2**n_squeeze):
             raise ValueError(
                 f"FlowConfig: input {h}x{w} cannot be squeezed {n_squeeze} times "
                 f"({self.n_scales} scales, squeeze_first={self.squeeze_first}); H and W must "
-                f"be divisible by {2 ** n_squeeze}")
+                f"be divisible by {2**n_squeeze}"
+            )
         pos_int("hidden_channels", self.hidden_channels)
         try:
             ks = [int(k) for k in str(self.kernels).split("-")]
         except ValueError:
             ks = []
         if not ks or any(k < 1 or k % 2 == 0 for k in ks):
-            raise ValueError(f"FlowConfig.kernels must look like '3-1-3' (odd sizes), "
-                             f"got {self.kernels!r}")
+            raise ValueError(
+                f"FlowConfig.kernels must look like '3-1-3' (odd sizes), got {self.kernels!r}"
+            )
         if self.init not in rlayers.INITS:
             raise ValueError(f"FlowConfig.init must be one of {rlayers.INITS}, got {self.init!r}")
         if self.squeeze_order not in rbij.SQUEEZE_ORDERS:
-            raise ValueError(f"FlowConfig.squeeze_order must be one of {rbij.SQUEEZE_ORDERS}, "
-                             f"got {self.squeeze_order!r}")
-        for name in ("preactivation", "actnorm", "first_resblock", "squeeze_first",
-                     "invertible_1x1", "flowpp_attention"):
+            raise ValueError(
+                f"FlowConfig.squeeze_order must be one of {rbij.SQUEEZE_ORDERS}, "
+                f"got {self.squeeze_order!r}"
+            )
+        for name in (
+            "preactivation",
+            "actnorm",
+            "first_resblock",
+            "squeeze_first",
+            "invertible_1x1",
+            "flowpp_attention",
+        ):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"FlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.activation not in rlayers.ACTIVATIONS:
-            raise ValueError(f"FlowConfig.activation must be one of {rlayers.ACTIVATIONS}, "
-                             f"got {self.activation!r}")
+            raise ValueError(
+                f"FlowConfig.activation must be one of {rlayers.ACTIVATIONS}, "
+                f"got {self.activation!r}"
+            )
         if not 0.0 < float(self.coeff) < 1.0:
-            raise ValueError(f"FlowConfig.coeff must lie in (0, 1) for invertibility, "
-                             f"got {self.coeff}")
+            raise ValueError(
+                f"FlowConfig.coeff must lie in (0, 1) for invertibility, got {self.coeff}"
+            )
         pos_int("n_fc_blocks", self.n_fc_blocks, allow_zero=True)
         if not isinstance(self.fc_hidden, tuple):
             raise ValueError(f"FlowConfig.fc_hidden must be a tuple, got {self.fc_hidden!r}")
@@ -330,37 +351,49 @@ class FlowConfig:
         if self.block not in BLOCK_TYPES:
             raise ValueError(f"FlowConfig.block must be one of {BLOCK_TYPES}, got {self.block!r}")
         if self.init_layer not in INIT_LAYERS:
-            raise ValueError(f"FlowConfig.init_layer must be one of {INIT_LAYERS}, "
-                             f"got {self.init_layer!r}")
+            raise ValueError(
+                f"FlowConfig.init_layer must be one of {INIT_LAYERS}, got {self.init_layer!r}"
+            )
         if self.init_layer == "cifar10" and c != len(rclf.CIFAR10_MEAN):
-            raise ValueError(f"FlowConfig.init_layer='cifar10' normalises 3 (RGB) channels; the "
-                             f"input has {c}")
+            raise ValueError(
+                f"FlowConfig.init_layer='cifar10' normalises 3 (RGB) channels; the input has {c}"
+            )
         pos_int("n_classes", self.n_classes, allow_zero=True)
         if self.n_classes == 1:
             raise ValueError("FlowConfig.n_classes must be 0 (no classifier) or >= 2, got 1")
         pos_int("head_channels", self.head_channels)
         if self.block == "coupling":
-            last_c = c * (4 ** n_squeeze) // (2 ** (self.n_scales - 1) if self.factor_out else 1)
-            d_last = (h // 2 ** n_squeeze) * (w // 2 ** n_squeeze) * last_c
+            last_c = c * (4**n_squeeze) // (2 ** (self.n_scales - 1) if self.factor_out else 1)
+            d_last = (h // 2**n_squeeze) * (w // 2**n_squeeze) * last_c
             if self.fc_end and self.n_fc_blocks and d_last % 2:
-                raise ValueError(f"FlowConfig: coupling FC blocks split the flattened last "
-                                 f"scale in halves; its size {d_last} is odd")
+                raise ValueError(
+                    f"FlowConfig: coupling FC blocks split the flattened last "
+                    f"scale in halves; its size {d_last} is odd"
+                )
         pos_int("flowpp_components", self.flowpp_components)
         pos_int("flowpp_conditioner_blocks", self.flowpp_conditioner_blocks, allow_zero=True)
         pos_int("flowpp_heads", self.flowpp_heads)
         pos_int("flowpp_channel_couplings", self.flowpp_channel_couplings, allow_zero=True)
-        if (self.block == "flowpp" and self.flowpp_attention
-                and self.hidden_channels % self.flowpp_heads):
-            raise ValueError(f"FlowConfig.flowpp_heads={self.flowpp_heads} must divide "
-                             f"hidden_channels={self.hidden_channels}")
+        if (
+            self.block == "flowpp"
+            and self.flowpp_attention
+            and self.hidden_channels % self.flowpp_heads
+        ):
+            raise ValueError(
+                f"FlowConfig.flowpp_heads={self.flowpp_heads} must divide "
+                f"hidden_channels={self.hidden_channels}"
+            )
         if self.n_bits > 8:
             raise ValueError(f"FlowConfig.n_bits must be in 1..8, got {self.n_bits}")
         if self.logdet not in rbij.LOGDET_MODES:
-            raise ValueError(f"FlowConfig.logdet must be one of {rbij.LOGDET_MODES}, "
-                             f"got {self.logdet!r}")
+            raise ValueError(
+                f"FlowConfig.logdet must be one of {rbij.LOGDET_MODES}, got {self.logdet!r}"
+            )
         if self.logdet_eval is not None and self.logdet_eval not in rbij.LOGDET_MODES:
-            raise ValueError(f"FlowConfig.logdet_eval must be None or one of "
-                             f"{rbij.LOGDET_MODES}, got {self.logdet_eval!r}")
+            raise ValueError(
+                f"FlowConfig.logdet_eval must be None or one of "
+                f"{rbij.LOGDET_MODES}, got {self.logdet_eval!r}"
+            )
         if self.dist not in ("poisson", "geometric"):
             raise ValueError(f"FlowConfig.dist must be 'poisson' or 'geometric', got {self.dist!r}")
         if not float(self.rate) > 0:
@@ -372,8 +405,9 @@ class FlowConfig:
         pos_int("n_samples", self.n_samples)
         pos_int("n_terms", self.n_terms)
         if self.probe not in ("gaussian", "rademacher"):
-            raise ValueError(f"FlowConfig.probe must be 'gaussian' or 'rademacher', "
-                             f"got {self.probe!r}")
+            raise ValueError(
+                f"FlowConfig.probe must be 'gaussian' or 'rademacher', got {self.probe!r}"
+            )
         if self.grad_in_forward and not self.neumann_grad:
             raise ValueError("FlowConfig.grad_in_forward=True requires neumann_grad=True")
         if not float(self.inverse_tol) > 0:
@@ -457,8 +491,10 @@ class FlowConfig:
         elif isinstance(config, str):
             cfg = cls.from_json(config) if config.lstrip().startswith("{") else get_preset(config)
         else:
-            raise TypeError(f"config must be a FlowConfig, dict, JSON string or preset name; "
-                            f"got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a FlowConfig, dict, JSON string or preset name; "
+                f"got {type(config).__name__}"
+            )
         return cfg.validate()
 
 
@@ -504,79 +540,185 @@ class Preset:
 
 
 def _paper(name, dataset, description, **cfg_kwargs):
-    train_kwargs = {k: cfg_kwargs.pop(k) for k in list(cfg_kwargs)
-                    if k in ("batch_size", "accumulate", "lr", "warmup_steps", "epochs", "steps",
-                             "ema_decay", "grad_clip", "eval_every", "sample_every")}
+    train_kwargs = {
+        k: cfg_kwargs.pop(k)
+        for k in list(cfg_kwargs)
+        if k
+        in (
+            "batch_size",
+            "accumulate",
+            "lr",
+            "warmup_steps",
+            "epochs",
+            "steps",
+            "ema_decay",
+            "grad_clip",
+            "eval_every",
+            "sample_every",
+        )
+    }
     train_kwargs.setdefault("epochs", 1000)
-    return Preset(name=name, config=FlowConfig(**cfg_kwargs).validate(), dataset=dataset,
-                  description=description, **train_kwargs)
+    return Preset(
+        name=name,
+        config=FlowConfig(**cfg_kwargs).validate(),
+        dataset=dataset,
+        description=description,
+        **train_kwargs,
+    )
 
 
 PRESETS = {
     # ---- the paper's architectures (reference defaults; Appendix E) ----
     "mnist": _paper(
-        "mnist", "mnist", "Paper MNIST model: 3 scales of 16 blocks, 512 channels, FC end.",
-        input_shape=(28, 28, 1), n_blocks=(16, 16, 16), logit_alpha=1e-6),
+        "mnist",
+        "mnist",
+        "Paper MNIST model: 3 scales of 16 blocks, 512 channels, FC end.",
+        input_shape=(28, 28, 1),
+        n_blocks=(16, 16, 16),
+        logit_alpha=1e-6,
+    ),
     "cifar10": _paper(
-        "cifar10", "cifar10", "Paper CIFAR-10 model: 3 scales of 16 blocks, 512 channels, FC end.",
-        input_shape=(32, 32, 3), n_blocks=(16, 16, 16), logit_alpha=0.05),
+        "cifar10",
+        "cifar10",
+        "Paper CIFAR-10 model: 3 scales of 16 blocks, 512 channels, FC end.",
+        input_shape=(32, 32, 3),
+        n_blocks=(16, 16, 16),
+        logit_alpha=0.05,
+    ),
     "imagenet32": _paper(
-        "imagenet32", "imagenet32", "Paper ImageNet32 model: 3 scales of 32 blocks.",
-        input_shape=(32, 32, 3), n_blocks=(32, 32, 32), logit_alpha=0.05, epochs=20),
+        "imagenet32",
+        "imagenet32",
+        "Paper ImageNet32 model: 3 scales of 32 blocks.",
+        input_shape=(32, 32, 3),
+        n_blocks=(32, 32, 32),
+        logit_alpha=0.05,
+        epochs=20,
+    ),
     "imagenet64": _paper(
-        "imagenet64", "imagenet64",
+        "imagenet64",
+        "imagenet64",
         "Paper ImageNet64 model: squeeze first, 3 scales of 32 blocks, factor-out.",
-        input_shape=(64, 64, 3), n_blocks=(32, 32, 32), logit_alpha=0.05, squeeze_first=True,
-        factor_out=True, epochs=20),
+        input_shape=(64, 64, 3),
+        n_blocks=(32, 32, 32),
+        logit_alpha=0.05,
+        squeeze_first=True,
+        factor_out=True,
+        epochs=20,
+    ),
     "celeb_a_hq": _paper(
-        "celeb_a_hq", "celeb_a_hq",
+        "celeb_a_hq",
+        "celeb_a_hq",
         "Paper CelebA-HQ 256 model: 5-bit, ELU, squeeze first, 6 scales of 16 blocks, "
         "factor-out, no FC end, 8 exact terms, batch 8 x 5 accumulation.",
-        input_shape=(256, 256, 3), n_blocks=(16,) * 6, logit_alpha=0.05, n_bits=5,
-        activation="elu", squeeze_first=True, factor_out=True, fc_end=False, n_exact_terms=8,
-        batch_size=8, accumulate=5),
+        input_shape=(256, 256, 3),
+        n_blocks=(16,) * 6,
+        logit_alpha=0.05,
+        n_bits=5,
+        activation="elu",
+        squeeze_first=True,
+        factor_out=True,
+        fc_end=False,
+        n_exact_terms=8,
+        batch_size=8,
+        accumulate=5,
+    ),
     # ---- small presets for a CPU ----
     "digits_small": Preset(
-        name="digits_small", dataset="digits",
+        name="digits_small",
+        dataset="digits",
         description="CPU model for the 8x8 sklearn digits: 2 scales of 2 blocks, 32 channels, "
-                    "2 FC blocks. Trains in a few minutes on 2 cores.",
-        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(2, 2), hidden_channels=32,
-                          n_fc_blocks=2, fc_hidden=(64, 64), logit_alpha=1e-6).validate(),
-        batch_size=64, lr=2e-3, warmup_steps=100, steps=1200, ema_decay=0.99,
-        eval_every=400, sample_every=400),
+        "2 FC blocks. Trains in a few minutes on 2 cores.",
+        config=FlowConfig(
+            input_shape=(8, 8, 1),
+            n_blocks=(2, 2),
+            hidden_channels=32,
+            n_fc_blocks=2,
+            fc_hidden=(64, 64),
+            logit_alpha=1e-6,
+        ).validate(),
+        batch_size=64,
+        lr=2e-3,
+        warmup_steps=100,
+        steps=1200,
+        ema_decay=0.99,
+        eval_every=400,
+        sample_every=400,
+    ),
     # ---- Flow++ (block="flowpp") ----
     "flowpp_cifar10": Preset(
-        name="flowpp_cifar10", dataset="cifar10",
+        name="flowpp_cifar10",
+        dataset="cifar10",
         description="Flow++ CIFAR-10 structure (Ho et al. 2019): 4 checkerboard MixLogCDF "
-                    "couplings at 32x32x3, squeeze, 2 channel + 3 checkerboard couplings at "
-                    "16x16x12; 32 logistics, conditioners of 10 gated conv + 4-head attention "
-                    "blocks with 96 channels; ActNorm after each coupling; no factor-out, no "
-                    "FC end. Train with --dequantization=variational.",
-        config=FlowConfig(input_shape=(32, 32, 3), n_blocks=(4, 5), hidden_channels=96,
-                          block="flowpp", flowpp_components=32, flowpp_conditioner_blocks=10,
-                          flowpp_heads=4, flowpp_channel_couplings=2, fc_end=False,
-                          logit_alpha=0.05).validate(),
-        batch_size=64, lr=1e-3, warmup_steps=2000, epochs=400, eval_every=1000,
-        sample_every=5000),
+        "couplings at 32x32x3, squeeze, 2 channel + 3 checkerboard couplings at "
+        "16x16x12; 32 logistics, conditioners of 10 gated conv + 4-head attention "
+        "blocks with 96 channels; ActNorm after each coupling; no factor-out, no "
+        "FC end. Train with --dequantization=variational.",
+        config=FlowConfig(
+            input_shape=(32, 32, 3),
+            n_blocks=(4, 5),
+            hidden_channels=96,
+            block="flowpp",
+            flowpp_components=32,
+            flowpp_conditioner_blocks=10,
+            flowpp_heads=4,
+            flowpp_channel_couplings=2,
+            fc_end=False,
+            logit_alpha=0.05,
+        ).validate(),
+        batch_size=64,
+        lr=1e-3,
+        warmup_steps=2000,
+        epochs=400,
+        eval_every=1000,
+        sample_every=5000,
+    ),
     "flowpp_digits": Preset(
-        name="flowpp_digits", dataset="digits",
+        name="flowpp_digits",
+        dataset="digits",
         description="Small Flow++ for the 8x8 digits: 4 checkerboard couplings at 8x8x1, "
-                    "squeeze, 2 channel + 2 checkerboard couplings at 4x4x4; 4 logistics, "
-                    "conditioners of 1 gated conv + 4-head attention block with 32 channels.",
-        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(4, 4), hidden_channels=32,
-                          block="flowpp", flowpp_components=4, flowpp_conditioner_blocks=1,
-                          flowpp_heads=4, flowpp_channel_couplings=2, fc_end=False,
-                          logit_alpha=1e-6).validate(),
-        batch_size=64, lr=2e-3, warmup_steps=100, steps=1200, ema_decay=0.99,
-        eval_every=400, sample_every=400),
+        "squeeze, 2 channel + 2 checkerboard couplings at 4x4x4; 4 logistics, "
+        "conditioners of 1 gated conv + 4-head attention block with 32 channels.",
+        config=FlowConfig(
+            input_shape=(8, 8, 1),
+            n_blocks=(4, 4),
+            hidden_channels=32,
+            block="flowpp",
+            flowpp_components=4,
+            flowpp_conditioner_blocks=1,
+            flowpp_heads=4,
+            flowpp_channel_couplings=2,
+            fc_end=False,
+            logit_alpha=1e-6,
+        ).validate(),
+        batch_size=64,
+        lr=2e-3,
+        warmup_steps=100,
+        steps=1200,
+        ema_decay=0.99,
+        eval_every=400,
+        sample_every=400,
+    ),
     "tiny": Preset(
-        name="tiny", dataset="digits",
+        name="tiny",
+        dataset="digits",
         description="Smallest useful model (tests, smoke runs): 2 scales of 1 block, 8 channels, "
-                    "1 FC block.",
-        config=FlowConfig(input_shape=(8, 8, 1), n_blocks=(1, 1), hidden_channels=8,
-                          n_fc_blocks=1, fc_hidden=(16,), logit_alpha=1e-6).validate(),
-        batch_size=16, lr=1e-3, warmup_steps=10, steps=20, ema_decay=0.9,
-        eval_every=20, sample_every=20),
+        "1 FC block.",
+        config=FlowConfig(
+            input_shape=(8, 8, 1),
+            n_blocks=(1, 1),
+            hidden_channels=8,
+            n_fc_blocks=1,
+            fc_hidden=(16,),
+            logit_alpha=1e-6,
+        ).validate(),
+        batch_size=16,
+        lr=1e-3,
+        warmup_steps=10,
+        steps=20,
+        ema_decay=0.9,
+        eval_every=20,
+        sample_every=20,
+    ),
 }
 
 
@@ -633,6 +775,8 @@ def preset_for_dataset(dataset):
     """
     key = str(dataset).strip().lower()
     if key not in _DATASET_PRESET:
-        raise ValueError(f"No default preset for dataset {dataset!r}; pass a preset "
-                         f"explicitly (one of {sorted(PRESETS)})")
+        raise ValueError(
+            f"No default preset for dataset {dataset!r}; pass a preset "
+            f"explicitly (one of {sorted(PRESETS)})"
+        )
     return _DATASET_PRESET[key]

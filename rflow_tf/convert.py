@@ -75,17 +75,43 @@ __all__ = [
 ]
 
 #: The reference's activation names (train_img.py ``--act``) -> ours.
-_ACTIVATIONS = {"swish": "lipswish", "elu": "elu", "softplus": "softplus", "relu": "relu",
-                "identity": "identity"}
+_ACTIVATIONS = {
+    "swish": "lipswish",
+    "elu": "elu",
+    "softplus": "softplus",
+    "relu": "relu",
+    "identity": "identity",
+}
 #: Image channels of each ``--data`` choice of train_img.py.
-_CHANNELS = {"mnist": 1, "cifar10": 3, "svhn": 3, "celebahq": 3, "celeba_5bit": 3,
-             "imagenet32": 3, "imagenet64": 3}
-_MAX_POWER_ITERATIONS = 200        # the reference's cap in compute_weight
+_CHANNELS = {
+    "mnist": 1,
+    "cifar10": 3,
+    "svhn": 3,
+    "celebahq": 3,
+    "celeba_5bit": 3,
+    "imagenet32": 3,
+    "imagenet64": 3,
+}
+_MAX_POWER_ITERATIONS = 200  # the reference's cap in compute_weight
 #: FlowConfig fields that define the function (not the estimator or dtype).
-_ARCHITECTURE_FIELDS = ("input_shape", "n_blocks", "hidden_channels", "kernels", "activation",
-                        "coeff", "preactivation", "actnorm", "first_resblock", "squeeze_first",
-                        "squeeze_order", "factor_out", "fc_end", "n_fc_blocks", "fc_hidden",
-                        "logit_alpha")
+_ARCHITECTURE_FIELDS = (
+    "input_shape",
+    "n_blocks",
+    "hidden_channels",
+    "kernels",
+    "activation",
+    "coeff",
+    "preactivation",
+    "actnorm",
+    "first_resblock",
+    "squeeze_first",
+    "squeeze_order",
+    "factor_out",
+    "fc_end",
+    "n_fc_blocks",
+    "fc_hidden",
+    "logit_alpha",
+)
 
 
 class UnsupportedCheckpointError(ValueError):
@@ -146,7 +172,8 @@ def config_from_args(args, **overrides):
     def refuse(option, value, why):
         raise UnsupportedCheckpointError(
             f"the checkpoint was trained with --{option.replace('_', '-')} {value!r}: {why}; "
-            "rflow_tf cannot express this model")
+            "rflow_tf cannot express this model"
+        )
 
     checks = [
         ("task", "density", "only density models convert (no classifier heads)"),
@@ -182,7 +209,7 @@ def config_from_args(args, **overrides):
     squeeze_first = bool(_arg(args, "squeeze_first", False))
     h = size // 2 if squeeze_first else size
     n_blocks = tuple(int(b) for b in str(_arg(args, "nblocks", "16-16-16")).split("-"))
-    n_blocks = n_blocks[:min(len(n_blocks), _reference_n_scales(h, h))]
+    n_blocks = n_blocks[: min(len(n_blocks), _reference_n_scales(h, h))]
     if not n_blocks:
         refuse("imagesize", size, "the image is too small for one scale (H, W >= 4)")
     first_resblock = bool(_arg(args, "first_resblock", True))
@@ -190,8 +217,12 @@ def config_from_args(args, **overrides):
     if len(n_blocks) == 1 and first_resblock and preact:
         # The reference then keeps the first block pre-activated (its
         # first_resblock only acts on a squeezing scale); ours would drop it.
-        refuse("first_resblock", True, "with a single scale the reference's first block keeps "
-               "its pre-activation, which rflow_tf's first_resblock removes")
+        refuse(
+            "first_resblock",
+            True,
+            "with a single scale the reference's first block keeps "
+            "its pre-activation, which rflow_tf's first_resblock removes",
+        )
     if data == "celeba_5bit":
         n_bits = 5
     elif data == "celebahq":
@@ -290,15 +321,20 @@ def latent_permutation(cfg):
 def _linear_maps(layer, kernel):
     """(W v, W^T u) of a Lipschitz layer on its power-iteration vectors."""
     if isinstance(layer, rlayers.LipschitzConv2D) and layer.kernel_size != (1, 1):
-        return (lambda v: layer.apply_kernel(v, kernel),
-                lambda u: layer.apply_kernel_transpose(u, kernel))
-    matrix = tf.reshape(kernel, [-1, kernel.shape[-1]])          # (in, out): W = matrix^T
-    return (lambda v: tf.linalg.matvec(matrix, v, transpose_a=True),
-            lambda u: tf.linalg.matvec(matrix, u))
+        return (
+            lambda v: layer.apply_kernel(v, kernel),
+            lambda u: layer.apply_kernel_transpose(u, kernel),
+        )
+    matrix = tf.reshape(kernel, [-1, kernel.shape[-1]])  # (in, out): W = matrix^T
+    return (
+        lambda v: tf.linalg.matvec(matrix, v, transpose_a=True),
+        lambda u: tf.linalg.matvec(matrix, u),
+    )
 
 
-def reference_power_iteration(layer, tol=1e-3, n_iterations=None,
-                              max_iterations=_MAX_POWER_ITERATIONS):
+def reference_power_iteration(
+    layer, tol=1e-3, n_iterations=None, max_iterations=_MAX_POWER_ITERATIONS
+):
     """Power iteration on ``layer``'s stored u, v exactly as the reference's
     ``compute_weight(update=True)`` (spectral case), in float64; stores u, v
     and sigma = u^T W v in the layer and returns the number of steps.
@@ -331,8 +367,9 @@ def reference_power_iteration(layer, tol=1e-3, n_iterations=None,
     for done in range(1, int(steps) + 1):
         u_new = normalize(w_of(v))
         v_new = normalize(wt_of(u_new))
-        converged = (rms_change(u_new, u) < tol + tol * float(tf.reduce_max(u_new))
-                     and rms_change(v_new, v) < tol + tol * float(tf.reduce_max(v_new)))
+        converged = rms_change(u_new, u) < tol + tol * float(tf.reduce_max(u_new)) and rms_change(
+            v_new, v
+        ) < tol + tol * float(tf.reduce_max(v_new))
         u, v = u_new, v_new
         if n_iterations is None and converged:
             break
@@ -361,7 +398,8 @@ def _reference_modules(state_dict):
         if m is None:
             raise UnsupportedCheckpointError(
                 f"unexpected state_dict entry {key!r}: not a layer of the reference's "
-                "ResidualFlow (transforms.S.chain.I...)")
+                "ResidualFlow (transforms.S.chain.I...)"
+            )
         groups.setdefault((int(m.group(1)), int(m.group(2))), set()).add(m.group(3))
     modules = []
     for (s, i), names in sorted(groups.items()):
@@ -371,7 +409,7 @@ def _reference_modules(state_dict):
             layers = {}
             for n in names:
                 if n.startswith(net):
-                    j, _, leaf = n[len(net):].partition(".")
+                    j, _, leaf = n[len(net) :].partition(".")
                     layers.setdefault(int(j), set()).add(leaf)
             sub = []
             for j, leaves in sorted(layers.items()):
@@ -381,14 +419,16 @@ def _reference_modules(state_dict):
                     sub.append(("beta", f"{prefix}{net}{j}."))
                 else:
                     raise UnsupportedCheckpointError(
-                        f"unexpected layer {prefix}{net}{j} with tensors {sorted(leaves)}")
+                        f"unexpected layer {prefix}{net}{j} with tensors {sorted(leaves)}"
+                    )
             modules.append(("block", prefix, sub))
         elif {"weight", "bias"} <= names or {"fc_module.weight", "fc_module.bias"} <= names:
             inner = "fc_module." if "fc_module.weight" in names else ""
             modules.append(("actnorm", prefix + inner, None))
         else:
             raise UnsupportedCheckpointError(
-                f"unexpected module {prefix[:-1]} with tensors {sorted(names)}")
+                f"unexpected module {prefix[:-1]} with tensors {sorted(names)}"
+            )
     return modules
 
 
@@ -417,7 +457,8 @@ def _assign(variable, value, what):
         raise UnsupportedCheckpointError(
             f"{what}: the checkpoint's tensor has shape {value.shape} after conversion, the "
             f"model built from args expects {tuple(variable.shape)}; args and state_dict "
-            "do not describe the same architecture")
+            "do not describe the same architecture"
+        )
     variable.assign(value.astype(variable.dtype))
 
 
@@ -426,7 +467,8 @@ def _to_feature_map(vec, like, what):
     _, h, w, c = like.shape
     if vec.size != h * w * c:
         raise UnsupportedCheckpointError(
-            f"{what}: {vec.size} elements, expected {h}x{w}x{c} (the layer's input size)")
+            f"{what}: {vec.size} elements, expected {h}x{w}x{c} (the layer's input size)"
+        )
     return vec.reshape(c, h, w).transpose(1, 2, 0)[None]
 
 
@@ -437,8 +479,9 @@ def _load_linear(layer, t, prefix, perm_in=None, perm_out=None):
     what = prefix[:-1]
     if isinstance(layer, rlayers.LipschitzDense):
         if weight.ndim != 2:
-            raise UnsupportedCheckpointError(f"{what}: expected a linear weight, got "
-                                             f"shape {weight.shape}")
+            raise UnsupportedCheckpointError(
+                f"{what}: expected a linear weight, got shape {weight.shape}"
+            )
         if perm_in is not None:
             weight, v = weight[:, perm_in], v[perm_in]
         if perm_out is not None:
@@ -447,9 +490,10 @@ def _load_linear(layer, t, prefix, perm_in=None, perm_out=None):
         kernel = weight.T
     else:
         if weight.ndim != 4:
-            raise UnsupportedCheckpointError(f"{what}: expected a conv weight, got "
-                                             f"shape {weight.shape}")
-        kernel = weight.transpose(2, 3, 1, 0)                   # OIHW -> HWIO
+            raise UnsupportedCheckpointError(
+                f"{what}: expected a conv weight, got shape {weight.shape}"
+            )
+        kernel = weight.transpose(2, 3, 1, 0)  # OIHW -> HWIO
         if len(layer.u.shape) == 4:
             u = _to_feature_map(u, layer.u, what + ".u")
             v = _to_feature_map(v, layer.v, what + ".v")
@@ -470,11 +514,17 @@ def _load_block(net, t, prefix, sub, fc_perm):
             f"{prefix[:-1]}: the checkpoint's block has {len(ref_linear)} linear layers and "
             f"{len(ref_beta)} LipSwish activations, the block built from args "
             f"{len(ours_linear)} and {len(ours_beta)}; args and state_dict do not describe "
-            "the same architecture")
+            "the same architecture"
+        )
     last = len(ours_linear) - 1
     for k, (layer, p) in enumerate(zip(ours_linear, ref_linear)):
-        _load_linear(layer, t, p, perm_in=fc_perm if k == 0 else None,
-                     perm_out=fc_perm if k == last else None)
+        _load_linear(
+            layer,
+            t,
+            p,
+            perm_in=fc_perm if k == 0 else None,
+            perm_out=fc_perm if k == last else None,
+        )
     for layer, p in zip(ours_beta, ref_beta):
         _assign(layer.beta, t.param(p + "beta").reshape(()), p + "beta")
 
@@ -513,13 +563,16 @@ def _read_reference(path):
         raise UnsupportedCheckpointError(
             f"{path}: not a train_img.py checkpoint (expected a dict with 'state_dict' and "
             f"'args', got {type(ckpt).__name__}"
-            + (f" with keys {sorted(ckpt)}" if isinstance(ckpt, dict) else "") + ")")
+            + (f" with keys {sorted(ckpt)}" if isinstance(ckpt, dict) else "")
+            + ")"
+        )
     args = ckpt["args"]
     if isinstance(args, dict):
         args = argparse.Namespace(**args)
     if not isinstance(args, argparse.Namespace):
-        raise UnsupportedCheckpointError(f"{path}: 'args' is a {type(args).__name__}, not the "
-                                         "argparse.Namespace of train_img.py")
+        raise UnsupportedCheckpointError(
+            f"{path}: 'args' is a {type(args).__name__}, not the argparse.Namespace of train_img.py"
+        )
     if not isinstance(ckpt["state_dict"], dict):
         raise UnsupportedCheckpointError(f"{path}: 'state_dict' is not a dict")
     return ckpt, args, ckpt["state_dict"], _reference_modules(ckpt["state_dict"])
@@ -604,21 +657,24 @@ def load_reference_weights(flow, path, weights="ema", verbose=False, _read=None)
     if differ:
         raise UnsupportedCheckpointError(
             f"{path}: the model's {', '.join(differ)} differ from the checkpoint's "
-            f"({', '.join(f'{f}={getattr(expected, f)!r}' for f in differ)})")
+            f"({', '.join(f'{f}={getattr(expected, f)!r}' for f in differ)})"
+        )
     params = None
     if weights == "ema":
         params = getattr(ckpt.get("ema"), "shadow_params", None)
         if not isinstance(params, dict) or not params:
             raise UnsupportedCheckpointError(
                 f"{path}: the checkpoint holds no EMA weights (ema.shadow_params); "
-                "convert with weights='live'")
+                "convert with weights='live'"
+            )
     tensors = _Tensors(state_dict, params)
     ours = flow.flow_layers
     if len(ours) != len(modules):
         raise UnsupportedCheckpointError(
             f"{path}: the checkpoint has {len(modules)} ActNorm/residual-block modules, the "
             f"model built from args {len(ours)}; args and state_dict do not describe the same "
-            f"architecture (inferred config: {cfg.to_json(indent=None)})")
+            f"architecture (inferred config: {cfg.to_json(indent=None)})"
+        )
     fc_perm = flatten_permutation(_latent_parts(cfg)[-1])
     _log(verbose, f"copying {len(ours)} modules ({weights} weights)")
     for layer, (kind, prefix, sub) in zip(ours, modules):
@@ -626,11 +682,13 @@ def load_reference_weights(flow, path, weights="ema", verbose=False, _read=None)
         if is_actnorm != (kind == "actnorm"):
             raise UnsupportedCheckpointError(
                 f"{prefix[:-1]} is {'an ActNorm' if kind == 'actnorm' else 'a residual block'} "
-                f"in the checkpoint but the model built from args has {layer.name} there")
+                f"in the checkpoint but the model built from args has {layer.name} there"
+            )
         if is_actnorm:
             # ActNorm1d of the FC end (inside FCWrapper): the flattened side.
-            _load_actnorm(layer, tensors, prefix, fc_perm if prefix.endswith("fc_module.")
-                          else None)
+            _load_actnorm(
+                layer, tensors, prefix, fc_perm if prefix.endswith("fc_module.") else None
+            )
         else:
             fc = any(isinstance(lay, rlayers.LipschitzDense) for lay in layer.layers)
             _load_block(layer, tensors, prefix, sub, fc_perm if fc else None)
@@ -643,7 +701,7 @@ def load_reference_weights(flow, path, weights="ema", verbose=False, _read=None)
             steps = reference_power_iteration(layer, tol=tol, n_iterations=n_iter)
             if i % 16 == 0 or i == len(lipschitz):
                 _log(verbose, f"  {i}/{len(lipschitz)} layers (last: {steps} steps)")
-    flow.mark_lipschitz_current()      # keep the reference's u, v as they are (exact parity)
+    flow.mark_lipschitz_current()  # keep the reference's u, v as they are (exact parity)
     flow.reference_metadata = {
         "source": os.path.basename(os.fspath(path)),
         "weights": weights,
@@ -671,19 +729,32 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m rflow_tf.convert",
         description="Convert a checkpoint of the authors' PyTorch Residual Flows "
-                    "(train_img.py .pth) into an rflow_tf SavedModel, without PyTorch.")
+        "(train_img.py .pth) into an rflow_tf SavedModel, without PyTorch.",
+    )
     parser.add_argument("checkpoint", help="the .pth file")
     parser.add_argument("--out", required=True, help="output directory (a SavedModel)")
-    parser.add_argument("--weights", choices=["ema", "live"], default="ema",
-                        help="EMA weights (default; what the reference evaluates) or live ones")
-    parser.add_argument("--logdet", choices=["auto", "exact", "unbiased"], default="auto",
-                        help="log-det of the exported functions (default: exact for small "
-                             "images, else unbiased with 20 exact terms)")
+    parser.add_argument(
+        "--weights",
+        choices=["ema", "live"],
+        default="ema",
+        help="EMA weights (default; what the reference evaluates) or live ones",
+    )
+    parser.add_argument(
+        "--logdet",
+        choices=["auto", "exact", "unbiased"],
+        default="auto",
+        help="log-det of the exported functions (default: exact for small "
+        "images, else unbiased with 20 exact terms)",
+    )
     ns = parser.parse_args(argv)
     try:
         flow = from_reference(ns.checkpoint, weights=ns.weights, verbose=True)
-    except (FileNotFoundError, UnsupportedCheckpointError, torch_format.CheckpointFormatError,
-            torch_format.UnsafeCheckpointError) as e:
+    except (
+        FileNotFoundError,
+        UnsupportedCheckpointError,
+        torch_format.CheckpointFormatError,
+        torch_format.UnsafeCheckpointError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("inferred configuration:")
@@ -692,8 +763,13 @@ def main(argv=None):
     try:
         # converge=False: keep the power-iteration state of the reference's own
         # validate() procedure, so the export computes the reference's function.
-        rexport.save(flow, ns.out, logdet=ns.logdet, converge=False,
-                     extra_metadata={"converted_from": flow.reference_metadata})
+        rexport.save(
+            flow,
+            ns.out,
+            logdet=ns.logdet,
+            converge=False,
+            extra_metadata={"converted_from": flow.reference_metadata},
+        )
     except rexport.ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

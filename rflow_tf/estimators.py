@@ -80,10 +80,8 @@ def roulette_tail_prob(k, dist="poisson", param=2.0, dtype=tf.float32):
     k = tf.cast(k, dtype)
     param = tf.cast(param, dtype)
     if dist == "geometric":
-        return tf.where(k <= 1.0, tf.ones_like(k),
-                        tf.pow(1.0 - param, tf.maximum(k - 1.0, 0.0)))
-    return tf.where(k <= 0.0, tf.ones_like(k),
-                    tf.math.igamma(tf.maximum(k, 1.0), param))
+        return tf.where(k <= 1.0, tf.ones_like(k), tf.pow(1.0 - param, tf.maximum(k - 1.0, 0.0)))
+    return tf.where(k <= 0.0, tf.ones_like(k), tf.math.igamma(tf.maximum(k, 1.0), param))
 
 
 def _poisson_support_bound(rate):
@@ -111,8 +109,9 @@ def sample_roulette(seed, dist="poisson", param=2.0, n_samples=1):
     ```
     """
     _check_dist(dist, param)
-    u = tf.random.stateless_uniform([n_samples], seed, minval=np.finfo(np.float64).tiny,
-                                    maxval=1.0, dtype=tf.float64)
+    u = tf.random.stateless_uniform(
+        [n_samples], seed, minval=np.finfo(np.float64).tiny, maxval=1.0, dtype=tf.float64
+    )
     if dist == "geometric":
         n = 1.0 + tf.floor(tf.math.log(u) / tf.math.log1p(-tf.cast(param, tf.float64)))
         return tf.cast(n, tf.int32)
@@ -147,8 +146,7 @@ def series_weight(k, draws, n_exact_terms, dist="poisson", param=2.0, dtype=tf.f
     return tf.where(j <= 0, tf.ones_like(frac), frac / tail)
 
 
-def series_weights(n_terms, draws, n_exact_terms, dist="poisson", param=2.0,
-                   dtype=tf.float32):
+def series_weights(n_terms, draws, n_exact_terms, dist="poisson", param=2.0, dtype=tf.float32):
     """:func:`series_weight` of terms k = 1..``n_terms`` (shape [n_terms]).
 
     Example:
@@ -243,7 +241,7 @@ def power_series_terms(vjp_fn, v, n_terms, weights, with_neumann=False):
     acc0 = tf.zeros([batch], v.dtype)
     u0 = tf.zeros_like(v)
 
-    def body(k, w, acc, u):        # k = 0..n-1: adds log-det term k + 1, Neumann power k
+    def body(k, w, acc, u):  # k = 0..n-1: adds log-det term k + 1, Neumann power k
         weight = tf.cast(weight_fn(k + 1), v.dtype)
         if with_neumann:
             u = u + neumann_coefficients(weight, k) * w
@@ -251,8 +249,7 @@ def power_series_terms(vjp_fn, v, n_terms, weights, with_neumann=False):
         acc = acc + logdet_coefficients(weight, k + 1) * _batch_dot(w, v)
         return k + 1, w, acc, u
 
-    _, _, acc, u = tf.while_loop(
-        lambda k, *_: k < n_terms, body, (tf.constant(0), v, acc0, u0))
+    _, _, acc, u = tf.while_loop(lambda k, *_: k < n_terms, body, (tf.constant(0), v, acc0, u0))
     return acc, (u if with_neumann else None)
 
 
@@ -286,7 +283,6 @@ def neumann_surrogate(vjp_fn, u, v):
     return _batch_dot(vjp_fn(tf.stop_gradient(u)), v)
 
 
-
 def neumann_surrogate_jvp(jvp_fn, u, v):
     """The same s = u^T J v as :func:`neumann_surrogate`, from a
     Jacobian-vector product ``jvp_fn(v)`` = J v (a forward-mode pass) instead
@@ -301,6 +297,7 @@ def neumann_surrogate_jvp(jvp_fn, u, v):
     ```
     """
     return _batch_dot(tf.stop_gradient(u), jvp_fn(v))
+
 
 def exact_logdet(jacobian):
     """log |det(I + J)| for a batch of square Jacobians J ([..., D, D]).

@@ -226,6 +226,7 @@ class InputDtypeError(ExportError, TypeError):
 def _package_version():
     try:
         import rflow_tf  # pylint: disable=import-outside-toplevel
+
         return str(getattr(rflow_tf, "__version__", "unknown"))
     except ImportError:  # pragma: no cover
         return "unknown"
@@ -263,12 +264,16 @@ def _eval_config(meta, logdet=None):
 def _copy_weights(src, dst):
     src_vars, dst_vars = src.variables, dst.variables
     if len(src_vars) != len(dst_vars):
-        raise ExportError(f"internal error: rebuilt model has {len(dst_vars)} variables, the "
-                          f"model to export has {len(src_vars)}")
+        raise ExportError(
+            f"internal error: rebuilt model has {len(dst_vars)} variables, the "
+            f"model to export has {len(src_vars)}"
+        )
     for a, b in zip(src_vars, dst_vars):
         if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
-            raise ExportError(f"internal error: variable {a.path} {a.shape} {a.dtype} does not "
-                              f"match rebuilt {b.path} {b.shape} {b.dtype}")
+            raise ExportError(
+                f"internal error: variable {a.path} {a.shape} {a.dtype} does not "
+                f"match rebuilt {b.path} {b.shape} {b.dtype}"
+            )
         b.assign(a)
 
 
@@ -293,12 +298,15 @@ class _ExportModule(tf.Module):
         # Tracked children: the model (its variables, used by load()), the
         # metadata strings and the metadata file (copied into assets/).
         self.model = model
-        self.config_json = tf.Variable(cfg_json, trainable=False, dtype=tf.string,
-                                       name="config_json")
-        self.metadata_json = tf.Variable(meta_json, trainable=False, dtype=tf.string,
-                                         name="metadata_json")
-        self.format_version = tf.Variable(FORMAT_VERSION, trainable=False, dtype=tf.int32,
-                                          name="format_version")
+        self.config_json = tf.Variable(
+            cfg_json, trainable=False, dtype=tf.string, name="config_json"
+        )
+        self.metadata_json = tf.Variable(
+            meta_json, trainable=False, dtype=tf.string, name="metadata_json"
+        )
+        self.format_version = tf.Variable(
+            FORMAT_VERSION, trainable=False, dtype=tf.int32, name="format_version"
+        )
         self._tmpdir = tempfile.mkdtemp(prefix="rflow_tf_export_")
         meta_file = os.path.join(self._tmpdir, METADATA_FILE)
         with open(meta_file, "w", encoding="utf-8") as f:
@@ -331,16 +339,25 @@ class _ExportModule(tf.Module):
             xi = tf.cast(x, tf.int32)
             checks = [
                 tf.debugging.assert_greater_equal(
-                    xi, 0, message=f"bits_per_dim: pixels must lie in [0, {2 ** n_bits - 1}] "
-                                   f"(integer images reduced to {n_bits} bits)"),
+                    xi,
+                    0,
+                    message=f"bits_per_dim: pixels must lie in [0, {2**n_bits - 1}] "
+                    f"(integer images reduced to {n_bits} bits)",
+                ),
                 tf.debugging.assert_less_equal(
-                    xi, 2 ** n_bits - 1,
-                    message=f"bits_per_dim: pixels must lie in [0, {2 ** n_bits - 1}]"
-                            + (f" (reduce 8-bit images to {n_bits} bits first: x >> "
-                               f"{8 - n_bits})" if n_bits < 8 else ""))]
+                    xi,
+                    2**n_bits - 1,
+                    message=f"bits_per_dim: pixels must lie in [0, {2**n_bits - 1}]"
+                    + (
+                        f" (reduce 8-bit images to {n_bits} bits first: x >> {8 - n_bits})"
+                        if n_bits < 8
+                        else ""
+                    ),
+                ),
+            ]
             with tf.control_dependencies(checks):
                 if dequantization == "midpoint":
-                    y = (tf.cast(xi, dtype) + 0.5) / (2.0 ** n_bits)
+                    y = (tf.cast(xi, dtype) + 0.5) / (2.0**n_bits)
                 else:
                     y = rdata.dequantize(xi, n_bits, seed=deq_seed, dtype=dtype)
             lp = self.log_prob(y)
@@ -348,8 +365,9 @@ class _ExportModule(tf.Module):
 
         def sample(n, temperature, seed):
             """n images in [0, 1] from z ~ N(0, temperature^2 I), stateless seed."""
-            z = tf.random.stateless_normal(tf.stack([n, d]), tfp.random.sanitize_seed(seed),
-                                           dtype=dtype)
+            z = tf.random.stateless_normal(
+                tf.stack([n, d]), tfp.random.sanitize_seed(seed), dtype=dtype
+            )
             x = self.inverse(z * tf.cast(temperature, dtype))
             return tf.clip_by_value(x, 0.0, 1.0)
 
@@ -367,9 +385,11 @@ class _ExportModule(tf.Module):
                 "dequantization": tf.constant(dequantization),
             }
 
-        sample_specs = [tf.TensorSpec([], tf.int32, name="n"),
-                        tf.TensorSpec([], tf.float32, name="temperature"),
-                        tf.TensorSpec([2], tf.int32, name="seed")]
+        sample_specs = [
+            tf.TensorSpec([], tf.int32, name="n"),
+            tf.TensorSpec([], tf.float32, name="temperature"),
+            tf.TensorSpec([2], tf.int32, name="seed"),
+        ]
         uint8_spec = tf.TensorSpec([None, h, w, c], tf.uint8, name="x")
         int32_spec = tf.TensorSpec([None, h, w, c], tf.int32, name="x")
         # tf.saved_model.save traces these functions (it retraces anything
@@ -396,21 +416,26 @@ class _ExportModule(tf.Module):
 
         sig = {}
         sig["serving_default"] = tf.function(
-            lambda x: {"log_prob": self.log_prob(x)}, input_signature=[image_spec])
+            lambda x: {"log_prob": self.log_prob(x)}, input_signature=[image_spec]
+        )
         sig["log_prob"] = sig["serving_default"]
         sig["bits_per_dim"] = tf.function(
-            lambda x: {"bits_per_dim": self.bits_per_dim(x)}, input_signature=[uint8_spec])
+            lambda x: {"bits_per_dim": self.bits_per_dim(x)}, input_signature=[uint8_spec]
+        )
         sig["bits_per_dim_int32"] = tf.function(
-            lambda x: {"bits_per_dim": self.bits_per_dim(x)},
-            input_signature=[int32_spec])
+            lambda x: {"bits_per_dim": self.bits_per_dim(x)}, input_signature=[int32_spec]
+        )
         sig["sample"] = tf.function(
             lambda n, temperature, seed: {"images": self.sample(n, temperature, seed)},
-            input_signature=sample_specs)
+            input_signature=sample_specs,
+        )
         sig["forward"] = tf.function(sig_forward, input_signature=[image_spec])
-        sig["inverse"] = tf.function(lambda z: {"images": self.inverse(z)},
-                                     input_signature=[latent_spec])
+        sig["inverse"] = tf.function(
+            lambda z: {"images": self.inverse(z)}, input_signature=[latent_spec]
+        )
         sig["metadata"] = self.metadata
         if model.n_classes:
+
             def classify(x):
                 """Logits [B, n_classes] of p(y | x), x float images in [0, 1]."""
                 return model.classify(x, training=False)
@@ -418,12 +443,15 @@ class _ExportModule(tf.Module):
             def sig_classify(x):
                 """classify() with dict outputs for the serving signature."""
                 logits = self.classify(x)
-                return {"logits": logits, "probabilities": tf.nn.softmax(logits),
-                        "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+                return {
+                    "logits": logits,
+                    "probabilities": tf.nn.softmax(logits),
+                    "classes": tf.argmax(logits, axis=-1, output_type=tf.int32),
+                }
 
             self.classify = tf.function(classify, input_signature=[image_spec])
             sig["classify"] = tf.function(sig_classify, input_signature=[image_spec])
-        object.__setattr__(self, "export_signatures", sig)   # not a tracked child
+        object.__setattr__(self, "export_signatures", sig)  # not a tracked child
 
     def _cleanup(self):
         shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -434,8 +462,18 @@ class _ExportModule(tf.Module):
 # ----------------------------------------------------------------------------
 
 
-def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
-         dequantization="uniform", extra_metadata=None, overwrite=True, converge=True):
+def save(
+    model,
+    path,
+    *,
+    n_bits=None,
+    logdet="auto",
+    seed=DEFAULT_SEED,
+    dequantization="uniform",
+    extra_metadata=None,
+    overwrite=True,
+    converge=True,
+):
     """Exports a :class:`~rflow_tf.models.ResidualFlow` as a SavedModel at ``path``.
 
     Pass the weights you want exported already in the model (for a trained
@@ -494,15 +532,19 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
     path = os.fspath(path)
     cfg = model.flow_config
     n_bits = cfg.n_bits if n_bits is None else n_bits
-    if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)) or \
-            not 1 <= int(n_bits) <= 8:
+    if (
+        isinstance(n_bits, bool)
+        or not isinstance(n_bits, (int, np.integer))
+        or not 1 <= int(n_bits) <= 8
+    ):
         raise ValueError(f"n_bits must be an int in 1..8, got {n_bits!r}")
     n_bits = int(n_bits)
     eval_logdet = _resolve_logdet(logdet, cfg)
     seed = _check_seed(seed, "seed")
     if dequantization not in _DEQUANTIZATIONS:
-        raise ValueError(f"dequantization must be one of {_DEQUANTIZATIONS}, "
-                         f"got {dequantization!r}")
+        raise ValueError(
+            f"dequantization must be one of {_DEQUANTIZATIONS}, got {dequantization!r}"
+        )
     if extra_metadata is not None:
         try:
             json.dumps(extra_metadata)
@@ -510,24 +552,30 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
             raise ExportError(f"extra_metadata must be JSON-serialisable: {e}") from None
     if os.path.exists(path):
         if not os.path.isdir(path) or (os.listdir(path) and not is_export(path)):
-            raise ExportError(f"{path!r} exists and is not an rflow_tf export; refusing to "
-                              "overwrite it (choose another path or remove it)")
+            raise ExportError(
+                f"{path!r} exists and is not an rflow_tf export; refusing to "
+                "overwrite it (choose another path or remove it)"
+            )
         if not overwrite and os.listdir(path):
             raise ExportError(f"{path!r} already holds an export and overwrite=False")
     if not model.is_initialized:
-        warnings.warn("save: the model's ActNorm layers were never initialised "
-                      "(call model.initialize(x) before training)", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            "save: the model's ActNorm layers were never initialised "
+            "(call model.initialize(x) before training)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     if converge:
         model.converge_lipschitz()
     # Inference-only graph: no custom (Neumann) gradients to trace or store;
     # the log-det values do not depend on the gradient method.
-    export_cfg = cfg.replace(logdet=eval_logdet, logdet_eval=eval_logdet, neumann_grad=False,
-                             grad_in_forward=False)
+    export_cfg = cfg.replace(
+        logdet=eval_logdet, logdet_eval=eval_logdet, neumann_grad=False, grad_in_forward=False
+    )
     export_model = rmodels.ResidualFlow(export_cfg, name=model.name)
     _copy_weights(model, export_model)
-    for layer in export_model.lipschitz_layers():   # frozen weights: no upkeep in the graphs
+    for layer in export_model.lipschitz_layers():  # frozen weights: no upkeep in the graphs
         layer.auto_update = False
 
     meta = {
@@ -550,9 +598,17 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
         "dequantization": dequantization,
         "dequantization_seed": seed,
         "bits_per_dim_offset": rdata.bits_per_dim_offset(n_bits, cfg.num_dims),
-        "signatures": ["serving_default", "log_prob", "bits_per_dim", "bits_per_dim_int32",
-                       "sample", "forward", "inverse", "metadata"]
-                      + (["classify"] if cfg.n_classes else []),
+        "signatures": [
+            "serving_default",
+            "log_prob",
+            "bits_per_dim",
+            "bits_per_dim_int32",
+            "sample",
+            "forward",
+            "inverse",
+            "metadata",
+        ]
+        + (["classify"] if cfg.n_classes else []),
         "n_classes": int(cfg.n_classes),
         "extra": extra_metadata or {},
     }
@@ -562,13 +618,16 @@ def save(model, path, *, n_bits=None, logdet="auto", seed=DEFAULT_SEED,
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(path))}.", dir=parent)
     try:
-        tf.saved_model.save(module, tmp, signatures=module.export_signatures,
-                            options=tf.saved_model.SaveOptions(
-                                experimental_custom_gradients=False))
+        tf.saved_model.save(
+            module,
+            tmp,
+            signatures=module.export_signatures,
+            options=tf.saved_model.SaveOptions(experimental_custom_gradients=False),
+        )
         if os.path.exists(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
-        os.chmod(path, 0o755)      # mkdtemp made it private
+        os.chmod(path, 0o755)  # mkdtemp made it private
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -584,8 +643,9 @@ def is_export(path):
     Example: ``rflow_tf.export.is_export("saved_models/digits")  # True``.
     """
     path = os.fspath(path)
-    return (os.path.isfile(os.path.join(path, "saved_model.pb"))
-            and os.path.isfile(_metadata_path(path)))
+    return os.path.isfile(os.path.join(path, "saved_model.pb")) and os.path.isfile(
+        _metadata_path(path)
+    )
 
 
 def load_metadata(path):
@@ -603,35 +663,47 @@ def load_metadata(path):
     if not os.path.exists(path):
         raise ExportNotFoundError(
             f"No exported flow at {path!r}: the path does not exist. Export one with "
-            "rflow_tf.export.save(model, path) or train/main.py.")
+            "rflow_tf.export.save(model, path) or train/main.py."
+        )
     if not os.path.isdir(path):
-        raise NotAnExportError(f"{path!r} is a file; expected a directory written by "
-                               "rflow_tf.export.save (a SavedModel with "
-                               f"assets/{METADATA_FILE})")
+        raise NotAnExportError(
+            f"{path!r} is a file; expected a directory written by "
+            "rflow_tf.export.save (a SavedModel with "
+            f"assets/{METADATA_FILE})"
+        )
     has_pb = os.path.isfile(os.path.join(path, "saved_model.pb"))
     if not os.path.isfile(_metadata_path(path)):
-        what = ("a SavedModel without rflow_tf export metadata (not saved by "
-                "rflow_tf.export.save)" if has_pb else
-                "not a SavedModel (no saved_model.pb)" if os.listdir(path) else "empty")
-        raise NotAnExportError(f"{path!r} is not an exported rflow_tf flow: it is {what}. "
-                               f"Expected saved_model.pb, variables/ and assets/{METADATA_FILE}, "
-                               "as written by rflow_tf.export.save.")
+        what = (
+            "a SavedModel without rflow_tf export metadata (not saved by rflow_tf.export.save)"
+            if has_pb
+            else "not a SavedModel (no saved_model.pb)"
+            if os.listdir(path)
+            else "empty"
+        )
+        raise NotAnExportError(
+            f"{path!r} is not an exported rflow_tf flow: it is {what}. "
+            f"Expected saved_model.pb, variables/ and assets/{METADATA_FILE}, "
+            "as written by rflow_tf.export.save."
+        )
     if not has_pb:
-        raise NotAnExportError(f"{path!r} is an incomplete rflow_tf export: saved_model.pb "
-                               "is missing")
+        raise NotAnExportError(
+            f"{path!r} is an incomplete rflow_tf export: saved_model.pb is missing"
+        )
     try:
         with open(_metadata_path(path), encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise NotAnExportError(f"{path!r}: unreadable export metadata "
-                               f"({_metadata_path(path)}): {e}") from None
+        raise NotAnExportError(
+            f"{path!r}: unreadable export metadata ({_metadata_path(path)}): {e}"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise NotAnExportError(f"{path!r}: {METADATA_FILE} is not rflow_tf export metadata")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise NotAnExportError(
             f"{path!r} was written with export format {meta.get('format_version')} (rflow_tf "
             f"{meta.get('rflow_tf_version')}); this rflow_tf reads format <= {FORMAT_VERSION}. "
-            "Upgrade rflow_tf.")
+            "Upgrade rflow_tf."
+        )
     return meta
 
 
@@ -667,36 +739,40 @@ class LoadedFlow(rmodels.FlowDistribution):
 
     def _check_images(self, value):
         h, w, c = self.image_shape
-        expected = (f"dequantised {self.dtype.name} images in [0, 1] of shape "
-                    f"[..., {h}, {w}, {c}]")
+        expected = f"dequantised {self.dtype.name} images in [0, 1] of shape [..., {h}, {w}, {c}]"
         vdtype = getattr(value, "dtype", None)
         if vdtype is not None:
             try:
                 vdtype = tf.as_dtype(vdtype)
             except TypeError:
-                raise InputDtypeError(f"{self.name}: expected {expected}; got dtype "
-                                      f"{vdtype}") from None
+                raise InputDtypeError(
+                    f"{self.name}: expected {expected}; got dtype {vdtype}"
+                ) from None
             if not vdtype.is_floating:
                 raise InputDtypeError(
                     f"{self.name}: expected {expected}; got dtype {vdtype.name}. Integer "
                     f"pixels must be dequantised first: rflow_tf.data.dequantize(x, "
                     f"n_bits={self.n_bits}), or use dist.bits_per_dim(x) / the "
-                    "SavedModel's bits_per_dim for raw pixels.")
+                    "SavedModel's bits_per_dim for raw pixels."
+                )
             if tf.is_tensor(value) and vdtype != self.dtype:
-                raise InputDtypeError(f"{self.name}: expected {expected}; got a "
-                                      f"{vdtype.name} tensor (cast it with "
-                                      f"tf.cast(x, tf.{self.dtype.name}))")
+                raise InputDtypeError(
+                    f"{self.name}: expected {expected}; got a "
+                    f"{vdtype.name} tensor (cast it with "
+                    f"tf.cast(x, tf.{self.dtype.name}))"
+                )
         try:
             value = tf.convert_to_tensor(value, dtype=self.dtype)
         except (TypeError, ValueError) as e:
-            raise InputDtypeError(f"{self.name}: expected {expected}; could not convert the "
-                                  f"input: {e}") from None
+            raise InputDtypeError(
+                f"{self.name}: expected {expected}; could not convert the input: {e}"
+            ) from None
         shape = value.shape
-        if shape.rank is None or shape.rank < 3 or \
-                tuple(shape[shape.rank - 3:]) != (h, w, c):
+        if shape.rank is None or shape.rank < 3 or tuple(shape[shape.rank - 3 :]) != (h, w, c):
             got = list(shape) if shape.rank is not None else "unknown"
-            raise InputShapeError(f"{self.name}: expected {expected} (e.g. [batch, {h}, {w}, "
-                                  f"{c}]); got shape {got}")
+            raise InputShapeError(
+                f"{self.name}: expected {expected} (e.g. [batch, {h}, {w}, {c}]); got shape {got}"
+            )
         # Empty batch, NaN/Inf, pixels outside [0, 1]: the fresh model's checks.
         return rmodels.check_pixels(value, self.name)
 
@@ -744,30 +820,45 @@ class LoadedFlow(rmodels.FlowDistribution):
             h, w, c = self.image_shape
             vdtype = getattr(x, "dtype", None)
             if vdtype is not None and not tf.as_dtype(vdtype).is_integer:
-                raise InputDtypeError(f"{self.name}: bits_per_dim expects raw integer pixels "
-                                      f"(uint8/int32) in [0, {2 ** n_bits - 1}], got dtype "
-                                      f"{tf.as_dtype(vdtype).name}; use log_prob for "
-                                      "dequantised floats")
+                raise InputDtypeError(
+                    f"{self.name}: bits_per_dim expects raw integer pixels "
+                    f"(uint8/int32) in [0, {2**n_bits - 1}], got dtype "
+                    f"{tf.as_dtype(vdtype).name}; use log_prob for "
+                    "dequantised floats"
+                )
             xi = tf.convert_to_tensor(x, dtype_hint=tf.int32)
             if not xi.dtype.is_integer:
-                raise InputDtypeError(f"{self.name}: bits_per_dim expects integer pixels, got "
-                                      f"{xi.dtype.name}")
-            if xi.shape.rank is None or xi.shape.rank < 3 or \
-                    tuple(xi.shape[xi.shape.rank - 3:]) != (h, w, c):
-                raise InputShapeError(f"{self.name}: bits_per_dim expects integer images of "
-                                      f"shape [..., {h}, {w}, {c}], got shape {list(xi.shape)}")
+                raise InputDtypeError(
+                    f"{self.name}: bits_per_dim expects integer pixels, got {xi.dtype.name}"
+                )
+            if (
+                xi.shape.rank is None
+                or xi.shape.rank < 3
+                or tuple(xi.shape[xi.shape.rank - 3 :]) != (h, w, c)
+            ):
+                raise InputShapeError(
+                    f"{self.name}: bits_per_dim expects integer images of "
+                    f"shape [..., {h}, {w}, {c}], got shape {list(xi.shape)}"
+                )
             xi = tf.cast(xi, tf.int32)
-            with tf.control_dependencies([
+            with tf.control_dependencies(
+                [
                     tf.debugging.assert_greater_equal(
-                        xi, 0, message=f"bits_per_dim: pixels must lie in [0, {2 ** n_bits - 1}]"),
+                        xi, 0, message=f"bits_per_dim: pixels must lie in [0, {2**n_bits - 1}]"
+                    ),
                     tf.debugging.assert_less_equal(
-                        xi, 2 ** n_bits - 1,
-                        message=f"bits_per_dim: pixels must lie in [0, {2 ** n_bits - 1}]")]):
+                        xi,
+                        2**n_bits - 1,
+                        message=f"bits_per_dim: pixels must lie in [0, {2**n_bits - 1}]",
+                    ),
+                ]
+            ):
                 if meta.get("dequantization") == "midpoint":
-                    y = (tf.cast(xi, self.dtype) + 0.5) / (2.0 ** n_bits)
+                    y = (tf.cast(xi, self.dtype) + 0.5) / (2.0**n_bits)
                 else:
-                    y = rdata.dequantize(xi, n_bits, seed=meta["dequantization_seed"],
-                                         dtype=self.dtype)
+                    y = rdata.dequantize(
+                        xi, n_bits, seed=meta["dequantization_seed"], dtype=self.dtype
+                    )
             lp = self.log_prob(y, bijector_kwargs={"seed": self.logdet_seed})
             d = float(h * w * c)
             return -(lp - d * n_bits * _LN2) / (d * _LN2)
@@ -815,8 +906,9 @@ def _check_saved_model_proto(path):
     except (OSError, message.DecodeError) as e:
         ok, problem = False, f"{type(e).__name__}: {e}"
     if not ok:
-        raise NotAnExportError(f"{path!r}: saved_model.pb is truncated or corrupt ({problem}); "
-                               "export the model again")
+        raise NotAnExportError(
+            f"{path!r}: saved_model.pb is truncated or corrupt ({problem}); export the model again"
+        )
 
 
 def load(path, *, logdet=None):
@@ -866,8 +958,9 @@ def load(path, *, logdet=None):
     try:
         cfg = _eval_config(meta, logdet)
     except (KeyError, TypeError, ValueError) as e:
-        raise NotAnExportError(f"{path!r}: invalid model config in the export metadata: "
-                               f"{e}") from None
+        raise NotAnExportError(
+            f"{path!r}: invalid model config in the export metadata: {e}"
+        ) from None
     model = rmodels.ResidualFlow(cfg, name=meta.get("name") or "residual_flow")
     ckpt = tf.train.Checkpoint(model=model)
     prefix = os.path.join(path, "variables", "variables")
@@ -878,10 +971,12 @@ def load(path, *, logdet=None):
     except (AssertionError, tf.errors.OpError, ValueError, IndexError) as e:
         # A truncated variables.data file surfaces as IndexError ("Read less
         # bytes than requested"); a corrupt one as DataLossError (an OpError).
-        raise NotAnExportError(f"{path!r}: could not restore the model's weights from "
-                               f"{prefix} (the files are incomplete or corrupt?): "
-                               f"{type(e).__name__}: {str(e).splitlines()[0][:500]}") from None
-    model.mark_lipschitz_current()     # the saved power-iteration state, exactly as exported
+        raise NotAnExportError(
+            f"{path!r}: could not restore the model's weights from "
+            f"{prefix} (the files are incomplete or corrupt?): "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:500]}"
+        ) from None
+    model.mark_lipschitz_current()  # the saved power-iteration state, exactly as exported
     base = tfd.MultivariateNormalDiag(loc=tf.zeros([cfg.num_dims], model.flow_dtype))
     dist = LoadedFlow(base, tfb.Invert(model.bijector), name=model.name)
     # Plain attributes set without tf.Module tracking (the weights are already

@@ -1,20 +1,18 @@
 """The structure of a multiscale flow: the stages of a FlowConfig (build_stages),
 FlowBijector (the whole flow as one TFP bijector) and FactorOut."""
 
-
 import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf import bijectors as rbij
 from rflow_tf import classifier as rclf
+from rflow_tf import layers as rlayers
 from rflow_tf.bijectors import coupling as rcoup
 from rflow_tf.bijectors import invertible_conv as rinv
-from rflow_tf import layers as rlayers
 from rflow_tf.bijectors import mixlogcdf as rmix
 
 tfb = tfp.bijectors
-
 
 
 def _as_seed(seed, salt):
@@ -39,8 +37,9 @@ def check_pixels(x, owner, name="x", values=True):
     Example: ``x = check_pixels(tf.zeros([2, 8, 8, 1]), "my_flow")``.
     """
     if x.shape.num_elements() == 0:
-        raise ValueError(f"{owner}: {name} is an empty batch (shape {x.shape}); pass at least "
-                         "one image")
+        raise ValueError(
+            f"{owner}: {name} is an empty batch (shape {x.shape}); pass at least one image"
+        )
     if not values:
         return x
     if tf.executing_eagerly():
@@ -48,14 +47,19 @@ def check_pixels(x, owner, name="x", values=True):
         if not np.all(np.isfinite(xv)):
             raise ValueError(f"{owner}: {name} contains NaN or Inf")
         if xv.min() < 0.0 or xv.max() > 1.0:
-            raise ValueError(f"{owner}: {name} must lie in [0, 1] (dequantised pixels), got "
-                             f"values in [{xv.min():.4g}, {xv.max():.4g}]")
+            raise ValueError(
+                f"{owner}: {name} must lie in [0, 1] (dequantised pixels), got "
+                f"values in [{xv.min():.4g}, {xv.max():.4g}]"
+            )
         return x
     x = tf.debugging.assert_all_finite(x, f"{owner}: {name} contains NaN or Inf")
     in_range = f"{owner}: {name} must lie in [0, 1] (dequantised pixels)"
-    with tf.control_dependencies([
+    with tf.control_dependencies(
+        [
             tf.debugging.assert_greater_equal(x, tf.zeros([], x.dtype), message=in_range),
-            tf.debugging.assert_less_equal(x, tf.ones([], x.dtype), message=in_range)]):
+            tf.debugging.assert_less_equal(x, tf.ones([], x.dtype), message=in_range),
+        ]
+    ):
         return tf.identity(x)
 
 
@@ -75,16 +79,25 @@ def check_sample_args(sample_shape, seed, owner):
             shape = np.asarray(value)
         except (TypeError, ValueError):
             shape = None
-        if shape is None or shape.ndim > 1 or shape.dtype == bool or \
-                not np.issubdtype(shape.dtype, np.integer) or np.any(shape < 1):
-            raise ValueError(f"{owner}: the sample shape must be a positive int (or a list of "
-                             f"them), got {sample_shape!r}")
+        if (
+            shape is None
+            or shape.ndim > 1
+            or shape.dtype == bool
+            or not np.issubdtype(shape.dtype, np.integer)
+            or np.any(shape < 1)
+        ):
+            raise ValueError(
+                f"{owner}: the sample shape must be a positive int (or a list of "
+                f"them), got {sample_shape!r}"
+            )
     if seed is None or isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         return
     if tf.is_tensor(seed) and tf.get_static_value(seed) is None:
         if not seed.dtype.is_integer or seed.shape.rank != 1 or seed.shape[0] not in (2, None):
-            raise ValueError(f"{owner}: seed must be a stateless seed of two ints, got a "
-                             f"{seed.dtype.name} tensor of shape {seed.shape}")
+            raise ValueError(
+                f"{owner}: seed must be a stateless seed of two ints, got a "
+                f"{seed.dtype.name} tensor of shape {seed.shape}"
+            )
         return
     rbij._check_stateless_seed(seed, f"{owner}: seed")  # pylint: disable=protected-access
 
@@ -127,7 +140,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
     """
 
     _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
-    _takes_flow_kwargs = True       # rflow_tf.bijectors.flow_kwargs routes seed/training here
+    _takes_flow_kwargs = True  # rflow_tf.bijectors.flow_kwargs routes seed/training here
 
     def __init__(self, stages, event_shape, validate_args=False, name="flow"):
         parameters = dict(locals())
@@ -137,13 +150,19 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         for b in self.stages:
             s = b.forward_event_shape(s)
         if not s.is_fully_defined():
-            raise ValueError(f"{name}: could not infer the output event shape of the stages "
-                             f"from input event shape {self.event_shape_in}")
+            raise ValueError(
+                f"{name}: could not infer the output event shape of the stages "
+                f"from input event shape {self.event_shape_in}"
+            )
         self.event_shape_out = tuple(int(d) for d in s)
         self._blocks = [b for b in _iter_stages(self.stages) if isinstance(b, rbij.IResBlock)]
-        super().__init__(forward_min_event_ndims=len(self.event_shape_in),
-                         inverse_min_event_ndims=len(self.event_shape_out),
-                         validate_args=validate_args, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=len(self.event_shape_in),
+            inverse_min_event_ndims=len(self.event_shape_out),
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @classmethod
     def _parameter_properties(cls, dtype):
@@ -180,8 +199,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
                 keep, out = b.split(x)
                 if features is not None and id(b) in features[0]:
                     features[1].append(out)
-                z_inner, ld = self._walk(b.stages, keep, seeds, counter, mode, training,
-                                         features)
+                z_inner, ld = self._walk(b.stages, keep, seeds, counter, mode, training, features)
                 x = b.merge(out, z_inner)
             elif isinstance(b, (rcoup.AffineCoupling, rmix.MixLogCDFCoupling)):
                 # One net evaluation for the value and the log-det.
@@ -202,11 +220,16 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
     def _flatten_batch(self, x):
         x = tf.convert_to_tensor(x)
         nd = len(self.event_shape_in)
-        if x.shape.rank is None or x.shape.rank < nd or \
-                tuple(x.shape[x.shape.rank - nd:]) != self.event_shape_in:
-            raise ValueError(f"{self.name}: expected inputs of event shape "
-                             f"{self.event_shape_in}, got shape {x.shape}")
-        batch_shape = tf.shape(x)[:tf.rank(x) - nd]
+        if (
+            x.shape.rank is None
+            or x.shape.rank < nd
+            or tuple(x.shape[x.shape.rank - nd :]) != self.event_shape_in
+        ):
+            raise ValueError(
+                f"{self.name}: expected inputs of event shape "
+                f"{self.event_shape_in}, got shape {x.shape}"
+            )
+        batch_shape = tf.shape(x)[: tf.rank(x) - nd]
         return tf.reshape(x, (-1,) + self.event_shape_in), batch_shape
 
     def _block_seeds(self, seed):
@@ -236,8 +259,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         """
         return self.forward_with_features(x, feature_stages, mode="init")[2]
 
-    def forward_with_features(self, x, feature_stages, mode="forward", seed=None,
-                              training=False):
+    def forward_with_features(self, x, feature_stages, mode="forward", seed=None, training=False):
         """``(z, log-det or None, features)`` for x [N, *event] in one pass:
         ``features`` are the outputs of the stages in ``feature_stages`` (for
         a :class:`FactorOut`, its factored half, before flattening), in flow
@@ -252,8 +274,9 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         xf, _ = self._flatten_batch(x)
         out = []
         seeds = self._block_seeds(seed) if mode == "logdet" else None
-        z, ld = self._walk(self.stages, xf, seeds, [0], mode, training,
-                           ({id(b) for b in feature_stages}, out))
+        z, ld = self._walk(
+            self.stages, xf, seeds, [0], mode, training, ({id(b) for b in feature_stages}, out)
+        )
         return z, ld, out
 
     def _forward(self, x, seed=None, training=False):
@@ -276,7 +299,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
 
     def _inverse(self, z, seed=None, training=False):
         nd = len(self.event_shape_out)
-        batch_shape = tf.shape(z)[:tf.rank(z) - nd]
+        batch_shape = tf.shape(z)[: tf.rank(z) - nd]
         zf = tf.reshape(z, (-1,) + self.event_shape_out)
         x = self._inverse_walk(self.stages, zf)
         return tf.reshape(x, tf.concat([batch_shape, self.event_shape_in], 0))
@@ -285,12 +308,12 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
     def _forward_event_shape(self, s):
         if s.rank is None:
             return tf.TensorShape(None)
-        return s[:s.rank - len(self.event_shape_in)].concatenate(self.event_shape_out)
+        return s[: s.rank - len(self.event_shape_in)].concatenate(self.event_shape_out)
 
     def _inverse_event_shape(self, s):
         if s.rank is None:
             return tf.TensorShape(None)
-        return s[:s.rank - len(self.event_shape_out)].concatenate(self.event_shape_in)
+        return s[: s.rank - len(self.event_shape_out)].concatenate(self.event_shape_in)
 
     def _forward_event_shape_tensor(self, s):
         n = tf.size(s) - len(self.event_shape_in)
@@ -336,8 +359,9 @@ class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=prote
         parameters = dict(locals())
         event_shape = tuple(int(d) for d in event_shape)
         if len(event_shape) != 3 or event_shape[-1] < 2:
-            raise ValueError(f"FactorOut needs an event shape (H, W, C) with C >= 2, "
-                             f"got {event_shape}")
+            raise ValueError(
+                f"FactorOut needs an event shape (H, W, C) with C >= 2, got {event_shape}"
+            )
         self.event_shape_ = event_shape
         h, w, c = event_shape
         self.n_keep = c // 2
@@ -346,11 +370,18 @@ class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=prote
         self.stages = list(stages)
         self.inner = FlowBijector(self.stages, self.keep_shape, name=f"{name}_inner")
         if self.inner.event_shape_out != (h * w * self.n_keep,):
-            raise ValueError(f"{name}: the inner stages must map {self.keep_shape} to a flat "
-                             f"vector of size {h * w * self.n_keep}, got event shape "
-                             f"{self.inner.event_shape_out}")
-        super().__init__(forward_min_event_ndims=3, inverse_min_event_ndims=1,
-                         validate_args=validate_args, parameters=parameters, name=name)
+            raise ValueError(
+                f"{name}: the inner stages must map {self.keep_shape} to a flat "
+                f"vector of size {h * w * self.n_keep}, got event shape "
+                f"{self.inner.event_shape_out}"
+            )
+        super().__init__(
+            forward_min_event_ndims=3,
+            inverse_min_event_ndims=1,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @classmethod
     def _parameter_properties(cls, dtype):
@@ -358,7 +389,7 @@ class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=prote
 
     def split(self, x):
         """(x[..., :k], x[..., k:]) for x of event shape (H, W, C)."""
-        return x[..., :self.n_keep], x[..., self.n_keep:]
+        return x[..., : self.n_keep], x[..., self.n_keep :]
 
     def merge(self, x_out, z_inner):
         """concat(flatten(x_out), z_inner) along the last axis."""
@@ -409,56 +440,101 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
     half) and the last scale's (H, W, C) to ``last_shape``."""
     dtype = cfg.dtype
     block_kwargs = dict(
-        logdet=cfg.logdet, logdet_eval=cfg.logdet_eval_mode, dist=cfg.dist, rate=cfg.rate,
+        logdet=cfg.logdet,
+        logdet_eval=cfg.logdet_eval_mode,
+        dist=cfg.dist,
+        rate=cfg.rate,
         p=cfg.p,
-        n_exact_terms=cfg.n_exact_terms, n_exact_terms_eval=cfg.n_exact_terms_eval,
-        n_samples=cfg.n_samples, n_terms=cfg.n_terms, probe=cfg.probe,
-        neumann_grad=cfg.neumann_grad, grad_in_forward=cfg.grad_in_forward,
-        inverse_atol=cfg.inverse_tol, inverse_rtol=cfg.inverse_tol,
-        inverse_max_iterations=cfg.inverse_max_iterations)
+        n_exact_terms=cfg.n_exact_terms,
+        n_exact_terms_eval=cfg.n_exact_terms_eval,
+        n_samples=cfg.n_samples,
+        n_terms=cfg.n_terms,
+        probe=cfg.probe,
+        neumann_grad=cfg.neumann_grad,
+        grad_in_forward=cfg.grad_in_forward,
+        inverse_atol=cfg.inverse_tol,
+        inverse_rtol=cfg.inverse_tol,
+        inverse_max_iterations=cfg.inverse_max_iterations,
+    )
 
     def actnorm(shape, name):
         layer = rlayers.ActNormalization(
-            variance="unbiased" if cfg.init == "reference" else "biased", dtype=dtype,
-            name=name)
+            variance="unbiased" if cfg.init == "reference" else "biased", dtype=dtype, name=name
+        )
         named_layers.append((name, layer))
         return rbij.ActNorm(shape, layer=layer, name=name)
 
     def flowpp_coupling(shape, mask, parity, name):
         return rmix.MixLogCDFCoupling(
-            shape, mask=mask, parity=parity, num_components=cfg.flowpp_components,
-            hidden_channels=cfg.hidden_channels, num_blocks=cfg.flowpp_conditioner_blocks,
-            attention=cfg.flowpp_attention, num_heads=cfg.flowpp_heads,
-            inverse_atol=cfg.inverse_tol, inverse_rtol=cfg.inverse_tol,
-            inverse_max_iterations=cfg.inverse_max_iterations, dtype=dtype, name=name)
+            shape,
+            mask=mask,
+            parity=parity,
+            num_components=cfg.flowpp_components,
+            hidden_channels=cfg.hidden_channels,
+            num_blocks=cfg.flowpp_conditioner_blocks,
+            attention=cfg.flowpp_attention,
+            num_heads=cfg.flowpp_heads,
+            inverse_atol=cfg.inverse_tol,
+            inverse_rtol=cfg.inverse_tol,
+            inverse_max_iterations=cfg.inverse_max_iterations,
+            dtype=dtype,
+            name=name,
+        )
 
     def conv_block(s, i, shape, mask):
         first = cfg.first_resblock and s == 0 and i == 0
         preact = cfg.preactivation and not first
         if cfg.block == "flowpp":
             channel = s > 0 and i < cfg.flowpp_channel_couplings
-            return flowpp_coupling(shape, "channel" if channel else "checkerboard", i % 2,
-                                   f"s{s}_block{i}")
+            return flowpp_coupling(
+                shape, "channel" if channel else "checkerboard", i % 2, f"s{s}_block{i}"
+            )
         if cfg.block == "coupling":
             return rcoup.AffineCoupling.conv(
-                shape, mask, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
-                preactivation=preact, dtype=dtype, name=f"s{s}_block{i}")
+                shape,
+                mask,
+                hidden_channels=cfg.hidden_channels,
+                kernels=cfg.kernels,
+                preactivation=preact,
+                dtype=dtype,
+                name=f"s{s}_block{i}",
+            )
         return rbij.IResBlock.conv(
-            shape, hidden_channels=cfg.hidden_channels, kernels=cfg.kernels,
-            coeff=cfg.coeff, activation=cfg.activation, preactivation=preact,
-            dtype=dtype, init=cfg.init, name=f"s{s}_block{i}", **block_kwargs)
+            shape,
+            hidden_channels=cfg.hidden_channels,
+            kernels=cfg.kernels,
+            coeff=cfg.coeff,
+            activation=cfg.activation,
+            preactivation=preact,
+            dtype=dtype,
+            init=cfg.init,
+            name=f"s{s}_block{i}",
+            **block_kwargs,
+        )
 
     def fc_block(i, d, mask):
         if cfg.block == "flowpp":
             return flowpp_coupling((d,), "checkerboard", i % 2, f"fc_block{i}")
         if cfg.block == "coupling":
             return rcoup.AffineCoupling.dense(
-                (d,), mask, hidden_units=cfg.fc_hidden, preactivation=cfg.preactivation,
-                dtype=dtype, name=f"fc_block{i}")
+                (d,),
+                mask,
+                hidden_units=cfg.fc_hidden,
+                preactivation=cfg.preactivation,
+                dtype=dtype,
+                name=f"fc_block{i}",
+            )
         return rbij.IResBlock.dense(
-            d, hidden_units=cfg.fc_hidden, coeff=cfg.coeff, activation=cfg.activation,
-            preactivation=cfg.preactivation, dtype=dtype, init=cfg.init,
-            name=f"fc_block{i}", **block_kwargs)
+            d,
+            hidden_units=cfg.fc_hidden,
+            coeff=cfg.coeff,
+            activation=cfg.activation,
+            preactivation=cfg.preactivation,
+            dtype=dtype,
+            init=cfg.init,
+            name=f"fc_block{i}",
+            **block_kwargs,
+        )
 
     def scale(s, shape):
         h, w, c = shape
@@ -471,8 +547,12 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
         masks = rcoup.alternating_masks("channel", cfg.n_blocks[s] + n_fc)
         for i in range(cfg.n_blocks[s]):
             if cfg.invertible_1x1:
-                conv = rinv.Invertible1x1Conv(shape, seed=int(np.random.randint(2 ** 31 - 1)),
-                                              dtype=dtype, name=f"s{s}_inv1x1_{i}")
+                conv = rinv.Invertible1x1Conv(
+                    shape,
+                    seed=int(np.random.randint(2**31 - 1)),
+                    dtype=dtype,
+                    name=f"s{s}_inv1x1_{i}",
+                )
                 named_layers.append((conv.name, conv.layer))
                 out.append(conv)
             blk = conv_block(s, i, shape, kind + masks[i][-1])
@@ -487,14 +567,13 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
             if cfg.factor_out:
                 inner = scale(s + 1, (h // 2, w // 2, 2 * c))
                 fo = FactorOut(squeezed, inner, name=f"s{s}_factor_out")
-                feature_stages.append((fo, (h // 2, w // 2, 2 * c)))    # factored half
+                feature_stages.append((fo, (h // 2, w // 2, 2 * c)))  # factored half
                 out.append(fo)
                 return out
-            feature_stages.append((squeeze, squeezed))    # the squeezed scale output
+            feature_stages.append((squeeze, squeezed))  # the squeezed scale output
             return out + scale(s + 1, squeezed)
         d = h * w * c
-        out.append(tfb.Reshape(event_shape_out=[d], event_shape_in=[h, w, c],
-                               name="flatten"))
+        out.append(tfb.Reshape(event_shape_out=[d], event_shape_in=[h, w, c], name="flatten"))
         for i in range(n_fc):
             blk = fc_block(i, d, masks[cfg.n_blocks[s] + i])
             named_layers.append((f"{blk.name}_net", blk.net))

@@ -217,8 +217,8 @@ class FlowLayer(keras.layers.Layer):
         parts = rlayers.keras_layers(flow)
         if not parts:
             raise ValueError(f"FlowLayer: found no Keras layers inside {type(flow).__name__}")
-        object.__setattr__(self, "_flow", flow)     # a tf.Module: keep out of Keras tracking
-        self.flow_parts = parts                     # tracked: their weights are this layer's
+        object.__setattr__(self, "_flow", flow)  # a tf.Module: keep out of Keras tracking
+        self.flow_parts = parts  # tracked: their weights are this layer's
         self.built = True
 
     @property
@@ -232,8 +232,10 @@ class FlowLayer(keras.layers.Layer):
         return self._flow.forward(x)
 
     def get_config(self):
-        raise NotImplementedError("FlowLayer wraps a Python object and has no config; save its "
-                                  "weights with tf.train.Checkpoint or model.save_weights")
+        raise NotImplementedError(
+            "FlowLayer wraps a Python object and has no config; save its "
+            "weights with tf.train.Checkpoint or model.save_weights"
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -246,19 +248,23 @@ def _finite_images_or_nan(x, z, where):
     """clip(x, 0, 1) for samples whose image x and latent z are finite; the
     others become all-NaN and are reported (RuntimeWarning eagerly, stderr in
     graphs)."""
-    ok = tf.reduce_all(tf.math.is_finite(x), axis=list(range(1, x.shape.rank))) & \
-        tf.reduce_all(tf.math.is_finite(z), axis=list(range(1, z.shape.rank)))
+    ok = tf.reduce_all(tf.math.is_finite(x), axis=list(range(1, x.shape.rank))) & tf.reduce_all(
+        tf.math.is_finite(z), axis=list(range(1, z.shape.rank))
+    )
     bad = tf.reduce_sum(tf.cast(~ok, tf.int32))
-    msg = ("sample(s) not finite (infinite latent or temperature, or a diverged fixed-point "
-           "inverse); returned as NaN")
+    msg = (
+        "sample(s) not finite (infinite latent or temperature, or a diverged fixed-point "
+        "inverse); returned as NaN"
+    )
     if tf.executing_eagerly():
         if int(bad):
-            warnings.warn(f"{where}: {int(bad)} of {int(tf.size(ok))} {msg}", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"{where}: {int(bad)} of {int(tf.size(ok))} {msg}", RuntimeWarning, stacklevel=3
+            )
     else:
+
         def report():
-            tf.print("WARNING:", where + ":", bad, "of", tf.size(ok), msg,
-                     output_stream=sys.stderr)
+            tf.print("WARNING:", where + ":", bad, "of", tf.size(ok), msg, output_stream=sys.stderr)
             return tf.constant(False)
 
         flag = tf.cond(bad > 0, report, lambda: tf.constant(True))
@@ -318,10 +324,13 @@ class ResidualFlow(keras.Model):
         object.__setattr__(self, "_last_shape", tuple(last_shape))
         self.classifier_heads = None
         if cfg.n_classes:
-            heads = rclf.ClassifierHeads(cfg.n_classes, cfg.head_channels, dtype=cfg.dtype,
-                                         name="classifier_heads")
-            heads.build([(None,) + tuple(shape) for _, shape in feature_stages]
-                        + [(None,) + tuple(last_shape)])
+            heads = rclf.ClassifierHeads(
+                cfg.n_classes, cfg.head_channels, dtype=cfg.dtype, name="classifier_heads"
+            )
+            heads.build(
+                [(None,) + tuple(shape) for _, shape in feature_stages]
+                + [(None,) + tuple(last_shape)]
+            )
             self.classifier_heads = heads
         # The Keras layers holding every weight, each set as an attribute so
         # that Keras (trainable_variables) and tf.train.Checkpoint track them
@@ -335,8 +344,9 @@ class ResidualFlow(keras.Model):
         object.__setattr__(self, "_stages", stages)
         object.__setattr__(self, "_flow", FlowBijector(stages, cfg.input_shape, name=self.name))
         object.__setattr__(self, "_iresblocks", self._flow.iresblocks)
-        object.__setattr__(self, "_actnorms",
-                           [b for b in _iter_stages(stages) if isinstance(b, rbij.ActNorm)])
+        object.__setattr__(
+            self, "_actnorms", [b for b in _iter_stages(stages) if isinstance(b, rbij.ActNorm)]
+        )
         self.built = True
 
     # ----------------------------------------------------------- building
@@ -424,7 +434,8 @@ class ResidualFlow(keras.Model):
             raise TypeError(
                 f"{self.name}: {name} must be dequantised floats in [0, 1], got dtype "
                 f"{x.dtype.name}; convert integer pixels with "
-                f"rflow_tf.data.dequantize(x, n_bits={self.flow_config.n_bits})")
+                f"rflow_tf.data.dequantize(x, n_bits={self.flow_config.n_bits})"
+            )
         if x.dtype != self.flow_dtype:
             x = tf.cast(x, self.flow_dtype)
         shape = tuple(self.flow_config.input_shape)
@@ -432,8 +443,10 @@ class ResidualFlow(keras.Model):
         if unbatched:
             x = x[None]
         if x.shape.rank != 4 or tuple(x.shape[1:]) != shape:
-            raise ValueError(f"{self.name}: {name} must have shape [batch, {shape[0]}, "
-                             f"{shape[1]}, {shape[2]}] (or {list(shape)}), got {x.shape}")
+            raise ValueError(
+                f"{self.name}: {name} must have shape [batch, {shape[0]}, "
+                f"{shape[1]}, {shape[2]}] (or {list(shape)}), got {x.shape}"
+            )
         return check_pixels(x, self.name, name, values=validate), unbatched
 
     # ------------------------------------------------------------ the flow
@@ -454,15 +467,17 @@ class ResidualFlow(keras.Model):
     # ------------------------------------------------------ classification
     def _check_classifier(self, method):
         if self.classifier_heads is None:
-            raise ValueError(f"{self.name}.{method} needs a classifier: build the model with "
-                             f"FlowConfig.n_classes >= 2 (this one has n_classes=0)")
+            raise ValueError(
+                f"{self.name}.{method} needs a classifier: build the model with "
+                f"FlowConfig.n_classes >= 2 (this one has n_classes=0)"
+            )
 
     def _head_inputs(self, z, features):
         """Per-scale feature maps of the heads: the inter-scale outputs (with
         factor-out: the factored halves) and the final output, i.e. the last
         scale's part of z reshaped to that scale's (H, W, C)."""
         h, w, c = self._last_shape
-        final = tf.reshape(z[:, z.shape[-1] - h * w * c:], [-1, h, w, c])
+        final = tf.reshape(z[:, z.shape[-1] - h * w * c :], [-1, h, w, c])
         return list(features) + [final]
 
     def classify(self, x, training=False, validate=True):
@@ -481,8 +496,7 @@ class ResidualFlow(keras.Model):
         """
         self._check_classifier("classify")
         x, unbatched = self._check_input(x, validate)
-        z, _, feats = self._flow.forward_with_features(x, self._feature_stages,
-                                                       training=training)
+        z, _, feats = self._flow.forward_with_features(x, self._feature_stages, training=training)
         logits = self.classifier_heads(self._head_inputs(z, feats))
         return logits[0] if unbatched else logits
 
@@ -500,8 +514,9 @@ class ResidualFlow(keras.Model):
         """
         self._check_classifier("log_prob_and_logits")
         x, unbatched = self._check_input(x, validate)
-        z, ld, feats = self._flow.forward_with_features(x, self._feature_stages, mode="logdet",
-                                                        seed=seed, training=training)
+        z, ld, feats = self._flow.forward_with_features(
+            x, self._feature_stages, mode="logdet", seed=seed, training=training
+        )
         lp = self.base_log_prob(z) + ld
         logits = self.classifier_heads(self._head_inputs(z, feats))
         return (lp[0], logits[0]) if unbatched else (lp, logits)
@@ -562,8 +577,10 @@ class ResidualFlow(keras.Model):
         Example: ``flow.initialize(data.dequantize(first_batch, 8))``.
         """
         if tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context():
-            raise RuntimeError("ResidualFlow.initialize must be called in cross-replica context "
-                               "(outside strategy.run)")
+            raise RuntimeError(
+                "ResidualFlow.initialize must be called in cross-replica context "
+                "(outside strategy.run)"
+            )
         x, _ = self._check_input(x, True)
         self._flow.initialize(x)
         if self.classifier_heads is not None:
@@ -579,7 +596,7 @@ class ResidualFlow(keras.Model):
 
         Example: ``flow.converge_lipschitz()``.
         """
-        if not self.lipschitz_layers():     # coupling / Flow++ blocks: nothing to converge
+        if not self.lipschitz_layers():  # coupling / Flow++ blocks: nothing to converge
             return []
         return rlayers.converge_lipschitz(self.flow_layers, tol, max_iterations)
 
@@ -608,8 +625,9 @@ class ResidualFlow(keras.Model):
         pixels are dequantised with uniform noise (``config.n_bits``)."""
         if isinstance(data, dict):
             if "image" not in data:
-                raise ValueError(f"{self.name}: a dict batch needs an 'image' key, got keys "
-                                 f"{sorted(data)}")
+                raise ValueError(
+                    f"{self.name}: a dict batch needs an 'image' key, got keys {sorted(data)}"
+                )
             data = data["image"]
         if isinstance(data, (tuple, list)):
             data = data[0]
@@ -636,7 +654,7 @@ class ResidualFlow(keras.Model):
             loss = tf.reduce_mean(self.bits_per_dim(x, training=True, validate=False))
         grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
-        if rlayers._can_store_in_context():      # pylint: disable=protected-access
+        if rlayers._can_store_in_context():  # pylint: disable=protected-access
             self.update_lipschitz()
         return {"loss": loss}
 
@@ -655,7 +673,8 @@ class ResidualFlow(keras.Model):
         if not self.is_initialized:
             raise RuntimeError(
                 f"{self.name}: ActNorm is not initialised; call flow.initialize(x) with a "
-                "batch of dequantised images in [0, 1] before fit (data-dependent init)")
+                "batch of dequantised images in [0, 1] before fit (data-dependent init)"
+            )
         return super().fit(*args, **kwargs)
 
     def export(self, filepath, *args, **kwargs):
@@ -666,7 +685,8 @@ class ResidualFlow(keras.Model):
             f"{self.name}: keras.Model.export cannot export a residual flow (its fixed-point "
             f"inverse and log-det estimators need fixed seeds and shapes); use "
             f"rflow_tf.save(flow, {filepath!r}) (rflow_tf.export.save), and rflow_tf.load to "
-            "read it back")
+            "read it back"
+        )
 
     def sample(self, n, temperature=1.0, seed=None):
         """``n`` images in [0, 1] (shape [n, H, W, C]): z ~ N(0, T^2 I) over the
@@ -689,8 +709,9 @@ class ResidualFlow(keras.Model):
         if seed is None:
             z = tf.random.normal(shape, dtype=self.flow_dtype)
         else:
-            z = tf.random.stateless_normal(shape, _as_seed(seed, "ResidualFlow.sample"),
-                                           dtype=self.flow_dtype)
+            z = tf.random.stateless_normal(
+                shape, _as_seed(seed, "ResidualFlow.sample"), dtype=self.flow_dtype
+            )
         z = z * tf.cast(temperature, self.flow_dtype)
         return _finite_images_or_nan(self._flow.inverse(z), z, "ResidualFlow.sample")
 

@@ -98,6 +98,7 @@ _MIN_ORDER_GAP = 1e-6
 
 # --------------------------------------------------------------------------- orders
 
+
 def parse_order(order, name="order"):
     """A norm order as a Python float in [1, inf].
 
@@ -119,19 +120,23 @@ def parse_order(order, name="order"):
         try:
             value = float(text)
         except ValueError:
-            raise ValueError(f"{name} must be a number in [1, inf] or 'f' (infinity), "
-                             f"got {order!r}") from None
+            raise ValueError(
+                f"{name} must be a number in [1, inf] or 'f' (infinity), got {order!r}"
+            ) from None
     elif isinstance(order, (bool, np.bool_)):
         raise TypeError(f"{name} must be a number in [1, inf], got the bool {order!r}")
     elif isinstance(order, (int, float, np.integer, np.floating)):
         value = float(order)
     else:
-        raise TypeError(f"{name} must be a Python number in [1, inf] or 'f', got "
-                        f"{type(order).__name__} {order!r} (tensor orders are made by "
-                        "order_from_unconstrained)")
+        raise TypeError(
+            f"{name} must be a Python number in [1, inf] or 'f', got "
+            f"{type(order).__name__} {order!r} (tensor orders are made by "
+            "order_from_unconstrained)"
+        )
     if not value >= 1.0:
-        raise ValueError(f"{name} must be in [1, inf] (orders below 1 are not norms), "
-                         f"got {order!r}")
+        raise ValueError(
+            f"{name} must be in [1, inf] (orders below 1 are not norms), got {order!r}"
+        )
     return value
 
 
@@ -174,11 +179,11 @@ def dual_order(order):
 
 # --------------------------------------------------------------------------- vectors
 
+
 def _safe_pow(r, e):
     """r^e for r >= 0 with 0^e = 0 and finite gradients in r and e at r = 0."""
     positive = r > 0
-    return tf.where(positive, tf.pow(tf.where(positive, r, tf.ones_like(r)), e),
-                    tf.zeros_like(r))
+    return tf.where(positive, tf.pow(tf.where(positive, r, tf.ones_like(r)), e), tf.zeros_like(r))
 
 
 def vector_norm(x, order, axis=None, keepdims=False):
@@ -204,7 +209,7 @@ def vector_norm(x, order, axis=None, keepdims=False):
     if p == 1.0:
         return tf.reduce_sum(a, axis=axis, keepdims=keepdims)
     m = tf.stop_gradient(tf.reduce_max(a, axis=axis, keepdims=True))
-    m = tf.where(m > 0, m, tf.ones_like(m))             # the formula holds for any m > 0
+    m = tf.where(m > 0, m, tf.ones_like(m))  # the formula holds for any m > 0
     order = _order_tensor(order, x.dtype)
     s = tf.reduce_sum(_safe_pow(a / m, order), axis=axis, keepdims=True)
     norm = m * _safe_pow(s, 1.0 / order)
@@ -252,6 +257,7 @@ def _batch_axes(x):
 
 # --------------------------------------------------------------------------- closed forms
 
+
 def has_closed_form(domain, codomain):
     """True where :func:`closed_form_induced_norm` is exact: domain 1 (largest
     column norm) or codomain inf (largest row dual norm). (2 -> 2 has the SVD
@@ -266,8 +272,9 @@ def has_closed_form(domain, codomain):
     return _static_order(domain) == 1.0 or _static_order(codomain) == INF
 
 
-def closed_form_induced_norm(apply_kernel, apply_kernel_transpose, kernel, input_shape,
-                             domain, codomain):
+def closed_form_induced_norm(
+    apply_kernel, apply_kernel_transpose, kernel, input_shape, domain, codomain
+):
     """Exact ||A(kernel)||_{p->q} for p = 1 or q = inf, without forming A.
 
     A(kernel) is a linear operator whose matrix entries are entries of
@@ -295,8 +302,10 @@ def closed_form_induced_norm(apply_kernel, apply_kernel_transpose, kernel, input
     """
     p, q = _static_order(domain), _static_order(codomain)
     if not has_closed_form(domain, codomain):
-        raise ValueError(f"no closed form for the {domain}->{codomain} norm: only domain 1 or "
-                         "codomain inf; use induced_norm_power_method")
+        raise ValueError(
+            f"no closed form for the {domain}->{codomain} norm: only domain 1 or "
+            "codomain inf; use induced_norm_power_method"
+        )
     kernel = tf.convert_to_tensor(kernel)
     ones_in = tf.ones(input_shape, kernel.dtype)
     a = tf.abs(kernel)
@@ -309,11 +318,11 @@ def closed_form_induced_norm(apply_kernel, apply_kernel_transpose, kernel, input
         return tf.reduce_max(tf.where(occurs, a, tf.zeros_like(a)))
     m = tf.stop_gradient(tf.reduce_max(a))
     m = tf.where(m > 0, m, tf.ones_like(m))
-    if p == 1.0:                                  # largest column q-norm
+    if p == 1.0:  # largest column q-norm
         r = _order_tensor(codomain, kernel.dtype)
         ones_out = tf.ones_like(apply_kernel(ones_in, kernel))
         sums = apply_kernel_transpose(ones_out, _safe_pow(a / m, r))
-    else:                                         # q = inf: largest row p*-norm
+    else:  # q = inf: largest row p*-norm
         r = _order_tensor(dual_order(domain), kernel.dtype)
         sums = apply_kernel(ones_in, _safe_pow(a / m, r))
     return m * _safe_pow(tf.maximum(tf.reduce_max(sums), 0.0), 1.0 / r)
@@ -347,20 +356,28 @@ def matrix_induced_norm(w, domain, codomain, num_restarts=128, max_iterations=20
         raise ValueError(f"w must be a matrix [m, n], got shape {w.shape}")
     shape = [1, w.shape[1]]
     if has_closed_form(domain, codomain):
-        return closed_form_induced_norm(_matrix_apply, _matrix_apply_transpose, w, shape,
-                                        domain, codomain)
+        return closed_form_induced_norm(
+            _matrix_apply, _matrix_apply_transpose, w, shape, domain, codomain
+        )
     if _static_order(domain) == 2.0 and _static_order(codomain) == 2.0:
         return tf.linalg.svd(w, compute_uv=False)[0]
     return induced_norm_power_method(
-        lambda x: _matrix_apply(x, w), lambda u: _matrix_apply_transpose(u, w), shape,
-        domain, codomain, num_restarts=num_restarts, max_iterations=max_iterations,
-        seed=seed).norm
+        lambda x: _matrix_apply(x, w),
+        lambda u: _matrix_apply_transpose(u, w),
+        shape,
+        domain,
+        codomain,
+        num_restarts=num_restarts,
+        max_iterations=max_iterations,
+        seed=seed,
+    ).norm
 
 
 # --------------------------------------------------------------------------- power method
 
 PowerIterationResult = collections.namedtuple(
-    "PowerIterationResult", ["norm", "v", "u", "iterations"])
+    "PowerIterationResult", ["norm", "v", "u", "iterations"]
+)
 PowerIterationResult.__doc__ = """Result of the generalised power method.
 
 norm: ||A v||_q per start (shape [R]) or of the best start (scalar); a lower bound.
@@ -388,11 +405,11 @@ def induced_norm_lower_bound(apply, v, domain, codomain):
     v = tf.convert_to_tensor(v)
     y = apply(v)
     return vector_norm(y, codomain, axis=_batch_axes(y)) / vector_norm(
-        v, domain, axis=_batch_axes(v))
+        v, domain, axis=_batch_axes(v)
+    )
 
 
-def power_iteration(apply, apply_transpose, v, domain, codomain, max_iterations=200,
-                    tol=1e-6):
+def power_iteration(apply, apply_transpose, v, domain, codomain, max_iterations=200, tol=1e-6):
     """The generalised power method for ||A||_{p->q} from the batch of starts ``v``.
 
     Each step is u = dual(A v, q), v = dual(A^T u, p*) (:func:`dual_direction`);
@@ -433,16 +450,27 @@ def power_iteration(apply, apply_transpose, v, domain, codomain, max_iterations=
         return change > tol
 
     i, v, y, norm, _ = tf.while_loop(
-        cond, body, (tf.constant(0), v, y, norm, tf.constant(np.inf, v.dtype)),
-        maximum_iterations=int(max_iterations))
+        cond,
+        body,
+        (tf.constant(0), v, y, norm, tf.constant(np.inf, v.dtype)),
+        maximum_iterations=int(max_iterations),
+    )
     u = dual_direction(y, codomain, axis=out_axes)
-    return PowerIterationResult(tf.stop_gradient(norm), tf.stop_gradient(v),
-                                tf.stop_gradient(u), i)
+    return PowerIterationResult(tf.stop_gradient(norm), tf.stop_gradient(v), tf.stop_gradient(u), i)
 
 
-def induced_norm_power_method(apply, apply_transpose, input_shape, domain, codomain,
-                              num_restarts=128, max_iterations=200, tol=1e-6, seed=None,
-                              dtype=tf.float32):
+def induced_norm_power_method(
+    apply,
+    apply_transpose,
+    input_shape,
+    domain,
+    codomain,
+    num_restarts=128,
+    max_iterations=200,
+    tol=1e-6,
+    seed=None,
+    dtype=tf.float32,
+):
     """Best of ``num_restarts`` random starts of :func:`power_iteration` (all run
     as one batch): the initialisation of a stored power vector.
 
@@ -478,18 +506,20 @@ def induced_norm_power_method(apply, apply_transpose, input_shape, domain, codom
         num_restarts = 1
     shape[0] = int(num_restarts)
     if seed is None:
-        seed = tf.random.uniform([2], maxval=2 ** 31 - 1, dtype=tf.int32)
+        seed = tf.random.uniform([2], maxval=2**31 - 1, dtype=tf.int32)
     v0 = tf.random.stateless_normal(shape, seed=seed, dtype=dtype)
-    res = power_iteration(apply, apply_transpose, v0, domain, codomain,
-                          max_iterations=max_iterations, tol=tol)
+    res = power_iteration(
+        apply, apply_transpose, v0, domain, codomain, max_iterations=max_iterations, tol=tol
+    )
     best = tf.argmax(res.norm)
-    return PowerIterationResult(res.norm[best], res.v[best][None], res.u[best][None],
-                                res.iterations)
+    return PowerIterationResult(
+        res.norm[best], res.v[best][None], res.u[best][None], res.iterations
+    )
 
 
 # --------------------------------------------------------------------------- learnable orders
 
-_SQUASH_SHIFT = math.atanh(0.5)      # unconstrained 0 <-> order 2
+_SQUASH_SHIFT = math.atanh(0.5)  # unconstrained 0 <-> order 2
 _LEAKY_SLOPE = 0.3
 
 
@@ -536,7 +566,7 @@ def unconstrained_from_order(order):
     if not low < p < high:
         raise ValueError(f"a learnable order must lie in ({low}, {high}), got {order!r}")
     s = math.atanh((p - 3.0) / 2.0)
-    if s <= 0.0:                          # raw <= shift: s = raw - shift
+    if s <= 0.0:  # raw <= shift: s = raw - shift
         return _SQUASH_SHIFT + s
     # raw = shift + t with s = 0.3 t + 0.7 (1 - exp(-t)), increasing in t: Newton from t = s.
     t = s
@@ -551,6 +581,7 @@ def unconstrained_from_order(order):
 
 
 # --------------------------------------------------------------------------- chaining
+
 
 def chain_orders(vnorms, num_layers):
     """Per-layer (domain, codomain) orders of a residual branch of ``num_layers``
@@ -584,9 +615,12 @@ def chain_orders(vnorms, num_layers):
             raise ValueError(
                 f"vnorms {vnorms!r} has num_layers + 1 = {n + 1} orders, so its first and last "
                 "orders are the block's input and output norms, which must be equal for the "
-                "block to be a contraction in one norm")
+                "block to be a contraction in one norm"
+            )
         orders = orders[:-1]
     elif len(orders) != n:
-        raise ValueError(f"vnorms {vnorms!r} has {len(orders)} orders; a branch of {n} linear "
-                         f"layers needs {n} (domains), {n + 1} (first = last) or 1")
+        raise ValueError(
+            f"vnorms {vnorms!r} has {len(orders)} orders; a branch of {n} linear "
+            f"layers needs {n} (domains), {n + 1} (first = last) or 1"
+        )
     return [(orders[i], orders[(i + 1) % n]) for i in range(n)]

@@ -60,13 +60,20 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 
 #: torch storage class -> NumPy dtype (little-endian).
 _STORAGE_DTYPES = {
-    "DoubleStorage": "<f8", "FloatStorage": "<f4", "HalfStorage": "<f2",
-    "BFloat16Storage": "bfloat16", "LongStorage": "<i8", "IntStorage": "<i4",
-    "ShortStorage": "<i2", "CharStorage": "i1", "ByteStorage": "u1", "BoolStorage": "?",
+    "DoubleStorage": "<f8",
+    "FloatStorage": "<f4",
+    "HalfStorage": "<f2",
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": "<i8",
+    "IntStorage": "<i4",
+    "ShortStorage": "<i2",
+    "CharStorage": "i1",
+    "ByteStorage": "u1",
+    "BoolStorage": "?",
 }
 #: Prefixes of modules whose classes are replaced by inert stubs.
 _STUBBED_MODULE_PREFIXES = ("resflows.", "torch.nn.modules.")
-_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 class PickledObject:
@@ -90,7 +97,7 @@ class PickledObject:
 
     def __setstate__(self, state):
         if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
-            state = {**state[0], **(state[1] or {})}      # (dict, slots) form
+            state = {**state[0], **(state[1] or {})}  # (dict, slots) form
         if isinstance(state, dict):
             self.__dict__.update({str(k): v for k, v in state.items()})
         else:
@@ -106,8 +113,9 @@ _stub_types = {}
 def _stub(module, name):
     key = f"{module}.{name}"
     if key not in _stub_types:
-        _stub_types[key] = type(name, (PickledObject,), {"pickled_class": key,
-                                                         "__module__": __name__})
+        _stub_types[key] = type(
+            name, (PickledObject,), {"pickled_class": key, "__module__": __name__}
+        )
     return _stub_types[key]
 
 
@@ -124,15 +132,16 @@ class _StorageType:
         count = len(raw) // self.itemsize if numel is None else int(numel)
         if count * self.itemsize > len(raw):
             raise CheckpointFormatError(f"storage of {count} {self.name} elements is truncated")
-        if self.dtype is None:     # bfloat16: the upper half of a float32
+        if self.dtype is None:  # bfloat16: the upper half of a float32
             half = np.frombuffer(raw, "<u2", count)
             return (half.astype(np.uint32) << 16).view(np.float32)
         return np.frombuffer(raw, self.dtype, count)
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
-                    backward_hooks=None, metadata=None):
-    if isinstance(storage, _LegacyStorage):       # bytes not read yet: resolved later
+def _rebuild_tensor(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
+    if isinstance(storage, _LegacyStorage):  # bytes not read yet: resolved later
         return _LegacyTensor((storage, storage_offset, size, stride))
     if not isinstance(storage, np.ndarray):
         raise CheckpointFormatError("a tensor refers to something that is not a storage")
@@ -143,12 +152,14 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False,
         if min(size) > 0 and (offset < 0 or last >= storage.size or min(stride) < 0):
             raise CheckpointFormatError(
                 f"tensor of size {size} and stride {stride} at offset {offset} does not fit "
-                f"its storage of {storage.size} elements")
+                f"its storage of {storage.size} elements"
+            )
     elif offset >= storage.size:
         raise CheckpointFormatError("scalar tensor outside its storage")
     item = storage.itemsize
     view = np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False)
+        storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
+    )
     return np.array(view)
 
 
@@ -162,8 +173,10 @@ _TENSOR_GLOBALS = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("argparse", "Namespace"): argparse.Namespace,
-    ("builtins", "set"): set, ("__builtin__", "set"): set,
-    ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset,
+    ("builtins", "set"): set,
+    ("__builtin__", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "frozenset"): frozenset,
 }
 
 
@@ -184,7 +197,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise UnsafeCheckpointError(
             f"refusing to load the checkpoint: its pickle asks for the global "
             f"'{module}.{name}', which is not needed to rebuild tensors (a checkpoint is "
-            "untrusted input and unpickling that global could run code); nothing was executed")
+            "untrusted input and unpickling that global could run code); nothing was executed"
+        )
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
@@ -197,11 +211,13 @@ def _read_zip(path):
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
-            raise CheckpointFormatError(f"{path}: zip archive without a single */data.pkl; "
-                                        "not a torch.save checkpoint")
-        root = pkl[0][:-len("data.pkl")]
-        byteorder = zf.read(root + "byteorder").decode() if root + "byteorder" in names \
-            else "little"
+            raise CheckpointFormatError(
+                f"{path}: zip archive without a single */data.pkl; not a torch.save checkpoint"
+            )
+        root = pkl[0][: -len("data.pkl")]
+        byteorder = (
+            zf.read(root + "byteorder").decode() if root + "byteorder" in names else "little"
+        )
         if byteorder != "little":
             raise CheckpointFormatError(f"{path}: big-endian checkpoints are not supported")
         cache = {}
@@ -222,6 +238,7 @@ def _read_zip(path):
 
 def _read_legacy(path):
     with open(path, "rb") as f:
+
         def plain():
             return _RestrictedUnpickler(f, _no_storage).load()
 
@@ -273,7 +290,7 @@ class _LegacyStorage:
         if data is None:
             raise CheckpointFormatError(f"storage {self.key} is missing from the checkpoint")
         end = None if self.size is None else self.offset + self.size
-        return data[self.offset:end]
+        return data[self.offset : end]
 
 
 class _LegacyTensor:
@@ -328,7 +345,15 @@ def read_checkpoint(path):
         return _read_legacy(path)
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
-    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, KeyError,
-            TypeError, ValueError) as e:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        struct.error,
+        KeyError,
+        TypeError,
+        ValueError,
+    ) as e:
         raise CheckpointFormatError(
-            f"{path}: not a readable torch.save checkpoint ({type(e).__name__}: {e})") from None
+            f"{path}: not a readable torch.save checkpoint ({type(e).__name__}: {e})"
+        ) from None

@@ -28,18 +28,28 @@ def dense_block(seed, dim=2, **kw):
 
 def actnorm(seed, event_shape=(2,)):
     an = rbij.ActNorm(event_shape, dtype="float64")
-    an.initialize(tf.random.stateless_normal((16,) + event_shape, [seed, 0], dtype=tf.float64)
-                  * (seed + 1.0) + seed)
+    an.initialize(
+        tf.random.stateless_normal((16,) + event_shape, [seed, 0], dtype=tf.float64) * (seed + 1.0)
+        + seed
+    )
     return an
 
 
 def tiny_flow(seed=0, logdet="unbiased"):
     tf.keras.utils.set_random_seed(seed)
-    cfg = models.FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
-                            n_fc_blocks=0, logit_alpha=0.25, logdet=logdet, dtype="float64")
+    cfg = models.FlowConfig(
+        input_shape=(4, 4, 1),
+        n_blocks=(1,),
+        hidden_channels=4,
+        n_fc_blocks=0,
+        logit_alpha=0.25,
+        logdet=logdet,
+        dtype="float64",
+    )
     model = models.ResidualFlow(cfg)
-    model.initialize(tf.random.stateless_uniform([8, 4, 4, 1], [seed, 1], 0.02, 0.98,
-                                                 dtype=tf.float64))
+    model.initialize(
+        tf.random.stateless_uniform([8, 4, 4, 1], [seed, 1], 0.02, 0.98, dtype=tf.float64)
+    )
     return model
 
 
@@ -90,7 +100,7 @@ def test_inverse_recall_never_survives_a_weight_change(in_graph):
     fn = tf.function(run) if in_graph else run
     y, x_again, recalled = fn(False)
     np.testing.assert_array_equal(recalled.numpy(), x.numpy())
-    np.testing.assert_array_equal(x_again.numpy(), x.numpy())      # unchanged weights: recall
+    np.testing.assert_array_equal(x_again.numpy(), x.numpy())  # unchanged weights: recall
     y, x_new, _ = fn(True)
     # The weights changed: x_new is the inverse under the new weights, not x.
     assert np.max(np.abs(x_new.numpy() - x.numpy())) > 1e-3
@@ -102,8 +112,9 @@ def test_logit_transform_validate_args():
     checked, plain = rbij.LogitTransform(0.1, validate_args=True), rbij.LogitTransform(0.1)
     x = tf.constant([0.0, 0.3, 1.0], tf.float64)
     np.testing.assert_array_equal(checked.forward(x).numpy(), plain.forward(x).numpy())
-    np.testing.assert_array_equal(checked.forward_log_det_jacobian(x, 0).numpy(),
-                                  plain.forward_log_det_jacobian(x, 0).numpy())
+    np.testing.assert_array_equal(
+        checked.forward_log_det_jacobian(x, 0).numpy(), plain.forward_log_det_jacobian(x, 0).numpy()
+    )
     for bad, what in ((1.5, "above 1"), (-0.1, "below 0")):
         with pytest.raises(tf.errors.InvalidArgumentError, match=what):
             checked.forward(tf.constant([0.5, bad]))
@@ -114,16 +125,17 @@ def test_logit_transform_validate_args():
 # ------------------------------------------------------------ 4. fixed seed
 def test_use_fixed_seed_makes_estimates_deterministic():
     blocks = [dense_block(s) for s in (5, 6)]
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2, tf.float64)),
-                                       tfb.Invert(tfb.Chain(blocks)))
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2, tf.float64)), tfb.Invert(tfb.Chain(blocks))
+    )
     x = tf.random.stateless_normal([4, 2], [1, 2], dtype=tf.float64)
     random_draws = [dist.log_prob(x).numpy() for _ in range(2)]
     assert not np.array_equal(*random_draws)
     assert rbij.use_fixed_seed(dist, (1, 2)) is dist
-    assert blocks[0].default_seed != blocks[1].default_seed      # independent probes
+    assert blocks[0].default_seed != blocks[1].default_seed  # independent probes
     fixed = [dist.log_prob(x).numpy() for _ in range(2)] + [tf.function(dist.log_prob)(x).numpy()]
     np.testing.assert_array_equal(fixed[0], fixed[1])
-    np.testing.assert_allclose(fixed[0], fixed[2], rtol=1e-8)       # graph: same draw, round-off
+    np.testing.assert_allclose(fixed[0], fixed[2], rtol=1e-8)  # graph: same draw, round-off
     # The fixed seed is exactly an explicit per-call seed.
     ld = blocks[0].forward_log_det_jacobian(x, 1, seed=blocks[0].default_seed)
     np.testing.assert_array_equal(blocks[0].forward_log_det_jacobian(x, 1).numpy(), ld.numpy())
@@ -144,14 +156,22 @@ def fixed_seed_bijectors():
         b = dense_block(7, logdet=mode)
         rbij.use_fixed_seed(b, (1, 1))
         out.append((f"iresblock_{mode}", b, np.random.default_rng(0).normal(size=(6, 2)), 1))
-    out.append(("actnorm", actnorm(2, (3, 2, 2)),
-                np.random.default_rng(1).normal(size=(4, 3, 2, 2)), 3))
+    out.append(
+        ("actnorm", actnorm(2, (3, 2, 2)), np.random.default_rng(1).normal(size=(4, 3, 2, 2)), 3)
+    )
     out.append(("squeeze", rbij.Squeeze(), np.random.default_rng(2).normal(size=(2, 4, 2, 3)), 3))
-    out.append(("logit", rbij.LogitTransform(0.05),
-                np.random.default_rng(3).uniform(0.01, 0.99, size=(5, 3)), 0))
+    out.append(
+        (
+            "logit",
+            rbij.LogitTransform(0.05),
+            np.random.default_rng(3).uniform(0.01, 0.99, size=(5, 3)),
+            0,
+        )
+    )
     model = tiny_flow(2, logdet="exact")
-    out.append(("flow", model.bijector,
-                np.random.default_rng(4).uniform(0.05, 0.95, size=(3, 4, 4, 1)), 3))
+    out.append(
+        ("flow", model.bijector, np.random.default_rng(4).uniform(0.05, 0.95, size=(3, 4, 4, 1)), 3)
+    )
     return out
 
 
@@ -169,14 +189,16 @@ def test_bijective_and_finite(property_cases):
         x_back = bij.inverse(tf.identity(y))
         y_back = bij.forward(tf.identity(x_back))
         fldj = bij.forward_log_det_jacobian(x, nd)
-        ildj = bij.inverse_log_det_jacobian(tf.identity(y), bij.inverse_min_event_ndims
-                                            if nd else 0)
+        ildj = bij.inverse_log_det_jacobian(
+            tf.identity(y), bij.inverse_min_event_ndims if nd else 0
+        )
         for t in (y, x_back, y_back, fldj, ildj):
             assert np.all(np.isfinite(t.numpy())), name
         np.testing.assert_allclose(x_back.numpy(), x.numpy(), atol=1e-5, err_msg=name)
         np.testing.assert_allclose(y_back.numpy(), y.numpy(), atol=1e-5, err_msg=name)
-        np.testing.assert_allclose(-ildj.numpy(), np.broadcast_to(fldj.numpy(), ildj.shape),
-                                   atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            -ildj.numpy(), np.broadcast_to(fldj.numpy(), ildj.shape), atol=1e-5, err_msg=name
+        )
 
 
 def test_log_det_matches_full_numerical_jacobian(property_cases):
@@ -196,8 +218,11 @@ def test_log_det_matches_full_numerical_jacobian(property_cases):
             y_flat = tf.reshape(y, [x.shape[0], -1])
         jac = tape.batch_jacobian(y_flat, flat, experimental_use_pfor=False)
         exact = tf.linalg.slogdet(jac).log_abs_determinant.numpy()
-        fldj = bij.forward_log_det_jacobian(x, max(nd, 1)).numpy() if nd else \
-            np.sum(bij.forward_log_det_jacobian(x, 0).numpy(), -1)
+        fldj = (
+            bij.forward_log_det_jacobian(x, max(nd, 1)).numpy()
+            if nd
+            else np.sum(bij.forward_log_det_jacobian(x, 0).numpy(), -1)
+        )
         if name == "iresblock_unbiased":
             # The roulette estimate is heavy-tailed: 50 draws gave a standard error
             # too small to trust (6.5 "SE" off on one point, 0.8 SE with 2000 draws).
@@ -229,10 +254,12 @@ def test_event_shapes_are_consistent(property_cases):
         y = bij.forward(x)
         assert bij.forward_event_shape(x.shape) == y.shape, name
         assert bij.inverse_event_shape(y.shape) == x.shape, name
-        np.testing.assert_array_equal(bij.forward_event_shape_tensor(tf.shape(x)).numpy(),
-                                      y.shape, err_msg=name)
-        np.testing.assert_array_equal(bij.inverse_event_shape_tensor(tf.shape(y)).numpy(),
-                                      x.shape, err_msg=name)
+        np.testing.assert_array_equal(
+            bij.forward_event_shape_tensor(tf.shape(x)).numpy(), y.shape, err_msg=name
+        )
+        np.testing.assert_array_equal(
+            bij.inverse_event_shape_tensor(tf.shape(y)).numpy(), x.shape, err_msg=name
+        )
 
 
 # ------------------------------------------------------------ 5. warnings under pfor
@@ -244,15 +271,22 @@ def test_no_false_convergence_warnings_under_vectorized_map(capfd):
     assert "did not converge" not in capfd.readouterr().err
     # AutoBatched JointDistribution with vectorized sampling.
     jd = tfd.JointDistributionSequentialAutoBatched(
-        [tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2, tf.float64)),
-                                     tfb.Invert(chain))], use_vectorized_map=True)
-    samples = jd.sample(3, seed=1)      # an int seed: vectorised (a stateless one loops)
+        [
+            tfd.TransformedDistribution(
+                tfd.MultivariateNormalDiag(tf.zeros(2, tf.float64)), tfb.Invert(chain)
+            )
+        ],
+        use_vectorized_map=True,
+    )
+    samples = jd.sample(3, seed=1)  # an int seed: vectorised (a stateless one loops)
     assert samples[0].shape == (3, 2)
     assert "did not converge" not in capfd.readouterr().err
     # A real failure is still reported.
     slow = dense_block(8, inverse_max_iterations=1)
     tf.vectorized_map(lambda zz: slow.inverse(zz[None] * 5.0)[0], z)
-    assert re.search(r"did not converge in 1 iterations; final residual \[\d", capfd.readouterr().err)
+    assert re.search(
+        r"did not converge in 1 iterations; final residual \[\d", capfd.readouterr().err
+    )
 
 
 # ------------------------------------------------------------ 6. ActNorm
@@ -260,19 +294,23 @@ def test_actnorm_initialisation_is_explicit():
     an = rbij.ActNorm((2,))
     x = tf.constant([[1.0, 2.0], [3.0, 5.0]])
     dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(an))
-    for call in (lambda: an.forward(x), lambda: an.inverse(x), lambda: dist.log_prob(x),
-                 lambda: an.forward_log_det_jacobian(x, 1)):
+    for call in (
+        lambda: an.forward(x),
+        lambda: an.inverse(x),
+        lambda: dist.log_prob(x),
+        lambda: an.forward_log_det_jacobian(x, 1),
+    ):
         with pytest.raises(RuntimeError, match=r"not initialised; call actnorm.initialize"):
             call()
     with pytest.raises(tf.errors.InvalidArgumentError, match="actnorm.initialize"):
         tf.function(an.forward)(x)
-    assert not bool(an.layer.initialized.numpy())                # nothing initialised it
+    assert not bool(an.layer.initialized.numpy())  # nothing initialised it
     an.initialize(x)
     np.testing.assert_allclose(tf.reduce_mean(an.forward(x), 0).numpy(), 0.0, atol=1e-6)
 
 
 def test_actnorm_refuses_another_dtype():
-    an = actnorm(0)                                              # float64
+    an = actnorm(0)  # float64
     with pytest.raises(TypeError, match="expects float64 input, got float32"):
         an.forward(tf.zeros([1, 2], tf.float32))
     an32 = rbij.ActNorm((2,))
@@ -293,11 +331,11 @@ def test_flow_kwargs_routes_the_seed_into_image_models():
     kw = rbij.flow_kwargs(flow, seed=[1, 2], training=True)
     assert set(kw) == {"seed", "training"}
     ld1 = flow.forward_log_det_jacobian(x, 3, **kw)
-    ld2 = flow.forward_log_det_jacobian(x, 3, **rbij.flow_kwargs(flow, seed=[1, 2],
-                                                                   training=True))
+    ld2 = flow.forward_log_det_jacobian(x, 3, **rbij.flow_kwargs(flow, seed=[1, 2], training=True))
     np.testing.assert_array_equal(ld1.numpy(), ld2.numpy())
     np.testing.assert_array_equal(
-        ld1.numpy(), flow.forward_log_det_jacobian(x, 3, seed=kw["seed"], training=True).numpy())
+        ld1.numpy(), flow.forward_log_det_jacobian(x, 3, seed=kw["seed"], training=True).numpy()
+    )
     ld3 = flow.forward_log_det_jacobian(x, 3, **rbij.flow_kwargs(flow, seed=[9, 2]))
     assert not np.allclose(ld1.numpy(), ld3.numpy())
     chain_kw = rbij.flow_kwargs(tfb.Chain([flow, tfb.Identity()]), seed=[1, 2])
@@ -305,7 +343,8 @@ def test_flow_kwargs_routes_the_seed_into_image_models():
     # use_fixed_seed on a model: calls without a seed repeat one draw.
     assert rbij.use_fixed_seed(model, (7, 8)) is model
     assert len({b.default_seed for b in model.iresblocks}) == len(model.iresblocks)
-    np.testing.assert_array_equal(flow.forward_log_det_jacobian(x, 3).numpy(),
-                                  flow.forward_log_det_jacobian(x, 3).numpy())
+    np.testing.assert_array_equal(
+        flow.forward_log_det_jacobian(x, 3).numpy(), flow.forward_log_det_jacobian(x, 3).numpy()
+    )
     with pytest.raises(ValueError, match="seed would be dropped"):
         rbij.flow_kwargs(tfb.Chain([rbij.Squeeze()]), seed=[1, 2])

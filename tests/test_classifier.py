@@ -14,7 +14,7 @@ def _conv3x3_same(h, kernel, bias):
     out = np.zeros((b, height, width, kernel.shape[-1]))
     for i in range(height):
         for j in range(width):
-            patch = padded[:, i:i + 3, j:j + 3, :]              # [B, 3, 3, C]
+            patch = padded[:, i : i + 3, j : j + 3, :]  # [B, 3, 3, C]
             out[:, i, j] = np.einsum("bxyc,xyck->bk", patch, kernel) + bias
     return out
 
@@ -82,8 +82,11 @@ def test_channel_normalize_log_det_is_the_jacobian():
     ld = norm.forward_log_det_jacobian(x, event_ndims=3)
     np.testing.assert_allclose(ld, exact, atol=1e-12)
     np.testing.assert_allclose(ld, -4 * np.log(classifier.CIFAR10_STD).sum(), atol=1e-12)
-    np.testing.assert_allclose(y[0, 0, 0], (x[0, 0, 0] - np.array(classifier.CIFAR10_MEAN))
-                               / np.array(classifier.CIFAR10_STD), atol=1e-12)
+    np.testing.assert_allclose(
+        y[0, 0, 0],
+        (x[0, 0, 0] - np.array(classifier.CIFAR10_MEAN)) / np.array(classifier.CIFAR10_STD),
+        atol=1e-12,
+    )
     np.testing.assert_allclose(norm.inverse(tf.identity(y)), x, atol=1e-12)
     np.testing.assert_allclose(norm.inverse_log_det_jacobian(y, event_ndims=3), -ld, atol=1e-12)
     with pytest.raises(ValueError, match="std must be finite and > 0"):

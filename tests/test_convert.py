@@ -7,6 +7,7 @@ with the reference's latent z, the exact float64 log-determinant of x -> z
 and log_density = sum log N(z; 0, 1) + logdet_exact, for the live weights and
 for the EMA weights after the reference's validate() procedure.
 """
+
 import argparse
 import collections
 import io
@@ -57,7 +58,7 @@ def test_reader_rebuilds_checkpoint_without_torch_or_reference_code():
     assert ema.pickled_class == "resflows.utils.ExponentialMovingAverage"
     assert ema.module.pickled_class == "resflows.resflow.ResidualFlow"
     shadow = ema.shadow_params["transforms.0.chain.2.nnet.0.weight"]
-    assert shadow.shape == w.shape and not np.allclose(shadow, w)    # the EMA differs
+    assert shadow.shape == w.shape and not np.allclose(shadow, w)  # the EMA differs
     # Nothing was imported to do this.
     assert "torch" not in sys.modules and "resflows" not in sys.modules
 
@@ -70,8 +71,11 @@ def _storage_types(pkl_bytes):
         def find_class(self, module, name):
             if name == "OrderedDict":
                 return collections.OrderedDict
-            return type(name, (), {"__init__": lambda self, *a, **k: None,
-                                   "__setstate__": lambda self, s: None})
+            return type(
+                name,
+                (),
+                {"__init__": lambda self, *a, **k: None, "__setstate__": lambda self, s: None},
+            )
 
         def persistent_load(self, pid):
             found[pid[2]] = pid[1].__name__
@@ -85,12 +89,15 @@ def _zip_to_legacy(src, dst):
     (magic, protocol, system info, object pickle, storage keys, storages)."""
     itemsize = {"DoubleStorage": 8, "FloatStorage": 4, "LongStorage": 8}
     with zipfile.ZipFile(src) as zf:
-        root = next(n for n in zf.namelist() if n.endswith("/data.pkl"))[:-len("data.pkl")]
+        root = next(n for n in zf.namelist() if n.endswith("/data.pkl"))[: -len("data.pkl")]
         pkl = zf.read(root + "data.pkl")
         types = _storage_types(pkl)
         with open(dst, "wb") as f:
-            for header in (0x1950a86a20f9469cfc6c, 1001,
-                           {"protocol_version": 1001, "little_endian": True}):
+            for header in (
+                0x1950A86A20F9469CFC6C,
+                1001,
+                {"protocol_version": 1001, "little_endian": True},
+            ):
                 pickle.dump(header, f, protocol=2)
             f.write(pkl)
             keys = sorted(types)
@@ -163,11 +170,13 @@ def test_reader_refuses_other_globals_and_bad_tensors(tmp_path):
     # A tensor reaching outside its storage (5 elements of a 2-element one) is
     # a format error, not a crash or a read past the buffer.
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("archive/data.pkl",
-                    b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n("
-                    b"(X\x07\x00\x00\x00storagectorch\nDoubleStorage\nX\x01\x00\x00\x000"
-                    b"X\x03\x00\x00\x00cpuK\x02tQ"
-                    b"K\x00K\x05\x85K\x01\x85\x89NtR.")
+        zf.writestr(
+            "archive/data.pkl",
+            b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n("
+            b"(X\x07\x00\x00\x00storagectorch\nDoubleStorage\nX\x01\x00\x00\x000"
+            b"X\x03\x00\x00\x00cpuK\x02tQ"
+            b"K\x00K\x05\x85K\x01\x85\x89NtR.",
+        )
         zf.writestr("archive/data/0", b"\x00" * 16)
     with pytest.raises(torch_format.CheckpointFormatError, match="does not fit"):
         torch_format.read_checkpoint(path)
@@ -199,30 +208,53 @@ def test_config_inferred_from_args():
     assert celeba.squeeze_first and celeba.factor_out and not celeba.fc_end
     assert celeba.n_bits == 5 and celeba.n_exact_terms == 8 and celeba.logit_alpha == 0.05
     # Held-back style: other sizes and flags, and the reference's cap on scales.
-    ns = argparse.Namespace(**{**vars(_args("cifar16")), "imagesize": 8, "nblocks": "3-1-1-1",
-                               "kernels": "3-3", "vnorms": "222", "fc_idim": 64,
-                               "act": "softplus", "preact": False, "n_dist": "geometric"})
+    ns = argparse.Namespace(
+        **{
+            **vars(_args("cifar16")),
+            "imagesize": 8,
+            "nblocks": "3-1-1-1",
+            "kernels": "3-3",
+            "vnorms": "222",
+            "fc_idim": 64,
+            "act": "softplus",
+            "preact": False,
+            "n_dist": "geometric",
+        }
+    )
     cfg = convert.config_from_args(ns)
     assert cfg.n_blocks == (3, 1) and cfg.fc_hidden == (64,) and cfg.activation == "softplus"
     assert not cfg.preactivation and cfg.dist == "geometric"
 
 
-@pytest.mark.parametrize("option,value", [
-    ("quadratic", True), ("block", "coupling"), ("fc", True), ("batchnorm", True),
-    ("dropout", 0.5), ("vnorms", "2122"), ("learn_p", True), ("padding", 1),
-    ("task", "hybrid"), ("act", "lcube"), ("fc_actnorm", True), ("logit_transform", False)])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("quadratic", True),
+        ("block", "coupling"),
+        ("fc", True),
+        ("batchnorm", True),
+        ("dropout", 0.5),
+        ("vnorms", "2122"),
+        ("learn_p", True),
+        ("padding", 1),
+        ("task", "hybrid"),
+        ("act", "lcube"),
+        ("fc_actnorm", True),
+        ("logit_transform", False),
+    ],
+)
 def test_refuses_what_cannot_be_expressed(option, value):
     ns = argparse.Namespace(**{**vars(_args("mnist16")), option: value})
-    with pytest.raises(convert.UnsupportedCheckpointError,
-                       match="--" + option.replace("_", "-")):
+    with pytest.raises(convert.UnsupportedCheckpointError, match="--" + option.replace("_", "-")):
         convert.config_from_args(ns)
 
 
 def test_permutations():
     np.testing.assert_array_equal(convert.flatten_permutation((1, 2, 2)), [0, 2, 1, 3])
-    x = np.random.default_rng(0).normal(size=(3, 4, 5))             # (C, H, W)
+    x = np.random.default_rng(0).normal(size=(3, 4, 5))  # (C, H, W)
     np.testing.assert_array_equal(
-        x.reshape(-1)[convert.flatten_permutation((4, 5, 3))], x.transpose(1, 2, 0).reshape(-1))
+        x.reshape(-1)[convert.flatten_permutation((4, 5, 3))], x.transpose(1, 2, 0).reshape(-1)
+    )
     cfg = convert.config_from_args(_args("celebahq16"))
     perm = convert.latent_permutation(cfg)
     # 16x16x3, squeeze-first -> 8x8x12: two scales (the reference stops at 4x4);
@@ -262,7 +294,7 @@ def test_unbiased_estimate_agrees_with_exact():
     exact value itself, <= 1e-3, measured in the test above)."""
     d = _npz("mnist16")
     x = _nhwc(d["x"]).astype(np.float32)
-    flow = convert.from_reference(_pth("mnist16"), logdet="unbiased")     # EMA weights
+    flow = convert.from_reference(_pth("mnist16"), logdet="unbiased")  # EMA weights
     est = np.stack([flow.log_prob(x, seed=[7, s]).numpy() for s in range(6)])
     mean, se = est.mean(0), est.std(0, ddof=1) / np.sqrt(len(est))
     assert np.all(se > 0)
@@ -280,7 +312,7 @@ def test_cli_exports_a_model_that_loads_samples_and_scores(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "inferred configuration" in printed and '"squeeze_first": true' in printed
     dist = rflow_tf.load(out)
-    assert dist.metadata["logdet"] == "unbiased"          # 768 dims: too many for "auto" exact
+    assert dist.metadata["logdet"] == "unbiased"  # 768 dims: too many for "auto" exact
     assert dist.metadata["extra"]["converted_from"]["source"] == "celebahq16.pth"
     d = _npz("celebahq16")
     x = _nhwc(d["x"]).astype(np.float32)
@@ -291,8 +323,8 @@ def test_cli_exports_a_model_that_loads_samples_and_scores(tmp_path, capsys):
     np.testing.assert_allclose(z.numpy(), d["ema/z"][:, perm], rtol=0, atol=2e-3)
     samples = dist.sample(2, seed=[1, 2])
     assert samples.shape == (2, 16, 16, 3) and np.all(np.isfinite(samples.numpy()))
-    pixels = np.floor(x * 32).astype(np.uint8)            # 5-bit CelebA-HQ pixels
-    bpd = dist.bits_per_dim(pixels).numpy()              # the density path of the export
+    pixels = np.floor(x * 32).astype(np.uint8)  # 5-bit CelebA-HQ pixels
+    bpd = dist.bits_per_dim(pixels).numpy()  # the density path of the export
     assert bpd.shape == (4,) and np.all(np.isfinite(bpd))
     # A missing file exits with a message, not a traceback.
     assert convert.main([str(tmp_path / "missing.pth"), "--out", out]) == 2
@@ -300,8 +332,7 @@ def test_cli_exports_a_model_that_loads_samples_and_scores(tmp_path, capsys):
 
 
 def test_model_of_another_architecture_is_refused():
-    flow = rflow_tf.ResidualFlow(convert.config_from_args(_args("celebahq16"),
-                                                          hidden_channels=8))
+    flow = rflow_tf.ResidualFlow(convert.config_from_args(_args("celebahq16"), hidden_channels=8))
     with pytest.raises(convert.UnsupportedCheckpointError, match="hidden_channels"):
         convert.load_reference_weights(flow, _pth("celebahq16"), "live")
     with pytest.raises(ValueError, match="weights"):

@@ -30,7 +30,7 @@ def _kept(x, shape, mask):
     """The part of x [B, *shape] a mask keeps, by the reference's definition."""
     if mask.startswith("checkerboard"):
         i, j = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-        keep = ((i + j) % 2 == int(mask[-1]))[..., None]       # [[1, 0], [0, 1]] tile for "0"
+        keep = ((i + j) % 2 == int(mask[-1]))[..., None]  # [[1, 0], [0, 1]] tile for "0"
         return np.where(keep, x, 0.0)
     half = shape[-1] // 2
     return x[..., :half] if mask == "channel0" else x[..., half:]
@@ -47,24 +47,29 @@ def test_log_det_is_the_jacobian_and_inverse_round_trips(shape, mask, kind):
     jac = tf.reshape(tape.batch_jacobian(y, x), [3, d, d])
     sign, exact = tf.linalg.slogdet(jac)
     np.testing.assert_allclose(ld, exact, atol=1e-12)
-    assert np.all(sign.numpy() == 1.0)                     # scales are positive
-    assert np.all(ld.numpy() < 0)                          # sigmoid scales are < 1
+    assert np.all(sign.numpy() == 1.0)  # scales are positive
+    assert np.all(ld.numpy() < 0)  # sigmoid scales are < 1
     np.testing.assert_allclose(block.forward_log_det_jacobian(x, len(shape)), ld, atol=1e-12)
-    np.testing.assert_allclose(block.inverse_log_det_jacobian(tf.identity(y), len(shape)), -ld,
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        block.inverse_log_det_jacobian(tf.identity(y), len(shape)), -ld, atol=1e-12
+    )
     # tf.identity: a fresh tensor, so the inverse really runs (no memo of forward).
     np.testing.assert_allclose(block.inverse(tf.identity(y)), x, atol=1e-12)
     np.testing.assert_array_equal(_kept(y.numpy(), shape, mask), _kept(x.numpy(), shape, mask))
-    assert np.abs(y - x).max() > 1e-2              # the other half does change
+    assert np.abs(y - x).max() > 1e-2  # the other half does change
 
 
 def test_trains_inside_a_transformed_distribution():
-    blocks = [coupling.AffineCoupling.conv((4, 4, 1), m, hidden_channels=4)
-              for m in coupling.alternating_masks("checkerboard", 2)]
-    dist = tfd.TransformedDistribution(tfd.Independent(tfd.Normal(tf.zeros([4, 4, 1]), 1.0), 3),
-                                       tfb.Invert(tfb.Chain(blocks[::-1])))
+    blocks = [
+        coupling.AffineCoupling.conv((4, 4, 1), m, hidden_channels=4)
+        for m in coupling.alternating_masks("checkerboard", 2)
+    ]
+    dist = tfd.TransformedDistribution(
+        tfd.Independent(tfd.Normal(tf.zeros([4, 4, 1]), 1.0), 3),
+        tfb.Invert(tfb.Chain(blocks[::-1])),
+    )
     variables = dist.trainable_variables
-    assert len(variables) == 2 * 3 * 2                     # 2 blocks x 3 convs x (kernel, bias)
+    assert len(variables) == 2 * 3 * 2  # 2 blocks x 3 convs x (kernel, bias)
     x = tf.random.stateless_uniform([5, 4, 4, 1], [0, 3])
     with tf.GradientTape() as tape:
         loss = -tf.reduce_mean(dist.log_prob(x))
@@ -77,14 +82,18 @@ def test_trains_inside_a_transformed_distribution():
 
 
 def test_masks_and_nets_follow_the_reference():
-    np.testing.assert_array_equal(coupling.checkerboard_mask(2, 3)[..., 0],
-                                  [[1, 0, 1], [0, 1, 0]])
+    np.testing.assert_array_equal(coupling.checkerboard_mask(2, 3)[..., 0], [[1, 0, 1], [0, 1, 0]])
     assert coupling.alternating_masks("channel", 3) == ["channel0", "channel1", "channel0"]
-    assert coupling.alternating_masks("checkerboard", 2, first=1) == ["checkerboard1",
-                                                                      "checkerboard0"]
+    assert coupling.alternating_masks("checkerboard", 2, first=1) == [
+        "checkerboard1",
+        "checkerboard0",
+    ]
     net = coupling.coupling_conv_net((8, 8, 2), 4, hidden_channels=6, preactivation=False)
-    convs = [layer for layer in net.layers if isinstance(layer, keras.layers.Layer)
-             and "conv" in layer.name]
+    convs = [
+        layer
+        for layer in net.layers
+        if isinstance(layer, keras.layers.Layer) and "conv" in layer.name
+    ]
     assert [c.kernel.shape for c in convs] == [(3, 3, 2, 6), (1, 1, 6, 6), (3, 3, 6, 4)]
     # PyTorch's default init: |w| <= 1/sqrt(fan_in).
     assert np.abs(convs[0].kernel.numpy()).max() <= 1 / np.sqrt(18) + 1e-7
@@ -100,8 +109,7 @@ def test_bad_arguments_fail_early_with_clear_messages():
     with pytest.raises(ValueError, match="image event shape"):
         coupling.AffineCoupling(keras.layers.Dense(8), (4,), "checkerboard0")
     with pytest.raises(ValueError, match="needs output shape"):
-        coupling.AffineCoupling(coupling.coupling_conv_net((4, 4, 1), 1, 4), (4, 4, 2),
-                                "channel0")
+        coupling.AffineCoupling(coupling.coupling_conv_net((4, 4, 1), 1, 4), (4, 4, 2), "channel0")
     with pytest.raises(ValueError, match="dense couplings split channels"):
         coupling.AffineCoupling.dense((4, 4, 2), "checkerboard0")
     with pytest.raises(ValueError, match="kernels"):

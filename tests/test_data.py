@@ -123,9 +123,11 @@ def test_digits_deterministic_split_and_shuffle():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert not np.array_equal(a, plain)
+
     # Same multiset of images: a permutation of the split.
     def key(x):
         return np.sort(x.reshape(len(x), -1).view('S64').ravel())
+
     np.testing.assert_array_equal(key(a), key(plain))
 
 
@@ -333,10 +335,12 @@ def test_imagenet32_from_fake_npz(tmp_path):
     assert ds.element_spec.shape.as_list() == [None, 32, 32, 3]
     x = _collect(ds)
     assert x.dtype == np.uint8 and x.shape == (13, 32, 32, 3)
+
     # cycle_length=2 interleaving reorders; compare as a multiset, and check
     # that flips (default for the train split) are mirror images.
     def flat(a):
         return {r.tobytes() for r in a}
+
     mirrored = nhwc[:, :, ::-1]
     for img in x:
         assert img.tobytes() in flat(nhwc) | flat(mirrored)

@@ -20,8 +20,9 @@ def test_poisson_tail():
     lam = 2.0
     k = tf.range(0, 8)
     got = est.roulette_tail_prob(k, "poisson", lam, tf.float64).numpy()
-    expect = [1.0 - sum(math.exp(-lam) * lam ** i / math.factorial(i) for i in range(j))
-              for j in range(8)]
+    expect = [
+        1.0 - sum(math.exp(-lam) * lam**i / math.factorial(i) for i in range(j)) for j in range(8)
+    ]
     np.testing.assert_allclose(got, expect, rtol=1e-10)
 
 
@@ -37,8 +38,9 @@ def test_sampled_tail_matches_tail_prob(dist, param):
 
 def test_series_weights():
     draws = tf.constant([1, 3, 0, 2])
-    w = est.series_weights(6, draws, n_exact_terms=2, dist="poisson", param=2.0,
-                           dtype=tf.float64).numpy()
+    w = est.series_weights(
+        6, draws, n_exact_terms=2, dist="poisson", param=2.0, dtype=tf.float64
+    ).numpy()
     tail = lambda j: float(est.roulette_tail_prob(j, "poisson", 2.0, tf.float64))  # noqa: E731
     expect = [1.0, 1.0] + [np.mean(draws.numpy() >= j) / tail(j) for j in range(1, 5)]
     np.testing.assert_allclose(w, expect, rtol=1e-12)
@@ -89,28 +91,33 @@ def test_power_series_matches_logdet_with_exact_trace():
     a = _matrix(0, 4, 0.6)
     v = tf.eye(4, dtype=tf.float64)
     terms = est.power_series_logdet(lambda w: w @ a, v, 60, tf.ones([60], tf.float64))
-    np.testing.assert_allclose(float(tf.reduce_sum(terms)),
-                               np.linalg.slogdet(np.eye(4) + a.numpy())[1], rtol=1e-10)
+    np.testing.assert_allclose(
+        float(tf.reduce_sum(terms)), np.linalg.slogdet(np.eye(4) + a.numpy())[1], rtol=1e-10
+    )
 
 
 def test_neumann_vector_and_surrogate_gradient():
     """u = sum_j (-1)^j v^T A^j ~ v^T (I + A)^-1; grad of u^T A v wrt A = outer(u, v)."""
     a = _matrix(1, 3, 0.5)
     v = tf.constant([[1.0, -2.0, 0.5]], tf.float64)
-    _, u = est.power_series_terms(lambda w: w @ a, v, 80, tf.ones([80], tf.float64),
-                                  with_neumann=True)
-    np.testing.assert_allclose(u.numpy(), v.numpy() @ np.linalg.inv(np.eye(3) + a.numpy()),
-                               rtol=1e-10)
+    _, u = est.power_series_terms(
+        lambda w: w @ a, v, 80, tf.ones([80], tf.float64), with_neumann=True
+    )
+    np.testing.assert_allclose(
+        u.numpy(), v.numpy() @ np.linalg.inv(np.eye(3) + a.numpy()), rtol=1e-10
+    )
     # With all basis probes, sum over probes of the surrogate gradient = d logdet / dA.
     eye = tf.eye(3, dtype=tf.float64)
-    _, u_all = est.power_series_terms(lambda w: w @ a, eye, 80, tf.ones([80], tf.float64),
-                                      with_neumann=True)
+    _, u_all = est.power_series_terms(
+        lambda w: w @ a, eye, 80, tf.ones([80], tf.float64), with_neumann=True
+    )
     with tf.GradientTape() as tape:
         tape.watch(a)
         s = tf.reduce_sum(est.neumann_surrogate(lambda w: w @ a, u_all, eye))
     # d/dA log det(I + A) = (I + A)^-T
-    np.testing.assert_allclose(tape.gradient(s, a).numpy(),
-                               np.linalg.inv(np.eye(3) + a.numpy()).T, rtol=1e-9)
+    np.testing.assert_allclose(
+        tape.gradient(s, a).numpy(), np.linalg.inv(np.eye(3) + a.numpy()).T, rtol=1e-9
+    )
 
 
 def test_exact_logdet():

@@ -16,15 +16,20 @@ import tensorflow_probability as tfp
 
 import rflow_tf
 from rflow_tf import data as rdata
-from rflow_tf import export
-from rflow_tf import models
+from rflow_tf import export, models
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "saved_models", "digits")
-CONFIG = dict(input_shape=(8, 8, 1), n_blocks=(1, 1), hidden_channels=8, n_fc_blocks=1,
-              fc_hidden=(16,), logit_alpha=1e-6)
+CONFIG = dict(
+    input_shape=(8, 8, 1),
+    n_blocks=(1, 1),
+    hidden_channels=8,
+    n_fc_blocks=1,
+    fc_hidden=(16,),
+    logit_alpha=1e-6,
+)
 
 
 def _digits(n, seed):
@@ -57,19 +62,27 @@ def exported(tmp_path_factory):
     # with exact log-dets (what "auto" picks for 64 dimensions).
     ref = models.ResidualFlow(flow.flow_config.replace(logdet="exact"))
     ref.set_weights(flow.get_weights())
-    return dict(flow=flow, path=path, x=x.numpy(), x_int=x_int,
-                ref_log_prob=ref.log_prob(x).numpy())
+    return dict(
+        flow=flow, path=path, x=x.numpy(), x_int=x_int, ref_log_prob=ref.log_prob(x).numpy()
+    )
 
 
 def _run_without_rflow_tf(code):
     """Runs ``code`` in a fresh interpreter that must not import rflow_tf; returns
     the JSON it prints last."""
     prelude = "import sys, json\nimport numpy as np\nimport tensorflow as tf\n"
-    epilogue = "\nassert 'rflow_tf' not in sys.modules, sorted(m for m in sys.modules if 'rflow' in m)\n"
+    epilogue = (
+        "\nassert 'rflow_tf' not in sys.modules, sorted(m for m in sys.modules if 'rflow' in m)\n"
+    )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code) + epilogue],
-                          capture_output=True, text=True, timeout=300, env=env,
-                          cwd=os.path.dirname(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code) + epilogue],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=os.path.dirname(REPO),
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -136,8 +149,9 @@ def test_signatures_in_fresh_process_without_rflow_tf(exported, tmp_path):
     expected_bpd = exported["flow"].flow_config.replace(logdet="exact")
     ref_model = models.ResidualFlow(expected_bpd)
     ref_model.set_weights(exported["flow"].get_weights())
-    np.testing.assert_allclose(out["bpd_uint8"], ref_model.bits_per_dim(y).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        out["bpd_uint8"], ref_model.bits_per_dim(y).numpy(), rtol=1e-5, atol=1e-5
+    )
     np.testing.assert_allclose(out["bpd_int32"], out["bpd_uint8"], rtol=1e-6)
     assert out["sample_shape"] == [5, 8, 8, 1] and out["sig_sample_shape"] == [3, 8, 8, 1]
     assert 0.0 <= out["sample_range"][0] <= out["sample_range"][1] <= 1.0
@@ -162,8 +176,9 @@ def test_load_gives_transformed_distribution(exported):
     assert isinstance(dist, tfd.TransformedDistribution)
     assert isinstance(dist.model, models.ResidualFlow)
     assert dist.event_shape == [8, 8, 1] and dist.n_bits == 8
-    np.testing.assert_allclose(dist.log_prob(exported["x"]).numpy(), exported["ref_log_prob"],
-                               rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        dist.log_prob(exported["x"]).numpy(), exported["ref_log_prob"], rtol=1e-5, atol=1e-4
+    )
     # The weights were restored, not re-initialised.
     for a, b in zip(exported["flow"].get_weights(), dist.model.get_weights()):
         np.testing.assert_array_equal(a, b)
@@ -174,10 +189,14 @@ def test_load_gives_transformed_distribution(exported):
     # Same draws as the exported sample at temperature 1 (which clips to [0, 1]),
     # same bits/dim of raw pixels as the exported bits_per_dim.
     obj = tf.saved_model.load(exported["path"])
-    np.testing.assert_allclose(obj.sample(4, 1.0, [1, 2]).numpy(),
-                               np.clip(x.numpy(), 0.0, 1.0), atol=1e-5)
-    np.testing.assert_allclose(dist.bits_per_dim(exported["x_int"]).numpy(),
-                               obj.bits_per_dim(exported["x_int"]).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(
+        obj.sample(4, 1.0, [1, 2]).numpy(), np.clip(x.numpy(), 0.0, 1.0), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        dist.bits_per_dim(exported["x_int"]).numpy(),
+        obj.bits_per_dim(exported["x_int"]).numpy(),
+        rtol=1e-5,
+    )
 
 
 def test_bijector_in_chain_and_joint_distribution(exported):
@@ -185,16 +204,26 @@ def test_bijector_in_chain_and_joint_distribution(exported):
     x = exported["x"][:4]
     # Chain: latent -> image in [0, 255]; log-density shifts by -D log 255.
     chained = tfd.TransformedDistribution(
-        tfd.MultivariateNormalDiag(tf.zeros([64])), tfb.Chain([tfb.Scale(255.0), dist.bijector]))
-    np.testing.assert_allclose(chained.log_prob(255.0 * x).numpy(),
-                               dist.log_prob(x).numpy() - 64 * np.log(255.0), rtol=1e-4, atol=1e-2)
+        tfd.MultivariateNormalDiag(tf.zeros([64])), tfb.Chain([tfb.Scale(255.0), dist.bijector])
+    )
+    np.testing.assert_allclose(
+        chained.log_prob(255.0 * x).numpy(),
+        dist.log_prob(x).numpy() - 64 * np.log(255.0),
+        rtol=1e-4,
+        atol=1e-2,
+    )
     # JointDistribution: a latent temperature, then an image through the bijector.
-    jd = tfd.JointDistributionNamed(dict(
-        temperature=tfd.Uniform(0.5, 1.5),
-        image=lambda temperature: tfd.TransformedDistribution(
-            tfd.MultivariateNormalDiag(tf.zeros([64]),
-                                       scale_diag=temperature[..., None] * tf.ones([64])),
-            dist.bijector)))
+    jd = tfd.JointDistributionNamed(
+        dict(
+            temperature=tfd.Uniform(0.5, 1.5),
+            image=lambda temperature: tfd.TransformedDistribution(
+                tfd.MultivariateNormalDiag(
+                    tf.zeros([64]), scale_diag=temperature[..., None] * tf.ones([64])
+                ),
+                dist.bijector,
+            ),
+        )
+    )
     draw = jd.sample(3, seed=[4, 5])
     assert draw["image"].shape == (3, 8, 8, 1)
     lp = jd.log_prob(draw)
@@ -214,8 +243,12 @@ def test_fine_tune_with_tfp_math_minimize_then_reexport(exported, tmp_path):
         return -tf.reduce_mean(dist.log_prob(x))
 
     initial = float(loss())
-    losses = tfp.math.minimize(loss, num_steps=4, optimizer=keras.optimizers.Adam(1e-2),
-                               trainable_variables=dist.trainable_variables)
+    losses = tfp.math.minimize(
+        loss,
+        num_steps=4,
+        optimizer=keras.optimizers.Adam(1e-2),
+        trainable_variables=dist.trainable_variables,
+    )
     dist.model.converge_lipschitz()
     assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, dist.trainable_variables))
     assert float(loss()) < initial and float(losses[-1]) < float(losses[0])
@@ -234,15 +267,21 @@ def test_fine_tune_with_tfp_math_minimize_then_reexport(exported, tmp_path):
     for w0, w1 in zip(dist.model.get_weights(), tuned.model.get_weights()):
         np.testing.assert_array_equal(w0, w1)
     np.testing.assert_allclose(
-        tuned.log_prob(x4, bijector_kwargs={"seed": tuned.logdet_seed}).numpy(), a,
-        rtol=1e-5, atol=1e-3)
+        tuned.log_prob(x4, bijector_kwargs={"seed": tuned.logdet_seed}).numpy(),
+        a,
+        rtol=1e-5,
+        atol=1e-3,
+    )
     # Unbiased: close to the exact value of the same weights.
     np.testing.assert_allclose(a, dist.log_prob(x4).numpy(), rtol=0.05, atol=2.0)
     # Midpoint dequantisation: bits/dim of x_int is that of (x_int + 0.5) / 256.
     x_int = exported["x_int"][:4]
     lp_mid = obj.log_prob((x_int.astype(np.float32) + 0.5) / 256.0).numpy()
-    np.testing.assert_allclose(obj.bits_per_dim(x_int).numpy(),
-                               -(lp_mid - 64 * 8 * np.log(2)) / (64 * np.log(2)), rtol=1e-5)
+    np.testing.assert_allclose(
+        obj.bits_per_dim(x_int).numpy(),
+        -(lp_mid - 64 * 8 * np.log(2)) / (64 * np.log(2)),
+        rtol=1e-5,
+    )
 
 
 def test_errors(exported, tmp_path):
@@ -261,7 +300,7 @@ def test_errors(exported, tmp_path):
         rflow_tf.load(str(tmp_path / "other"))
     with pytest.raises(export.ExportError, match="not an rflow_tf export"):
         export.save(exported["flow"], str(tmp_path / "other"))
-    assert os.path.isfile(tmp_path / "other" / "saved_model.pb")     # untouched
+    assert os.path.isfile(tmp_path / "other" / "saved_model.pb")  # untouched
 
     dist = rflow_tf.load(exported["path"])
     with pytest.raises(export.InputDtypeError, match="float32.*got dtype uint8"):
@@ -301,7 +340,11 @@ def test_shipped_model_keeps_its_version_1_meaning():
     dist = rflow_tf.load(SHIPPED)
     cfg = dist.model.flow_config
     assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order, cfg.init) == (
-        1, False, "space_to_depth", "glorot")
+        1,
+        False,
+        "space_to_depth",
+        "glorot",
+    )
     obj = tf.saved_model.load(SHIPPED)
     x_int = _digits(64, seed=1)
     traced = obj.bits_per_dim(tf.constant(x_int, tf.uint8)).numpy()
@@ -330,8 +373,10 @@ def test_bad_input_is_rejected_like_the_fresh_model(exported):
     dist, flow = rflow_tf.load(exported["path"]), exported["flow"]
     obj = tf.saved_model.load(exported["path"])
     x = exported["x"][:2]
-    bad = {"NaN or Inf": np.where(np.arange(64).reshape(8, 8, 1) == 3, np.nan, x),
-           "must lie in \\[0, 1\\]": x + 2.0}
+    bad = {
+        "NaN or Inf": np.where(np.arange(64).reshape(8, 8, 1) == 3, np.nan, x),
+        "must lie in \\[0, 1\\]": x + 2.0,
+    }
     bad["NaN or Inf "] = np.where(np.arange(64).reshape(8, 8, 1) == 3, np.inf, x)
     for match, value in bad.items():
         value = tf.constant(value, tf.float32)
@@ -367,6 +412,6 @@ def test_load_refuses_truncated_files(exported, tmp_path, name):
     with open(target, "rb") as f:
         data = f.read()
     with open(target, "wb") as f:
-        f.write(data[:len(data) // 2])
+        f.write(data[: len(data) // 2])
     with pytest.raises(export.NotAnExportError, match="truncated or corrupt|incomplete or corrupt"):
         rflow_tf.load(path)

@@ -25,47 +25,65 @@ from rflow_tf import export, models  # noqa: E402
 from rflow_tf.bijectors import mixlogcdf  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
-TINY_FLOWPP = ["--preset=flowpp_digits", "--n_blocks=1-1", "--hidden_channels=4",
-               "--batch_size=8", "--steps=2", "--eval_every=2", "--sample_every=2",
-               "--eval_examples=16", "--n_sample_images=2", "--log_every=1",
-               "--download=false", "--dequantization=variational"]
+TINY_FLOWPP = [
+    "--preset=flowpp_digits",
+    "--n_blocks=1-1",
+    "--hidden_channels=4",
+    "--batch_size=8",
+    "--steps=2",
+    "--eval_every=2",
+    "--sample_every=2",
+    "--eval_examples=16",
+    "--n_sample_images=2",
+    "--log_every=1",
+    "--download=false",
+    "--dequantization=variational",
+]
 
 
 def _tiny_flowpp(**changes):
-    return models.get_preset("flowpp_digits").replace(
-        n_blocks=(2, 3), hidden_channels=8, **changes)
+    return models.get_preset("flowpp_digits").replace(n_blocks=(2, 3), hidden_channels=8, **changes)
 
 
 def test_flowpp_logdet_is_the_exact_jacobian_and_inverse_round_trips():
     flow = models.ResidualFlow(_tiny_flowpp(dtype="float64", inverse_tol=1e-10))
     x = tf.random.stateless_uniform([2, 8, 8, 1], [0, 1], dtype=tf.float64)
     flow.initialize(x)
-    rng = np.random.default_rng(0)      # a fresh coupling is the identity: perturb
+    rng = np.random.default_rng(0)  # a fresh coupling is the identity: perturb
     for v in flow.trainable_variables:
         v.assign(v + 0.2 * rng.standard_normal(v.shape))
     couplings = [b for b in flow.stages if isinstance(b, mixlogcdf.MixLogCDFCoupling)]
     # Scale 0: checkerboard; scale 1: 2 channel couplings then checkerboard; kept
     # half alternating.
     assert [(b.name, b.mask.shape) for b in couplings] == [
-        ("s0_block0", (8, 8, 1)), ("s0_block1", (8, 8, 1)), ("s1_block0", (4, 4, 4)),
-        ("s1_block1", (4, 4, 4)), ("s1_block2", (4, 4, 4))]
-    np.testing.assert_array_equal(couplings[0].mask.numpy(),
-                                  mixlogcdf.coupling_mask((8, 8, 1), "checkerboard"))
-    np.testing.assert_array_equal(couplings[1].mask.numpy(),
-                                  mixlogcdf.coupling_mask((8, 8, 1), "checkerboard", 1))
-    np.testing.assert_array_equal(couplings[3].mask.numpy(),
-                                  mixlogcdf.coupling_mask((4, 4, 4), "channel", 1))
-    np.testing.assert_array_equal(couplings[4].mask.numpy(),
-                                  mixlogcdf.coupling_mask((4, 4, 4), "checkerboard"))
+        ("s0_block0", (8, 8, 1)),
+        ("s0_block1", (8, 8, 1)),
+        ("s1_block0", (4, 4, 4)),
+        ("s1_block1", (4, 4, 4)),
+        ("s1_block2", (4, 4, 4)),
+    ]
+    np.testing.assert_array_equal(
+        couplings[0].mask.numpy(), mixlogcdf.coupling_mask((8, 8, 1), "checkerboard")
+    )
+    np.testing.assert_array_equal(
+        couplings[1].mask.numpy(), mixlogcdf.coupling_mask((8, 8, 1), "checkerboard", 1)
+    )
+    np.testing.assert_array_equal(
+        couplings[3].mask.numpy(), mixlogcdf.coupling_mask((4, 4, 4), "channel", 1)
+    )
+    np.testing.assert_array_equal(
+        couplings[4].mask.numpy(), mixlogcdf.coupling_mask((4, 4, 4), "checkerboard")
+    )
     z, ld = flow.forward_and_log_det(x)
     for i in range(2):
-        xi = x[i:i + 1]
+        xi = x[i : i + 1]
         with tf.GradientTape() as tape:
             tape.watch(xi)
             zi, _ = flow.forward_and_log_det(xi)
         jac = tf.reshape(tape.jacobian(zi, xi), [64, 64])
-        np.testing.assert_allclose(ld[i].numpy(), tf.linalg.slogdet(jac)[1].numpy(),
-                                   rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            ld[i].numpy(), tf.linalg.slogdet(jac)[1].numpy(), rtol=0, atol=1e-6
+        )
     # The bisection stops within 1e-10 (abs + rel) per coupling, in the latent's
     # coordinates; through the logit and ActNorm inverses that is far below 1e-6.
     np.testing.assert_allclose(flow.bijector.inverse(z).numpy(), x.numpy(), atol=1e-6)
@@ -80,22 +98,24 @@ def test_flowpp_config_errors_and_configs_without_block_stay_residual():
         _tiny_flowpp(flowpp_components=0)
     # Configs written before the field existed (the shipped model included) are
     # residual flows: the new fields' defaults are the old meaning.
-    with open(os.path.join(REPO, "saved_models", "digits", "assets",
-                           export.METADATA_FILE)) as f:
+    with open(os.path.join(REPO, "saved_models", "digits", "assets", export.METADATA_FILE)) as f:
         old = json.load(f)["config"]
     assert "block" not in old
     assert models.FlowConfig.from_dict(old).block == "residual"
     cfg = models.get_preset("flowpp_cifar10")
     assert (cfg.input_shape, cfg.n_blocks, cfg.block, cfg.flowpp_components) == (
-        (32, 32, 3), (4, 5), "flowpp", 32)
+        (32, 32, 3),
+        (4, 5),
+        "flowpp",
+        32,
+    )
     assert models.FlowConfig.from_json(cfg.to_json()) == cfg
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("flowpp_run")
-    args = trainer_main.parse_args(TINY_FLOWPP + [f"--out={out}/run",
-                                                  f"--export_dir={out}/export"])
+    args = trainer_main.parse_args(TINY_FLOWPP + [f"--out={out}/run", f"--export_dir={out}/export"])
     trainer = trainer_main.Trainer(args)
     result = trainer.train()
     return trainer, result, out
@@ -120,8 +140,11 @@ def test_dequantizer_is_checkpointed_resumed_and_fixed_for_the_run(trained):
     trainer, _, out = trained
     saved = [v.numpy() for v in trainer.dequantizer.trainable_variables]
     fresh = trainer_main.Trainer(trainer.args)
-    assert not any(np.array_equal(a, b.numpy()) for a, b in
-                   zip(saved, fresh.dequantizer.trainable_variables) if a.ndim > 1)
+    assert not any(
+        np.array_equal(a, b.numpy())
+        for a, b in zip(saved, fresh.dequantizer.trainable_variables)
+        if a.ndim > 1
+    )
     assert fresh.restore_or_initialize() is not None
     for a, b in zip(saved, fresh.dequantizer.trainable_variables):
         np.testing.assert_array_equal(a, b.numpy())
@@ -143,8 +166,7 @@ def test_eval_step_reports_the_negative_elbo_bound():
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     step = trainer_main.make_eval_step(flow, strategy, n_bits=8, seed=7, dequantizer=deq)
     total, _, count = step(x_int, tf.ones([4], tf.bool), tf.constant(0, tf.int64))
-    pair = tf.random.experimental.stateless_fold_in(
-        tf.constant([7 + 1_000_003, 0], tf.int64), 0)
+    pair = tf.random.experimental.stateless_fold_in(tf.constant([7 + 1_000_003, 0], tf.int64), 0)
     seeds = tf.random.experimental.stateless_split(pair, 2)
     u, log_q = deq.sample_and_log_prob(tf.cast(x_int, tf.float32), seeds[0])
     y = (tf.cast(x_int, tf.float32) + u) / 256.0
@@ -156,5 +178,8 @@ def test_eval_step_reports_the_negative_elbo_bound():
     # log q(u|x) < 0 on average would make the bound worse than uniform's at the
     # same u; here just check it is what enters the bound (not the uniform number).
     uniform = -(lp - d * 8 * math.log(2.0)) / (d * math.log(2.0))
-    np.testing.assert_allclose(float(total) - float(tf.reduce_sum(uniform)),
-                               float(tf.reduce_sum(log_q)) / (d * math.log(2.0)), rtol=1e-4)
+    np.testing.assert_allclose(
+        float(total) - float(tf.reduce_sum(uniform)),
+        float(tf.reduce_sum(log_q)) / (d * math.log(2.0)),
+        rtol=1e-4,
+    )

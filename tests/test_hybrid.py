@@ -25,8 +25,14 @@ from rflow_tf.bijectors import coupling  # noqa: E402
 from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
-TINY = dict(input_shape=(8, 8, 1), n_blocks=(1, 1), hidden_channels=8, n_fc_blocks=1,
-            fc_hidden=(16,), dtype="float64")
+TINY = dict(
+    input_shape=(8, 8, 1),
+    n_blocks=(1, 1),
+    hidden_channels=8,
+    n_fc_blocks=1,
+    fc_hidden=(16,),
+    dtype="float64",
+)
 
 
 def _images(n, seed=0):
@@ -38,7 +44,7 @@ def _brute_force_log_det(flow, x):
     with tf.GradientTape() as tape:
         tape.watch(x)
         z, _ = flow.forward_and_log_det(x)
-    jac = tape.batch_jacobian(z, x)                       # [B, D, 8, 8, 1]
+    jac = tape.batch_jacobian(z, x)  # [B, D, 8, 8, 1]
     jac = tf.reshape(jac, [x.shape[0], z.shape[-1], -1])
     return tf.linalg.slogdet(jac)[1]
 
@@ -51,16 +57,17 @@ def test_coupling_and_1x1_image_flow_log_det_equals_brute_force():
     # Move every 1x1 conv away from its permutation start (log|det W| = 0 there).
     rng = np.random.default_rng(0)
     convs = [b for b in flow.stages if isinstance(b, Invertible1x1Conv)]
-    assert len(convs) == 2          # one before each conv block; none in the FC end
+    assert len(convs) == 2  # one before each conv block; none in the FC end
     for conv in convs:
         for w in (conv.layer.lower, conv.layer.upper, conv.layer.log_s):
             w.assign(w + 0.3 * rng.standard_normal(w.shape))
     kinds = [b.mask for b in flow.stages if isinstance(b, coupling.AffineCoupling)]
-    assert kinds == ["checkerboard0", "channel0", "channel1"]     # scale 0, scale 1, FC end
+    assert kinds == ["checkerboard0", "channel0", "channel1"]  # scale 0, scale 1, FC end
     z, ld = flow.forward_and_log_det(x)
-    np.testing.assert_allclose(ld.numpy(), _brute_force_log_det(flow, x).numpy(), rtol=1e-9,
-                               atol=1e-8)
-    assert abs(float(tf.reduce_sum(convs[0].layer.log_s))) > 0.1   # the 1x1 log-dets count
+    np.testing.assert_allclose(
+        ld.numpy(), _brute_force_log_det(flow, x).numpy(), rtol=1e-9, atol=1e-8
+    )
+    assert abs(float(tf.reduce_sum(convs[0].layer.log_s))) > 0.1  # the 1x1 log-dets count
     np.testing.assert_allclose(flow.bijector.inverse(z).numpy(), x.numpy(), atol=1e-9)
 
 
@@ -70,8 +77,8 @@ def _apply_stages(stages, h, features):
     factored half of a FactorOut."""
     for i, b in enumerate(stages):
         if isinstance(b, models.FactorOut):
-            features.append(h[..., b.n_keep:])
-            h = _apply_stages(b.stages, h[..., :b.n_keep], features)
+            features.append(h[..., b.n_keep :])
+            h = _apply_stages(b.stages, h[..., : b.n_keep], features)
             continue
         h = b.forward(h)
         factored_next = i + 1 < len(stages) and isinstance(stages[i + 1], models.FactorOut)
@@ -82,14 +89,14 @@ def _apply_stages(stages, h, features):
 
 def _head_by_hand(heads, i, h):
     """ReLU(ActNorm(conv3x3(h))) averaged over pixels, with numpy loops."""
-    kernel = heads.convs[i].kernel.numpy()                # [3, 3, C, F]
+    kernel = heads.convs[i].kernel.numpy()  # [3, 3, C, F]
     bias = heads.convs[i].bias.numpy()
     hp = np.pad(h, [(0, 0), (1, 1), (1, 1), (0, 0)])
     n, hh, ww, _ = h.shape
     out = np.zeros((n, hh, ww, kernel.shape[-1])) + bias
     for dy in range(3):
         for dx in range(3):
-            out += np.einsum("nhwc,cf->nhwf", hp[:, dy:dy + hh, dx:dx + ww], kernel[dy, dx])
+            out += np.einsum("nhwc,cf->nhwf", hp[:, dy : dy + hh, dx : dx + ww], kernel[dy, dx])
     norm = heads.norms[i]
     out = (out + norm.bias.numpy()) * np.exp(norm.log_scale.numpy())
     return np.maximum(out, 0.0).mean(axis=(1, 2))
@@ -97,8 +104,9 @@ def _head_by_hand(heads, i, h):
 
 @pytest.mark.parametrize("factor_out", [True, False])
 def test_heads_and_hybrid_loss_match_hand_computation(factor_out):
-    cfg = models.FlowConfig(**TINY, factor_out=factor_out, n_classes=3, head_channels=5,
-                            logdet="exact")
+    cfg = models.FlowConfig(
+        **TINY, factor_out=factor_out, n_classes=3, head_channels=5, logdet="exact"
+    )
     flow = models.ResidualFlow(cfg)
     x = _images(4, seed=1)
     flow.initialize(x)
@@ -130,8 +138,9 @@ def test_heads_and_hybrid_loss_match_hand_computation(factor_out):
 
 
 def test_checkpoint_restores_every_weight_of_a_hybrid_coupling_model(tmp_path):
-    cfg = models.FlowConfig(**TINY, block="coupling", invertible_1x1=True, n_classes=3,
-                            head_channels=4)
+    cfg = models.FlowConfig(
+        **TINY, block="coupling", invertible_1x1=True, n_classes=3, head_channels=4
+    )
     tf.keras.utils.set_random_seed(1)
     a = models.ResidualFlow(cfg)
     a.initialize(_images(4))
@@ -159,38 +168,49 @@ def test_classify_computes_no_log_det(monkeypatch):
     flow.initialize(x)
     _forbid_log_dets(monkeypatch)
     assert flow.classify(x).shape == (2, 4)
-    with pytest.raises(AssertionError, match="log-det was computed"):   # the spy works
+    with pytest.raises(AssertionError, match="log-det was computed"):  # the spy works
         flow.log_prob(x)
     with pytest.raises(ValueError, match="n_classes"):
         models.ResidualFlow(models.FlowConfig(**TINY)).classify(x)
 
 
 def test_new_fields_keep_old_configs_meaning():
-    with open(os.path.join(REPO, "saved_models", "digits", "assets",
-                           export.METADATA_FILE)) as f:
+    with open(os.path.join(REPO, "saved_models", "digits", "assets", export.METADATA_FILE)) as f:
         old = json.load(f)["config"]
     assert not {"block", "invertible_1x1", "init_layer", "n_classes"} & set(old)
     cfg = models.FlowConfig.from_dict(old)
-    assert (cfg.block, cfg.invertible_1x1, cfg.init_layer, cfg.n_classes) == \
-        ("residual", False, "logit", 0)
+    assert (cfg.block, cfg.invertible_1x1, cfg.init_layer, cfg.n_classes) == (
+        "residual",
+        False,
+        "logit",
+        0,
+    )
     flow = models.ResidualFlow(cfg)
     assert isinstance(flow.stages[0], rbij.LogitTransform) and flow.classifier_heads is None
-    assert not any(isinstance(b, (coupling.AffineCoupling, Invertible1x1Conv))
-                   for b in flow.stages)
+    assert not any(isinstance(b, (coupling.AffineCoupling, Invertible1x1Conv)) for b in flow.stages)
     with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
         models.FlowConfig(**TINY, init_layer="cifar10").validate()
     with pytest.raises(ValueError, match="block"):
         models.FlowConfig(**TINY, block="glow").validate()
 
 
-TINY_FLAGS = ["--preset=tiny", "--n_blocks=1", "--fc_end=false", "--hidden_channels=4",
-              "--log_every=1", "--n_sample_images=4", "--eval_examples=32", "--batch_size=8"]
+TINY_FLAGS = [
+    "--preset=tiny",
+    "--n_blocks=1",
+    "--fc_end=false",
+    "--hidden_channels=4",
+    "--log_every=1",
+    "--n_sample_images=4",
+    "--eval_examples=32",
+    "--batch_size=8",
+]
 
 
 def test_task_flags_are_checked(tmp_path):
     def spec(*flags):
-        return trainer_main.resolve_run(trainer_main.parse_args(
-            TINY_FLAGS + [f"--out={tmp_path}"] + list(flags)))
+        return trainer_main.resolve_run(
+            trainer_main.parse_args(TINY_FLAGS + [f"--out={tmp_path}"] + list(flags))
+        )
 
     with pytest.raises(trainer_main.UsageError, match="--task=hybrid only"):
         spec("--hybrid_lambda=1")
@@ -204,9 +224,12 @@ def test_task_flags_are_checked(tmp_path):
 
 def test_classification_task_trains_without_log_det(tmp_path, monkeypatch):
     _forbid_log_dets(monkeypatch)
-    result = trainer_main.train(trainer_main.parse_args(
-        TINY_FLAGS + [f"--out={tmp_path}", "--task=classification", "--steps=2",
-                      "--export_dir="]))
+    result = trainer_main.train(
+        trainer_main.parse_args(
+            TINY_FLAGS
+            + [f"--out={tmp_path}", "--task=classification", "--steps=2", "--export_dir="]
+        )
+    )
     assert result["task"] == "classification" and math.isnan(result["test_bpd"])
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_cross_entropy"] > 0
     assert result["samples"] is None
@@ -214,12 +237,18 @@ def test_classification_task_trains_without_log_det(tmp_path, monkeypatch):
 
 def test_hybrid_task_resumes_and_exports_classify(tmp_path, capsys):
     out, exp = tmp_path / "run", tmp_path / "export"
-    flags = TINY_FLAGS + [f"--out={out}", f"--export_dir={exp}", "--task=hybrid",
-                          "--hybrid_lambda=1/D", "--block=coupling", "--invertible_1x1"]
+    flags = TINY_FLAGS + [
+        f"--out={out}",
+        f"--export_dir={exp}",
+        "--task=hybrid",
+        "--hybrid_lambda=1/D",
+        "--block=coupling",
+        "--invertible_1x1",
+    ]
     first = trainer_main.train(trainer_main.parse_args(flags + ["--steps=2"]))
     assert np.isfinite(first["test_bpd"]) and 0.0 <= first["test_accuracy"] <= 1.0
     trainer = trainer_main.Trainer(trainer_main.parse_args(flags + ["--steps=3"]))
-    result = trainer.train()                  # resumes at step 2
+    result = trainer.train()  # resumes at step 2
     assert result["step"] == 3 and int(trainer.optimizer.iterations.numpy()) == 3
     assert "steps 2->3" in capsys.readouterr().out
     # The SavedModel's classify signature equals the (EMA) model's classifier.
@@ -252,12 +281,23 @@ _MIRRORED = textwrap.dedent("""
 
 
 def test_hybrid_task_under_mirrored_strategy(tmp_path):
-    argv = TINY_FLAGS + [f"--out={tmp_path}", "--cpu_devices=2", "--steps=2", "--export_dir=",
-                         "--task=hybrid", "--hybrid_lambda=1/D"]
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED.format(repo=REPO, argv=argv)],
-                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    argv = TINY_FLAGS + [
+        f"--out={tmp_path}",
+        "--cpu_devices=2",
+        "--steps=2",
+        "--export_dir=",
+        "--task=hybrid",
+        "--hybrid_lambda=1/D",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _MIRRORED.format(repo=REPO, argv=argv)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(tmp_path),
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     assert out["replicas"] == 2 and out["worst"] == 0.0
     assert np.isfinite(out["bpd"]) and 0.0 <= out["acc"] <= 1.0

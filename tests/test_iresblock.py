@@ -61,18 +61,23 @@ def test_exact_mode_is_slogdet_of_brute_force_jacobian():
         for j in range(3):
             d = np.zeros((1, 3))
             d[0, j] = eps
-            plus = (x[i:i + 1] + d) + net(x[i:i + 1] + d)
-            minus = (x[i:i + 1] - d) + net(x[i:i + 1] - d)
+            plus = (x[i : i + 1] + d) + net(x[i : i + 1] + d)
+            minus = (x[i : i + 1] - d) + net(x[i : i + 1] - d)
             jac[:, j] = ((plus - minus) / (2 * eps)).numpy()[0]
         np.testing.assert_allclose(ld[i], np.linalg.slogdet(jac)[1], rtol=1e-6, atol=1e-9)
 
 
 ESTIMATOR_CASES = [
-    (2, "poisson", 2.0, 2), (2, "geometric", 0.5, 0),
-    (3, "geometric", 0.5, 2), (3, "poisson", 2.0, 0),
-    (4, "poisson", 2.0, 1), (4, "geometric", 0.6, 3),
-    (5, "geometric", 0.5, 1), (5, "poisson", 1.0, 2),
-    (6, "poisson", 2.0, 2), (6, "geometric", 0.5, 2),
+    (2, "poisson", 2.0, 2),
+    (2, "geometric", 0.5, 0),
+    (3, "geometric", 0.5, 2),
+    (3, "poisson", 2.0, 0),
+    (4, "poisson", 2.0, 1),
+    (4, "geometric", 0.6, 3),
+    (5, "geometric", 0.5, 1),
+    (5, "poisson", 1.0, 2),
+    (6, "poisson", 2.0, 2),
+    (6, "geometric", 0.5, 2),
 ]
 
 
@@ -80,7 +85,7 @@ ESTIMATOR_CASES = [
 def test_unbiased_logdet_mean_matches_exact(dim, dist, param, m):
     net = dense_net(dim, seed=dim * 10 + m)
     x = tf.random.stateless_normal([3, dim], [dim, m], dtype=tf.float64)
-    assert 0.75 < jacobian_norm(net, x) < 0.95         # Lipschitz near 0.9
+    assert 0.75 < jacobian_norm(net, x) < 0.95  # Lipschitz near 0.9
     exact, _ = exact_logdet_and_grads(net, x)
     kw = {"rate": param} if dist == "poisson" else {"p": param}
     block = IResBlock(net, dist=dist, n_exact_terms=m, **kw)
@@ -104,15 +109,18 @@ def test_truncated_estimator_is_biased():
 
     @tf.function
     def both(seed):
-        return (block.forward_and_log_det(x, seed=seed)[1],
-                unbiased.forward_and_log_det(x, seed=seed, training=True)[1])
+        return (
+            block.forward_and_log_det(x, seed=seed)[1],
+            unbiased.forward_and_log_det(x, seed=seed, training=True)[1],
+        )
 
-    t, u = map(np.stack, zip(*[[a.numpy() for a in both(tf.constant([i, 5]))]
-                               for i in range(N_ESTIMATES)]))
+    t, u = map(
+        np.stack, zip(*[[a.numpy() for a in both(tf.constant([i, 5]))] for i in range(N_ESTIMATES)])
+    )
     t_se = t.std(0) / np.sqrt(N_ESTIMATES)
     u_se = u.std(0) / np.sqrt(N_ESTIMATES)
-    assert np.any(np.abs(t.mean(0) - exact) > 6 * t_se)      # biased
-    assert np.all(np.abs(u.mean(0) - exact) < 4 * u_se)      # unbiased
+    assert np.any(np.abs(t.mean(0) - exact) > 6 * t_se)  # biased
+    assert np.all(np.abs(u.mean(0) - exact) < 4 * u_se)  # unbiased
 
 
 @pytest.mark.parametrize("dist", ["poisson", "geometric"])
@@ -142,19 +150,23 @@ def test_neumann_gradient_mean_matches_autodiff_of_exact(dist):
     for k in range(1, len(exact_grads)):
         proj = np.array([np.sum(s[k].numpy() * projections[k]) for s in samples])
         target = np.sum(exact_grads[k] * projections[k])
-        if np.all(exact_grads[k] == 0):       # e.g. the last bias does not enter J
+        if np.all(exact_grads[k] == 0):  # e.g. the last bias does not enter J
             assert np.allclose(proj, 0.0)
             continue
-        assert abs(proj.mean() - target) < 4 * proj.std() / np.sqrt(N_ESTIMATES), (k, proj.mean(),
-                                                                                   target)
+        assert abs(proj.mean() - target) < 4 * proj.std() / np.sqrt(N_ESTIMATES), (
+            k,
+            proj.mean(),
+            target,
+        )
 
 
 @pytest.mark.parametrize("upstream", ["uniform", "per_example"])
 def test_grad_in_forward_equals_recomputed_neumann(upstream):
     net = dense_net(4, seed=5)
     x = tf.random.stateless_normal([5, 4], [2, 2], dtype=tf.float64)
-    weights = tf.constant([0.2] * 5 if upstream == "uniform" else [0.1, -1.0, 2.0, 0.3, 0.0],
-                          tf.float64)
+    weights = tf.constant(
+        [0.2] * 5 if upstream == "uniform" else [0.1, -1.0, 2.0, 0.3, 0.0], tf.float64
+    )
     results = []
     for gif in (False, True):
         block = IResBlock(net, neumann_grad=True, grad_in_forward=gif)
@@ -162,7 +174,7 @@ def test_grad_in_forward_equals_recomputed_neumann(upstream):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y, ld = block.forward_and_log_det(x, seed=[4, 2], training=True)
-            loss = tf.reduce_sum(weights * ld) + tf.reduce_sum(y ** 2)
+            loss = tf.reduce_sum(weights * ld) + tf.reduce_sum(y**2)
         results.append((ld.numpy(), tape.gradient(loss, [x] + variables)))
     np.testing.assert_array_equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
@@ -197,8 +209,11 @@ def test_value_is_the_real_estimate_not_a_surrogate():
     x = tf.random.stateless_normal([4, 3], [0, 4], dtype=tf.float64)
     exact, _ = exact_logdet_and_grads(net, x)
     values = []
-    for kwargs in (dict(neumann_grad=True, grad_in_forward=True), dict(neumann_grad=True),
-                   dict(neumann_grad=False)):
+    for kwargs in (
+        dict(neumann_grad=True, grad_in_forward=True),
+        dict(neumann_grad=True),
+        dict(neumann_grad=False),
+    ):
         block = IResBlock(net, logdet="truncated", n_terms=60, **kwargs)
         run = tf.function(lambda seed, block=block: block.forward_and_log_det(x, seed=seed)[1])
         values.append(np.stack([run(tf.constant([s, 0])).numpy() for s in range(300)]))
@@ -214,8 +229,9 @@ def test_inverse_round_trip_dense(dtype, tol):
     block = IResBlock(net)
     x = tf.random.stateless_normal([6, 5], [3, 1], dtype=dtype) * 2.0
     # tf.identity: a new tensor, so the cache cannot recall x and the fixed point runs
-    np.testing.assert_allclose(block.inverse(tf.identity(block.forward(x))).numpy(), x.numpy(),
-                               atol=tol)
+    np.testing.assert_allclose(
+        block.inverse(tf.identity(block.forward(x))).numpy(), x.numpy(), atol=tol
+    )
     y = tf.random.stateless_normal([6, 5], [3, 2], dtype=dtype)
     np.testing.assert_allclose(block.forward(block.inverse(y)).numpy(), y.numpy(), atol=tol)
 
@@ -228,8 +244,8 @@ def test_inverse_round_trip_conv(dtype, tol):
         layer.kernel.assign(layer.kernel * 4.0)
     rl.converge_lipschitz(block)
     x = tf.random.stateless_normal([3, 6, 6, 2], [1, 5], dtype=dtype)
-    y = tf.identity(block.forward(x))      # a new tensor: the fixed point really runs
-    assert float(tf.reduce_max(tf.abs(y - x))) > 0.03         # g is not negligible
+    y = tf.identity(block.forward(x))  # a new tensor: the fixed point really runs
+    assert float(tf.reduce_max(tf.abs(y - x))) > 0.03  # g is not negligible
     np.testing.assert_allclose(block.inverse(y).numpy(), x.numpy(), atol=tol)
 
 
@@ -260,7 +276,7 @@ def test_non_finite_inverse_is_never_converged(bad):
 def test_transformed_distribution_exact_log_prob_is_change_of_variables():
     nets = [dense_net(2, seed=s) for s in (30, 31, 32)]
     blocks = [IResBlock(n, logdet="exact") for n in nets]
-    flow = tfb.Chain(blocks[::-1])                     # applies blocks[0] first
+    flow = tfb.Chain(blocks[::-1])  # applies blocks[0] first
     base = tfd.MultivariateNormalDiag(tf.zeros(2, tf.float64))
     dist = tfd.TransformedDistribution(base, tfb.Invert(flow))
     x = tf.random.stateless_normal([5, 2], [5, 5], dtype=tf.float64)
@@ -273,7 +289,8 @@ def test_transformed_distribution_exact_log_prob_is_change_of_variables():
     brute = base.log_prob(z).numpy() + np.linalg.slogdet(jac)[1]
     np.testing.assert_allclose(dist.log_prob(x).numpy(), brute, rtol=1e-7)
     samples = tfd.TransformedDistribution(
-        base, tfb.Invert(tfb.Chain([IResBlock(n) for n in nets[::-1]]))).sample(7, seed=[1, 2])
+        base, tfb.Invert(tfb.Chain([IResBlock(n) for n in nets[::-1]]))
+    ).sample(7, seed=[1, 2])
     assert samples.shape == (7, 2)
     assert np.all(np.isfinite(dist.log_prob(samples).numpy()))
 
@@ -285,17 +302,19 @@ def test_cache_never_returns_stale_estimates_or_none_gradients():
     x = tf.random.normal([4, 3], dtype=tf.float64)
     a = chain.forward_log_det_jacobian(x, 1)
     b = chain.forward_log_det_jacobian(x, 1)
-    assert not np.allclose(a.numpy(), b.numpy())            # a fresh random estimate
+    assert not np.allclose(a.numpy(), b.numpy())  # a fresh random estimate
     s1 = chain.forward_log_det_jacobian(x, 1, **flow_kwargs(chain, seed=[3, 3]))
     s2 = chain.forward_log_det_jacobian(x, 1, **flow_kwargs(chain, seed=[3, 3]))
     np.testing.assert_array_equal(s1.numpy(), s2.numpy())  # a per-call seed reproduces it
-    with tf.GradientTape() as tape:                         # same tensor x, new tape
+    with tf.GradientTape() as tape:  # same tensor x, new tape
         c = tf.reduce_sum(chain.forward_log_det_jacobian(x, 1))
     grads = tape.gradient(c, chain.trainable_variables)
     assert all(g is not None for g in grads[:-1])
     # Weights change -> log_prob changes, even for the same input tensor object.
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(3, tf.float64)),
-                                       tfb.Invert(tfb.Chain([IResBlock(net, logdet="exact")])))
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(3, tf.float64)),
+        tfb.Invert(tfb.Chain([IResBlock(net, logdet="exact")])),
+    )
     before = dist.log_prob(x).numpy()
     np.testing.assert_array_equal(dist.log_prob(x).numpy(), before)
     net.layers[-1].bias.assign_add(tf.ones_like(net.layers[-1].bias))
@@ -304,10 +323,11 @@ def test_cache_never_returns_stale_estimates_or_none_gradients():
 
 def test_trainable_variables_visible_through_chain_and_distribution():
     blocks = [IResBlock.dense(2, hidden_units=(8,)) for _ in range(2)]
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
-                                       tfb.Invert(tfb.Chain(blocks)))
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain(blocks))
+    )
     keras_weights = {id(w.value) for b in blocks for w in b.net.trainable_weights}
-    assert len(keras_weights) == 2 * (2 + 2 + 1)          # kernels, biases, beta per block
+    assert len(keras_weights) == 2 * (2 + 2 + 1)  # kernels, biases, beta per block
     assert {id(v) for v in dist.trainable_variables} == keras_weights
 
 
@@ -315,10 +335,12 @@ def test_tfp_math_minimize_fits_2d_target():
     keras.utils.set_random_seed(0)
     target = tfd.MultivariateNormalDiag(loc=[1.5, -1.0], scale_diag=[0.5, 2.0])
     data = target.sample(512, seed=[1, 1])
-    blocks = [IResBlock.dense(2, hidden_units=(32, 32), coeff=0.97, activation="elu")
-              for _ in range(4)]
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
-                                       tfb.Invert(tfb.Chain(blocks)))
+    blocks = [
+        IResBlock.dense(2, hidden_units=(32, 32), coeff=0.97, activation="elu") for _ in range(4)
+    ]
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain(blocks))
+    )
 
     @tf.function
     def loss():
@@ -326,13 +348,17 @@ def test_tfp_math_minimize_fits_2d_target():
 
     initial = float(loss())
     before = [v.numpy().copy() for v in dist.trainable_variables]
-    losses = tfp.math.minimize(loss, num_steps=150, optimizer=keras.optimizers.Adam(1e-2),
-                               trainable_variables=dist.trainable_variables)
+    losses = tfp.math.minimize(
+        loss,
+        num_steps=150,
+        optimizer=keras.optimizers.Adam(1e-2),
+        trainable_variables=dist.trainable_variables,
+    )
     rl.converge_lipschitz(dist)
     final = float(tf.reduce_mean(losses[-10:]))
     best = float(-tf.reduce_mean(target.log_prob(data)))
     assert any(not np.allclose(b, v.numpy()) for b, v in zip(before, dist.trainable_variables))
-    assert final < initial - 0.5 * (initial - best)        # most of the gap is closed
+    assert final < initial - 0.5 * (initial - best)  # most of the gap is closed
     assert np.all(np.isfinite(dist.sample(10, seed=[2, 2]).numpy()))
 
 
@@ -381,11 +407,12 @@ def test_log_prob_never_runs_the_fixed_point_inverse():
     """TransformedDistribution.log_prob maps data -> latent and asks for the
     log-det at the latent point; the bijector must recall x, not invert z."""
     blocks = [IResBlock(dense_net(2, seed=s), inverse_max_iterations=1) for s in (40, 41)]
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2, tf.float64)),
-                                       tfb.Invert(tfb.Chain(blocks)))
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2, tf.float64)), tfb.Invert(tfb.Chain(blocks))
+    )
     x = tf.random.stateless_normal([6, 2], [6, 6], dtype=tf.float64) * 3.0
     with warnings.catch_warnings():
-        warnings.simplefilter("error")           # a 1-iteration inverse would warn
+        warnings.simplefilter("error")  # a 1-iteration inverse would warn
         lp = dist.log_prob(x)
     assert np.all(np.isfinite(lp.numpy()))
     with pytest.warns(RuntimeWarning, match="did not converge"):
@@ -396,9 +423,9 @@ def test_inverse_recalls_live_forward_output():
     block = IResBlock.dense(3, hidden_units=(8,), inverse_max_iterations=1)
     x = tf.random.normal([4, 3]) * 3.0
     y = block.forward(x)
-    assert block.inverse(y) is x                 # recalled, no fixed-point iteration
+    assert block.inverse(y) is x  # recalled, no fixed-point iteration
     with pytest.warns(RuntimeWarning, match="did not converge"):
-        block.inverse(tf.identity(y))            # a different tensor is really inverted
+        block.inverse(tf.identity(y))  # a different tensor is really inverted
 
 
 @pytest.mark.parametrize("grad_in_forward", [False, True])
@@ -408,8 +435,7 @@ def test_explicit_jacobian_factors_equal_autodiff_fallback(activation, grad_in_f
     layers) and the generic autodiff path (the same layers in a functional
     model): identical estimates and Neumann gradients, per-example upstream."""
     keras.utils.set_random_seed(11)
-    seq = rl.lipschitz_dense_net(3, (16, 16), 0.9, activation, preactivation=True,
-                                 dtype="float64")
+    seq = rl.lipschitz_dense_net(3, (16, 16), 0.9, activation, preactivation=True, dtype="float64")
     inp = keras.Input((3,), dtype="float64")
     functional = keras.Model(inp, seq(inp))
     assert rl.JacobianChain.from_net(seq) and rl.JacobianChain.from_net(functional) is None
@@ -422,7 +448,7 @@ def test_explicit_jacobian_factors_equal_autodiff_fallback(activation, grad_in_f
         with tf.GradientTape() as tape:
             tape.watch(x)
             y, ld = block.forward_and_log_det(x, seed=[2, 7], training=True)
-            loss = tf.reduce_sum(upstream * ld) + tf.reduce_sum(y ** 3)
+            loss = tf.reduce_sum(upstream * ld) + tf.reduce_sum(y**3)
         results.append([ld, y] + tape.gradient(loss, [x] + variables))
     for a, b in zip(*results):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
@@ -446,11 +472,12 @@ def test_unbiased_estimator_and_neumann_gradient_compile_with_xla():
         return ld, tape.gradient(total, x)
 
     n = 400
-    lds, gxs = map(np.stack, zip(*[[t.numpy() for t in estimate(x, tf.constant([i, 1]))]
-                                   for i in range(n)]))
+    lds, gxs = map(
+        np.stack, zip(*[[t.numpy() for t in estimate(x, tf.constant([i, 1]))] for i in range(n)])
+    )
     assert np.all(np.abs(lds.mean(0) - exact) < 4 * lds.std(0) / np.sqrt(n))
     assert np.all(np.abs(gxs.mean(0) - exact_grads[0]) < 4 * gxs.std(0) / np.sqrt(n))
-    assert len({tuple(row) for row in np.round(lds, 12)}) > n // 2      # really random
+    assert len({tuple(row) for row in np.round(lds, 12)}) > n // 2  # really random
 
 
 def test_logdet_eval_selects_the_evaluation_estimator():
@@ -462,12 +489,14 @@ def test_logdet_eval_selects_the_evaluation_estimator():
     block = IResBlock(net, logdet="truncated", n_terms=2, logdet_eval="exact")
     np.testing.assert_allclose(block.forward_and_log_det(x)[1].numpy(), exact, rtol=1e-10)
     truncated = IResBlock(net, logdet="truncated", n_terms=2)
-    for training in (True, False):      # without logdet_eval both calls are truncated
+    for training in (True, False):  # without logdet_eval both calls are truncated
         np.testing.assert_allclose(
             block.forward_and_log_det(x, seed=[3, 4], training=True)[1].numpy(),
             truncated.forward_and_log_det(x, seed=[3, 4], training=training)[1].numpy(),
-            rtol=1e-10)
-    assert not np.allclose(truncated.forward_and_log_det(x, seed=[3, 4])[1].numpy(), exact,
-                           atol=1e-3)
+            rtol=1e-10,
+        )
+    assert not np.allclose(
+        truncated.forward_and_log_det(x, seed=[3, 4])[1].numpy(), exact, atol=1e-3
+    )
     with pytest.raises(ValueError, match="logdet_eval"):
         IResBlock(net, logdet_eval="biased")

@@ -44,8 +44,9 @@ def test_dense_spectral_norm_bound(shape):
     assert sigma_true <= 0.9 * (1 + 1e-3)
     # the kernel is far above the bound, so normalisation must bring it to the bound
     assert sigma_true >= 0.9 * (1 - 1e-2)
-    np.testing.assert_allclose(float(layer.sigma), np.linalg.svd(layer.kernel.numpy(),
-                                                                 compute_uv=False)[0], rtol=1e-3)
+    np.testing.assert_allclose(
+        float(layer.sigma), np.linalg.svd(layer.kernel.numpy(), compute_uv=False)[0], rtol=1e-3
+    )
 
 
 def _conv_matrix(layer, h, w, c):
@@ -74,7 +75,7 @@ def test_conv_norm_is_not_reshaped_kernel_norm():
     layer = rl.LipschitzConv2D(2, 3, coeff=100.0, kernel_initializer=_big_init(3))
     layer.build((None, 4, 4, 2))
     layer.converge(tol=1e-7, max_iterations=1000)
-    mat = _conv_matrix(layer, 4, 4, 2)   # coeff is large, so W_eff = W
+    mat = _conv_matrix(layer, 4, 4, 2)  # coeff is large, so W_eff = W
     sigma_true = np.linalg.svd(mat, compute_uv=False)[0]
     np.testing.assert_allclose(float(layer.sigma), sigma_true, rtol=1e-3)
     kernel_matrix_norm = np.linalg.svd(layer.kernel.numpy().reshape(-1, 2), compute_uv=False)[0]
@@ -102,21 +103,25 @@ def test_gradient_flows_through_sigma():
 def test_power_iterations_in_training_call():
     layer = rl.LipschitzDense(4, coeff=0.9, power_iterations=3, kernel_initializer=_big_init(5))
     layer.build((None, 4))
-    layer.kernel.assign(layer.kernel * 3.0)   # u, v and sigma are now stale
+    layer.kernel.assign(layer.kernel * 3.0)  # u, v and sigma are now stale
     stale = float(layer.sigma)
     layer(tf.zeros([1, 4]), training=True)
     assert float(layer.sigma) > 2.5 * stale
 
 
-@pytest.mark.parametrize("make", [
-    lambda: rl.LipSwish(beta_initializer=0.3),
-    lambda: rl.LipschitzDense(5, coeff=0.7, use_bias=False, power_iterations=2, tol=1e-4),
-    lambda: rl.LipschitzConv2D(4, 3, coeff=0.95, max_iterations=50),
-    lambda: rl.ActNormalization(),
-    lambda: rl.ActNormalization(variance="biased"),
-    lambda: rl.LipschitzDense(5, kernel_initializer=rl.FanInUniform(0.1),
-                              bias_initializer=rl.FanInUniform()),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: rl.LipSwish(beta_initializer=0.3),
+        lambda: rl.LipschitzDense(5, coeff=0.7, use_bias=False, power_iterations=2, tol=1e-4),
+        lambda: rl.LipschitzConv2D(4, 3, coeff=0.95, max_iterations=50),
+        lambda: rl.ActNormalization(),
+        lambda: rl.ActNormalization(variance="biased"),
+        lambda: rl.LipschitzDense(
+            5, kernel_initializer=rl.FanInUniform(0.1), bias_initializer=rl.FanInUniform()
+        ),
+    ],
+)
 def test_get_config_round_trip(make):
     layer = make()
     clone = type(layer).from_config(layer.get_config())
@@ -126,7 +131,9 @@ def test_get_config_round_trip(make):
 def test_nets_round_trip_and_bound():
     net = rl.lipschitz_conv_net((6, 6, 2), hidden_channels=8, kernels="3-1-3", coeff=0.9)
     clone = keras.Sequential.from_config(net.get_config())
-    assert [type(lay).__name__ for lay in clone.layers] == [type(lay).__name__ for lay in net.layers]
+    assert [type(lay).__name__ for lay in clone.layers] == [
+        type(lay).__name__ for lay in net.layers
+    ]
     assert len(rl.lipschitz_layers(net)) == 3
     sigmas = rl.converge_lipschitz(net)
     assert len(sigmas) == 3
@@ -145,7 +152,7 @@ def test_conv_needs_static_spatial_size():
 @pytest.mark.parametrize("variance, ddof", [("unbiased", 1), ("biased", 0)])
 def test_actnorm_data_dependent_init(variance, ddof):
     an = rl.ActNormalization(variance=variance)
-    x = tf.random.normal([4, 2, 2, 3], seed=1) * 3.0 + 2.0     # n = 16: ddof matters (3%)
+    x = tf.random.normal([4, 2, 2, 3], seed=1) * 3.0 + 2.0  # n = 16: ddof matters (3%)
     an.initialize(x)
     y = an(x).numpy().reshape(-1, 3)
     np.testing.assert_allclose(y.mean(axis=0), 0.0, atol=1e-5)
@@ -154,7 +161,7 @@ def test_actnorm_data_dependent_init(variance, ddof):
     with pytest.raises(ValueError, match="variance"):
         rl.ActNormalization(variance="population")
     before = an.bias.numpy().copy()
-    an.initialize(x * 10.0)          # second call is a no-op
+    an.initialize(x * 10.0)  # second call is a no-op
     np.testing.assert_array_equal(an.bias.numpy(), before)
     np.testing.assert_allclose(an.inverse(an(x)).numpy(), x.numpy(), atol=1e-5)
 
@@ -175,10 +182,11 @@ def test_jacobian_chain_matches_autodiff(activation, kind):
         net = rl.lipschitz_conv_net((5, 5, 2), 6, "3-1-3", activation=activation, dtype="float64")
         shape = (3, 5, 5, 2)
     else:
-        net = rl.lipschitz_dense_net(3, (8, 8), activation=activation,
-                                     preactivation=kind == "dense_preact", dtype="float64")
+        net = rl.lipschitz_dense_net(
+            3, (8, 8), activation=activation, preactivation=kind == "dense_preact", dtype="float64"
+        )
         shape = (4, 3)
-    for layer in net.layers:          # a LipSwish beta away from its initial value
+    for layer in net.layers:  # a LipSwish beta away from its initial value
         if isinstance(layer, rl.LipSwish):
             layer.beta.assign(1.7)
     x, u, v = (tf.random.stateless_normal(shape, [i, 1], dtype=tf.float64) for i in range(3))
@@ -246,7 +254,7 @@ def test_reference_init_is_uniform_in_one_over_sqrt_fan_in(kind):
     for w in (layer.kernel.numpy().ravel(), layer.bias.numpy()):
         assert np.abs(w).max() <= bound
         assert np.abs(w).max() > 0.98 * bound
-        se = bound / np.sqrt(3) * np.sqrt(0.8 / w.size)          # sd of the sample sd of U
+        se = bound / np.sqrt(3) * np.sqrt(0.8 / w.size)  # sd of the sample sd of U
         assert abs(w.std() - bound / np.sqrt(3)) < 4 * se + 1e-12
     with pytest.raises(ValueError, match="fan_in"):
         rl.FanInUniform()((5,))
@@ -255,12 +263,12 @@ def test_reference_init_is_uniform_in_one_over_sqrt_fan_in(kind):
 def test_dense_net_init_options():
     keras.utils.set_random_seed(4)
     net = rl.lipschitz_dense_net(2, (64, 64), preactivation=True, last_layer_scale=1e-3)
-    assert isinstance(net.layers[0], rl.LipSwish)                 # pre-activated input
+    assert isinstance(net.layers[0], rl.LipSwish)  # pre-activated input
     dense = rl.lipschitz_layers(net)
     last = dense[-1]
     assert np.abs(last.kernel.numpy()).max() <= 1e-3 / np.sqrt(64)
-    assert np.abs(last.bias.numpy()).max() > 1e-2                 # bias range is not scaled
-    assert np.abs(dense[0].kernel.numpy()).max() > 0.5            # U(+-1/sqrt(2)) otherwise
+    assert np.abs(last.bias.numpy()).max() > 1e-2  # bias range is not scaled
+    assert np.abs(dense[0].kernel.numpy()).max() > 0.5  # U(+-1/sqrt(2)) otherwise
     glorot = rl.lipschitz_dense_net(2, (64, 64), init="glorot")
     assert all(np.all(lay.bias.numpy() == 0) for lay in rl.lipschitz_layers(glorot))
     with pytest.raises(ValueError, match="init must be one of"):

@@ -57,11 +57,11 @@ def _dense_with_spectrum(s, d_in, units, seed):
 
 
 def _spectrum(kind, n):
-    if kind == "near_degenerate":          # top two singular values within 1e-4
+    if kind == "near_degenerate":  # top two singular values within 1e-4
         return np.concatenate([[3.0, 3.0 * (1 - 1e-4)], np.linspace(2.9, 0.1, n - 2)])
-    if kind == "slow_gap":                 # ratio 0.995: sigma moves < 1e-3 per step long before
+    if kind == "slow_gap":  # ratio 0.995: sigma moves < 1e-3 per step long before
         return 3.0 * 0.995 ** np.arange(n)  # it is accurate (the old stopping rule's failure)
-    return np.concatenate([[3.0], np.full(n - 1, 2.99)])   # a plateau under the top
+    return np.concatenate([[3.0], np.full(n - 1, 2.99)])  # a plateau under the top
 
 
 @pytest.mark.parametrize("kind", ["near_degenerate", "slow_gap", "plateau"])
@@ -73,9 +73,9 @@ def test_adversarial_dense_spectra(kind):
     layer.u.assign(u[:, -1])
     layer.v.assign(v[:, -1])
     layer.kernel.assign(kernel)
-    if kind == "near_degenerate":     # the automatic warm-started re-estimate on use suffices
+    if kind == "near_degenerate":  # the automatic warm-started re-estimate on use suffices
         assert operator_norm(layer) <= 0.9 * (1 + SLACK)
-    layer.converge()                  # Gram-iteration restart: any spectrum
+    layer.converge()  # Gram-iteration restart: any spectrum
     assert operator_norm(layer) <= 0.9 * (1 + SLACK)
 
 
@@ -90,17 +90,18 @@ def test_stored_vectors_orthogonal_to_the_new_top_direction():
         layer.kernel.assign(kernel)
         layer.u.assign(u[:, 1])
         layer.v.assign(v[:, 1])
-        layer.mark_estimate_current()     # as if restored with a bad estimate
-        assert operator_norm(layer) > 2.0 * 0.9             # the bad estimate is used as stored
+        layer.mark_estimate_current()  # as if restored with a bad estimate
+        assert operator_norm(layer) > 2.0 * 0.9  # the bad estimate is used as stored
         if fix == "converge":
             layer.converge()
-        else:                                                # any change of the kernel
+        else:  # any change of the kernel
             layer.kernel.assign(kernel * 1.001)
         assert operator_norm(layer) <= 0.9 * (1 + SLACK), fix
 
 
-@pytest.mark.parametrize("shape,filters,k,seed", [
-    ((4, 4, 4), 16, 3, 0), ((4, 6, 3), 5, 3, 2), ((3, 3, 16), 4, 3, 4)])
+@pytest.mark.parametrize(
+    "shape,filters,k,seed", [((4, 4, 4), 16, 3, 0), ((4, 6, 3), 5, 3, 2), ((3, 3, 16), 4, 3, 4)]
+)
 def test_random_conv_kernels(shape, filters, k, seed):
     layer = rl.LipschitzConv2D(filters, k, coeff=0.98)
     layer.build((None,) + shape)
@@ -110,14 +111,18 @@ def test_random_conv_kernels(shape, filters, k, seed):
         norm = operator_norm(layer)
         raw = operator_norm(layer, layer.kernel)
         assert norm <= 0.98 * (1 + SLACK)
-        assert norm >= min(raw, 0.98) * (1 - SLACK)       # and not needlessly small
+        assert norm >= min(raw, 0.98) * (1 - SLACK)  # and not needlessly small
 
 
-@pytest.mark.parametrize("make,input_shape", [
-    (lambda: rl.LipschitzDense(9), (None, 13)),
-    (lambda: rl.LipschitzConv2D(6, 1), (None, 4, 4, 5)),
-    (lambda: rl.LipschitzConv2D(6, 3), (None, 4, 4, 5)),
-    (lambda: rl.LipschitzConv2D(3, 3), (None, 12, 12, 2))])
+@pytest.mark.parametrize(
+    "make,input_shape",
+    [
+        (lambda: rl.LipschitzDense(9), (None, 13)),
+        (lambda: rl.LipschitzConv2D(6, 1), (None, 4, 4, 5)),
+        (lambda: rl.LipschitzConv2D(6, 3), (None, 4, 4, 5)),
+        (lambda: rl.LipschitzConv2D(3, 3), (None, 12, 12, 2)),
+    ],
+)
 def test_gram_iteration_bound_is_an_upper_bound(make, input_shape):
     layer = make()
     layer.build(input_shape)
@@ -125,7 +130,7 @@ def test_gram_iteration_bound_is_an_upper_bound(make, input_shape):
     bound = float(layer.sigma_upper_bound())
     assert bound >= raw * (1 - 1e-5)
     if isinstance(layer, rl.LipschitzDense) or layer.kernel_size == (1, 1):
-        assert bound <= raw * (1 + 1e-4)             # tight for a matrix
+        assert bound <= raw * (1 + 1e-4)  # tight for a matrix
     # For k x k convolutions it bounds the circular convolution on the
     # (H + k - 1)^2 torus: a few percent above on small inputs.
     assert float(layer.sigma) <= bound * (1 + 1e-5)
@@ -134,20 +139,22 @@ def test_gram_iteration_bound_is_an_upper_bound(make, input_shape):
 def test_converge_lipschitz_on_a_bare_layer_and_a_list():
     layers = []
     for seed in (5, 6):
-        layer = rl.LipschitzDense(6, coeff=0.9,
-                                  kernel_initializer=keras.initializers.RandomNormal(
-                                      stddev=2.0, seed=seed))
+        layer = rl.LipschitzDense(
+            6, coeff=0.9, kernel_initializer=keras.initializers.RandomNormal(stddev=2.0, seed=seed)
+        )
         layer.build((None, 6))
         layer.u.assign(tf.ones([6]))
         layer.v.assign(tf.ones([6]))
         layers.append(layer)
     sigmas = rl.converge_lipschitz(layers[0])
     assert len(sigmas) == 1
-    np.testing.assert_allclose(float(sigmas[0]), operator_norm(layers[0], layers[0].kernel),
-                               rtol=SLACK)
+    np.testing.assert_allclose(
+        float(sigmas[0]), operator_norm(layers[0], layers[0].kernel), rtol=SLACK
+    )
     assert len(rl.converge_lipschitz(layers)) == 2
-    np.testing.assert_allclose(float(layers[1].sigma),
-                               operator_norm(layers[1], layers[1].kernel), rtol=SLACK)
+    np.testing.assert_allclose(
+        float(layers[1].sigma), operator_norm(layers[1], layers[1].kernel), rtol=SLACK
+    )
     with pytest.raises(ValueError, match="no Lipschitz layers"):
         rl.converge_lipschitz(keras.layers.Dense(3))
 
@@ -159,11 +166,11 @@ def test_upkeep_in_tf_function_and_unchanged_weights_cost_nothing():
     x = tf.ones([2, 8])
     call(x)
     u0 = layer.u.numpy().copy()
-    call(x)                                          # unchanged kernel: state untouched
+    call(x)  # unchanged kernel: state untouched
     np.testing.assert_array_equal(layer.u.numpy(), u0)
     assert bool(layer.estimate_is_current())
     layer.kernel.assign(layer.kernel * 4.0 + 0.1)
-    call(x)                                          # changed kernel: re-estimated in the graph
+    call(x)  # changed kernel: re-estimated in the graph
     assert bool(layer.estimate_is_current())
     assert operator_norm(layer) <= 0.5 * (1 + SLACK)
 
@@ -181,18 +188,23 @@ def test_readme_recipe_minimize_keeps_the_bound_and_converge_changes_nothing():
     training, and the README's converge_lipschitz afterwards leaves the
     held-out exact NLL unchanged."""
     keras.utils.set_random_seed(1)
-    blocks = [IResBlock.dense(2, hidden_units=(32, 32), coeff=0.9, logdet="exact")
-              for _ in range(2)]
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
-                                       tfb.Invert(tfb.Chain(blocks)))
+    blocks = [
+        IResBlock.dense(2, hidden_units=(32, 32), coeff=0.9, logdet="exact") for _ in range(2)
+    ]
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain(blocks))
+    )
     data, held_out = _two_moons_like(256, 1), _two_moons_like(256, 2)
-    tfp.math.minimize(tf.function(lambda: -tf.reduce_mean(dist.log_prob(data))), num_steps=40,
-                      optimizer=keras.optimizers.Adam(3e-2),
-                      trainable_variables=dist.trainable_variables)
+    tfp.math.minimize(
+        tf.function(lambda: -tf.reduce_mean(dist.log_prob(data))),
+        num_steps=40,
+        optimizer=keras.optimizers.Adam(3e-2),
+        trainable_variables=dist.trainable_variables,
+    )
     layers = rl.lipschitz_layers(dist)
     assert len(layers) == 6
     raw = [operator_norm(layer, layer.kernel) / layer.coeff for layer in layers]
-    assert max(raw) > 1.05          # training pushed kernels past the bound: normalisation acts
+    assert max(raw) > 1.05  # training pushed kernels past the bound: normalisation acts
     nll = float(-tf.reduce_mean(dist.log_prob(held_out)))
     assert_bound_holds(layers)
     rl.converge_lipschitz(dist)
@@ -207,10 +219,22 @@ def test_trainer_keeps_the_bound(tmp_path):
         sys.path.insert(0, repo)
     from train import main as trainer_main  # pylint: disable=import-outside-toplevel
 
-    args = trainer_main.parse_args([
-        "--preset=tiny", "--n_blocks=1", "--hidden_channels=4", "--export_dir=",
-        "--n_sample_images=4", "--download=false", f"--out={tmp_path}", "--steps=3",
-        "--batch_size=8", "--eval_examples=8", "--lr=0.05", "--warmup_steps=1"])
+    args = trainer_main.parse_args(
+        [
+            "--preset=tiny",
+            "--n_blocks=1",
+            "--hidden_channels=4",
+            "--export_dir=",
+            "--n_sample_images=4",
+            "--download=false",
+            f"--out={tmp_path}",
+            "--steps=3",
+            "--batch_size=8",
+            "--eval_examples=8",
+            "--lr=0.05",
+            "--warmup_steps=1",
+        ]
+    )
     trainer = trainer_main.Trainer(args)
     trainer.train()
     layers = trainer.model.lipschitz_layers()
@@ -223,17 +247,22 @@ def test_keras_fit_without_targets_keeps_the_bound():
     from rflow_tf.models import ResidualFlow  # pylint: disable=import-outside-toplevel
 
     keras.utils.set_random_seed(2)
-    flow = ResidualFlow(dict(input_shape=(4, 4, 1), n_blocks=(1,),
-                             hidden_channels=4, n_fc_blocks=1, fc_hidden=(8,),
-                             logit_alpha=1e-6))
-    images = tf.cast(tf.random.stateless_uniform([32, 4, 4, 1], [3, 4], 0, 256, tf.int32),
-                     tf.uint8)
+    flow = ResidualFlow(
+        dict(
+            input_shape=(4, 4, 1),
+            n_blocks=(1,),
+            hidden_channels=4,
+            n_fc_blocks=1,
+            fc_hidden=(8,),
+            logit_alpha=1e-6,
+        )
+    )
+    images = tf.cast(tf.random.stateless_uniform([32, 4, 4, 1], [3, 4], 0, 256, tf.int32), tf.uint8)
     with pytest.raises(RuntimeError, match="initialize"):
         flow.fit(tf.data.Dataset.from_tensor_slices(images).batch(8), verbose=0)
     flow.initialize(tf.cast(images, tf.float32) / 256.0 + 1.0 / 512.0)
     flow.compile(optimizer=keras.optimizers.Adam(0.05))
-    history = flow.fit(tf.data.Dataset.from_tensor_slices(images).batch(8), epochs=2,
-                       verbose=0)
+    history = flow.fit(tf.data.Dataset.from_tensor_slices(images).batch(8), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2 and np.all(np.isfinite(history.history["loss"]))
     layers = flow.lipschitz_layers()
     assert max(operator_norm(layer, layer.kernel) / layer.coeff for layer in layers) > 1.0
@@ -248,8 +277,9 @@ def test_keras_model_holding_a_distribution_sees_its_weights():
     from rflow_tf.models import FlowLayer  # pylint: disable=import-outside-toplevel
 
     blocks = [IResBlock.dense(2, hidden_units=(8,), coeff=0.9, logdet="exact") for _ in range(2)]
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
-                                       tfb.Invert(tfb.Chain(blocks)))
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain(blocks))
+    )
 
     class Model(keras.Model):
         def __init__(self):

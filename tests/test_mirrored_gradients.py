@@ -45,7 +45,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_neumann_gradients_under_mirrored_strategy():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "MIRRORED_OK" in out.stdout

@@ -1,5 +1,6 @@
 """MixLogCDFCoupling: exact log-det (brute-force Jacobian), identity at init, coupling
 structure, bisection inverse, argument errors, TFP composition."""
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -41,8 +42,12 @@ def test_log_det_is_slogdet_of_brute_force_jacobian_with_coupling_structure(case
     layer = _layer(shape, **kw)
     x = 2.0 * tf.random.stateless_normal((3,) + shape, [1, 2], dtype=tf.float64)
     jac = _jacobian(layer, x)
-    np.testing.assert_allclose(layer.forward_log_det_jacobian(x, len(shape)).numpy(),
-                               np.linalg.slogdet(jac)[1], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.forward_log_det_jacobian(x, len(shape)).numpy(),
+        np.linalg.slogdet(jac)[1],
+        rtol=0,
+        atol=1e-6,
+    )
     keep = layer._mask_np.reshape(-1) == 1
     # conditioning part passes through: its rows of J are rows of the identity;
     np.testing.assert_array_equal(jac[:, keep], np.eye(keep.size)[keep][None].repeat(3, 0))
@@ -68,7 +73,7 @@ def test_bisection_inverse_round_trips_to_stated_tolerance(case):
     tol = 1e-7
     layer = _layer(shape, inverse_atol=tol, inverse_rtol=tol, **kw)
     x = 3.0 * tf.random.stateless_normal((4,) + shape, [5, 6], dtype=tf.float64)
-    x_back = layer.inverse(tf.identity(layer.forward(x))).numpy()   # fresh tensor: no memo
+    x_back = layer.inverse(tf.identity(layer.forward(x))).numpy()  # fresh tensor: no memo
     # all elements at once, each within (atol + rtol |x|) / 2 of its root, plus the
     # error of recomputing y: slopes here are >= ~1e-2, so 1e-5 covers both.
     np.testing.assert_allclose(x_back, x.numpy(), rtol=1e-5, atol=1e-5)
@@ -103,15 +108,21 @@ def test_bad_arguments_raise_clear_errors():
 
 
 def test_usable_in_chain_transformed_distribution_and_minimize():
-    small = {"hidden_channels": 4, "num_blocks": 0}     # the trace of the train step is costly
-    flow = tfb.Chain([MixLogCDFCoupling((4,), parity=1, name="c1", **small),
-                      MixLogCDFCoupling((4,), name="c0", **small)])
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(4)),
-                                       tfb.Invert(flow))
+    small = {"hidden_channels": 4, "num_blocks": 0}  # the trace of the train step is costly
+    flow = tfb.Chain(
+        [
+            MixLogCDFCoupling((4,), parity=1, name="c1", **small),
+            MixLogCDFCoupling((4,), name="c0", **small),
+        ]
+    )
+    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(4)), tfb.Invert(flow))
     assert len(dist.trainable_variables) > 0
     x = tf.random.stateless_normal([32, 4], [7, 7]) * 0.5 + 1.0
-    losses = tfp.math.minimize(lambda: -tf.reduce_mean(dist.log_prob(x)), 5,
-                               tf.optimizers.Adam(1e-2),
-                               trainable_variables=dist.trainable_variables)
+    losses = tfp.math.minimize(
+        lambda: -tf.reduce_mean(dist.log_prob(x)),
+        5,
+        tf.optimizers.Adam(1e-2),
+        trainable_variables=dist.trainable_variables,
+    )
     assert losses[-1] < losses[0]
     assert dist.sample(3, seed=[1, 2]).shape == (3, 4)

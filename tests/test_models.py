@@ -26,9 +26,17 @@ def tiny_config(**kw):
     # inverse_tol: the fixed-point iteration stops when a step changes x by less
     # than the tolerance; the error left is up to Lip/(1 - Lip) (~50 at coeff
     # 0.98) times that, so 1e-10 keeps inverses within 1e-8 in float64.
-    base = dict(input_shape=(4, 4, 1), n_blocks=(1, 1), hidden_channels=8, n_fc_blocks=1,
-                fc_hidden=(8,), logit_alpha=ALPHA, logdet="exact", dtype="float64",
-                inverse_tol=1e-10)
+    base = dict(
+        input_shape=(4, 4, 1),
+        n_blocks=(1, 1),
+        hidden_channels=8,
+        n_fc_blocks=1,
+        fc_hidden=(8,),
+        logit_alpha=ALPHA,
+        logdet="exact",
+        dtype="float64",
+        inverse_tol=1e-10,
+    )
     base.update(kw)
     return models.FlowConfig(**base)
 
@@ -40,8 +48,9 @@ def uniform(shape, seed=0, dtype=tf.float64, low=0.02, high=0.98):
 def make_model(cfg, seed=0):
     tf.keras.utils.set_random_seed(seed)
     model = models.ResidualFlow(cfg)
-    model.initialize(uniform((16,) + tuple(cfg.input_shape), seed=seed + 100,
-                             dtype=tf.as_dtype(cfg.dtype)))
+    model.initialize(
+        uniform((16,) + tuple(cfg.input_shape), seed=seed + 100, dtype=tf.as_dtype(cfg.dtype))
+    )
     # Make the blocks' maps non-trivial: enlarge the kernels, then renormalise.
     for v in model.trainable_variables:
         if "kernel" in v.path:
@@ -66,10 +75,17 @@ CONFIGS = {
     "factor_out+fc": dict(factor_out=True, fc_end=True),
     "fc_only": dict(factor_out=False, fc_end=True),
     "factor_out_no_fc": dict(factor_out=True, fc_end=False),
-    "squeeze_first": dict(input_shape=(4, 4, 1), n_blocks=(1, 1), squeeze_first=True,
-                          factor_out=True, fc_end=True),
-    "3_scales_no_actnorm": dict(input_shape=(8, 4, 1), n_blocks=(1, 1, 1), actnorm=False,
-                                factor_out=True, fc_end=False, activation="elu"),
+    "squeeze_first": dict(
+        input_shape=(4, 4, 1), n_blocks=(1, 1), squeeze_first=True, factor_out=True, fc_end=True
+    ),
+    "3_scales_no_actnorm": dict(
+        input_shape=(8, 4, 1),
+        n_blocks=(1, 1, 1),
+        actnorm=False,
+        factor_out=True,
+        fc_end=False,
+        activation="elu",
+    ),
 }
 
 
@@ -90,8 +106,7 @@ def test_exact_log_prob_matches_full_jacobian(name):
     z = model.bijector.forward(x)
     assert z.shape == (3, d)
     # tf.identity: a new tensor, so the bijector cache cannot recall x.
-    np.testing.assert_allclose(model.bijector.inverse(tf.identity(z)).numpy(), x.numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(model.bijector.inverse(tf.identity(z)).numpy(), x.numpy(), atol=1e-6)
 
 
 def test_unbiased_log_prob_agrees_on_average():
@@ -102,14 +117,15 @@ def test_unbiased_log_prob_agrees_on_average():
     x = uniform((2,) + cfg.input_shape, seed=3)
     target = exact.log_prob(x).numpy()
     reps = 16
-    x_rep = tf.repeat(x, reps, axis=0)            # independent probes per copy
+    x_rep = tf.repeat(x, reps, axis=0)  # independent probes per copy
 
     @tf.function
     def estimate(seed):
         return tf.reshape(unbiased.log_prob(x_rep, training=True, seed=seed), [2, reps])
 
-    means = np.stack([tf.reduce_mean(estimate(tf.constant([i, 5])), axis=1).numpy()
-                      for i in range(40)])       # independent roulette draws per call
+    means = np.stack(
+        [tf.reduce_mean(estimate(tf.constant([i, 5])), axis=1).numpy() for i in range(40)]
+    )  # independent roulette draws per call
     mean = means.mean(0)
     se = means.std(0, ddof=1) / math.sqrt(len(means))
     assert np.all(se > 0)
@@ -127,8 +143,9 @@ def test_distribution_matches_model_in_exact_mode():
     # The same through the generic TFP path of the bijector.
     ld = model.bijector.forward_log_det_jacobian(x, event_ndims=3)
     z = model.bijector.forward(x)
-    np.testing.assert_allclose((model.base_log_prob(z) + ld).numpy(), model.log_prob(x).numpy(),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        (model.base_log_prob(z) + ld).numpy(), model.log_prob(x).numpy(), rtol=1e-10
+    )
     s = dist.sample(2, seed=[1, 2])
     assert s.shape == (2,) + cfg.input_shape
     assert len(dist.trainable_variables) == len(model.trainable_variables) > 0
@@ -140,15 +157,18 @@ def test_distribution_log_prob_does_not_invert_and_is_fresh():
     cfg = tiny_config(factor_out=True, fc_end=True, inverse_max_iterations=1)
     model = make_model(cfg)
     x = uniform((3,) + cfg.input_shape, seed=2)
-    np.testing.assert_allclose(model.distribution().log_prob(x).numpy(),
-                               brute_force_log_prob(model, x).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(
+        model.distribution().log_prob(x).numpy(), brute_force_log_prob(model, x).numpy(), rtol=1e-9
+    )
     unbiased = models.ResidualFlow(cfg.replace(logdet="unbiased"))
     unbiased.set_weights(model.get_weights())
     dist = unbiased.distribution()
     a, b = dist.log_prob(x).numpy(), dist.log_prob(x).numpy()
-    assert not np.allclose(a, b)                  # no cached random estimate
-    same = [dist.log_prob(x, bijector_kwargs={"seed": [4, 2], "training": True}).numpy()
-            for _ in range(2)]
+    assert not np.allclose(a, b)  # no cached random estimate
+    same = [
+        dist.log_prob(x, bijector_kwargs={"seed": [4, 2], "training": True}).numpy()
+        for _ in range(2)
+    ]
     np.testing.assert_array_equal(same[0], same[1])
 
 
@@ -233,13 +253,14 @@ def test_config_json_round_trip_and_presets():
 
 def test_paper_architecture_structure_celeba():
     # The CelebA-HQ layout with tiny widths: squeeze first, 6 scales, 5 factor-outs.
-    cfg = models.get_preset("celeb_a_hq", input_shape=(64, 64, 3), n_blocks=(1,) * 6,
-                            hidden_channels=4)
+    cfg = models.get_preset(
+        "celeb_a_hq", input_shape=(64, 64, 3), n_blocks=(1,) * 6, hidden_channels=4
+    )
     model = models.ResidualFlow(cfg)
-    stages = list(models._iter_stages(model.stages))   # pylint: disable=protected-access
+    stages = list(models._iter_stages(model.stages))  # pylint: disable=protected-access
     assert sum(isinstance(b, models.FactorOut) for b in stages) == 5
     assert sum(isinstance(b, rbij.IResBlock) for b in stages) == 6
-    assert isinstance(model.stages[1], rbij.Squeeze)            # squeeze_first
+    assert isinstance(model.stages[1], rbij.Squeeze)  # squeeze_first
     assert model.latent_shape == (64 * 64 * 3,)
     x = uniform((2, 64, 64, 3), dtype=tf.float32)
     model.initialize(x)
@@ -247,19 +268,22 @@ def test_paper_architecture_structure_celeba():
     assert z.shape == (2, 64 * 64 * 3) and ld.shape == (2,)
 
 
-@pytest.mark.parametrize("kwargs, err", [
-    (dict(input_shape=(7, 7, 1), n_blocks=(1, 1)), ValueError),
-    (dict(input_shape=(8, 8)), ValueError),
-    (dict(input_shape=(4, 4, 1), n_blocks=(1, 1, 1), squeeze_first=True), ValueError),
-    (dict(coeff=1.0), ValueError),
-    (dict(activation="tanh"), ValueError),
-    (dict(kernels="3-2-3"), ValueError),
-    (dict(n_bits=9), ValueError),
-    (dict(dtype="float16"), ValueError),
-    (dict(neumann_grad=False, grad_in_forward=True), ValueError),
-    (dict(n_blocks=()), ValueError),
-    (dict(hidden_channels=2.5), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        (dict(input_shape=(7, 7, 1), n_blocks=(1, 1)), ValueError),
+        (dict(input_shape=(8, 8)), ValueError),
+        (dict(input_shape=(4, 4, 1), n_blocks=(1, 1, 1), squeeze_first=True), ValueError),
+        (dict(coeff=1.0), ValueError),
+        (dict(activation="tanh"), ValueError),
+        (dict(kernels="3-2-3"), ValueError),
+        (dict(n_bits=9), ValueError),
+        (dict(dtype="float16"), ValueError),
+        (dict(neumann_grad=False, grad_in_forward=True), ValueError),
+        (dict(n_blocks=()), ValueError),
+        (dict(hidden_channels=2.5), TypeError),
+    ],
+)
 def test_invalid_configs(kwargs, err):
     with pytest.raises(err):
         models.FlowConfig(**kwargs).validate()
@@ -310,7 +334,7 @@ def check_bijector(bij, x, event_ndims, atol=1e-8, **kwargs):
     bf = tf.linalg.slogdet(jac)[1]
     ld = bij.forward_log_det_jacobian(x, event_ndims=event_ndims, **kwargs)
     np.testing.assert_allclose(np.broadcast_to(ld.numpy(), [b]), bf.numpy(), atol=atol, rtol=1e-9)
-    y = tf.identity(y)      # a new tensor: the inverse is computed, not recalled from a cache
+    y = tf.identity(y)  # a new tensor: the inverse is computed, not recalled from a cache
     np.testing.assert_allclose(bij.inverse(y, **kwargs).numpy(), x.numpy(), atol=atol)
     ild = bij.inverse_log_det_jacobian(y, event_ndims=len(y.shape) - 1, **kwargs)
     np.testing.assert_allclose(np.broadcast_to(ild.numpy(), [b]), -bf.numpy(), atol=atol, rtol=1e-9)
@@ -342,8 +366,11 @@ def test_logit_bijector_brute_force(alpha):
 def test_factor_out_bijector_brute_force():
     an = rbij.ActNorm((2, 2, 1), layer=rlayers.ActNormalization(dtype="float64"))
     an.initialize(uniform((8, 2, 2, 1), seed=1) * 4.0)
-    inner = [an, tfb.Reshape([4], [2, 2, 1]), tfb.Scale(tf.constant([1.0, 2.0, 3.0, 0.5],
-                                                                      tf.float64))]
+    inner = [
+        an,
+        tfb.Reshape([4], [2, 2, 1]),
+        tfb.Scale(tf.constant([1.0, 2.0, 3.0, 0.5], tf.float64)),
+    ]
     fo = models.FactorOut((2, 2, 3), inner)
     x = uniform((3, 2, 2, 3), seed=8)
     z = check_bijector(fo, x, 3)
@@ -371,8 +398,11 @@ def test_flow_bijector_seed_routing():
     _, ld = model.forward_and_log_det(x, training=True, seed=[1, 2])
     np.testing.assert_allclose(ld.numpy(), a.numpy(), rtol=1e-12)
     # Extra batch dimensions are accepted by the bijector.
-    assert model.bijector.forward(tf.reshape(tf.concat([x, x], 0), [2, 2, 4, 4, 1])).shape \
-        == (2, 2, 16)
+    assert model.bijector.forward(tf.reshape(tf.concat([x, x], 0), [2, 2, 4, 4, 1])).shape == (
+        2,
+        2,
+        16,
+    )
 
 
 # ---------------------------------------------------------------- reference parity
@@ -382,8 +412,9 @@ def test_flow_bijector_seed_routing():
 def test_squeeze_channel_order_known_values(order):
     # x[0, y, x, c] = 100 y + 10 x + c: every value names its pixel and channel.
     h, w, c = 4, 6, 3
-    vals = np.array([[[100 * i + 10 * j + k for k in range(c)] for j in range(w)]
-                     for i in range(h)], np.float64)[None]
+    vals = np.array(
+        [[[100 * i + 10 * j + k for k in range(c)] for j in range(w)] for i in range(h)], np.float64
+    )[None]
     out = rbij.Squeeze(order).forward(tf.constant(vals)).numpy()
     assert out.shape == (1, h // 2, w // 2, 4 * c)
     for i in range(h // 2):
@@ -391,8 +422,7 @@ def test_squeeze_channel_order_known_values(order):
             for k in range(c):
                 for dy in range(2):
                     for dx in range(2):
-                        ch = (k * 4 + 2 * dy + dx if order == "reference"
-                              else (2 * dy + dx) * c + k)
+                        ch = k * 4 + 2 * dy + dx if order == "reference" else (2 * dy + dx) * c + k
                         assert out[0, i, j, ch] == 100 * (2 * i + dy) + 10 * (2 * j + dx) + k
     y = check_bijector(rbij.Squeeze(order), uniform((2, 4, 6, 2), seed=5), 3)
     assert y.shape == (2, 2, 3, 8)
@@ -414,7 +444,7 @@ def _is_preactivated(block):
 def _layout(model):
     """(kind, detail) per stage in application order, descending into FactorOut."""
     out = []
-    for b in models._iter_stages(model.stages):   # pylint: disable=protected-access
+    for b in models._iter_stages(model.stages):  # pylint: disable=protected-access
         if isinstance(b, rbij.IResBlock):
             out.append(("block", "preact" if _is_preactivated(b) else "no_preact"))
         elif isinstance(b, rbij.Squeeze):
@@ -437,8 +467,13 @@ def test_paper_preset_layout_matches_reference(name):
     assert preset.config_version == models.CONFIG_VERSION
     n_scales = preset.n_scales
     size = 2 ** (n_scales - 1 + preset.squeeze_first) * 2
-    cfg = preset.replace(input_shape=(size, size, 3), n_blocks=(2,) * n_scales,
-                         hidden_channels=4, fc_hidden=(4,), n_fc_blocks=1)
+    cfg = preset.replace(
+        input_shape=(size, size, 3),
+        n_blocks=(2,) * n_scales,
+        hidden_channels=4,
+        fc_hidden=(4,),
+        n_fc_blocks=1,
+    )
     expected = [("squeeze", "reference")] if cfg.squeeze_first else []
     expected.append(("actnorm", None))
     for s in range(n_scales):
@@ -459,13 +494,22 @@ def test_config_version_1_keeps_old_meaning():
         del old[key]
     v1 = models.FlowConfig.from_dict(old)
     assert (v1.config_version, v1.first_resblock, v1.squeeze_order, v1.init) == (
-        1, False, "space_to_depth", "glorot")
+        1,
+        False,
+        "space_to_depth",
+        "glorot",
+    )
     # Version 2 already had first_resblock and squeeze_order, not init.
     assert models.FlowConfig.from_dict(dict(old, config_version=2)).init == "glorot"
     assert _layout(models.ResidualFlow(v1)) == [
-        ("actnorm", None), ("block", "preact"), ("actnorm", None),
-        ("squeeze", "space_to_depth"), ("block", "preact"), ("actnorm", None)]
-    assert models.FlowConfig.from_json(v1.to_json()) == v1      # round trip keeps version 1
+        ("actnorm", None),
+        ("block", "preact"),
+        ("actnorm", None),
+        ("squeeze", "space_to_depth"),
+        ("block", "preact"),
+        ("actnorm", None),
+    ]
+    assert models.FlowConfig.from_json(v1.to_json()) == v1  # round trip keeps version 1
     # Version 2 with first_resblock=False is the reference's: no leading ActNorm.
     v2 = tiny_config(n_blocks=(1, 1), fc_end=False, first_resblock=False)
     assert _layout(models.ResidualFlow(v2))[0] == ("block", "preact")
@@ -484,7 +528,7 @@ def test_non_finite_sample_is_nan_with_a_warning(capfd):
     with pytest.warns(RuntimeWarning, match="2 of 2 sample.*not finite"):
         imgs = model.sample(2, temperature=float("inf"), seed=[3, 4])
     assert np.all(np.isnan(imgs.numpy()))
-    ok = model.sample(2, temperature=0.5, seed=[3, 4]).numpy()      # finite ones unchanged
+    ok = model.sample(2, temperature=0.5, seed=[3, 4]).numpy()  # finite ones unchanged
     assert np.all((ok >= 0.0) & (ok <= 1.0))
     # Inside tf.function the warning goes to stderr.
     graph = tf.function(lambda: model.sample(2, temperature=float("inf"), seed=[3, 4]))
@@ -507,7 +551,8 @@ def test_logdet_eval_defaults_and_versions():
     cfg = tiny_config(logdet="truncated", logdet_eval="exact", n_terms=1)
     model = make_model(cfg)
     x = uniform((3,) + cfg.input_shape, seed=8)
-    np.testing.assert_allclose(model.log_prob(x).numpy(), brute_force_log_prob(model, x).numpy(),
-                               rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        model.log_prob(x).numpy(), brute_force_log_prob(model, x).numpy(), rtol=1e-9, atol=1e-9
+    )
     lp_train = model.log_prob(x, training=True, seed=[1, 2]).numpy()
     assert not np.allclose(lp_train, model.log_prob(x).numpy(), atol=1e-6)

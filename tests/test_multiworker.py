@@ -35,10 +35,18 @@ if REPO not in sys.path:
 
 from train import main as trainer_main
 
-TINY = ["--preset=tiny", "--n_blocks=1", "--fc_end=false", "--hidden_channels=4",
-        "--log_every=1", "--n_sample_images=4", "--download=false", "--batch_size=8",
-        "--eval_examples=16"]
-PROCESS_TIMEOUT = 300       # seconds; any process still running then is killed
+TINY = [
+    "--preset=tiny",
+    "--n_blocks=1",
+    "--fc_end=false",
+    "--hidden_channels=4",
+    "--log_every=1",
+    "--n_sample_images=4",
+    "--download=false",
+    "--batch_size=8",
+    "--eval_examples=16",
+]
+PROCESS_TIMEOUT = 300  # seconds; any process still running then is killed
 
 
 def free_ports(n):
@@ -56,12 +64,18 @@ def free_ports(n):
 def worker_env(tmp_path, cluster=None, index=0):
     """Environment of one process: this checkout first on the path, one intra-op thread
     (2 cores shared), temporary files under tmp_path, TF_CONFIG for cluster members."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
-               TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="2", TMPDIR=str(tmp_path))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+        TF_NUM_INTRAOP_THREADS="1",
+        TF_NUM_INTEROP_THREADS="2",
+        TMPDIR=str(tmp_path),
+    )
     env.pop("TF_CONFIG", None)
     if cluster is not None:
-        env["TF_CONFIG"] = json.dumps({"cluster": cluster,
-                                       "task": {"type": "worker", "index": index}})
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        )
     return env
 
 
@@ -74,8 +88,9 @@ class Processes:
 
     def start(self, argv, env, log_path):
         log = open(log_path, "w")  # noqa: SIM115  (closed in wait/kill_all)
-        p = subprocess.Popen(argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         p.log_file, p.log_path = log, log_path
         self.procs.append(p)
         return p
@@ -154,8 +169,9 @@ def tb_scalars(run_dir, tag):
         for event in tf.compat.v1.train.summary_iterator(os.path.join(tb, name)):
             for v in event.summary.value:
                 if v.tag == tag:
-                    out[event.step] = float(tf.make_ndarray(v.tensor)) \
-                        if v.HasField("tensor") else v.simple_value
+                    out[event.step] = (
+                        float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
+                    )
     return out
 
 
@@ -166,18 +182,37 @@ def two_worker_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("multiworker")
     steps = ["--steps=4", "--ckpt_every=2", "--eval_every=1000", "--seed=3"]
     mw_dir, ref_dir = tmp / "run", tmp / "ref"
-    mw_argv = TINY + steps + ["--strategy=multi_worker", f"--out={mw_dir}",
-                              f"--export_dir={tmp / 'export'}"]
+    mw_argv = (
+        TINY
+        + steps
+        + ["--strategy=multi_worker", f"--out={mw_dir}", f"--export_dir={tmp / 'export'}"]
+    )
     ref_argv = TINY + steps + ["--cpu_devices=2", f"--out={ref_dir}", "--export_dir="]
     cluster = cluster_of(2)
     procs = Processes()
     t0 = time.monotonic()
     try:
-        started = [procs.start([sys.executable, "-c", _WORKER_SCRIPT, json.dumps(mw_argv),
-                                str(tmp / f"worker{i}")], worker_env(tmp, cluster, i),
-                               tmp / f"worker{i}.log") for i in range(2)]
-        started.append(procs.start([sys.executable, "-c", _WORKER_SCRIPT, json.dumps(ref_argv),
-                                    str(tmp / "ref")], worker_env(tmp), tmp / "ref.log"))
+        started = [
+            procs.start(
+                [
+                    sys.executable,
+                    "-c",
+                    _WORKER_SCRIPT,
+                    json.dumps(mw_argv),
+                    str(tmp / f"worker{i}"),
+                ],
+                worker_env(tmp, cluster, i),
+                tmp / f"worker{i}.log",
+            )
+            for i in range(2)
+        ]
+        started.append(
+            procs.start(
+                [sys.executable, "-c", _WORKER_SCRIPT, json.dumps(ref_argv), str(tmp / "ref")],
+                worker_env(tmp),
+                tmp / "ref.log",
+            )
+        )
         deadline = t0 + PROCESS_TIMEOUT
         for p in started:
             assert procs.wait(p, deadline) == 0, procs.output(p)[-4000:]
@@ -189,8 +224,9 @@ def two_worker_run(tmp_path_factory):
         with open(tmp / f"{name}.json") as f:
             meta = json.load(f)
         dumps[name] = (meta, dict(np.load(tmp / f"{name}.npz")))
-    return types.SimpleNamespace(dumps=dumps, mw_dir=mw_dir, ref_dir=ref_dir,
-                                 export=tmp / "export", seconds=seconds)
+    return types.SimpleNamespace(
+        dumps=dumps, mw_dir=mw_dir, ref_dir=ref_dir, export=tmp / "export", seconds=seconds
+    )
 
 
 def test_two_workers_train_like_one_process(two_worker_run):
@@ -201,7 +237,7 @@ def test_two_workers_train_like_one_process(two_worker_run):
     assert m0["result"]["step"] == m1["result"]["step"] == 4
     weight_names = [k for k in w0 if not k.startswith("shard_")]
     assert len(weight_names) > 10
-    for k in weight_names:     # the workers hold identical weights and EMA
+    for k in weight_names:  # the workers hold identical weights and EMA
         np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
     # ... equal to the single-process run up to float32 rounding (all-reduce order).
     for k in weight_names:
@@ -209,8 +245,9 @@ def test_two_workers_train_like_one_process(two_worker_run):
     # Training loss of every step (chief's TensorBoard) and the final test bits/dim.
     mw_loss, ref_loss = tb_scalars(run.mw_dir, "train/bpd"), tb_scalars(run.ref_dir, "train/bpd")
     assert sorted(mw_loss) == sorted(ref_loss) == [1, 2, 3, 4]
-    np.testing.assert_allclose([mw_loss[s] for s in range(1, 5)],
-                               [ref_loss[s] for s in range(1, 5)], rtol=1e-5)
+    np.testing.assert_allclose(
+        [mw_loss[s] for s in range(1, 5)], [ref_loss[s] for s in range(1, 5)], rtol=1e-5
+    )
     np.testing.assert_allclose(m0["result"]["test_bpd"], mref["result"]["test_bpd"], rtol=1e-5)
     assert m0["result"]["test_bpd"] == m1["result"]["test_bpd"]
     print(f"2 workers + reference: {run.seconds:.1f} s")
@@ -219,26 +256,34 @@ def test_two_workers_train_like_one_process(two_worker_run):
 def test_each_example_of_a_global_batch_goes_to_exactly_one_worker(two_worker_run):
     (_, w0), (_, w1) = (two_worker_run.dumps[k] for k in ("worker0", "worker1"))
     for name in ("digits", "mnist"):
-        glob = w0[f"shard_{name}_global"]                    # [3 batches, 8, H, W, C]
+        glob = w0[f"shard_{name}_global"]  # [3 batches, 8, H, W, C]
         np.testing.assert_array_equal(glob, w1[f"shard_{name}_global"])
         a, b = w0[f"shard_{name}_local"], w1[f"shard_{name}_local"]
         assert a.shape[1] == b.shape[1] == 4, (a.shape, b.shape)
         # Worker 0 holds the first half of every global batch, worker 1 the second.
         np.testing.assert_array_equal(np.concatenate([a, b], axis=1), glob, err_msg=name)
-        assert len({x.tobytes() for x in glob[0]}) > 1     # the batches are not constant
+        assert len({x.tobytes() for x in glob[0]}) > 1  # the batches are not constant
         # One process with 2 replicas splits the same way.
-        np.testing.assert_array_equal(two_worker_run.dumps["ref"][1][f"shard_{name}_local"],
-                                      glob, err_msg=name)
+        np.testing.assert_array_equal(
+            two_worker_run.dumps["ref"][1][f"shard_{name}_local"], glob, err_msg=name
+        )
 
 
 def test_only_the_chief_writes(two_worker_run):
     run = two_worker_run
     (m0, _), (m1, _) = run.dumps["worker0"], run.dumps["worker1"]
     assert m0["tmp_root"] is None
-    assert m1["tmp_root"] and not os.path.exists(m1["tmp_root"])   # deleted by worker 1
+    assert m1["tmp_root"] and not os.path.exists(m1["tmp_root"])  # deleted by worker 1
     names = set(os.listdir(run.mw_dir))
-    assert names == {".lock", "config.json", "ckpt", "ckpt_best", "samples", "tb",
-                     "results.json"}, names
+    assert names == {
+        ".lock",
+        "config.json",
+        "ckpt",
+        "ckpt_best",
+        "samples",
+        "tb",
+        "results.json",
+    }, names
     ckpts = sorted(n for n in os.listdir(run.mw_dir / "ckpt") if n.endswith(".index"))
     assert ckpts == ["ckpt-2.index", "ckpt-4.index"]
     assert os.listdir(run.mw_dir / "samples") == ["step_0000004.png"]
@@ -251,30 +296,42 @@ def test_only_the_chief_writes(two_worker_run):
 def test_watchdog_fires_only_without_progress():
     fired = []
     with trainer_main.ProgressWatchdog(0.4, on_timeout=fired.append) as dog:
-        for _ in range(8):          # 0.8 s of regular progress: no timeout
+        for _ in range(8):  # 0.8 s of regular progress: no timeout
             time.sleep(0.1)
             dog.tick()
         assert not fired
-        time.sleep(1.0)             # no progress
+        time.sleep(1.0)  # no progress
     assert len(fired) == 1 and fired[0] > 0.4
-    with trainer_main.ProgressWatchdog(0) as dog:     # disabled
+    with trainer_main.ProgressWatchdog(0) as dog:  # disabled
         assert dog._thread is None  # pylint: disable=protected-access
 
 
 def test_killed_worker_stops_the_survivor_and_a_restart_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    argv = [sys.executable, "train/main.py"] + TINY + [
-        "--strategy=multi_worker", "--steps=150", "--ckpt_every=2", "--eval_every=1000",
-        "--export_dir=", f"--out={run_dir}"]
+    argv = (
+        [sys.executable, "train/main.py"]
+        + TINY
+        + [
+            "--strategy=multi_worker",
+            "--steps=150",
+            "--ckpt_every=2",
+            "--eval_every=1000",
+            "--export_dir=",
+            f"--out={run_dir}",
+        ]
+    )
     procs = Processes()
     t0 = time.monotonic()
     try:
         cluster = cluster_of(2)
-        workers = [procs.start(argv, worker_env(tmp_path, cluster, i), tmp_path / f"a{i}.log")
-                   for i in range(2)]
+        workers = [
+            procs.start(argv, worker_env(tmp_path, cluster, i), tmp_path / f"a{i}.log")
+            for i in range(2)
+        ]
         while not os.path.exists(run_dir / "ckpt" / "ckpt-4.index"):
-            assert all(p.poll() is None for p in workers), \
-                [procs.output(p)[-3000:] for p in workers]
+            assert all(p.poll() is None for p in workers), [
+                procs.output(p)[-3000:] for p in workers
+            ]
             assert time.monotonic() - t0 < PROCESS_TIMEOUT, "no checkpoint written"
             time.sleep(0.05)
         procs.kill(workers[1])
@@ -292,8 +349,10 @@ def test_killed_worker_stops_the_survivor_and_a_restart_resumes(tmp_path):
         assert f"resumes from the chief's last checkpoint ({last})" in out
 
         cluster = cluster_of(2)
-        restarted = [procs.start(argv, worker_env(tmp_path, cluster, i), tmp_path / f"b{i}.log")
-                     for i in range(2)]
+        restarted = [
+            procs.start(argv, worker_env(tmp_path, cluster, i), tmp_path / f"b{i}.log")
+            for i in range(2)
+        ]
         deadline = time.monotonic() + PROCESS_TIMEOUT
         for p in restarted:
             assert procs.wait(p, deadline) == 0, procs.output(p)[-4000:]
@@ -304,5 +363,7 @@ def test_killed_worker_stops_the_survivor_and_a_restart_resumes(tmp_path):
             assert json.load(f)["step"] == 150
     finally:
         procs.kill_all()
-    print(f"survivor stopped {survivor_seconds:.1f} s after the kill; "
-          f"whole test {time.monotonic() - t0:.1f} s")
+    print(
+        f"survivor stopped {survivor_seconds:.1f} s after the kill; "
+        f"whole test {time.monotonic() - t0:.1f} s"
+    )

@@ -18,17 +18,18 @@ import pytest
 import scipy.optimize
 import tensorflow as tf
 
-from rflow_tf.layers import activations as ra
 from rflow_tf import norms as rn
+from rflow_tf.layers import activations as ra
 
 INF = math.inf
 
 
 # --------------------------------------------------------------------------- references
 
+
 def _np_norm(x, p):
     x = np.abs(np.ravel(x))
-    return x.max() if p == INF else (x ** p).sum() ** (1.0 / p)
+    return x.max() if p == INF else (x**p).sum() ** (1.0 / p)
 
 
 def _dual(p):
@@ -53,11 +54,11 @@ def _brute_force(a, p, q, samples=20000, refine=4, seed=0):
     m, n = a.shape
     if p == INF and n <= 16:
         return _rows_norm(_signs(n) @ a.T, q).max()
-    if q == 1 and m <= 20:           # ||A||_{p->1} = max_{s in {-1,1}^m} ||A^T s||_{p*}
+    if q == 1 and m <= 20:  # ||A||_{p->1} = max_{s in {-1,1}^m} ||A^T s||_{p*}
         return _rows_norm(_signs(m) @ a, _dual(p)).max()
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((samples, n))
-    x[samples // 2:] *= rng.exponential(size=(samples - samples // 2, n)) ** 3
+    x[samples // 2 :] *= rng.exponential(size=(samples - samples // 2, n)) ** 3
     ratios = _rows_norm(x @ a.T, q) / _rows_norm(x, p)
 
     def neg_ratio(z):
@@ -76,7 +77,7 @@ def _signs(n):
 
 def _rows_norm(x, p):
     x = np.abs(x)
-    return x.max(1) if p == INF else (x ** p).sum(1) ** (1.0 / p)
+    return x.max(1) if p == INF else (x**p).sum(1) ** (1.0 / p)
 
 
 def _matrix_ops(a):
@@ -91,6 +92,7 @@ def _conv_fns(h, w, cin):
     def conv_t(u, k):
         shape = tf.concat([tf.shape(u)[:-1], [k.shape[2]]], 0)
         return tf.nn.conv2d_transpose(u, k, output_shape=shape, strides=1, padding="SAME")
+
     return conv, conv_t
 
 
@@ -109,12 +111,13 @@ OPEN = [(2, 1), (2, 3), (3, 2), (1.5, 4), (4, 1.5), (INF, 1), (INF, 2), (INF, 3)
 
 # --------------------------------------------------------------------------- vectors
 
+
 @pytest.mark.parametrize("p", [1, 1.001, 1.5, 2, 3, 7.5, INF])
 def test_vector_norm_and_dual_direction(p):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, 6))
-    x[0, :3] = 0.0                        # zero entries
-    x[1] *= 1e-30                         # tiny scale: no underflow thanks to the max-scaling
+    x[0, :3] = 0.0  # zero entries
+    x[1] *= 1e-30  # tiny scale: no underflow thanks to the max-scaling
     got = rn.vector_norm(x, p, axis=1).numpy()
     np.testing.assert_allclose(got, [_np_norm(r, p) for r in x], rtol=1e-10)
     y = rn.dual_direction(tf.constant(x), p, axis=1).numpy()
@@ -140,6 +143,7 @@ def test_vector_norm_gradients_finite_at_zeros_and_match_finite_differences():
 
 # --------------------------------------------------------------------------- closed forms
 
+
 @pytest.mark.parametrize("p,q", CLOSED)
 def test_matrix_closed_forms_are_exact(p, q):
     rng = np.random.default_rng(2)
@@ -158,8 +162,9 @@ def test_matrix_closed_forms_are_exact(p, q):
 
 def test_matrix_spectral_norm_is_the_largest_singular_value():
     a = np.random.default_rng(3).standard_normal((6, 4))
-    np.testing.assert_allclose(rn.matrix_induced_norm(tf.constant(a), 2, 2).numpy(),
-                               np.linalg.norm(a, 2), rtol=1e-12)
+    np.testing.assert_allclose(
+        rn.matrix_induced_norm(tf.constant(a), 2, 2).numpy(), np.linalg.norm(a, 2), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("h,w", [(4, 4), (1, 5), (2, 2)])
@@ -170,8 +175,9 @@ def test_conv_closed_forms_match_the_dense_matrix(h, w, p, q):
     kernel = tf.constant(rng.standard_normal((3, 3, 2, 3)))
     conv, conv_t = _conv_fns(h, w, 2)
     got = rn.closed_form_induced_norm(conv, conv_t, kernel, [1, h, w, 2], p, q).numpy()
-    np.testing.assert_allclose(got, _exact_closed_form(_conv_matrix(kernel, h, w), p, q),
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        got, _exact_closed_form(_conv_matrix(kernel, h, w), p, q), rtol=1e-10
+    )
 
 
 def test_closed_form_refuses_other_orders():
@@ -184,9 +190,11 @@ def test_closed_form_refuses_other_orders():
 
 # --------------------------------------------------------------------------- power method
 
+
 def _check_estimate(apply, apply_t, a, shape, p, q, seed):
-    res = rn.induced_norm_power_method(apply, apply_t, shape, p, q, seed=[seed, 7],
-                                       dtype=tf.float64)
+    res = rn.induced_norm_power_method(
+        apply, apply_t, shape, p, q, seed=[seed, 7], dtype=tf.float64
+    )
     est = float(res.norm)
     # certificate: the estimate is attained by the returned v, so it is a lower bound
     v = res.v.numpy().ravel()
@@ -211,9 +219,10 @@ def test_power_method_on_a_padded_convolution_vs_brute_force(p, q):
     rng = np.random.default_rng(6)
     kernel = tf.constant(rng.standard_normal((3, 3, 1, 2)))
     conv, conv_t = _conv_fns(3, 3, 1)
-    a = _conv_matrix(kernel, 3, 3)                                        # 18 x 9
-    est = _check_estimate(lambda x: conv(x, kernel), lambda u: conv_t(u, kernel), a,
-                          [1, 3, 3, 1], p, q, 0)
+    a = _conv_matrix(kernel, 3, 3)  # 18 x 9
+    est = _check_estimate(
+        lambda x: conv(x, kernel), lambda u: conv_t(u, kernel), a, [1, 3, 3, 1], p, q, 0
+    )
     ref = np.linalg.norm(a, 2) if (p, q) == (2, 2) else _brute_force(a, p, q)
     assert est >= 0.99 * ref, (est, ref)
     if (p, q) == (2, 2):
@@ -224,13 +233,15 @@ def test_warm_start_after_a_small_update_needs_few_steps():
     rng = np.random.default_rng(7)
     a = rng.standard_normal((6, 5))
     apply, apply_t = _matrix_ops(a)
-    first = rn.induced_norm_power_method(apply, apply_t, [1, 5], 3, 1.5, seed=[1, 2],
-                                         dtype=tf.float64)
+    first = rn.induced_norm_power_method(
+        apply, apply_t, [1, 5], 3, 1.5, seed=[1, 2], dtype=tf.float64
+    )
     b = a + 1e-3 * rng.standard_normal(a.shape)
     apply_b, apply_bt = _matrix_ops(b)
     warm = rn.power_iteration(apply_b, apply_bt, first.v, 3, 1.5, tol=1e-9)
-    fresh = rn.induced_norm_power_method(apply_b, apply_bt, [1, 5], 3, 1.5, seed=[3, 4],
-                                         dtype=tf.float64)
+    fresh = rn.induced_norm_power_method(
+        apply_b, apply_bt, [1, 5], 3, 1.5, seed=[3, 4], dtype=tf.float64
+    )
     assert int(warm.iterations) < 30
     assert float(warm.norm[0]) >= 0.999 * float(fresh.norm)
     assert float(warm.norm[0]) >= 0.99 * _brute_force(b, 3, 1.5)
@@ -242,19 +253,22 @@ def test_lower_bound_gradient_is_the_norm_gradient_at_the_maximiser():
     a = tf.constant(np.random.default_rng(8).standard_normal((4, 3)))
     p = tf.constant(1.7, tf.float64)
     apply, apply_t = _matrix_ops(a.numpy())
-    v = rn.induced_norm_power_method(apply, apply_t, [1, 3], p, INF, seed=[0, 1],
-                                     dtype=tf.float64).v
+    v = rn.induced_norm_power_method(
+        apply, apply_t, [1, 3], p, INF, seed=[0, 1], dtype=tf.float64
+    ).v
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([a, p])
         lower = rn.induced_norm_lower_bound(lambda x: tf.linalg.matvec(a, x), v, p, INF)[0]
         exact = rn.matrix_induced_norm(a, p, INF)
     np.testing.assert_allclose(lower.numpy(), exact.numpy(), rtol=1e-9)
     for x in (a, p):
-        np.testing.assert_allclose(tape.gradient(lower, x).numpy(),
-                                   tape.gradient(exact, x).numpy(), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            tape.gradient(lower, x).numpy(), tape.gradient(exact, x).numpy(), rtol=1e-6, atol=1e-9
+        )
 
 
 # --------------------------------------------------------------------------- learnable orders
+
 
 def test_order_squashing_range_inverse_and_reference_points():
     raw = tf.constant([-1e3, -50.0, -5.0, -1.0, 0.0, 1.0, 5.0, 50.0, 1e3])
@@ -279,18 +293,26 @@ def test_learnable_order_gradients_finite_at_the_bounds(raw):
     w = tf.constant(rng.standard_normal((5, 4)), tf.float32)
     x = tf.constant([0.0, 1.0, -2.0, 0.0])
     r1, r2 = tf.Variable(raw), tf.Variable(-raw / 2)
+
     def apply(x):
         return tf.linalg.matvec(w, x)
+
     def apply_t(u):
         return tf.linalg.matvec(w, u, transpose_a=True)
+
     with tf.GradientTape() as tape:
         p, q = rn.order_from_unconstrained(r1), rn.order_from_unconstrained(r2)
-        res = rn.power_iteration(apply, apply_t, tf.random.stateless_normal([3, 4], [1, 2]),
-                                 p, q, max_iterations=50)
+        res = rn.power_iteration(
+            apply, apply_t, tf.random.stateless_normal([3, 4], [1, 2]), p, q, max_iterations=50
+        )
         sigma = rn.induced_norm_lower_bound(apply, res.v, p, q)
-        loss = (tf.reduce_sum(sigma) + rn.matrix_induced_norm(w, p, INF)
-                + rn.matrix_induced_norm(w, 1, q) + rn.vector_norm(x, p)
-                + tf.reduce_sum(rn.dual_direction(x, q)))
+        loss = (
+            tf.reduce_sum(sigma)
+            + rn.matrix_induced_norm(w, p, INF)
+            + rn.matrix_induced_norm(w, 1, q)
+            + rn.vector_norm(x, p)
+            + tf.reduce_sum(rn.dual_direction(x, q))
+        )
     grads = tape.gradient(loss, [r1, r2])
     assert np.isfinite(loss.numpy())
     assert all(g is not None and np.isfinite(g.numpy()) for g in grads)
@@ -311,10 +333,13 @@ def test_learning_chained_orders_by_gradient_steps_stays_finite():
             p = [rn.order_from_unconstrained(r) for r in raws]
             total = 0.0
             for i, w in enumerate(ws):
+
                 def apply(x, w=w):
                     return tf.linalg.matvec(w, x)
+
                 def apply_t(u, w=w):
                     return tf.linalg.matvec(w, u, transpose_a=True)
+
                 res = rn.power_iteration(apply, apply_t, vs[i], p[i], p[1 - i], max_iterations=5)
                 vs[i] = res.v
                 total += tf.reduce_max(rn.induced_norm_lower_bound(apply, res.v, p[i], p[1 - i]))
@@ -325,7 +350,7 @@ def test_learning_chained_orders_by_gradient_steps_stays_finite():
         seen += [float(x) for x in p]
     low, high = rn.LEARNABLE_ORDER_RANGE
     assert min(seen) >= low and max(seen) <= high
-    assert min(seen) < 1.01 or max(seen) > 4.99          # an end of the range was reached
+    assert min(seen) < 1.01 or max(seen) > 4.99  # an end of the range was reached
 
 
 def test_tensor_order_near_one_agrees_with_the_one_norm_closed_form():
@@ -334,13 +359,15 @@ def test_tensor_order_near_one_agrees_with_the_one_norm_closed_form():
     a = np.random.default_rng(10).standard_normal((5, 4))
     apply, apply_t = _matrix_ops(a)
     p = rn.order_from_unconstrained(tf.constant(-1e3, tf.float64))
-    est = rn.induced_norm_power_method(apply, apply_t, [1, 4], p, 2, seed=[5, 6],
-                                       dtype=tf.float64).norm.numpy()
+    est = rn.induced_norm_power_method(
+        apply, apply_t, [1, 4], p, 2, seed=[5, 6], dtype=tf.float64
+    ).norm.numpy()
     exact = _exact_closed_form(a, 1, 2)
     assert 0.99 * exact <= est <= exact * (1 + 1e-9)
 
 
 # --------------------------------------------------------------------------- orders and chaining
+
 
 def test_chain_orders_formats_and_errors():
     assert rn.chain_orders("2f1", 3) == [(2.0, INF), (INF, 1.0), (1.0, 2.0)]
@@ -365,23 +392,28 @@ def test_chained_network_is_lipschitz_in_its_one_norm():
     for inf->1, the exact maximum over the cube's vertices. Then
     ||g(x) - g(y)||_1 <= c ||x - y||_1 for every 1-Lipschitz activation phi."""
     rng = np.random.default_rng(11)
-    chain = rn.chain_orders("1ff", 3)                     # (1,inf), (inf,inf), (inf,1)
+    chain = rn.chain_orders("1ff", 3)  # (1,inf), (inf,inf), (inf,1)
     dims = [4, 8, 8, 4]
     ws = []
     for (p, q), n, m in zip(chain, dims[:-1], dims[1:]):
         w = tf.constant(rng.standard_normal((m, n)))
         if rn.has_closed_form(p, q):
             s = rn.matrix_induced_norm(w, p, q)
-        else:                                             # inf -> 1: exact by vertices
+        else:  # inf -> 1: exact by vertices
             s = _brute_force(w.numpy(), p, q)
         ws.append(w / s * 0.9 ** (1 / 3))
-    for act in [ra.LipschitzCube(dtype="float64"), ra.FullSort(dtype="float64"),
-                ra.MaxMin(dtype="float64")]:
+    for act in [
+        ra.LipschitzCube(dtype="float64"),
+        ra.FullSort(dtype="float64"),
+        ra.MaxMin(dtype="float64"),
+    ]:
+
         def g(x, act=act):
             h = x
             for i, w in enumerate(ws):
                 h = tf.linalg.matvec(w, h if i == 0 else act(h))
             return h
+
         x = tf.constant(rng.standard_normal((500, 4)) * 3)
         y = x + tf.constant(rng.standard_normal((500, 4)) * rng.exponential(size=(500, 1)))
         lhs = rn.vector_norm(g(x) - g(y), 1, axis=1).numpy()
@@ -390,6 +422,7 @@ def test_chained_network_is_lipschitz_in_its_one_norm():
 
 
 # --------------------------------------------------------------------------- activations
+
 
 @pytest.mark.parametrize("make", [ra.LipschitzCube, ra.FullSort, ra.MaxMin])
 def test_activations_are_1_lipschitz_in_every_p_norm(make):
@@ -403,7 +436,7 @@ def test_activations_are_1_lipschitz_in_every_p_norm(make):
         ratio = np.array([_np_norm(a, p) / _np_norm(b, p) for a, b in zip(dy, x - y)])
         assert ratio.max() <= 1 + 1e-12, p
         best = max(best, ratio.max())
-    assert best > 0.99        # and the bound is attained (within 1%), not trivially loose
+    assert best > 0.99  # and the bound is attained (within 1%), not trivially loose
 
 
 def test_activation_values_derivative_and_config():
@@ -416,10 +449,12 @@ def test_activation_values_derivative_and_config():
     y2, d, c = cube.value_and_derivative(x)
     np.testing.assert_allclose(c * d.numpy(), tape.gradient(y, x).numpy())
     np.testing.assert_allclose(c * y2.numpy(), y.numpy())
-    np.testing.assert_allclose(ra.FullSort()(tf.constant([[3.0, -1.0, 2.0]])).numpy(),
-                               [[-1.0, 2.0, 3.0]])
-    np.testing.assert_allclose(ra.MaxMin()(tf.constant([[1.0, 3.0, -2.0, -5.0]])).numpy(),
-                               [[3.0, -2.0, 1.0, -5.0]])
+    np.testing.assert_allclose(
+        ra.FullSort()(tf.constant([[3.0, -1.0, 2.0]])).numpy(), [[-1.0, 2.0, 3.0]]
+    )
+    np.testing.assert_allclose(
+        ra.MaxMin()(tf.constant([[1.0, 3.0, -2.0, -5.0]])).numpy(), [[3.0, -2.0, 1.0, -5.0]]
+    )
     with pytest.raises(ValueError, match="even, static number of features"):
         ra.MaxMin()(tf.zeros([2, 3]))
     for layer in [cube, ra.FullSort(name="s"), ra.MaxMin(name="m")]:

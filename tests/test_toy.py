@@ -15,20 +15,20 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from rflow_tf import layers as rlayers  # noqa: E402
+from rflow_tf import toy  # noqa: E402
 from rflow_tf.bijectors import IResBlock  # noqa: E402
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
-from rflow_tf import toy  # noqa: E402
 
 
 def _brute_force_slogdet(fn, x):
     """slogdet of the full Jacobian of fn at each row of x (tape.jacobian, per example)."""
     out = []
     for i in range(x.shape[0]):
-        xi = tf.constant(x[i:i + 1])
+        xi = tf.constant(x[i : i + 1])
         with tf.GradientTape() as tape:
             tape.watch(xi)
             yi = fn(xi)
-        jac = tape.jacobian(yi, xi)[0, :, 0, :]          # [2, 2]
+        jac = tape.jacobian(yi, xi)[0, :, 0, :]  # [2, 2]
         out.append(np.linalg.slogdet(jac.numpy())[1])
     return np.array(out)
 
@@ -56,7 +56,7 @@ def test_exact_logdet_matches_slogdet_of_brute_force_jacobian():
     y, ld = block.forward_and_log_det(tf.constant(x))
     ld = ld.numpy()
     assert ld.shape == (6,)
-    assert np.max(np.abs(ld)) > 1e-2          # a non-trivial Jacobian
+    assert np.max(np.abs(ld)) > 1e-2  # a non-trivial Jacobian
     forward = block.forward
     np.testing.assert_allclose(ld, _brute_force_slogdet(forward, x), atol=1e-10)
     np.testing.assert_allclose(ld, _finite_difference_slogdet(forward, x), atol=1e-6)
@@ -77,19 +77,21 @@ def test_flow_log_prob_exact_is_change_of_variables_of_whole_flow():
 
     z = f(tf.constant(x))
     expected = toy.standard_normal_log_prob(z).numpy() + _brute_force_slogdet(f, x)
-    np.testing.assert_allclose(flow.log_prob_exact(tf.constant(x)).numpy(), expected,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        flow.log_prob_exact(tf.constant(x)).numpy(), expected, rtol=1e-4, atol=1e-4
+    )
     # The sampler inverts the flow: f(sample) matches the latent it came from.
     s = flow.sample(64, seed=3)
-    np.testing.assert_allclose(f(s).numpy(), tf.random.stateless_normal([64, 2], [3, 0]).numpy(),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        f(s).numpy(), tf.random.stateless_normal([64, 2], [3, 0]).numpy(), atol=1e-3
+    )
 
 
 def test_power_iterate_all_matches_per_layer_power_iteration():
     tf.keras.utils.set_random_seed(3)
     nets = [rlayers.lipschitz_dense_net(2, (8, 8), coeff=0.9, name=f"pi_{i}") for i in range(2)]
     layers = rlayers.lipschitz_layers(nets)
-    for layer in layers:                      # perturb: state far from converged
+    for layer in layers:  # perturb: state far from converged
         layer.kernel.assign(layer.kernel * 3.0 + 0.1)
     start = [(layer.u.numpy(), layer.v.numpy()) for layer in layers]
     for layer in layers:
@@ -109,20 +111,39 @@ def _is_png(path):
     with open(path, "rb") as f:
         head = f.read(24)
     assert head[:8] == b"\x89PNG\r\n\x1a\n"
-    return struct.unpack(">II", head[16:24])     # width, height
+    return struct.unpack(">II", head[16:24])  # width, height
 
 
-_SMALL = ["--blocks", "2", "--hidden", "16-16", "--iters", "30", "--batch_size", "200",
-          "--n_test", "1000", "--grid", "40", "--n_plot_samples", "500", "--log_every", "10"]
+_SMALL = [
+    "--blocks",
+    "2",
+    "--hidden",
+    "16-16",
+    "--iters",
+    "30",
+    "--batch_size",
+    "200",
+    "--n_test",
+    "1000",
+    "--grid",
+    "40",
+    "--n_plot_samples",
+    "500",
+    "--log_every",
+    "10",
+]
 
 
-@pytest.mark.parametrize("model,data,extra", [
-    ("resflow", "moons", ["--actnorm", "--eval_every", "10", "--plot_every", "20"]),
-    ("iresnet", "8gaussians", ["--n_power_series", "3"]),
-    ("coupling", "checkerboard", ["--actnorm"]),
-    ("naf", "moons", []),
-    ("mixlogcdf", "moons", []),
-])
+@pytest.mark.parametrize(
+    "model,data,extra",
+    [
+        ("resflow", "moons", ["--actnorm", "--eval_every", "10", "--plot_every", "20"]),
+        ("iresnet", "8gaussians", ["--n_power_series", "3"]),
+        ("coupling", "checkerboard", ["--actnorm"]),
+        ("naf", "moons", []),
+        ("mixlogcdf", "moons", []),
+    ],
+)
 def test_short_run_writes_png_and_finite_test_nll(tmp_path, capsys, model, data, extra):
     result = toy.run(["--data", data, "--model", model, "--out", str(tmp_path)] + _SMALL + extra)
     assert np.isfinite(result["test_nll"])
@@ -130,7 +151,7 @@ def test_short_run_writes_png_and_finite_test_nll(tmp_path, capsys, model, data,
     assert result["sec_per_iter"] > 0
     assert result["png"] == os.path.join(str(tmp_path), f"{data}_{model}.png")
     width, height = _is_png(result["png"])
-    assert width > 2 * height                  # three panels side by side
+    assert width > 2 * height  # three panels side by side
     assert result["density"].shape == (40, 40) and np.all(np.isfinite(result["density"]))
     out = capsys.readouterr().out
     assert "it/s" in out and "ETA" in out and "test NLL" in out
@@ -139,10 +160,19 @@ def test_short_run_writes_png_and_finite_test_nll(tmp_path, capsys, model, data,
 
 
 def test_reused_trainer_reproduces_a_fresh_run(tmp_path):
-    args = ["--data", "rings", "--model", "coupling", "--out", str(tmp_path), "--quiet",
-            "--seed", "7"] + _SMALL
+    args = [
+        "--data",
+        "rings",
+        "--model",
+        "coupling",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--seed",
+        "7",
+    ] + _SMALL
     first = toy.run(args, reuse_trainer=True)
-    second = toy.run(args, reuse_trainer=True)     # weights and Adam reset, no retrace
+    second = toy.run(args, reuse_trainer=True)  # weights and Adam reset, no retrace
     assert second["trace_s"] == 0.0
     np.testing.assert_allclose(second["test_nll"], first["test_nll"], rtol=1e-5)
 
@@ -156,8 +186,13 @@ def test_unknown_dataset_in_process_lists_valid_names():
 
 
 def test_unknown_dataset_cli_exits_with_clear_message():
-    proc = subprocess.run([sys.executable, "-m", "train.toy", "--data", "not_a_density"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train.toy", "--data", "not_a_density"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     assert "not_a_density" in proc.stderr
@@ -177,8 +212,9 @@ def test_default_toy_nets_are_the_references():
     assert np.abs(dense[0].kernel.numpy()).max() <= 1 / np.sqrt(2)
     assert np.abs(dense[-1].kernel.numpy()).max() <= 1e-3 / np.sqrt(32)
     x = tf.random.normal([64, 2])
-    g = net(x) - dense[-1].bias       # the last layer's output without its bias
+    g = net(x) - dense[-1].bias  # the last layer's output without its bias
     assert float(tf.reduce_max(tf.abs(g))) < 1e-2
-    old = toy.build_flow("resflow", blocks=1, hidden=(32,), init="glorot", preactivation=False,
-                         last_layer_scale=1.0)
+    old = toy.build_flow(
+        "resflow", blocks=1, hidden=(32,), init="glorot", preactivation=False, last_layer_scale=1.0
+    )
     assert isinstance(old.keras_models[0].layers[0], rlayers.LipschitzDense)

@@ -23,8 +23,16 @@ if REPO not in sys.path:
 
 from train import main as trainer_main  # noqa: E402
 
-TINY = ["--preset=tiny", "--n_blocks=1", "--fc_end=false", "--hidden_channels=4",
-        "--export_dir=", "--log_every=1", "--n_sample_images=4", "--download=false"]
+TINY = [
+    "--preset=tiny",
+    "--n_blocks=1",
+    "--fc_end=false",
+    "--hidden_channels=4",
+    "--export_dir=",
+    "--log_every=1",
+    "--n_sample_images=4",
+    "--download=false",
+]
 
 
 def run_args(tmp_path, *extra):
@@ -32,62 +40,140 @@ def run_args(tmp_path, *extra):
 
 
 def values(variables):
-    return [np.array(tf.convert_to_tensor(trainer_main._var(v)))  # pylint: disable=protected-access
-            for v in variables]
+    return [
+        np.array(tf.convert_to_tensor(trainer_main._var(v)))  # pylint: disable=protected-access
+        for v in variables
+    ]
 
 
 def test_help_lists_the_flags():
     text = trainer_main.build_parser().format_help()
-    for flag in ("--dataset", "--preset", "--batch_size", "--epochs", "--steps", "--lr",
-                 "--warmup_steps", "--ema_decay", "--grad_clip", "--accumulate",
-                 "--n_exact_terms", "--dist", "--neumann_grad", "--grad_in_forward", "--out",
-                 "--seed", "--eval_every", "--sample_every", "--strategy", "--cpu_devices",
-                 "--data_dir", "--jit_compile", "--export_dir", "--export_only",
-                 "--logdet", "--n_terms", "--coeff", "--squeeze_first", "--kernels", "--actnorm",
-                 "--first_resblock", "--n_samples", "--rate", "--p", "--fc_hidden",
-                 "--logit_alpha", "--logdet_eval", "--init"):
+    for flag in (
+        "--dataset",
+        "--preset",
+        "--batch_size",
+        "--epochs",
+        "--steps",
+        "--lr",
+        "--warmup_steps",
+        "--ema_decay",
+        "--grad_clip",
+        "--accumulate",
+        "--n_exact_terms",
+        "--dist",
+        "--neumann_grad",
+        "--grad_in_forward",
+        "--out",
+        "--seed",
+        "--eval_every",
+        "--sample_every",
+        "--strategy",
+        "--cpu_devices",
+        "--data_dir",
+        "--jit_compile",
+        "--export_dir",
+        "--export_only",
+        "--logdet",
+        "--n_terms",
+        "--coeff",
+        "--squeeze_first",
+        "--kernels",
+        "--actnorm",
+        "--first_resblock",
+        "--n_samples",
+        "--rate",
+        "--p",
+        "--fc_hidden",
+        "--logit_alpha",
+        "--logdet_eval",
+        "--init",
+    ):
         assert flag in text, flag
     args = trainer_main.parse_args([])
     spec = trainer_main.resolve_run(args)
     assert spec.dataset == "digits" and spec.preset == "digits_small"
     assert spec.run_dir == os.path.join("runs", "digits_digits_small")
     assert spec.export_dir == os.path.join("saved_models", "digits_digits_small")
-    spec = trainer_main.resolve_run(trainer_main.parse_args(
-        ["--dataset=celeb_a_hq", "--neumann_grad=false", "--epochs=1"]))
+    spec = trainer_main.resolve_run(
+        trainer_main.parse_args(["--dataset=celeb_a_hq", "--neumann_grad=false", "--epochs=1"])
+    )
     assert spec.flow.n_bits == 5 and spec.flow.input_shape == (256, 256, 3)
     assert not spec.flow.neumann_grad and not spec.flow.grad_in_forward
     assert spec.hparams["batch_size"] == 8 and spec.hparams["accumulate"] == 5
     assert spec.hparams["steps"] == 27000 // 40 + (27000 % 40 > 0)
     with pytest.raises(trainer_main.UsageError):
         trainer_main.resolve_run(trainer_main.parse_args(["--preset=nope"]))
-    spec = trainer_main.resolve_run(trainer_main.parse_args(
-        ["--logdet=truncated", "--n_terms=10", "--first_resblock=false", "--coeff=0.9",
-         "--kernels=3-3", "--actnorm=false", "--fc_hidden=32-32", "--squeeze_first",
-         "--logit_alpha=0.05", "--n_samples=2", "--dist=geometric", "--p=0.3", "--rate=3"]))
+    spec = trainer_main.resolve_run(
+        trainer_main.parse_args(
+            [
+                "--logdet=truncated",
+                "--n_terms=10",
+                "--first_resblock=false",
+                "--coeff=0.9",
+                "--kernels=3-3",
+                "--actnorm=false",
+                "--fc_hidden=32-32",
+                "--squeeze_first",
+                "--logit_alpha=0.05",
+                "--n_samples=2",
+                "--dist=geometric",
+                "--p=0.3",
+                "--rate=3",
+            ]
+        )
+    )
     f = spec.flow
-    assert (f.logdet, f.n_terms, f.first_resblock, f.coeff, f.kernels, f.actnorm, f.fc_hidden,
-            f.squeeze_first, f.logit_alpha, f.n_samples, f.dist, f.p, f.rate) == (
-        "truncated", 10, False, 0.9, "3-3", False, (32, 32), True, 0.05, 2, "geometric", 0.3, 3.0)
+    assert (
+        f.logdet,
+        f.n_terms,
+        f.first_resblock,
+        f.coeff,
+        f.kernels,
+        f.actnorm,
+        f.fc_hidden,
+        f.squeeze_first,
+        f.logit_alpha,
+        f.n_samples,
+        f.dist,
+        f.p,
+        f.rate,
+    ) == ("truncated", 10, False, 0.9, "3-3", False, (32, 32), True, 0.05, 2, "geometric", 0.3, 3.0)
     assert f.logdet_eval_mode == "unbiased"
-    for bad, name in (["--coeff=1.2"], "coeff"), (["--p=0"], "p"), (["--kernels=3-2"], "kernels"), \
-            (["--logit_alpha=0.5"], "logit_alpha"), (["--n_terms=0"], "n_terms"), \
-            (["--rate=-1"], "rate"), (["--n_samples=0"], "n_samples"):
+    for bad, name in (
+        (["--coeff=1.2"], "coeff"),
+        (["--p=0"], "p"),
+        (["--kernels=3-2"], "kernels"),
+        (["--logit_alpha=0.5"], "logit_alpha"),
+        (["--n_terms=0"], "n_terms"),
+        (["--rate=-1"], "rate"),
+        (["--n_samples=0"], "n_samples"),
+    ):
         with pytest.raises(trainer_main.UsageError, match=f"FlowConfig.{name} must"):
             trainer_main.resolve_run(trainer_main.parse_args(bad))
     with pytest.raises(trainer_main.UsageError, match="squeezed"):
-        trainer_main.resolve_run(trainer_main.parse_args(["--dataset=mnist",
-                                                          "--n_blocks=1-1-1-1"]))
+        trainer_main.resolve_run(trainer_main.parse_args(["--dataset=mnist", "--n_blocks=1-1-1-1"]))
 
 
-@pytest.mark.parametrize("dataset, extra", [
-    ("mnist", []),
-    ("cifar10", ["--accumulate=2"]),
-    ("celeb_a_hq", ["--batch_size=2"]),
-])
+@pytest.mark.parametrize(
+    "dataset, extra",
+    [
+        ("mnist", []),
+        ("cifar10", ["--accumulate=2"]),
+        ("celeb_a_hq", ["--batch_size=2"]),
+    ],
+)
 def test_pipeline_on_mock_data(tmp_path, dataset, extra):
     with tfds.testing.mock_data(num_examples=8):
-        args = run_args(tmp_path, f"--dataset={dataset}", "--steps=2", "--batch_size=4",
-                        "--eval_examples=4", "--data_dir", str(tmp_path / "tfds"), *extra)
+        args = run_args(
+            tmp_path,
+            f"--dataset={dataset}",
+            "--steps=2",
+            "--batch_size=4",
+            "--eval_examples=4",
+            "--data_dir",
+            str(tmp_path / "tfds"),
+            *extra,
+        )
         result = trainer_main.train(args)
     assert result["step"] == 2
     assert np.isfinite(result["test_bpd"])
@@ -106,8 +192,11 @@ def test_resume_continues_with_same_state(tmp_path):
     first = trainer_main.Trainer(run_args(tmp_path, *common))
     r1 = first.train()
     assert r1["step"] == 2 and int(first.optimizer.iterations.numpy()) == 2
-    saved = {"opt": values(first.optimizer.variables), "ema": values(first.ema_vars),
-             "model": values(first.model.variables)}
+    saved = {
+        "opt": values(first.optimizer.variables),
+        "ema": values(first.ema_vars),
+        "model": values(first.model.variables),
+    }
 
     # Rerun with more steps: restores step, optimizer, EMA and ActNorm state.
     second = trainer_main.Trainer(run_args(tmp_path, *common[1:], "--steps=3"))
@@ -115,8 +204,11 @@ def test_resume_continues_with_same_state(tmp_path):
     assert second.restore_or_initialize() is not None
     assert int(second.step.numpy()) == 2
     assert second.model.is_initialized
-    for key, vs in (("opt", second.optimizer.variables), ("ema", second.ema_vars),
-                    ("model", second.model.variables)):
+    for key, vs in (
+        ("opt", second.optimizer.variables),
+        ("ema", second.ema_vars),
+        ("model", second.model.variables),
+    ):
         for a, b in zip(saved[key], values(vs)):
             np.testing.assert_array_equal(a, b)
     # Training is not reinitialised from data: ActNorm keeps its restored values.
@@ -142,16 +234,25 @@ def test_resume_continues_with_same_state(tmp_path):
     for a, b in zip(seen["weights"], values(second.ema_vars)):
         np.testing.assert_array_equal(a, b)
     # ... and the training weights are back afterwards.
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(values(second.model.trainable_variables), values(second.ema_vars)))
+    assert any(
+        not np.array_equal(a, b)
+        for a, b in zip(values(second.model.trainable_variables), values(second.ema_vars))
+    )
 
 
 def test_truncated_training_reports_true_and_training_estimate(tmp_path, capsys):
     # An i-ResNet (truncated series) is evaluated with the unbiased estimator, and
     # the log shows the training estimator's figure beside it.
-    trainer = trainer_main.Trainer(run_args(tmp_path, "--steps=1", "--batch_size=8",
-                                            "--eval_examples=8", "--logdet=truncated",
-                                            "--n_terms=1"))
+    trainer = trainer_main.Trainer(
+        run_args(
+            tmp_path,
+            "--steps=1",
+            "--batch_size=8",
+            "--eval_examples=8",
+            "--logdet=truncated",
+            "--n_terms=1",
+        )
+    )
     trainer.train()
     out = capsys.readouterr().out
     assert "unbiased log-det, 20 exact terms" in out
@@ -162,32 +263,55 @@ def test_truncated_training_reports_true_and_training_estimate(tmp_path, capsys)
 
 
 def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys):
-    args = run_args(tmp_path, "--steps=3", "--batch_size=8", "--eval_examples=8",
-                    "--ckpt_every=1", "--inject_nan_steps=2", "--max_nan_steps=2")
+    args = run_args(
+        tmp_path,
+        "--steps=3",
+        "--batch_size=8",
+        "--eval_examples=8",
+        "--ckpt_every=1",
+        "--inject_nan_steps=2",
+        "--max_nan_steps=2",
+    )
     trainer = trainer_main.Trainer(args)
     result = trainer.train()
     assert result["step"] == 3
-    assert int(trainer.optimizer.iterations.numpy()) == 2     # step 2 was skipped
+    assert int(trainer.optimizer.iterations.numpy()) == 2  # step 2 was skipped
     assert "step 2: non-finite loss" in capsys.readouterr().err
 
     # Two NaN steps in a row stop training; the last good checkpoint stays.
-    args = run_args(tmp_path, "--steps=6", "--batch_size=8", "--eval_examples=8",
-                    "--ckpt_every=1", "--inject_nan_steps=5,6", "--max_nan_steps=2")
+    args = run_args(
+        tmp_path,
+        "--steps=6",
+        "--batch_size=8",
+        "--eval_examples=8",
+        "--ckpt_every=1",
+        "--inject_nan_steps=5,6",
+        "--max_nan_steps=2",
+    )
     trainer = trainer_main.Trainer(args)
     with pytest.raises(trainer_main.TrainingDivergedError, match="ckpt-4"):
         trainer.train()
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-4")
     # Through main(): exit status 3 and a one-line message, no traceback.
     capsys.readouterr()
-    code = trainer_main.main(TINY + [f"--out={tmp_path}", "--steps=6", "--batch_size=8",
-                                     "--inject_nan_steps=5,6", "--max_nan_steps=2"])
+    code = trainer_main.main(
+        TINY
+        + [
+            f"--out={tmp_path}",
+            "--steps=6",
+            "--batch_size=8",
+            "--inject_nan_steps=5,6",
+            "--max_nan_steps=2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3 and "consecutive non-finite steps" in err and "Traceback" not in err
 
 
 def test_missing_dataset_message(tmp_path, capsys):
-    code = trainer_main.main(TINY + ["--dataset=mnist", f"--data_dir={tmp_path / 'none'}",
-                                     f"--out={tmp_path / 'run'}"])
+    code = trainer_main.main(
+        TINY + ["--dataset=mnist", f"--data_dir={tmp_path / 'none'}", f"--out={tmp_path / 'run'}"]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "mnist" in err and "not found" in err and "--data_dir" in err
@@ -195,7 +319,7 @@ def test_missing_dataset_message(tmp_path, capsys):
 
 
 def test_model_config_mismatch_is_refused(tmp_path, capsys):
-    trainer_main.Trainer(run_args(tmp_path))          # writes config.json
+    trainer_main.Trainer(run_args(tmp_path))  # writes config.json
     code = trainer_main.main(TINY + [f"--out={tmp_path}", "--hidden_channels=8"])
     assert code == 2 and "different model configuration" in capsys.readouterr().err
 
@@ -211,8 +335,11 @@ def test_version_1_run_dir_resumes_with_its_old_architecture(tmp_path):
         json.dump(old, f)
     trainer = trainer_main.Trainer(run_args(tmp_path))
     cfg = trainer.flow_config
-    assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order) == (1, False,
-                                                                           "space_to_depth")
+    assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order) == (
+        1,
+        False,
+        "space_to_depth",
+    )
     assert isinstance(trainer.model.stages[1], trainer_main.models.rbij.ActNorm)
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["flow_config"]["config_version"] == 1
@@ -255,14 +382,24 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
-    argv = TINY + [f"--out={tmp_path}", "--cpu_devices=2", "--steps=3", "--batch_size=8",
-                   "--eval_examples=16"]
+    argv = TINY + [
+        f"--out={tmp_path}",
+        "--cpu_devices=2",
+        "--steps=3",
+        "--batch_size=8",
+        "--eval_examples=16",
+    ]
     script = _MIRRORED_SCRIPT.format(repo=REPO, argv=argv)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=600, cwd=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=str(tmp_path),
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    out = json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT ") :])
     assert out["strategy"] == "MirroredStrategy" and out["replicas"] == 2
     assert out["iterations"] == 3 and np.isfinite(out["test_bpd"])
     assert out["diffs"] == {"model": 0.0, "ema": 0.0, "optimizer": 0.0}, out["diffs"]
@@ -281,17 +418,27 @@ def run_main(argv):
         return e.code
 
 
-@pytest.mark.parametrize("flag", ["--lr=inf", "--grad_clip=nan", "--n_blocks=-1",
-                                  "--ckpt_every=0", "--cpu_devices=-1", "--keep_best=0",
-                                  "--eval_examples=-5", "--temperature=-1",
-                                  "--n_sample_images=0"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--lr=inf",
+        "--grad_clip=nan",
+        "--n_blocks=-1",
+        "--ckpt_every=0",
+        "--cpu_devices=-1",
+        "--keep_best=0",
+        "--eval_examples=-5",
+        "--temperature=-1",
+        "--n_sample_images=0",
+    ],
+)
 def test_bad_flag_is_rejected_before_any_work(tmp_path, capsys, flag):
     out = tmp_path / "run"
     code = run_main(TINY + [f"--out={out}", "--steps=1", flag])
     err = capsys.readouterr().err
     name = flag.split("=")[0]
     assert code == 2 and name in err and "Traceback" not in err, err
-    assert not out.exists()                       # nothing was started
+    assert not out.exists()  # nothing was started
 
 
 def test_flag_constraints_name_real_flags():
@@ -299,7 +446,7 @@ def test_flag_constraints_name_real_flags():
     dests = {a.dest for a in parser._actions}  # pylint: disable=protected-access
     for flag, _, _ in trainer_main.FLAG_CONSTRAINTS:
         assert flag in dests, flag
-    trainer_main.check_flags(trainer_main.parse_args([]))        # the defaults pass
+    trainer_main.check_flags(trainer_main.parse_args([]))  # the defaults pass
 
 
 _HOLD_LOCK = textwrap.dedent("""
@@ -319,12 +466,14 @@ def test_run_dir_lock_refuses_a_second_trainer_and_dies_with_its_holder(tmp_path
     code = trainer_main.main(TINY + [f"--out={tmp_path}", "--seed=5"])
     err = capsys.readouterr().err
     assert code == 2 and "in use by another trainer" in err and f"pid {os.getpid()}" in err
-    assert (tmp_path / "config.json").read_text() == config        # nothing overwritten
+    assert (tmp_path / "config.json").read_text() == config  # nothing overwritten
     first.close()
     # A holder killed with SIGKILL (no cleanup at all) leaves no stale lock.
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK.format(repo=REPO,
-                                                                     run_dir=str(tmp_path))],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK.format(repo=REPO, run_dir=str(tmp_path))],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(trainer_main.RunDirLockedError, match=f"pid {proc.pid}"):
@@ -337,13 +486,23 @@ def test_run_dir_lock_refuses_a_second_trainer_and_dies_with_its_holder(tmp_path
 
 # Exact resume does not depend on the log-det gradient estimator; the plain backward
 # traces about 4x faster than the Neumann one.
-RESUME = ["--steps=4", "--batch_size=8", "--eval_examples=8", "--ckpt_every=2",
-          "--eval_every=3", "--sample_every=100", "--neumann_grad=false"]
+RESUME = [
+    "--steps=4",
+    "--batch_size=8",
+    "--eval_examples=8",
+    "--ckpt_every=2",
+    "--eval_every=3",
+    "--sample_every=100",
+    "--neumann_grad=false",
+]
 
 
 def state_of(trainer):
-    return {"model": values(trainer.model.variables), "ema": values(trainer.ema_vars),
-            "optimizer": values(trainer.optimizer.variables)}
+    return {
+        "model": values(trainer.model.variables),
+        "ema": values(trainer.ema_vars),
+        "optimizer": values(trainer.optimizer.variables),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -352,21 +511,23 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     trainer = trainer_main.Trainer(run_args(out, *RESUME))
     trainer.train()
-    assert sorted(f for f in os.listdir(out / "ckpt") if f.endswith(".index")) == \
-        ["ckpt-2.index", "ckpt-4.index"]
+    assert sorted(f for f in os.listdir(out / "ckpt") if f.endswith(".index")) == [
+        "ckpt-2.index",
+        "ckpt-4.index",
+    ]
     return out, state_of(trainer)
 
 
 def test_resume_after_a_kill_at_a_random_step_is_bit_identical(trained_run, tmp_path, capsys):
-    k = int(np.random.default_rng().integers(1, 4))       # a random step in 1..3
+    k = int(np.random.default_rng().integers(1, 4))  # a random step in 1..3
     crashed = trainer_main.Trainer(run_args(tmp_path, *RESUME, f"--inject_crash_step={k}"))
     with pytest.raises(RuntimeError, match=f"injected crash after step {k}"):
         crashed.train()
-    assert not crashed.lock.held                             # released on the way out
+    assert not crashed.lock.held  # released on the way out
     resumed = trainer_main.Trainer(run_args(tmp_path, *RESUME))
     resumed.train()
     log = capsys.readouterr().out
-    if k >= 3:      # steps after ckpt-2 are trained again (a crash after step 2 precedes its save)
+    if k >= 3:  # steps after ckpt-2 are trained again (a crash after step 2 precedes its save)
         assert f"resumed from {tmp_path / 'ckpt' / 'ckpt-2'} at step 2" in log, (k, log)
     expected = trained_run[1]
     for group, arrays in state_of(resumed).items():
@@ -390,8 +551,7 @@ def restored(run_dir, *extra):
 
 
 @pytest.mark.parametrize("damage", ["deleted", "garbage"])
-def test_lost_state_file_recovers_from_the_checkpoint_files(trained_run, tmp_path, capsys,
-                                                            damage):
+def test_lost_state_file_recovers_from_the_checkpoint_files(trained_run, tmp_path, capsys, damage):
     run = copy_run(trained_run[0], tmp_path / "run")
     state = run / "ckpt" / "checkpoint"
     if damage == "deleted":
@@ -399,14 +559,15 @@ def test_lost_state_file_recovers_from_the_checkpoint_files(trained_run, tmp_pat
     else:
         state.write_bytes(b"\x00garbage {{{ not a CheckpointState")
     ckpt = run / "ckpt"
-    (ckpt / "ckpt-1.index").write_bytes((ckpt / "ckpt-2.index").read_bytes())   # an old one
+    (ckpt / "ckpt-1.index").write_bytes((ckpt / "ckpt-2.index").read_bytes())  # an old one
     (ckpt / "ckpt-1.data-00000-of-00001").write_bytes(
-        (ckpt / "ckpt-2.data-00000-of-00001").read_bytes())
+        (ckpt / "ckpt-2.data-00000-of-00001").read_bytes()
+    )
     trainer = trainer_main.Trainer(run_args(run, *RESUME))
     path = trainer.restore_or_initialize()
     assert path == str(ckpt / "ckpt-4") and int(trainer.step.numpy()) == 4
     assert ("missing" if damage == "deleted" else "unreadable") in capsys.readouterr().err
-    assert tf.train.latest_checkpoint(str(ckpt)) == path                 # state repaired
+    assert tf.train.latest_checkpoint(str(ckpt)) == path  # state repaired
     # Saving on (max_to_keep=2) rotates only what this run writes: ckpt-5 goes, while the
     # recovered ckpt-4 and the unlisted ckpt-1, ckpt-2 are never deleted nor overwritten.
     for step in (5, 6, 7):
@@ -418,11 +579,12 @@ def test_lost_state_file_recovers_from_the_checkpoint_files(trained_run, tmp_pat
 
 def truncate(path, keep=0.5):
     raw = path.read_bytes()
-    path.write_bytes(raw[:int(len(raw) * keep)])
+    path.write_bytes(raw[: int(len(raw) * keep)])
 
 
-def test_corrupt_newest_checkpoint_falls_back_and_none_restoring_stops(trained_run, tmp_path,
-                                                                        capsys):
+def test_corrupt_newest_checkpoint_falls_back_and_none_restoring_stops(
+    trained_run, tmp_path, capsys
+):
     run = copy_run(trained_run[0], tmp_path / "run")
     ckpt = run / "ckpt"
     truncate(ckpt / "ckpt-4.data-00000-of-00001")
@@ -430,14 +592,14 @@ def test_corrupt_newest_checkpoint_falls_back_and_none_restoring_stops(trained_r
     err = capsys.readouterr().err
     assert path == str(ckpt / "ckpt-2") and step == 2
     assert "ckpt-4 does not restore" in err and "resumed from the older checkpoint" in err
-    assert (ckpt / "unrestorable" / "ckpt-4.index").exists()            # kept, moved aside
+    assert (ckpt / "unrestorable" / "ckpt-4.index").exists()  # kept, moved aside
     assert tf.train.latest_checkpoint(str(ckpt)) == path
 
-    truncate(ckpt / "ckpt-2.index")                      # now nothing restores: stop
+    truncate(ckpt / "ckpt-2.index")  # now nothing restores: stop
     code = trainer_main.main(TINY + [f"--out={run}"] + RESUME)
     err = capsys.readouterr().err
     assert code == 2 and "none of the 1 checkpoint(s)" in err and "Traceback" not in err
-    assert (ckpt / "ckpt-2.index").exists()                              # nothing deleted
+    assert (ckpt / "ckpt-2.index").exists()  # nothing deleted
 
 
 def test_leftovers_of_a_kill_mid_save_are_cleaned_and_skipped(trained_run, tmp_path, capsys):
@@ -450,7 +612,7 @@ def test_leftovers_of_a_kill_mid_save_are_cleaned_and_skipped(trained_run, tmp_p
         (d / "part-00000-of-00001.data-00000-of-00001").write_bytes(b"partial")
     (ckpt / "ckpt-6.index").write_bytes((ckpt / "ckpt-4.index").read_bytes()[:20])
     (ckpt / "ckpt-6.data-00000-of-00001").write_bytes(b"")
-    (ckpt / "notes_temp").mkdir()                        # not ours: left alone
+    (ckpt / "notes_temp").mkdir()  # not ours: left alone
     path, step = restored(run)
     assert path == str(ckpt / "ckpt-4") and step == 4
     assert not (ckpt / "ckpt-6_temp").exists() and not (best / "best-6_temp").exists()

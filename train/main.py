@@ -85,6 +85,7 @@ import sys
 
 import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
 from rflow_tf import data, models, training
+
 # The library names this script has always offered (train.main.X keeps working).
 from rflow_tf.training import (  # noqa: F401
     FLAG_CONSTRAINTS,
@@ -131,10 +132,34 @@ __all__ = [
 #: The flags that are FlowConfig fields (the architecture); every other flag but
 #: --export_only is a TrainingOptions field of the same name.
 ARCHITECTURE_FLAGS = (
-    "n_bits", "logdet", "logdet_eval", "n_terms", "n_exact_terms", "dist", "rate", "p",
-    "n_samples", "neumann_grad", "grad_in_forward", "n_blocks", "hidden_channels", "activation",
-    "logit_alpha", "factor_out", "fc_end", "fc_hidden", "kernels", "coeff", "actnorm",
-    "first_resblock", "squeeze_first", "init", "block", "invertible_1x1", "init_layer")
+    "n_bits",
+    "logdet",
+    "logdet_eval",
+    "n_terms",
+    "n_exact_terms",
+    "dist",
+    "rate",
+    "p",
+    "n_samples",
+    "neumann_grad",
+    "grad_in_forward",
+    "n_blocks",
+    "hidden_channels",
+    "activation",
+    "logit_alpha",
+    "factor_out",
+    "fc_end",
+    "fc_hidden",
+    "kernels",
+    "coeff",
+    "actnorm",
+    "first_resblock",
+    "squeeze_first",
+    "init",
+    "block",
+    "invertible_1x1",
+    "init_layer",
+)
 
 
 # ----------------------------------------------------------------------------
@@ -160,8 +185,7 @@ def _int_list(value):
     except ValueError:
         out = ()
     if not out or min(out) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected positive integers like 16-16-16, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers like 16-16-16, got {value!r}")
     return out
 
 
@@ -170,8 +194,11 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text.lower() or action.help == argparse.SUPPRESS or \
-                isinstance(action, argparse._HelpAction):  # pylint: disable=protected-access
+        if (
+            "default" in text.lower()
+            or action.help == argparse.SUPPRESS
+            or isinstance(action, argparse._HelpAction)
+        ):  # pylint: disable=protected-access
             return text
         if action.default is None:
             return text + " (default: the preset's value)"
@@ -186,189 +213,394 @@ def build_parser():
     p = argparse.ArgumentParser(
         prog="train/main.py",
         description="Train a multiscale Residual Flow (Chen et al. 2019) on images. "
-                    "Flags left unset take the preset's value (see rflow_tf.models.PRESETS).",
-        formatter_class=_HelpFormatter)
+        "Flags left unset take the preset's value (see rflow_tf.models.PRESETS).",
+        formatter_class=_HelpFormatter,
+    )
     bool_kw = dict(type=_str2bool, nargs="?", const=True, metavar="BOOL")
 
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="digits",
-                   help="digits (offline, sklearn 8x8), mnist, cifar10, svhn_cropped, "
-                        "celeb_a_hq (celeb_a_hq/256, manual download), imagenet32, imagenet64 "
-                        "(bring-your-own .npz files).")
-    g.add_argument("--preset", default=None,
-                   help=f"Architecture + training defaults, one of {sorted(models.PRESETS)}. "
-                        "Default: chosen from the dataset (digits -> digits_small, mnist -> "
-                        "mnist, ...). The input shape and bits always come from the dataset.")
-    g.add_argument("--data_dir", default=None,
-                   help="TFDS data directory (and parent of imagenet32/ imagenet64/). "
-                        "Default: $TFDS_DATA_DIR or ~/tensorflow_datasets.")
-    g.add_argument("--download", default=True, **bool_kw,
-                   help="Let TFDS download/prepare a missing dataset (needs network).")
-    g.add_argument("--n_bits", type=int, default=None,
-                   help="Bits per pixel (default: the dataset's, 5 for celeb_a_hq).")
-    g.add_argument("--n_blocks", type=_int_list, default=None,
-                   help="Residual blocks per scale, e.g. 16-16-16 (default: preset).")
-    g.add_argument("--hidden_channels", type=int, default=None,
-                   help="Hidden channels of each block (default: preset).")
-    g.add_argument("--activation", default=None, choices=["lipswish", "elu", "softplus", "relu"],
-                   help="Block activation (default: preset).")
-    g.add_argument("--factor_out", default=None, **bool_kw,
-                   help="Factor out half the channels after each scale (default: preset).")
-    g.add_argument("--fc_end", default=None, **bool_kw,
-                   help="Fully connected blocks on the last scale (default: preset).")
-    g.add_argument("--logit_alpha", type=float, default=None,
-                   help="alpha of the logit layer y = logit(alpha + (1 - 2 alpha) x) "
-                        "(default: preset; the reference: 1e-6 for MNIST, 0.05 otherwise).")
-    g.add_argument("--block", default=None, choices=list(models.BLOCK_TYPES),
-                   help="Flow blocks: residual (the paper's) or coupling (affine coupling "
-                        "baseline of Tables 4/5) (default: preset).")
-    g.add_argument("--invertible_1x1", default=None, **bool_kw,
-                   help="Invertible 1x1 convolution before every block (the reference's "
-                        "--quadratic) (default: preset).")
-    g.add_argument("--init_layer", default=None, choices=list(models.INIT_LAYERS),
-                   help="First layer: logit, or cifar10 per-channel normalisation. Default: "
-                        "cifar10 for classification/hybrid on CIFAR-10 (as the reference), "
-                        "else the preset's.")
+    g.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (offline, sklearn 8x8), mnist, cifar10, svhn_cropped, "
+        "celeb_a_hq (celeb_a_hq/256, manual download), imagenet32, imagenet64 "
+        "(bring-your-own .npz files).",
+    )
+    g.add_argument(
+        "--preset",
+        default=None,
+        help=f"Architecture + training defaults, one of {sorted(models.PRESETS)}. "
+        "Default: chosen from the dataset (digits -> digits_small, mnist -> "
+        "mnist, ...). The input shape and bits always come from the dataset.",
+    )
+    g.add_argument(
+        "--data_dir",
+        default=None,
+        help="TFDS data directory (and parent of imagenet32/ imagenet64/). "
+        "Default: $TFDS_DATA_DIR or ~/tensorflow_datasets.",
+    )
+    g.add_argument(
+        "--download",
+        default=True,
+        **bool_kw,
+        help="Let TFDS download/prepare a missing dataset (needs network).",
+    )
+    g.add_argument(
+        "--n_bits",
+        type=int,
+        default=None,
+        help="Bits per pixel (default: the dataset's, 5 for celeb_a_hq).",
+    )
+    g.add_argument(
+        "--n_blocks",
+        type=_int_list,
+        default=None,
+        help="Residual blocks per scale, e.g. 16-16-16 (default: preset).",
+    )
+    g.add_argument(
+        "--hidden_channels",
+        type=int,
+        default=None,
+        help="Hidden channels of each block (default: preset).",
+    )
+    g.add_argument(
+        "--activation",
+        default=None,
+        choices=["lipswish", "elu", "softplus", "relu"],
+        help="Block activation (default: preset).",
+    )
+    g.add_argument(
+        "--factor_out",
+        default=None,
+        **bool_kw,
+        help="Factor out half the channels after each scale (default: preset).",
+    )
+    g.add_argument(
+        "--fc_end",
+        default=None,
+        **bool_kw,
+        help="Fully connected blocks on the last scale (default: preset).",
+    )
+    g.add_argument(
+        "--logit_alpha",
+        type=float,
+        default=None,
+        help="alpha of the logit layer y = logit(alpha + (1 - 2 alpha) x) "
+        "(default: preset; the reference: 1e-6 for MNIST, 0.05 otherwise).",
+    )
+    g.add_argument(
+        "--block",
+        default=None,
+        choices=list(models.BLOCK_TYPES),
+        help="Flow blocks: residual (the paper's) or coupling (affine coupling "
+        "baseline of Tables 4/5) (default: preset).",
+    )
+    g.add_argument(
+        "--invertible_1x1",
+        default=None,
+        **bool_kw,
+        help="Invertible 1x1 convolution before every block (the reference's "
+        "--quadratic) (default: preset).",
+    )
+    g.add_argument(
+        "--init_layer",
+        default=None,
+        choices=list(models.INIT_LAYERS),
+        help="First layer: logit, or cifar10 per-channel normalisation. Default: "
+        "cifar10 for classification/hybrid on CIFAR-10 (as the reference), "
+        "else the preset's.",
+    )
 
-    g.add_argument("--fc_hidden", type=_int_list, default=None,
-                   help="Hidden widths of the FC-end blocks, e.g. 128-128 (default: preset).")
-    g.add_argument("--kernels", default=None,
-                   help="Kernel sizes of each block's convolutions, e.g. 3-1-3 (default: preset).")
-    g.add_argument("--coeff", type=float, default=None,
-                   help="Lipschitz bound (< 1) of every linear map in a block (paper: 0.98).")
-    g.add_argument("--actnorm", default=None, **bool_kw,
-                   help="ActNorm after every block (default: preset).")
-    g.add_argument("--first_resblock", default=None, **bool_kw,
-                   help="The reference's first block: ActNorm before it and no pre-activation "
-                        "(default: preset; the paper's models use it).")
-    g.add_argument("--squeeze_first", default=None, **bool_kw,
-                   help="Squeeze the input before the first scale (default: preset).")
-    g.add_argument("--init", default=None, choices=["reference", "glorot"],
-                   help="Initialisation of fresh weights (default: preset; 'reference' as the "
-                        "authors' code).")
+    g.add_argument(
+        "--fc_hidden",
+        type=_int_list,
+        default=None,
+        help="Hidden widths of the FC-end blocks, e.g. 128-128 (default: preset).",
+    )
+    g.add_argument(
+        "--kernels",
+        default=None,
+        help="Kernel sizes of each block's convolutions, e.g. 3-1-3 (default: preset).",
+    )
+    g.add_argument(
+        "--coeff",
+        type=float,
+        default=None,
+        help="Lipschitz bound (< 1) of every linear map in a block (paper: 0.98).",
+    )
+    g.add_argument(
+        "--actnorm", default=None, **bool_kw, help="ActNorm after every block (default: preset)."
+    )
+    g.add_argument(
+        "--first_resblock",
+        default=None,
+        **bool_kw,
+        help="The reference's first block: ActNorm before it and no pre-activation "
+        "(default: preset; the paper's models use it).",
+    )
+    g.add_argument(
+        "--squeeze_first",
+        default=None,
+        **bool_kw,
+        help="Squeeze the input before the first scale (default: preset).",
+    )
+    g.add_argument(
+        "--init",
+        default=None,
+        choices=["reference", "glorot"],
+        help="Initialisation of fresh weights (default: preset; 'reference' as the authors' code).",
+    )
     g = p.add_argument_group("task")
-    g.add_argument("--task", default="density", choices=list(TASKS),
-                   help="density: maximum likelihood; classification: classifier heads on the "
-                        "flow's features, cross-entropy only (no log-det); hybrid: "
-                        "hybrid_lambda * (-log p(x)) - log p(y|x) (nats per image).")
-    g.add_argument("--hybrid_lambda", default=None,
-                   help="Weight of -log p(x) in the hybrid loss: a number >= 0 or 1/D "
-                        "(D = dimensions per image); paper: 1 or 1/D. Default: 1 "
-                        "(--task=hybrid only).")
+    g.add_argument(
+        "--task",
+        default="density",
+        choices=list(TASKS),
+        help="density: maximum likelihood; classification: classifier heads on the "
+        "flow's features, cross-entropy only (no log-det); hybrid: "
+        "hybrid_lambda * (-log p(x)) - log p(y|x) (nats per image).",
+    )
+    g.add_argument(
+        "--hybrid_lambda",
+        default=None,
+        help="Weight of -log p(x) in the hybrid loss: a number >= 0 or 1/D "
+        "(D = dimensions per image); paper: 1 or 1/D. Default: 1 "
+        "(--task=hybrid only).",
+    )
 
     g = p.add_argument_group("log-det estimator")
-    g.add_argument("--n_exact_terms", type=int, default=None,
-                   help="Power-series terms always evaluated when training (paper: 2; 8 for "
-                        "celeb_a_hq). Evaluation always uses 20.")
-    g.add_argument("--logdet", default=None, choices=["unbiased", "truncated", "exact"],
-                   help="Log-det estimator of the residual blocks: unbiased (Russian roulette, "
-                        "the paper), truncated (first --n_terms terms, i-ResNet; biased) or "
-                        "exact (full Jacobian, tiny images only) (default: preset).")
-    g.add_argument("--n_terms", type=int, default=None,
-                   help="Terms of the truncated estimator (default: preset).")
-    g.add_argument("--logdet_eval", default=None, choices=["unbiased", "truncated", "exact"],
-                   help="Evaluation log-det estimator (default: unbiased when --logdet is "
-                        "truncated, else the same as --logdet); test bits/dim use it.")
-    g.add_argument("--dist", default=None, choices=["poisson", "geometric"],
-                   help="Russian-roulette distribution of the number of extra terms.")
-    g.add_argument("--rate", type=float, default=None,
-                   help="Poisson rate of the roulette (--dist=poisson; paper: 2).")
-    g.add_argument("--p", type=float, default=None,
-                   help="Success probability in (0, 1) of the geometric roulette (--dist=geometric).")
-    g.add_argument("--n_samples", type=int, default=None,
-                   help="Roulette draws averaged per estimate (default: preset, 1).")
-    g.add_argument("--neumann_grad", default=None, **bool_kw,
-                   help="Neumann-series gradient of the log-det (memory does not grow "
-                        "with the number of terms).")
-    g.add_argument("--grad_in_forward", default=None, **bool_kw,
-                   help="Compute the log-det gradient during the forward pass (needs "
-                        "--neumann_grad).")
+    g.add_argument(
+        "--n_exact_terms",
+        type=int,
+        default=None,
+        help="Power-series terms always evaluated when training (paper: 2; 8 for "
+        "celeb_a_hq). Evaluation always uses 20.",
+    )
+    g.add_argument(
+        "--logdet",
+        default=None,
+        choices=["unbiased", "truncated", "exact"],
+        help="Log-det estimator of the residual blocks: unbiased (Russian roulette, "
+        "the paper), truncated (first --n_terms terms, i-ResNet; biased) or "
+        "exact (full Jacobian, tiny images only) (default: preset).",
+    )
+    g.add_argument(
+        "--n_terms",
+        type=int,
+        default=None,
+        help="Terms of the truncated estimator (default: preset).",
+    )
+    g.add_argument(
+        "--logdet_eval",
+        default=None,
+        choices=["unbiased", "truncated", "exact"],
+        help="Evaluation log-det estimator (default: unbiased when --logdet is "
+        "truncated, else the same as --logdet); test bits/dim use it.",
+    )
+    g.add_argument(
+        "--dist",
+        default=None,
+        choices=["poisson", "geometric"],
+        help="Russian-roulette distribution of the number of extra terms.",
+    )
+    g.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="Poisson rate of the roulette (--dist=poisson; paper: 2).",
+    )
+    g.add_argument(
+        "--p",
+        type=float,
+        default=None,
+        help="Success probability in (0, 1) of the geometric roulette (--dist=geometric).",
+    )
+    g.add_argument(
+        "--n_samples",
+        type=int,
+        default=None,
+        help="Roulette draws averaged per estimate (default: preset, 1).",
+    )
+    g.add_argument(
+        "--neumann_grad",
+        default=None,
+        **bool_kw,
+        help="Neumann-series gradient of the log-det (memory does not grow "
+        "with the number of terms).",
+    )
+    g.add_argument(
+        "--grad_in_forward",
+        default=None,
+        **bool_kw,
+        help="Compute the log-det gradient during the forward pass (needs --neumann_grad).",
+    )
 
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch_size", type=int, default=None,
-                   help="Global batch size per micro-step (split over replicas).")
-    g.add_argument("--epochs", type=float, default=None,
-                   help="Training length in epochs of the training split.")
-    g.add_argument("--steps", type=int, default=None,
-                   help="Training length in optimiser steps (wins over --epochs).")
+    g.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="Global batch size per micro-step (split over replicas).",
+    )
+    g.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="Training length in epochs of the training split.",
+    )
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Training length in optimiser steps (wins over --epochs).",
+    )
     g.add_argument("--lr", type=float, default=None, help="Adam learning rate (paper: 1e-3).")
-    g.add_argument("--warmup_steps", type=int, default=None,
-                   help="Linear learning-rate warm-up from lr/warmup_steps to lr.")
-    g.add_argument("--ema_decay", type=float, default=None,
-                   help="Decay of the EMA of the weights used for evaluation/sampling.")
-    g.add_argument("--grad_clip", type=float, default=None,
-                   help="Clip the global gradient norm to this value (0 disables).")
-    g.add_argument("--accumulate", type=int, default=None,
-                   help="Micro-batches of --batch_size accumulated per optimiser step.")
-    g.add_argument("--dequantization", default="uniform", choices=["uniform", "variational"],
-                   help="Dequantisation noise: uniform, or a learned conditional flow q(u|x) "
-                        "(Flow++) trained with the model on the negative ELBO; test bits/dim "
-                        "is then the variational bound. Fixed for the life of a run.")
-    g.add_argument("--seed", type=int, default=0,
-                   help="Seed of the initial weights, data order, dequantisation noise and "
-                        "log-det estimators (stateless; the replica id is folded in).")
-    g.add_argument("--jit_compile", default=False, **bool_kw,
-                   help="Compile the per-replica forward/backward with XLA.")
-    g.add_argument("--max_nan_steps", type=int, default=10,
-                   help="Stop after this many consecutive non-finite steps (each one is "
-                        "skipped with a warning).")
+    g.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=None,
+        help="Linear learning-rate warm-up from lr/warmup_steps to lr.",
+    )
+    g.add_argument(
+        "--ema_decay",
+        type=float,
+        default=None,
+        help="Decay of the EMA of the weights used for evaluation/sampling.",
+    )
+    g.add_argument(
+        "--grad_clip",
+        type=float,
+        default=None,
+        help="Clip the global gradient norm to this value (0 disables).",
+    )
+    g.add_argument(
+        "--accumulate",
+        type=int,
+        default=None,
+        help="Micro-batches of --batch_size accumulated per optimiser step.",
+    )
+    g.add_argument(
+        "--dequantization",
+        default="uniform",
+        choices=["uniform", "variational"],
+        help="Dequantisation noise: uniform, or a learned conditional flow q(u|x) "
+        "(Flow++) trained with the model on the negative ELBO; test bits/dim "
+        "is then the variational bound. Fixed for the life of a run.",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the initial weights, data order, dequantisation noise and "
+        "log-det estimators (stateless; the replica id is folded in).",
+    )
+    g.add_argument(
+        "--jit_compile",
+        default=False,
+        **bool_kw,
+        help="Compile the per-replica forward/backward with XLA.",
+    )
+    g.add_argument(
+        "--max_nan_steps",
+        type=int,
+        default=10,
+        help="Stop after this many consecutive non-finite steps (each one is "
+        "skipped with a warning).",
+    )
 
     g = p.add_argument_group("evaluation, logging and checkpoints")
-    g.add_argument("--out", default=None,
-                   help="Run directory. Default: runs/<run name>, run name = "
-                        "<dataset>_<preset>. Rerunning with the same directory resumes.")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="Run directory. Default: runs/<run name>, run name = "
+        "<dataset>_<preset>. Rerunning with the same directory resumes.",
+    )
     g.add_argument("--run_name", default=None, help="Run name (default <dataset>_<preset>).")
-    g.add_argument("--eval_every", type=int, default=None,
-                   help="Test bits/dim (EMA weights, 20 exact terms) every N steps and at "
-                        "the end (default: preset).")
-    g.add_argument("--eval_examples", type=int, default=0,
-                   help="Test images per evaluation (0 = the whole test split).")
-    g.add_argument("--sample_every", type=int, default=None,
-                   help="Write a PNG grid of samples every N steps and at the end.")
+    g.add_argument(
+        "--eval_every",
+        type=int,
+        default=None,
+        help="Test bits/dim (EMA weights, 20 exact terms) every N steps and at "
+        "the end (default: preset).",
+    )
+    g.add_argument(
+        "--eval_examples",
+        type=int,
+        default=0,
+        help="Test images per evaluation (0 = the whole test split).",
+    )
+    g.add_argument(
+        "--sample_every",
+        type=int,
+        default=None,
+        help="Write a PNG grid of samples every N steps and at the end.",
+    )
     g.add_argument("--n_sample_images", type=int, default=64, help="Images per sample grid.")
     g.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature.")
-    g.add_argument("--log_every", type=int, default=50,
-                   help="Progress line and TensorBoard scalars every N steps.")
-    g.add_argument("--ckpt_every", type=int, default=None,
-                   help="Save the latest checkpoint every N steps (default: --eval_every).")
-    g.add_argument("--keep_best", type=int, default=1,
-                   help="Number of best-by-test-bits/dim checkpoints kept in ckpt_best/.")
+    g.add_argument(
+        "--log_every",
+        type=int,
+        default=50,
+        help="Progress line and TensorBoard scalars every N steps.",
+    )
+    g.add_argument(
+        "--ckpt_every",
+        type=int,
+        default=None,
+        help="Save the latest checkpoint every N steps (default: --eval_every).",
+    )
+    g.add_argument(
+        "--keep_best",
+        type=int,
+        default=1,
+        help="Number of best-by-test-bits/dim checkpoints kept in ckpt_best/.",
+    )
 
     g = p.add_argument_group("distribution")
-    g.add_argument("--strategy", default="mirrored",
-                   choices=["mirrored", "one_device", "multi_worker"],
-                   help="mirrored: MirroredStrategy over all visible GPUs (or over the "
-                        "--cpu_devices logical CPUs), one device if there is only one; "
-                        "one_device: first GPU or the CPU; multi_worker: "
-                        "MultiWorkerMirroredStrategy configured by $TF_CONFIG.")
-    g.add_argument("--worker_timeout", type=float, default=1800,
-                   help="multi_worker only: stop with an error (exit status 4) when training "
-                        "makes no progress (no step, evaluation batch or save finishes) for "
-                        "this many seconds, e.g. because another worker hangs; 0 disables. A "
-                        "worker that dies is usually detected within seconds anyway.")
-    g.add_argument("--cpu_devices", type=int, default=0,
-                   help="Split the CPU into N logical devices before TensorFlow starts and "
-                        "mirror over them (tests the multi-device path without GPUs).")
+    g.add_argument(
+        "--strategy",
+        default="mirrored",
+        choices=["mirrored", "one_device", "multi_worker"],
+        help="mirrored: MirroredStrategy over all visible GPUs (or over the "
+        "--cpu_devices logical CPUs), one device if there is only one; "
+        "one_device: first GPU or the CPU; multi_worker: "
+        "MultiWorkerMirroredStrategy configured by $TF_CONFIG.",
+    )
+    g.add_argument(
+        "--worker_timeout",
+        type=float,
+        default=1800,
+        help="multi_worker only: stop with an error (exit status 4) when training "
+        "makes no progress (no step, evaluation batch or save finishes) for "
+        "this many seconds, e.g. because another worker hangs; 0 disables. A "
+        "worker that dies is usually detected within seconds anyway.",
+    )
+    g.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=0,
+        help="Split the CPU into N logical devices before TensorFlow starts and "
+        "mirror over them (tests the multi-device path without GPUs).",
+    )
 
     g = p.add_argument_group("export")
-    g.add_argument("--export_dir", default=None,
-                   help="SavedModel directory written at the end of training with the EMA "
-                        "weights if rflow_tf.export is available (default "
-                        "saved_models/<run name>; '' disables).")
-    g.add_argument("--export_only", action="store_true",
-                   help="Export the latest checkpoint of the run directory and exit.")
+    g.add_argument(
+        "--export_dir",
+        default=None,
+        help="SavedModel directory written at the end of training with the EMA "
+        "weights if rflow_tf.export is available (default "
+        "saved_models/<run name>; '' disables).",
+    )
+    g.add_argument(
+        "--export_only",
+        action="store_true",
+        help="Export the latest checkpoint of the run directory and exit.",
+    )
 
     # Testing aids: comma-separated steps whose loss is replaced by NaN; a step after
     # which training stops abruptly, saving nothing (a kill).
     p.add_argument("--inject_nan_steps", default="", help=argparse.SUPPRESS)
     p.add_argument("--inject_crash_step", type=int, default=0, help=argparse.SUPPRESS)
     return p
-
-
-
-
-
-
 
 
 def parse_args(argv=None):
@@ -385,8 +617,9 @@ def options_from_args(args):
 
     Example: ``options_from_args(parse_args(["--steps=10"])).steps  # 10``.
     """
-    return TrainingOptions(**{f.name: getattr(args, f.name)
-                              for f in dataclasses.fields(TrainingOptions)})
+    return TrainingOptions(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingOptions)}
+    )
 
 
 def config_from_args(args, options=None):
@@ -398,7 +631,8 @@ def config_from_args(args, options=None):
     """
     options = options_from_args(args) if options is None else options
     return training.flow_config_for(
-        options, **{flag: getattr(args, flag, None) for flag in ARCHITECTURE_FLAGS})
+        options, **{flag: getattr(args, flag, None) for flag in ARCHITECTURE_FLAGS}
+    )
 
 
 def resolve_run(args):

@@ -49,7 +49,7 @@ class _FreshBijectorCache(cache_util.BijectorCache):
       fresh on every call.
     """
 
-    _memos = weakref.WeakKeyDictionary()     # bijector -> _InverseMemo
+    _memos = weakref.WeakKeyDictionary()  # bijector -> _InverseMemo
 
     def _memo(self):
         return self._memos.setdefault(self.bijector, _InverseMemo())
@@ -66,8 +66,9 @@ class _FreshBijectorCache(cache_util.BijectorCache):
         still_valid = _reproduces(self.bijector._forward(x, **kwargs), y)
         if tf.executing_eagerly():
             return x if bool(still_valid) else self.bijector._inverse(y, **kwargs)
-        return tf.cond(still_valid, lambda: tf.identity(x),
-                       lambda: self.bijector._inverse(y, **kwargs))
+        return tf.cond(
+            still_valid, lambda: tf.identity(x), lambda: self.bijector._inverse(y, **kwargs)
+        )
 
     def _attributes(self, input, fn_name, **kwargs):  # noqa: A002 (TFP's signature)
         return {}
@@ -134,8 +135,9 @@ def _check_stateless_seed(seed, name):
     except (TypeError, ValueError):
         arr = None
     if arr is None or arr.shape != (2,) or not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"{name} must be None or a stateless seed of two ints, e.g. (1, 2); "
-                         f"got {seed!r}")
+        raise ValueError(
+            f"{name} must be None or a stateless seed of two ints, e.g. (1, 2); got {seed!r}"
+        )
     return tuple(int(v) for v in arr)
 
 
@@ -149,8 +151,9 @@ def _hidden_sizes(hidden_units, name="hidden_units"):
     units = tuple(hidden_units) if isinstance(hidden_units, (list, tuple)) else (hidden_units,)
     for u in units:
         if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 1:
-            raise ValueError(f"{name} must be positive integers (a hidden size), "
-                             f"got {hidden_units!r}")
+            raise ValueError(
+                f"{name} must be positive integers (a hidden size), got {hidden_units!r}"
+            )
     return tuple(int(u) for u in units)
 
 
@@ -163,10 +166,16 @@ def _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_ite
     if not dtype.is_floating:
         raise TypeError(f"dtype must be a floating dtype, got {dtype.name}")
     if not (inverse_atol >= 0 and inverse_rtol >= 0 and inverse_atol + inverse_rtol > 0):
-        raise ValueError("inverse_atol and inverse_rtol must be >= 0 and not both 0, "
-                         f"got {inverse_atol}, {inverse_rtol}")
-    return (dtype, float(inverse_atol), float(inverse_rtol),
-            _positive_int(inverse_max_iterations, "inverse_max_iterations"))
+        raise ValueError(
+            "inverse_atol and inverse_rtol must be >= 0 and not both 0, "
+            f"got {inverse_atol}, {inverse_rtol}"
+        )
+    return (
+        dtype,
+        float(inverse_atol),
+        float(inverse_rtol),
+        _positive_int(inverse_max_iterations, "inverse_max_iterations"),
+    )
 
 
 def _checked_event_input(bijector, x, name):
@@ -174,9 +183,11 @@ def _checked_event_input(bijector, x, name):
     ValueError naming ``name`` otherwise), checked finite under ``validate_args``."""
     x = _as_float_tensor(x, bijector.name)
     nd = len(bijector.event_shape_)
-    if x.shape.rank is not None and tuple(x.shape[x.shape.rank - nd:]) != bijector.event_shape_:
-        raise ValueError(f"{bijector.name}: {name} must end in the event shape "
-                         f"{bijector.event_shape_}, got shape {x.shape}")
+    if x.shape.rank is not None and tuple(x.shape[x.shape.rank - nd :]) != bijector.event_shape_:
+        raise ValueError(
+            f"{bijector.name}: {name} must end in the event shape "
+            f"{bijector.event_shape_}, got shape {x.shape}"
+        )
     if bijector.validate_args:
         x = tf.debugging.assert_all_finite(x, f"{bijector.name}: {name} contains NaN or Inf")
     return x

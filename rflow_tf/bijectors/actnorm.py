@@ -1,6 +1,5 @@
 """ActNorm: per-channel affine bijector with data-dependent initialisation."""
 
-
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -32,16 +31,21 @@ class ActNorm(_KerasBacked):
     ```
     """
 
-    def __init__(self, event_shape, layer=None, validate_args=False, name="actnorm", *,
-                 dtype="float32"):
+    def __init__(
+        self, event_shape, layer=None, validate_args=False, name="actnorm", *, dtype="float32"
+    ):
         parameters = dict(locals())
         self.event_shape_ = tuple(int(d) for d in event_shape)
         self.layer = layer if layer is not None else rlayers.ActNormalization(dtype=dtype)
         if not self.layer.built:
             self.layer.build((None,) + self.event_shape_)
         self._track_keras(self.layer)
-        super().__init__(forward_min_event_ndims=len(self.event_shape_),
-                         validate_args=validate_args, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=len(self.event_shape_),
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     def initialize(self, x):
         """Data-dependent initialisation from the batch ``x`` (no-op if done)."""
@@ -58,17 +62,21 @@ class ActNorm(_KerasBacked):
         dtype = tf.as_dtype(self.layer.compute_dtype)
         x = tf.convert_to_tensor(x, dtype_hint=dtype)
         if x.dtype != dtype:
-            raise TypeError(f"{self.name}: expects {dtype.name} input, got {x.dtype.name} "
-                            f"(build it with ActNorm(..., dtype='{x.dtype.name}') or cast "
-                            "the input)")
+            raise TypeError(
+                f"{self.name}: expects {dtype.name} input, got {x.dtype.name} "
+                f"(build it with ActNorm(..., dtype='{x.dtype.name}') or cast "
+                "the input)"
+            )
         return x
 
     def _checked_initialized(self, x):
         """x (dtype-checked), once the layer is known to be initialised."""
         x = self._checked(x)
-        message = (f"{self.name}: ActNorm is not initialised; call {self.name}.initialize"
-                   "(first_batch) once before using it (its data-dependent "
-                   "initialisation is explicit)")
+        message = (
+            f"{self.name}: ActNorm is not initialised; call {self.name}.initialize"
+            "(first_batch) once before using it (its data-dependent "
+            "initialisation is explicit)"
+        )
         if tf.executing_eagerly():
             if not self.is_initialized:
                 raise RuntimeError(message)
@@ -92,5 +100,5 @@ class ActNorm(_KerasBacked):
     def _forward_log_det_jacobian(self, x, **kwargs):
         x = self._checked_initialized(x)
         ld = self.log_det(x.dtype)
-        batch_shape = tf.shape(x)[:tf.rank(x) - len(self.event_shape_)]
+        batch_shape = tf.shape(x)[: tf.rank(x) - len(self.event_shape_)]
         return tf.fill(batch_shape, ld)

@@ -145,8 +145,15 @@ def _kernels(kernels):
     return ks
 
 
-def coupling_conv_net(input_shape, out_channels, hidden_channels=512, kernels="3-1-3",
-                      preactivation=True, dtype="float32", name=None):
+def coupling_conv_net(
+    input_shape,
+    out_channels,
+    hidden_channels=512,
+    kernels="3-1-3",
+    preactivation=True,
+    dtype="float32",
+    name=None,
+):
     """The reference's coupling network for images (no Lipschitz constraint):
 
         [ReLU] -> Conv_k1(C_in -> h) -> ReLU -> Conv_k2(h -> h) -> ReLU -> ... -> Conv_kL(h -> out)
@@ -177,8 +184,11 @@ def coupling_conv_net(input_shape, out_channels, hidden_channels=512, kernels="3
     for i, k in enumerate(ks):
         out = int(out_channels) if i == len(ks) - 1 else int(hidden_channels)
         init = _torch_default_uniform(k * k * c_in)
-        layers.append(keras.layers.Conv2D(out, k, padding="same", kernel_initializer=init,
-                                          bias_initializer=init, dtype=dtype))
+        layers.append(
+            keras.layers.Conv2D(
+                out, k, padding="same", kernel_initializer=init, bias_initializer=init, dtype=dtype
+            )
+        )
         if i < len(ks) - 1:
             layers.append(keras.layers.ReLU(dtype=dtype))
         c_in = out
@@ -186,8 +196,14 @@ def coupling_conv_net(input_shape, out_channels, hidden_channels=512, kernels="3
     return keras.Sequential(inputs + layers, name=name)
 
 
-def coupling_dense_net(input_shape, output_shape, hidden_units=(128, 128), preactivation=True,
-                       dtype="float32", name=None):
+def coupling_dense_net(
+    input_shape,
+    output_shape,
+    hidden_units=(128, 128),
+    preactivation=True,
+    dtype="float32",
+    name=None,
+):
     """The reference's fully connected coupling network (its "FC end"):
 
         flatten -> [ReLU] -> Dense(h1) -> ReLU -> ... -> Dense(h_L) -> ReLU
@@ -217,11 +233,14 @@ def coupling_dense_net(input_shape, output_shape, hidden_units=(128, 128), preac
         layers.append(keras.layers.ReLU(dtype=dtype))
     for units in list(hidden_units) + [math.prod(output_shape)]:
         init = _torch_default_uniform(fan_in)
-        layers.append(keras.layers.Dense(int(units), kernel_initializer=init,
-                                         bias_initializer=init, dtype=dtype))
+        layers.append(
+            keras.layers.Dense(
+                int(units), kernel_initializer=init, bias_initializer=init, dtype=dtype
+            )
+        )
         layers.append(keras.layers.ReLU(dtype=dtype))
         fan_in = int(units)
-    layers[-1] = keras.layers.Reshape(output_shape, dtype=dtype)     # no ReLU at the end
+    layers[-1] = keras.layers.Reshape(output_shape, dtype=dtype)  # no ReLU at the end
     return keras.Sequential([keras.Input(shape=input_shape, dtype=dtype)] + layers, name=name)
 
 
@@ -267,8 +286,9 @@ class AffineCoupling(_KerasBacked):
     ```
     """
 
-    def __init__(self, net, event_shape, mask="channel0", validate_args=False,
-                 name="affine_coupling"):
+    def __init__(
+        self, net, event_shape, mask="channel0", validate_args=False, name="affine_coupling"
+    ):
         parameters = dict(locals())
         if not callable(net):
             raise TypeError(f"net must be a callable Keras layer or model, got {type(net)}")
@@ -277,27 +297,43 @@ class AffineCoupling(_KerasBacked):
         self.event_shape_ = tuple(int(d) for d in event_shape)
         self.mask = mask
         self._checkerboard = mask.startswith("checkerboard")
-        self._parity = int(mask[-1])        # which half is kept
+        self._parity = int(mask[-1])  # which half is kept
         if self._checkerboard and len(self.event_shape_) != 3:
-            raise ValueError(f"checkerboard masks need an image event shape (H, W, C), "
-                             f"got {self.event_shape_}")
+            raise ValueError(
+                f"checkerboard masks need an image event shape (H, W, C), got {self.event_shape_}"
+            )
         if not self._checkerboard and self.event_shape_[-1] % 2:
-            raise ValueError(f"channel masks need an even last dimension, got event shape "
-                             f"{self.event_shape_}")
+            raise ValueError(
+                f"channel masks need an even last dimension, got event shape {self.event_shape_}"
+            )
         self._net = net
         in_shape, want = _net_shapes(self.event_shape_, mask)
         dtype = getattr(net, "compute_dtype", None) or "float32"
         out_shape = tuple(net(tf.zeros((1,) + in_shape, dtype)).shape[1:])
         if out_shape != want:
-            raise ValueError(f"net maps {in_shape} to {out_shape}; a {mask} coupling on event "
-                             f"shape {self.event_shape_} needs output shape {want}")
+            raise ValueError(
+                f"net maps {in_shape} to {out_shape}; a {mask} coupling on event "
+                f"shape {self.event_shape_} needs output shape {want}"
+            )
         self._track_keras(net)
-        super().__init__(forward_min_event_ndims=len(self.event_shape_),
-                         validate_args=validate_args, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=len(self.event_shape_),
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @classmethod
-    def conv(cls, event_shape, mask, hidden_channels=512, kernels="3-1-3", preactivation=True,
-             dtype="float32", **kwargs):
+    def conv(
+        cls,
+        event_shape,
+        mask,
+        hidden_channels=512,
+        kernels="3-1-3",
+        preactivation=True,
+        dtype="float32",
+        **kwargs,
+    ):
         """A coupling on images (H, W, C) with :func:`coupling_conv_net` (the
         reference's image coupling block).
 
@@ -306,21 +342,31 @@ class AffineCoupling(_KerasBacked):
         if mask not in MASK_TYPES:
             raise ValueError(f"mask must be one of {MASK_TYPES}, got {mask!r}")
         in_shape, out_shape = _net_shapes(event_shape, mask)
-        net = coupling_conv_net(in_shape, out_shape[-1], hidden_channels, kernels,
-                                preactivation, dtype)
+        net = coupling_conv_net(
+            in_shape, out_shape[-1], hidden_channels, kernels, preactivation, dtype
+        )
         return cls(net, event_shape, mask, **kwargs)
 
     @classmethod
-    def dense(cls, event_shape, mask="channel0", hidden_units=(128, 128), preactivation=True,
-              dtype="float32", **kwargs):
+    def dense(
+        cls,
+        event_shape,
+        mask="channel0",
+        hidden_units=(128, 128),
+        preactivation=True,
+        dtype="float32",
+        **kwargs,
+    ):
         """A channel coupling with :func:`coupling_dense_net` on the flattened
         kept half (the reference's FC-end coupling block).
 
         Example: ``AffineCoupling.dense((2, 2, 16), "channel1")``.
         """
         if not str(mask).startswith("channel"):
-            raise ValueError(f"dense couplings split channels: mask must be 'channel0' or "
-                             f"'channel1', got {mask!r}")
+            raise ValueError(
+                f"dense couplings split channels: mask must be 'channel0' or "
+                f"'channel1', got {mask!r}"
+            )
         event_shape = tuple(int(d) for d in event_shape)
         half = event_shape[:-1] + (event_shape[-1] // 2,)
         net = coupling_dense_net(half, event_shape, hidden_units, preactivation, dtype)
@@ -334,7 +380,7 @@ class AffineCoupling(_KerasBacked):
     def _flatten_batch(self, x, name):
         x = _checked_event_input(self, x, name)
         nd = len(self.event_shape_)
-        batch_shape = tf.shape(x)[:tf.rank(x) - nd]
+        batch_shape = tf.shape(x)[: tf.rank(x) - nd]
         return tf.reshape(x, (-1,) + self.event_shape_), batch_shape
 
     def _keep_mask(self, dtype):
@@ -371,8 +417,7 @@ class AffineCoupling(_KerasBacked):
         kept, part = self._split(xf)
         log_scale, shift = self._log_scale_and_shift(kept)
         y = self._merge(kept, part * tf.exp(log_scale) + shift)
-        return (tf.reshape(y, tf.shape(x)),
-                tf.reshape(self._log_det(log_scale), batch_shape))
+        return (tf.reshape(y, tf.shape(x)), tf.reshape(self._log_det(log_scale), batch_shape))
 
     def _forward(self, x, **kwargs):
         return self.forward_and_log_det(x)[0]

@@ -46,8 +46,9 @@ class _Dequantizer(tf.Module):
         super().__init__(name=name)
         self.event_shape_ = tuple(int(s) for s in event_shape)
         if len(self.event_shape_) not in (1, 3) or min(self.event_shape_) < 1:
-            raise ValueError(f"event_shape must be (D,) or (H, W, C) with positive sizes, "
-                             f"got {event_shape!r}")
+            raise ValueError(
+                f"event_shape must be (D,) or (H, W, C) with positive sizes, got {event_shape!r}"
+            )
         self.n_bits = _check_n_bits(n_bits)
         self.dtype = tf.as_dtype(dtype)
         self.num_dims = int(math.prod(self.event_shape_))
@@ -56,8 +57,10 @@ class _Dequantizer(tf.Module):
         x = tf.convert_to_tensor(x_int)
         rank = len(self.event_shape_)
         if x.shape.rank is not None and tuple(x.shape[-rank:]) != self.event_shape_:
-            raise ValueError(f"{self.name}: expected integer data of event shape "
-                             f"{self.event_shape_}, got shape {x.shape}")
+            raise ValueError(
+                f"{self.name}: expected integer data of event shape "
+                f"{self.event_shape_}, got shape {x.shape}"
+            )
         return tf.cast(x, self.dtype)
 
     def dequantize(self, x_int, seed):
@@ -67,7 +70,7 @@ class _Dequantizer(tf.Module):
         """
         x = self._check_x(x_int)
         u, log_q = self.sample_and_log_prob(x, seed)
-        return (x + u) / float(2 ** self.n_bits), log_q
+        return (x + u) / float(2**self.n_bits), log_q
 
     def negative_elbo(self, x_int, log_prob_fn, seed):
         """Per-example -(log p(y) - nD ln 2 - log q(u|x)) in nats, one draw of u per example.
@@ -108,7 +111,7 @@ class UniformDequantizer(_Dequantizer):
     def sample_and_log_prob(self, x, seed):
         """(u, log q(u|x) = 0) for float ``x`` of shape [..., *event_shape]."""
         u = tf.random.stateless_uniform(tf.shape(x), seed, dtype=self.dtype)
-        return u, tf.zeros(tf.shape(x)[:tf.rank(x) - len(self.event_shape_)], self.dtype)
+        return u, tf.zeros(tf.shape(x)[: tf.rank(x) - len(self.event_shape_)], self.dtype)
 
 
 class VariationalDequantizer(_Dequantizer):
@@ -151,32 +154,59 @@ class VariationalDequantizer(_Dequantizer):
     [1] Ho et al., Flow++, ICML 2019, Section 3.1.
     """
 
-    def __init__(self, event_shape, n_bits=8, num_couplings=4, feature_channels=8,
-                 num_components=4, hidden_channels=16, num_blocks=1, attention=False,
-                 num_heads=2, dtype=tf.float32, name="variational_dequantizer"):
+    def __init__(
+        self,
+        event_shape,
+        n_bits=8,
+        num_couplings=4,
+        feature_channels=8,
+        num_components=4,
+        hidden_channels=16,
+        num_blocks=1,
+        attention=False,
+        num_heads=2,
+        dtype=tf.float32,
+        name="variational_dequantizer",
+    ):
         super().__init__(event_shape, n_bits, dtype, name)
         self.num_couplings = _positive_int(num_couplings, "num_couplings")
         self.feature_channels = _hidden_sizes(feature_channels, "feature_channels")[0]
         vector = len(self.event_shape_) == 1
         conv = keras.layers.Conv1D if vector else keras.layers.Conv2D
         self.features_net = keras.Sequential(
-            [keras.Input((self.event_shape_ + (1,)) if vector else self.event_shape_),
-             conv(self.feature_channels, 3, padding="same", activation="elu",
-                  dtype=self.dtype.name),
-             conv(self.feature_channels, 3, padding="same", dtype=self.dtype.name)],
-            name=f"{name}_features")
+            [
+                keras.Input((self.event_shape_ + (1,)) if vector else self.event_shape_),
+                conv(
+                    self.feature_channels,
+                    3,
+                    padding="same",
+                    activation="elu",
+                    dtype=self.dtype.name,
+                ),
+                conv(self.feature_channels, 3, padding="same", dtype=self.dtype.name),
+            ],
+            name=f"{name}_features",
+        )
         self.couplings = [
-            MixLogCDFCoupling(self.event_shape_, parity=k % 2, num_components=num_components,
-                              hidden_channels=hidden_channels, num_blocks=num_blocks,
-                              attention=attention, num_heads=num_heads,
-                              condition_channels=self.feature_channels, dtype=self.dtype,
-                              name=f"{name}_coupling_{k}")
-            for k in range(self.num_couplings)]
+            MixLogCDFCoupling(
+                self.event_shape_,
+                parity=k % 2,
+                num_components=num_components,
+                hidden_channels=hidden_channels,
+                num_blocks=num_blocks,
+                attention=attention,
+                num_heads=num_heads,
+                condition_channels=self.feature_channels,
+                dtype=self.dtype,
+                name=f"{name}_coupling_{k}",
+            )
+            for k in range(self.num_couplings)
+        ]
         self._keras_tf_variables = tuple(w.value for w in self.features_net.weights)
 
     def features(self, x):
         """h(x): [..., *positions, feature_channels] from float integers ``x``."""
-        scaled = x / float(2 ** self.n_bits - 1) - 0.5
+        scaled = x / float(2**self.n_bits - 1) - 0.5
         if len(self.event_shape_) == 1:
             scaled = scaled[..., None]
         return self.features_net(scaled)

@@ -74,7 +74,7 @@ def _initial_matrix(c, init, seed):
     if init == "permutation":
         return np.eye(c)[rng.permutation(c)]
     q, r = np.linalg.qr(rng.standard_normal((c, c)))
-    return q * np.sign(np.diag(r))      # Haar-distributed rotation or reflection
+    return q * np.sign(np.diag(r))  # Haar-distributed rotation or reflection
 
 
 @tf.custom_gradient
@@ -120,8 +120,9 @@ class Invertible1x1Weights(keras.layers.Layer):
     def __init__(self, parameterization="lu", init="permutation", seed=None, **kwargs):
         super().__init__(**kwargs)
         if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, "
-                             f"got {parameterization!r}")
+            raise ValueError(
+                f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}"
+            )
         if init not in INITIALIZATIONS:
             raise ValueError(f"init must be one of {INITIALIZATIONS}, got {init!r}")
         self.parameterization = parameterization
@@ -138,18 +139,23 @@ class Invertible1x1Weights(keras.layers.Layer):
         if self.parameterization == "matrix":
             self.w = self.add_weight(name="w", shape=(c, c), initializer=const(w0))
             return
-        p, lower, upper = scipy.linalg.lu(w0)        # w0 = p @ lower @ upper
+        p, lower, upper = scipy.linalg.lu(w0)  # w0 = p @ lower @ upper
         diag = np.diag(upper)
-        self.permutation = self.add_weight(name="permutation", shape=(c, c),
-                                           initializer=const(p), trainable=False)
-        self.sign = self.add_weight(name="sign", shape=(c,), initializer=const(np.sign(diag)),
-                                    trainable=False)
-        self.lower = self.add_weight(name="lower", shape=(c, c),
-                                     initializer=const(np.tril(lower, -1)))
-        self.upper = self.add_weight(name="upper", shape=(c, c),
-                                     initializer=const(np.triu(upper, 1)))
-        self.log_s = self.add_weight(name="log_s", shape=(c,),
-                                     initializer=const(np.log(np.abs(diag))))
+        self.permutation = self.add_weight(
+            name="permutation", shape=(c, c), initializer=const(p), trainable=False
+        )
+        self.sign = self.add_weight(
+            name="sign", shape=(c,), initializer=const(np.sign(diag)), trainable=False
+        )
+        self.lower = self.add_weight(
+            name="lower", shape=(c, c), initializer=const(np.tril(lower, -1))
+        )
+        self.upper = self.add_weight(
+            name="upper", shape=(c, c), initializer=const(np.triu(upper, 1))
+        )
+        self.log_s = self.add_weight(
+            name="log_s", shape=(c,), initializer=const(np.log(np.abs(diag)))
+        )
 
     def kernel(self):
         """The matrix W [C, C]."""
@@ -158,14 +164,15 @@ class Invertible1x1Weights(keras.layers.Layer):
         c = self.log_s.shape[0]
         eye = tf.eye(c, dtype=self.log_s.dtype)
         lower = tf.linalg.band_part(self.lower, -1, 0) * (1.0 - eye) + eye
-        upper = (tf.linalg.band_part(self.upper, 0, -1) * (1.0 - eye)
-                 + tf.linalg.diag(self.sign * tf.exp(self.log_s)))
+        upper = tf.linalg.band_part(self.upper, 0, -1) * (1.0 - eye) + tf.linalg.diag(
+            self.sign * tf.exp(self.log_s)
+        )
         return tf.matmul(self.permutation, tf.matmul(lower, upper))
 
     def log_abs_det(self):
         """log |det W| (a scalar): sum(log_s) for "lu", via QR of W for "matrix"."""
         if self.parameterization == "matrix":
-            return _log_abs_det(tf.convert_to_tensor(self.w))   # a read: no variables inside
+            return _log_abs_det(tf.convert_to_tensor(self.w))  # a read: no variables inside
         return tf.reduce_sum(self.log_s)
 
     def call(self, x):
@@ -176,8 +183,12 @@ class Invertible1x1Weights(keras.layers.Layer):
         return tf.tensordot(y, tf.linalg.inv(self.kernel()), [[-1], [1]])
 
     def get_config(self):
-        return {**super().get_config(), "parameterization": self.parameterization,
-                "init": self.init, "seed": self.seed}
+        return {
+            **super().get_config(),
+            "parameterization": self.parameterization,
+            "init": self.init,
+            "seed": self.seed,
+        }
 
 
 class Invertible1x1Conv(_KerasBacked):
@@ -208,21 +219,38 @@ class Invertible1x1Conv(_KerasBacked):
     ```
     """
 
-    def __init__(self, event_shape, parameterization="lu", init="permutation", seed=None,
-                 layer=None, dtype="float32", validate_args=False, name="invertible_1x1"):
+    def __init__(
+        self,
+        event_shape,
+        parameterization="lu",
+        init="permutation",
+        seed=None,
+        layer=None,
+        dtype="float32",
+        validate_args=False,
+        name="invertible_1x1",
+    ):
         parameters = dict(locals())
         self.event_shape_ = tuple(int(d) for d in event_shape)
         if not self.event_shape_ or any(d < 1 for d in self.event_shape_):
-            raise ValueError(f"event_shape must be (H, W, C) or (D,) with positive sizes, "
-                             f"got {event_shape!r}")
-        self.layer = layer if layer is not None else Invertible1x1Weights(
-            parameterization, init, seed, dtype=dtype)
+            raise ValueError(
+                f"event_shape must be (H, W, C) or (D,) with positive sizes, got {event_shape!r}"
+            )
+        self.layer = (
+            layer
+            if layer is not None
+            else Invertible1x1Weights(parameterization, init, seed, dtype=dtype)
+        )
         if not self.layer.built:
             self.layer.build((None,) + self.event_shape_)
         self._positions = int(np.prod(self.event_shape_[:-1], dtype=np.int64))
         self._track_keras(self.layer)
-        super().__init__(forward_min_event_ndims=len(self.event_shape_),
-                         validate_args=validate_args, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=len(self.event_shape_),
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     def _check(self, x, name):
         return _checked_event_input(self, x, name)
@@ -241,5 +269,5 @@ class Invertible1x1Conv(_KerasBacked):
 
     def _forward_log_det_jacobian(self, x, **kwargs):
         x = self._check(x, "x")
-        batch_shape = tf.shape(x)[:tf.rank(x) - len(self.event_shape_)]
+        batch_shape = tf.shape(x)[: tf.rank(x) - len(self.event_shape_)]
         return tf.fill(batch_shape, self.log_det(x.dtype))

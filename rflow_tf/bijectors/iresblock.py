@@ -100,12 +100,30 @@ class IResBlock(_KerasBacked):
     ```
     """
 
-    def __init__(self, net, *, logdet="unbiased", logdet_eval=None, dist="poisson", rate=2.0,
-                 p=0.5,
-                 n_exact_terms=2, n_exact_terms_eval=20, n_samples=1, n_terms=5,
-                 probe="gaussian", neumann_grad=True, grad_in_forward=False,
-                 inverse_atol=1e-6, inverse_rtol=1e-6, inverse_max_iterations=200,
-                 event_ndims=None, default_seed=None, validate_args=False, name=None):
+    def __init__(
+        self,
+        net,
+        *,
+        logdet="unbiased",
+        logdet_eval=None,
+        dist="poisson",
+        rate=2.0,
+        p=0.5,
+        n_exact_terms=2,
+        n_exact_terms_eval=20,
+        n_samples=1,
+        n_terms=5,
+        probe="gaussian",
+        neumann_grad=True,
+        grad_in_forward=False,
+        inverse_atol=1e-6,
+        inverse_rtol=1e-6,
+        inverse_max_iterations=200,
+        event_ndims=None,
+        default_seed=None,
+        validate_args=False,
+        name=None,
+    ):
         name = name or f"iresblock_{next(_BLOCK_IDS)}"
         parameters = dict(locals())
         if not callable(net):
@@ -113,12 +131,16 @@ class IResBlock(_KerasBacked):
         if logdet not in LOGDET_MODES:
             raise ValueError(f"logdet must be one of {LOGDET_MODES}, got {logdet!r}")
         if logdet_eval is not None and logdet_eval not in LOGDET_MODES:
-            raise ValueError(f"logdet_eval must be None or one of {LOGDET_MODES}, "
-                             f"got {logdet_eval!r}")
+            raise ValueError(
+                f"logdet_eval must be None or one of {LOGDET_MODES}, got {logdet_eval!r}"
+            )
         if probe not in est.PROBES:
             raise ValueError(f"probe must be one of {est.PROBES}, got {probe!r}")
         est._check_dist(dist, rate if dist == "poisson" else p)
-        for key, val in (("n_exact_terms", n_exact_terms), ("n_exact_terms_eval", n_exact_terms_eval)):
+        for key, val in (
+            ("n_exact_terms", n_exact_terms),
+            ("n_exact_terms_eval", n_exact_terms_eval),
+        ):
             if int(val) < 0:
                 raise ValueError(f"{key} must be >= 0, got {val}")
         if int(n_samples) < 1 or int(n_terms) < 1:
@@ -151,34 +173,65 @@ class IResBlock(_KerasBacked):
             self._track_keras(net)
         else:
             self._keras_tf_variables = ()
-        super().__init__(forward_min_event_ndims=self._event_ndims, validate_args=validate_args,
-                         parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=self._event_ndims,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     # ----------------------------------------------------------- constructors
     @classmethod
-    def dense(cls, dim, hidden_units=(128, 128), coeff=0.9, activation="lipswish",
-              preactivation=False, dtype="float32", init="reference", **block_kwargs):
+    def dense(
+        cls,
+        dim,
+        hidden_units=(128, 128),
+        coeff=0.9,
+        activation="lipswish",
+        preactivation=False,
+        dtype="float32",
+        init="reference",
+        **block_kwargs,
+    ):
         """A block for vectors in R^dim whose g is :func:`rflow_tf.layers.lipschitz_dense_net`
         (``init``: one of :data:`rflow_tf.layers.INITS`).
 
         Example: ``IResBlock.dense(2, hidden_units=(128,) * 4, coeff=0.9)``.
         """
-        net = rlayers.lipschitz_dense_net(dim, hidden_units, coeff, activation, preactivation, dtype,
-                                          init=init)
+        net = rlayers.lipschitz_dense_net(
+            dim, hidden_units, coeff, activation, preactivation, dtype, init=init
+        )
         return cls(net, event_ndims=1, **block_kwargs)
 
     @classmethod
-    def conv(cls, input_shape, hidden_channels=512, kernels="3-1-3", coeff=0.98,
-             activation="lipswish", preactivation=True, dtype="float32", init="reference",
-             **block_kwargs):
+    def conv(
+        cls,
+        input_shape,
+        hidden_channels=512,
+        kernels="3-1-3",
+        coeff=0.98,
+        activation="lipswish",
+        preactivation=True,
+        dtype="float32",
+        init="reference",
+        **block_kwargs,
+    ):
         """A block for images of shape (H, W, C) whose g is
         :func:`rflow_tf.layers.lipschitz_conv_net` (the paper's image block;
         ``init``: one of :data:`rflow_tf.layers.INITS`).
 
         Example: ``IResBlock.conv((28, 28, 1), hidden_channels=512)``.
         """
-        net = rlayers.lipschitz_conv_net(input_shape, hidden_channels, kernels, coeff, activation,
-                                         preactivation, dtype, init=init)
+        net = rlayers.lipschitz_conv_net(
+            input_shape,
+            hidden_channels,
+            kernels,
+            coeff,
+            activation,
+            preactivation,
+            dtype,
+            init=init,
+        )
         return cls(net, event_ndims=3, **block_kwargs)
 
     @property
@@ -215,14 +268,16 @@ class IResBlock(_KerasBacked):
             raise TypeError(
                 f"{self.name}: net returned dtype {getattr(gx, 'dtype', type(gx))} for a "
                 f"{x.dtype.name} input; build the net with dtype='{x.dtype.name}' "
-                "(e.g. IResBlock.dense(..., dtype='float64')).")
+                "(e.g. IResBlock.dense(..., dtype='float64'))."
+            )
         key = (tuple(x.shape[1:]), tuple(gx.shape[1:]))
         if key not in self._checked_shapes:
             if gx.shape[1:] != x.shape[1:]:
                 raise ValueError(
                     f"{self.name}: net must preserve the shape of its input (a residual "
                     f"block needs g(x) shaped like x); got {tuple(x.shape[1:])} -> "
-                    f"{tuple(gx.shape[1:])}")
+                    f"{tuple(gx.shape[1:])}"
+                )
             self._checked_shapes.add(key)
         if not self._keras_tf_variables and getattr(self._net, "weights", None):
             self._track_keras(self._net)
@@ -245,6 +300,7 @@ class IResBlock(_KerasBacked):
 
         def vjp(u):
             return tape.gradient(gx, x, output_gradients=u)
+
         return gx, vjp, lambda u, v: est.neumann_surrogate(vjp, u, v)
 
     def _flatten_batch(self, x, name):
@@ -254,13 +310,16 @@ class IResBlock(_KerasBacked):
         if x.shape.rank is not None and x.shape.rank < nd:
             raise ValueError(
                 f"{self.name}: {name} needs rank >= {nd} (event shape of {nd} dims), "
-                f"got shape {x.shape}")
-        event_shape = x.shape[x.shape.rank - nd:]
+                f"got shape {x.shape}"
+            )
+        event_shape = x.shape[x.shape.rank - nd :]
         if not event_shape.is_fully_defined():
-            raise ValueError(f"{self.name}: the event shape of {name} must be static, got {x.shape}")
+            raise ValueError(
+                f"{self.name}: the event shape of {name} must be static, got {x.shape}"
+            )
         if self.validate_args:
             x = tf.debugging.assert_all_finite(x, f"{self.name}: {name} contains NaN or Inf")
-        batch_shape = tf.shape(x)[:tf.rank(x) - nd]
+        batch_shape = tf.shape(x)[: tf.rank(x) - nd]
         return tf.reshape(x, tf.concat([[-1], event_shape], 0)), batch_shape
 
     @staticmethod
@@ -279,7 +338,8 @@ class IResBlock(_KerasBacked):
         m = self.n_exact_terms if training else self.n_exact_terms_eval
         draws = est.sample_roulette(seed, self.dist, self.dist_param, self.n_samples)
         return tf.reduce_max(draws) + m, lambda k: est.series_weight(
-            k, draws, m, self.dist, self.dist_param, dtype)
+            k, draws, m, self.dist, self.dist_param, dtype
+        )
 
     # ------------------------------------------------------------- the block
     def forward_and_log_det(self, x, seed=None, training=False):
@@ -292,8 +352,9 @@ class IResBlock(_KerasBacked):
         if self._mode(training) == "exact":
             gx, ld = self._exact(xf, training)
         else:
-            seed = tfp.random.sanitize_seed(self._default_seed if seed is None else seed,
-                                            salt="IResBlock")
+            seed = tfp.random.sanitize_seed(
+                self._default_seed if seed is None else seed, salt="IResBlock"
+            )
             probe_seed, series_seed = tfp.random.split_seed(seed, 2)
             n_terms, weights = self._series(series_seed, training, xf.dtype)
             v = est.hutchinson_probe(tf.shape(xf), probe_seed, self.probe, xf.dtype)
@@ -312,9 +373,8 @@ class IResBlock(_KerasBacked):
         with tf.GradientTape() as tape:
             tape.watch(x_rep)
             g_rep = self._g(x_rep, training)
-        rows = tape.gradient(g_rep, x_rep,
-                             output_gradients=tf.reshape(cotangent, tf.shape(g_rep)))
-        jac = tf.transpose(tf.reshape(rows, [d, -1, d]), [1, 0, 2])      # [B, i, j]
+        rows = tape.gradient(g_rep, x_rep, output_gradients=tf.reshape(cotangent, tf.shape(g_rep)))
+        jac = tf.transpose(tf.reshape(rows, [d, -1, d]), [1, 0, 2])  # [B, i, j]
         gx = tf.reshape(g_rep, tf.concat([[d, -1], tf.shape(g_rep)[1:]], 0))[0]
         return gx, est.exact_logdet(jac)
 
@@ -336,7 +396,7 @@ class IResBlock(_KerasBacked):
         the path gradient of the backward pass.
         """
         block = self
-        if not self._keras_tf_variables:     # build the net before reading its variables
+        if not self._keras_tf_variables:  # build the net before reading its variables
             self._g(x, False)
         net_vars = [w for w in self._keras_tf_variables if w.trainable]
 
@@ -372,8 +432,9 @@ class IResBlock(_KerasBacked):
             if gif:
                 pre = tape.gradient(s, [x] + net_vars)
                 pre_x = pre[0]
-                pre_vars = {var.ref(): g
-                            for var, g in zip(net_vars, _zeros_for_none(pre[1:], net_vars))}
+                pre_vars = {
+                    var.ref(): g for var, g in zip(net_vars, _zeros_for_none(pre[1:], net_vars))
+                }
                 done += [g for g in pre if g is not None]
             # The next block starts once this one is finished, so that the
             # transient tensors of only one block are alive at a time.
@@ -395,8 +456,12 @@ class IResBlock(_KerasBacked):
                 uniform = tf.reduce_all(tf.equal(dld, dld[0]))
 
                 def scaled():
-                    return [tf.cast(dld[0], var.dtype) * pre_vars[var.ref()] if var.ref() in pre_vars
-                            else tf.zeros_like(var) for var in variables]
+                    return [
+                        tf.cast(dld[0], var.dtype) * pre_vars[var.ref()]
+                        if var.ref() in pre_vars
+                        else tf.zeros_like(var)
+                        for var in variables
+                    ]
 
                 def per_example():
                     return recomputed_grads(None, dld, variables)[1:]
@@ -421,15 +486,18 @@ class IResBlock(_KerasBacked):
         x, residual, converged = self.inverse_with_diagnostics(y)
         if tf.executing_eagerly():
             if not bool(converged):
-                if math.isfinite(float(residual)) and bool(
-                        tf.reduce_all(tf.math.is_finite(x))):
+                if math.isfinite(float(residual)) and bool(tf.reduce_all(tf.math.is_finite(x))):
                     why = f"in {self.inverse_max_iterations} iterations"
                 else:
                     why = "(the result is not finite: is y infinite or NaN?)"
                 warnings.warn(
                     f"{self.name}: fixed-point inverse did not converge {why}; final residual "
-                    f"max|x + g(x) - y| = {float(residual):.3g}", RuntimeWarning, stacklevel=2)
+                    f"max|x + g(x) - y| = {float(residual):.3g}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         else:
+
             def warn():
                 # Under tf.vectorized_map (pfor, also AutoBatched
                 # JointDistributions) this branch runs once for the, possibly
@@ -439,19 +507,28 @@ class IResBlock(_KerasBacked):
                 text = tf.strings.format("{}", residual)
 
                 def report():
-                    tf.print("WARNING:", self.name, "fixed-point inverse did not converge in",
-                             self.inverse_max_iterations, "iterations; final residual",
-                             residual, output_stream=sys.stderr)
+                    tf.print(
+                        "WARNING:",
+                        self.name,
+                        "fixed-point inverse did not converge in",
+                        self.inverse_max_iterations,
+                        "iterations; final residual",
+                        residual,
+                        output_stream=sys.stderr,
+                    )
                     return tf.constant(False)
-                return tf.cond(tf.strings.regex_full_match(text, r"\[\]"),
-                               lambda: tf.constant(True), report)
+
+                return tf.cond(
+                    tf.strings.regex_full_match(text, r"\[\]"), lambda: tf.constant(True), report
+                )
+
             ok = tf.cond(converged, lambda: tf.constant(True), warn)
             with tf.control_dependencies([ok]):
                 x = tf.identity(x)
         return x
 
     def _inverse_log_det_jacobian(self, y, seed=None, training=False):
-        x = self.inverse(y)      # through the cache: recalls x if y came from forward(x)
+        x = self.inverse(y)  # through the cache: recalls x if y came from forward(x)
         return -self.forward_and_log_det(x, seed=seed, training=training)[1]
 
     def inverse_with_diagnostics(self, y):
@@ -482,10 +559,14 @@ class IResBlock(_KerasBacked):
             return i + 1, x_new, tf.reduce_max(tf.abs(x_new - x))
 
         big = tf.constant(float("inf"), yf.dtype)
-        _, x, change = tf.while_loop(cond, body, (tf.constant(0), yf, big),
-                                     maximum_iterations=self.inverse_max_iterations)
+        _, x, change = tf.while_loop(
+            cond, body, (tf.constant(0), yf, big), maximum_iterations=self.inverse_max_iterations
+        )
         residual = tf.reduce_max(tf.abs(x + self._g(x, False) - yf))
-        finite = tf.math.is_finite(change) & tf.math.is_finite(residual) & \
-            tf.reduce_all(tf.math.is_finite(x))
+        finite = (
+            tf.math.is_finite(change)
+            & tf.math.is_finite(residual)
+            & tf.reduce_all(tf.math.is_finite(x))
+        )
         converged = finite & (change <= atol + rtol * tf.reduce_max(tf.abs(x)))
         return self._unflatten(x, batch_shape), residual, converged

@@ -29,8 +29,9 @@ class LogitTransform(tfb.Bijector):
         if not 0.0 <= alpha < 0.5:
             raise ValueError(f"alpha must lie in [0, 0.5), got {alpha}")
         self.alpha = float(alpha)
-        super().__init__(forward_min_event_ndims=0, validate_args=validate_args,
-                         parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=0, validate_args=validate_args, parameters=parameters, name=name
+        )
 
     @classmethod
     def _parameter_properties(cls, dtype):
@@ -38,11 +39,16 @@ class LogitTransform(tfb.Bijector):
 
     def _squash(self, x):
         if self.validate_args:
-            with tf.control_dependencies([
+            with tf.control_dependencies(
+                [
                     tf.debugging.assert_greater_equal(
-                        x, tf.zeros([], x.dtype), f"{self.name}: input below 0"),
+                        x, tf.zeros([], x.dtype), f"{self.name}: input below 0"
+                    ),
                     tf.debugging.assert_less_equal(
-                        x, tf.ones([], x.dtype), f"{self.name}: input above 1")]):
+                        x, tf.ones([], x.dtype), f"{self.name}: input above 1"
+                    ),
+                ]
+            ):
                 x = tf.identity(x)
         return self.alpha + (1.0 - 2.0 * self.alpha) * x
 
@@ -61,8 +67,7 @@ class LogitTransform(tfb.Bijector):
 
     def _inverse(self, y):
         # Clipped: in float32 sigmoid saturates to exactly 0 or 1 for |y| > ~17.
-        return tf.clip_by_value((tf.sigmoid(y) - self.alpha) / (1.0 - 2.0 * self.alpha),
-                                0.0, 1.0)
+        return tf.clip_by_value((tf.sigmoid(y) - self.alpha) / (1.0 - 2.0 * self.alpha), 0.0, 1.0)
 
     def _forward_log_det_jacobian(self, x):
         log_s, log_1ms = self._log_s_and_1ms(x)

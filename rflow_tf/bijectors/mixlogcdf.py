@@ -49,13 +49,13 @@ def coupling_mask(event_shape, kind="checkerboard", parity=0):
     if len(shape) == 1:
         idx = np.arange(shape[0])
         if kind == "checkerboard":
-            mask = (idx % 2 == 0)
+            mask = idx % 2 == 0
         elif kind == "half":
             mask = idx < (shape[0] + 1) // 2
         else:
             raise ValueError(f"vector masks are 'checkerboard' or 'half', got {kind!r}")
     elif len(shape) == 3:
-        if kind == "checkerboard":      # the same tiles as AffineCoupling's "checkerboard0"
+        if kind == "checkerboard":  # the same tiles as AffineCoupling's "checkerboard0"
             mask = np.broadcast_to(checkerboard_mask(shape[0], shape[1]).numpy(), shape) > 0
         elif kind == "channel":
             mask = np.broadcast_to(np.arange(shape[2]) < (shape[2] + 1) // 2, shape)
@@ -93,12 +93,22 @@ class GatedAttentionConditioner(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, positions_rank, out_channels, params_per_channel, hidden_channels=32,
-                 num_blocks=2, attention=True, num_heads=4, **kwargs):
+    def __init__(
+        self,
+        positions_rank,
+        out_channels,
+        params_per_channel,
+        hidden_channels=32,
+        num_blocks=2,
+        attention=True,
+        num_heads=4,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if positions_rank not in (1, 2):
-            raise ValueError(f"positions_rank must be 1 (vectors) or 2 (images), "
-                             f"got {positions_rank!r}")
+            raise ValueError(
+                f"positions_rank must be 1 (vectors) or 2 (images), got {positions_rank!r}"
+            )
         self.positions_rank = positions_rank
         self.out_channels = _positive_int(out_channels, "out_channels")
         self.params_per_channel = _positive_int(params_per_channel, "params_per_channel")
@@ -113,27 +123,42 @@ class GatedAttentionConditioner(keras.layers.Layer):
         self.conv_in = conv(ch, 3, padding="same", dtype=dt)
         conv_blocks, attn_blocks = [], []
         for k in range(self.num_blocks):
-            conv_blocks.append((conv(ch, 3, padding="same", dtype=dt),
-                                conv(2 * ch, 1, dtype=dt),
-                                keras.layers.LayerNormalization(dtype=dt)))
-            if self.attention:
-                attn_blocks.append((
-                    conv(ch, 1, dtype=dt),
-                    keras.layers.MultiHeadAttention(self.num_heads, max(ch // self.num_heads, 1),
-                                                    dtype=dt),
+            conv_blocks.append(
+                (
+                    conv(ch, 3, padding="same", dtype=dt),
                     conv(2 * ch, 1, dtype=dt),
-                    keras.layers.LayerNormalization(dtype=dt)))
+                    keras.layers.LayerNormalization(dtype=dt),
+                )
+            )
+            if self.attention:
+                attn_blocks.append(
+                    (
+                        conv(ch, 1, dtype=dt),
+                        keras.layers.MultiHeadAttention(
+                            self.num_heads, max(ch // self.num_heads, 1), dtype=dt
+                        ),
+                        conv(2 * ch, 1, dtype=dt),
+                        keras.layers.LayerNormalization(dtype=dt),
+                    )
+                )
             # Every sub-layer an attribute: Keras 3 lists (of tuples) are not checkpoint
             # dependencies, so tf.train.Checkpoint / SavedModel would miss their weights.
             for part, layer in zip(("conv", "gate", "norm"), conv_blocks[k]):
                 setattr(self, f"block{k}_{part}", layer)
-            for part, layer in zip(("proj", "attention", "attn_gate", "attn_norm"),
-                                   attn_blocks[k] if self.attention else ()):
+            for part, layer in zip(
+                ("proj", "attention", "attn_gate", "attn_norm"),
+                attn_blocks[k] if self.attention else (),
+            ):
                 setattr(self, f"block{k}_{part}", layer)
         object.__setattr__(self, "conv_blocks", conv_blocks)
         object.__setattr__(self, "attn_blocks", attn_blocks)
-        self.conv_out = conv(self.out_channels * self.params_per_channel, 3, padding="same",
-                             kernel_initializer="zeros", dtype=dt)
+        self.conv_out = conv(
+            self.out_channels * self.params_per_channel,
+            3,
+            padding="same",
+            kernel_initializer="zeros",
+            dtype=dt,
+        )
 
     @staticmethod
     def _gate(h):
@@ -153,8 +178,9 @@ class GatedAttentionConditioner(keras.layers.Layer):
                 a = tf.reshape(mhsa(seq, seq), shape)
                 h = norm(h + self._gate(gate(a)))
         out = self.conv_out(h)
-        return tf.reshape(out, tf.concat([tf.shape(out)[:-1],
-                                          [self.out_channels, self.params_per_channel]], 0))
+        return tf.reshape(
+            out, tf.concat([tf.shape(out)[:-1], [self.out_channels, self.params_per_channel]], 0)
+        )
 
 
 class MixLogCDFCoupling(_KerasBacked):
@@ -213,45 +239,81 @@ class MixLogCDFCoupling(_KerasBacked):
     [1] Ho et al., Flow++, ICML 2019, Sections 3.2-3.3.
     """
 
-    def __init__(self, event_shape, mask=None, parity=0, num_components=4, hidden_channels=32,
-                 num_blocks=2, attention=True, num_heads=4, condition_channels=0,
-                 inverse_atol=1e-6, inverse_rtol=1e-6, inverse_max_iterations=200,
-                 dtype=tf.float32, validate_args=False, name="mixlogcdf_coupling"):
+    def __init__(
+        self,
+        event_shape,
+        mask=None,
+        parity=0,
+        num_components=4,
+        hidden_channels=32,
+        num_blocks=2,
+        attention=True,
+        num_heads=4,
+        condition_channels=0,
+        inverse_atol=1e-6,
+        inverse_rtol=1e-6,
+        inverse_max_iterations=200,
+        dtype=tf.float32,
+        validate_args=False,
+        name="mixlogcdf_coupling",
+    ):
         parameters = dict(locals())
         self.event_shape_ = tuple(int(s) for s in event_shape)
         if len(self.event_shape_) not in (1, 3) or min(self.event_shape_) < 1:
-            raise ValueError(f"event_shape must be (D,) or (H, W, C) with positive sizes, "
-                             f"got {event_shape!r}")
+            raise ValueError(
+                f"event_shape must be (D,) or (H, W, C) with positive sizes, got {event_shape!r}"
+            )
         self.num_components = _positive_int(num_components, "num_components")
         self.condition_channels = int(condition_channels)
         if self.condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels!r}")
-        dtype, self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations = \
+        dtype, self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations = (
             _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations)
+        )
         if mask is None or isinstance(mask, str):
             kind = mask or "checkerboard"
             mask = coupling_mask(self.event_shape_, kind, parity)
         mask = np.asarray(mask, dtype=np.float64)
         if mask.shape != self.event_shape_:
-            raise ValueError(f"mask mismatch: mask has shape {mask.shape}, but event_shape is "
-                             f"{self.event_shape_}")
+            raise ValueError(
+                f"mask mismatch: mask has shape {mask.shape}, but event_shape is "
+                f"{self.event_shape_}"
+            )
         if not np.all((mask == 0) | (mask == 1)) or mask.min() == mask.max():
-            raise ValueError("mask must hold only 0 and 1, and both (something to condition "
-                             "on and something to transform)")
+            raise ValueError(
+                "mask must hold only 0 and 1, and both (something to condition "
+                "on and something to transform)"
+            )
         self._mask_np = mask
         self.mask = tf.constant(mask, dtype)
         channels = 1 if len(self.event_shape_) == 1 else self.event_shape_[-1]
         self.net = GatedAttentionConditioner(
-            positions_rank=len(self.event_shape_) - 1 or 1, out_channels=channels,
-            params_per_channel=3 * self.num_components + 2, hidden_channels=hidden_channels,
-            num_blocks=num_blocks, attention=attention, num_heads=num_heads, dtype=dtype.name,
-            name=f"{name}_net")
-        self.net(self._net_input(tf.zeros((1,) + self.event_shape_, dtype),
-                                 tf.zeros((1,) + self._positions() + (self.condition_channels,),
-                                          dtype) if self.condition_channels else None))
+            positions_rank=len(self.event_shape_) - 1 or 1,
+            out_channels=channels,
+            params_per_channel=3 * self.num_components + 2,
+            hidden_channels=hidden_channels,
+            num_blocks=num_blocks,
+            attention=attention,
+            num_heads=num_heads,
+            dtype=dtype.name,
+            name=f"{name}_net",
+        )
+        self.net(
+            self._net_input(
+                tf.zeros((1,) + self.event_shape_, dtype),
+                tf.zeros((1,) + self._positions() + (self.condition_channels,), dtype)
+                if self.condition_channels
+                else None,
+            )
+        )
         self._track_keras(self.net)
-        super().__init__(forward_min_event_ndims=len(self.event_shape_), dtype=dtype,
-                         validate_args=validate_args, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=len(self.event_shape_),
+            dtype=dtype,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     def _positions(self):
         return self.event_shape_ if len(self.event_shape_) == 1 else self.event_shape_[:2]
@@ -270,16 +332,22 @@ class MixLogCDFCoupling(_KerasBacked):
     def _flat(self, x, condition):
         rank = len(self.event_shape_)
         if x.shape.rank is not None and tuple(x.shape[-rank:]) != self.event_shape_:
-            raise ValueError(f"{self.name}: expected event shape {self.event_shape_}, "
-                             f"got input of shape {x.shape}")
+            raise ValueError(
+                f"{self.name}: expected event shape {self.event_shape_}, "
+                f"got input of shape {x.shape}"
+            )
         flat = tf.reshape(x, (-1,) + self.event_shape_)
         if self.condition_channels:
             if condition is None:
-                raise ValueError(f"{self.name} was built with condition_channels="
-                                 f"{self.condition_channels}: pass condition=... (shape "
-                                 f"[..., *{self._positions()}, {self.condition_channels}])")
-            condition = tf.reshape(tf.convert_to_tensor(condition, self.dtype),
-                                   (-1,) + self._positions() + (self.condition_channels,))
+                raise ValueError(
+                    f"{self.name} was built with condition_channels="
+                    f"{self.condition_channels}: pass condition=... (shape "
+                    f"[..., *{self._positions()}, {self.condition_channels}])"
+                )
+            condition = tf.reshape(
+                tf.convert_to_tensor(condition, self.dtype),
+                (-1,) + self._positions() + (self.condition_channels,),
+            )
         elif condition is not None:
             raise ValueError(f"{self.name} takes no condition (condition_channels=0)")
         return flat, condition
@@ -289,7 +357,7 @@ class MixLogCDFCoupling(_KerasBacked):
         params = self.net(self._net_input(x_flat, condition))
         params = tf.reshape(params, tf.concat([tf.shape(x_flat), [-1]], 0))
         k = self.num_components
-        logits, mu, log_s = params[..., :k], params[..., k:2 * k], params[..., 2 * k:3 * k]
+        logits, mu, log_s = params[..., :k], params[..., k : 2 * k], params[..., 2 * k : 3 * k]
         log_s = tf.maximum(log_s, MIN_LOG_SCALE)
         scale = 2.0 * tf.tanh(0.5 * params[..., 3 * k])
         shift = params[..., 3 * k + 1]
@@ -308,7 +376,7 @@ class MixLogCDFCoupling(_KerasBacked):
         y = self.mask * flat + (1.0 - self.mask) * (z * tf.exp(scale) + shift)
         axes = list(range(1, 1 + len(self.event_shape_)))
         ld = tf.reduce_sum((1.0 - self.mask) * (log_dz + scale), axis=axes)
-        return tf.reshape(y, tf.shape(x)), tf.reshape(ld, tf.shape(x)[:-len(self.event_shape_)])
+        return tf.reshape(y, tf.shape(x)), tf.reshape(ld, tf.shape(x)[: -len(self.event_shape_)])
 
     def _forward(self, x, condition=None):
         return self.forward_and_log_det(x, condition)[0]
@@ -318,9 +386,14 @@ class MixLogCDFCoupling(_KerasBacked):
 
     def _inverse(self, y, condition=None):
         flat, condition = self._flat(y, condition)
-        mixture, scale, shift = self._elementwise(flat, condition)   # y_1 = x_1
+        mixture, scale, shift = self._elementwise(flat, condition)  # y_1 = x_1
         target = (flat - shift) * tf.exp(-scale)
-        x2 = bisect_increasing(lambda t: sigmoid_mixture_logit(t, *mixture)[0], target,
-                               self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations)
+        x2 = bisect_increasing(
+            lambda t: sigmoid_mixture_logit(t, *mixture)[0],
+            target,
+            self.inverse_atol,
+            self.inverse_rtol,
+            self.inverse_max_iterations,
+        )
         x = self.mask * flat + (1.0 - self.mask) * x2
         return tf.reshape(x, tf.shape(y))

@@ -77,7 +77,8 @@ def sigmoid_mixture_logit(x, log_w, log_a, b):
     z = tf.exp(log_a) * x[..., None] + b
     log_s, log_1ms, y = logit_of_log_mixture(log_w, z)
     log_ds = tf.reduce_logsumexp(
-        log_w + log_a + tf.math.log_sigmoid(z) + tf.math.log_sigmoid(-z), axis=-1)
+        log_w + log_a + tf.math.log_sigmoid(z) + tf.math.log_sigmoid(-z), axis=-1
+    )
     return y, log_ds - log_s - log_1ms
 
 
@@ -111,8 +112,9 @@ def bisect_increasing(fn, y, atol=1e-6, rtol=1e-6, max_iterations=200):
     one = tf.ones_like(y)
 
     def expand_cond(i, lo, hi):
-        return tf.logical_and(i < max_iterations, tf.reduce_any(
-            tf.logical_or(fn(lo) > y, fn(hi) < y)))
+        return tf.logical_and(
+            i < max_iterations, tf.reduce_any(tf.logical_or(fn(lo) > y, fn(hi) < y))
+        )
 
     def expand(i, lo, hi):
         return (i + 1, tf.where(fn(lo) > y, 2.0 * lo, lo), tf.where(fn(hi) < y, 2.0 * hi, hi))
@@ -123,8 +125,7 @@ def bisect_increasing(fn, y, atol=1e-6, rtol=1e-6, max_iterations=200):
         return hi - lo <= atol + rtol * tf.maximum(tf.abs(lo), tf.abs(hi))
 
     def bisect_cond(i, lo, hi):
-        return tf.logical_and(i < max_iterations,
-                              tf.logical_not(tf.reduce_all(width_ok(lo, hi))))
+        return tf.logical_and(i < max_iterations, tf.logical_not(tf.reduce_all(width_ok(lo, hi))))
 
     def bisect(i, lo, hi):
         mid = 0.5 * (lo + hi)

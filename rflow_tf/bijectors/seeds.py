@@ -1,6 +1,5 @@
 """Seed routing for flows of residual blocks: flow_kwargs, use_fixed_seed."""
 
-
 import tensorflow_probability as tfp
 
 from rflow_tf.bijectors._base import _check_stateless_seed
@@ -25,8 +24,11 @@ def _seeded_parts(obj):
     if isinstance(obj, _INVERT_TYPES):
         return _seeded_parts(obj.bijector)
     if isinstance(obj, tfb.Composition):
-        return [(piece, [sub.name] + route) for sub in obj.bijectors
-                for piece, route in _seeded_parts(sub)]
+        return [
+            (piece, [sub.name] + route)
+            for sub in obj.bijectors
+            for piece, route in _seeded_parts(sub)
+        ]
     if not isinstance(obj, tfb.Bijector) and getattr(obj, "bijector", None) is not None:
         return _seeded_parts(obj.bijector)
     return []
@@ -50,12 +52,14 @@ def flow_kwargs(bijector, **kwargs):
     seed = kwargs.pop("seed", None)
     parts = _seeded_parts(bijector)
     if seed is not None and not parts:
-        raise ValueError(f"flow_kwargs: {getattr(bijector, 'name', bijector)!r} contains no "
-                         "residual block or flow that takes a seed; the seed would be dropped")
+        raise ValueError(
+            f"flow_kwargs: {getattr(bijector, 'name', bijector)!r} contains no "
+            "residual block or flow that takes a seed; the seed would be dropped"
+        )
     if not parts:
         return {}
     seeds = tfp.random.split_seed(seed, len(parts) + 1)[1:] if seed is not None else None
-    if not parts[0][1]:            # the bijector itself takes the kwargs
+    if not parts[0][1]:  # the bijector itself takes the kwargs
         return dict(kwargs, **({"seed": seeds[0]} if seeds is not None else {}))
     nested = {}
     for i, (_, route) in enumerate(parts):
@@ -97,8 +101,9 @@ def use_fixed_seed(flow, seed):
     for piece, _ in _seeded_parts(flow):
         blocks.extend(getattr(piece, "iresblocks", None) or [piece])
     if not blocks:
-        raise ValueError(f"use_fixed_seed: {getattr(flow, 'name', flow)!r} contains no "
-                         "residual block")
+        raise ValueError(
+            f"use_fixed_seed: {getattr(flow, 'name', flow)!r} contains no residual block"
+        )
     seeds = tfp.random.split_seed(seed, len(blocks)) if seed is not None else [None] * len(blocks)
     for block, block_seed in zip(blocks, seeds):
         block.default_seed = None if block_seed is None else tuple(block_seed.numpy())

@@ -64,8 +64,9 @@ class MADE(keras.layers.Layer):
     ```
     """
 
-    def __init__(self, event_size, params_per_dim, hidden_units=(64, 64), activation="elu",
-                 **kwargs):
+    def __init__(
+        self, event_size, params_per_dim, hidden_units=(64, 64), activation="elu", **kwargs
+    ):
         super().__init__(**kwargs)
         self.event_size = _positive_int(event_size, "event_size")
         self.params_per_dim = _positive_int(params_per_dim, "params_per_dim")
@@ -77,20 +78,26 @@ class MADE(keras.layers.Layer):
         for h in self.hidden_units:
             degrees.append(np.arange(h) % max(d - 1, 1) + 1)
         out_degrees = np.repeat(np.arange(1, d + 1), self.params_per_dim)
-        self._masks = [(degrees[k + 1][None, :] >= degrees[k][:, None]).astype(np.float32)
-                       for k in range(len(self.hidden_units))]
+        self._masks = [
+            (degrees[k + 1][None, :] >= degrees[k][:, None]).astype(np.float32)
+            for k in range(len(self.hidden_units))
+        ]
         self._masks.append((out_degrees[None, :] > degrees[-1][:, None]).astype(np.float32))
 
     def build(self, input_shape):
         if input_shape[-1] is not None and input_shape[-1] != self.event_size:
-            raise ValueError(f"MADE built for event_size={self.event_size}, got inputs of "
-                             f"shape {tuple(input_shape)}")
+            raise ValueError(
+                f"MADE built for event_size={self.event_size}, got inputs of "
+                f"shape {tuple(input_shape)}"
+            )
         self.kernels, self.biases = [], []
         for k, mask in enumerate(self._masks):
-            self.kernels.append(self.add_weight(shape=mask.shape, name=f"kernel_{k}",
-                                                initializer="glorot_uniform"))
-            self.biases.append(self.add_weight(shape=(mask.shape[1],), name=f"bias_{k}",
-                                               initializer="zeros"))
+            self.kernels.append(
+                self.add_weight(shape=mask.shape, name=f"kernel_{k}", initializer="glorot_uniform")
+            )
+            self.biases.append(
+                self.add_weight(shape=(mask.shape[1],), name=f"bias_{k}", initializer="zeros")
+            )
 
     def call(self, x):
         h = x
@@ -98,35 +105,59 @@ class MADE(keras.layers.Layer):
             h = tf.matmul(h, w * tf.constant(mask, w.dtype)) + b
             if k < len(self._masks) - 1:
                 h = self.activation(h)
-        return tf.reshape(h, tf.concat([tf.shape(x)[:-1],
-                                        [self.event_size, self.params_per_dim]], 0))
+        return tf.reshape(
+            h, tf.concat([tf.shape(x)[:-1], [self.event_size, self.params_per_dim]], 0)
+        )
 
     def get_config(self):
-        return {**super().get_config(), "event_size": self.event_size,
-                "params_per_dim": self.params_per_dim, "hidden_units": self.hidden_units,
-                "activation": self._activation_name}
+        return {
+            **super().get_config(),
+            "event_size": self.event_size,
+            "params_per_dim": self.params_per_dim,
+            "hidden_units": self.hidden_units,
+            "activation": self._activation_name,
+        }
 
 
 class _AutoregressiveMonotone(_KerasBacked):
     """y_t = tau(x_t; params_t(x_{<t})); subclasses define ``_transform``, ``_params_per_dim``."""
 
-    def __init__(self, event_size, conditioner, hidden_units, activation, inverse_atol,
-                 inverse_rtol, inverse_max_iterations, dtype, validate_args, name, parameters):
+    def __init__(
+        self,
+        event_size,
+        conditioner,
+        hidden_units,
+        activation,
+        inverse_atol,
+        inverse_rtol,
+        inverse_max_iterations,
+        dtype,
+        validate_args,
+        name,
+        parameters,
+    ):
         self.event_size = _positive_int(event_size, "event_size")
-        dtype, self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations = \
+        dtype, self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations = (
             _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations)
+        )
         p = self._params_per_dim()
-        if conditioner is None:     # autoregressive by construction: no Jacobian check
-            self.conditioner = MADE(self.event_size, p, hidden_units, activation,
-                                    dtype=dtype.name, name=f"{name}_made")
+        if conditioner is None:  # autoregressive by construction: no Jacobian check
+            self.conditioner = MADE(
+                self.event_size, p, hidden_units, activation, dtype=dtype.name, name=f"{name}_made"
+            )
             self.conditioner.build((None, self.event_size))
         else:
             self.conditioner = conditioner
             self._check_conditioner(dtype)
         if isinstance(self.conditioner, keras.layers.Layer):
             self._track_keras(self.conditioner)
-        super().__init__(forward_min_event_ndims=1, dtype=dtype, validate_args=validate_args,
-                         parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=1,
+            dtype=dtype,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     def _check_conditioner(self, dtype):
         """A user conditioner: shape [..., D, P] and autoregressive (d params[t]/d x[s] = 0
@@ -137,23 +168,27 @@ class _AutoregressiveMonotone(_KerasBacked):
             tape.watch(x)
             out = self.conditioner(x)
         if tuple(out.shape) != (2, d, p):
-            raise ValueError(f"conditioner must map [batch, {d}] to [batch, {d}, {p}] "
-                             f"(event_size, params per dimension), got {tuple(out.shape)}")
-        jac = tape.batch_jacobian(out, x)                     # [2, D, P, D]
+            raise ValueError(
+                f"conditioner must map [batch, {d}] to [batch, {d}, {p}] "
+                f"(event_size, params per dimension), got {tuple(out.shape)}"
+            )
+        jac = tape.batch_jacobian(out, x)  # [2, D, P, D]
         if jac is not None:
-            dep = np.abs(jac.numpy()).max(axis=(0, 2)) > 0    # dep[t, s]: params[t] uses x[s]
+            dep = np.abs(jac.numpy()).max(axis=(0, 2)) > 0  # dep[t, s]: params[t] uses x[s]
             bad = np.argwhere(np.triu(dep))
             if bad.size:
                 t, s = bad[0]
-                raise ValueError(f"conditioner mask mismatch: the parameters of dimension {t} "
-                                 f"depend on x[{s}], but may only use x[:{t}] "
-                                 "(the conditioner is not autoregressive)")
+                raise ValueError(
+                    f"conditioner mask mismatch: the parameters of dimension {t} "
+                    f"depend on x[{s}], but may only use x[:{t}] "
+                    "(the conditioner is not autoregressive)"
+                )
 
     def _check_input(self, x):
-        if x.shape.rank is not None and x.shape[-1] is not None \
-                and x.shape[-1] != self.event_size:
-            raise ValueError(f"{self.name}: expected event size {self.event_size}, "
-                             f"got input of shape {x.shape}")
+        if x.shape.rank is not None and x.shape[-1] is not None and x.shape[-1] != self.event_size:
+            raise ValueError(
+                f"{self.name}: expected event size {self.event_size}, got input of shape {x.shape}"
+            )
 
     def _flat(self, x):
         self._check_input(x)
@@ -168,8 +203,7 @@ class _AutoregressiveMonotone(_KerasBacked):
         flat = self._flat(x)
         y, ld = self._transform(flat, self.conditioner(flat))
         batch = tf.shape(x)[:-1]
-        return (tf.reshape(y, tf.shape(x)),
-                tf.reshape(tf.reduce_sum(ld, axis=-1), batch))
+        return (tf.reshape(y, tf.shape(x)), tf.reshape(tf.reduce_sum(ld, axis=-1), batch))
 
     def _forward(self, x):
         return self.forward_and_log_det(x)[0]
@@ -184,13 +218,20 @@ class _AutoregressiveMonotone(_KerasBacked):
         for t in range(self.event_size):
             known = tf.stack(cols, axis=-1) if cols else flat_y[:, :0]
             x_cur = tf.concat([known, tf.zeros_like(flat_y[:, t:])], axis=-1)
-            params_t = self.conditioner(x_cur)[:, t:t + 1, :]
+            params_t = self.conditioner(x_cur)[:, t : t + 1, :]
 
             def tau(s, params_t=params_t):
                 return self._transform(s[:, None], params_t)[0][:, 0]
 
-            cols.append(bisect_increasing(tau, flat_y[:, t], self.inverse_atol,
-                                          self.inverse_rtol, self.inverse_max_iterations))
+            cols.append(
+                bisect_increasing(
+                    tau,
+                    flat_y[:, t],
+                    self.inverse_atol,
+                    self.inverse_rtol,
+                    self.inverse_max_iterations,
+                )
+            )
         return tf.reshape(tf.stack(cols, axis=-1), tf.shape(y))
 
 
@@ -241,24 +282,45 @@ class DeepSigmoidalFlow(_AutoregressiveMonotone):
     [2] Germain et al., MADE, ICML 2015.
     """
 
-    def __init__(self, event_size, num_components=8, hidden_units=(64, 64), activation="elu",
-                 conditioner=None, inverse_atol=1e-6, inverse_rtol=1e-6,
-                 inverse_max_iterations=200, dtype=tf.float32, validate_args=False,
-                 name="deep_sigmoidal_flow"):
+    def __init__(
+        self,
+        event_size,
+        num_components=8,
+        hidden_units=(64, 64),
+        activation="elu",
+        conditioner=None,
+        inverse_atol=1e-6,
+        inverse_rtol=1e-6,
+        inverse_max_iterations=200,
+        dtype=tf.float32,
+        validate_args=False,
+        name="deep_sigmoidal_flow",
+    ):
         parameters = dict(locals())
         self.num_components = _positive_int(num_components, "num_components")
-        super().__init__(event_size, conditioner, hidden_units, activation, inverse_atol,
-                         inverse_rtol, inverse_max_iterations, dtype, validate_args, name,
-                         parameters)
+        super().__init__(
+            event_size,
+            conditioner,
+            hidden_units,
+            activation,
+            inverse_atol,
+            inverse_rtol,
+            inverse_max_iterations,
+            dtype,
+            validate_args,
+            name,
+            parameters,
+        )
 
     def _params_per_dim(self):
         return 3 * self.num_components
 
     def _transform(self, x, params):
         k = self.num_components
-        a_raw, b, w_logits = params[..., :k], params[..., k:2 * k], params[..., 2 * k:]
-        return sigmoid_mixture_logit(x, tf.nn.log_softmax(w_logits, axis=-1),
-                                     log_softplus(a_raw), b)
+        a_raw, b, w_logits = params[..., :k], params[..., k : 2 * k], params[..., 2 * k :]
+        return sigmoid_mixture_logit(
+            x, tf.nn.log_softmax(w_logits, axis=-1), log_softplus(a_raw), b
+        )
 
 
 def _log_matmul(log_a, log_b):
@@ -311,16 +373,37 @@ class DeepDenseSigmoidalFlow(_AutoregressiveMonotone):
     [1] Huang et al., Neural Autoregressive Flows, ICML 2018, Section 3.3 (DDSF).
     """
 
-    def __init__(self, event_size, num_layers=2, hidden_size=16, hidden_units=(64, 64),
-                 activation="elu", conditioner=None, inverse_atol=1e-6, inverse_rtol=1e-6,
-                 inverse_max_iterations=200, dtype=tf.float32, validate_args=False,
-                 name="deep_dense_sigmoidal_flow"):
+    def __init__(
+        self,
+        event_size,
+        num_layers=2,
+        hidden_size=16,
+        hidden_units=(64, 64),
+        activation="elu",
+        conditioner=None,
+        inverse_atol=1e-6,
+        inverse_rtol=1e-6,
+        inverse_max_iterations=200,
+        dtype=tf.float32,
+        validate_args=False,
+        name="deep_dense_sigmoidal_flow",
+    ):
         parameters = dict(locals())
         self.num_layers = _positive_int(num_layers, "num_layers")
         self.hidden_size = _hidden_sizes(hidden_size, "hidden_size")[0]
-        super().__init__(event_size, conditioner, hidden_units, activation, inverse_atol,
-                         inverse_rtol, inverse_max_iterations, dtype, validate_args, name,
-                         parameters)
+        super().__init__(
+            event_size,
+            conditioner,
+            hidden_units,
+            activation,
+            inverse_atol,
+            inverse_rtol,
+            inverse_max_iterations,
+            dtype,
+            validate_args,
+            name,
+            parameters,
+        )
 
     def _layer_widths(self):
         """(d_in, d_out) per layer: 1 -> H -> ... -> H -> 1."""
@@ -333,24 +416,31 @@ class DeepDenseSigmoidalFlow(_AutoregressiveMonotone):
 
     def _transform(self, x, params):
         h_size = self.hidden_size
-        h = x[..., None]                                   # [..., 1]
-        log_jac = None                                     # [..., d_out, 1]
+        h = x[..., None]  # [..., 1]
+        log_jac = None  # [..., d_out, 1]
         start = 0
         for d_in, d_out in self._layer_widths():
             sizes = [h_size * d_in, h_size, h_size, d_out * h_size]
             u_logits, a_raw, b, w_logits = tf.split(
-                params[..., start:start + sum(sizes)], sizes, axis=-1)
+                params[..., start : start + sum(sizes)], sizes, axis=-1
+            )
             start += sum(sizes)
             log_a = log_softplus(a_raw)
             log_u = tf.nn.log_softmax(
-                tf.reshape(u_logits, tf.concat([tf.shape(u_logits)[:-1], [h_size, d_in]], 0)))
+                tf.reshape(u_logits, tf.concat([tf.shape(u_logits)[:-1], [h_size, d_in]], 0))
+            )
             log_w = tf.nn.log_softmax(
-                tf.reshape(w_logits, tf.concat([tf.shape(w_logits)[:-1], [d_out, h_size]], 0)))
-            c = tf.exp(log_a) * tf.linalg.matvec(tf.exp(log_u), h) + b        # [..., H]
+                tf.reshape(w_logits, tf.concat([tf.shape(w_logits)[:-1], [d_out, h_size]], 0))
+            )
+            c = tf.exp(log_a) * tf.linalg.matvec(tf.exp(log_u), h) + b  # [..., H]
             log_s, log_1ms, h = logit_of_log_mixture(log_w, c[..., None, :])  # [..., d_out]
-            log_slope = log_a + tf.math.log_sigmoid(c) + tf.math.log_sigmoid(-c)   # [..., H]
-            layer_jac = tf.reduce_logsumexp(
-                log_w[..., :, :, None] + log_slope[..., None, :, None] + log_u[..., None, :, :],
-                axis=-2) - (log_s + log_1ms)[..., None]                        # [..., d_out, d_in]
+            log_slope = log_a + tf.math.log_sigmoid(c) + tf.math.log_sigmoid(-c)  # [..., H]
+            layer_jac = (
+                tf.reduce_logsumexp(
+                    log_w[..., :, :, None] + log_slope[..., None, :, None] + log_u[..., None, :, :],
+                    axis=-2,
+                )
+                - (log_s + log_1ms)[..., None]
+            )  # [..., d_out, d_in]
             log_jac = layer_jac if log_jac is None else _log_matmul(layer_jac, log_jac)
         return h[..., 0], log_jac[..., 0, 0]

@@ -1,6 +1,5 @@
 """Squeeze: space-to-channels reshaping [..., H, W, C] -> [..., H/2, W/2, 4C]."""
 
-
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -42,8 +41,13 @@ class Squeeze(tfb.Bijector):
         if order not in SQUEEZE_ORDERS:
             raise ValueError(f"Squeeze order must be one of {SQUEEZE_ORDERS}, got {order!r}")
         self.order = order
-        super().__init__(forward_min_event_ndims=3, is_constant_jacobian=True,
-                         validate_args=validate_args, parameters=parameters, name=name)
+        super().__init__(
+            forward_min_event_ndims=3,
+            is_constant_jacobian=True,
+            validate_args=validate_args,
+            parameters=parameters,
+            name=name,
+        )
 
     @classmethod
     def _parameter_properties(cls, dtype):
@@ -80,8 +84,9 @@ class Squeeze(tfb.Bijector):
 
     def _inverse(self, y):
         if y.shape.rank is not None and (y.shape[-1] or 0) % 4:
-            raise ValueError(f"Squeeze inverse needs a channel count divisible by 4, "
-                             f"got shape {y.shape}")
+            raise ValueError(
+                f"Squeeze inverse needs a channel count divisible by 4, got shape {y.shape}"
+            )
         if self.order == "reference":
             return self._reshape_apply(y, self._unsqueeze_reference)
         return self._reshape_apply(y, lambda t: tf.nn.depth_to_space(t, 2))
@@ -90,12 +95,18 @@ class Squeeze(tfb.Bijector):
         return tf.zeros([], x.dtype)
 
     def _forward_event_shape(self, s):
-        return tf.TensorShape(s[:-3]).concatenate([s[-3] // 2, s[-2] // 2, s[-1] * 4]) \
-            if s.rank is not None and s[-3] is not None else s
+        return (
+            tf.TensorShape(s[:-3]).concatenate([s[-3] // 2, s[-2] // 2, s[-1] * 4])
+            if s.rank is not None and s[-3] is not None
+            else s
+        )
 
     def _inverse_event_shape(self, s):
-        return tf.TensorShape(s[:-3]).concatenate([s[-3] * 2, s[-2] * 2, s[-1] // 4]) \
-            if s.rank is not None and s[-3] is not None else s
+        return (
+            tf.TensorShape(s[:-3]).concatenate([s[-3] * 2, s[-2] * 2, s[-1] // 4])
+            if s.rank is not None and s[-3] is not None
+            else s
+        )
 
     def _forward_event_shape_tensor(self, s):
         return tf.concat([s[:-3], [s[-3] // 2, s[-2] // 2, s[-1] * 4]], 0)

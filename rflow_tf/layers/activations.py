@@ -32,7 +32,7 @@ from rflow_tf.layers._base import _PACKAGE
 #: Below this many elements the fused XLA LipSwish costs more than it saves
 #: (measured on the 2-core CPU of benchmarks/: 4x faster at 6.4M elements,
 #: 1.2x at 400k, 10% slower at 64k).
-_FUSED_LIPSWISH_MIN_ELEMENTS = 2 ** 18
+_FUSED_LIPSWISH_MIN_ELEMENTS = 2**18
 
 
 @tf.function(jit_compile=True)
@@ -40,7 +40,7 @@ def _lipswish_forward(x, beta):
     b = tf.nn.softplus(beta)
     bx = b * x
     s = tf.sigmoid(bx)
-    return x * s, s + tf.raw_ops.SigmoidGrad(y=s, dy=bx)      # SigmoidGrad(s, w) = w s (1 - s)
+    return x * s, s + tf.raw_ops.SigmoidGrad(y=s, dy=bx)  # SigmoidGrad(s, w) = w s (1 - s)
 
 
 @tf.function(jit_compile=True)
@@ -51,13 +51,13 @@ def _lipswish_backward(x, beta, gy, gd=None):
     w = b * x
     s = tf.sigmoid(w)
     ss = s * (1.0 - s)
-    gx = gy * (s + w * ss)                          # dy/dx = d
-    gb_pointwise = gy * x * x * ss                  # dy/db = x^2 s (1 - s)
+    gx = gy * (s + w * ss)  # dy/dx = d
+    gb_pointwise = gy * x * x * ss  # dy/db = x^2 s (1 - s)
     if gd is not None:
-        e = ss * (2.0 + w * (1.0 - 2.0 * s))        # dd/dw
-        gx += gd * (b * e)                          # dd/dx = b e
-        gb_pointwise += gd * x * e                  # dd/db = x e
-    return gx, tf.reduce_sum(gb_pointwise) * tf.sigmoid(beta)   # db/dbeta = sigmoid(beta)
+        e = ss * (2.0 + w * (1.0 - 2.0 * s))  # dd/dw
+        gx += gd * (b * e)  # dd/dx = b e
+        gb_pointwise += gd * x * e  # dd/db = x e
+    return gx, tf.reduce_sum(gb_pointwise) * tf.sigmoid(beta)  # db/dbeta = sigmoid(beta)
 
 
 @tf.custom_gradient
@@ -109,7 +109,8 @@ class LipSwish(keras.layers.Layer):
 
     def build(self, input_shape):
         self.beta = self.add_weight(
-            name="beta", shape=(), initializer=keras.initializers.Constant(self.beta_initializer))
+            name="beta", shape=(), initializer=keras.initializers.Constant(self.beta_initializer)
+        )
 
     def call(self, x):
         b = tf.nn.softplus(tf.cast(self.beta, x.dtype))
@@ -253,8 +254,10 @@ class MaxMin(keras.layers.Layer):
     def build(self, input_shape):
         n = input_shape[-1]
         if n is None or n % 2:
-            raise ValueError(f"MaxMin needs an even, static number of features on the last axis "
-                             f"to pair them, got input shape {tuple(input_shape)}")
+            raise ValueError(
+                f"MaxMin needs an even, static number of features on the last axis "
+                f"to pair them, got input shape {tuple(input_shape)}"
+            )
 
     def call(self, x):
         n = x.shape[-1]

@@ -30,8 +30,9 @@ class ActNormalization(keras.layers.Layer):
     def __init__(self, variance="unbiased", **kwargs):
         super().__init__(**kwargs)
         if variance not in ("unbiased", "biased"):
-            raise ValueError(f"ActNormalization variance must be 'unbiased' or 'biased', "
-                             f"got {variance!r}")
+            raise ValueError(
+                f"ActNormalization variance must be 'unbiased' or 'biased', got {variance!r}"
+            )
         self.variance = variance
 
     def get_config(self):
@@ -41,8 +42,9 @@ class ActNormalization(keras.layers.Layer):
         c = input_shape[-1]
         self.bias = self.add_weight(name="bias", shape=(c,), initializer="zeros")
         self.log_scale = self.add_weight(name="log_scale", shape=(c,), initializer="zeros")
-        self.initialized = self.add_weight(name="initialized", shape=(), dtype="bool",
-                                           trainable=False, initializer="zeros")
+        self.initialized = self.add_weight(
+            name="initialized", shape=(), dtype="bool", trainable=False, initializer="zeros"
+        )
 
     def initialize(self, x):
         """Sets bias and log_scale from the batch ``x`` unless already initialised."""

@@ -36,15 +36,15 @@ class FanInUniform(keras.initializers.Initializer):
 
     def for_fan_in(self, fan_in):
         """The same initialiser with ``fan_in`` fixed (for a bias)."""
-        return FanInUniform(self.scale, fan_in if self.fan_in is None else self.fan_in,
-                            self.seed)
+        return FanInUniform(self.scale, fan_in if self.fan_in is None else self.fan_in, self.seed)
 
     def __call__(self, shape, dtype=None):
         fan_in = self.fan_in
         if fan_in is None:
             if len(shape) < 2:
-                raise ValueError(f"FanInUniform needs fan_in= for a shape of rank < 2, got "
-                                 f"{tuple(shape)}")
+                raise ValueError(
+                    f"FanInUniform needs fan_in= for a shape of rank < 2, got {tuple(shape)}"
+                )
             fan_in = int(np.prod(shape[:-1]))
         bound = self.scale / math.sqrt(fan_in)
         return self._uniform(shape, dtype=dtype) * bound
@@ -66,7 +66,7 @@ def _initializers(init, scale=1.0):
     if init == "glorot":
         kernel = "glorot_uniform"
         if scale != 1.0:
-            kernel = keras.initializers.VarianceScaling(scale ** 2, "fan_avg", "uniform")
+            kernel = keras.initializers.VarianceScaling(scale**2, "fan_avg", "uniform")
         return kernel, "zeros"
     raise ValueError(f"init must be one of {INITS}, got {init!r}")
 

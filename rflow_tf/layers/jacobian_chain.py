@@ -18,9 +18,11 @@ def _activation_with_derivative(layer):
         return None
     name = layer.get_config().get("activation")
     if name == "elu":
+
         def elu(a):
             y = tf.nn.elu(a)
             return y, tf.where(a > 0, tf.ones_like(a), y + 1.0), 1.0
+
         return elu
     if name == "softplus":
         return lambda a: (tf.nn.softplus(a), tf.sigmoid(a), 1.0)
@@ -73,8 +75,10 @@ class JacobianChain:
         if not isinstance(net, keras.Sequential) or not layers:
             return None
         for layer in layers:
-            if not isinstance(layer, (LipschitzDense, LipschitzConv2D)) and \
-                    _activation_with_derivative(layer) is None:
+            if (
+                not isinstance(layer, (LipschitzDense, LipschitzConv2D))
+                and _activation_with_derivative(layer) is None
+            ):
                 return None
         return cls(layers)
 
@@ -89,7 +93,7 @@ class JacobianChain:
             if isinstance(layer, _SpectralNormalized):
                 layer._maybe_iterate(training)
                 kernel = tf.cast(layer.effective_kernel(), h.dtype)
-                if scale != 1.0:        # phi = c y: fold c into this (small) kernel
+                if scale != 1.0:  # phi = c y: fold c into this (small) kernel
                     kernel, scale = kernel * scale, 1.0
                 factors.append((layer, kernel))
                 h = layer.apply_kernel(h, kernel)

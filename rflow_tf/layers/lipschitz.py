@@ -53,8 +53,7 @@ class _SpectralNormalized(keras.layers.Layer):
     #: new top singular vector cannot stall power iteration.
     _PERTURBATION = 1e-3
 
-    def __init__(self, coeff=0.98, power_iterations=0, tol=5e-4, max_iterations=200,
-                 **kwargs):
+    def __init__(self, coeff=0.98, power_iterations=0, tol=5e-4, max_iterations=200, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
@@ -71,20 +70,30 @@ class _SpectralNormalized(keras.layers.Layer):
         self.auto_update = True
 
     def _init_power_vectors(self, u_shape, v_shape):
-        self.u = self.add_weight(name="power_u", shape=u_shape, trainable=False,
-                                 initializer=keras.initializers.RandomNormal(seed=None))
-        self.v = self.add_weight(name="power_v", shape=v_shape, trainable=False,
-                                 initializer=keras.initializers.RandomNormal(seed=None))
-        self.sigma = self.add_weight(name="sigma", shape=(), trainable=False,
-                                     initializer="zeros")
+        self.u = self.add_weight(
+            name="power_u",
+            shape=u_shape,
+            trainable=False,
+            initializer=keras.initializers.RandomNormal(seed=None),
+        )
+        self.v = self.add_weight(
+            name="power_v",
+            shape=v_shape,
+            trainable=False,
+            initializer=keras.initializers.RandomNormal(seed=None),
+        )
+        self.sigma = self.add_weight(name="sigma", shape=(), trainable=False, initializer="zeros")
         # The kernel of the last converged estimate. Deliberately untracked
         # (plain attribute, no Keras weight, no checkpoint entry): checkpoints
         # and SavedModels keep their layout; after a restore the kernel differs
         # from it, so the first use re-estimates (rflow_tf.load and the trainer
         # call mark_estimate_current instead, to keep a restored model exact).
         with tf.init_scope():
-            estimated = tf.Variable(tf.zeros(self.kernel.shape, self.kernel.dtype),
-                                    trainable=False, name="estimated_kernel")
+            estimated = tf.Variable(
+                tf.zeros(self.kernel.shape, self.kernel.dtype),
+                trainable=False,
+                name="estimated_kernel",
+            )
         object.__setattr__(self, "_estimated_kernel", estimated)
         self.converge()
 
@@ -118,12 +127,14 @@ class _SpectralNormalized(keras.layers.Layer):
 
         def body(u, v, change):
             u2, v2 = self._power_step(u, v, kernel)
-            change = tf.maximum(tf.norm(tf.reshape(u2 - u, [-1])),
-                                tf.norm(tf.reshape(v2 - v, [-1])))
+            change = tf.maximum(
+                tf.norm(tf.reshape(u2 - u, [-1])), tf.norm(tf.reshape(v2 - v, [-1]))
+            )
             return u2, v2, change
 
-        u, v, _ = tf.while_loop(cond, body, (u, v, tf.constant(np.inf, kernel.dtype)),
-                                maximum_iterations=max_iterations)
+        u, v, _ = tf.while_loop(
+            cond, body, (u, v, tf.constant(np.inf, kernel.dtype)), maximum_iterations=max_iterations
+        )
         return u, v
 
     def _random_like(self, x, salt):
@@ -182,7 +193,7 @@ class _SpectralNormalized(keras.layers.Layer):
         fns = self.__dict__.setdefault("_update_fns", {})
         if store not in fns:
             fns[store] = tf.function(lambda: self._update_estimate(store), autograph=False)
-        with _tape_record.stop_recording():     # no gradient flows through u, v
+        with _tape_record.stop_recording():  # no gradient flows through u, v
             return fns[store]()
 
     def _update_estimate(self, store):
@@ -233,7 +244,7 @@ class _SpectralNormalized(keras.layers.Layer):
         u1, v1 = self._fresh_estimate(kernel, tol, max_iterations)
         v0 = self._random_like(tf.convert_to_tensor(self.v), 1)
         mats = self._gram_operators(kernel)
-        if mats.shape[0] == 1:          # a matrix: start at Gram iteration's top direction
+        if mats.shape[0] == 1:  # a matrix: start at Gram iteration's top direction
             v0 = _gram_top_vector(mats[0], v0)
         u2, v2 = self._iterate_to_convergence(kernel, v0, tol, max_iterations)
         better = self._sigma(kernel, u2, v2) > self._sigma(kernel, u1, v1)
@@ -278,9 +289,13 @@ class _SpectralNormalized(keras.layers.Layer):
         return y + self.bias if self.use_bias else y
 
     def get_config(self):
-        return {**super().get_config(), "coeff": self.coeff,
-                "power_iterations": self.power_iterations, "tol": self.tol,
-                "max_iterations": self.max_iterations}
+        return {
+            **super().get_config(),
+            "coeff": self.coeff,
+            "power_iterations": self.power_iterations,
+            "tol": self.tol,
+            "max_iterations": self.max_iterations,
+        }
 
 
 def _gram_top_vector(mat, v, n_squarings=10):
@@ -289,12 +304,15 @@ def _gram_top_vector(mat, v, n_squarings=10):
     components along singular values s_i shrink like (s_i / s_1)^(2^(n+1)).
     Uses the smaller Gram matrix; rescaled at every squaring."""
     transpose = mat.shape[0] > mat.shape[1]
-    gram = tf.matmul(mat, mat, transpose_a=True) if transpose else \
-        tf.matmul(mat, mat, transpose_b=True)
+    gram = (
+        tf.matmul(mat, mat, transpose_a=True)
+        if transpose
+        else tf.matmul(mat, mat, transpose_b=True)
+    )
     for _ in range(n_squarings):
         gram = gram / tf.reduce_max(tf.abs(gram))
         gram = tf.matmul(gram, gram)
-    if transpose:                       # iterate in R^n_out, then map back: v = M u
+    if transpose:  # iterate in R^n_out, then map back: v = M u
         u = tf.linalg.matvec(gram, tf.linalg.matvec(mat, v, transpose_a=True))
         return _l2_normalize(tf.linalg.matvec(mat, u))
     return _l2_normalize(tf.linalg.matvec(gram, v))
@@ -316,10 +334,10 @@ def _gram_iteration_bound(mats, n_iterations):
     for t in range(n_iterations):
         fro = tf.maximum(_frobenius(g), tf.cast(1e-30, log_scale.dtype))
         g = g / tf.cast(fro, g.dtype)[..., None, None]
-        log_scale = log_scale + tf.math.log(fro) / (2.0 ** t)
+        log_scale = log_scale + tf.math.log(fro) / (2.0**t)
         g = tf.matmul(g, g, adjoint_a=True)
     fro = tf.maximum(_frobenius(g), tf.cast(1e-30, log_scale.dtype))
-    log_bound = log_scale + tf.math.log(fro) / (2.0 ** n_iterations)
+    log_bound = log_scale + tf.math.log(fro) / (2.0**n_iterations)
     return tf.exp(tf.reduce_max(log_bound))
 
 
@@ -339,8 +357,15 @@ class LipschitzDense(_SpectralNormalized):
     ```
     """
 
-    def __init__(self, units, coeff=0.98, use_bias=True, kernel_initializer="glorot_uniform",
-                 bias_initializer="zeros", **kwargs):
+    def __init__(
+        self,
+        units,
+        coeff=0.98,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
         super().__init__(coeff=coeff, **kwargs)
         self.units = int(units)
         self.use_bias = bool(use_bias)
@@ -351,18 +376,24 @@ class LipschitzDense(_SpectralNormalized):
         d_in = input_shape[-1]
         if d_in is None:
             raise ValueError("LipschitzDense needs a known last input dimension")
-        self.kernel = self.add_weight(name="kernel", shape=(d_in, self.units),
-                                      initializer=self.kernel_initializer)
-        self.bias = (self.add_weight(
-            name="bias", shape=(self.units,),
-            initializer=_bias_initializer(self.bias_initializer, self.kernel.shape))
-            if self.use_bias else None)
+        self.kernel = self.add_weight(
+            name="kernel", shape=(d_in, self.units), initializer=self.kernel_initializer
+        )
+        self.bias = (
+            self.add_weight(
+                name="bias",
+                shape=(self.units,),
+                initializer=_bias_initializer(self.bias_initializer, self.kernel.shape),
+            )
+            if self.use_bias
+            else None
+        )
         self._init_power_vectors((self.units,), (d_in,))
 
-    def _apply_w(self, v, kernel):          # W v with W = kernel^T
+    def _apply_w(self, v, kernel):  # W v with W = kernel^T
         return tf.linalg.matvec(kernel, v, transpose_a=True)
 
-    def _apply_wt(self, u, kernel):         # W^T u
+    def _apply_wt(self, u, kernel):  # W^T u
         return tf.linalg.matvec(kernel, u)
 
     def _gram_operators(self, kernel):
@@ -377,9 +408,13 @@ class LipschitzDense(_SpectralNormalized):
         return tf.matmul(u, kernel, transpose_b=True)
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units, "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        }
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -400,8 +435,16 @@ class LipschitzConv2D(_SpectralNormalized):
     ```
     """
 
-    def __init__(self, filters, kernel_size, coeff=0.98, use_bias=True,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        coeff=0.98,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
         super().__init__(coeff=coeff, **kwargs)
         self.filters = int(filters)
         ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * 2
@@ -421,13 +464,22 @@ class LipschitzConv2D(_SpectralNormalized):
         if c is None or (not self._is_pointwise and (h is None or w is None)):
             raise ValueError(
                 "LipschitzConv2D needs static input height, width and channels to compute "
-                f"the operator norm of the padded convolution; got input shape {input_shape}")
-        self.kernel = self.add_weight(name="kernel", shape=self.kernel_size + (c, self.filters),
-                                      initializer=self.kernel_initializer)
-        self.bias = (self.add_weight(
-            name="bias", shape=(self.filters,),
-            initializer=_bias_initializer(self.bias_initializer, self.kernel.shape))
-            if self.use_bias else None)
+                f"the operator norm of the padded convolution; got input shape {input_shape}"
+            )
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=self.kernel_size + (c, self.filters),
+            initializer=self.kernel_initializer,
+        )
+        self.bias = (
+            self.add_weight(
+                name="bias",
+                shape=(self.filters,),
+                initializer=_bias_initializer(self.bias_initializer, self.kernel.shape),
+            )
+            if self.use_bias
+            else None
+        )
         self._input_hw = (h, w)
         if self._is_pointwise:
             self._init_power_vectors((self.filters,), (c,))
@@ -453,8 +505,12 @@ class LipschitzConv2D(_SpectralNormalized):
         kh, kw, c_in, c_out = kernel.shape
         n1, n2 = self._input_hw[0] + kh - 1, self._input_hw[1] + kw - 1
         padded = tf.pad(kernel, [[0, n1 - kh], [0, n2 - kw], [0, 0], [0, 0]])
-        spectrum = tf.signal.fft2d(tf.cast(tf.transpose(padded, [2, 3, 0, 1]), tf.complex64
-                                           if kernel.dtype == tf.float32 else tf.complex128))
+        spectrum = tf.signal.fft2d(
+            tf.cast(
+                tf.transpose(padded, [2, 3, 0, 1]),
+                tf.complex64 if kernel.dtype == tf.float32 else tf.complex128,
+            )
+        )
         return tf.reshape(tf.transpose(spectrum, [2, 3, 1, 0]), [n1 * n2, c_out, c_in])
 
     def apply_kernel(self, x, kernel):
@@ -470,16 +526,27 @@ class LipschitzConv2D(_SpectralNormalized):
         return tuple(input_shape[:-1]) + (self.filters,)
 
     def get_config(self):
-        return {**super().get_config(), "filters": self.filters,
-                "kernel_size": self.kernel_size, "use_bias": self.use_bias,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}
-
+        return {
+            **super().get_config(),
+            "filters": self.filters,
+            "kernel_size": self.kernel_size,
+            "use_bias": self.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "bias_initializer": keras.initializers.serialize(self.bias_initializer),
+        }
 
 
 #: Attributes through which bijectors, distributions and flows reach their parts.
-_PART_ATTRIBUTES = ("net", "layer", "bijector", "bijectors", "distribution", "stages", "inner",
-                    "layers_for_lipschitz")
+_PART_ATTRIBUTES = (
+    "net",
+    "layer",
+    "bijector",
+    "bijectors",
+    "distribution",
+    "stages",
+    "inner",
+    "layers_for_lipschitz",
+)
 
 
 def keras_layers(obj):
@@ -511,8 +578,9 @@ def keras_layers(obj):
                     part = getattr(o, attr)
                 except (AttributeError, NotImplementedError):
                     continue
-                if isinstance(part, (list, tuple, keras.layers.Layer)) or \
-                        isinstance(part, tf.Module):
+                if isinstance(part, (list, tuple, keras.layers.Layer)) or isinstance(
+                    part, tf.Module
+                ):
                     visit(part)
 
     visit(obj)
@@ -557,9 +625,11 @@ def converge_lipschitz(obj, tol=None, max_iterations=None):
     """
     layers = lipschitz_layers(obj)
     if not layers:
-        raise ValueError(f"converge_lipschitz: no Lipschitz layers found in {type(obj).__name__}"
-                         " (expected a Keras layer or model, a bijector, a distribution or a "
-                         "list of these)")
+        raise ValueError(
+            f"converge_lipschitz: no Lipschitz layers found in {type(obj).__name__}"
+            " (expected a Keras layer or model, a bijector, a distribution or a "
+            "list of these)"
+        )
     return [layer.converge(tol, max_iterations) for layer in layers]
 
 

@@ -12,9 +12,17 @@ def _sequential(layers, input_shape, dtype, name):
     return model
 
 
-def lipschitz_dense_net(dim, hidden_units=(128, 128), coeff=0.9, activation="lipswish",
-                        preactivation=False, dtype="float32", name=None, init="reference",
-                        last_layer_scale=1.0):
+def lipschitz_dense_net(
+    dim,
+    hidden_units=(128, 128),
+    coeff=0.9,
+    activation="lipswish",
+    preactivation=False,
+    dtype="float32",
+    name=None,
+    init="reference",
+    last_layer_scale=1.0,
+):
     """A residual branch g: R^dim -> R^dim, Lip(g) <= coeff^L (<= coeff).
 
     g = W_L phi(... phi(W_1 x)) with every W_i a :class:`LipschitzDense`
@@ -39,14 +47,29 @@ def lipschitz_dense_net(dim, hidden_units=(128, 128), coeff=0.9, activation="lip
             layers.append(make_activation(activation, dtype))
         scale = last_layer_scale if i == len(units) - 1 else 1.0
         kernel_init, bias_init = _initializers(init, scale)
-        layers.append(LipschitzDense(u, coeff=coeff, dtype=dtype, kernel_initializer=kernel_init,
-                                     bias_initializer=bias_init))
+        layers.append(
+            LipschitzDense(
+                u,
+                coeff=coeff,
+                dtype=dtype,
+                kernel_initializer=kernel_init,
+                bias_initializer=bias_init,
+            )
+        )
     return _sequential(layers, (dim,), dtype, name)
 
 
-def lipschitz_conv_net(input_shape, hidden_channels=512, kernels="3-1-3", coeff=0.98,
-                       activation="lipswish", preactivation=True, dtype="float32", name=None,
-                       init="reference"):
+def lipschitz_conv_net(
+    input_shape,
+    hidden_channels=512,
+    kernels="3-1-3",
+    coeff=0.98,
+    activation="lipswish",
+    preactivation=True,
+    dtype="float32",
+    name=None,
+    init="reference",
+):
     """The paper's image residual branch (Appendix E), Lip(g) <= coeff:
     [act] Conv_k1(C -> h) act Conv_k2(h -> h) act ... Conv_kL(h -> C), each a
     :class:`LipschitzConv2D` on the block's spatial size; ``init`` one of
@@ -68,6 +91,14 @@ def lipschitz_conv_net(input_shape, hidden_channels=512, kernels="3-1-3", coeff=
             layers.append(make_activation(activation, dtype))
         out = channels if i == len(ks) - 1 else hidden_channels
         kernel_init, bias_init = _initializers(init)
-        layers.append(LipschitzConv2D(out, k, coeff=coeff, dtype=dtype,
-                                      kernel_initializer=kernel_init, bias_initializer=bias_init))
+        layers.append(
+            LipschitzConv2D(
+                out,
+                k,
+                coeff=coeff,
+                dtype=dtype,
+                kernel_initializer=kernel_init,
+                bias_initializer=bias_init,
+            )
+        )
     return _sequential(layers, tuple(input_shape), dtype, name)

@@ -20,8 +20,14 @@ tfb = tfp.bijectors
 MODELS = ("resflow", "iresnet", "coupling", "naf", "mixlogcdf")
 
 
-_COUPLING_ACTIVATIONS = {"lipswish": "swish", "swish": "swish", "elu": "elu", "relu": "relu",
-                         "softplus": "softplus", "identity": "linear"}
+_COUPLING_ACTIVATIONS = {
+    "lipswish": "swish",
+    "swish": "swish",
+    "elu": "elu",
+    "relu": "relu",
+    "softplus": "softplus",
+    "identity": "linear",
+}
 
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -50,7 +56,9 @@ class _CouplingNet:
         self.model = keras.Sequential(
             [keras.Input((num_masked,))]
             + [keras.layers.Dense(u, activation=activation) for u in hidden_units]
-            + [keras.layers.Dense(2, kernel_initializer="zeros")], name=name)
+            + [keras.layers.Dense(2, kernel_initializer="zeros")],
+            name=name,
+        )
 
     def __call__(self, x0, output_units, **condition_kwargs):
         h = self.model(x0)
@@ -114,17 +122,22 @@ class ToyFlow(tf.Module):
         z = tf.convert_to_tensor(x, tf.float32)
         ld = tf.zeros(tf.shape(z)[:-1], z.dtype)
         n_random = sum(isinstance(b, IResBlock) for b in bijectors)
-        seeds = (tf.random.experimental.stateless_split(tf.convert_to_tensor(seed, tf.int32),
-                                                        max(n_random, 1))
-                 if seed is not None and n_random else None)
+        seeds = (
+            tf.random.experimental.stateless_split(
+                tf.convert_to_tensor(seed, tf.int32), max(n_random, 1)
+            )
+            if seed is not None and n_random
+            else None
+        )
         i = 0
         for b in bijectors:
             if isinstance(b, IResBlock):
-                z, ld_b = b.forward_and_log_det(z, seed=None if seeds is None else seeds[i],
-                                             training=training)
+                z, ld_b = b.forward_and_log_det(
+                    z, seed=None if seeds is None else seeds[i], training=training
+                )
                 i += 1
             elif isinstance(b, MixLogCDFCoupling):
-                z, ld_b = b.forward_and_log_det(z)     # one conditioner pass
+                z, ld_b = b.forward_and_log_det(z)  # one conditioner pass
             else:
                 ld_b = b.forward_log_det_jacobian(z, event_ndims=1)
                 z = b.forward(z)
@@ -164,10 +177,25 @@ class ToyFlow(tf.Module):
         return x
 
 
-def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activation="lipswish",
-               coeff=0.9, actnorm=False, dist="poisson", rate=2.0, p=0.5, n_exact_terms=2,
-               n_samples=1, n_power_series=5, neumann_grad=True, grad_in_forward=False,
-               init="reference", preactivation=True, last_layer_scale=1e-3):
+def build_flow(
+    model="resflow",
+    blocks=10,
+    hidden=(128, 128, 128, 128),
+    activation="lipswish",
+    coeff=0.9,
+    actnorm=False,
+    dist="poisson",
+    rate=2.0,
+    p=0.5,
+    n_exact_terms=2,
+    n_samples=1,
+    n_power_series=5,
+    neumann_grad=True,
+    grad_in_forward=False,
+    init="reference",
+    preactivation=True,
+    last_layer_scale=1e-3,
+):
     """Builds a :class:`ToyFlow` of one of :data:`MODELS` for 2-D data.
 
     * ``resflow``: ``blocks`` x IResBlock(logdet="unbiased") with
@@ -202,10 +230,13 @@ def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activati
     train_b, eval_b, models = [], [], []
 
     def add_actnorm(i):
-        an = ActNorm(event_shape=(2,), name=f"actnorm_{i}",
-                     layer=rlayers.ActNormalization(
-                         variance="unbiased" if init == "reference" else "biased",
-                         name=f"actnorm_{i}"))
+        an = ActNorm(
+            event_shape=(2,),
+            name=f"actnorm_{i}",
+            layer=rlayers.ActNormalization(
+                variance="unbiased" if init == "reference" else "biased", name=f"actnorm_{i}"
+            ),
+        )
         train_b.append(an)
         eval_b.append(an)
         models.append(an.layer)
@@ -221,37 +252,70 @@ def build_flow(model="resflow", blocks=10, hidden=(128, 128, 128, 128), activati
             eval_b += [layer, perm]
             models.append(net.model)
         elif model == "naf":
-            layer = DeepSigmoidalFlow(2, num_components=8, hidden_units=hidden,
-                                      activation=_COUPLING_ACTIVATIONS[activation],
-                                      name=f"dsf_{i}")
+            layer = DeepSigmoidalFlow(
+                2,
+                num_components=8,
+                hidden_units=hidden,
+                activation=_COUPLING_ACTIVATIONS[activation],
+                name=f"dsf_{i}",
+            )
             perm = tfb.Permute([1, 0], name=f"permute_{i}")
             train_b += [layer, perm]
             eval_b += [layer, perm]
             models.append(layer.conditioner)
         elif model == "mixlogcdf":
-            layer = MixLogCDFCoupling((2,), parity=i % 2, num_components=8,
-                                      hidden_channels=hidden[0],
-                                      num_blocks=max(1, len(hidden) // 2), attention=False,
-                                      name=f"mixlogcdf_{i}")
+            layer = MixLogCDFCoupling(
+                (2,),
+                parity=i % 2,
+                num_components=8,
+                hidden_channels=hidden[0],
+                num_blocks=max(1, len(hidden) // 2),
+                attention=False,
+                name=f"mixlogcdf_{i}",
+            )
             train_b.append(layer)
             eval_b.append(layer)
             models.append(layer.net)
         else:
-            net = rlayers.lipschitz_dense_net(2, hidden, coeff, activation,
-                                              preactivation=bool(preactivation),
-                                              name=f"resnet_{i}", init=init,
-                                              last_layer_scale=last_layer_scale)
-            kw = dict(neumann_grad=bool(neumann_grad),
-                      grad_in_forward=bool(grad_in_forward) and bool(neumann_grad),
-                      name=f"block_{i}")
+            net = rlayers.lipschitz_dense_net(
+                2,
+                hidden,
+                coeff,
+                activation,
+                preactivation=bool(preactivation),
+                name=f"resnet_{i}",
+                init=init,
+                last_layer_scale=last_layer_scale,
+            )
+            kw = dict(
+                neumann_grad=bool(neumann_grad),
+                grad_in_forward=bool(grad_in_forward) and bool(neumann_grad),
+                name=f"block_{i}",
+            )
             if model == "resflow":
-                block = IResBlock(net, logdet="unbiased", dist=dist, rate=rate, p=p,
-                                  n_exact_terms=n_exact_terms, n_samples=n_samples, **kw)
+                block = IResBlock(
+                    net,
+                    logdet="unbiased",
+                    dist=dist,
+                    rate=rate,
+                    p=p,
+                    n_exact_terms=n_exact_terms,
+                    n_samples=n_samples,
+                    **kw,
+                )
             else:
                 block = IResBlock(net, logdet="truncated", n_terms=n_power_series, **kw)
             train_b.append(block)
-            eval_b.append(IResBlock(net, logdet="exact", inverse_atol=1e-5, inverse_rtol=1e-5,
-                                    inverse_max_iterations=500, name=f"block_{i}_exact"))
+            eval_b.append(
+                IResBlock(
+                    net,
+                    logdet="exact",
+                    inverse_atol=1e-5,
+                    inverse_rtol=1e-5,
+                    inverse_max_iterations=500,
+                    name=f"block_{i}_exact",
+                )
+            )
             models.append(net)
         if actnorm:
             add_actnorm(i + 1)
@@ -283,15 +347,15 @@ def power_iterate_all(layers, n):
             layer.power_iterate(n)
     for group in groups.values():
         k = tf.stop_gradient(tf.stack([tf.convert_to_tensor(layer.kernel) for layer in group]))
-        u = tf.stack([tf.convert_to_tensor(layer.u) for layer in group])        # [G, units]
-        v = tf.stack([tf.convert_to_tensor(layer.v) for layer in group])        # [G, d_in]
+        u = tf.stack([tf.convert_to_tensor(layer.u) for layer in group])  # [G, units]
+        v = tf.stack([tf.convert_to_tensor(layer.v) for layer in group])  # [G, d_in]
 
         def normalize(t):
             return t / (tf.norm(t, axis=-1, keepdims=True) + 1e-12)
 
         for _ in range(int(n)):
-            v = normalize(tf.linalg.matvec(k, u))                      # W^T u
-            u = normalize(tf.linalg.matvec(k, v, transpose_a=True))    # W v
+            v = normalize(tf.linalg.matvec(k, u))  # W^T u
+            u = normalize(tf.linalg.matvec(k, v, transpose_a=True))  # W v
         sigma = tf.reduce_sum(u * tf.linalg.matvec(k, v, transpose_a=True), axis=-1)
         for i, layer in enumerate(group):
             layer.u.assign(u[i])

@@ -31,7 +31,7 @@ def evaluate_nll(log_prob_fn, x, chunk=10000):
     x = np.asarray(x, np.float32)
     total = 0.0
     for i in range(0, len(x), chunk):
-        total += float(tf.reduce_sum(log_prob_fn(tf.constant(x[i:i + chunk]))))
+        total += float(tf.reduce_sum(log_prob_fn(tf.constant(x[i : i + chunk]))))
     return -total / len(x)
 
 
@@ -49,8 +49,9 @@ def density_grid(log_prob_fn, n=200, limit=PLOT_LIMIT, chunk=10000):
     side = np.linspace(-limit, limit, int(n), dtype=np.float32)
     xx, yy = np.meshgrid(side, side)
     pts = np.stack([xx.ravel(), yy.ravel()], axis=1)
-    logp = np.concatenate([log_prob_fn(tf.constant(pts[i:i + chunk])).numpy()
-                           for i in range(0, len(pts), chunk)])
+    logp = np.concatenate(
+        [log_prob_fn(tf.constant(pts[i : i + chunk])).numpy() for i in range(0, len(pts), chunk)]
+    )
     dens = np.exp(np.nan_to_num(logp, nan=-np.inf)).reshape(int(n), int(n))
     return dens, (-limit, limit, -limit, limit)
 
@@ -68,6 +69,7 @@ def save_panels(path, data, density, extent, samples, title=None, limit=PLOT_LIM
     ```
     """
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -103,10 +105,29 @@ def _fmt_time(seconds):
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-_MODEL_KEYS = ("model", "blocks", "hidden", "activation", "coeff", "init", "preactivation",
-               "last_layer_scale", "actnorm", "dist", "rate", "p",
-               "n_exact_terms", "n_samples", "n_power_series", "neumann_grad", "grad_in_forward",
-               "power_iterations", "batch_size", "lr", "seed")
+_MODEL_KEYS = (
+    "model",
+    "blocks",
+    "hidden",
+    "activation",
+    "coeff",
+    "init",
+    "preactivation",
+    "last_layer_scale",
+    "actnorm",
+    "dist",
+    "rate",
+    "p",
+    "n_exact_terms",
+    "n_samples",
+    "n_power_series",
+    "neumann_grad",
+    "grad_in_forward",
+    "power_iterations",
+    "batch_size",
+    "lr",
+    "seed",
+)
 
 
 class Trainer:
@@ -134,10 +155,24 @@ class Trainer:
         self.args = args
         keras.utils.set_random_seed(int(args.seed))
         self.flow = build_flow(
-            args.model, args.blocks, args.hidden, args.activation, args.coeff, args.actnorm,
-            args.dist, args.rate, args.p, args.n_exact_terms, args.n_samples,
-            args.n_power_series, bool(args.neumann_grad), bool(args.grad_in_forward),
-            args.init, bool(args.preactivation), args.last_layer_scale)
+            args.model,
+            args.blocks,
+            args.hidden,
+            args.activation,
+            args.coeff,
+            args.actnorm,
+            args.dist,
+            args.rate,
+            args.p,
+            args.n_exact_terms,
+            args.n_samples,
+            args.n_power_series,
+            bool(args.neumann_grad),
+            bool(args.grad_in_forward),
+            args.init,
+            bool(args.preactivation),
+            args.last_layer_scale,
+        )
         self.optimizer = keras.optimizers.Adam(args.lr)
         self.variables = self.flow.variables_to_train
         self.optimizer.build(self.variables)
@@ -265,18 +300,21 @@ def run(args=None, reuse_trainer=False):
     """
     args = parse_args(args)
     if args.data not in TOY_DATASETS:
-        raise ValueError(f"Unknown toy dataset {args.data!r}. Valid names: "
-                         f"{', '.join(TOY_DATASETS)}.")
+        raise ValueError(
+            f"Unknown toy dataset {args.data!r}. Valid names: {', '.join(TOY_DATASETS)}."
+        )
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     trainer, reused = _get_trainer(args, reuse_trainer)
     x_test = toy_2d(args.data, args.n_test, seed=(2**31 - 2 - int(args.seed)))
     trainer.reset(toy_2d(args.data, max(args.batch_size, 1000), seed=_train_seed(args.seed, 0)))
     png = os.path.join(args.out, f"{args.data}_{args.model}.png")
-    log(f"[toy] {args.model} on {args.data}: {args.blocks} blocks, hidden "
+    log(
+        f"[toy] {args.model} on {args.data}: {args.blocks} blocks, hidden "
         f"{'-'.join(map(str, args.hidden))}, {len(trainer.variables)} weight tensors "
         f"({sum(int(np.prod(v.shape)) for v in trainer.variables)} parameters), "
         f"batch {args.batch_size}, {args.iters} iterations"
-        + (" (compiled step reused)" if reused else ""))
+        + (" (compiled step reused)" if reused else "")
+    )
 
     history = []
 
@@ -291,8 +329,9 @@ def run(args=None, reuse_trainer=False):
         trainer.converge()
         dens, extent = density_grid(trainer.log_prob_exact, args.grid)
         samples = trainer.sample(args.n_plot_samples, seed=args.seed)
-        title = (f"{args.model} on {args.data}, iter {it}"
-                 + ("" if nll is None else f", test NLL {nll:.3f} nats"))
+        title = f"{args.model} on {args.data}, iter {it}" + (
+            "" if nll is None else f", test NLL {nll:.3f} nats"
+        )
         save_panels(png, x_test, dens, extent, samples, title)
         return dens, extent, samples
 
@@ -320,9 +359,11 @@ def run(args=None, reuse_trainer=False):
         if it % args.log_every == 0 or it == args.iters:
             rate = window_n / window_t if window_t > 0 else float("nan")
             eta = (args.iters - it) * (step_time / max(timed_steps, 1))
-            log(f"[toy] iter {it:>6d}/{args.iters} | loss {loss:8.4f} | {rate:6.2f} it/s "
+            log(
+                f"[toy] iter {it:>6d}/{args.iters} | loss {loss:8.4f} | {rate:6.2f} it/s "
                 f"({1.0 / rate if rate > 0 else float('nan'):.3f} s/it) | "
-                f"elapsed {_fmt_time(time.perf_counter() - t_start)} | ETA {_fmt_time(eta)}")
+                f"elapsed {_fmt_time(time.perf_counter() - t_start)} | ETA {_fmt_time(eta)}"
+            )
             window_t, window_n = 0.0, 0
         if it < args.iters:
             nll = evaluate(it) if args.eval_every and it % args.eval_every == 0 else None
@@ -332,8 +373,21 @@ def run(args=None, reuse_trainer=False):
     test_nll = evaluate(args.iters)
     dens, extent, samples = plot(args.iters, test_nll)
     sec_per_iter = step_time / timed_steps if timed_steps else trace_s
-    log(f"[toy] done: test NLL {test_nll:.4f} nats | {sec_per_iter:.4f} s/iter "
-        f"(first step incl. tracing {trace_s:.1f} s) | wrote {png}")
-    return dict(test_nll=test_nll, sec_per_iter=sec_per_iter, png=png, trace_s=trace_s,
-                train_s=train_s, final_loss=loss, history=history, density=dens,
-                extent=extent, samples=samples, test_data=x_test, args=vars(args))
+    log(
+        f"[toy] done: test NLL {test_nll:.4f} nats | {sec_per_iter:.4f} s/iter "
+        f"(first step incl. tracing {trace_s:.1f} s) | wrote {png}"
+    )
+    return dict(
+        test_nll=test_nll,
+        sec_per_iter=sec_per_iter,
+        png=png,
+        trace_s=trace_s,
+        train_s=train_s,
+        final_loss=loss,
+        history=history,
+        density=dens,
+        extent=extent,
+        samples=samples,
+        test_data=x_test,
+        args=vars(args),
+    )

@@ -16,12 +16,14 @@ def _hidden_units(text):
         units = ()
     if not units or min(units) < 1:
         raise argparse.ArgumentTypeError(
-            f"--hidden must be positive widths joined by '-', e.g. 128-128-128-128; got {text!r}")
+            f"--hidden must be positive widths joined by '-', e.g. 128-128-128-128; got {text!r}"
+        )
     return units
 
 
 def _number_above(cast, minimum, description):
     """An argparse type: ``cast(text)`` that must be >= ``minimum``."""
+
     def parse(text):
         try:
             value = cast(text)
@@ -30,6 +32,7 @@ def _number_above(cast, minimum, description):
         if value is None or not value >= minimum:
             raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
         return value
+
     return parse
 
 
@@ -46,7 +49,8 @@ def _dataset_name(text):
     name = str(text).strip().lower()
     if name not in TOY_DATASETS:
         raise argparse.ArgumentTypeError(
-            f"unknown toy dataset {text!r}; valid names: {', '.join(TOY_DATASETS)}")
+            f"unknown toy dataset {text!r}; valid names: {', '.join(TOY_DATASETS)}"
+        )
     return name
 
 
@@ -60,88 +64,179 @@ def build_parser():
     """
     p = argparse.ArgumentParser(
         prog="python -m train.toy",
-        description=("Fit a 2-D toy density with a residual flow (unbiased log-det), an "
-                     "i-ResNet (truncated log-det) or a RealNVP coupling flow; report the test "
-                     "NLL in nats (exact 2-D log-det) and write a PNG with the data histogram, "
-                     "the model density and model samples."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=(
+            "Fit a 2-D toy density with a residual flow (unbiased log-det), an "
+            "i-ResNet (truncated log-det) or a RealNVP coupling flow; report the test "
+            "NLL in nats (exact 2-D log-det) and write a PNG with the data histogram, "
+            "the model density and model samples."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("data and model")
-    g.add_argument("--data", type=_dataset_name, default="8gaussians",
-                   help=f"toy dataset, one of: {', '.join(TOY_DATASETS)}")
-    g.add_argument("--model", choices=MODELS, default="resflow",
-                   help="resflow: unbiased residual flow; iresnet: truncated (biased) "
-                        "log-det; coupling: tfb.RealNVP affine coupling layers + tfb.Permute; "
-                        "naf: DeepSigmoidalFlow (NAF-DSF) layers + tfb.Permute; mixlogcdf: "
-                        "Flow++ logistic-mixture CDF couplings")
-    g.add_argument("--blocks", type=_positive_int, default=10,
-                   help="number of residual blocks (or coupling layers)")
-    g.add_argument("--hidden", type=_hidden_units, default=(128, 128, 128, 128),
-                   help="hidden widths of each block's network, joined by '-'")
-    g.add_argument("--activation", default="lipswish",
-                   choices=sorted(set(rlayers.ACTIVATIONS) | {"swish"}),
-                   help="activation of the residual nets (1-Lipschitz; 'swish' is an alias of "
-                        "lipswish for residual blocks); coupling nets use the plain version")
-    g.add_argument("--coeff", type=_positive_float, default=0.9,
-                   help="Lipschitz bound of every linear layer in a residual block (< 1)")
-    g.add_argument("--init", choices=rlayers.INITS, default="reference",
-                   help="initialisation of the residual nets: 'reference' (weights and biases "
-                        "U(+-1/sqrt(fan_in)), as the authors' code) or 'glorot' (Glorot weights, "
-                        "zero biases; the default before the parity work)")
-    g.add_argument("--preactivation", type=int, choices=(0, 1), default=1,
-                   help="1: g = W_L act(... W_1 act(x)), activation before every linear layer "
-                        "(the reference's toy nets); 0: no activation on g's input")
-    g.add_argument("--last_layer_scale", type=_positive_float, default=1e-3,
-                   help="factor on the initial range of each block's last layer (the "
-                        "reference's 1/1000: every block starts near the identity)")
-    g.add_argument("--actnorm", action="store_true",
-                   help="add ActNorm (data-initialised affine) before the first and after "
-                        "every block")
+    g.add_argument(
+        "--data",
+        type=_dataset_name,
+        default="8gaussians",
+        help=f"toy dataset, one of: {', '.join(TOY_DATASETS)}",
+    )
+    g.add_argument(
+        "--model",
+        choices=MODELS,
+        default="resflow",
+        help="resflow: unbiased residual flow; iresnet: truncated (biased) "
+        "log-det; coupling: tfb.RealNVP affine coupling layers + tfb.Permute; "
+        "naf: DeepSigmoidalFlow (NAF-DSF) layers + tfb.Permute; mixlogcdf: "
+        "Flow++ logistic-mixture CDF couplings",
+    )
+    g.add_argument(
+        "--blocks",
+        type=_positive_int,
+        default=10,
+        help="number of residual blocks (or coupling layers)",
+    )
+    g.add_argument(
+        "--hidden",
+        type=_hidden_units,
+        default=(128, 128, 128, 128),
+        help="hidden widths of each block's network, joined by '-'",
+    )
+    g.add_argument(
+        "--activation",
+        default="lipswish",
+        choices=sorted(set(rlayers.ACTIVATIONS) | {"swish"}),
+        help="activation of the residual nets (1-Lipschitz; 'swish' is an alias of "
+        "lipswish for residual blocks); coupling nets use the plain version",
+    )
+    g.add_argument(
+        "--coeff",
+        type=_positive_float,
+        default=0.9,
+        help="Lipschitz bound of every linear layer in a residual block (< 1)",
+    )
+    g.add_argument(
+        "--init",
+        choices=rlayers.INITS,
+        default="reference",
+        help="initialisation of the residual nets: 'reference' (weights and biases "
+        "U(+-1/sqrt(fan_in)), as the authors' code) or 'glorot' (Glorot weights, "
+        "zero biases; the default before the parity work)",
+    )
+    g.add_argument(
+        "--preactivation",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: g = W_L act(... W_1 act(x)), activation before every linear layer "
+        "(the reference's toy nets); 0: no activation on g's input",
+    )
+    g.add_argument(
+        "--last_layer_scale",
+        type=_positive_float,
+        default=1e-3,
+        help="factor on the initial range of each block's last layer (the "
+        "reference's 1/1000: every block starts near the identity)",
+    )
+    g.add_argument(
+        "--actnorm",
+        action="store_true",
+        help="add ActNorm (data-initialised affine) before the first and after every block",
+    )
     e = p.add_argument_group("log-det estimator (residual models)")
-    e.add_argument("--dist", choices=("poisson", "geometric"), default="poisson",
-                   help="Russian-roulette distribution of the number of extra terms (resflow)")
+    e.add_argument(
+        "--dist",
+        choices=("poisson", "geometric"),
+        default="poisson",
+        help="Russian-roulette distribution of the number of extra terms (resflow)",
+    )
     e.add_argument("--rate", type=_positive_float, default=2.0, help="Poisson rate (resflow)")
     e.add_argument("--p", type=float, default=0.5, help="geometric success probability (resflow)")
-    e.add_argument("--n_exact_terms", type=_non_negative_int, default=2,
-                   help="terms always evaluated before the roulette tail in training (resflow)")
-    e.add_argument("--n_samples", type=_positive_int, default=1,
-                   help="roulette draws averaged per block and call (resflow)")
-    e.add_argument("--n_power_series", type=_positive_int, default=5,
-                   help="number of power-series terms of the truncated estimator (iresnet)")
-    e.add_argument("--neumann_grad", type=int, choices=(0, 1), default=1,
-                   help="1: Neumann-series gradient of the log-det (memory-free); "
-                        "0: backpropagate through the power series")
-    e.add_argument("--grad_in_forward", type=int, choices=(0, 1), default=0,
-                   help="1: compute the Neumann log-det gradients during the forward pass "
-                        "(the reference's mode, paper eq. 9); 0: recompute the block in the "
-                        "backward pass and share one backward pass with the path gradient "
-                        "(same gradients, slightly faster, fewer activations kept); ignored "
-                        "when --neumann_grad 0")
-    e.add_argument("--power_iterations", type=_non_negative_int, default=5,
-                   help="power-iteration steps per optimiser step for the spectral norms "
-                        "(0: iterate to convergence every step, slow); they are always "
-                        "converged before evaluation and sampling")
+    e.add_argument(
+        "--n_exact_terms",
+        type=_non_negative_int,
+        default=2,
+        help="terms always evaluated before the roulette tail in training (resflow)",
+    )
+    e.add_argument(
+        "--n_samples",
+        type=_positive_int,
+        default=1,
+        help="roulette draws averaged per block and call (resflow)",
+    )
+    e.add_argument(
+        "--n_power_series",
+        type=_positive_int,
+        default=5,
+        help="number of power-series terms of the truncated estimator (iresnet)",
+    )
+    e.add_argument(
+        "--neumann_grad",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="1: Neumann-series gradient of the log-det (memory-free); "
+        "0: backpropagate through the power series",
+    )
+    e.add_argument(
+        "--grad_in_forward",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: compute the Neumann log-det gradients during the forward pass "
+        "(the reference's mode, paper eq. 9); 0: recompute the block in the "
+        "backward pass and share one backward pass with the path gradient "
+        "(same gradients, slightly faster, fewer activations kept); ignored "
+        "when --neumann_grad 0",
+    )
+    e.add_argument(
+        "--power_iterations",
+        type=_non_negative_int,
+        default=5,
+        help="power-iteration steps per optimiser step for the spectral norms "
+        "(0: iterate to convergence every step, slow); they are always "
+        "converged before evaluation and sampling",
+    )
     t = p.add_argument_group("training")
     t.add_argument("--iters", type=_positive_int, default=2000, help="optimiser steps")
-    t.add_argument("--batch_size", type=_positive_int, default=500,
-                   help="fresh samples per step")
+    t.add_argument("--batch_size", type=_positive_int, default=500, help="fresh samples per step")
     t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    t.add_argument("--seed", type=_non_negative_int, default=0,
-                   help="seed of the weights, the data stream and the estimator")
+    t.add_argument(
+        "--seed",
+        type=_non_negative_int,
+        default=0,
+        help="seed of the weights, the data stream and the estimator",
+    )
     o = p.add_argument_group("evaluation and output")
-    o.add_argument("--out", default="toy_out",
-                   help="output directory for <data>_<model>.png")
-    o.add_argument("--n_test", type=_positive_int, default=10000,
-                   help="held-out points for the test NLL")
-    o.add_argument("--eval_every", type=_non_negative_int, default=0,
-                   help="evaluate the test NLL every this many steps (0: only at the end)")
-    o.add_argument("--plot_every", type=_non_negative_int, default=0,
-                   help="rewrite the PNG every this many steps (0: only at the end)")
-    o.add_argument("--log_every", type=_positive_int, default=100,
-                   help="print a progress line every this many steps")
-    o.add_argument("--grid", type=_positive_int, default=200,
-                   help="density grid points per axis on [-4, 4]^2")
-    o.add_argument("--n_plot_samples", type=_positive_int, default=5000,
-                   help="model samples drawn (fixed-point inverse) for the third panel")
+    o.add_argument("--out", default="toy_out", help="output directory for <data>_<model>.png")
+    o.add_argument(
+        "--n_test", type=_positive_int, default=10000, help="held-out points for the test NLL"
+    )
+    o.add_argument(
+        "--eval_every",
+        type=_non_negative_int,
+        default=0,
+        help="evaluate the test NLL every this many steps (0: only at the end)",
+    )
+    o.add_argument(
+        "--plot_every",
+        type=_non_negative_int,
+        default=0,
+        help="rewrite the PNG every this many steps (0: only at the end)",
+    )
+    o.add_argument(
+        "--log_every",
+        type=_positive_int,
+        default=100,
+        help="print a progress line every this many steps",
+    )
+    o.add_argument(
+        "--grid", type=_positive_int, default=200, help="density grid points per axis on [-4, 4]^2"
+    )
+    o.add_argument(
+        "--n_plot_samples",
+        type=_positive_int,
+        default=5000,
+        help="model samples drawn (fixed-point inverse) for the third panel",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 

@@ -56,7 +56,8 @@ class RunDirLock:
             os.close(fd)
             raise RunDirLockedError(
                 f"{os.path.dirname(self.path)} is in use by another trainer ({holder}); "
-                f"wait for it to finish or use another --out") from None
+                f"wait for it to finish or use another --out"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
@@ -89,9 +90,9 @@ def checkpoint_candidates(directory, prefix="ckpt"):
     if os.path.isdir(directory):
         for name in os.listdir(directory):
             if name.endswith(".index"):
-                step = _checkpoint_step(name[:-len(".index")], prefix)
+                step = _checkpoint_step(name[: -len(".index")], prefix)
                 if step is not None:
-                    found[step] = os.path.join(directory, name[:-len(".index")])
+                    found[step] = os.path.join(directory, name[: -len(".index")])
     state = tf.train.get_checkpoint_state(directory)
     if state is not None:
         for path in list(state.all_model_checkpoint_paths) + [state.model_checkpoint_path]:
@@ -163,9 +164,11 @@ def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, 
     state = tf.train.get_checkpoint_state(directory)
     state_file = os.path.join(directory, "checkpoint")
     if candidates and state is None:
-        warn(f"{state_file} is {'unreadable' if os.path.exists(state_file) else 'missing'}; "
-             f"recovering from the checkpoint files present: "
-             f"{', '.join(os.path.basename(c) for c in candidates)}")
+        warn(
+            f"{state_file} is {'unreadable' if os.path.exists(state_file) else 'missing'}; "
+            f"recovering from the checkpoint files present: "
+            f"{', '.join(os.path.basename(c) for c in candidates)}"
+        )
     failures = []
     for path in candidates:
         try:
@@ -173,30 +176,48 @@ def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, 
         except Exception as e:  # noqa: BLE001  (any failure: try the older one)
             reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
             failures.append((path, f"{os.path.basename(path)} ({type(e).__name__}: {reason})"))
-            warn(f"checkpoint {path} does not restore ({type(e).__name__}: {reason}); "
-                 f"trying the next older checkpoint")
+            warn(
+                f"checkpoint {path} does not restore ({type(e).__name__}: {reason}); "
+                f"trying the next older checkpoint"
+            )
             continue
         for bad, _ in failures:
             if repair:
                 _move_aside(bad, log)
         step = _checkpoint_step(path, prefix)
-        listed = [] if state is None else [
-            q if os.path.isabs(q) else os.path.join(directory, q)
-            for q in state.all_model_checkpoint_paths]
-        kept = sorted({q for q in listed if os.path.exists(q + ".index")
-                       and _checkpoint_step(q, prefix) is not None
-                       and _checkpoint_step(q, prefix) <= step} | {path},
-                      key=lambda q: _checkpoint_step(q, prefix))
+        listed = (
+            []
+            if state is None
+            else [
+                q if os.path.isabs(q) else os.path.join(directory, q)
+                for q in state.all_model_checkpoint_paths
+            ]
+        )
+        kept = sorted(
+            {
+                q
+                for q in listed
+                if os.path.exists(q + ".index")
+                and _checkpoint_step(q, prefix) is not None
+                and _checkpoint_step(q, prefix) <= step
+            }
+            | {path},
+            key=lambda q: _checkpoint_step(q, prefix),
+        )
         if repair and (state is None or state.model_checkpoint_path != path or failures):
             tf.compat.v1.train.update_checkpoint_state(
-                directory, path, all_model_checkpoint_paths=kept)
+                directory, path, all_model_checkpoint_paths=kept
+            )
         if failures:
-            warn(f"resumed from the older checkpoint {path} because newer ones did not "
-                 f"restore: {'; '.join(f for _, f in failures)}")
+            warn(
+                f"resumed from the older checkpoint {path} because newer ones did not "
+                f"restore: {'; '.join(f for _, f in failures)}"
+            )
         return path
     if failures:
         raise UsageError(
             f"none of the {len(failures)} checkpoint(s) in {directory} restores: "
             f"{'; '.join(f for _, f in failures)}. Not starting over from step 0 (that would "
-            f"overwrite them); move or delete {directory} to start over.")
+            f"overwrite them); move or delete {directory} to start over."
+        )
     return None

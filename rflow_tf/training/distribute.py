@@ -19,8 +19,12 @@ class WorkerLostError(Exception):
 # The errors a collective op raises when a peer of the cluster is gone: UNAVAILABLE
 # (connection closed, or the coordination service's heartbeats stopped), DEADLINE_EXCEEDED,
 # ABORTED / CANCELLED (collectives aborted after another failure).
-_PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-                     tf.errors.AbortedError, tf.errors.CancelledError)
+_PEER_LOST_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+)
 
 
 def configure_cpu_devices(n):
@@ -36,14 +40,16 @@ def configure_cpu_devices(n):
     cpus = tf.config.list_physical_devices("CPU")
     try:
         tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)]
+        )
     except RuntimeError as e:
         have = len(tf.config.list_logical_devices("CPU"))
         if have != n:
             raise UsageError(
                 f"--cpu_devices={n}: TensorFlow was already initialised with {have} logical "
                 f"CPU device(s); configure the devices before running any TensorFlow op "
-                f"({e})") from None
+                f"({e})"
+            ) from None
 
 
 def make_strategy(kind="mirrored", cpu_devices=0):
@@ -67,9 +73,11 @@ def make_strategy(kind="mirrored", cpu_devices=0):
     if cpu_devices and int(cpu_devices) > 1:
         cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
         if len(cpus) < int(cpu_devices):
-            raise UsageError(f"--cpu_devices={cpu_devices} but only {len(cpus)} logical CPU "
-                             "device(s) exist (call configure_cpu_devices first)")
-        return tf.distribute.MirroredStrategy(cpus[:int(cpu_devices)])
+            raise UsageError(
+                f"--cpu_devices={cpu_devices} but only {len(cpus)} logical CPU "
+                "device(s) exist (call configure_cpu_devices first)"
+            )
+        return tf.distribute.MirroredStrategy(cpus[: int(cpu_devices)])
     if len(gpus) > 1:
         return tf.distribute.MirroredStrategy(gpus)
     return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
@@ -136,8 +144,12 @@ class ProgressWatchdog:
         self._thread = None
 
     def _exit(self, idle):
-        print(f"error: {self.message} (nothing finished for {idle:.0f} s, "
-              f"--worker_timeout={self.timeout:g})", file=sys.stderr, flush=True)
+        print(
+            f"error: {self.message} (nothing finished for {idle:.0f} s, "
+            f"--worker_timeout={self.timeout:g})",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(4)  # pylint: disable=protected-access
 
     def tick(self):
@@ -155,8 +167,7 @@ class ProgressWatchdog:
     def __enter__(self):
         self.tick()
         if self.timeout > 0:
-            self._thread = threading.Thread(target=self._run, daemon=True,
-                                            name="ProgressWatchdog")
+            self._thread = threading.Thread(target=self._run, daemon=True, name="ProgressWatchdog")
             self._thread.start()
         return self
 

@@ -103,8 +103,13 @@ class RunSpec:
 
     def config_json(self):
         """The contents of config.json."""
-        return {"dataset": self.dataset, "preset": self.preset, "run_name": self.run_name,
-                "flow_config": self.flow.to_dict(), "training": dict(self.hparams)}
+        return {
+            "dataset": self.dataset,
+            "preset": self.preset,
+            "run_name": self.run_name,
+            "flow_config": self.flow.to_dict(),
+            "training": dict(self.hparams),
+        }
 
 
 #: The flags of ``train/main.py`` that are not architecture: every field of
@@ -200,13 +205,14 @@ def _check_task(options, info):
     hybrid_lambda = None
     if task != "density":
         if not info.n_classes:
-            raise UsageError(f"--task={task} needs labels; {info.name!r} has none (labelled: "
-                             f"digits, mnist, svhn_cropped, cifar10)")
+            raise UsageError(
+                f"--task={task} needs labels; {info.name!r} has none (labelled: "
+                f"digits, mnist, svhn_cropped, cifar10)"
+            )
         if task == "hybrid":
             lam_text = "1" if lam_text is None else str(lam_text)
             try:
-                hybrid_lambda = rclf.resolve_hybrid_lambda(
-                    lam_text, int(np.prod(info.image_shape)))
+                hybrid_lambda = rclf.resolve_hybrid_lambda(lam_text, int(np.prod(info.image_shape)))
             except ValueError as e:
                 raise UsageError(f"--hybrid_lambda: {e}") from None
     return lam_text, hybrid_lambda
@@ -230,13 +236,14 @@ def flow_config_for(options, **overrides):
     info, _, preset = _dataset_and_preset(options)
     _check_task(options, info)
     n_bits = overrides.pop("n_bits", None)
-    changes = dict(input_shape=tuple(info.image_shape),
-                   n_bits=n_bits if n_bits is not None else info.n_bits)
+    changes = dict(
+        input_shape=tuple(info.image_shape), n_bits=n_bits if n_bits is not None else info.n_bits
+    )
     changes.update({k: v for k, v in overrides.items() if v is not None})
     if options.task != "density":
         changes["n_classes"] = int(info.n_classes)
         if overrides.get("init_layer") is None and info.name == "cifar10":
-            changes["init_layer"] = "cifar10"      # the reference's choice
+            changes["init_layer"] = "cifar10"  # the reference's choice
     if changes.get("neumann_grad") is False and overrides.get("grad_in_forward") is None:
         changes["grad_in_forward"] = False
     try:
@@ -257,24 +264,39 @@ def resolve_run(config, options):
     check_flags(options)
     info, preset_name, preset = _dataset_and_preset(options)
     if preset.dataset not in (info.name, "digits") and options.preset:
-        warnings.warn(f"preset {preset_name!r} was designed for {preset.dataset!r}, training on "
-                      f"{info.name!r} with input shape {info.image_shape}", stacklevel=2)
+        warnings.warn(
+            f"preset {preset_name!r} was designed for {preset.dataset!r}, training on "
+            f"{info.name!r} with input shape {info.image_shape}",
+            stacklevel=2,
+        )
     lam_text, hybrid_lambda = _check_task(options, info)
     task = options.task
     flow = flow_config_for(options) if config is None else config
     if not isinstance(flow, models.FlowConfig):
         raise TypeError(f"config must be a FlowConfig or None, got {type(flow).__name__}")
     if tuple(flow.input_shape) != tuple(info.image_shape):
-        raise UsageError(f"config.input_shape {tuple(flow.input_shape)} is not the shape "
-                         f"{tuple(info.image_shape)} of {info.name!r} images")
+        raise UsageError(
+            f"config.input_shape {tuple(flow.input_shape)} is not the shape "
+            f"{tuple(info.image_shape)} of {info.name!r} images"
+        )
     if task != "density" and flow.n_classes != info.n_classes:
-        raise UsageError(f"--task={task} on {info.name!r} needs config.n_classes="
-                         f"{info.n_classes}, got {flow.n_classes}")
+        raise UsageError(
+            f"--task={task} on {info.name!r} needs config.n_classes="
+            f"{info.n_classes}, got {flow.n_classes}"
+        )
 
     hp = preset.training_defaults()
     hp.pop("dataset")
-    for key in ("batch_size", "accumulate", "lr", "warmup_steps", "ema_decay", "grad_clip",
-                "eval_every", "sample_every"):
+    for key in (
+        "batch_size",
+        "accumulate",
+        "lr",
+        "warmup_steps",
+        "ema_decay",
+        "grad_clip",
+        "eval_every",
+        "sample_every",
+    ):
         value = getattr(options, key)
         if value is not None:
             hp[key] = value
@@ -297,13 +319,25 @@ def resolve_run(config, options):
         hp["hybrid_lambda_value"] = hybrid_lambda
     hp["dequantization"] = options.dequantization
     if options.dequantization != "uniform" and task != "density":
-        raise UsageError(f"--dequantization={options.dequantization} is for --task=density "
-                         f"(got --task={task})")
+        raise UsageError(
+            f"--dequantization={options.dequantization} is for --task=density (got --task={task})"
+        )
 
     default_name = f"{info.name}_{preset_name}" + ("" if task == "density" else f"_{task}")
     run_name = options.run_name or default_name.replace("/", "_")
     run_dir = options.out or os.path.join("runs", run_name)
-    export_dir = options.export_dir if options.export_dir is not None else \
-        os.path.join("saved_models", run_name)
-    return RunSpec(dataset=info.name, preset=preset_name, run_name=run_name, run_dir=run_dir,
-                   export_dir=export_dir, flow=flow, hparams=hp, info=info)
+    export_dir = (
+        options.export_dir
+        if options.export_dir is not None
+        else os.path.join("saved_models", run_name)
+    )
+    return RunSpec(
+        dataset=info.name,
+        preset=preset_name,
+        run_name=run_name,
+        run_dir=run_dir,
+        export_dir=export_dir,
+        flow=flow,
+        hparams=hp,
+        info=info,
+    )

@@ -68,8 +68,9 @@ def make_optimizer(lr, warmup_steps):
         opt.build(model.trainable_variables)
     ```
     """
-    return PreReducedAdam(learning_rate=LinearWarmup(lr, warmup_steps), beta_1=0.9, beta_2=0.99,
-                          epsilon=1e-8)
+    return PreReducedAdam(
+        learning_rate=LinearWarmup(lr, warmup_steps), beta_1=0.9, beta_2=0.99, epsilon=1e-8
+    )
 
 
 def write_scalar(name, value, step):
@@ -90,8 +91,9 @@ def write_scalar(name, value, step):
         return tf.summary.scalar(name, value, step=step)
     metadata = summary_pb2.SummaryMetadata()
     metadata.plugin_data.plugin_name = "scalars"
-    return tf.summary.write(name, tf.constant(value, tf.float32), step=step,
-                            metadata=metadata.SerializeToString())
+    return tf.summary.write(
+        name, tf.constant(value, tf.float32), step=step, metadata=metadata.SerializeToString()
+    )
 
 
 def _first(strategy, value):
@@ -114,8 +116,9 @@ def make_dequantizer(kind, flow_config):
         return None
     if kind != "variational":
         raise UsageError(f"--dequantization must be 'uniform' or 'variational', got {kind!r}")
-    return rdeq.VariationalDequantizer(tuple(flow_config.input_shape), n_bits=flow_config.n_bits,
-                                       dtype=flow_config.dtype)
+    return rdeq.VariationalDequantizer(
+        tuple(flow_config.input_shape), n_bits=flow_config.n_bits, dtype=flow_config.dtype
+    )
 
 
 def trained_variables(model, dequantizer=None):
@@ -127,10 +130,25 @@ def trained_variables(model, dequantizer=None):
     return list(model.trainable_variables) + extra
 
 
-def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, accumulate=1,
-                    n_bits=8, grad_clip=1.0, ema_decay=0.999, seed=0, jit_compile=False,
-                    converge=True, step_var=None, task="density", hybrid_lambda=None,
-                    dequantizer=None):
+def make_train_step(
+    model,
+    optimizer,
+    strategy,
+    ema_vars,
+    *,
+    global_batch_size,
+    accumulate=1,
+    n_bits=8,
+    grad_clip=1.0,
+    ema_decay=0.999,
+    seed=0,
+    jit_compile=False,
+    converge=True,
+    step_var=None,
+    task="density",
+    hybrid_lambda=None,
+    dequantizer=None,
+):
     """The distributed training step, a ``tf.function(x, step, poison)``.
 
     Per replica (seed = fold_in([seed, step], replica id)), for each of
@@ -180,8 +198,10 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
     labelled = task != "density"
 
     def batch_mean(v):
-        return tf.nn.compute_average_loss(tf.cast(v, tf.float32),
-                                          global_batch_size=global_batch_size) / k
+        return (
+            tf.nn.compute_average_loss(tf.cast(v, tf.float32), global_batch_size=global_batch_size)
+            / k
+        )
 
     def micro(x_int, seed_pair, labels=None):
         seeds = tf.random.experimental.stateless_split(seed_pair, 2)
@@ -192,29 +212,34 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
             else:
                 x, log_q = dequantizer.dequantize(x_int, seeds[0])
             if task == "density":
-                z, ld = model.forward_and_log_det(x, training=True, seed=seeds[1],
-                                                  validate=False)
+                z, ld = model.forward_and_log_det(x, training=True, seed=seeds[1], validate=False)
                 lp = model.base_log_prob(z) + ld
                 bpd = -(lp - offset - log_q) / (num_dims * _LN2)
                 loss = batch_mean(bpd)
             else:
-                if task == "classification":     # no log-det anywhere
+                if task == "classification":  # no log-det anywhere
                     logits = model.classify(x, training=True, validate=False)
                     lp, ld = None, tf.zeros([tf.shape(x)[0]], dtype)
                 else:
-                    lp, logits = model.log_prob_and_logits(x, training=True, seed=seeds[1],
-                                                           validate=False)
+                    lp, logits = model.log_prob_and_logits(
+                        x, training=True, seed=seeds[1], validate=False
+                    )
                     # the log-det alone, for the logs: log p(x) - log N(f(x))
                     ld = tf.zeros([tf.shape(x)[0]], dtype)
                     metrics["bpd"] = batch_mean(-(lp - offset) / (num_dims * _LN2))
-                    lp = lp - offset                  # log P(discrete x), nats
+                    lp = lp - offset  # log P(discrete x), nats
                 per_example = rclf.hybrid_loss(
-                    lp, logits, labels, 0.0 if task == "classification" else hybrid_lambda)
+                    lp, logits, labels, 0.0 if task == "classification" else hybrid_lambda
+                )
                 loss = batch_mean(per_example)
-                metrics["xent"] = batch_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                    labels=tf.cast(labels, tf.int64), logits=logits))
-                metrics["acc"] = batch_mean(tf.cast(
-                    tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32))
+                metrics["xent"] = batch_mean(
+                    tf.nn.sparse_softmax_cross_entropy_with_logits(
+                        labels=tf.cast(labels, tf.int64), logits=logits
+                    )
+                )
+                metrics["acc"] = batch_mean(
+                    tf.cast(tf.equal(tf.argmax(logits, -1), tf.cast(labels, tf.int64)), tf.float32)
+                )
         grads = tape.gradient(loss, variables)
         grads = [tf.zeros(v.shape, v.dtype) if g is None else g for g, v in zip(grads, variables)]
         ld_mean = tf.reduce_sum(tf.cast(ld, tf.float32)) / float(global_batch_size * k)
@@ -241,18 +266,29 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
     def replica_fn(batch, step, poison):
         ctx = tf.distribute.get_replica_context()
         seed_pair = tf.random.experimental.stateless_fold_in(
-            tf.stack([base_seed, tf.cast(step, tf.int64)]), ctx.replica_id_in_sync_group)
+            tf.stack([base_seed, tf.cast(step, tf.int64)]), ctx.replica_id_in_sync_group
+        )
         if k == 1:
             loss, grads, ld, metrics = micro_all(batch, None, seed_pair)
         else:
+
             def body(i, loss_acc, grads_acc, ld_acc, m_acc):
                 l_i, g_i, ld_i, m_i = micro_all(batch, i, seed_pair)
-                return (i + 1, loss_acc + l_i, [a + b for a, b in zip(grads_acc, g_i)],
-                        ld_acc + ld_i, [a + b for a, b in zip(m_acc, m_i)])
+                return (
+                    i + 1,
+                    loss_acc + l_i,
+                    [a + b for a, b in zip(grads_acc, g_i)],
+                    ld_acc + ld_i,
+                    [a + b for a, b in zip(m_acc, m_i)],
+                )
 
-            init = (tf.constant(0), tf.constant(0.0),
-                    [tf.zeros(v.shape, v.dtype) for v in variables], tf.constant(0.0),
-                    [tf.constant(0.0) for _ in metric_names])
+            init = (
+                tf.constant(0),
+                tf.constant(0.0),
+                [tf.zeros(v.shape, v.dtype) for v in variables],
+                tf.constant(0.0),
+                [tf.constant(0.0) for _ in metric_names],
+            )
             _, loss, grads, ld, metrics = tf.while_loop(lambda i, *_: i < k, body, init)
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         loss, ld, *metrics = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, ld, *metrics])
@@ -285,16 +321,21 @@ def make_train_step(model, optimizer, strategy, ema_vars, *, global_batch_size, 
             model.update_lipschitz()
         if step_var is not None:
             step_var.assign_add(1)
-        out = {"loss": _first(strategy, loss), "grad_norm": _first(strategy, gnorm),
-               "ok": ok0, "logdet": _first(strategy, ld)}
+        out = {
+            "loss": _first(strategy, loss),
+            "grad_norm": _first(strategy, gnorm),
+            "ok": ok0,
+            "logdet": _first(strategy, ld),
+        }
         out.update({m: _first(strategy, v) for m, v in zip(metric_names, metrics)})
         return out
 
     return train_step
 
 
-def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density",
-                   training_estimator=False, dequantizer=None):
+def make_eval_step(
+    model, strategy, *, n_bits=8, seed=0, task="density", training_estimator=False, dequantizer=None
+):
     """The distributed evaluation step ``(x, mask, batch_index) -> (sum bpd,
     sum bpd^2, count)`` over the masked examples, with the evaluation
     estimator (``logdet_eval``, ``n_exact_terms_eval`` = 20 exact terms; or
@@ -319,7 +360,8 @@ def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density",
         x_int, labels = batch if task != "density" else (batch, None)
         ctx = tf.distribute.get_replica_context()
         seed_pair = tf.random.experimental.stateless_fold_in(
-            tf.stack([base_seed, tf.cast(index, tf.int64)]), ctx.replica_id_in_sync_group)
+            tf.stack([base_seed, tf.cast(index, tf.int64)]), ctx.replica_id_in_sync_group
+        )
         seeds = tf.random.experimental.stateless_split(seed_pair, 2)
         if dequantizer is None:
             x, log_q = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype), 0.0
@@ -327,22 +369,24 @@ def make_eval_step(model, strategy, *, n_bits=8, seed=0, task="density",
             x, log_q = dequantizer.dequantize(x_int, seeds[0])
         m = tf.cast(mask, tf.float64)
         if task == "density":
-            bpd = model.bits_per_dim(x, n_bits=n_bits, training=training_estimator,
-                                     seed=seeds[1], validate=False) + log_q / (d * _LN2)
+            bpd = model.bits_per_dim(
+                x, n_bits=n_bits, training=training_estimator, seed=seeds[1], validate=False
+            ) + log_q / (d * _LN2)
         elif task == "classification":
             logits = model.classify(x, training=False, validate=False)
             bpd = tf.zeros([tf.shape(x)[0]], dtype)
         else:
-            lp, logits = model.log_prob_and_logits(x, training=False, seed=seeds[1],
-                                                   validate=False)
+            lp, logits = model.log_prob_and_logits(x, training=False, seed=seeds[1], validate=False)
             bpd = -(lp - d * n_bits * _LN2) / (d * _LN2)
         bpd = tf.cast(bpd, tf.float64)
         sums = [tf.reduce_sum(bpd * m), tf.reduce_sum(tf.square(bpd) * m), tf.reduce_sum(m)]
         if task != "density":
             labels = tf.cast(labels, tf.int64)
             correct = tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float64)
-            xent = tf.cast(tf.nn.sparse_softmax_cross_entropy_with_logits(
-                labels=labels, logits=logits), tf.float64)
+            xent = tf.cast(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits),
+                tf.float64,
+            )
             sums += [tf.reduce_sum(correct * m), tf.reduce_sum(xent * m)]
         return sums
 

@@ -101,17 +101,23 @@ class Trainer:
         # workers write their (identical) checkpoints and export into a local
         # temporary directory that they delete (TensorFlow's multi-worker guidance).
         self.multi_worker = self.task_type is not None
-        self._tmp_root = None if self.is_chief else tempfile.mkdtemp(
-            prefix=f"rflow_tf_{self.task_type}_{self.task_id}_")
+        self._tmp_root = (
+            None
+            if self.is_chief
+            else tempfile.mkdtemp(prefix=f"rflow_tf_{self.task_type}_{self.task_id}_")
+        )
         self.watchdog = ProgressWatchdog(
             float(options.worker_timeout) if self.multi_worker else 0.0,
             f"{self.task_type} {self.task_id} made no progress: another worker of the cluster "
             f"probably hangs or died. Restart every worker with the same command; training "
-            f"resumes from the chief's last checkpoint in {os.path.join(self.run_dir, 'ckpt')}")
+            f"resumes from the chief's last checkpoint in {os.path.join(self.run_dir, 'ckpt')}",
+        )
         self.n_replicas = self.strategy.num_replicas_in_sync
         if self.hp["batch_size"] % self.n_replicas:
-            raise UsageError(f"--batch_size={self.hp['batch_size']} is not divisible by the "
-                             f"{self.n_replicas} replicas")
+            raise UsageError(
+                f"--batch_size={self.hp['batch_size']} is not divisible by the "
+                f"{self.n_replicas} replicas"
+            )
         self.nan_steps = {int(s) for s in str(options.inject_nan_steps).split(",") if s.strip()}
         self.crash_step = int(options.inject_crash_step)
         self.lock = RunDirLock(self.run_dir)
@@ -124,23 +130,37 @@ class Trainer:
             self.train_variables = trained_variables(self.model, self.dequantizer)
             self.optimizer = make_optimizer(self.hp["lr"], self.hp["warmup_steps"])
             self.optimizer.build(self.train_variables)
-            self.ema_vars = [tf.Variable(_var(v).read_value(), trainable=False,
-                                         name="ema_" + getattr(v, "path", v.name).replace(
-                                             "/", "_").replace(":", "_"))
-                             for v in self.train_variables]
+            self.ema_vars = [
+                tf.Variable(
+                    _var(v).read_value(),
+                    trainable=False,
+                    name="ema_" + getattr(v, "path", v.name).replace("/", "_").replace(":", "_"),
+                )
+                for v in self.train_variables
+            ]
             # Power-iteration state (u, v, sigma): backed up while the EMA weights
             # are swapped in, so evaluation leaves the training state untouched.
-            self.power_vars = [w for layer in self.model.lipschitz_layers()
-                               for w in (layer.u, layer.v, layer.sigma)]
-            self.power_backup = [tf.Variable(_var(w).read_value(), trainable=False)
-                                 for w in self.power_vars]
+            self.power_vars = [
+                w
+                for layer in self.model.lipschitz_layers()
+                for w in (layer.u, layer.v, layer.sigma)
+            ]
+            self.power_backup = [
+                tf.Variable(_var(w).read_value(), trainable=False) for w in self.power_vars
+            ]
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-            self.best_bpd = tf.Variable(np.inf, dtype=tf.float64, trainable=False,
-                                        name="best_test_bpd")
+            self.best_bpd = tf.Variable(
+                np.inf, dtype=tf.float64, trainable=False, name="best_test_bpd"
+            )
         extra = {} if self.dequantizer is None else {"dequantizer": self.dequantizer}
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer,
-                                              ema=self.ema_vars, step=self.step,
-                                              best_bpd=self.best_bpd, **extra)
+        self.checkpoint = tf.train.Checkpoint(
+            model=self.model,
+            optimizer=self.optimizer,
+            ema=self.ema_vars,
+            step=self.step,
+            best_bpd=self.best_bpd,
+            **extra,
+        )
         self.ckpt_dir = self._write_dir("ckpt")
         self.best_dir = self._write_dir("ckpt_best")
         if self.is_chief:
@@ -148,8 +168,11 @@ class Trainer:
                 for path in remove_stale_temp_checkpoints(directory, prefix):
                     self.log(f"removed {path}, left by a save that was interrupted")
         self._make_managers()
-        self.writer = (tf.summary.create_file_writer(os.path.join(self.run_dir, "tb"))
-                       if self.is_chief else tf.summary.create_noop_writer())
+        self.writer = (
+            tf.summary.create_file_writer(os.path.join(self.run_dir, "tb"))
+            if self.is_chief
+            else tf.summary.create_noop_writer()
+        )
         self._train_step = None
         self._eval_step = None
         self._sample_fn = None
@@ -161,8 +184,11 @@ class Trainer:
         # Managers read the state file when built: rebuilt after a repair.
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=2)
         self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, self.best_dir, max_to_keep=int(self.options.keep_best),
-            checkpoint_name="best")
+            self.checkpoint,
+            self.best_dir,
+            max_to_keep=int(self.options.keep_best),
+            checkpoint_name="best",
+        )
 
     def close(self):
         """Releases the run-directory lock (``train`` does so when it returns or raises).
@@ -183,8 +209,9 @@ class Trainer:
     def warn(self, msg):
         """Prints a warning to stderr (chief only)."""
         if self.is_chief:
-            print(f"[{datetime.datetime.now():%H:%M:%S}] WARNING: {msg}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[{datetime.datetime.now():%H:%M:%S}] WARNING: {msg}", file=sys.stderr, flush=True
+            )
 
     def _write_dir(self, name):
         if self.is_chief:
@@ -207,8 +234,10 @@ class Trainer:
         new = self.flow_config.to_dict()
         if any(v != new.get(k) for k, v in old_cfg.to_dict().items() if k not in versioned):
             return None
-        self.log(f"{self.run_dir} holds a config_version {old_cfg.config_version} run: resuming "
-                 f"it with its original architecture")
+        self.log(
+            f"{self.run_dir} holds a config_version {old_cfg.config_version} run: resuming "
+            f"it with its original architecture"
+        )
         self.flow_config = self.spec.flow = old_cfg
         return old_cfg
 
@@ -222,24 +251,32 @@ class Trainer:
             if old_flow is not None:
                 new["flow_config"] = old_flow.to_dict()
             elif old.get("flow_config") != new["flow_config"]:
-                diff = sorted(k for k in set(old.get("flow_config", {})) | set(new["flow_config"])
-                              if old.get("flow_config", {}).get(k) != new["flow_config"].get(k))
+                diff = sorted(
+                    k
+                    for k in set(old.get("flow_config", {})) | set(new["flow_config"])
+                    if old.get("flow_config", {}).get(k) != new["flow_config"].get(k)
+                )
                 raise UsageError(
                     f"{self.run_dir} holds a run with a different model configuration "
                     f"(differs in: {', '.join(diff)}). Use another --out/--run_name, or delete "
-                    f"the directory to start over.")
+                    f"the directory to start over."
+                )
             old_deq = old.get("training", {}).get("dequantization", "uniform")
             if old_deq != new["training"]["dequantization"]:
                 raise UsageError(
                     f"{self.run_dir} holds a run trained with --dequantization={old_deq}; it "
                     f"cannot continue with --dequantization="
-                    f"{new['training']['dequantization']}. Use another --out/--run_name.")
-            changed = sorted(k for k in new["training"] if k != "dequantization"
-                             and old.get("training", {}).get(k) != new["training"][k])
+                    f"{new['training']['dequantization']}. Use another --out/--run_name."
+                )
+            changed = sorted(
+                k
+                for k in new["training"]
+                if k != "dequantization" and old.get("training", {}).get(k) != new["training"][k]
+            )
             if changed:
                 self.log(f"training settings changed since the last run: {', '.join(changed)}")
         if self.is_chief:
-            self.lock.acquire()     # before writing anything into the run directory
+            self.lock.acquire()  # before writing anything into the run directory
             tmp = path + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(new, f, indent=2, sort_keys=True)
@@ -248,7 +285,7 @@ class Trainer:
     def _save(self, manager, step):
         path = manager.save(checkpoint_number=int(step))
         self.watchdog.tick()
-        if not self.is_chief:     # every worker saves (collective); only the chief keeps it
+        if not self.is_chief:  # every worker saves (collective); only the chief keeps it
             tf.io.gfile.rmtree(os.path.dirname(path))
         return path
 
@@ -267,11 +304,22 @@ class Trainer:
         labelled = self.task != "density"
         aug = data.classification_augmentation(self.spec.dataset) if labelled else {}
         ds = data.load_image_dataset(
-            self.spec.dataset, "train", batch_size=hp["batch_size"], data_dir=self.options.data_dir,
-            n_bits=self.flow_config.n_bits, shuffle=True, repeat=True, seed=int(hp["seed"]),
-            download=self.options.download, drop_remainder=True, with_labels=labelled, **aug)
+            self.spec.dataset,
+            "train",
+            batch_size=hp["batch_size"],
+            data_dir=self.options.data_dir,
+            n_bits=self.flow_config.n_bits,
+            shuffle=True,
+            repeat=True,
+            seed=int(hp["seed"]),
+            download=self.options.download,
+            drop_remainder=True,
+            with_labels=labelled,
+            **aug,
+        )
         if hp["accumulate"] > 1:
-            def micro_major(*t):     # [k, B, ...] -> [B, k, ...]
+
+            def micro_major(*t):  # [k, B, ...] -> [B, k, ...]
                 out = tuple(tf.transpose(v, [1, 0] + list(range(2, v.shape.rank))) for v in t)
                 return out if labelled else out[0]
 
@@ -283,9 +331,17 @@ class Trainer:
         h, w, c = self.flow_config.input_shape
         labelled = self.task != "density"
         ds = data.load_image_dataset(
-            self.spec.dataset, "test", batch_size=bs, data_dir=self.options.data_dir,
-            n_bits=self.flow_config.n_bits, shuffle=False, flip=False, repeat=False,
-            download=self.options.download, with_labels=labelled)
+            self.spec.dataset,
+            "test",
+            batch_size=bs,
+            data_dir=self.options.data_dir,
+            n_bits=self.flow_config.n_bits,
+            shuffle=False,
+            flip=False,
+            repeat=False,
+            download=self.options.download,
+            with_labels=labelled,
+        )
         if self.options.eval_examples and self.options.eval_examples > 0:
             ds = ds.unbatch().take(int(self.options.eval_examples)).batch(bs)
 
@@ -308,16 +364,27 @@ class Trainer:
         if self._train_step is None:
             hp = self.hp
             self._train_step = make_train_step(
-                self.model, self.optimizer, self.strategy, self.ema_vars,
-                global_batch_size=hp["batch_size"], accumulate=hp["accumulate"],
-                n_bits=self.flow_config.n_bits, grad_clip=hp["grad_clip"],
-                ema_decay=hp["ema_decay"], seed=hp["seed"], jit_compile=hp["jit_compile"],
-                step_var=self.step, task=self.task, hybrid_lambda=hp.get("hybrid_lambda_value"),
-                dequantizer=self.dequantizer)
+                self.model,
+                self.optimizer,
+                self.strategy,
+                self.ema_vars,
+                global_batch_size=hp["batch_size"],
+                accumulate=hp["accumulate"],
+                n_bits=self.flow_config.n_bits,
+                grad_clip=hp["grad_clip"],
+                ema_decay=hp["ema_decay"],
+                seed=hp["seed"],
+                jit_compile=hp["jit_compile"],
+                step_var=self.step,
+                task=self.task,
+                hybrid_lambda=hp.get("hybrid_lambda_value"),
+                dequantizer=self.dequantizer,
+            )
         return self._train_step
 
     def _swap_ema(self, entering):
         if self._swap_fn is None:
+
             def swap(a, b):
                 tmp = tf.identity(a)
                 a.assign(b)
@@ -330,7 +397,7 @@ class Trainer:
             @tf.function
             def swap_all(entering):
                 update = self.strategy.extended.update
-                if entering:     # keep the power-iteration state of the training weights
+                if entering:  # keep the power-iteration state of the training weights
                     for b, w in zip(self.power_backup, self.power_vars):
                         update(b, copy, args=(_var(w),), group=False)
                 for v, e in zip(self.train_variables, self.ema_vars):
@@ -341,7 +408,7 @@ class Trainer:
 
             self._swap_fn = swap_all
         self._swap_fn(entering)
-        if not entering:        # the backed-up state is the estimate for the training weights
+        if not entering:  # the backed-up state is the estimate for the training weights
             self.model.mark_lipschitz_current()
 
     @contextlib.contextmanager
@@ -364,10 +431,11 @@ class Trainer:
         """Restores the newest checkpoint that restores (:func:`restore_newest`); None if
         there is none. Non-chief workers read the chief's ``ckpt/`` without repairing it."""
         directory = self.ckpt_dir if self.is_chief else os.path.join(self.run_dir, "ckpt")
-        path = restore_newest(self.checkpoint, directory, "ckpt", log=self.log, warn=self.warn,
-                              repair=self.is_chief)
+        path = restore_newest(
+            self.checkpoint, directory, "ckpt", log=self.log, warn=self.warn, repair=self.is_chief
+        )
         if path:
-            self.model.mark_lipschitz_current()     # resume with the saved estimates, exactly
+            self.model.mark_lipschitz_current()  # resume with the saved estimates, exactly
             self._restored = True
             self._make_managers()
             self.log(f"resumed from {path} at step {int(self.step.numpy())}")
@@ -385,7 +453,8 @@ class Trainer:
                 f"the workers start at different steps ({lo} to {hi}; this is "
                 f"{self.task_type} {self.task_id} at step {step}): every worker must read the "
                 f"chief's checkpoints in {os.path.join(self.run_dir, 'ckpt')}, so --out must be "
-                f"on a filesystem shared by all workers")
+                f"on a filesystem shared by all workers"
+            )
 
     def restore_or_initialize(self, first_batch=None):
         """Restores the newest checkpoint of the run directory that restores
@@ -401,11 +470,15 @@ class Trainer:
             return latest
         if first_batch is None:
             raise UsageError(f"no checkpoint in {self.ckpt_dir}")
-        if isinstance(first_batch, (tuple, list)):        # (images, labels)
+        if isinstance(first_batch, (tuple, list)):  # (images, labels)
             first_batch = first_batch[0]
         x = first_batch[:, 0] if first_batch.shape.rank == 5 else first_batch
-        x = data.dequantize(x, self.flow_config.n_bits, seed=[int(self.hp["seed"]), 12345],
-                            dtype=self.model.flow_dtype)
+        x = data.dequantize(
+            x,
+            self.flow_config.n_bits,
+            seed=[int(self.hp["seed"]), 12345],
+            dtype=self.model.flow_dtype,
+        )
         self.model.initialize(x)
         self.model.converge_lipschitz()
         for e, v in zip(self.ema_vars, self.train_variables):
@@ -439,9 +512,14 @@ class Trainer:
             self._eval_step = {}
         if training_estimator not in self._eval_step:
             self._eval_step[training_estimator] = make_eval_step(
-                self.model, self.strategy, n_bits=self.flow_config.n_bits, seed=self.hp["seed"],
-                task=task, training_estimator=training_estimator,
-                dequantizer=self.dequantizer)
+                self.model,
+                self.strategy,
+                n_bits=self.flow_config.n_bits,
+                seed=self.hp["seed"],
+                task=task,
+                training_estimator=training_estimator,
+                dequantizer=self.dequantizer,
+            )
         eval_step = self._eval_step[training_estimator]
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
         sums = None
@@ -522,8 +600,11 @@ class Trainer:
         if sigmas.size == 0:
             return {}
         coeff = self.flow_config.coeff
-        return {"lipschitz/max_sigma": sigmas.max(), "lipschitz/mean_sigma": sigmas.mean(),
-                "lipschitz/max_effective": np.minimum(sigmas, coeff).max()}
+        return {
+            "lipschitz/max_sigma": sigmas.max(),
+            "lipschitz/mean_sigma": sigmas.mean(),
+            "lipschitz/max_effective": np.minimum(sigmas, coeff).max(),
+        }
 
     def _eval_and_sample(self, step, do_sample):
         """Evaluates (and samples); returns (metrics of :meth:`evaluate_metrics`, sample path)."""
@@ -534,24 +615,31 @@ class Trainer:
             parts.append(f"test bits/dim {bpd:.4f} +- {se:.4f}")
             scalars.update({"test/bpd": bpd, "test/bpd_stderr": se})
         if self.task != "density":
-            parts.append(f"accuracy {m['accuracy']:.4f}, cross-entropy "
-                         f"{m['cross_entropy']:.4f} nats")
-            scalars.update({"test/accuracy": m["accuracy"],
-                            "test/cross_entropy": m["cross_entropy"]})
+            parts.append(
+                f"accuracy {m['accuracy']:.4f}, cross-entropy {m['cross_entropy']:.4f} nats"
+            )
+            scalars.update(
+                {"test/accuracy": m["accuracy"], "test/cross_entropy": m["cross_entropy"]}
+            )
         cfg = self.flow_config
-        terms = "" if self.task == "classification" else \
-            f", {cfg.logdet_eval_mode} log-det, {cfg.n_exact_terms_eval} exact terms, " \
+        terms = (
+            ""
+            if self.task == "classification"
+            else f", {cfg.logdet_eval_mode} log-det, {cfg.n_exact_terms_eval} exact terms, "
             f"{self.hp['dequantization']} dequantisation bound"
+        )
         self.log(f"step {step}: {'; '.join(parts)} ({n} images, EMA weights{terms})")
         if self.task != "classification" and cfg.logdet_eval_mode != cfg.logdet:
             # Trained with another estimator (e.g. the biased truncated series):
             # report what that estimator says too, beside the true value above.
             bpd_t, se_t, _ = self.evaluate(training_estimator=True)
-            self.log(f"step {step}: test bits/dim with the training estimator ({cfg.logdet}): "
-                     f"{bpd_t:.4f} +- {se_t:.4f} (true: {bpd:.4f})")
+            self.log(
+                f"step {step}: test bits/dim with the training estimator ({cfg.logdet}): "
+                f"{bpd_t:.4f} +- {se_t:.4f} (true: {bpd:.4f})"
+            )
             scalars["test/bpd_training_estimator"] = bpd_t
         path = None
-        if do_sample and self.task != "classification":     # a classifier is no sampler
+        if do_sample and self.task != "classification":  # a classifier is no sampler
             path = self.sample()
             self.log(f"step {step}: samples written to {path}")
         # Best checkpoint by test bits/dim; for classification by test error
@@ -600,16 +688,26 @@ class Trainer:
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             # The informative line ("Collective ops is aborted by: Socket closed", "... are
             # unhealthy ..."), not TensorFlow's "Graph execution error:" header.
-            reason = next((ln for ln in lines if re.search(
-                r"aborted by|unhealthy|socket closed|connection|deadline", ln, re.IGNORECASE)),
-                lines[0] if lines else "")
-            latest = (checkpoint_candidates(os.path.join(self.run_dir, "ckpt")) or
-                      ["none yet: a restart starts over"])[0]
+            reason = next(
+                (
+                    ln
+                    for ln in lines
+                    if re.search(
+                        r"aborted by|unhealthy|socket closed|connection|deadline", ln, re.IGNORECASE
+                    )
+                ),
+                lines[0] if lines else "",
+            )
+            latest = (
+                checkpoint_candidates(os.path.join(self.run_dir, "ckpt"))
+                or ["none yet: a restart starts over"]
+            )[0]
             raise WorkerLostError(
                 f"{self.task_type} {self.task_id} lost another worker of the cluster at step "
                 f"{int(self.step.numpy())} ({type(e).__name__}: {reason[:300]}). Restart every "
                 f"worker with the same command; training resumes from the chief's last "
-                f"checkpoint ({latest}).") from None
+                f"checkpoint ({latest})."
+            ) from None
         finally:
             self.close()
 
@@ -624,12 +722,14 @@ class Trainer:
             self.restore_or_initialize(next(iter(train_ds)))
         if self.multi_worker:
             self._check_workers_agree_on_step(start)
-        self.log(f"run {self.spec.run_name}: dataset {self.spec.dataset} "
-                 f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
-                 f"{self.model.count_params():,} parameters, {hp['dequantization']} "
-                 f"dequantisation, {self.n_replicas} replica(s) "
-                 f"({type(self.strategy).__name__}), global batch {hp['batch_size']} x "
-                 f"{hp['accumulate']}, steps {start}->{total}, dir {self.run_dir}")
+        self.log(
+            f"run {self.spec.run_name}: dataset {self.spec.dataset} "
+            f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
+            f"{self.model.count_params():,} parameters, {hp['dequantization']} "
+            f"dequantisation, {self.n_replicas} replica(s) "
+            f"({type(self.strategy).__name__}), global batch {hp['batch_size']} x "
+            f"{hp['accumulate']}, steps {start}->{total}, dir {self.run_dir}"
+        )
         if self.is_chief:
             tf.io.gfile.makedirs(os.path.join(self.run_dir, "samples"))
 
@@ -641,23 +741,34 @@ class Trainer:
             t_log, n_log, t_start = time.time(), 0, time.time()
             loss_sum = gnorm_sum = ld_sum = 0.0
             metric_sums = dict.fromkeys(
-                {"density": (), "classification": ("xent", "acc"),
-                 "hybrid": ("bpd", "xent", "acc")}[self.task], 0.0)
+                {
+                    "density": (),
+                    "classification": ("xent", "acc"),
+                    "hybrid": ("bpd", "xent", "acc"),
+                }[self.task],
+                0.0,
+            )
             n_ok = 0
             steps_per_sec = float("nan")
             try:
                 while step < total:
-                    poison = tf.constant(np.nan if step + 1 in self.nan_steps else 0.0,
-                                         tf.float32)
+                    poison = tf.constant(np.nan if step + 1 in self.nan_steps else 0.0, tf.float32)
                     try:
                         out = step_fn(next(it), tf.constant(step, tf.int64), poison)
                     except tf.errors.InvalidArgumentError as e:
                         if hp["jit_compile"] and ("XLA" in str(e) or "compile" in str(e)):
-                            reason = next((ln.strip() for ln in str(e).splitlines()
-                                           if "unsupported" in ln or "compile-time" in ln),
-                                          str(e).splitlines()[0])
-                            raise UsageError(f"--jit_compile: XLA cannot compile the training "
-                                             f"step: {reason[:400]}") from None
+                            reason = next(
+                                (
+                                    ln.strip()
+                                    for ln in str(e).splitlines()
+                                    if "unsupported" in ln or "compile-time" in ln
+                                ),
+                                str(e).splitlines()[0],
+                            )
+                            raise UsageError(
+                                f"--jit_compile: XLA cannot compile the training "
+                                f"step: {reason[:400]}"
+                            ) from None
                         raise
                     step += 1
                     n_log += 1
@@ -666,16 +777,19 @@ class Trainer:
                         raise _InjectedCrash(f"injected crash after step {step}")
                     if not bool(out["ok"]):
                         nan_streak += 1
-                        self.warn(f"step {step}: non-finite loss or gradient (loss "
-                                  f"{float(out['loss'])}, grad norm {float(out['grad_norm'])}); "
-                                  f"update skipped ({nan_streak} in a row)")
+                        self.warn(
+                            f"step {step}: non-finite loss or gradient (loss "
+                            f"{float(out['loss'])}, grad norm {float(out['grad_norm'])}); "
+                            f"update skipped ({nan_streak} in a row)"
+                        )
                         if nan_streak >= int(options.max_nan_steps):
                             raise TrainingDivergedError(
                                 f"training stopped at step {step}: {nan_streak} consecutive "
                                 f"non-finite steps (--max_nan_steps={options.max_nan_steps}). The "
                                 f"last good checkpoint is "
                                 f"{self.manager.latest_checkpoint or '(none yet)'}; try a lower "
-                                f"--lr, a smaller --grad_clip or more --warmup_steps.")
+                                f"--lr, a smaller --grad_clip or more --warmup_steps."
+                            )
                     else:
                         nan_streak = 0
                         n_ok += 1
@@ -687,27 +801,41 @@ class Trainer:
                     if step % options.log_every == 0 or step == total:
                         now = time.time()
                         steps_per_sec = n_log / max(now - t_log, 1e-9)
-                        lr = float(self.optimizer.learning_rate.numpy()) \
-                            if hasattr(self.optimizer.learning_rate, "numpy") \
+                        lr = (
+                            float(self.optimizer.learning_rate.numpy())
+                            if hasattr(self.optimizer.learning_rate, "numpy")
                             else float(self.optimizer.learning_rate)
+                        )
                         denom = max(n_ok, 1)
                         if self.task == "density":
                             what = f"train bpd {loss_sum / denom:.4f}"
-                            scalars = {"train/bpd": loss_sum / denom,
-                                       "train/logdet": ld_sum / denom}
+                            scalars = {
+                                "train/bpd": loss_sum / denom,
+                                "train/logdet": ld_sum / denom,
+                            }
                         else:
                             means = {k: v / denom for k, v in metric_sums.items()}
                             what = f"train loss {loss_sum / denom:.4f} | " + " | ".join(
-                                f"{k} {v:.4f}" for k, v in means.items())
-                            scalars = {"train/loss": loss_sum / denom,
-                                       **{f"train/{k}": v for k, v in means.items()}}
-                        self.log(f"step {step}/{total} | {what} | "
-                                 f"lr {lr:.2e} | grad norm {gnorm_sum / denom:.3f} | "
-                                 f"{steps_per_sec:.2f} steps/s | ETA "
-                                 f"{_fmt_time((total - step) / max(steps_per_sec, 1e-9))}")
-                        scalars.update({"train/lr": lr, "train/grad_norm": gnorm_sum / denom,
-                                        "train/skipped_steps": n_log - n_ok,
-                                        "perf/steps_per_sec": steps_per_sec})
+                                f"{k} {v:.4f}" for k, v in means.items()
+                            )
+                            scalars = {
+                                "train/loss": loss_sum / denom,
+                                **{f"train/{k}": v for k, v in means.items()},
+                            }
+                        self.log(
+                            f"step {step}/{total} | {what} | "
+                            f"lr {lr:.2e} | grad norm {gnorm_sum / denom:.3f} | "
+                            f"{steps_per_sec:.2f} steps/s | ETA "
+                            f"{_fmt_time((total - step) / max(steps_per_sec, 1e-9))}"
+                        )
+                        scalars.update(
+                            {
+                                "train/lr": lr,
+                                "train/grad_norm": gnorm_sum / denom,
+                                "train/skipped_steps": n_log - n_ok,
+                                "perf/steps_per_sec": steps_per_sec,
+                            }
+                        )
                         scalars.update(self._lipschitz_stats())
                         self._summaries(step, scalars)
                         t_log, n_log, n_ok = now, 0, 0
@@ -726,35 +854,47 @@ class Trainer:
                     path = self._save(self.manager, int(self.step.numpy()))
                     self.log(f"interrupted; saved {path}. Rerun the same command to resume.")
                 raise
-            del it          # release the input pipeline before evaluation and export
+            del it  # release the input pipeline before evaluation and export
             self.watchdog.tick()
             elapsed = time.time() - t_start
             steps_per_sec = (step - start) / max(elapsed, 1e-9)
-            self.log(f"trained {step - start} steps in {_fmt_time(elapsed)} "
-                     f"({steps_per_sec:.2f} steps/s)")
+            self.log(
+                f"trained {step - start} steps in {_fmt_time(elapsed)} "
+                f"({steps_per_sec:.2f} steps/s)"
+            )
         else:
             steps_per_sec = float("nan")
             self.log(f"already trained to step {step} (--steps={total}); evaluating")
 
         metrics, samples = self._eval_and_sample(step, True)
         bpd, se = metrics["bpd"], metrics["bpd_stderr"]
-        result = {"step": step, "task": self.task, "test_bpd": bpd, "test_bpd_stderr": se,
-                  "best_bpd": float(self.best_bpd.numpy()), "samples": samples,
-                  "run_dir": self.run_dir, "steps_per_sec": steps_per_sec,
-                  "checkpoint": self.manager.latest_checkpoint}
+        result = {
+            "step": step,
+            "task": self.task,
+            "test_bpd": bpd,
+            "test_bpd_stderr": se,
+            "best_bpd": float(self.best_bpd.numpy()),
+            "samples": samples,
+            "run_dir": self.run_dir,
+            "steps_per_sec": steps_per_sec,
+            "checkpoint": self.manager.latest_checkpoint,
+        }
         if self.task != "density":
             result["test_accuracy"] = metrics["accuracy"]
             result["test_cross_entropy"] = metrics["cross_entropy"]
         if self.task == "classification":
             result["best_error"] = result.pop("best_bpd")
-            self.log(f"final test accuracy: {metrics['accuracy']:.4f}, cross-entropy "
-                     f"{metrics['cross_entropy']:.4f} (EMA weights, step {step}); best error "
-                     f"{result['best_error']:.4f}")
+            self.log(
+                f"final test accuracy: {metrics['accuracy']:.4f}, cross-entropy "
+                f"{metrics['cross_entropy']:.4f} (EMA weights, step {step}); best error "
+                f"{result['best_error']:.4f}"
+            )
         else:
-            acc = (f"; test accuracy {metrics['accuracy']:.4f}" if self.task == "hybrid"
-                   else "")
-            self.log(f"final test bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}); "
-                     f"best {result['best_bpd']:.4f}{acc}; samples: {samples}")
+            acc = f"; test accuracy {metrics['accuracy']:.4f}" if self.task == "hybrid" else ""
+            self.log(
+                f"final test bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}); "
+                f"best {result['best_bpd']:.4f}{acc}; samples: {samples}"
+            )
         if self.is_chief:
             with open(os.path.join(self.run_dir, "results.json"), "w") as f:
                 json.dump(result, f, indent=2)

@@ -23,9 +23,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import rflow_tf  # noqa: E402,F401  (sets TensorFlow defaults first)
+
+# isort: split
 import tensorflow as tf  # noqa: E402
 
-import rflow_tf  # noqa: E402,F401  (sets TensorFlow defaults first)
 from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv  # noqa: E402
 
 

@@ -45,10 +45,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import rflow_tf  # noqa: E402,F401  (first: sets TensorFlow's runtime defaults)
+
+# isort: split
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import rflow_tf  # noqa: E402,F401  (first: sets TensorFlow's runtime defaults)
 from rflow_tf import data, export, models  # noqa: E402
 from train import main as tm  # noqa: E402
 

@@ -28,8 +28,9 @@ def test_heads_match_a_hand_computation():
     for f, conv, norm in zip(feats, heads.convs, heads.norms):
         c = _conv3x3_same(f, conv.kernel.numpy(), conv.bias.numpy())
         # ActNorm's data-dependent init on this first batch: zero mean, unit variance
-        # (variance floored at 0.2), then ReLU and the global average.
-        mean, var = c.mean(axis=(0, 1, 2)), c.var(axis=(0, 1, 2))
+        # (the reference's unbiased variance, floored at 0.2), then ReLU and the
+        # global average.
+        mean, var = c.mean(axis=(0, 1, 2)), c.var(axis=(0, 1, 2), ddof=1)
         np.testing.assert_allclose(norm.bias.numpy(), -mean, atol=1e-12)
         a = (c - mean) / np.sqrt(np.maximum(var, 0.2))
         pooled.append(np.maximum(a, 0.0).mean(axis=(1, 2)))

@@ -30,6 +30,31 @@ def _can_store_in_context():
     return ctx is None or ctx.num_replicas_in_sync == 1
 
 
+def _inside_vectorized_map():
+    """Whether the current trace is the body of ``tf.vectorized_map`` / pfor
+    (TFP's AutoBatched JointDistributions use it): pfor traces the loop body
+    under a ``loop_body`` name scope that holds its ``PlaceholderWithDefault``
+    loop variable."""
+    if tf.executing_eagerly():
+        return False
+    parts = tf.get_current_name_scope().split("/")
+    names = [
+        "/".join(parts[: i + 1]) + "/PlaceholderWithDefault"
+        for i, part in enumerate(parts)
+        if part.startswith("loop_body")
+    ]
+    graph = tf.compat.v1.get_default_graph()
+    while names and graph is not None:  # the loop variable may live in an outer graph
+        for name in names:
+            try:
+                graph.get_operation_by_name(name)
+                return True
+            except KeyError:
+                pass
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
 class _SpectralNormalized(keras.layers.Layer):
     """Shared power-iteration machinery for the Lipschitz layers.
 
@@ -183,7 +208,9 @@ class _SpectralNormalized(keras.layers.Layer):
         """Re-converges u, v (warm-started) if the kernel changed since the last
         estimate; returns the (u, v) to use, as tensors. Inside ``strategy.run``
         of a multi-replica strategy the fresh estimate is used but not stored."""
-        if not self.auto_update:
+        if not self.auto_update or _inside_vectorized_map():
+            # vectorized_map cannot vectorise variable assignments, and the
+            # weights cannot change within one map: use the stored estimate.
             return tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
         store = _can_store_in_context()
         if tf.executing_eagerly():

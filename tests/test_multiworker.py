@@ -348,9 +348,13 @@ def test_killed_worker_stops_the_survivor_and_a_restart_resumes(tmp_path):
         assert 4 <= last_step < 150
         assert f"resumes from the chief's last checkpoint ({last})" in out
 
+        # The restart asks for two more steps only (a longer --steps is how a
+        # user extends a run; the same command would just train to 150).
+        argv_restart = [a for a in argv if not a.startswith("--steps=")]
+        argv_restart.append(f"--steps={last_step + 2}")
         cluster = cluster_of(2)
         restarted = [
-            procs.start(argv, worker_env(tmp_path, cluster, i), tmp_path / f"b{i}.log")
+            procs.start(argv_restart, worker_env(tmp_path, cluster, i), tmp_path / f"b{i}.log")
             for i in range(2)
         ]
         deadline = time.monotonic() + PROCESS_TIMEOUT
@@ -358,9 +362,9 @@ def test_killed_worker_stops_the_survivor_and_a_restart_resumes(tmp_path):
             assert procs.wait(p, deadline) == 0, procs.output(p)[-4000:]
         out = procs.output(restarted[0])
         assert f"resumed from {last} at step {last_step}" in out, out[-4000:]
-        assert f"steps {last_step}->150" in out
+        assert f"steps {last_step}->{last_step + 2}" in out
         with open(run_dir / "results.json") as f:
-            assert json.load(f)["step"] == 150
+            assert json.load(f)["step"] == last_step + 2
     finally:
         procs.kill_all()
     print(

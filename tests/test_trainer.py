@@ -522,15 +522,7 @@ def trained_run(tmp_path_factory):
     "k",
     [
         2,  # before the first checkpoint: the rerun starts from step 0
-        pytest.param(
-            3,  # after ckpt-2: the rerun restores ckpt-2 and trains step 3 again
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known defect, found at the end of session 8: resuming from ckpt-2 and "
-                "training step 3 again ends ~3e-4 away from the uninterrupted run (also with "
-                "no evaluation in between); exact resume from a checkpoint is not proven yet",
-            ),
-        ),
+        3,  # after ckpt-2: the rerun restores ckpt-2 and trains step 3 again
     ],
 )
 def test_resume_after_a_kill_at_a_random_step_is_bit_identical(trained_run, tmp_path, capsys, k):

@@ -298,8 +298,12 @@ class Trainer:
     def _train_dataset(self, start_step=0):
         """The training batches from optimiser step ``start_step`` on. The stream is a
         function of the seed alone (seeded shuffles, flips keyed by batch number), so
-        batch k is the same whether a run started at 0 or resumed at k. Classification
-        and hybrid runs get (images, labels) with the reference's augmentation."""
+        batch k is the same whether a run started at 0 or resumed at k. Every call
+        builds a fresh pipeline, to be iterated once: a second iterator over the same
+        pipeline gets another order (tf.data reshuffles each iteration; a run that took
+        its ActNorm batch from the training pipeline resumed onto different batches).
+        Classification and hybrid runs get (images, labels) with the reference's
+        augmentation."""
         hp = self.hp
         labelled = self.task != "density"
         aug = data.classification_augmentation(self.spec.dataset) if labelled else {}
@@ -719,7 +723,9 @@ class Trainer:
         start = int(self.step.numpy()) if self._restored else 0
         train_ds = self._train_dataset(start)
         if not self._restored:
-            self.restore_or_initialize(next(iter(train_ds)))
+            # The first batch from a pipeline of its own: training must be the first
+            # iteration of train_ds (see _train_dataset).
+            self.restore_or_initialize(next(iter(self._train_dataset(0))))
         if self.multi_worker:
             self._check_workers_agree_on_step(start)
         self.log(

@@ -167,8 +167,11 @@ def table3(args, workdir):
         train_fixed = _fixed_batches(trainer.spec.dataset, "train", n_bits, args.curve_images)
         test_fixed = _fixed_batches(trainer.spec.dataset, "test", n_bits, args.test_images)
         exact = _true_model(cfg)
+        # As the trainer: the ActNorm batch from a pipeline of its own, so training
+        # is the first iteration of ds (a second one is reshuffled by tf.data).
+        first = next(iter(trainer._train_dataset()))  # pylint: disable=protected-access
+        trainer.restore_or_initialize(first)
         ds = trainer._train_dataset()  # pylint: disable=protected-access
-        trainer.restore_or_initialize(next(iter(ds)))
         it = iter(trainer._distribute(ds))  # pylint: disable=protected-access
         step_fn = trainer.train_step_fn
         zero = tf.constant(0.0)

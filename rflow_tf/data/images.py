@@ -361,7 +361,12 @@ def load_image_dataset(
         `celeb_a_hq`, `imagenet32`, `imagenet64`; off otherwise (never for
         `mnist`, `digits`, `svhn_cropped`, where it would be wrong).
       repeat: Repeat indefinitely (batches then cross epoch boundaries).
-      seed: Optional int making shuffling and flips deterministic.
+      seed: Optional int making shuffling and flips deterministic: the first
+        iterator of a dataset built with the same seed (and the same global
+        seed, `tf.random.set_seed`, which tf.data's shuffle combines with it)
+        yields the same stream. A second iterator over the same dataset object
+        is shuffled differently (tf.data reshuffles each iteration): build a
+        fresh dataset for each stream that must repeat.
       download: For TFDS datasets, download and prepare the data if it is not
         in `data_dir` yet. Ignored for `digits` and ImageNet.
       drop_remainder: Drop the last incomplete batch (gives a static batch

@@ -5,7 +5,9 @@
   W_eff = W / max(1, sigma / coeff), sigma = ||W||_2 estimated by power
   iteration on persistent non-trainable vectors; the gradient flows through
   sigma. For k x k convolutions sigma is the operator norm of the whole padded
-  convolution on the layer's input size.
+  convolution on the layer's input size. With ``domain``/``codomain`` orders
+  (fixed, or :class:`LearnableOrder`) the bound is on the induced mixed norm
+  ||W||_{p->q} instead (see :mod:`rflow_tf.norms`).
 * :class:`ActNormalization` -- the weights of the ActNorm bijector.
 * :func:`lipschitz_dense_net`, :func:`lipschitz_conv_net` -- residual branches g
   with Lip(g) <= coeff, ready for :class:`rflow_tf.bijectors.IResBlock`.
@@ -35,6 +37,7 @@ from rflow_tf.layers.actnorm import ActNormalization
 from rflow_tf.layers.initializers import INITS, FanInUniform
 from rflow_tf.layers.jacobian_chain import JacobianChain
 from rflow_tf.layers.lipschitz import (  # noqa: F401  (private names other modules use)
+    LearnableOrder,
     LipschitzConv2D,
     LipschitzDense,
     _can_store_in_context,
@@ -52,6 +55,7 @@ __all__ = [
     "lipswish_value_and_derivative",
     "LipschitzDense",
     "LipschitzConv2D",
+    "LearnableOrder",
     "ActNormalization",
     "FanInUniform",
     "INITS",

@@ -1,5 +1,6 @@
-"""Spectrally normalised layers (LipschitzDense, LipschitzConv2D) and the functions that
-find them in a model and run their power iterations (converge_lipschitz, ...)."""
+"""Lipschitz-normalised layers (LipschitzDense, LipschitzConv2D: spectral norm, or an
+induced mixed norm ||W||_{p->q} with fixed or learnable orders, LearnableOrder) and the
+functions that find them in a model and run their power iterations (converge_lipschitz, ...)."""
 
 import keras
 import numpy as np
@@ -9,6 +10,7 @@ import tensorflow as tf
 # enclosing tapes do not build its (unused) backward function at trace time.
 from tensorflow.python.eager import record as _tape_record
 
+from rflow_tf import norms
 from rflow_tf.layers._base import _PACKAGE
 from rflow_tf.layers.initializers import _bias_initializer
 
@@ -54,6 +56,75 @@ def _inside_vectorized_map():
         graph = getattr(graph, "outer_graph", None)
     return False
 
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class LearnableOrder(keras.layers.Layer):
+    """A learnable norm order p in [1.001, 5], shared by the layers whose norms it ties.
+
+        p = order_from_unconstrained(raw)   (rflow_tf.norms; raw = 0 <-> p = 2)
+
+    One trainable scalar ``raw``; the squashing keeps p in [1.001, 5] with a
+    finite gradient dp/draw everywhere (no NaN as p -> 1 or at the top of the
+    range). A residual branch passes the *same* instance as layer i's
+    ``codomain`` and layer i + 1's ``domain`` (and the last layer's codomain
+    is the first layer's domain), so the chained norms stay equal while they
+    are learned (:func:`rflow_tf.layers.lipschitz_dense_net`). Keras and
+    checkpoints see its one variable once however many layers share it.
+
+    Example:
+    ```python
+    p = LearnableOrder(3.0)
+    a = LipschitzDense(8, domain=2, codomain=p)
+    b = LipschitzDense(2, domain=p, codomain=2)
+    float(p.order())      # 3.0
+    ```
+    """
+
+    def __init__(self, initial_order=2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_order = norms.parse_order(initial_order, "initial_order")
+        raw = norms.unconstrained_from_order(self.initial_order)
+        self.raw = self.add_weight(
+            name="raw_order", shape=(), initializer=keras.initializers.Constant(raw)
+        )
+        self.built = True
+
+    def order(self, dtype=None):
+        """The order p (a scalar tensor, of ``dtype`` if given)."""
+        p = norms.order_from_unconstrained(tf.convert_to_tensor(self.raw))
+        return p if dtype is None else tf.cast(p, dtype)
+
+    def call(self, inputs=None):
+        return self.order()
+
+    def get_config(self):
+        # The current value: a layer rebuilt from its config starts where this one is.
+        return {**super().get_config(), "initial_order": float(self.order())}
+
+
+def _order_argument(order, name):
+    """A layer's ``domain`` / ``codomain`` argument: a Python float in [1, inf],
+    a :class:`LearnableOrder`, or a serialised LearnableOrder (from get_config)."""
+    if isinstance(order, LearnableOrder):
+        return order
+    if isinstance(order, dict):
+        return keras.saving.deserialize_keras_object(order)
+    return norms.parse_order(order, name)
+
+
+def _order_config(order):
+    if isinstance(order, LearnableOrder):
+        return keras.saving.serialize_keras_object(order)
+    return "inf" if order == norms.INF else order
+
+
+def _order_value(order, dtype):
+    """The order to compute with: a Python float, or a tensor of ``dtype``."""
+    return order.order(dtype) if isinstance(order, LearnableOrder) else order
+
+
+def _order_label(order):
+    return "learnable" if isinstance(order, LearnableOrder) else order
+
 
 class _SpectralNormalized(keras.layers.Layer):
     """Shared power-iteration machinery for the Lipschitz layers.
@@ -71,6 +142,28 @@ class _SpectralNormalized(keras.layers.Layer):
     and, if so, re-converges power iteration warm-started from the stored
     u and v (usually a few steps). Any training loop (``tfp.math.minimize``,
     Keras ``fit``, a hand-written tape) therefore sees a converged sigma.
+
+    **Mixed norms.** With ``domain`` p and ``codomain`` q other than 2 and 2,
+    sigma is the induced norm ||W||_{p->q} = max ||W x||_q / ||x||_p of the
+    layer's whole linear map (for convolutions the padded convolution on the
+    layer's input size, whatever the kernel size), and W_eff has
+    ||W_eff||_{p->q} <= coeff. Each order is a Python float in [1, inf] or a
+    :class:`LearnableOrder` (shared between layers to tie the chained norms).
+
+    * Domain 1 or codomain inf (1->1, 1->2, 1->inf, 2->inf, inf->inf, ...):
+      the exact closed form (largest column q-norm or row p*-norm,
+      :func:`rflow_tf.norms.closed_form_induced_norm`), recomputed at every
+      use; no stored state.
+    * Elsewhere: the generalised power method (:mod:`rflow_tf.norms`). Its
+      estimate ||W v||_q / ||v||_p is attained by the stored v, so it is a
+      certified lower bound and the gradient (kernel and learnable orders)
+      is that of the norm at the maximiser. :meth:`converge` (run when the
+      layer is built) keeps the best of a warm start and
+      :meth:`num_restarts` random starts; afterwards every change of the
+      kernel *or of a learnable order* re-converges from the stored v (the
+      same in-call upkeep as the spectral path).
+
+    domain = codomain = 2 (fixed) is the spectral path above, unchanged.
     """
 
     #: Relative size of the deterministic random perturbation added to v
@@ -78,8 +171,19 @@ class _SpectralNormalized(keras.layers.Layer):
     #: new top singular vector cannot stall power iteration.
     _PERTURBATION = 1e-3
 
-    def __init__(self, coeff=0.98, power_iterations=0, tol=5e-4, max_iterations=200, **kwargs):
+    def __init__(
+        self,
+        coeff=0.98,
+        power_iterations=0,
+        tol=5e-4,
+        max_iterations=200,
+        domain=2,
+        codomain=2,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
+        self.domain = _order_argument(domain, "domain")
+        self.codomain = _order_argument(codomain, "codomain")
         if not 0.0 < coeff:
             raise ValueError(f"coeff must be positive, got {coeff}")
         if not 0.0 < tol < 1.0:
@@ -120,7 +224,110 @@ class _SpectralNormalized(keras.layers.Layer):
                 name="estimated_kernel",
             )
         object.__setattr__(self, "_estimated_kernel", estimated)
+        if self._has_learnable_order:
+            with tf.init_scope():
+                orders = tf.Variable(
+                    tf.zeros([2], self.kernel.dtype), trainable=False, name="estimated_orders"
+                )
+            object.__setattr__(self, "_estimated_orders", orders)
         self.converge()
+
+    # ------------------------------------------------------------ mixed norms
+    @property
+    def is_spectral(self):
+        """True for fixed domain = codomain = 2: sigma is the spectral norm."""
+        return self.domain == 2.0 and self.codomain == 2.0
+
+    @property
+    def _has_learnable_order(self):
+        return isinstance(self.domain, LearnableOrder) or isinstance(
+            self.codomain, LearnableOrder
+        )
+
+    @property
+    def _closed_form(self):
+        """Domain 1 or codomain inf (fixed): sigma has an exact closed form."""
+        return self.domain == 1.0 or self.codomain == norms.INF
+
+    def orders(self, dtype=None):
+        """``(p, q)``: the domain and codomain orders now (Python floats, or
+        tensors of ``dtype`` for learnable ones).
+
+        Example: ``LipschitzDense(4, domain="f", codomain=2).orders()  # (inf, 2.0)``.
+        """
+        dtype = dtype or self.dtype
+        return _order_value(self.domain, dtype), _order_value(self.codomain, dtype)
+
+    def _order_vector(self):
+        p, q = self.orders(self.kernel.dtype)
+        dtype = self.kernel.dtype
+        return tf.stop_gradient(tf.stack([tf.cast(p, dtype), tf.cast(q, dtype)]))
+
+    def num_restarts(self):
+        """Random starts of :meth:`converge` on the mixed-norm path: 128 (see
+        :func:`rflow_tf.norms.induced_norm_power_method` for why), fewer for
+        large inputs (all starts run as one batch of about 2^22 numbers), at least 8."""
+        n_in = int(np.prod(self._operator_input_shape[1:]))
+        return int(min(128, max(8, 2**22 // n_in)))
+
+    def _operator(self, kernel):
+        return (
+            lambda x: self.apply_kernel(x, kernel),
+            lambda u: self.apply_kernel_transpose(u, kernel),
+        )
+
+    def _mixed_sigma(self, kernel, v):
+        p, q = self.orders(kernel.dtype)
+        if self._closed_form:
+            return norms.closed_form_induced_norm(
+                self.apply_kernel,
+                self.apply_kernel_transpose,
+                kernel,
+                self._operator_input_shape,
+                p,
+                q,
+            )
+        v = tf.stop_gradient(tf.reshape(v, self._operator_input_shape))
+        return norms.induced_norm_lower_bound(self._operator(kernel)[0], v, p, q)[0]
+
+    def _mixed_iteration(self, kernel, v, tol, max_iterations):
+        """The generalised power method from v (variable-shaped); returns (u, v)."""
+        p, q = self.orders(kernel.dtype)
+        apply, apply_t = self._operator(kernel)
+        v = tf.reshape(v, self._operator_input_shape)
+        res = norms.power_iteration(apply, apply_t, v, p, q, max_iterations, tol)
+        return tf.reshape(res.u, self.u.shape), tf.reshape(res.v, self.v.shape)
+
+    def _mixed_tol(self, tol):
+        # power_iteration stops on the relative increase of the norm per step,
+        # which is far smaller than the change of the vectors (the spectral
+        # path's criterion) near convergence.
+        return tol * 1e-2
+
+    def _converge_mixed(self, tol, max_iterations):
+        kernel = self._kernel_value()
+        if self._closed_form:
+            return self._store(self.u, self.v, kernel)
+        u1, v1 = self._fresh_estimate(kernel, tol, max_iterations)
+        p, q = self.orders(kernel.dtype)
+        apply, apply_t = self._operator(kernel)
+        bits = tf.bitcast(tf.cast(tf.convert_to_tensor(self.sigma), tf.float32), tf.int32)
+        res = norms.induced_norm_power_method(
+            apply,
+            apply_t,
+            self._operator_input_shape,
+            p,
+            q,
+            num_restarts=self.num_restarts(),
+            max_iterations=max_iterations,
+            tol=self._mixed_tol(tol),
+            seed=tf.stack([tf.constant(2, tf.int32), bits]),
+            dtype=kernel.dtype,
+        )
+        u2, v2 = tf.reshape(res.u, self.u.shape), tf.reshape(res.v, self.v.shape)
+        better = self._sigma(kernel, u2, v2) > self._sigma(kernel, u1, v1)
+        u, v = tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
+        return self._store(u, v, kernel)
 
     def _power_step(self, u, v, kernel):
         v = _l2_normalize(self._apply_wt(u, kernel))
@@ -128,7 +335,10 @@ class _SpectralNormalized(keras.layers.Layer):
         return u, v
 
     def _sigma(self, kernel, u, v):
-        """u^T W v: differentiable in the kernel with u and v held constant."""
+        """u^T W v: differentiable in the kernel with u and v held constant.
+        (Mixed norms: ||W v||_q / ||v||_p, or the closed form.)"""
+        if not self.is_spectral:
+            return self._mixed_sigma(kernel, v)
         return tf.reduce_sum(tf.stop_gradient(u) * self._apply_w(tf.stop_gradient(v), kernel))
 
     def _kernel_value(self):
@@ -176,6 +386,8 @@ class _SpectralNormalized(keras.layers.Layer):
         max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
         v = _l2_normalize(tf.convert_to_tensor(self.v))
         v = v + self._PERTURBATION * self._random_like(v, 0)
+        if not self.is_spectral:
+            return self._mixed_iteration(kernel, v, self._mixed_tol(tol), max_iterations)
         return self._iterate_to_convergence(kernel, v, tol, max_iterations)
 
     def _store(self, u, v, kernel, current=True):
@@ -188,12 +400,18 @@ class _SpectralNormalized(keras.layers.Layer):
         _backing(self.sigma).assign(sigma)
         if current:
             self._estimated_kernel.assign(kernel)
+            if self._has_learnable_order:
+                self._estimated_orders.assign(self._order_vector())
         return sigma
 
     def estimate_is_current(self):
         """True (a bool tensor) when the stored u, v were converged for the
-        current kernel."""
-        return tf.reduce_all(tf.equal(self._kernel_value(), self._estimated_kernel))
+        current kernel (and learnable orders)."""
+        current = tf.reduce_all(tf.equal(self._kernel_value(), self._estimated_kernel))
+        if self._has_learnable_order:
+            same = tf.reduce_all(tf.equal(self._order_vector(), self._estimated_orders))
+            current = tf.logical_and(current, same)
+        return current
 
     def mark_estimate_current(self):
         """Declares the stored u, v (e.g. just restored from a checkpoint) the
@@ -203,12 +421,15 @@ class _SpectralNormalized(keras.layers.Layer):
         Example: ``ckpt.restore(path); [l.mark_estimate_current() for l in layers]``.
         """
         self._estimated_kernel.assign(self._kernel_value())
+        if self._has_learnable_order:
+            self._estimated_orders.assign(self._order_vector())
 
     def update_estimate(self):
         """Re-converges u, v (warm-started) if the kernel changed since the last
         estimate; returns the (u, v) to use, as tensors. Inside ``strategy.run``
         of a multi-replica strategy the fresh estimate is used but not stored."""
-        if not self.auto_update or _inside_vectorized_map():
+        if not self.auto_update or _inside_vectorized_map() or self._closed_form:
+            # (A closed-form sigma needs no estimate.)
             # vectorized_map cannot vectorise variable assignments, and the
             # weights cannot change within one map: use the stored estimate.
             return tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
@@ -245,6 +466,11 @@ class _SpectralNormalized(keras.layers.Layer):
         estimate: the next use of the kernel still re-converges it)."""
         kernel = self._kernel_value()
         u, v = tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
+        if not self.is_spectral:
+            if not self._closed_form:
+                u, v = self._mixed_iteration(kernel, v, 0.0, int(n))
+                self._store(u, v, kernel, current=False)
+            return
         for _ in range(int(n)):
             u, v = self._power_step(u, v, kernel)
         self._store(u, v, kernel, current=False)
@@ -264,9 +490,15 @@ class _SpectralNormalized(keras.layers.Layer):
         ``tol``). Training loops need not call it: the layer re-estimates by
         itself when its kernel changes. Call it before evaluation or export
         for the most careful estimate.
+
+        Mixed norms: the closed form where there is one; elsewhere the larger
+        of the warm start and the best of :meth:`num_restarts` random starts
+        of the generalised power method.
         """
         tol = self.tol if tol is None else float(tol)
         max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
+        if not self.is_spectral:
+            return self._converge_mixed(tol, max_iterations)
         kernel = self._kernel_value()
         u1, v1 = self._fresh_estimate(kernel, tol, max_iterations)
         v0 = self._random_like(tf.convert_to_tensor(self.v), 1)
@@ -293,8 +525,18 @@ class _SpectralNormalized(keras.layers.Layer):
         norm is the largest norm of the kernel's per-frequency matrices (FFT);
         that bound may exceed the padded norm by a few percent on small inputs.
 
+        Mixed norms: the exact closed form where there is one; elsewhere no
+        certified upper bound is known, and a ValueError says so.
+
         Example: ``layer.sigma_upper_bound() >= np.linalg.norm(w, 2)``.
         """
+        if not self.is_spectral:
+            if self._closed_form:
+                return self._mixed_sigma(self._kernel_value(), self.v)
+            raise ValueError(
+                f"{self.name}: no certified upper bound of the {_order_label(self.domain)}->"
+                f"{_order_label(self.codomain)} norm (only for 2->2, domain 1 or codomain inf)"
+            )
         mats = self._gram_operators(self._kernel_value())
         return _gram_iteration_bound(mats, int(n_iterations))
 
@@ -322,6 +564,8 @@ class _SpectralNormalized(keras.layers.Layer):
             "power_iterations": self.power_iterations,
             "tol": self.tol,
             "max_iterations": self.max_iterations,
+            "domain": _order_config(self.domain),
+            "codomain": _order_config(self.codomain),
         }
 
 
@@ -376,11 +620,18 @@ class LipschitzDense(_SpectralNormalized):
     ``power_iterations`` steps run inside ``call(training=True)``; call
     :meth:`converge` (or :func:`converge_lipschitz`) after each optimiser step.
 
+    ``domain``, ``codomain``: orders p, q in [1, inf] (``"f"`` = inf) or
+    :class:`LearnableOrder` instances; then sigma ~= ||W||_{p->q} and
+    ||x W_eff - y W_eff||_q <= coeff ||x - y||_p (see the mixed-norm notes
+    of the shared machinery above). Default 2, 2: the spectral norm.
+
     Example:
     ```python
     layer = LipschitzDense(64, coeff=0.9)
     y = layer(tf.zeros([8, 2]))
     layer.converge()
+    mixed = LipschitzDense(2, coeff=0.9, domain="f", codomain=3)   # ||W||_{inf->3} <= 0.9
+    y = mixed(tf.zeros([8, 64]))
     ```
     """
 
@@ -415,6 +666,7 @@ class LipschitzDense(_SpectralNormalized):
             if self.use_bias
             else None
         )
+        self._operator_input_shape = [1, int(d_in)]
         self._init_power_vectors((self.units,), (d_in,))
 
     def _apply_w(self, v, kernel):  # W v with W = kernel^T
@@ -455,10 +707,16 @@ class LipschitzConv2D(_SpectralNormalized):
     operator norm equals the kernel's matrix norm and vectors of size C are
     used. The layer therefore needs static input height and width.
 
+    ``domain``, ``codomain``: as for :class:`LipschitzDense`; the induced
+    norm ||.||_{p->q} is that of the whole padded convolution (1x1 kernels
+    included: for q < p it grows with the number of pixels).
+
     Example:
     ```python
     conv = LipschitzConv2D(32, 3, coeff=0.98)
     y = conv(tf.zeros([4, 8, 8, 3]))
+    mixed = LipschitzConv2D(3, 3, coeff=0.98, domain=3, codomain=2)
+    y = mixed(tf.zeros([4, 8, 8, 32]))
     ```
     """
 
@@ -508,12 +766,20 @@ class LipschitzConv2D(_SpectralNormalized):
             else None
         )
         self._input_hw = (h, w)
-        if self._is_pointwise:
+        if not self.is_spectral and (h is None or w is None):
+            raise ValueError(
+                f"LipschitzConv2D with the {_order_label(self.domain)}->"
+                f"{_order_label(self.codomain)} norm needs static input height and width: "
+                f"the induced norm is that of the whole convolution; got input shape "
+                f"{input_shape}"
+            )
+        self._operator_input_shape = [1, h, w, c]
+        if self._is_pointwise and self.is_spectral:
             self._init_power_vectors((self.filters,), (c,))
         else:
             self._init_power_vectors((1, h, w, self.filters), (1, h, w, c))
 
-    def _apply_w(self, v, kernel):
+    def _apply_w(self, v, kernel):  # (spectral path only)
         if self._is_pointwise:
             return tf.linalg.matvec(kernel[0, 0], v, transpose_a=True)
         return self.apply_kernel(v, kernel)

@@ -10,6 +10,7 @@ import numpy as np
 from rflow_tf import bijectors as rbij
 from rflow_tf import classifier as rclf
 from rflow_tf import layers as rlayers
+from rflow_tf import norms as rnorms
 
 _TUPLE_FIELDS = ("input_shape", "n_blocks", "fc_hidden")
 
@@ -26,20 +27,23 @@ INIT_LAYERS = ("logit", "cifar10")
 #: without ``config_version`` is version 1; its missing fields take the
 #: version-1 values below, so models saved before a default changed load and
 #: train exactly as they were built.
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 
 
 #: Fields whose default changed, with their value up to each older version:
 #: version 2 brought the reference's first block (``first_resblock``) and
 #: squeeze order, version 3 the reference's initialisation (``init``) and
 #: a separate evaluation estimator (``logdet_eval``; before, evaluation used
-#: the training estimator, written here as :data:`SAME_AS_LOGDET`).
+#: the training estimator, written here as :data:`SAME_AS_LOGDET`), version 4
+#: mixed norms (``vnorms``, ``learn_p``; before, every linear map was
+#: spectrally normalised, which is what "2222" and False mean).
 SAME_AS_LOGDET = "same_as_logdet"
 
 
 LEGACY_DEFAULTS = {
     1: {"first_resblock": False, "squeeze_order": "space_to_depth"},
     2: {"init": "glorot", "logdet_eval": SAME_AS_LOGDET},
+    3: {"vnorms": "2222", "learn_p": False},
 }
 
 
@@ -82,7 +86,19 @@ class FlowConfig:
         Conv_k2(h->h) act ... Conv_kL(h->C).
       kernels: kernel sizes of g's convolutions, "3-1-3" in the paper.
       activation: "lipswish" (paper), "elu", "softplus", "relu", "identity".
-      coeff: Lipschitz bound c < 1 of every linear map (spectral norm).
+      coeff: Lipschitz bound c < 1 of every linear map (spectral norm, or
+        the induced norm of ``vnorms``).
+      vnorms: norm orders of every residual block's linear maps, one
+        character per linear layer + 1 as the authors' ``--vnorms`` ('1'-'9',
+        'f' = inf; "2222" for kernels "3-1-3"), first = last: layer i is
+        normalised in ||W_i||_{p_i -> p_{i+1}} <= coeff, so each block is a
+        contraction in ||.||_{p_0} (see :func:`rflow_tf.norms.chain_orders`;
+        one order per layer or a string of equal orders also work). The same
+        string serves the FC end's blocks, so a mixed string needs as many
+        FC linear layers (len(fc_hidden) + 1) as convolutions. "2222" is the
+        spectral norm (versions <= 3).
+      learn_p: the orders are trainable (each block its own, tied along its
+        chain, initialised at ``vnorms``, kept in [1.001, 5]).
       preactivation: apply the activation to the block's input first.
       actnorm: ActNorm after every block (and before the first block, see
         ``first_resblock``).
@@ -202,6 +218,8 @@ class FlowConfig:
     kernels: str = "3-1-3"
     activation: str = "lipswish"
     coeff: float = 0.98
+    vnorms: str = "2222"
+    learn_p: bool = False
     preactivation: bool = True
     actnorm: bool = True
     first_resblock: bool = True
@@ -328,14 +346,22 @@ class FlowConfig:
             "squeeze_first",
             "invertible_1x1",
             "flowpp_attention",
+            "learn_p",
         ):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"FlowConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.activation not in rlayers.ACTIVATIONS:
-            raise ValueError(
-                f"FlowConfig.activation must be one of {rlayers.ACTIVATIONS}, "
-                f"got {self.activation!r}"
+        if self.activation not in rlayers.IMAGE_ACTIVATIONS:
+            why = (
+                " ('fullsort' and 'maxmin' are for dense toy nets: they are not "
+                "elementwise, so image blocks would lose their explicit Jacobian factors)"
+                if self.activation in rlayers.ACTIVATIONS
+                else ""
             )
+            raise ValueError(
+                f"FlowConfig.activation must be one of {rlayers.IMAGE_ACTIVATIONS}, "
+                f"got {self.activation!r}{why}"
+            )
+        self._check_vnorms(len(ks))
         if not 0.0 < float(self.coeff) < 1.0:
             raise ValueError(
                 f"FlowConfig.coeff must lie in (0, 1) for invertibility, got {self.coeff}"
@@ -416,6 +442,37 @@ class FlowConfig:
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"FlowConfig.dtype must be 'float32' or 'float64', got {self.dtype!r}")
         return self
+
+    def _check_vnorms(self, n_conv_layers):
+        if not isinstance(self.vnorms, str) or not self.vnorms:
+            raise TypeError(
+                f"FlowConfig.vnorms must be a non-empty string like '2222', got {self.vnorms!r}"
+            )
+        if self.block != "residual":
+            if self.learn_p or set(self.vnorms) != {"2"}:
+                raise ValueError(
+                    f"FlowConfig.vnorms={self.vnorms!r} / learn_p={self.learn_p} apply to "
+                    f"residual blocks only; block={self.block!r} has no Lipschitz layers"
+                )
+            return
+        branches = [("kernels", self.kernels, n_conv_layers)]
+        if self.fc_end and self.n_fc_blocks:
+            branches.append(("fc_hidden", self.fc_hidden, len(self.fc_hidden) + 1))
+        low, high = rnorms.LEARNABLE_ORDER_RANGE
+        for name, value, n in branches:
+            try:
+                pairs = rnorms.chain_orders(self.vnorms, n)
+            except (TypeError, ValueError) as e:
+                raise ValueError(
+                    f"FlowConfig.vnorms={self.vnorms!r} does not fit the {n} linear layers of "
+                    f"{name}={value!r}: {e}"
+                ) from None
+            if self.learn_p and not all(low < p < high for p, _ in pairs):
+                raise ValueError(
+                    f"FlowConfig.learn_p: the orders of vnorms={self.vnorms!r} are the initial "
+                    f"values of learnable orders and must lie in ({low}, {high}); "
+                    "'1' and 'f' cannot be learned"
+                )
 
     # --------------------------------------------------------- serialisation
     def to_dict(self):

@@ -508,6 +508,8 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
             preactivation=preact,
             dtype=dtype,
             init=cfg.init,
+            vnorms=cfg.vnorms,
+            learn_p=cfg.learn_p,
             name=f"s{s}_block{i}",
             **block_kwargs,
         )
@@ -532,6 +534,8 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
             preactivation=cfg.preactivation,
             dtype=dtype,
             init=cfg.init,
+            vnorms=cfg.vnorms,
+            learn_p=cfg.learn_p,
             name=f"fc_block{i}",
             **block_kwargs,
         )

@@ -595,7 +595,9 @@ def chain_orders(vnorms, num_layers):
       cyclically (the last layer maps back to the first order);
     * ``num_layers + 1`` orders (the authors' format: domains ``vnorms[:-1]``,
       codomains ``vnorms[1:]``), whose first and last orders must be equal;
-    * one order: the same order for every layer (e.g. ``"2"`` or ``"f"``).
+    * one order: the same order for every layer (e.g. ``"2"`` or ``"f"``);
+      so is any number of equal orders (``"2222"`` fits a branch of any
+      length, as one setting serves blocks of different depths).
 
     Example:
     ```python
@@ -608,8 +610,8 @@ def chain_orders(vnorms, num_layers):
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     items = list(vnorms)
     orders = [parse_order(o, name=f"vnorms[{i}]") for i, o in enumerate(items)]
-    if len(orders) == 1:
-        orders = orders * n
+    if len(set(orders)) == 1:
+        orders = orders[:1] * n
     elif len(orders) == n + 1:
         if orders[0] != orders[-1]:
             raise ValueError(

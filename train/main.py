@@ -152,6 +152,8 @@ ARCHITECTURE_FLAGS = (
     "fc_hidden",
     "kernels",
     "coeff",
+    "vnorms",
+    "learn_p",
     "actnorm",
     "first_resblock",
     "squeeze_first",
@@ -266,8 +268,9 @@ def build_parser():
     g.add_argument(
         "--activation",
         default=None,
-        choices=["lipswish", "elu", "softplus", "relu"],
-        help="Block activation (default: preset).",
+        choices=["lipswish", "elu", "softplus", "relu", "lcube"],
+        help="Block activation (default: preset; lcube: the Lipschitz cube, "
+        "1-Lipschitz in every p-norm like the others).",
     )
     g.add_argument(
         "--factor_out",
@@ -327,6 +330,20 @@ def build_parser():
         type=float,
         default=None,
         help="Lipschitz bound (< 1) of every linear map in a block (paper: 0.98).",
+    )
+    g.add_argument(
+        "--vnorms",
+        default=None,
+        help="Norm orders of each block's linear maps, one per linear layer + 1 "
+        "('f' = inf), first = last, e.g. 2222 or 2f12 for kernels 3-1-3: layer i is "
+        "normalised in ||W||_{p_i->p_{i+1}} (default: preset, 2222 = spectral norm).",
+    )
+    g.add_argument(
+        "--learn_p",
+        default=None,
+        **bool_kw,
+        help="Learn the norm orders (initialised at --vnorms, kept in [1.001, 5]; "
+        "logged to TensorBoard as norm_order/*) (default: preset, false).",
     )
     g.add_argument(
         "--actnorm", default=None, **bool_kw, help="ActNorm after every block (default: preset)."

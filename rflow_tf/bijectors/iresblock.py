@@ -191,15 +191,34 @@ class IResBlock(_KerasBacked):
         preactivation=False,
         dtype="float32",
         init="reference",
+        vnorms="2",
+        learn_p=False,
         **block_kwargs,
     ):
         """A block for vectors in R^dim whose g is :func:`rflow_tf.layers.lipschitz_dense_net`
         (``init``: one of :data:`rflow_tf.layers.INITS`).
 
-        Example: ``IResBlock.dense(2, hidden_units=(128,) * 4, coeff=0.9)``.
+        ``vnorms``: the norm orders of g's linear maps, one character per
+        linear layer + 1 as the authors' ``--vnorms`` ("2222" for two hidden
+        layers; 'f' = inf), first = last; or one per layer, or a single order
+        (see :func:`rflow_tf.norms.chain_orders`). Layer i is normalised in
+        ||W_i||_{p_i -> p_{i+1}} <= coeff, so the block is a contraction in
+        ||.||_{p_0} and the fixed-point inverse and the log-det series
+        converge. ``learn_p``: the orders are trainable (tied along the chain).
+
+        Example: ``IResBlock.dense(2, hidden_units=(128,) * 4, coeff=0.9)``;
+        ``IResBlock.dense(2, (64, 64), vnorms="2f22", learn_p=False)``.
         """
         net = rlayers.lipschitz_dense_net(
-            dim, hidden_units, coeff, activation, preactivation, dtype, init=init
+            dim,
+            hidden_units,
+            coeff,
+            activation,
+            preactivation,
+            dtype,
+            init=init,
+            vnorms=vnorms,
+            learn_p=learn_p,
         )
         return cls(net, event_ndims=1, **block_kwargs)
 
@@ -214,11 +233,14 @@ class IResBlock(_KerasBacked):
         preactivation=True,
         dtype="float32",
         init="reference",
+        vnorms="2",
+        learn_p=False,
         **block_kwargs,
     ):
         """A block for images of shape (H, W, C) whose g is
         :func:`rflow_tf.layers.lipschitz_conv_net` (the paper's image block;
-        ``init``: one of :data:`rflow_tf.layers.INITS`).
+        ``init``: one of :data:`rflow_tf.layers.INITS`; ``vnorms``,
+        ``learn_p`` as in :meth:`dense`: "2222" for kernels "3-1-3").
 
         Example: ``IResBlock.conv((28, 28, 1), hidden_channels=512)``.
         """
@@ -231,6 +253,8 @@ class IResBlock(_KerasBacked):
             preactivation,
             dtype,
             init=init,
+            vnorms=vnorms,
+            learn_p=learn_p,
         )
         return cls(net, event_ndims=3, **block_kwargs)
 

@@ -25,6 +25,7 @@ converge_lipschitz & co.), ``actnorm``, ``nets``, ``jacobian_chain``.
 
 from rflow_tf.layers.activations import (
     ACTIVATIONS,
+    IMAGE_ACTIVATIONS,
     FullSort,
     LipschitzCube,
     LipSwish,
@@ -44,11 +45,12 @@ from rflow_tf.layers.lipschitz import (  # noqa: F401  (private names other modu
     _SpectralNormalized,
     converge_lipschitz,
     keras_layers,
+    learned_orders,
     lipschitz_layers,
     mark_lipschitz_current,
     update_lipschitz,
 )
-from rflow_tf.layers.nets import lipschitz_conv_net, lipschitz_dense_net
+from rflow_tf.layers.nets import chained_layer_orders, lipschitz_conv_net, lipschitz_dense_net
 
 __all__ = [
     "LipSwish",
@@ -66,9 +68,12 @@ __all__ = [
     "keras_layers",
     "converge_lipschitz",
     "update_lipschitz",
+    "learned_orders",
     "mark_lipschitz_current",
     "make_activation",
     "ACTIVATIONS",
+    "IMAGE_ACTIVATIONS",
+    "chained_layer_orders",
     "LipschitzCube",
     "FullSort",
     "MaxMin",

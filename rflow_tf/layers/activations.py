@@ -134,19 +134,38 @@ class LipSwish(keras.layers.Layer):
         return {**super().get_config(), "beta_initializer": self.beta_initializer}
 
 
-ACTIVATIONS = ("lipswish", "elu", "softplus", "relu", "identity")
+#: Activations by name (:func:`make_activation`). All are 1-Lipschitz in every
+#: p-norm, so any of them works with mixed norms (``vnorms``): the elementwise
+#: ones have |phi'| <= 1; "fullsort" and "maxmin" permute coordinates piecewise.
+ACTIVATIONS = ("lipswish", "elu", "softplus", "relu", "identity", "lcube", "fullsort", "maxmin")
+
+#: The activations of image blocks: elementwise ones. "fullsort" and "maxmin"
+#: are for dense (toy) nets only: they are not elementwise, so an image block
+#: would lose its explicit Jacobian factors (JacobianChain) and fall back to
+#: generic autodiff in every term of the log-det series, and "maxmin" needs an
+#: even number of channels, which a 1- or 3-channel image input is not.
+IMAGE_ACTIVATIONS = ("lipswish", "elu", "softplus", "relu", "identity", "lcube")
 
 
 def make_activation(name, dtype=None):
-    """A 1-Lipschitz activation layer by name: one of :data:`ACTIVATIONS`.
+    """A 1-Lipschitz activation layer by name: one of :data:`ACTIVATIONS`
+    ("lcube": :class:`LipschitzCube`, "fullsort": :class:`FullSort`,
+    "maxmin": :class:`MaxMin`).
 
     Example:
     ```python
     act = make_activation("elu")
+    cube = make_activation("lcube")
     ```
     """
     if name == "lipswish":
         return LipSwish(dtype=dtype)
+    if name == "lcube":
+        return LipschitzCube(dtype=dtype)
+    if name == "fullsort":
+        return FullSort(dtype=dtype)
+    if name == "maxmin":
+        return MaxMin(dtype=dtype)
     if name in ("elu", "softplus", "relu"):
         return keras.layers.Activation(name, dtype=dtype)
     if name == "identity":

@@ -3,14 +3,14 @@
 import keras
 import tensorflow as tf
 
-from rflow_tf.layers.activations import LipSwish
+from rflow_tf.layers.activations import LipschitzCube, LipSwish
 from rflow_tf.layers.lipschitz import LipschitzConv2D, LipschitzDense, _SpectralNormalized
 
 
 def _activation_with_derivative(layer):
     """The activation layer as a -> (y, d, c) with phi(a) = c y and
     phi'(a) = c d (c a Python float), for the activations of our nets; else None."""
-    if isinstance(layer, LipSwish):
+    if isinstance(layer, (LipSwish, LipschitzCube)):
         return layer.value_and_derivative
     if isinstance(layer, keras.layers.Identity):
         return lambda a: (a, tf.ones_like(a), 1.0)
@@ -70,7 +70,7 @@ class JacobianChain:
     @classmethod
     def from_net(cls, net):
         """A chain for a Sequential of Lipschitz linear layers and supported
-        activations (LipSwish, elu, softplus, relu, identity); else None."""
+        activations (LipSwish, LipschitzCube, elu, softplus, relu, identity); else None."""
         layers = getattr(net, "layers", None)
         if not isinstance(net, keras.Sequential) or not layers:
             return None

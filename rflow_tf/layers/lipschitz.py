@@ -944,6 +944,28 @@ def update_lipschitz(obj):
         layer.update_estimate()
 
 
+def learned_orders(obj):
+    """The learnable norm orders (:class:`LearnableOrder`) in the Lipschitz
+    layers of ``obj`` (as :func:`lipschitz_layers`), each once, as a dict
+    ``{"<layer name>.<domain|codomain>": p}`` of Python floats, named after the
+    first layer (in order) that uses it; empty for fixed orders.
+
+    Example:
+    ```python
+    block = rflow_tf.bijectors.IResBlock.dense(2, (8, 8), vnorms="2332", learn_p=True)
+    learned_orders(block)     # {'lipschitz_dense.domain': 2.0, ...: 3.0, ...: 3.0}
+    ```
+    """
+    found, seen = {}, set()
+    for layer in lipschitz_layers(obj):
+        for which in ("domain", "codomain"):
+            order = getattr(layer, which)
+            if isinstance(order, LearnableOrder) and id(order) not in seen:
+                seen.add(id(order))
+                found[f"{layer.name}.{which}"] = float(order.order())
+    return found
+
+
 def mark_lipschitz_current(obj):
     """Declares the stored power-iteration state of every Lipschitz layer in
     ``obj`` current for its kernel (see

@@ -2,9 +2,45 @@
 
 import keras
 
+from rflow_tf import norms
 from rflow_tf.layers.activations import make_activation
 from rflow_tf.layers.initializers import _initializers
-from rflow_tf.layers.lipschitz import LipschitzConv2D, LipschitzDense
+from rflow_tf.layers.lipschitz import LearnableOrder, LipschitzConv2D, LipschitzDense
+
+
+def chained_layer_orders(vnorms, learn_p, num_layers, dtype="float32", name=None):
+    """The (domain, codomain) arguments of a branch's ``num_layers`` linear maps,
+    chained (:func:`rflow_tf.norms.chain_orders`): codomain(i) = domain(i + 1)
+    and codomain(last) = domain(first), so Lip(g) <= prod coeff_i in ||.||_{p_0}.
+
+    With ``learn_p`` every order of the chain is a :class:`LearnableOrder`
+    initialised at the ``vnorms`` value (which must then lie in (1.001, 5)), and
+    the *same* instance is layer i's codomain and layer i + 1's domain, so the
+    tie holds while the orders are learned (one variable per order, as the
+    authors' mixed mode).
+
+    Example:
+    ```python
+    chained_layer_orders("2f2", False, 2)       # [(2.0, inf), (inf, 2.0)]
+    orders = chained_layer_orders("2332", True, 3)
+    orders[0][1] is orders[1][0]                 # True: one shared variable
+    ```
+    """
+    pairs = norms.chain_orders(vnorms, num_layers)
+    if not learn_p:
+        return pairs
+    low, high = norms.LEARNABLE_ORDER_RANGE
+    domains = []
+    for i, (p, _) in enumerate(pairs):
+        if not low < p < high:
+            raise ValueError(
+                f"learn_p: every order of vnorms {vnorms!r} is the initial value of a learnable "
+                f"order and must lie in ({low}, {high}); order {i} is {p} (use e.g. '2' instead "
+                "of '1' or 'f')"
+            )
+        prefix = f"{name}_" if name else ""
+        domains.append(LearnableOrder(p, dtype=dtype, name=f"{prefix}order_{i}"))
+    return [(domains[i], domains[(i + 1) % num_layers]) for i in range(num_layers)]
 
 
 def _sequential(layers, input_shape, dtype, name):
@@ -22,12 +58,20 @@ def lipschitz_dense_net(
     name=None,
     init="reference",
     last_layer_scale=1.0,
+    vnorms="2",
+    learn_p=False,
 ):
     """A residual branch g: R^dim -> R^dim, Lip(g) <= coeff^L (<= coeff).
 
     g = W_L phi(... phi(W_1 x)) with every W_i a :class:`LipschitzDense`
     (spectral norm <= coeff) and phi a 1-Lipschitz activation; with
     ``preactivation=True`` an activation is applied to x first.
+
+    ``vnorms`` (e.g. "2222", "f" = inf; see :func:`chained_layer_orders`):
+    W_i is normalised in the induced norm ||W_i||_{p_i -> p_{i+1}} instead,
+    with the orders chained so that ||g(x) - g(y)||_{p_0} <= coeff^L
+    ||x - y||_{p_0}; ``learn_p`` makes the orders trainable. The default
+    "2" (any string of 2s) is the spectral norm.
 
     ``init``: one of :data:`INITS` ("reference": weights and biases
     U(+-1/sqrt(fan_in)), as PyTorch and the authors' code; "glorot").
@@ -41,6 +85,7 @@ def lipschitz_dense_net(
     ```
     """
     units = list(hidden_units) + [dim]
+    orders = chained_layer_orders(vnorms, learn_p, len(units), dtype, name)
     layers = [make_activation(activation, dtype)] if preactivation else []
     for i, u in enumerate(units):
         if i > 0:
@@ -54,6 +99,8 @@ def lipschitz_dense_net(
                 dtype=dtype,
                 kernel_initializer=kernel_init,
                 bias_initializer=bias_init,
+                domain=orders[i][0],
+                codomain=orders[i][1],
             )
         )
     return _sequential(layers, (dim,), dtype, name)
@@ -69,11 +116,14 @@ def lipschitz_conv_net(
     dtype="float32",
     name=None,
     init="reference",
+    vnorms="2",
+    learn_p=False,
 ):
     """The paper's image residual branch (Appendix E), Lip(g) <= coeff:
     [act] Conv_k1(C -> h) act Conv_k2(h -> h) act ... Conv_kL(h -> C), each a
     :class:`LipschitzConv2D` on the block's spatial size; ``init`` one of
-    :data:`INITS` (see :func:`lipschitz_dense_net`).
+    :data:`INITS`, ``vnorms`` and ``learn_p`` as in :func:`lipschitz_dense_net`
+    (the induced norms of the whole padded convolutions).
 
     ``input_shape`` is (H, W, C) without batch; ``kernels`` like "3-1-3".
 
@@ -85,6 +135,7 @@ def lipschitz_conv_net(
     """
     ks = [int(k) for k in str(kernels).split("-")]
     channels = input_shape[-1]
+    orders = chained_layer_orders(vnorms, learn_p, len(ks), dtype, name)
     layers = [make_activation(activation, dtype)] if preactivation else []
     for i, k in enumerate(ks):
         if i > 0:
@@ -99,6 +150,8 @@ def lipschitz_conv_net(
                 dtype=dtype,
                 kernel_initializer=kernel_init,
                 bias_initializer=bias_init,
+                domain=orders[i][0],
+                codomain=orders[i][1],
             )
         )
     return _sequential(layers, tuple(input_shape), dtype, name)

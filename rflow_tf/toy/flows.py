@@ -195,6 +195,8 @@ def build_flow(
     init="reference",
     preactivation=True,
     last_layer_scale=1e-3,
+    vnorms="2",
+    learn_p=False,
 ):
     """Builds a :class:`ToyFlow` of one of :data:`MODELS` for 2-D data.
 
@@ -205,6 +207,8 @@ def build_flow(
       (``rate``/``p``), ``n_exact_terms`` exact terms, ``n_samples`` draws.
       ``init`` (:data:`rflow_tf.layers.INITS`) and ``last_layer_scale`` (the
       reference's 1e-3: blocks start near the identity) set the initial weights.
+      ``vnorms``, ``learn_p``: the norm orders of each net's linear maps
+      (:func:`rflow_tf.layers.lipschitz_dense_net`); default: spectral norm.
     * ``iresnet``: the same blocks, logdet="truncated" with ``n_power_series`` terms.
     * ``coupling``: ``blocks`` x [tfb.RealNVP(num_masked=1), tfb.Permute([1, 0])],
       shift and log-scale from an MLP with widths ``hidden``.
@@ -286,6 +290,8 @@ def build_flow(
                 name=f"resnet_{i}",
                 init=init,
                 last_layer_scale=last_layer_scale,
+                vnorms=vnorms,
+                learn_p=learn_p,
             )
             kw = dict(
                 neumann_grad=bool(neumann_grad),
@@ -341,7 +347,7 @@ def power_iterate_all(layers, n):
     """
     groups = collections.defaultdict(list)
     for layer in layers:
-        if isinstance(layer, rlayers.LipschitzDense):
+        if isinstance(layer, rlayers.LipschitzDense) and layer.is_spectral:
             groups[tuple(layer.kernel.shape)].append(layer)
         else:
             layer.power_iterate(n)

@@ -111,6 +111,8 @@ _MODEL_KEYS = (
     "hidden",
     "activation",
     "coeff",
+    "vnorms",
+    "learn_p",
     "init",
     "preactivation",
     "last_layer_scale",
@@ -172,6 +174,8 @@ class Trainer:
             args.init,
             bool(args.preactivation),
             args.last_layer_scale,
+            vnorms=args.vnorms,
+            learn_p=bool(args.learn_p),
         )
         self.optimizer = keras.optimizers.Adam(args.lr)
         self.variables = self.flow.variables_to_train
@@ -199,7 +203,9 @@ class Trainer:
                     power_iterate_all(flow.lipschitz, args.power_iterations)
                 else:
                     for layer in flow.lipschitz:
-                        layer.converge()
+                        # Mixed norms: the warm-started re-estimate (converge's random
+                        # restarts are for initialisation and evaluation).
+                        layer.converge() if layer.is_spectral else layer.update_estimate()
             return loss
 
         self._train_step = tf.function(train_step)
@@ -268,6 +274,16 @@ def _get_trainer(args, reuse):
     if reuse:
         _TRAINERS[key] = trainer
     return trainer, False
+
+
+def _orders_text(trainer):
+    """The learned orders of every block, one group per block: 'block 0: 2.01 2.13 ...'."""
+    groups = []
+    for i, net in enumerate(trainer.flow.keras_models):
+        orders = rlayers.learned_orders(net)
+        if orders:
+            groups.append(f"block {i}: " + " ".join(f"{p:.2f}" for p in orders.values()))
+    return "; ".join(groups)
 
 
 def _train_seed(seed, iteration):
@@ -365,6 +381,8 @@ def run(args=None, reuse_trainer=False):
                 f"elapsed {_fmt_time(time.perf_counter() - t_start)} | ETA {_fmt_time(eta)}"
             )
             window_t, window_n = 0.0, 0
+            if args.learn_p:
+                log(f"[toy] iter {it}: learned norm orders {_orders_text(trainer)}")
         if it < args.iters:
             nll = evaluate(it) if args.eval_every and it % args.eval_every == 0 else None
             if args.plot_every and it % args.plot_every == 0:
@@ -377,6 +395,9 @@ def run(args=None, reuse_trainer=False):
         f"[toy] done: test NLL {test_nll:.4f} nats | {sec_per_iter:.4f} s/iter "
         f"(first step incl. tracing {trace_s:.1f} s) | wrote {png}"
     )
+    orders = rlayers.learned_orders(trainer.flow.lipschitz)
+    if orders:
+        log(f"[toy] learned norm orders: {_orders_text(trainer)}")
     return dict(
         test_nll=test_nll,
         sec_per_iter=sec_per_iter,
@@ -389,5 +410,6 @@ def run(args=None, reuse_trainer=False):
         extent=extent,
         samples=samples,
         test_data=x_test,
+        learned_orders=orders,
         args=vars(args),
     )

@@ -4,8 +4,9 @@ help; train/toy.py's command line) and parse_args (a list, dict or Namespace).""
 import argparse
 
 from rflow_tf import layers as rlayers
+from rflow_tf import norms
 from rflow_tf.data import TOY_DATASETS
-from rflow_tf.toy.flows import MODELS
+from rflow_tf.toy.flows import _COUPLING_ACTIVATIONS, MODELS
 
 
 def _hidden_units(text):
@@ -43,6 +44,55 @@ _non_negative_int = _number_above(int, 0, "an integer >= 0")
 
 
 _positive_float = _number_above(float, float.fromhex("0x1p-1074"), "a positive number")
+
+
+def _vnorms(text):
+    text = str(text).strip().lower()
+    if not text:
+        raise argparse.ArgumentTypeError("--vnorms must not be empty (e.g. 2 or 2f2f22)")
+    for i, ch in enumerate(text):
+        try:
+            norms.parse_order(ch, name=f"--vnorms[{i}]")
+        except (TypeError, ValueError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def check_args(args):
+    """Checks the combinations of parsed options that argparse cannot (the
+    norm orders against the nets' depth, activations per model); raises
+    ValueError naming the option.
+
+    Example: ``check_args(parse_args(["--vnorms", "2f2"]))`` raises (5 linear layers).
+    """
+    residual = args.model in ("resflow", "iresnet")
+    n_layers = len(args.hidden) + 1
+    if not residual:
+        if set(args.vnorms) != {"2"} or args.learn_p:
+            raise ValueError(
+                f"--vnorms {args.vnorms} / --learn_p apply to the residual models "
+                f"(resflow, iresnet), not --model {args.model}"
+            )
+        if args.activation not in _COUPLING_ACTIVATIONS:
+            raise ValueError(
+                f"--activation {args.activation} applies to the residual models only; "
+                f"--model {args.model} takes one of {sorted(_COUPLING_ACTIVATIONS)}"
+            )
+        return args
+    try:
+        rlayers.chained_layer_orders(args.vnorms, False, n_layers)
+    except ValueError as e:
+        raise ValueError(f"--vnorms {args.vnorms} for --hidden with {n_layers} linear layers: {e}")
+    if args.learn_p:
+        low, high = norms.LEARNABLE_ORDER_RANGE
+        if not all(low < norms.parse_order(ch) < high for ch in args.vnorms):
+            raise ValueError(
+                f"--learn_p: the orders of --vnorms {args.vnorms} are the initial values of "
+                f"learnable orders and must lie in ({low}, {high}); '1' and 'f' cannot be learned"
+            )
+    if args.activation == "maxmin" and any(h % 2 for h in args.hidden):
+        raise ValueError(f"--activation maxmin pairs features: --hidden widths must be even, got {args.hidden}")
+    return args
 
 
 def _dataset_name(text):
@@ -112,6 +162,23 @@ def build_parser():
         type=_positive_float,
         default=0.9,
         help="Lipschitz bound of every linear layer in a residual block (< 1)",
+    )
+    g.add_argument(
+        "--vnorms",
+        type=_vnorms,
+        default="2",
+        help="norm orders of each residual net's linear maps, one per linear layer + 1 "
+        "('f' = inf), first = last, e.g. 222222 or 2f2f22 for --hidden 128-128-128-128 "
+        "(a string of equal orders fits any depth): layer i is normalised in "
+        "||W||_{p_i->p_{i+1}} <= coeff, so each block contracts in one norm. 2 = spectral",
+    )
+    g.add_argument(
+        "--learn_p",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: learn the norm orders (each block its own, tied along its chain, "
+        "initialised at --vnorms, kept in [1.001, 5]); printed while training and at the end",
     )
     g.add_argument(
         "--init",
@@ -259,7 +326,12 @@ def parse_args(argv=None):
         if isinstance(args.hidden, str):
             args.hidden = _hidden_units(args.hidden)
         args.data = str(args.data).strip().lower()
-        return args
+        args.vnorms = _vnorms(args.vnorms)
+        return check_args(args)
     if isinstance(argv, dict):
         return parse_args(argparse.Namespace(**argv))
-    return parser.parse_args(None if argv is None else [str(a) for a in argv])
+    args = parser.parse_args(None if argv is None else [str(a) for a in argv])
+    try:
+        return check_args(args)
+    except ValueError as e:
+        parser.error(str(e))

@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from rflow_tf import data, models
+from rflow_tf import layers as rlayers
 from rflow_tf.training.checkpoints import (
     RunDirLock,
     checkpoint_candidates,
@@ -608,7 +609,21 @@ class Trainer:
             "lipschitz/max_sigma": sigmas.max(),
             "lipschitz/mean_sigma": sigmas.mean(),
             "lipschitz/max_effective": np.minimum(sigmas, coeff).max(),
+            **{
+                f"norm_order/{name}": p
+                for name, p in rlayers.learned_orders(self.model.lipschitz_layers()).items()
+            },
         }
+
+    def _log_learned_orders(self):
+        orders = rlayers.learned_orders(self.model.lipschitz_layers())
+        if orders:
+            values = np.array(list(orders.values()))
+            self.log(
+                f"learned norm orders ({values.size}; min {values.min():.3f}, mean "
+                f"{values.mean():.3f}, max {values.max():.3f}): "
+                + ", ".join(f"{name}={p:.3f}" for name, p in orders.items())
+            )
 
     def _eval_and_sample(self, step, do_sample):
         """Evaluates (and samples); returns (metrics of :meth:`evaluate_metrics`, sample path)."""
@@ -873,6 +888,7 @@ class Trainer:
             self.log(f"already trained to step {step} (--steps={total}); evaluating")
 
         metrics, samples = self._eval_and_sample(step, True)
+        self._log_learned_orders()
         bpd, se = metrics["bpd"], metrics["bpd_stderr"]
         result = {
             "step": step,
@@ -884,6 +900,7 @@ class Trainer:
             "run_dir": self.run_dir,
             "steps_per_sec": steps_per_sec,
             "checkpoint": self.manager.latest_checkpoint,
+            "learned_orders": rlayers.learned_orders(self.model.lipschitz_layers()),
         }
         if self.task != "density":
             result["test_accuracy"] = metrics["accuracy"]

@@ -91,7 +91,9 @@ def check_args(args):
                 f"learnable orders and must lie in ({low}, {high}); '1' and 'f' cannot be learned"
             )
     if args.activation == "maxmin" and any(h % 2 for h in args.hidden):
-        raise ValueError(f"--activation maxmin pairs features: --hidden widths must be even, got {args.hidden}")
+        raise ValueError(
+            f"--activation maxmin pairs features: --hidden widths must be even, got {args.hidden}"
+        )
     return args
 
 

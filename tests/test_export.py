@@ -17,6 +17,7 @@ import tensorflow_probability as tfp
 import rflow_tf
 from rflow_tf import data as rdata
 from rflow_tf import export, models
+from rflow_tf import layers as rlayers
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -345,6 +346,10 @@ def test_shipped_model_keeps_its_version_1_meaning():
         "space_to_depth",
         "glorot",
     )
+    # ... and, from before mixed norms existed (version <= 3), the spectral norm everywhere
+    assert (cfg.vnorms, cfg.learn_p) == ("2222", False)
+    assert all(layer.is_spectral for layer in dist.model.lipschitz_layers())
+    assert not rlayers.learned_orders(dist.model.lipschitz_layers())
     obj = tf.saved_model.load(SHIPPED)
     # The first 64 test digits, unshuffled: a seeded shuffle also depends on
     # TensorFlow's global seed, which earlier tests set.

@@ -291,7 +291,8 @@ class _SpectralNormalized(keras.layers.Layer):
 
     def upkeep_restarts(self):
         """Random starts run beside the warm start at every re-estimate on the
-        mixed-norm path: the power method climbs to a *local* maximum, and
+        mixed-norm path (for a few steps; the best is then converged): the
+        power method climbs to a *local* maximum, and
         after a kernel or order change the stored vector's basin need not be
         the best one any more (measured: inf->1 layers under-reported by 2%
         after three large Adam steps with the warm start alone). 16, fewer for
@@ -299,9 +300,16 @@ class _SpectralNormalized(keras.layers.Layer):
         n_in = int(np.prod(self._operator_input_shape[1:]))
         return int(min(16, max(1, 2**20 // n_in)))
 
+    #: Steps the random starts of a re-estimate run (as one batch with the warm
+    #: start) before the best of them is converged alone.
+    _RESTART_STEPS = 10
+
     def _mixed_iteration(self, kernel, v, tol, max_iterations, restarts=0):
-        """The generalised power method from v (variable-shaped) and ``restarts``
-        random starts in one batch; returns the best (u, v)."""
+        """The generalised power method from v (variable-shaped); returns (u, v).
+
+        With ``restarts``, v and that many random starts first run
+        :attr:`_RESTART_STEPS` steps as one batch, and only the best of them is
+        then converged (a batch would stop only when its slowest start does)."""
         p, q = self.orders(kernel.dtype)
         apply, apply_t = self._operator(kernel)
         v = tf.reshape(v, self._operator_input_shape)
@@ -309,10 +317,11 @@ class _SpectralNormalized(keras.layers.Layer):
             shape = [restarts] + self._operator_input_shape[1:]
             bits = tf.bitcast(tf.cast(tf.convert_to_tensor(self.sigma), tf.float32), tf.int32)
             seed = tf.stack([tf.constant(3, tf.int32), bits])
-            v = tf.concat([v, tf.random.stateless_normal(shape, seed, dtype=v.dtype)], 0)
+            starts = tf.concat([v, tf.random.stateless_normal(shape, seed, dtype=v.dtype)], 0)
+            res = norms.power_iteration(apply, apply_t, starts, p, q, self._RESTART_STEPS, 0.0)
+            v = res.v[tf.argmax(res.norm)][None]
         res = norms.power_iteration(apply, apply_t, v, p, q, max_iterations, tol)
-        best = tf.argmax(res.norm)
-        return tf.reshape(res.u[best], self.u.shape), tf.reshape(res.v[best], self.v.shape)
+        return tf.reshape(res.u, self.u.shape), tf.reshape(res.v, self.v.shape)
 
     def _mixed_tol(self, tol):
         # power_iteration stops on the relative increase of the norm per step,

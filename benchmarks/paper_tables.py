@@ -7,7 +7,10 @@ the test numbers), on the offline 8x8 digits by default:
   residual blocks, affine coupling blocks, coupling + invertible 1x1 conv;
   columns = classification only (lambda = 0, no log-det), hybrid with
   lambda = 1/D, hybrid with lambda = 1. Cells: test accuracy and test
-  bits/dim (the latter with 20 exact terms for residual models).
+  bits/dim (the latter with 20 exact terms for residual models). Training
+  images get the reference's augmentation for the dataset (none for
+  digits); ``--train_flags=--crop_padding=1`` translates every training
+  image by up to 1 pixel each way (see the README for what it does here).
 * **Table 3 analogue** (paper Section 5.1 ablation): i-ResNet (truncated
   log-det estimator with ``--n_terms`` terms, ELU) vs Residual Flow with ELU
   vs with LipSwish (unbiased estimator). For each: the model's own training

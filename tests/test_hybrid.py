@@ -20,7 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from rflow_tf import bijectors as rbij  # noqa: E402
-from rflow_tf import classifier, export, models  # noqa: E402
+from rflow_tf import classifier, data, export, models  # noqa: E402
 from rflow_tf.bijectors import coupling  # noqa: E402
 from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv  # noqa: E402
 from train import main as trainer_main  # noqa: E402
@@ -220,6 +220,42 @@ def test_task_flags_are_checked(tmp_path):
     assert s.hparams["hybrid_lambda_value"] == 1 / 64 and s.flow.n_classes == 10
     assert spec("--task=hybrid").hparams["hybrid_lambda_value"] == 1.0
     assert spec().flow.n_classes == 0 and "hybrid_lambda" not in spec().hparams
+
+
+def test_crop_padding_is_resolved_checked_and_used_by_the_trainer(tmp_path):
+    def spec(*flags):
+        return trainer_main.resolve_run(
+            trainer_main.parse_args([f"--out={tmp_path}", "--steps=1", *flags])
+        ).hparams
+
+    # Default: the reference's (none for digits, 4 for cifar10); a flag wins;
+    # density runs neither record nor accept it.
+    assert spec("--task=classification")["crop_padding"] == 0
+    assert spec("--task=hybrid", "--crop_padding=2")["crop_padding"] == 2
+    assert spec("--task=classification", "--dataset=cifar10")["crop_padding"] == 4
+    assert "crop_padding" not in spec()
+    with pytest.raises(trainer_main.UsageError, match="classification\\|hybrid only"):
+        spec("--crop_padding=1")
+    with pytest.raises(trainer_main.UsageError, match="smaller than the image"):
+        spec("--task=classification", "--crop_padding=8")
+    with pytest.raises(trainer_main.UsageError, match="--crop_padding must be >= 0"):
+        spec("--task=classification", "--crop_padding=-1")
+    # The trainer's batches are those of the data pipeline with that crop.
+    trainer = trainer_main.Trainer(
+        trainer_main.parse_args(
+            TINY_FLAGS + [f"--out={tmp_path}", "--task=classification", "--crop_padding=1"]
+        )
+    )
+    try:
+        x, y = next(iter(trainer._train_dataset()))  # pylint: disable=protected-access
+    finally:
+        trainer.close()
+    kw = dict(shuffle=True, repeat=True, seed=0, drop_remainder=True, with_labels=True)
+    x1, y1 = next(iter(data.load_image_dataset("digits", "train", 8, crop_padding=1, **kw)))
+    x0, _ = next(iter(data.load_image_dataset("digits", "train", 8, **kw)))
+    np.testing.assert_array_equal(x.numpy(), x1.numpy())
+    np.testing.assert_array_equal(y.numpy(), y1.numpy())
+    assert not np.array_equal(x.numpy(), x0.numpy())  # 8 images uncropped: p = 9^-8
 
 
 def test_classification_task_trains_without_log_det(tmp_path, monkeypatch):

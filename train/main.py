@@ -383,6 +383,15 @@ def build_parser():
         "(D = dimensions per image); paper: 1 or 1/D. Default: 1 "
         "(--task=hybrid only).",
     )
+    g.add_argument(
+        "--crop_padding",
+        type=int,
+        default=None,
+        help="Classification/hybrid only: translate every training image by up to "
+        "this many pixels each way (random crop, reflection padding). Default: "
+        "the reference's for the dataset (4 for svhn_cropped and cifar10, 0 for "
+        "mnist and digits).",
+    )
 
     g = p.add_argument_group("log-det estimator")
     g.add_argument(

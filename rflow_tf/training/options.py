@@ -54,6 +54,7 @@ FLAG_CONSTRAINTS = (
     ("log_every", lambda v: v >= 1, ">= 1"),
     ("ckpt_every", lambda v: v >= 1, ">= 1"),
     ("keep_best", lambda v: v >= 1, ">= 1"),
+    ("crop_padding", lambda v: v >= 0, ">= 0 (0 = no crop)"),
     ("cpu_devices", lambda v: v >= 0, ">= 0 (0 = no split)"),
     ("worker_timeout", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
 )
@@ -89,7 +90,8 @@ class RunSpec:
     ``flow``: the :class:`rflow_tf.models.FlowConfig` (input shape and bits
     from the dataset); ``hparams``: training settings (batch_size,
     accumulate, lr, warmup_steps, ema_decay, grad_clip, eval_every,
-    sample_every, ckpt_every, steps); ``run_dir``, ``export_dir``.
+    sample_every, ckpt_every, steps; for classification and hybrid runs
+    also crop_padding); ``run_dir``, ``export_dir``.
     """
 
     dataset: str
@@ -126,6 +128,11 @@ class TrainingOptions:
     any work. ``steps`` wins over ``epochs``; ``out`` is the run directory
     (default ``runs/<run name>``), ``export_dir`` the SavedModel written at the
     end (default ``saved_models/<run name>``, ``""`` disables).
+    ``crop_padding`` (classification and hybrid only): random crop of every
+    training image with this reflection padding, i.e. a uniform translation
+    by up to ``crop_padding`` pixels each way (``None``: the reference's for
+    the dataset, :func:`rflow_tf.data.classification_augmentation`); test
+    images are never augmented.
 
     Example:
     ```python
@@ -140,6 +147,7 @@ class TrainingOptions:
     download: bool = True
     task: str = "density"
     hybrid_lambda: Optional[str] = None
+    crop_padding: Optional[int] = None
     batch_size: Optional[int] = None
     epochs: Optional[float] = None
     steps: Optional[int] = None
@@ -314,6 +322,20 @@ def resolve_run(config, options):
     hp["seed"] = int(options.seed)
     hp["jit_compile"] = bool(options.jit_compile)
     hp["task"] = task
+    crop = options.crop_padding
+    if task == "density":
+        if options.crop_padding is not None:
+            raise UsageError("--crop_padding applies to --task=classification|hybrid only")
+    else:
+        if crop is None:
+            crop = data.classification_augmentation(info.name)["crop_padding"]
+        if crop >= min(info.image_shape[:2]):
+            raise UsageError(
+                f"--crop_padding must be smaller than the image height and width "
+                f"{tuple(info.image_shape[:2])} of {info.name!r} (reflection padding), "
+                f"got {crop}"
+            )
+        hp["crop_padding"] = int(crop)
     if task == "hybrid":
         hp["hybrid_lambda"] = lam_text
         hp["hybrid_lambda_value"] = hybrid_lambda

@@ -303,11 +303,15 @@ class Trainer:
         builds a fresh pipeline, to be iterated once: a second iterator over the same
         pipeline gets another order (tf.data reshuffles each iteration; a run that took
         its ActNorm batch from the training pipeline resumed onto different batches).
-        Classification and hybrid runs get (images, labels) with the reference's
-        augmentation."""
+        Classification and hybrid runs get (images, labels) with the reference's flips
+        and random crops of padding ``hp["crop_padding"]`` (``--crop_padding``, default
+        the reference's)."""
         hp = self.hp
         labelled = self.task != "density"
-        aug = data.classification_augmentation(self.spec.dataset) if labelled else {}
+        aug = {}
+        if labelled:  # the reference's flips; crop padding resolved by resolve_run
+            aug = data.classification_augmentation(self.spec.dataset)
+            aug["crop_padding"] = int(hp.get("crop_padding", aug["crop_padding"]))
         ds = data.load_image_dataset(
             self.spec.dataset,
             "train",

@@ -39,7 +39,8 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks.toy_densities import _load, run_table  # noqa: E402
+from benchmarks._common import load_average  # noqa: E402
+from benchmarks.toy_densities import run_table  # noqa: E402
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
@@ -177,7 +178,7 @@ def main(argv=None):
     )
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    print(f"[bench] {_load()} (timings on a shared machine are noisy)", flush=True)
+    print(f"[bench] {load_average()} (timings on a shared machine are noisy)", flush=True)
     sections, dump = [], {}
     if not a.skip_toy:
         res = toy_table(a.datasets, a.models, a.seeds, a.iters, a.blocks, a.hidden)
@@ -196,7 +197,7 @@ def main(argv=None):
             f"{p}/{d}": {k: r[k] for k in ("test_bpd", "test_bpd_stderr", "steps_per_sec")}
             for (p, d), r in res.items()
         }
-    text = "\n\n".join(sections) + f"\n\n({_load()})\n"
+    text = "\n\n".join(sections) + f"\n\n({load_average()})\n"
     print(text)
     with open(os.path.join(a.out, "tables.md"), "w") as f:
         f.write(text)

@@ -36,6 +36,7 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks._common import load_average  # noqa: E402
 from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
 
@@ -45,15 +46,6 @@ VARIANTS = (
     ("spectral", dict(vnorms="2", learn_p=False)),
     ("learned mixed", dict(vnorms="2", learn_p=True)),
 )
-
-
-def _load():
-    try:
-        return "load average %.2f / %.2f / %.2f (1/5/15 min) on %d CPUs" % (
-            os.getloadavg() + (os.cpu_count() or 0,)
-        )
-    except OSError:
-        return "load average unknown"
 
 
 def run_toy(datasets, seeds, iters, blocks, hidden, n_test, lr, tmpdir, log=print):
@@ -206,7 +198,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="working directory (default: a temp dir)")
     args = p.parse_args(argv)
     tmpdir = args.out or tempfile.mkdtemp(prefix="mixed_norms_")
-    print(f"[mixed_norms] {_load()}", flush=True)
+    print(f"[mixed_norms] {load_average()}", flush=True)
     toy_results = run_toy(
         args.datasets,
         list(range(args.seeds)),
@@ -218,7 +210,7 @@ def main(argv=None):
         tmpdir,
     )
     digits = run_digits(args.image_steps, tmpdir) if args.image_steps else {}
-    print(f"\n[mixed_norms] {_load()}")
+    print(f"\n[mixed_norms] {load_average()}")
     print(
         f"toy: {args.blocks} blocks of {args.hidden}, ActNorm, batch 500, {args.iters} "
         f"steps, lr {args.lr}, seeds 0..{args.seeds - 1}, {args.n_test} test points; "

@@ -38,6 +38,7 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks._common import load_average  # noqa: E402
 from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS, toy_2d  # noqa: E402
 
@@ -66,15 +67,6 @@ SPEED_CONFIG = [
 ]
 REFERENCE_SEC_PER_ITER = 0.2
 TARGET_SEC_PER_ITER = 0.1
-
-
-def _load():
-    try:
-        return "load average %.2f / %.2f / %.2f (1/5/15 min) on %d CPUs" % (
-            os.getloadavg() + (os.cpu_count() or 0,)
-        )
-    except OSError:
-        return "load average unknown"
 
 
 def measure_speed(warmup=30, windows=5, steps=20, dataset="8gaussians", extra=()):
@@ -294,7 +286,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     t_all = time.perf_counter()
-    print(f"[bench] {_load()}", flush=True)
+    print(f"[bench] {load_average()}", flush=True)
     if not args.skip_speed:
         print(
             "[bench] speed: 10 blocks x (2-128-128-128-128-2 LipSwish), batch 500, unbiased "
@@ -305,7 +297,7 @@ def main(argv=None):
         print(
             f"[bench] speed: {s['median']:.4f} s/iter median, {s['best']:.4f} best of "
             f"{len(s['windows'])} windows x 20 steps ({s['cpu']:.4f} CPU-s/iter over all "
-            f"threads); first step incl. tracing {s['trace_s']:.1f} s; {_load()}",
+            f"threads); first step incl. tracing {s['trace_s']:.1f} s; {load_average()}",
             flush=True,
         )
         verdict = "meets" if s["median"] < TARGET_SEC_PER_ITER else "misses"
@@ -342,7 +334,7 @@ def main(argv=None):
         print(markdown_table(results, args.datasets, args.models))
         path = density_figure(results, args.datasets, args.models, args.figure)
         print(f"\n[bench] wrote {path}")
-    print(f"[bench] total {time.perf_counter() - t_all:.0f} s; {_load()}")
+    print(f"[bench] total {time.perf_counter() - t_all:.0f} s; {load_average()}")
     return 0
 
 

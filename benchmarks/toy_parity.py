@@ -34,6 +34,7 @@ if REPO not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from benchmarks._common import load_average  # noqa: E402
 from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
 
@@ -69,17 +70,6 @@ REFERENCE_SETTINGS = [
 REFERENCE_NLL = {"checkerboard": 4.27, "8gaussians": 3.78, "2spirals": 3.59, "rings": 3.56}
 #: The four datasets with a reference figure (the default selection).
 DEFAULT_DATASETS = tuple(REFERENCE_NLL)
-
-
-def _load():
-    try:
-        one, five, fifteen = os.getloadavg()
-        return (
-            f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min) on "
-            f"{os.cpu_count() or 0} CPUs"
-        )
-    except OSError:
-        return "load average unknown"
 
 
 def run_one(dataset, seed, iters, out_dir, extra=()):
@@ -156,7 +146,7 @@ def main(argv=None):
     out_dir = args.out or tempfile.mkdtemp(prefix="toy_parity_")
     print(
         f"[toy_parity] {len(datasets)} datasets x {len(args.seeds)} seeds, {args.iters} "
-        f"iterations each; {_load()}",
+        f"iterations each; {load_average()}",
         flush=True,
     )
     results = {name: [] for name in datasets}
@@ -171,7 +161,7 @@ def main(argv=None):
             print(
                 f"[toy_parity] {done}/{n_runs} {name} seed {seed}: test NLL {nll:.4f} nats, "
                 f"{spi:.4f} s/iter | elapsed {elapsed / 60:.1f} min, ETA "
-                f"{elapsed / done * (n_runs - done) / 60:.1f} min | {_load()}",
+                f"{elapsed / done * (n_runs - done) / 60:.1f} min | {load_average()}",
                 flush=True,
             )
             if args.json:
@@ -179,7 +169,7 @@ def main(argv=None):
                     json.dump({"iters": args.iters, "results": results}, f, indent=2)
     print()
     print(table(results, args.iters))
-    print(f"\n{_load()} (s/iter is noisy on a shared machine)")
+    print(f"\n{load_average()} (s/iter is noisy on a shared machine)")
     return 0
 
 

@@ -41,6 +41,10 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from benchmarks._common import load_average  # noqa: E402
 
 #: The digits_small preset's recipe, spelt out as train/main.py flags (the
 #: preset's values, so a change of the preset shows up as a changed run).
@@ -71,14 +75,6 @@ REFERENCE_RUNS = {
 
 _STEPS_PER_S = re.compile(r"step (\d+)/\d+ \|.*\| ([0-9.]+) steps/s")
 _FINAL = re.compile(r"final test bits/dim: ([0-9.]+) \+- ([0-9.]+)")
-
-
-def _load():
-    try:
-        one, five, fifteen = os.getloadavg()
-        return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} on {os.cpu_count()} CPUs"
-    except OSError:
-        return "load average unknown"
 
 
 def run_ours(seed, steps, out_dir):
@@ -166,7 +162,9 @@ def main(argv=None):
     if args.steps < 1 or not args.seeds:
         p.error("--steps must be >= 1 and at least one seed given")
     out_dir = args.out or tempfile.mkdtemp(prefix="image_parity_")
-    print(f"[image_parity] {len(args.seeds)} seeds x {args.steps} steps; {_load()}", flush=True)
+    print(
+        f"[image_parity] {len(args.seeds)} seeds x {args.steps} steps; {load_average()}", flush=True
+    )
     ours, t0 = {}, time.perf_counter()
     for i, seed in enumerate(args.seeds):
         bpd, se, s_step = run_ours(seed, args.steps, out_dir)
@@ -175,12 +173,12 @@ def main(argv=None):
         print(
             f"[image_parity] {i + 1}/{len(args.seeds)} seed {seed}: test bits/dim {bpd:.4f} "
             f"+- {se:.4f}, {s_step:.3f} s/step | elapsed {elapsed / 60:.1f} min, ETA "
-            f"{elapsed / (i + 1) * (len(args.seeds) - i - 1) / 60:.1f} min | {_load()}",
+            f"{elapsed / (i + 1) * (len(args.seeds) - i - 1) / 60:.1f} min | {load_average()}",
             flush=True,
         )
     print()
     print(table(ours, args.steps))
-    print(f"\n{_load()} (s/step is noisy on a shared machine)")
+    print(f"\n{load_average()} (s/step is noisy on a shared machine)")
     return 0
 
 

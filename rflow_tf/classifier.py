@@ -12,7 +12,10 @@ p(x) and a classifier p(y | x) that reads the flow's hidden representations:
       logits = Dense_{n_classes}(concat(a_1, ..., a_S))
 
   (The reference's last head reads a stale tensor when factor-out is on;
-  callers here pass the final output.)
+  callers here pass the final output.) With ``pooling="flatten"`` (not the
+  reference) a_s is the whole map ReLU(ActNorm(Conv3x3(h_s))) flattened to
+  R^{H_s W_s K}, so the Dense sees where the features are, not only their
+  spatial means.
 * :func:`hybrid_loss` -- per image, in nats:
 
       loss = lambda * (-log p(x)) - log p(y | x),
@@ -65,9 +68,15 @@ __all__ = [
     "CIFAR10_STD",
     "ChannelNormalize",
     "ClassifierHeads",
+    "HEAD_POOLINGS",
     "hybrid_loss",
     "resolve_hybrid_lambda",
 ]
+
+#: How a classifier head turns its feature map into a vector
+#: (:class:`ClassifierHeads` ``pooling``): "average" = global average pooling
+#: (the reference), "flatten" = no pooling.
+HEAD_POOLINGS = ("average", "flatten")
 
 #: Per-channel (R, G, B) mean and standard deviation of CIFAR-10 pixels in
 #: [0, 1], as used by the reference's classification / hybrid runs.
@@ -78,10 +87,17 @@ CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 class ClassifierHeads(keras.layers.Layer):
     """Per-scale classifier heads and the final linear layer (a Keras 3 layer).
 
-    Called on a list of per-scale feature maps h_s [B, H_s, W_s, C_s]:
+    Called on a list of per-scale feature maps h_s [B, H_s, W_s, C_s], with
+    z_s = ReLU(ActNorm(Conv3x3(h_s))) [B, H_s, W_s, K] (K = hidden_channels):
 
-        a_s    = GlobalAveragePool(ReLU(ActNorm(Conv3x3(h_s))))     [B, hidden_channels]
-        logits = Dense(concat_s a_s)                                [B, n_classes]
+        a_s    = mean_{i,j} z_s[:, i, j, :]                [B, K]   pooling="average"
+        a_s    = reshape(z_s, [B, H_s W_s K])              [B, H_s W_s K]   pooling="flatten"
+        logits = Dense(concat_s a_s)                       [B, n_classes]
+
+    "average" (global average pooling) is the reference's head, designed for
+    32x32 images; "flatten" keeps where each feature is (the Dense then has
+    sum_s H_s W_s K inputs, so use a small K), meant for tiny images such as
+    the 8x8 digits, whose identity depends on where the strokes are.
 
     Conv3x3 has "same" padding; ActNorm is
     :class:`rflow_tf.layers.ActNormalization` (per-channel affine with
@@ -94,22 +110,29 @@ class ClassifierHeads(keras.layers.Layer):
       n_classes: Number of classes (>= 2).
       hidden_channels: Output channels of each head's convolution (the
         issue and paper: 256).
+      pooling: How each head's map becomes a vector: "average" (the
+        reference) or "flatten" (:data:`HEAD_POOLINGS`).
       **kwargs: Keras layer arguments (``name``, ``dtype``).
 
     Example:
     ```python
     heads = ClassifierHeads(10, hidden_channels=32)
     logits = heads([tf.zeros([2, 8, 8, 4]), tf.zeros([2, 4, 4, 16])])   # [2, 10]
+    flat = ClassifierHeads(10, hidden_channels=4, pooling="flatten")
+    logits = flat([tf.zeros([2, 8, 8, 4]), tf.zeros([2, 4, 4, 16])])    # Dense on 320 inputs
     ```
     """
 
-    def __init__(self, n_classes, hidden_channels=256, **kwargs):
+    def __init__(self, n_classes, hidden_channels=256, pooling="average", **kwargs):
         super().__init__(**kwargs)
         for key, val, low in (("n_classes", n_classes, 2), ("hidden_channels", hidden_channels, 1)):
             if isinstance(val, bool) or not isinstance(val, numbers.Integral) or val < low:
                 raise ValueError(f"{key} must be an int >= {low}, got {val!r}")
+        if pooling not in HEAD_POOLINGS:
+            raise ValueError(f"pooling must be one of {HEAD_POOLINGS}, got {pooling!r}")
         self.n_classes = int(n_classes)
         self.hidden_channels = int(hidden_channels)
+        self.pooling = pooling
 
     def _check_shapes(self, shapes):
         if not isinstance(shapes, (list, tuple)) or not shapes:
@@ -120,6 +143,10 @@ class ClassifierHeads(keras.layers.Layer):
         for i, s in enumerate(shapes):
             if len(s) != 4:
                 raise ValueError(f"feature map {i} must have shape [B, H, W, C], got {tuple(s)}")
+            if self.pooling == "flatten" and any(d is None for d in s[1:]):
+                raise ValueError(
+                    f'pooling="flatten" needs static H, W, C; feature map {i} has shape {tuple(s)}'
+                )
 
     def build(self, input_shape):
         shapes = [tuple(s) for s in input_shape]
@@ -145,7 +172,10 @@ class ClassifierHeads(keras.layers.Layer):
             # dependencies, so without these checkpoints would miss the heads.
             setattr(self, f"head_{i}_conv", conv)
             setattr(self, f"head_{i}_actnorm", norm)
-        width = self.hidden_channels * len(shapes)
+        if self.pooling == "flatten":
+            width = self.hidden_channels * sum(int(s[1]) * int(s[2]) for s in shapes)
+        else:
+            width = self.hidden_channels * len(shapes)
         init = _torch_default_uniform(width)
         self.dense = keras.layers.Dense(
             self.n_classes,
@@ -174,13 +204,18 @@ class ClassifierHeads(keras.layers.Layer):
             norm.initialize(c)
 
     def pooled_features(self, features):
-        """concat_s a_s [B, hidden_channels * n_scales], the input of the final Dense."""
+        """concat_s a_s, the input of the final Dense: [B, hidden_channels * n_scales]
+        ("average"), [B, hidden_channels * sum_s H_s W_s] ("flatten")."""
         outs = []
         auto_init = not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context()
         for norm, c in zip(self.norms, self._conv_all(list(features))):
             if auto_init:
                 norm.initialize(c)
-            outs.append(tf.reduce_mean(tf.nn.relu(norm(c)), axis=[1, 2]))
+            z = tf.nn.relu(norm(c))
+            if self.pooling == "flatten":
+                outs.append(tf.reshape(z, [-1, int(np.prod(z.shape[1:]))]))
+            else:
+                outs.append(tf.reduce_mean(z, axis=[1, 2]))
         return tf.concat(outs, axis=-1)
 
     def call(self, features):
@@ -194,6 +229,7 @@ class ClassifierHeads(keras.layers.Layer):
             **super().get_config(),
             "n_classes": self.n_classes,
             "hidden_channels": self.hidden_channels,
+            "pooling": self.pooling,
         }
 
 

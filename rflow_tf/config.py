@@ -149,6 +149,12 @@ class FlowConfig:
         classifier heads (:class:`rflow_tf.classifier.ClassifierHeads`) read
         by :meth:`ResidualFlow.classify` / :meth:`ResidualFlow.log_prob_and_logits`.
       head_channels: output channels of each head's 3x3 convolution (paper: 256).
+      head_pooling: how each head's map becomes a vector before the final
+        Dense (:data:`rflow_tf.classifier.HEAD_POOLINGS`): "average" (global
+        average pooling, the reference) or "flatten" (no pooling: the Dense
+        sees every position; for tiny images, with a small ``head_channels``).
+        A new field whose default is the old behaviour: configs written
+        without it mean "average", so it needs no ``config_version`` bump.
 
       Flow++ (``block="flowpp"``, Ho et al. 2019): each block is a
         :class:`rflow_tf.bijectors.mixlogcdf.MixLogCDFCoupling` (logistic-mixture CDF,
@@ -237,6 +243,7 @@ class FlowConfig:
     init_layer: str = "logit"
     n_classes: int = 0
     head_channels: int = 256
+    head_pooling: str = "average"
     flowpp_components: int = 4
     flowpp_conditioner_blocks: int = 2
     flowpp_attention: bool = True
@@ -388,6 +395,11 @@ class FlowConfig:
         if self.n_classes == 1:
             raise ValueError("FlowConfig.n_classes must be 0 (no classifier) or >= 2, got 1")
         pos_int("head_channels", self.head_channels)
+        if self.head_pooling not in rclf.HEAD_POOLINGS:
+            raise ValueError(
+                f"FlowConfig.head_pooling must be one of {rclf.HEAD_POOLINGS}, "
+                f"got {self.head_pooling!r}"
+            )
         if self.block == "coupling":
             last_c = c * (4**n_squeeze) // (2 ** (self.n_scales - 1) if self.factor_out else 1)
             d_last = (h // 2**n_squeeze) * (w // 2**n_squeeze) * last_c

@@ -325,7 +325,11 @@ class ResidualFlow(keras.Model):
         self.classifier_heads = None
         if cfg.n_classes:
             heads = rclf.ClassifierHeads(
-                cfg.n_classes, cfg.head_channels, dtype=cfg.dtype, name="classifier_heads"
+                cfg.n_classes,
+                cfg.head_channels,
+                pooling=cfg.head_pooling,
+                dtype=cfg.dtype,
+                name="classifier_heads",
             )
             heads.build(
                 [(None,) + tuple(shape) for _, shape in feature_stages]

@@ -19,8 +19,11 @@ def _conv3x3_same(h, kernel, bias):
     return out
 
 
-def test_heads_match_a_hand_computation():
-    heads = classifier.ClassifierHeads(n_classes=4, hidden_channels=3, dtype="float64")
+@pytest.mark.parametrize("pooling", ["average", "flatten"])
+def test_heads_match_a_hand_computation(pooling):
+    heads = classifier.ClassifierHeads(
+        n_classes=4, hidden_channels=3, pooling=pooling, dtype="float64"
+    )
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(5, 4, 4, 2)), rng.normal(size=(5, 2, 2, 8))]
     logits = heads([tf.constant(f) for f in feats]).numpy()
@@ -32,10 +35,14 @@ def test_heads_match_a_hand_computation():
         # global average.
         mean, var = c.mean(axis=(0, 1, 2)), c.var(axis=(0, 1, 2), ddof=1)
         np.testing.assert_allclose(norm.bias.numpy(), -mean, atol=1e-12)
-        a = (c - mean) / np.sqrt(np.maximum(var, 0.2))
-        pooled.append(np.maximum(a, 0.0).mean(axis=(1, 2)))
+        a = np.maximum((c - mean) / np.sqrt(np.maximum(var, 0.2)), 0.0)
+        # "average": the global average; "flatten": every position, row-major
+        # (i, j, channel), so the Dense sees where each feature is.
+        pooled.append(a.mean(axis=(1, 2)) if pooling == "average" else a.reshape(5, -1))
     expected = np.concatenate(pooled, 1) @ heads.dense.kernel.numpy() + heads.dense.bias.numpy()
     assert logits.shape == (5, 4)
+    # Dense inputs: 3 channels per scale, or 3 per position (4x4 + 2x2 positions).
+    assert heads.dense.kernel.shape == ((6 if pooling == "average" else 3 * 20), 4)
     np.testing.assert_allclose(logits, expected, atol=1e-10)
     # Initialised once: a second batch does not re-initialise.
     bias = heads.norms[0].bias.numpy().copy()
@@ -43,6 +50,19 @@ def test_heads_match_a_hand_computation():
     np.testing.assert_array_equal(heads.norms[0].bias.numpy(), bias)
     with pytest.raises(ValueError, match="expected 2 feature maps"):
         heads([tf.constant(feats[0])])
+    # get_config round trip: the same heads (same Dense width) from the config.
+    clone = classifier.ClassifierHeads.from_config(heads.get_config())
+    assert (clone.pooling, clone.hidden_channels, clone.n_classes) == (pooling, 3, 4)
+    clone.build([f.shape for f in feats])
+    assert clone.dense.kernel.shape == heads.dense.kernel.shape
+
+
+def test_heads_reject_bad_pooling_before_any_work():
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        classifier.ClassifierHeads(n_classes=4, pooling="max")
+    heads = classifier.ClassifierHeads(n_classes=4, pooling="flatten")
+    with pytest.raises(ValueError, match="needs static H, W, C"):
+        heads.build([(None, None, None, 2)])
 
 
 def test_hybrid_loss_matches_a_hand_computation():

@@ -194,6 +194,37 @@ def test_new_fields_keep_old_configs_meaning():
         models.FlowConfig(**TINY, block="glow").validate()
 
 
+def test_head_pooling_config_flag_and_old_meaning(tmp_path):
+    # A config without head_pooling (every one written before it existed, and
+    # the shipped model's) means the reference's average pooling: no version bump.
+    with open(os.path.join(REPO, "saved_models", "digits", "assets", export.METADATA_FILE)) as f:
+        old = json.load(f)["config"]
+    assert "head_pooling" not in old
+    assert models.FlowConfig.from_dict(old).head_pooling == "average"
+    assert models.FlowConfig.from_dict({**old, "n_classes": 10}).head_pooling == "average"
+    cfg = models.FlowConfig(**TINY, n_classes=3, head_channels=2, head_pooling="flatten")
+    assert models.FlowConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="head_pooling must be one of"):
+        models.FlowConfig(**TINY, n_classes=3, head_pooling="max").validate()
+    # The model's heads flatten: Dense on 2 channels x (4x4 + 4x4) positions
+    # (scale 0 after the squeeze, then the final output).
+    flow = models.ResidualFlow(cfg)
+    assert flow.classifier_heads.pooling == "flatten"
+    assert flow.classifier_heads.dense.kernel.shape == (2 * 32, 3)
+    x = _images(2)
+    flow.initialize(x)
+    assert flow.classify(x).shape == (2, 3)
+    # The flags reach the config; the default stays the preset's.
+    args = [f"--out={tmp_path}", "--task=classification"]
+    spec = trainer_main.resolve_run(
+        trainer_main.parse_args(args + ["--head_pooling=flatten", "--head_channels=32"])
+    )
+    assert (spec.flow.head_pooling, spec.flow.head_channels) == ("flatten", 32)
+    assert trainer_main.resolve_run(trainer_main.parse_args(args)).flow.head_pooling == "average"
+    with pytest.raises(trainer_main.UsageError, match="--head_channels must be >= 1"):
+        trainer_main.resolve_run(trainer_main.parse_args(args + ["--head_channels=0"]))
+
+
 TINY_FLAGS = [
     "--preset=tiny",
     "--n_blocks=1",

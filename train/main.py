@@ -84,7 +84,7 @@ import importlib.util
 import sys
 
 import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
-from rflow_tf import data, models, training
+from rflow_tf import classifier, data, models, training
 
 # The library names this script has always offered (train.main.X keeps working).
 from rflow_tf.training import (  # noqa: F401
@@ -161,6 +161,8 @@ ARCHITECTURE_FLAGS = (
     "block",
     "invertible_1x1",
     "init_layer",
+    "head_channels",
+    "head_pooling",
 )
 
 
@@ -366,6 +368,21 @@ def build_parser():
         default=None,
         choices=["reference", "glorot"],
         help="Initialisation of fresh weights (default: preset; 'reference' as the authors' code).",
+    )
+    g.add_argument(
+        "--head_channels",
+        type=int,
+        default=None,
+        help="Classification/hybrid: output channels of each classifier head's 3x3 "
+        "convolution (default: preset, 256 as the paper).",
+    )
+    g.add_argument(
+        "--head_pooling",
+        default=None,
+        choices=list(classifier.HEAD_POOLINGS),
+        help="Classification/hybrid: average (global average pooling of each head, the "
+        "reference) or flatten (no pooling; for tiny images, with a small "
+        "--head_channels) (default: preset, average).",
     )
     g = p.add_argument_group("task")
     g.add_argument(

@@ -44,6 +44,7 @@ FLAG_CONSTRAINTS = (
     ("accumulate", lambda v: v >= 1, ">= 1"),
     ("n_bits", lambda v: 1 <= v <= 8, "in 1..8"),
     ("hidden_channels", lambda v: v >= 1, ">= 1"),
+    ("head_channels", lambda v: v >= 1, ">= 1"),
     ("n_exact_terms", lambda v: v >= 0, ">= 0"),
     ("max_nan_steps", lambda v: v >= 1, ">= 1"),
     ("eval_every", lambda v: v >= 1, ">= 1"),

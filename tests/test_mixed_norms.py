@@ -362,3 +362,58 @@ def test_make_activation_knows_the_mixed_norm_activations():
     net = rl.lipschitz_dense_net(2, (4,), activation="lcube")
     assert rl.JacobianChain.from_net(net) is not None
     assert rl.JacobianChain.from_net(rl.lipschitz_dense_net(2, (4,), activation="maxmin")) is None
+
+
+def test_trainer_logs_learned_orders_and_exports_them(tmp_path, tb_scalars):
+    """A learn_p run through Trainer: the orders move, go to TensorBoard (the
+    values of the last logged step are the final ones), are in the result, and
+    the SavedModel loads back with the same (EMA) orders and the same density."""
+    import rflow_tf
+    from rflow_tf import data as rdata
+    from rflow_tf.training import Trainer, TrainingOptions, flow_config_for
+
+    export_dir = str(tmp_path / "export")
+    options = TrainingOptions(
+        dataset="digits",
+        preset="tiny",
+        steps=2,
+        batch_size=16,
+        lr=1e-2,
+        eval_every=2,
+        eval_examples=16,
+        n_sample_images=4,
+        export_dir=export_dir,
+        log_every=1,
+        download=False,
+        out=str(tmp_path / "run"),
+    )
+    config = flow_config_for(
+        options, n_blocks=(1,), fc_end=False, hidden_channels=4, vnorms="2332", learn_p=True
+    )
+    trainer = Trainer(config, options)
+    result = trainer.fit()
+    orders = rl.learned_orders(trainer.model.lipschitz_layers())
+    assert len(orders) == 3 and result["learned_orders"] == pytest.approx(orders)
+    assert not np.allclose(sorted(orders.values()), [2.0, 3.0, 3.0], atol=1e-4)  # learned
+    for name, p in orders.items():
+        logged = tb_scalars(options.out, f"norm_order/{name}")
+        assert sorted(logged) == [1, 2] and logged[2] == pytest.approx(p, rel=1e-6)
+    dist = rflow_tf.load(export_dir)
+    x_int = next(iter(rdata.load_image_dataset("digits", "test", 8)))
+    x = rdata.dequantize(x_int, 8, seed=[1, 2])
+
+    def layer_orders(model):  # (domain, codomain) of each layer, in order
+        return np.array([np.array(layer.orders()) for layer in rl.lipschitz_layers(model)])
+
+    with trainer.ema_weights():
+        ema_orders = layer_orders(trainer.model)
+        # The export's density (exact log-det at 64 dimensions), computed without
+        # the export code: the same weights in a model with exact log-dets.
+        ref = models.ResidualFlow(trainer.model.flow_config.replace(logdet="exact"))
+        ref.set_weights(trainer.model.get_weights())
+        ref.mark_lipschitz_current()
+        expected = ref.log_prob(x).numpy()
+    assert ema_orders.shape == (3, 2) and not np.allclose(ema_orders, layer_orders(trainer.model))
+    np.testing.assert_allclose(layer_orders(dist.model), ema_orders, rtol=1e-6)
+    assert len(rl.learned_orders(dist.model)) == 3  # still learnable and tied
+    np.testing.assert_allclose(dist.log_prob(x).numpy(), expected, rtol=1e-5, atol=1e-3)

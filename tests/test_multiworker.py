@@ -27,7 +27,6 @@ import types
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -161,20 +160,6 @@ _WORKER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def tb_scalars(run_dir, tag):
-    """{step: value} of a scalar written by the trainer to <run_dir>/tb."""
-    out = {}
-    tb = os.path.join(run_dir, "tb")
-    for name in sorted(os.listdir(tb)):
-        for event in tf.compat.v1.train.summary_iterator(os.path.join(tb, name)):
-            for v in event.summary.value:
-                if v.tag == tag:
-                    out[event.step] = (
-                        float(tf.make_ndarray(v.tensor)) if v.HasField("tensor") else v.simple_value
-                    )
-    return out
-
-
 @pytest.fixture(scope="module")
 def two_worker_run(tmp_path_factory):
     """2 workers and the single-process reference (MirroredStrategy over 2 logical CPUs),
@@ -229,7 +214,7 @@ def two_worker_run(tmp_path_factory):
     )
 
 
-def test_two_workers_train_like_one_process(two_worker_run):
+def test_two_workers_train_like_one_process(two_worker_run, tb_scalars):
     run = two_worker_run
     (m0, w0), (m1, w1), (mref, wref) = (run.dumps[k] for k in ("worker0", "worker1", "ref"))
     assert m0["replicas"] == m1["replicas"] == mref["replicas"] == 2

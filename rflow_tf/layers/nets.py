@@ -17,7 +17,11 @@ def chained_layer_orders(vnorms, learn_p, num_layers, dtype="float32", name=None
     initialised at the ``vnorms`` value (which must then lie in (1.001, 5)), and
     the *same* instance is layer i's codomain and layer i + 1's domain, so the
     tie holds while the orders are learned (one variable per order, as the
-    authors' mixed mode).
+    authors' mixed mode). Keras ``get_config``/``from_config`` serialises
+    layers one by one, so a net rebuilt from its Keras config has one order
+    variable per layer side (untied); rebuild learnable nets with this
+    function or a :class:`rflow_tf.FlowConfig` (checkpoints and SavedModels
+    of such models keep the tie).
 
     Example:
     ```python

@@ -367,9 +367,8 @@ def test_make_activation_knows_the_mixed_norm_activations():
 def test_trainer_logs_learned_orders_and_exports_them(tmp_path, tb_scalars):
     """A learn_p run through Trainer: the orders move, go to TensorBoard (the
     values of the last logged step are the final ones), are in the result, and
-    the SavedModel loads back with the same (EMA) orders and the same density."""
+    the SavedModel loads back with the same (EMA) orders and weights."""
     import rflow_tf
-    from rflow_tf import data as rdata
     from rflow_tf.training import Trainer, TrainingOptions, flow_config_for
 
     export_dir = str(tmp_path / "export")
@@ -381,6 +380,7 @@ def test_trainer_logs_learned_orders_and_exports_them(tmp_path, tb_scalars):
         lr=1e-2,
         eval_every=2,
         eval_examples=16,
+        sample_every=1000,
         n_sample_images=4,
         export_dir=export_dir,
         log_every=1,
@@ -399,21 +399,17 @@ def test_trainer_logs_learned_orders_and_exports_them(tmp_path, tb_scalars):
         logged = tb_scalars(options.out, f"norm_order/{name}")
         assert sorted(logged) == [1, 2] and logged[2] == pytest.approx(p, rel=1e-6)
     dist = rflow_tf.load(export_dir)
-    x_int = next(iter(rdata.load_image_dataset("digits", "test", 8)))
-    x = rdata.dequantize(x_int, 8, seed=[1, 2])
 
     def layer_orders(model):  # (domain, codomain) of each layer, in order
         return np.array([np.array(layer.orders()) for layer in rl.lipschitz_layers(model)])
 
     with trainer.ema_weights():
         ema_orders = layer_orders(trainer.model)
-        # The export's density (exact log-det at 64 dimensions), computed without
-        # the export code: the same weights in a model with exact log-dets.
-        ref = models.ResidualFlow(trainer.model.flow_config.replace(logdet="exact"))
-        ref.set_weights(trainer.model.get_weights())
-        ref.mark_lipschitz_current()
-        expected = ref.log_prob(x).numpy()
+        ema_weights = [np.array(w) for w in trainer.model.trainable_weights]
     assert ema_orders.shape == (3, 2) and not np.allclose(ema_orders, layer_orders(trainer.model))
     np.testing.assert_allclose(layer_orders(dist.model), ema_orders, rtol=1e-6)
     assert len(rl.learned_orders(dist.model)) == 3  # still learnable and tied
-    np.testing.assert_allclose(dist.log_prob(x).numpy(), expected, rtol=1e-5, atol=1e-3)
+    # (The power-iteration state is re-converged by the export; the density
+    # of exported models is tested in tests/test_export.py.)
+    for a, b in zip(dist.model.trainable_weights, ema_weights):
+        np.testing.assert_array_equal(np.array(a), b)

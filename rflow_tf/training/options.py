@@ -325,7 +325,7 @@ def resolve_run(config, options):
     hp["task"] = task
     crop = options.crop_padding
     if task == "density":
-        if options.crop_padding is not None:
+        if crop is not None:
             raise UsageError("--crop_padding applies to --task=classification|hybrid only")
     else:
         if crop is None:

@@ -311,7 +311,7 @@ class Trainer:
         aug = {}
         if labelled:  # the reference's flips; crop padding resolved by resolve_run
             aug = data.classification_augmentation(self.spec.dataset)
-            aug["crop_padding"] = int(hp.get("crop_padding", aug["crop_padding"]))
+            aug["crop_padding"] = hp["crop_padding"]
         ds = data.load_image_dataset(
             self.spec.dataset,
             "train",

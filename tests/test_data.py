@@ -577,6 +577,44 @@ def test_digits_random_crop_is_a_window_of_the_padded_image():
     assert len({o for o in offsets if o != (2, 2)}) > 5
 
 
+def test_random_translate_is_bilinear_with_zero_fill():
+    from rflow_tf.data import images
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(3, 8, 8, 1)).astype(np.uint8)
+    offsets = np.array([[0.0, 0.0], [1.0, -2.0], [0.5, 0.0]], np.float32)
+    out = images._random_translate_batch(tf.constant(x), tf.constant(offsets)).numpy()
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0], x[0])  # no shift
+    # Integer shift (dy, dx) = (1, -2): out(i, j) = x(i - 1, j + 2), zero outside.
+    want = np.zeros_like(x[1])
+    want[1:, :6] = x[1, :7, 2:]
+    np.testing.assert_array_equal(out[1], want)
+    # Half a pixel down: the rounded mean of each pixel and the one above it (0 above row 0).
+    above = np.concatenate([np.zeros_like(x[2, :1]), x[2, :7]], 0).astype(float)
+    np.testing.assert_allclose(out[2], (above + x[2]) / 2, atol=0.51)
+
+
+def test_digits_translate_is_seeded_and_keeps_labels():
+    kw = dict(shuffle=False, with_labels=True)
+    x0, y0 = _collect_pairs(data.load_image_dataset('digits', 'train', 100, **kw))
+    x1, y1 = _collect_pairs(
+        data.load_image_dataset('digits', 'train', 100, translate=1.0, seed=5, **kw)
+    )
+    x2, _ = _collect_pairs(
+        data.load_image_dataset('digits', 'train', 100, translate=1.0, seed=5, **kw)
+    )
+    np.testing.assert_array_equal(y0, y1)
+    np.testing.assert_array_equal(x1, x2)  # seeded: repeatable
+    changed = np.any(x1 != x0, axis=(1, 2, 3))
+    assert changed.mean() > 0.9  # a uniform offset in [-1, 1]^2 is almost never 0
+    # A shift by at most one pixel moves ink, it does not create it.
+    assert np.all(x1.astype(int).sum((1, 2, 3)) <= x0.astype(int).sum((1, 2, 3)) + 64)
+    for bad in (-0.5, 8, float('nan'), True, '1'):
+        with pytest.raises(ValueError, match='translate must be'):
+            data.load_image_dataset('digits', 'train', 4, translate=bad)
+
+
 @pytest.mark.parametrize('name', ['mnist', 'cifar10', 'svhn_cropped'])
 def test_tfds_mock_labels(tmp_path, name):
     kw = dict(data_dir=str(tmp_path), download=False, shuffle=False, seed=0)

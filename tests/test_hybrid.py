@@ -253,7 +253,7 @@ def test_task_flags_are_checked(tmp_path):
     assert spec().flow.n_classes == 0 and "hybrid_lambda" not in spec().hparams
 
 
-def test_crop_padding_is_resolved_checked_and_used_by_the_trainer(tmp_path):
+def test_crop_padding_and_translate_are_resolved_checked_and_used_by_the_trainer(tmp_path):
     def spec(*flags):
         return trainer_main.resolve_run(
             trainer_main.parse_args([f"--out={tmp_path}", "--steps=1", *flags])
@@ -271,10 +271,21 @@ def test_crop_padding_is_resolved_checked_and_used_by_the_trainer(tmp_path):
         spec("--task=classification", "--crop_padding=8")
     with pytest.raises(trainer_main.UsageError, match="--crop_padding must be >= 0"):
         spec("--task=classification", "--crop_padding=-1")
+    # --translate: default none for labelled runs, refused for density runs.
+    assert spec("--task=classification")["translate"] == 0.0
+    assert spec("--task=hybrid", "--translate=1.5")["translate"] == 1.5
+    assert "translate" not in spec()
+    with pytest.raises(trainer_main.UsageError, match="classification\\|hybrid only"):
+        spec("--translate=1")
+    with pytest.raises(trainer_main.UsageError, match="smaller than the image"):
+        spec("--task=classification", "--translate=8")
+    with pytest.raises(trainer_main.UsageError, match="--translate must be"):
+        spec("--task=classification", "--translate=-1")
     # The trainer's batches are those of the data pipeline with that crop.
     trainer = trainer_main.Trainer(
         trainer_main.parse_args(
-            TINY_FLAGS + [f"--out={tmp_path}", "--task=classification", "--crop_padding=1"]
+            TINY_FLAGS
+            + [f"--out={tmp_path}", "--task=classification", "--crop_padding=1", "--translate=1"]
         )
     )
     try:
@@ -282,7 +293,9 @@ def test_crop_padding_is_resolved_checked_and_used_by_the_trainer(tmp_path):
     finally:
         trainer.close()
     kw = dict(shuffle=True, repeat=True, seed=0, drop_remainder=True, with_labels=True)
-    x1, y1 = next(iter(data.load_image_dataset("digits", "train", 8, crop_padding=1, **kw)))
+    x1, y1 = next(
+        iter(data.load_image_dataset("digits", "train", 8, crop_padding=1, translate=1.0, **kw))
+    )
     x0, _ = next(iter(data.load_image_dataset("digits", "train", 8, **kw)))
     np.testing.assert_array_equal(x.numpy(), x1.numpy())
     np.testing.assert_array_equal(y.numpy(), y1.numpy())

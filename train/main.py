@@ -409,6 +409,14 @@ def build_parser():
         "the reference's for the dataset (4 for svhn_cropped and cifar10, 0 for "
         "mnist and digits).",
     )
+    g.add_argument(
+        "--translate",
+        type=float,
+        default=None,
+        help="Classification/hybrid only: shift every training image by a random "
+        "sub-pixel offset of up to this many pixels each way (bilinear, zero fill; "
+        "not a reference option). Default: 0 (none).",
+    )
 
     g = p.add_argument_group("log-det estimator")
     g.add_argument(

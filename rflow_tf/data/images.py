@@ -292,6 +292,7 @@ def load_image_dataset(
     manual_dir: Optional[str] = None,
     with_labels: bool = False,
     crop_padding: int = 0,
+    translate: float = 0.0,
 ) -> tf.data.Dataset:
     """Builds a batched `tf.data` pipeline of raw integer images.
 
@@ -386,6 +387,13 @@ def load_image_dataset(
         uniformly random offset in `{0, ..., 2p}^2`, independently per image.
         `0` (default): no crop. The reference's classification runs use `4`
         on the training split (`classification_augmentation(name)`).
+      translate: `t > 0` shifts every image by a random sub-pixel offset
+        `(dy, dx)`, each uniform in `[-t, t]` and independent per image, with
+        bilinear interpolation and zero fill (x'(i, j) = x(i - dy, j - dx),
+        0 outside the image), rounded back to integer pixel values; applied
+        before the bit reduction and any crop. `0.0` (default): none. Not a
+        reference option: on 8x8 digits it lifts classifier accuracy across
+        writers (README, "Digits accuracy").
 
     Returns:
       A `tf.data.Dataset` of `tf.uint8` tensors `[B, H, W, C]`, or of pairs
@@ -441,6 +449,16 @@ def load_image_dataset(
     ):
         raise ValueError(f'crop_padding must be a non-negative int, got {crop_padding!r}.')
     crop_padding = int(crop_padding)
+    if (
+        isinstance(translate, bool)
+        or not isinstance(translate, (int, float, np.integer, np.floating))
+        or not 0.0 <= float(translate) < min(info.image_shape[:2])
+    ):
+        raise ValueError(
+            f'translate must be a number in [0, {min(info.image_shape[:2])}) '
+            f'(pixels, less than the image size), got {translate!r}.'
+        )
+    translate = float(translate)
     if crop_padding >= min(info.image_shape[:2]):
         raise ValueError(
             f'crop_padding={crop_padding} must be smaller than the image height '
@@ -489,7 +507,13 @@ def load_image_dataset(
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=tf.data.AUTOTUNE)
     ds = _postprocess(
-        ds, n_bits=n_bits, flip=flip, crop_padding=crop_padding, seed=seed, with_labels=with_labels
+        ds,
+        n_bits=n_bits,
+        flip=flip,
+        crop_padding=crop_padding,
+        translate=translate,
+        seed=seed,
+        with_labels=with_labels,
     )
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -504,16 +528,35 @@ def _random_crop_batch(x, padding: int, offsets):
     return tf.gather(out, cols, axis=2, batch_dims=1)
 
 
+def _random_translate_batch(x, offsets):
+    """Shifts each uint8 image of x [B, H, W, C] by offsets [B, 2] (dy, dx) pixels:
+    bilinear interpolation, zero fill, rounded back to uint8."""
+    b = tf.shape(x)[0]
+    one, zero = tf.ones([b]), tf.zeros([b])
+    # Output pixel (i, j) reads input (i - dy, j - dx): [a0 a1 a2 b0 b1 b2 c0 c1].
+    transforms = tf.stack([one, zero, -offsets[:, 1], zero, one, -offsets[:, 0], zero, zero], 1)
+    out = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(x, tf.float32),
+        transforms=transforms,
+        output_shape=tf.shape(x)[1:3],
+        fill_value=0.0,
+        interpolation='BILINEAR',
+        fill_mode='CONSTANT',
+    )
+    return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
 def _postprocess(
     ds: tf.data.Dataset,
     *,
     n_bits: int,
     flip: bool,
     crop_padding: int,
+    translate: float,
     seed: Optional[int],
     with_labels: bool,
 ) -> tf.data.Dataset:
-    """Batch-level bit reduction, random crops and flips (pure TF).
+    """Batch-level random translations, bit reduction, random crops and flips (pure TF).
 
     Elements are image batches, or (images, labels) pairs with `with_labels`;
     labels pass through unchanged.
@@ -527,9 +570,17 @@ def _postprocess(
         return x
 
     def augment(x, pair):
-        """Crop then flip; `pair` is a stateless seed or None (stateful)."""
-        x = reduce_bits(x)
+        """Translate, reduce bits, crop, flip; `pair` is a stateless seed or None (stateful)."""
         batch = tf.shape(x)[0]
+        if translate:
+            shape = [batch, 2]
+            if pair is None:
+                offsets = tf.random.uniform(shape, -translate, translate)
+            else:
+                shift_seed = tf.random.experimental.stateless_fold_in(pair, 2)
+                offsets = tf.random.stateless_uniform(shape, shift_seed, -translate, translate)
+            x = _random_translate_batch(tf.cast(x, tf.uint8), offsets)
+        x = reduce_bits(x)
         if crop_padding:
             shape, hi = [batch, 2], 2 * crop_padding + 1
             if pair is None:
@@ -553,7 +604,7 @@ def _postprocess(
             return augment(elem[0], pair), tf.cast(elem[1], tf.int64)
         return augment(elem, pair)
 
-    if seed is None or not (flip or crop_padding):
+    if seed is None or not (flip or crop_padding or translate):
         return ds.map(
             lambda *elem: apply(elem if with_labels else elem[0], None),
             num_parallel_calls=tf.data.AUTOTUNE,

@@ -56,6 +56,7 @@ FLAG_CONSTRAINTS = (
     ("ckpt_every", lambda v: v >= 1, ">= 1"),
     ("keep_best", lambda v: v >= 1, ">= 1"),
     ("crop_padding", lambda v: v >= 0, ">= 0 (0 = no crop)"),
+    ("translate", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 = none)"),
     ("cpu_devices", lambda v: v >= 0, ">= 0 (0 = no split)"),
     ("worker_timeout", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
 )
@@ -92,7 +93,7 @@ class RunSpec:
     from the dataset); ``hparams``: training settings (batch_size,
     accumulate, lr, warmup_steps, ema_decay, grad_clip, eval_every,
     sample_every, ckpt_every, steps; for classification and hybrid runs
-    also crop_padding); ``run_dir``, ``export_dir``.
+    also crop_padding and translate); ``run_dir``, ``export_dir``.
     """
 
     dataset: str
@@ -132,8 +133,10 @@ class TrainingOptions:
     ``crop_padding`` (classification and hybrid only): random crop of every
     training image with this reflection padding, i.e. a uniform translation
     by up to ``crop_padding`` pixels each way (``None``: the reference's for
-    the dataset, :func:`rflow_tf.data.classification_augmentation`); test
-    images are never augmented.
+    the dataset, :func:`rflow_tf.data.classification_augmentation`);
+    ``translate`` (same tasks): random sub-pixel shifts of up to this many
+    pixels each way, bilinear with zero fill (``None``: 0, none; see
+    :func:`rflow_tf.data.load_image_dataset`). Test images are never augmented.
 
     Example:
     ```python
@@ -149,6 +152,7 @@ class TrainingOptions:
     task: str = "density"
     hybrid_lambda: Optional[str] = None
     crop_padding: Optional[int] = None
+    translate: Optional[float] = None
     batch_size: Optional[int] = None
     epochs: Optional[float] = None
     steps: Optional[int] = None
@@ -337,6 +341,18 @@ def resolve_run(config, options):
                 f"got {crop}"
             )
         hp["crop_padding"] = int(crop)
+    translate = options.translate
+    if task == "density":
+        if translate is not None:
+            raise UsageError("--translate applies to --task=classification|hybrid only")
+    else:
+        translate = float(translate or 0.0)
+        if translate >= min(info.image_shape[:2]):
+            raise UsageError(
+                f"--translate must be smaller than the image height and width "
+                f"{tuple(info.image_shape[:2])} of {info.name!r}, got {translate}"
+            )
+        hp["translate"] = translate
     if task == "hybrid":
         hp["hybrid_lambda"] = lam_text
         hp["hybrid_lambda_value"] = hybrid_lambda

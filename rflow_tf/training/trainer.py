@@ -303,15 +303,17 @@ class Trainer:
         builds a fresh pipeline, to be iterated once: a second iterator over the same
         pipeline gets another order (tf.data reshuffles each iteration; a run that took
         its ActNorm batch from the training pipeline resumed onto different batches).
-        Classification and hybrid runs get (images, labels) with the reference's flips
-        and random crops of padding ``hp["crop_padding"]`` (``--crop_padding``, default
-        the reference's)."""
+        Classification and hybrid runs get (images, labels) with the reference's flips,
+        random crops of padding ``hp["crop_padding"]`` (``--crop_padding``, default
+        the reference's) and random shifts of up to ``hp["translate"]`` pixels
+        (``--translate``; runs from before the option have none)."""
         hp = self.hp
         labelled = self.task != "density"
         aug = {}
         if labelled:  # the reference's flips; crop padding resolved by resolve_run
             aug = data.classification_augmentation(self.spec.dataset)
             aug["crop_padding"] = hp["crop_padding"]
+            aug["translate"] = hp.get("translate", 0.0)
         ds = data.load_image_dataset(
             self.spec.dataset,
             "train",

@@ -369,17 +369,19 @@ class _SpectralNormalized(keras.layers.Layer):
     def _kernel_value(self):
         return tf.stop_gradient(tf.convert_to_tensor(self.kernel))
 
-    #: Power steps per convergence check in :meth:`_iterate_to_convergence`: the
-    #: check and the loop's own bookkeeping cost more TensorFlow ops than a
-    #: step, and the graph pays per op, so checking every 4th step makes the
-    #: in-call upkeep about twice as fast (at most 3 extra steps, each only
-    #: making the estimate more accurate).
-    _STEPS_PER_CHECK = 4
+    #: Power steps per convergence check in :meth:`_iterate_to_convergence`. For
+    #: matrix layers (dense, 1x1 convolutions) the check and the loop's own
+    #: bookkeeping cost more TensorFlow ops than a step, and the graph pays per
+    #: op, so checking every 4th step makes the in-call upkeep about twice as
+    #: fast (at most 3 extra steps, each only making the estimate more
+    #: accurate). A k x k convolution's step is two convolutions, dearer than
+    #: the check: it checks every step (see :class:`LipschitzConv2D`).
+    _steps_per_check = 4
 
     def _iterate_to_convergence(self, kernel, v, tol, max_iterations):
         """Power iteration v <- normalize(W^T W v) from v until v moves by less
         than ``tol`` (2-norm) in one step, checked every
-        :attr:`_STEPS_PER_CHECK` steps, or about ``max_iterations`` steps;
+        :attr:`_steps_per_check` steps, or about ``max_iterations`` steps;
         then u = normalize(W v).
 
         The stopping rule is on the vector, not on sigma: when the top
@@ -388,7 +390,7 @@ class _SpectralNormalized(keras.layers.Layer):
         half the last step's change of v, so ``tol`` bounds it by tol / 2.
         Returns ``(u, v)``.
         """
-        k = self._STEPS_PER_CHECK
+        k = self._steps_per_check
 
         def step(v):
             return _l2_normalize(self._apply_wt(self._apply_w(v, kernel), kernel))
@@ -818,6 +820,10 @@ class LipschitzConv2D(_SpectralNormalized):
             self._init_power_vectors((self.filters,), (c,))
         else:
             self._init_power_vectors((1, h, w, self.filters), (1, h, w, c))
+
+    @property
+    def _steps_per_check(self):
+        return 4 if self._is_pointwise else 1
 
     def _apply_w(self, v, kernel):  # (spectral path only)
         if self._is_pointwise:

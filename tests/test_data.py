@@ -561,17 +561,20 @@ def test_digits_labels_stay_with_their_images_when_shuffled():
     assert all(int(y) in labels_of[x.tobytes()] for x, y in zip(x1, y1))
 
 
-def test_digits_random_crop_is_a_window_of_the_padded_image():
+def _plain_and_augmented_digits(**aug):
+    """(plain images, augmented images) of the digits training split in order;
+    checks that the labels are kept and that a seeded augmentation repeats."""
     kw = dict(shuffle=False, with_labels=True)
     x0, y0 = _collect_pairs(data.load_image_dataset('digits', 'train', 100, **kw))
-    x1, y1 = _collect_pairs(
-        data.load_image_dataset('digits', 'train', 100, crop_padding=2, seed=5, **kw)
-    )
-    x2, _ = _collect_pairs(
-        data.load_image_dataset('digits', 'train', 100, crop_padding=2, seed=5, **kw)
-    )
+    x1, y1 = _collect_pairs(data.load_image_dataset('digits', 'train', 100, seed=5, **aug, **kw))
+    x2, _ = _collect_pairs(data.load_image_dataset('digits', 'train', 100, seed=5, **aug, **kw))
     np.testing.assert_array_equal(y0, y1)
     np.testing.assert_array_equal(x1, x2)  # seeded: repeatable
+    return x0, x1
+
+
+def test_digits_random_crop_is_a_window_of_the_padded_image():
+    x0, x1 = _plain_and_augmented_digits(crop_padding=2)
     offsets = _window_offsets(x0[:200], x1[:200], 2)
     # 25 equally likely offsets: all 200 images uncropped has probability 25^-200.
     assert len({o for o in offsets if o != (2, 2)}) > 5
@@ -596,16 +599,7 @@ def test_random_translate_is_bilinear_with_zero_fill():
 
 
 def test_digits_translate_is_seeded_and_keeps_labels():
-    kw = dict(shuffle=False, with_labels=True)
-    x0, y0 = _collect_pairs(data.load_image_dataset('digits', 'train', 100, **kw))
-    x1, y1 = _collect_pairs(
-        data.load_image_dataset('digits', 'train', 100, translate=1.0, seed=5, **kw)
-    )
-    x2, _ = _collect_pairs(
-        data.load_image_dataset('digits', 'train', 100, translate=1.0, seed=5, **kw)
-    )
-    np.testing.assert_array_equal(y0, y1)
-    np.testing.assert_array_equal(x1, x2)  # seeded: repeatable
+    x0, x1 = _plain_and_augmented_digits(translate=1.0)
     changed = np.any(x1 != x0, axis=(1, 2, 3))
     assert changed.mean() > 0.9  # a uniform offset in [-1, 1]^2 is almost never 0
     # A shift by at most one pixel moves ink, it does not create it.

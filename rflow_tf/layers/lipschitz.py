@@ -369,46 +369,38 @@ class _SpectralNormalized(keras.layers.Layer):
     def _kernel_value(self):
         return tf.stop_gradient(tf.convert_to_tensor(self.kernel))
 
-    #: Power steps per convergence check in :meth:`_iterate_to_convergence`. For
-    #: matrix layers (dense, 1x1 convolutions) the check and the loop's own
-    #: bookkeeping cost more TensorFlow ops than a step, and the graph pays per
-    #: op, so checking every 4th step makes the in-call upkeep about twice as
-    #: fast (at most 3 extra steps, each only making the estimate more
-    #: accurate). A k x k convolution's step is two convolutions, dearer than
-    #: the check: it checks every step (see :class:`LipschitzConv2D`).
-    _steps_per_check = 4
+    def _matrix(self, kernel):
+        """M with W = M^T when the layer's map is a matrix (dense, 1x1
+        convolution), else None."""
+        return None
 
     def _iterate_to_convergence(self, kernel, v, tol, max_iterations):
-        """Power iteration v <- normalize(W^T W v) from v until v moves by less
-        than ``tol`` (2-norm) in one step, checked every
-        :attr:`_steps_per_check` steps, or about ``max_iterations`` steps;
-        then u = normalize(W v).
+        """Power iteration from v until v moves by less than ``tol`` (2-norm) in
+        one step, or about ``max_iterations`` steps; returns ``(u, v)`` with
+        u = normalize(W v).
 
         The stopping rule is on the vector, not on sigma: when the top
         singular values are close, sigma changes little per step long before
         it is accurate. Asymptotically the relative error of sigma is at most
         half the last step's change of v, so ``tol`` bounds it by tol / 2.
-        Returns ``(u, v)``.
+
+        Matrix layers iterate on the squared smaller Gram matrix
+        (:func:`_gram_power_iteration`); convolutions step
+        v <- normalize(W^T W v) with a convolution and its transpose.
         """
-        k = self._steps_per_check
-
-        def step(v):
-            return _l2_normalize(self._apply_wt(self._apply_w(v, kernel), kernel))
-
-        def cond(v, change):
-            return change > tol
+        mat = self._matrix(kernel)
+        if mat is not None:
+            return _gram_power_iteration(mat, v, tol, max_iterations)
 
         def body(v, change):
-            for _ in range(k - 1):
-                v = step(v)
-            v2 = step(v)
+            v2 = _l2_normalize(self._apply_wt(self._apply_w(v, kernel), kernel))
             return v2, tf.norm(tf.reshape(v2 - v, [-1]))
 
         v, _ = tf.while_loop(
-            cond,
+            lambda v, change: change > tol,
             body,
             (_l2_normalize(v), tf.constant(np.inf, kernel.dtype)),
-            maximum_iterations=-(-int(max_iterations) // k),
+            maximum_iterations=int(max_iterations),
         )
         return _l2_normalize(self._apply_w(v, kernel)), v
 
@@ -611,6 +603,56 @@ class _SpectralNormalized(keras.layers.Layer):
         }
 
 
+#: Steps of the squared Gram matrix (two power steps each) per convergence
+#: check in :func:`_gram_power_iteration`: the check and the loop's own
+#: bookkeeping cost more graph ops than a step, and the graph pays per op.
+_GRAM_STEPS_PER_CHECK = 4
+
+
+def _gram_power_iteration(mat, v, tol, max_iterations):
+    """Power iteration for the matrix W = M^T (M = ``mat`` [n_in, n_out]) on the
+    smaller Gram matrix G (W^T W if n_in <= n_out, else W W^T), squared:
+
+        x <- normalize(G^2 x)      (two power steps in one matrix-vector product)
+
+    from x = v (or W v), until x moves by less than ``tol`` in one such step
+    (checked every :data:`_GRAM_STEPS_PER_CHECK` steps, so at most 3 extra
+    steps, each making the estimate more accurate), or about
+    ``max_iterations`` power steps. Returns ``(u, v)`` with v the top right
+    singular vector estimate and u = normalize(W v), as the plain iteration.
+    G is rescaled by its largest entry (no overflow); a zero matrix gives
+    zero vectors (sigma 0), as the plain iteration does.
+
+    Example: ``u, v = _gram_power_iteration(m, tf.ones([m.shape[0]]), 5e-4, 200)``.
+    """
+    wide = mat.shape[0] > mat.shape[1]  # iterate on u in R^n_out
+    if wide:
+        gram = tf.matmul(mat, mat, transpose_a=True)
+        x = tf.linalg.matvec(mat, v, transpose_a=True)
+    else:
+        gram = tf.matmul(mat, mat, transpose_b=True)
+        x = v
+    gram = gram / (tf.reduce_max(tf.abs(gram)) + 1e-30)
+    gram2 = tf.matmul(gram, gram)
+    k = _GRAM_STEPS_PER_CHECK
+
+    def body(x, change):
+        for _ in range(k - 1):
+            x = _l2_normalize(tf.matmul(gram2, x))
+        x2 = _l2_normalize(tf.matmul(gram2, x))
+        return x2, tf.norm(x2 - x)
+
+    x, _ = tf.while_loop(
+        lambda x, change: change > tol,
+        body,
+        (_l2_normalize(x)[:, None], tf.constant(np.inf, mat.dtype)),
+        maximum_iterations=-(-int(max_iterations) // (2 * k)),
+    )
+    x = x[:, 0]
+    v = _l2_normalize(tf.linalg.matvec(mat, x)) if wide else x
+    return _l2_normalize(tf.linalg.matvec(mat, v, transpose_a=True)), v
+
+
 def _gram_top_vector(mat, v, n_squarings=10):
     """(M M^T)^(2^n) applied to a start vector, for the matrix map
     v -> M^T v of a kernel M [n_in, n_out] (v and the result in R^n_in):
@@ -710,6 +752,9 @@ class LipschitzDense(_SpectralNormalized):
         )
         self._operator_input_shape = [1, int(d_in)]
         self._init_power_vectors((self.units,), (d_in,))
+
+    def _matrix(self, kernel):
+        return kernel
 
     def _apply_w(self, v, kernel):  # W v with W = kernel^T
         return tf.linalg.matvec(kernel, v, transpose_a=True)
@@ -821,9 +866,8 @@ class LipschitzConv2D(_SpectralNormalized):
         else:
             self._init_power_vectors((1, h, w, self.filters), (1, h, w, c))
 
-    @property
-    def _steps_per_check(self):
-        return 4 if self._is_pointwise else 1
+    def _matrix(self, kernel):
+        return kernel[0, 0] if self._is_pointwise else None
 
     def _apply_w(self, v, kernel):  # (spectral path only)
         if self._is_pointwise:

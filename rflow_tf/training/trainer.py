@@ -306,14 +306,14 @@ class Trainer:
         Classification and hybrid runs get (images, labels) with the reference's flips,
         random crops of padding ``hp["crop_padding"]`` (``--crop_padding``, default
         the reference's) and random shifts of up to ``hp["translate"]`` pixels
-        (``--translate``; runs from before the option have none)."""
+        (``--translate``, default 0: none, the meaning of runs from before the option)."""
         hp = self.hp
         labelled = self.task != "density"
         aug = {}
-        if labelled:  # the reference's flips; crop padding resolved by resolve_run
+        if labelled:  # the reference's flips; crop padding and shifts resolved by resolve_run
             aug = data.classification_augmentation(self.spec.dataset)
             aug["crop_padding"] = hp["crop_padding"]
-            aug["translate"] = hp.get("translate", 0.0)
+            aug["translate"] = hp["translate"]
         ds = data.load_image_dataset(
             self.spec.dataset,
             "train",

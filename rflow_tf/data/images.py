@@ -569,28 +569,26 @@ def _postprocess(
             x = tf.bitwise.right_shift(x, tf.constant(shift, tf.uint8))
         return x
 
+    def offsets(pair, salt, batch, lo, hi, dtype):
+        """[batch, 2] uniform offsets in [lo, hi): stateful without `pair`, else
+        from a seed derived from `pair` and `salt`, so the flips (seeded by `pair`
+        itself) stay those of pipelines without crops or shifts."""
+        shape = [batch, 2]
+        if pair is None:
+            return tf.random.uniform(shape, lo, hi, dtype=dtype)
+        seed = tf.random.experimental.stateless_fold_in(pair, salt)
+        return tf.random.stateless_uniform(shape, seed, lo, hi, dtype=dtype)
+
     def augment(x, pair):
         """Translate, reduce bits, crop, flip; `pair` is a stateless seed or None (stateful)."""
         batch = tf.shape(x)[0]
         if translate:
-            shape = [batch, 2]
-            if pair is None:
-                offsets = tf.random.uniform(shape, -translate, translate)
-            else:
-                shift_seed = tf.random.experimental.stateless_fold_in(pair, 2)
-                offsets = tf.random.stateless_uniform(shape, shift_seed, -translate, translate)
-            x = _random_translate_batch(tf.cast(x, tf.uint8), offsets)
+            shifts = offsets(pair, 2, batch, -translate, translate, tf.float32)
+            x = _random_translate_batch(tf.cast(x, tf.uint8), shifts)
         x = reduce_bits(x)
         if crop_padding:
-            shape, hi = [batch, 2], 2 * crop_padding + 1
-            if pair is None:
-                offsets = tf.random.uniform(shape, 0, hi, dtype=tf.int32)
-            else:
-                # A seed derived from `pair`, so the flips below stay those of
-                # crop-free pipelines with the same seed.
-                crop_seed = tf.random.experimental.stateless_fold_in(pair, 1)
-                offsets = tf.random.stateless_uniform(shape, crop_seed, 0, hi, dtype=tf.int32)
-            x = _random_crop_batch(x, crop_padding, offsets)
+            corners = offsets(pair, 1, batch, 0, 2 * crop_padding + 1, tf.int32)
+            x = _random_crop_batch(x, crop_padding, corners)
         if flip:
             if pair is None:
                 flips = tf.random.uniform([batch]) < 0.5

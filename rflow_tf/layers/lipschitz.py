@@ -603,6 +603,15 @@ class _SpectralNormalized(keras.layers.Layer):
         }
 
 
+def _smaller_gram(mat):
+    """The smaller Gram matrix of M [n_in, n_out] and whether it is M^T M
+    (n_in > n_out, acting on R^n_out) rather than M M^T (acting on R^n_in)."""
+    wide = mat.shape[0] > mat.shape[1]
+    if wide:
+        return tf.matmul(mat, mat, transpose_a=True), True
+    return tf.matmul(mat, mat, transpose_b=True), False
+
+
 #: Steps of the squared Gram matrix (two power steps each) per convergence
 #: check in :func:`_gram_power_iteration`: the check and the loop's own
 #: bookkeeping cost more graph ops than a step, and the graph pays per op.
@@ -625,13 +634,8 @@ def _gram_power_iteration(mat, v, tol, max_iterations):
 
     Example: ``u, v = _gram_power_iteration(m, tf.ones([m.shape[0]]), 5e-4, 200)``.
     """
-    wide = mat.shape[0] > mat.shape[1]  # iterate on u in R^n_out
-    if wide:
-        gram = tf.matmul(mat, mat, transpose_a=True)
-        x = tf.linalg.matvec(mat, v, transpose_a=True)
-    else:
-        gram = tf.matmul(mat, mat, transpose_b=True)
-        x = v
+    gram, wide = _smaller_gram(mat)  # wide: iterate on u in R^n_out
+    x = tf.linalg.matvec(mat, v, transpose_a=True) if wide else v
     gram = gram / (tf.reduce_max(tf.abs(gram)) + 1e-30)
     gram2 = tf.matmul(gram, gram)
     k = _GRAM_STEPS_PER_CHECK
@@ -658,12 +662,7 @@ def _gram_top_vector(mat, v, n_squarings=10):
     v -> M^T v of a kernel M [n_in, n_out] (v and the result in R^n_in):
     components along singular values s_i shrink like (s_i / s_1)^(2^(n+1)).
     Uses the smaller Gram matrix; rescaled at every squaring."""
-    transpose = mat.shape[0] > mat.shape[1]
-    gram = (
-        tf.matmul(mat, mat, transpose_a=True)
-        if transpose
-        else tf.matmul(mat, mat, transpose_b=True)
-    )
+    gram, transpose = _smaller_gram(mat)
     for _ in range(n_squarings):
         gram = gram / tf.reduce_max(tf.abs(gram))
         gram = tf.matmul(gram, gram)

@@ -278,9 +278,15 @@ def resolve_hybrid_lambda(hybrid_lambda, num_dims=None):
     return float(hybrid_lambda)
 
 
-def hybrid_loss(log_prob_x, logits, labels, hybrid_lambda, num_dims=None):
+def hybrid_loss(log_prob_x, logits, labels, hybrid_lambda, num_dims=None, label_smoothing=0.0):
     """Per-example hybrid objective in nats:
     lambda * (-log p(x)) - log softmax(logits)[label].
+
+    With ``label_smoothing`` eps > 0 (not the reference; a regulariser of the
+    classifier) the cross-entropy term is taken against the smoothed target
+    (1 - eps) onehot(label) + eps / K over the K classes:
+
+        - (1 - eps) log softmax(logits)[label] - (eps / K) sum_k log softmax(logits)[k].
 
     Args:
       log_prob_x: [B] log-densities log p(x) of the examples (nats; for
@@ -292,6 +298,7 @@ def hybrid_loss(log_prob_x, logits, labels, hybrid_lambda, num_dims=None):
       hybrid_lambda: lambda (see :func:`resolve_hybrid_lambda`): a number
         >= 0 or "1/D".
       num_dims: D, needed for "1/D".
+      label_smoothing: eps in [0, 1); 0 (default) is the plain cross-entropy.
 
     Returns:
       [B] losses (average them, or use ``tf.nn.compute_average_loss`` under a
@@ -302,9 +309,16 @@ def hybrid_loss(log_prob_x, logits, labels, hybrid_lambda, num_dims=None):
     logits = tf.constant([[2.0, 0.0], [0.0, 1.0]])
     hybrid_loss(tf.constant([-10.0, -12.0]), logits, [0, 1], 1.0)
     # [10 + log(1 + e^-2), 12 + log(1 + e^-1)]
+    hybrid_loss(None, logits, [0, 1], 0.0, label_smoothing=0.1)   # classification only
     ```
     """
     lam = resolve_hybrid_lambda(hybrid_lambda, num_dims)
+    if (
+        isinstance(label_smoothing, bool)
+        or not isinstance(label_smoothing, numbers.Real)
+        or not 0.0 <= label_smoothing < 1.0
+    ):
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
     logits = tf.convert_to_tensor(logits)
     if not logits.dtype.is_floating or logits.shape.rank != 2:
         raise ValueError(
@@ -320,6 +334,9 @@ def hybrid_loss(log_prob_x, logits, labels, hybrid_lambda, num_dims=None):
     cross_entropy = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.cast(labels, tf.int64), logits=logits
     )
+    if label_smoothing:
+        uniform = -tf.reduce_mean(tf.nn.log_softmax(logits), axis=-1)
+        cross_entropy = (1.0 - label_smoothing) * cross_entropy + label_smoothing * uniform
     if lam == 0.0:
         return cross_entropy
     if log_prob_x is None:

@@ -135,6 +135,16 @@ def test_heads_and_hybrid_loss_match_hand_computation(factor_out):
     want = -log_px / d + xent
     got = classifier.hybrid_loss(log_px, logits2, labels, "1/D", num_dims=d)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-10)
+    # With label smoothing eps: the cross-entropy against (1 - eps) onehot + eps / K.
+    eps = 0.2
+    log_softmax = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    target = (1 - eps) * np.eye(3)[labels] + eps / 3
+    want_smooth = -log_px / d - (target * log_softmax).sum(-1)
+    got = classifier.hybrid_loss(log_px, logits2, labels, "1/D", num_dims=d, label_smoothing=eps)
+    np.testing.assert_allclose(got.numpy(), want_smooth, rtol=1e-10)
+    assert np.all(want_smooth != want)
+    got = classifier.hybrid_loss(None, logits2, labels, 0.0, label_smoothing=eps)
+    np.testing.assert_allclose(got.numpy(), want_smooth + log_px / d, rtol=1e-10)
 
 
 def test_checkpoint_restores_every_weight_of_a_hybrid_coupling_model(tmp_path):
@@ -281,6 +291,15 @@ def test_crop_padding_and_translate_are_resolved_checked_and_used_by_the_trainer
         spec("--task=classification", "--translate=8")
     with pytest.raises(trainer_main.UsageError, match="--translate must be"):
         spec("--task=classification", "--translate=-1")
+    # --label_smoothing: default none for labelled runs, refused for density runs.
+    assert spec("--task=classification")["label_smoothing"] == 0.0
+    assert spec("--task=hybrid", "--label_smoothing=0.1")["label_smoothing"] == 0.1
+    assert "label_smoothing" not in spec()
+    with pytest.raises(trainer_main.UsageError, match="classification\\|hybrid only"):
+        spec("--label_smoothing=0.1")
+    for bad in ("1", "-0.1", "nan"):
+        with pytest.raises(trainer_main.UsageError, match="--label_smoothing must be in"):
+            spec("--task=classification", f"--label_smoothing={bad}")
     # The trainer's batches are those of the data pipeline with that crop.
     trainer = trainer_main.Trainer(
         trainer_main.parse_args(
@@ -313,6 +332,28 @@ def test_classification_task_trains_without_log_det(tmp_path, monkeypatch):
     assert result["task"] == "classification" and math.isnan(result["test_bpd"])
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["test_cross_entropy"] > 0
     assert result["samples"] is None
+
+
+@pytest.mark.parametrize("task", ["classification", "hybrid"])
+def test_training_step_uses_the_label_smoothing_flag(tmp_path, monkeypatch, task):
+    seen = []
+    plain = classifier.hybrid_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("label_smoothing"))
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(classifier, "hybrid_loss", spy)
+    flags = TINY_FLAGS + [f"--task={task}", "--steps=1", "--export_dir="]
+    for out, smoothing in (("a", []), ("b", ["--label_smoothing=0.25"])):
+        trainer_main.train(trainer_main.parse_args(flags + [f"--out={tmp_path / out}", *smoothing]))
+    assert seen and set(seen) == {0.0, 0.25}
+
+
+def test_hybrid_loss_rejects_bad_label_smoothing():
+    for bad in (1.0, -0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing must be"):
+            classifier.hybrid_loss(None, [[0.0, 1.0]], [0], 0.0, label_smoothing=bad)
 
 
 def test_hybrid_task_resumes_and_exports_classify(tmp_path, capsys):

@@ -417,6 +417,14 @@ def build_parser():
         "sub-pixel offset of up to this many pixels each way (bilinear, zero fill; "
         "not a reference option). Default: 0 (none).",
     )
+    g.add_argument(
+        "--label_smoothing",
+        type=float,
+        default=None,
+        help="Classification/hybrid only: train the classifier on the smoothed labels "
+        "(1 - eps) onehot + eps / n_classes (not a reference option; the reported "
+        "cross-entropy stays the plain one). Default: 0 (none).",
+    )
 
     g = p.add_argument_group("log-det estimator")
     g.add_argument(

@@ -57,6 +57,7 @@ FLAG_CONSTRAINTS = (
     ("keep_best", lambda v: v >= 1, ">= 1"),
     ("crop_padding", lambda v: v >= 0, ">= 0 (0 = no crop)"),
     ("translate", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 = none)"),
+    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1) (0 = none)"),
     ("cpu_devices", lambda v: v >= 0, ">= 0 (0 = no split)"),
     ("worker_timeout", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
 )
@@ -93,7 +94,8 @@ class RunSpec:
     from the dataset); ``hparams``: training settings (batch_size,
     accumulate, lr, warmup_steps, ema_decay, grad_clip, eval_every,
     sample_every, ckpt_every, steps; for classification and hybrid runs
-    also crop_padding and translate); ``run_dir``, ``export_dir``.
+    also crop_padding, translate and label_smoothing); ``run_dir``,
+    ``export_dir``.
     """
 
     dataset: str
@@ -137,6 +139,9 @@ class TrainingOptions:
     ``translate`` (same tasks): random sub-pixel shifts of up to this many
     pixels each way, bilinear with zero fill (``None``: 0, none; see
     :func:`rflow_tf.data.load_image_dataset`). Test images are never augmented.
+    ``label_smoothing`` (same tasks): eps of the smoothed cross-entropy of
+    :func:`rflow_tf.classifier.hybrid_loss` (``None``: 0, none; the reported
+    cross-entropy stays the plain one).
 
     Example:
     ```python
@@ -153,6 +158,7 @@ class TrainingOptions:
     hybrid_lambda: Optional[str] = None
     crop_padding: Optional[int] = None
     translate: Optional[float] = None
+    label_smoothing: Optional[float] = None
     batch_size: Optional[int] = None
     epochs: Optional[float] = None
     steps: Optional[int] = None
@@ -353,6 +359,11 @@ def resolve_run(config, options):
                 f"{tuple(info.image_shape[:2])} of {info.name!r}, got {translate}"
             )
         hp["translate"] = translate
+    if task == "density":
+        if options.label_smoothing is not None:
+            raise UsageError("--label_smoothing applies to --task=classification|hybrid only")
+    else:
+        hp["label_smoothing"] = float(options.label_smoothing or 0.0)
     if task == "hybrid":
         hp["hybrid_lambda"] = lam_text
         hp["hybrid_lambda_value"] = hybrid_lambda

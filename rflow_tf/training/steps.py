@@ -148,6 +148,7 @@ def make_train_step(
     task="density",
     hybrid_lambda=None,
     dequantizer=None,
+    label_smoothing=0.0,
 ):
     """The distributed training step, a ``tf.function(x, step, poison)``.
 
@@ -173,7 +174,8 @@ def make_train_step(
     (the mean training objective: bits/dim for "density", cross-entropy in
     nats for "classification", the hybrid loss of
     :func:`rflow_tf.classifier.hybrid_loss` with ``hybrid_lambda`` (a float)
-    for "hybrid"), ``grad_norm`` (before clipping), ``ok`` (update applied),
+    for "hybrid"; with ``label_smoothing`` eps its cross-entropy term is
+    taken against the smoothed labels), ``grad_norm`` (before clipping), ``ok`` (update applied),
     ``logdet`` (mean total log-det per example; 0 for "classification",
     which never computes one), and for the labelled tasks ``bpd`` (hybrid),
     ``xent`` and ``acc`` (training batch means).
@@ -229,7 +231,11 @@ def make_train_step(
                     metrics["bpd"] = batch_mean(-(lp - offset) / (num_dims * _LN2))
                     lp = lp - offset  # log P(discrete x), nats
                 per_example = rclf.hybrid_loss(
-                    lp, logits, labels, 0.0 if task == "classification" else hybrid_lambda
+                    lp,
+                    logits,
+                    labels,
+                    0.0 if task == "classification" else hybrid_lambda,
+                    label_smoothing=label_smoothing,
                 )
                 loss = batch_mean(per_example)
                 metrics["xent"] = batch_mean(

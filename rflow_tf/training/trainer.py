@@ -390,6 +390,7 @@ class Trainer:
                 task=self.task,
                 hybrid_lambda=hp.get("hybrid_lambda_value"),
                 dequantizer=self.dequantizer,
+                label_smoothing=hp.get("label_smoothing", 0.0),
             )
         return self._train_step
 

@@ -21,7 +21,8 @@ p(x) and a classifier p(y | x) that reads the flow's hidden representations:
       loss = lambda * (-log p(x)) - log p(y | x),
 
   with lambda a number (the paper: 1, or 0 for a pure classifier) or
-  ``"1/D"`` (D = dimensions per image), via :func:`resolve_hybrid_lambda`.
+  ``"1/D"`` (D = dimensions per image), via :func:`resolve_hybrid_lambda`;
+  optionally with label smoothing (not the reference's).
   (The reference trains on the same objective in bits: its
   ``bpd * D + crossent / ln 2`` is lambda = 1 divided by ln 2, and with
   ``--scale-dim`` ``bpd + crossent / ln 2`` is lambda = 1/D divided by

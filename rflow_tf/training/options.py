@@ -16,6 +16,10 @@ from rflow_tf import data, models
 #: Training tasks (``--task``).
 TASKS = ("density", "classification", "hybrid")
 
+#: The :class:`TrainingOptions` of classification and hybrid runs only; density
+#: runs refuse them (:func:`resolve_run`).
+LABELLED_ONLY_OPTIONS = ("crop_padding", "translate", "label_smoothing")
+
 
 class UsageError(Exception):
     """Bad flags or options, or an incompatible run directory; the command line prints it
@@ -333,11 +337,12 @@ def resolve_run(config, options):
     hp["seed"] = int(options.seed)
     hp["jit_compile"] = bool(options.jit_compile)
     hp["task"] = task
-    crop = options.crop_padding
     if task == "density":
-        if crop is not None:
-            raise UsageError("--crop_padding applies to --task=classification|hybrid only")
+        for flag in LABELLED_ONLY_OPTIONS:
+            if getattr(options, flag) is not None:
+                raise UsageError(f"--{flag} applies to --task=classification|hybrid only")
     else:
+        crop = options.crop_padding
         if crop is None:
             crop = data.classification_augmentation(info.name)["crop_padding"]
         if crop >= min(info.image_shape[:2]):
@@ -347,22 +352,13 @@ def resolve_run(config, options):
                 f"got {crop}"
             )
         hp["crop_padding"] = int(crop)
-    translate = options.translate
-    if task == "density":
-        if translate is not None:
-            raise UsageError("--translate applies to --task=classification|hybrid only")
-    else:
-        translate = float(translate or 0.0)
+        translate = float(options.translate or 0.0)
         if translate >= min(info.image_shape[:2]):
             raise UsageError(
                 f"--translate must be smaller than the image height and width "
                 f"{tuple(info.image_shape[:2])} of {info.name!r}, got {translate}"
             )
         hp["translate"] = translate
-    if task == "density":
-        if options.label_smoothing is not None:
-            raise UsageError("--label_smoothing applies to --task=classification|hybrid only")
-    else:
         hp["label_smoothing"] = float(options.label_smoothing or 0.0)
     if task == "hybrid":
         hp["hybrid_lambda"] = lam_text

@@ -9,22 +9,30 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 from tensorflow_probability.python.internal import cache_util
 
+from rflow_tf import tracing
+
 tfb = tfp.bijectors
 
 
 class _InverseMemo:
-    """y -> x for outputs y of ``forward`` that are still alive (weak keys)."""
+    """y -> x for outputs y of ``forward`` that are still alive (weak keys),
+    with the graph point where ``forward`` returned (None eagerly)."""
 
     def __init__(self):
         self._entries = {}
 
     def remember(self, y, x):
         key = id(y)
-        self._entries[key] = (weakref.ref(y, lambda _, key=key: self._entries.pop(key, None)), x)
+        ref = weakref.ref(y, lambda _, key=key: self._entries.pop(key, None))
+        self._entries[key] = (ref, x, tracing.graph_point())
 
     def recall(self, y):
+        """``(x, current)``: the remembered x (or None) and whether it is known
+        at trace time to be current (same graph, no variable written since)."""
         entry = self._entries.get(id(y))
-        return entry[1] if entry is not None and entry[0]() is y else None
+        if entry is None or entry[0]() is not y:
+            return None, False
+        return entry[1], tracing.no_write_since(entry[2])
 
 
 def _reproduces(y_now, y):
@@ -43,8 +51,11 @@ class _FreshBijectorCache(cache_util.BijectorCache):
       alive gives back that ``x`` without running the inverse -- this is what
       ``TransformedDistribution.log_prob`` relies on to avoid a fixed-point
       inversion at the latent point -- but only while ``forward(x)`` still
-      reproduces ``y`` (checked by one cheap forward pass, in graphs with a
-      ``tf.cond``): after any change of the weights the inverse is computed;
+      reproduces ``y``: while tracing, when no op since ``forward`` may have
+      written a variable (:func:`rflow_tf.tracing.no_write_since`), ``x``
+      is given back with no ops at all; otherwise one forward pass checks it
+      (in graphs with a ``tf.cond``) and after any change of the weights the
+      inverse is computed;
     * log-det "attributes" are never stored, so a random log-det estimate is
       fresh on every call.
     """
@@ -60,7 +71,9 @@ class _FreshBijectorCache(cache_util.BijectorCache):
         return y
 
     def inverse(self, y, **kwargs):
-        x = self._memo().recall(y)
+        x, current = self._memo().recall(y)
+        if current:
+            return x
         if x is None:
             return self.bijector._inverse(y, **kwargs)
         still_valid = _reproduces(self.bijector._forward(x, **kwargs), y)

@@ -10,9 +10,14 @@ import tensorflow as tf
 # enclosing tapes do not build its (unused) backward function at trace time.
 from tensorflow.python.eager import record as _tape_record
 
-from rflow_tf import norms
+from rflow_tf import norms, tracing
 from rflow_tf.layers._base import _PACKAGE
 from rflow_tf.layers.initializers import _bias_initializer
+
+# The upkeep stores the converged estimate for the kernel it reads: calling it
+# again at the same state computes the same, so its writes never make a value
+# traced earlier stale.
+tracing.mark_idempotent_writer("lipschitz_upkeep")
 
 
 def _l2_normalize(x):
@@ -470,13 +475,24 @@ class _SpectralNormalized(keras.layers.Layer):
         store = _can_store_in_context()
         if tf.executing_eagerly() and self.is_spectral:
             return self._update_estimate(store)
+        # Within one trace, the estimate checked at an earlier use serves every
+        # later use (forward, log-det, recomputing backward) until a variable
+        # may have been written (rflow_tf.tracing).
+        memo = self.__dict__.setdefault("_upkeep_memo", tracing.TraceMemo())
+        found = memo.get(store)
+        if found is not None:
+            return found
         # One graph function per layer (and context), traced once and reused by
-        # every enclosing trace: forward, recomputing backward, every retrace.
+        # every enclosing trace.
         fns = self.__dict__.setdefault("_update_fns", {})
         if store not in fns:
-            fns[store] = tf.function(lambda: self._update_estimate(store), autograph=False)
+
+            def lipschitz_upkeep():
+                return self._update_estimate(store)
+
+            fns[store] = tf.function(lipschitz_upkeep, autograph=False)
         with _tape_record.stop_recording():  # no gradient flows through u, v
-            return fns[store]()
+            return memo.put(store, fns[store]())
 
     def _update_estimate(self, store):
         kernel = self._kernel_value()

@@ -1,0 +1,201 @@
+"""Trace-time reuse of values inside one TensorFlow graph (the lowest layer: TensorFlow only).
+
+While a ``tf.function`` is traced, the same quantity is often asked for several
+times: a Lipschitz layer's power-iteration state by the forward pass, the
+log-determinant and the recomputing backward pass; a bijector's input ``x`` by
+TFP's walk of ``inverse(forward(x))``. Each request that builds its own ops
+makes the graph larger, and graph size is what costs at the first call
+(optimisation and instantiation scale with it).
+
+A value computed at one point of a graph may be reused at a later point of the
+*same* graph exactly when no variable can have been written in between: a
+later read would return what the earlier read returned (ops that touch
+variables run in program order in a ``tf.function``). :class:`TraceMemo`
+stores such values; :func:`no_write_since` is the test. It is conservative:
+any op created since the point that writes *any* resource variable (assign
+ops, optimiser ``ResourceApply*`` ops, and calls or control flow whose
+functions contain them) makes the stored value unusable, except the calls of
+functions registered with :func:`mark_idempotent_writer`: functions whose
+writes never change what later reads of the same state compute with (the
+Lipschitz layers' upkeep stores the converged estimate for the kernel it
+reads).
+
+Eagerly nothing is reused: every eager call reads the variables anew.
+"""
+
+import re
+import weakref
+
+import tensorflow as tf
+
+__all__ = ["GraphPoint", "graph_point", "no_write_since", "mark_idempotent_writer", "TraceMemo"]
+
+#: Op types that write resource variables (TensorFlow's raw ops).
+_WRITE_OP = re.compile(
+    r"^(Assign\w*VariableOp|ResourceApply\w+|ResourceSparseApply\w+|ResourceScatter\w+|"
+    r"ResourceStridedSliceAssign|ResourceGather\w*Assign\w*|DestroyResourceOp)$"
+)
+
+#: Names of the functions whose calls are known not to change later reads.
+_IDEMPOTENT_PREFIXES = []
+
+
+def mark_idempotent_writer(python_name):
+    """Declares the traced functions whose Python function is named
+    ``python_name`` idempotent writers: they may assign variables, but only
+    values that a later read at the same state would compute again (so a call
+    of one never invalidates a :class:`TraceMemo` entry).
+
+    Example: ``mark_idempotent_writer("lipschitz_upkeep")``.
+    """
+    if python_name not in _IDEMPOTENT_PREFIXES:
+        _IDEMPOTENT_PREFIXES.append(python_name)
+
+
+class GraphPoint:
+    """A point in a graph under construction: the graph and how many ops it held.
+
+    Example: ``point = graph_point()`` (None when executing eagerly).
+    """
+
+    __slots__ = ("graph", "n_ops", "__weakref__")
+
+    def __init__(self, graph, n_ops):
+        self.graph = graph
+        self.n_ops = n_ops
+
+
+def graph_point():
+    """The current point of the graph being built, or None when executing eagerly."""
+    if tf.executing_eagerly():
+        return None
+    graph = tf.compat.v1.get_default_graph()
+    return GraphPoint(graph, len(graph.get_operations()))
+
+
+def _function_def(graph, name):
+    """The FunctionDef called ``name`` as seen from ``graph`` (or an outer graph)."""
+    while graph is not None:
+        try:
+            found = graph._get_function(name)  # noqa: SLF001 (TensorFlow's lookup)
+        except (AttributeError, KeyError):
+            found = None
+        if found is not None:
+            return getattr(found, "definition", found)
+        graph = getattr(graph, "outer_graph", None)
+    return None
+
+
+class _WriteScan:
+    """Per graph: how far its ops were scanned and the index of the last op
+    that may write a variable (-1: none); per function name: whether it may."""
+
+    def __init__(self):
+        self.scanned = 0
+        self.last_write = -1
+
+
+_SCANS = weakref.WeakKeyDictionary()  # graph -> _WriteScan
+_FUNCTION_WRITES = {}  # function name -> bool
+
+
+def _function_attr_names(attr_map):
+    for value in attr_map.values():
+        if value.HasField("func"):
+            yield value.func.name
+        elif value.HasField("list"):
+            for f in value.list.func:
+                yield f.name
+
+
+def _is_idempotent(name):
+    return any(p in name for p in _IDEMPOTENT_PREFIXES)
+
+
+def _function_may_write(graph, name, depth=0):
+    if _is_idempotent(name):
+        return False
+    if name in _FUNCTION_WRITES:
+        return _FUNCTION_WRITES[name]
+    fdef = _function_def(graph, name)
+    if fdef is None or depth > 32:
+        return True  # unknown: assume it writes
+    _FUNCTION_WRITES[name] = False  # recursion guard
+    writes = any(
+        _WRITE_OP.match(node.op)
+        or any(_function_may_write(graph, f, depth + 1) for f in _function_attr_names(node.attr))
+        for node in fdef.node_def
+    )
+    _FUNCTION_WRITES[name] = writes
+    return writes
+
+
+def _op_may_write(graph, op):
+    if _WRITE_OP.match(op.type):
+        return True
+    return any(_function_may_write(graph, f, 0) for f in _function_attr_names(op.node_def.attr))
+
+
+def no_write_since(point):
+    """True when ``point`` lies in the graph being built now and no op created
+    in it since may have written a variable (see the module docstring); False
+    eagerly, in another graph, or after a possible write.
+
+    Example:
+    ```python
+    point = graph_point()
+    ...  # build more ops
+    if no_write_since(point): ...   # values read at `point` are still current
+    ```
+    """
+    if point is None or tf.executing_eagerly():
+        return False
+    graph = tf.compat.v1.get_default_graph()
+    if graph is not point.graph:
+        return False
+    scan = _SCANS.get(graph)
+    if scan is None:
+        scan = _SCANS[graph] = _WriteScan()
+    ops = graph.get_operations()
+    for i in range(scan.scanned, len(ops)):
+        if _op_may_write(graph, ops[i]):
+            scan.last_write = i
+    scan.scanned = len(ops)
+    return scan.last_write < point.n_ops
+
+
+class TraceMemo:
+    """Values remembered while tracing, given back later in the same graph
+    while no variable may have been written since (:func:`no_write_since`).
+
+    Keys are any hashable; entries die with their graph.
+
+    Example:
+    ```python
+    memo = TraceMemo()
+    value = memo.get("sigma")
+    if value is None:
+        value = memo.put("sigma", expensive())
+    ```
+    """
+
+    def __init__(self):
+        self._graphs = weakref.WeakKeyDictionary()  # graph -> {key: (point, value)}
+
+    def get(self, key):
+        """The value stored under ``key`` if it may still be used here, else None."""
+        if tf.executing_eagerly():
+            return None
+        entries = self._graphs.get(tf.compat.v1.get_default_graph())
+        entry = entries.get(key) if entries else None
+        if entry is None or not no_write_since(entry[0]):
+            return None
+        return entry[1]
+
+    def put(self, key, value):
+        """Stores ``value`` under ``key`` at the current point of the graph (a
+        no-op eagerly); returns ``value``."""
+        point = graph_point()
+        if point is not None:
+            self._graphs.setdefault(point.graph, {})[key] = (point, value)
+        return value

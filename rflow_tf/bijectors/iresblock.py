@@ -328,7 +328,8 @@ class IResBlock(_KerasBacked):
         return gx, vjp, lambda u, v: est.neumann_surrogate(vjp, u, v)
 
     def _flatten_batch(self, x, name):
-        """Validates x and reshapes it to [B, *event_shape]; returns (x, batch_shape)."""
+        """Validates x and reshapes it to [B, *event_shape]; returns (x, batch_shape),
+        batch_shape None when x has one batch axis (nothing to reshape)."""
         x = _as_float_tensor(x, self.name)
         nd = self._event_ndims
         if x.shape.rank is not None and x.shape.rank < nd:
@@ -343,11 +344,16 @@ class IResBlock(_KerasBacked):
             )
         if self.validate_args:
             x = tf.debugging.assert_all_finite(x, f"{self.name}: {name} contains NaN or Inf")
+        if x.shape.rank == nd + 1:  # already [B, *event_shape]
+            return x, None
         batch_shape = tf.shape(x)[: tf.rank(x) - nd]
         return tf.reshape(x, tf.concat([[-1], event_shape], 0)), batch_shape
 
     @staticmethod
     def _unflatten(t, batch_shape):
+        """``t`` [B, ...] with its batch axis back to ``batch_shape`` (None: as it is)."""
+        if batch_shape is None:
+            return t
         return tf.reshape(t, tf.concat([batch_shape, tf.shape(t)[1:]], 0))
 
     def _mode(self, training):
@@ -386,7 +392,7 @@ class IResBlock(_KerasBacked):
                 gx, ld = self._neumann(xf, v, n_terms, weights, training)
             else:
                 gx, ld = self._backprop(xf, v, n_terms, weights, training)
-        return self._unflatten(xf + gx, batch_shape), tf.reshape(ld, batch_shape)
+        return self._unflatten(xf + gx, batch_shape), self._unflatten(ld, batch_shape)
 
     def _exact(self, x, training):
         """Full Jacobian by one batched VJP: example b is repeated D times and
@@ -578,15 +584,21 @@ class IResBlock(_KerasBacked):
             # NaN compares False: a non-finite iterate stops the loop.
             return change > atol + rtol * tf.reduce_max(tf.abs(x))
 
+        if self._chain is not None and self._net.built:
+            frozen = self._chain.frozen()  # the kernels are read once, outside the loop
+            g = lambda x: self._checked(x, frozen(x))  # noqa: E731
+        else:
+            g = lambda x: self._g(x, False)  # noqa: E731
+
         def body(i, x, change):
-            x_new = yf - self._g(x, False)
+            x_new = yf - g(x)
             return i + 1, x_new, tf.reduce_max(tf.abs(x_new - x))
 
         big = tf.constant(float("inf"), yf.dtype)
         _, x, change = tf.while_loop(
             cond, body, (tf.constant(0), yf, big), maximum_iterations=self.inverse_max_iterations
         )
-        residual = tf.reduce_max(tf.abs(x + self._g(x, False) - yf))
+        residual = tf.reduce_max(tf.abs(x + g(x) - yf))
         finite = (
             tf.math.is_finite(change)
             & tf.math.is_finite(residual)

@@ -82,17 +82,29 @@ class JacobianChain:
                 return None
         return cls(layers)
 
-    def linearize(self, x, training=False):
-        """Returns ``(g(x), lin)``: lin.vjp(u) = u^T J_g(x), lin.jvp(v) = J_g(x) v.
-
-        ``training=True`` runs each layer's ``power_iterations`` first, as
-        the layer's own ``call`` does.
-        """
-        factors, h, scale = [], x, 1.0
+    def _effective_kernels(self, training):
+        """Each Lipschitz layer's effective kernel (None for activations)."""
+        kernels = []
         for layer in self._layers:
             if isinstance(layer, _SpectralNormalized):
                 layer._maybe_iterate(training)
-                kernel = tf.cast(layer.effective_kernel(), h.dtype)
+                kernels.append(layer.effective_kernel())
+            else:
+                kernels.append(None)
+        return kernels
+
+    def linearize(self, x, training=False, kernels=None):
+        """Returns ``(g(x), lin)``: lin.vjp(u) = u^T J_g(x), lin.jvp(v) = J_g(x) v.
+
+        ``training=True`` runs each layer's ``power_iterations`` first, as
+        the layer's own ``call`` does. ``kernels``: the effective kernels to
+        use (default: read now; see :meth:`frozen`).
+        """
+        kernels = self._effective_kernels(training) if kernels is None else kernels
+        factors, h, scale = [], x, 1.0
+        for layer, kernel in zip(self._layers, kernels):
+            if isinstance(layer, _SpectralNormalized):
+                kernel = tf.cast(kernel, h.dtype)
                 if scale != 1.0:  # phi = c y: fold c into this (small) kernel
                     kernel, scale = kernel * scale, 1.0
                 factors.append((layer, kernel))
@@ -107,6 +119,17 @@ class JacobianChain:
         if scale != 1.0:
             h, factors[-1] = h * scale, (None, factors[-1][1] * scale)
         return h, _Linearization(factors)
+
+    def frozen(self):
+        """g as a function of x alone, with every effective kernel (and its
+        Lipschitz upkeep) read once now: for evaluating g many times at fixed
+        weights, as the fixed-point inverse x <- y - g(x) does (evaluation
+        settings, ``training=False``; the same arithmetic as :meth:`linearize`).
+
+        Example: ``g = chain.frozen(); x = y - g(y)``.
+        """
+        kernels = self._effective_kernels(False)
+        return lambda x: self.linearize(x, kernels=kernels)[0]
 
 
 class _Linearization:

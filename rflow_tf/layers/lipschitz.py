@@ -2,6 +2,9 @@
 induced mixed norm ||W||_{p->q} with fixed or learnable orders, LearnableOrder) and the
 functions that find them in a model and run their power iterations (converge_lipschitz, ...)."""
 
+import weakref
+from typing import NamedTuple
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -60,6 +63,41 @@ def _inside_vectorized_map():
                 pass
         graph = getattr(graph, "outer_graph", None)
     return False
+
+
+class _PowerState(NamedTuple):
+    """The variables a layer's power iteration reads (``read_value``) and
+    writes (``assign``): tf.Variables, or :class:`_HandleVariable` inside an
+    upkeep function shared by the layers of one configuration."""
+
+    kernel: tf.Variable
+    u: tf.Variable
+    v: tf.Variable
+    sigma: tf.Variable
+    estimated_kernel: tf.Variable
+
+
+class _HandleVariable:
+    """A resource variable seen through its handle (an argument of a shared
+    graph function: variables passed by handle are not tied to the function)."""
+
+    def __init__(self, handle, like):
+        self.handle, self.dtype, self.shape = handle, like.dtype, like.shape
+
+    def read_value(self):
+        value = tf.raw_ops.ReadVariableOp(resource=self.handle, dtype=self.dtype)
+        value.set_shape(self.shape)
+        return value
+
+    def assign(self, value):
+        return tf.raw_ops.AssignVariableOp(
+            resource=self.handle, value=tf.convert_to_tensor(value, self.dtype)
+        )
+
+
+#: Traced upkeep functions shared by the layers of one configuration (see
+#: ``_SpectralNormalized._upkeep_signature``), with the layer tracing them now.
+_SHARED_UPKEEP = {}
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -309,7 +347,7 @@ class _SpectralNormalized(keras.layers.Layer):
     #: start) before the best of them is converged alone.
     _RESTART_STEPS = 10
 
-    def _mixed_iteration(self, kernel, v, tol, max_iterations, restarts=0):
+    def _mixed_iteration(self, kernel, v, tol, max_iterations, restarts=0, sigma=None):
         """The generalised power method from v (variable-shaped); returns (u, v).
 
         With ``restarts``, v and that many random starts first run
@@ -320,7 +358,8 @@ class _SpectralNormalized(keras.layers.Layer):
         v = tf.reshape(v, self._operator_input_shape)
         if restarts:
             shape = [restarts] + self._operator_input_shape[1:]
-            bits = tf.bitcast(tf.cast(tf.convert_to_tensor(self.sigma), tf.float32), tf.int32)
+            sigma = _backing(self.sigma) if sigma is None else sigma
+            bits = tf.bitcast(tf.cast(sigma.read_value(), tf.float32), tf.int32)
             seed = tf.stack([tf.constant(3, tf.int32), bits])
             starts = tf.concat([v, tf.random.stateless_normal(shape, seed, dtype=v.dtype)], 0)
             res = norms.power_iteration(apply, apply_t, starts, p, q, self._RESTART_STEPS, 0.0)
@@ -371,8 +410,18 @@ class _SpectralNormalized(keras.layers.Layer):
             return self._mixed_sigma(kernel, v)
         return tf.reduce_sum(tf.stop_gradient(u) * self._apply_w(tf.stop_gradient(v), kernel))
 
-    def _kernel_value(self):
-        return tf.stop_gradient(tf.convert_to_tensor(self.kernel))
+    def _kernel_value(self, state=None):
+        state = state or self._power_state()
+        return tf.stop_gradient(state.kernel.read_value())
+
+    def _power_state(self):
+        return _PowerState(
+            _backing(self.kernel),
+            _backing(self.u),
+            _backing(self.v),
+            _backing(self.sigma),
+            self._estimated_kernel,
+        )
 
     def _matrix(self, kernel):
         """M with W = M^T when the layer's map is a matrix (dense, 1x1
@@ -409,44 +458,55 @@ class _SpectralNormalized(keras.layers.Layer):
         )
         return _l2_normalize(self._apply_w(v, kernel)), v
 
-    def _random_like(self, x, salt):
+    def _random_like(self, x, salt, state=None):
         """A deterministic unit-norm random tensor shaped like x, seeded by
         ``salt`` and the stored sigma: a function of the layer's state, so
         resumed runs and rebuilt models repeat it."""
-        bits = tf.bitcast(tf.cast(tf.convert_to_tensor(self.sigma), tf.float32), tf.int32)
+        state = state or self._power_state()
+        bits = tf.bitcast(tf.cast(state.sigma.read_value(), tf.float32), tf.int32)
         seed = tf.stack([tf.constant(salt, tf.int32), bits])
         return _l2_normalize(tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype))
 
-    def _fresh_estimate(self, kernel, tol=None, max_iterations=None):
+    def _fresh_estimate(self, kernel, tol=None, max_iterations=None, state=None):
         """(u, v) re-converged from the stored v plus a small deterministic perturbation."""
+        state = state or self._power_state()
         tol = self.tol if tol is None else float(tol)
         max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
-        v = _l2_normalize(tf.convert_to_tensor(self.v))
-        v = v + self._PERTURBATION * self._random_like(v, 0)
+        v = _l2_normalize(state.v.read_value())
+        v = v + self._PERTURBATION * self._random_like(v, 0, state)
         if not self.is_spectral:
             return self._mixed_iteration(
-                kernel, v, self._mixed_tol(tol), max_iterations, self.upkeep_restarts()
+                kernel,
+                v,
+                self._mixed_tol(tol),
+                max_iterations,
+                self.upkeep_restarts(),
+                state.sigma,
             )
         return self._iterate_to_convergence(kernel, v, tol, max_iterations)
 
-    def _store(self, u, v, kernel, current=True):
+    def _store(self, u, v, kernel, current=True, state=None):
         # Assign the backing tf.Variables: a Keras StatelessScope (active while
         # Keras builds a functional model symbolically) would otherwise turn
         # these assignments into no-ops in the cached graph function.
-        _backing(self.u).assign(u)
-        _backing(self.v).assign(v)
+        state = state or self._power_state()
+        state.u.assign(u)
+        state.v.assign(v)
         sigma = self._sigma(kernel, u, v)
-        _backing(self.sigma).assign(sigma)
+        state.sigma.assign(sigma)
         if current:
-            self._estimated_kernel.assign(kernel)
+            state.estimated_kernel.assign(kernel)
             if self._has_learnable_order:
                 self._estimated_orders.assign(self._order_vector())
         return sigma
 
-    def estimate_is_current(self):
+    def estimate_is_current(self, state=None):
         """True (a bool tensor) when the stored u, v were converged for the
         current kernel (and learnable orders)."""
-        current = tf.reduce_all(tf.equal(self._kernel_value(), self._estimated_kernel))
+        state = state or self._power_state()
+        current = tf.reduce_all(
+            tf.equal(self._kernel_value(state), state.estimated_kernel.read_value())
+        )
         if self._has_learnable_order:
             same = tf.reduce_all(tf.equal(self._order_vector(), self._estimated_orders))
             current = tf.logical_and(current, same)
@@ -482,31 +542,89 @@ class _SpectralNormalized(keras.layers.Layer):
         found = memo.get(store)
         if found is not None:
             return found
-        # One graph function per layer (and context), traced once and reused by
-        # every enclosing trace.
-        fns = self.__dict__.setdefault("_update_fns", {})
-        if store not in fns:
-
-            def lipschitz_upkeep():
-                return self._update_estimate(store)
-
-            fns[store] = tf.function(lipschitz_upkeep, autograph=False)
         with _tape_record.stop_recording():  # no gradient flows through u, v
-            return memo.put(store, fns[store]())
+            return memo.put(store, self._upkeep_function(store)())
 
-    def _update_estimate(self, store):
-        kernel = self._kernel_value()
+    def _upkeep_signature(self, store):
+        """Everything the traced upkeep depends on besides the variables in
+        :class:`_PowerState`: layers with equal signatures share one function.
+        None for learnable orders (their variables are not in the state) and
+        distributed variables (a handle is one replica's)."""
+        if self._has_learnable_order or any(
+            isinstance(v, tf.distribute.DistributedValues) for v in self._power_state()
+        ):
+            return None
+        return (
+            type(self),
+            store,
+            self.kernel.dtype,
+            tuple(self.kernel.shape),
+            tuple(self.u.shape),
+            tuple(self.v.shape),
+            tuple(self._operator_input_shape),
+            self.tol,
+            self.max_iterations,
+            self.domain,
+            self.codomain,
+        )
+
+    def _upkeep_function(self, store):
+        """A graph function running :meth:`_update_estimate`, traced once per
+        configuration (see :meth:`_upkeep_signature`) and reused by every
+        enclosing trace; returns a callable of no arguments."""
+        signature = self._upkeep_signature(store)
+        if signature is None:
+            fns = self.__dict__.setdefault("_update_fns", {})
+            if store not in fns:
+
+                def lipschitz_upkeep():
+                    return self._update_estimate(store)
+
+                fns[store] = tf.function(lipschitz_upkeep, autograph=False)
+            return fns[store]
+        if signature not in _SHARED_UPKEEP:
+            tracer = []  # a weak reference to the layer whose call is being traced
+
+            def lipschitz_upkeep(*handles):
+                layer = tracer[-1]()
+                state = [_HandleVariable(h, v) for h, v in zip(handles, layer._power_state())]
+                return layer._update_estimate(store, _PowerState(*state))
+
+            # Not inlined: one copy of the body serves every call site (graph
+            # optimisation and instantiation pay per inlined copy).
+            fn = tf.function(
+                lipschitz_upkeep, autograph=False, experimental_attributes={"_noinline": True}
+            )
+            _SHARED_UPKEEP[signature] = (fn, tracer)
+        fn, tracer = _SHARED_UPKEEP[signature]
+        handles = [v.handle for v in self._power_state()]
+
+        def call():
+            tracer.append(weakref.ref(self))
+            try:
+                return fn(*handles)
+            finally:
+                tracer.pop()
+
+        return call
+
+    def _update_estimate(self, store, state=None):
+        state = state or self._power_state()
+        kernel = self._kernel_value(state)
 
         def fresh():
-            u, v = self._fresh_estimate(kernel)
+            if self.is_spectral:
+                u, v = self._spectral_estimate(kernel, state=state)
+            else:
+                u, v = self._fresh_estimate(kernel, state=state)
             if store:
-                self._store(u, v, kernel)
+                self._store(u, v, kernel, state=state)
             return u, v
 
         def stored():
-            return tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
+            return state.u.read_value(), state.v.read_value()
 
-        current = self.estimate_is_current()
+        current = self.estimate_is_current(state)
         if tf.executing_eagerly():
             return stored() if bool(current) else fresh()
         return tf.cond(current, stored, fresh)
@@ -550,15 +668,44 @@ class _SpectralNormalized(keras.layers.Layer):
         if not self.is_spectral:
             return self._converge_mixed(tol, max_iterations)
         kernel = self._kernel_value()
-        u1, v1 = self._fresh_estimate(kernel, tol, max_iterations)
-        v0 = self._random_like(tf.convert_to_tensor(self.v), 1)
+        u, v = self._careful_estimate(kernel, tol, max_iterations)
+        return self._store(u, v, kernel)
+
+    def _careful_estimate(self, kernel, tol=None, max_iterations=None, state=None):
+        """(u, v) of the larger sigma of the warm start and a restart (see :meth:`converge`)."""
+        state = state or self._power_state()
+        tol = self.tol if tol is None else float(tol)
+        max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
+        u1, v1 = self._fresh_estimate(kernel, tol, max_iterations, state)
+        v0 = self._random_like(state.v.read_value(), 1, state)
         mats = self._gram_operators(kernel)
         if mats.shape[0] == 1:  # a matrix: start at Gram iteration's top direction
             v0 = _gram_top_vector(mats[0], v0)
         u2, v2 = self._iterate_to_convergence(kernel, v0, tol, max_iterations)
         better = self._sigma(kernel, u2, v2) > self._sigma(kernel, u1, v1)
-        u, v = tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
-        return self._store(u, v, kernel)
+        return tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
+
+    #: A kernel that moved by more than this fraction (Frobenius norm) since its
+    #: last estimate is re-estimated carefully (:meth:`_careful_estimate`).
+    _ABRUPT_CHANGE = 0.1
+
+    def _spectral_estimate(self, kernel, state):
+        """The in-call re-estimate: warm-started power iteration after the small
+        change of an optimiser step; after an abrupt change (a new kernel
+        assigned, a restored checkpoint) the warm start may sit on a singular
+        vector that is no longer the top one, where power iteration stalls, so
+        a restart runs beside it (:meth:`_careful_estimate`)."""
+        moved = tf.norm(tf.reshape(kernel - state.estimated_kernel.read_value(), [-1]))
+        abrupt = moved > self._ABRUPT_CHANGE * tf.norm(tf.reshape(kernel, [-1]))
+        if tf.executing_eagerly():
+            if bool(abrupt):
+                return self._careful_estimate(kernel, state=state)
+            return self._fresh_estimate(kernel, state=state)
+        return tf.cond(
+            abrupt,
+            lambda: self._careful_estimate(kernel, state=state),
+            lambda: self._fresh_estimate(kernel, state=state),
+        )
 
     def sigma_upper_bound(self, n_iterations=12):
         """A certified upper bound on the operator norm ||W||_2 of the layer's

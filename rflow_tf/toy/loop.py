@@ -202,10 +202,10 @@ class Trainer:
                 if args.power_iterations > 0:
                     power_iterate_all(flow.lipschitz, args.power_iterations)
                 else:
+                    # The warm-started re-estimate to convergence (the layers' shared
+                    # upkeep; converge's restarts are for initialisation and evaluation).
                     for layer in flow.lipschitz:
-                        # Mixed norms: the warm-started re-estimate (converge's random
-                        # restarts are for initialisation and evaluation).
-                        layer.converge() if layer.is_spectral else layer.update_estimate()
+                        layer.update_estimate()
             return loss
 
         self._train_step = tf.function(train_step)

@@ -1,0 +1,125 @@
+"""Lean graphs: values reused within one trace only while no variable may have
+been written (rflow_tf.tracing), TFP's inverse(forward(x)) recall without a
+traced inversion, one shared upkeep function per layer configuration, and the
+in-call re-estimate after an abrupt kernel change."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_probability as tfp
+from test_lipschitz_bound import SLACK, operator_norm
+
+from rflow_tf import layers as rl
+from rflow_tf import tracing
+from rflow_tf.bijectors import IResBlock
+
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+
+def test_trace_memo_reuses_only_while_nothing_was_written():
+    var = tf.Variable(1.0)
+    memo = tracing.TraceMemo()
+    seen = {}
+
+    def writer():
+        var.assign_add(1.0)
+
+    nested_writer = tf.function(writer)
+
+    @tf.function
+    def run():
+        memo.put("v", var.read_value() * 2.0)
+        seen["reused"] = memo.get("v") is not None
+        tf.identity(var.read_value())  # reads do not invalidate
+        seen["after_read"] = memo.get("v") is not None
+        nested_writer()  # a write inside a called function
+        seen["after_call"] = memo.get("v") is not None
+        memo.put("v", var.read_value())
+        var.assign(3.0)
+        seen["after_assign"] = memo.get("v") is not None
+        return var.read_value()
+
+    run()
+    assert seen == {"reused": True, "after_read": True, "after_call": False, "after_assign": False}
+    assert memo.get("v") is None and memo.put("w", 1.0) == 1.0 and memo.get("w") is None  # eager
+
+    @tf.function
+    def other_graph():
+        return memo.get("v") is None
+
+    assert other_graph()
+
+
+def _four_blocks():
+    keras.utils.set_random_seed(0)
+    blocks = [IResBlock.dense(2, hidden_units=(16, 16), coeff=0.9) for _ in range(4)]
+    dist = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain(blocks))
+    )
+    return blocks, dist
+
+
+def test_log_prob_traces_no_inversion_and_no_recall_check(monkeypatch):
+    blocks, dist = _four_blocks()
+    x = tf.random.stateless_normal([8, 2], [1, 2])
+    calls = {"inverse": 0, "forward": 0}
+    for name in calls:
+        original = getattr(IResBlock, f"_{name}")
+
+        def spy(self, *args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(IResBlock, f"_{name}", spy)
+
+    graph_lp = tf.function(dist.log_prob)
+    np.testing.assert_allclose(
+        graph_lp(x).numpy(), dist.log_prob(x, bijector_kwargs={}).numpy(), rtol=0.5
+    )
+    calls.update(inverse=0, forward=0)
+    graph_lp.get_concrete_function(tf.TensorSpec([None, 2]))
+    # One forward pass per block; every recall is answered from the trace.
+    assert calls == {"inverse": 0, "forward": len(blocks)}
+
+
+def test_one_upkeep_function_per_layer_configuration_each_layer_its_own_estimate():
+    keras.utils.set_random_seed(1)
+    first, second = rl.LipschitzDense(6, coeff=0.5), rl.LipschitzDense(6, coeff=0.5)
+    for layer in (first, second):
+        layer.build((None, 6))
+
+    @tf.function
+    def both(x):
+        return first(x) + second(x)
+
+    x = tf.ones([3, 6])
+    graph = both.get_concrete_function(x).graph.as_graph_def()
+    upkeeps = [f for f in graph.library.function if "lipschitz_upkeep" in f.signature.name]
+    assert len(upkeeps) == 1
+    rng = np.random.default_rng(0)
+    for scale in (3.0, 0.2):
+        for layer in (first, second):
+            layer.kernel.assign(rng.normal(size=(6, 6)).astype(np.float32) * scale)
+        both(x)  # re-estimated in the shared graph function
+        for layer in (first, second):
+            assert bool(layer.estimate_is_current())
+            raw = operator_norm(layer, layer.kernel)
+            np.testing.assert_allclose(float(layer.sigma), raw, rtol=1e-3)
+            assert operator_norm(layer) <= 0.5 * (1 + SLACK)
+
+
+@pytest.mark.parametrize("seed", [1, 4, 7, 11])
+def test_abrupt_kernel_change_is_re_estimated_with_a_restart(seed):
+    """A new kernel's top singular vector can be almost orthogonal to the stored
+    one; the warm start alone then stalls near the second singular value (these
+    seeds gave 0.9812-0.9820 > 0.98 without the restart)."""
+    keras.utils.set_random_seed(seed)
+    layer = rl.LipschitzConv2D(5, 3, coeff=0.98)
+    layer.build((None, 4, 6, 3))
+    rng = np.random.default_rng(2)
+    for scale in (1.0, 5.0, 0.3):
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype(np.float32) * scale)
+        norm = operator_norm(layer)
+        assert norm <= 0.98 * (1 + SLACK)
+        assert norm >= min(operator_norm(layer, layer.kernel), 0.98) * (1 - SLACK)

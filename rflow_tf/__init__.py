@@ -3,6 +3,7 @@
 Packages and modules, lowest layer first (no import runs back up; docs/ARCHITECTURE.md):
   rflow_tf.estimators  pure functions: roulette weights, Hutchinson probes, power/Neumann series
   rflow_tf.norms       pure functions: induced mixed norms ||W||_{p->q}, learnable orders, chaining
+  rflow_tf.tracing     values reused within one trace while no variable may have been written
   rflow_tf.data        TFDS image pipelines, offline digits, dequantisation, 2-D toys, PNG grids
   rflow_tf.layers      Keras 3 layers: LipSwish and other 1-Lipschitz activations, LipschitzDense,
                        LipschitzConv2D, ActNormalization, Lipschitz nets, JacobianChain

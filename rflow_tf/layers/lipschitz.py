@@ -184,7 +184,8 @@ class _SpectralNormalized(keras.layers.Layer):
     (``call``, :meth:`effective_kernel`, :class:`JacobianChain`) first checks
     whether the kernel differs from the kernel of the last converged estimate
     and, if so, re-converges power iteration warm-started from the stored
-    u and v (usually a few steps). Any training loop (``tfp.math.minimize``,
+    u and v (usually a few steps; after an abrupt change of the kernel, with a
+    restart beside the warm start). Any training loop (``tfp.math.minimize``,
     Keras ``fit``, a hand-written tape) therefore sees a converged sigma.
 
     **Mixed norms.** With ``domain`` p and ``codomain`` q other than 2 and 2,
@@ -524,9 +525,19 @@ class _SpectralNormalized(keras.layers.Layer):
             self._estimated_orders.assign(self._order_vector())
 
     def update_estimate(self):
-        """Re-converges u, v (warm-started) if the kernel changed since the last
-        estimate; returns the (u, v) to use, as tensors. Inside ``strategy.run``
-        of a multi-replica strategy the fresh estimate is used but not stored."""
+        """Re-converges u, v if the kernel changed since the last estimate
+        (warm-started; with a restart beside it after an abrupt change, see
+        :meth:`_spectral_estimate`); returns the (u, v) to use, as tensors.
+        Inside ``strategy.run`` of a multi-replica strategy the fresh estimate
+        is used but not stored.
+
+        In a graph the check runs once per trace and layer (later uses reuse
+        it while no variable may have been written, :mod:`rflow_tf.tracing`),
+        in a graph function shared by all layers of the same configuration and
+        not inlined, so a flow of many blocks adds few nodes for it.
+
+        Example: ``u, v = layer.update_estimate()``.
+        """
         if not self.auto_update or _inside_vectorized_map() or self._closed_form:
             # (A closed-form sigma needs no estimate.)
             # vectorized_map cannot vectorise variable assignments, and the

@@ -685,9 +685,15 @@ class _SpectralNormalized(keras.layers.Layer):
     def _careful_estimate(self, kernel, tol=None, max_iterations=None, state=None):
         """(u, v) of the larger sigma of the warm start and a restart (see :meth:`converge`)."""
         state = state or self._power_state()
+        u1, v1 = self._fresh_estimate(kernel, tol, max_iterations, state)
+        return self._with_restart(kernel, u1, v1, tol, max_iterations, state)
+
+    def _with_restart(self, kernel, u1, v1, tol=None, max_iterations=None, state=None):
+        """The larger-sigma pair of (u1, v1) and a restart from Gram iteration's
+        top direction (matrices) or a deterministic random vector (convolutions)."""
+        state = state or self._power_state()
         tol = self.tol if tol is None else float(tol)
         max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
-        u1, v1 = self._fresh_estimate(kernel, tol, max_iterations, state)
         v0 = self._random_like(state.v.read_value(), 1, state)
         mats = self._gram_operators(kernel)
         if mats.shape[0] == 1:  # a matrix: start at Gram iteration's top direction
@@ -705,17 +711,17 @@ class _SpectralNormalized(keras.layers.Layer):
         change of an optimiser step; after an abrupt change (a new kernel
         assigned, a restored checkpoint) the warm start may sit on a singular
         vector that is no longer the top one, where power iteration stalls, so
-        a restart runs beside it (:meth:`_careful_estimate`)."""
+        a restart runs beside it (:meth:`_careful_estimate`). The warm start is
+        built once, outside the branch."""
         moved = tf.norm(tf.reshape(kernel - state.estimated_kernel.read_value(), [-1]))
         abrupt = moved > self._ABRUPT_CHANGE * tf.norm(tf.reshape(kernel, [-1]))
+        u1, v1 = self._fresh_estimate(kernel, state=state)
         if tf.executing_eagerly():
-            if bool(abrupt):
-                return self._careful_estimate(kernel, state=state)
-            return self._fresh_estimate(kernel, state=state)
+            return self._with_restart(kernel, u1, v1, state=state) if bool(abrupt) else (u1, v1)
         return tf.cond(
             abrupt,
-            lambda: self._careful_estimate(kernel, state=state),
-            lambda: self._fresh_estimate(kernel, state=state),
+            lambda: self._with_restart(kernel, u1, v1, state=state),
+            lambda: (tf.identity(u1), tf.identity(v1)),
         )
 
     def sigma_upper_bound(self, n_iterations=12):

@@ -22,6 +22,11 @@ Both of ``torch.save``'s formats are read: the zip archive (PyTorch >= 1.6:
 legacy stream (magic number, protocol, system info, the object pickle, the
 storage keys, then each storage as an int64 element count and raw bytes).
 
+``read_checkpoint(path, mmap=True)`` memory-maps every storage instead of
+reading it (a zip member must be stored uncompressed, as ``torch.save``
+writes it): tensors are then read-only strided views of the file, so a
+5 GB dataset tensor costs no RAM until its pages are read.
+
 Example:
 ```python
 from rflow_tf import torch_format
@@ -33,6 +38,7 @@ ckpt["state_dict"]["transforms.0.chain.0.weight"].shape   # NumPy array
 
 import argparse
 import collections
+import functools
 import io
 import os
 import pickle
@@ -128,6 +134,20 @@ class _StorageType:
         self.dtype = None if dtype == "bfloat16" else np.dtype(dtype)
         self.itemsize = 2 if dtype == "bfloat16" else self.dtype.itemsize
 
+    def from_file(self, path, offset, numel):
+        """A read-only memory map of ``numel`` elements at byte ``offset`` of ``path``."""
+        if self.dtype is None:
+            raise CheckpointFormatError("bfloat16 storages cannot be memory-mapped")
+        numel = int(numel)
+        end = int(offset) + numel * self.itemsize
+        if end > os.path.getsize(path):
+            raise CheckpointFormatError(
+                f"{path}: storage of {numel} {self.name} elements at byte {offset} is truncated"
+            )
+        if numel == 0:
+            return np.zeros(0, self.dtype)
+        return np.memmap(path, self.dtype, mode="r", offset=int(offset), shape=(numel,))
+
     def from_bytes(self, raw, numel=None):
         count = len(raw) // self.itemsize if numel is None else int(numel)
         if count * self.itemsize > len(raw):
@@ -139,10 +159,20 @@ class _StorageType:
 
 
 def _rebuild_tensor(
-    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+    storage,
+    storage_offset,
+    size,
+    stride,
+    requires_grad=False,
+    backward_hooks=None,
+    metadata=None,
+    *,
+    keep_view=False,
 ):
+    """The tensor as a NumPy array: a copy, or with ``keep_view`` the strided
+    read-only view of its storage (a memory map when ``mmap=True``)."""
     if isinstance(storage, _LegacyStorage):  # bytes not read yet: resolved later
-        return _LegacyTensor((storage, storage_offset, size, stride))
+        return _LegacyTensor((storage, storage_offset, size, stride), keep_view)
     if not isinstance(storage, np.ndarray):
         raise CheckpointFormatError("a tensor refers to something that is not a storage")
     size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
@@ -160,7 +190,7 @@ def _rebuild_tensor(
     view = np.lib.stride_tricks.as_strided(
         storage[offset:], shape=size, strides=tuple(s * item for s in stride), writeable=False
     )
-    return np.array(view)
+    return view if keep_view else np.array(view)
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
@@ -183,11 +213,14 @@ _TENSOR_GLOBALS = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only the globals listed in the module docstring."""
 
-    def __init__(self, file, load_storage):
+    def __init__(self, file, load_storage, keep_views=False):
         super().__init__(file, encoding="latin1")
         self._load_storage = load_storage
+        self._keep_views = keep_views
 
     def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2") and self._keep_views:
+            return functools.partial(_rebuild_tensor, keep_view=True)
         if (module, name) in _TENSOR_GLOBALS:
             return _TENSOR_GLOBALS[(module, name)]
         if module == "torch" and name in _STORAGE_DTYPES:
@@ -206,7 +239,23 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._load_storage(pid)
 
 
-def _read_zip(path):
+def _member_data_offset(path, info):
+    """Byte offset of a stored (uncompressed) zip member's data in the file."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise CheckpointFormatError(
+            f"{path}: storage {info.filename} is compressed; only uncompressed members (as "
+            "torch.save writes them) can be memory-mapped"
+        )
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CheckpointFormatError(f"{path}: damaged zip header of {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def _read_zip(path, mmap=False):
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
@@ -230,13 +279,23 @@ def _read_zip(path):
                 member = f"{root}data/{key}"
                 if member not in names:
                     raise CheckpointFormatError(f"{path}: storage {member} is missing")
-                cache[key] = storage_type.from_bytes(zf.read(member), numel)
+                if mmap:
+                    info = zf.getinfo(member)
+                    offset = _member_data_offset(path, info)
+                    if info.file_size < int(numel) * storage_type.itemsize:
+                        raise CheckpointFormatError(
+                            f"{path}: storage {member} holds {info.file_size} bytes, fewer "
+                            f"than its {numel} {storage_type.name} elements"
+                        )
+                    cache[key] = storage_type.from_file(path, offset, numel)
+                else:
+                    cache[key] = storage_type.from_bytes(zf.read(member), numel)
             return cache[key]
 
-        return _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), load_storage).load()
+        return _RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), load_storage, mmap).load()
 
 
-def _read_legacy(path):
+def _read_legacy(path, mmap=False):
     with open(path, "rb") as f:
 
         def plain():
@@ -263,12 +322,16 @@ def _read_legacy(path):
                 holder = _LegacyStorage(pending, key, int(offset), int(view_size))
             return holder
 
-        obj = _RestrictedUnpickler(f, load_storage).load()
+        obj = _RestrictedUnpickler(f, load_storage, mmap).load()
         keys = plain()
         for key in keys:
             (count,) = struct.unpack("<q", f.read(8))
             storage_type = pending[key][0] if key in pending else None
             itemsize = storage_type.itemsize if storage_type else 1
+            if mmap and storage_type is not None:
+                pending[key][2] = storage_type.from_file(path, f.tell(), count)
+                f.seek(count * itemsize, os.SEEK_CUR)
+                continue
             raw = f.read(count * itemsize)
             if storage_type is not None:
                 pending[key][2] = storage_type.from_bytes(raw, count)
@@ -294,8 +357,9 @@ class _LegacyStorage:
 
 
 class _LegacyTensor:
-    def __init__(self, args):
+    def __init__(self, args, keep_view=False):
         self.args = args
+        self.keep_view = keep_view
 
 
 def _resolve_legacy(obj, seen=None):
@@ -303,7 +367,7 @@ def _resolve_legacy(obj, seen=None):
     seen = set() if seen is None else seen
     if isinstance(obj, _LegacyTensor):
         storage, *rest = obj.args
-        return _rebuild_tensor(storage.array(), *rest)
+        return _rebuild_tensor(storage.array(), *rest, keep_view=obj.keep_view)
     if id(obj) in seen:
         return obj
     seen.add(id(obj))
@@ -320,9 +384,14 @@ def _resolve_legacy(obj, seen=None):
     return obj
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, mmap=False):
     """The object saved by ``torch.save`` at ``path``, with tensors as NumPy
     arrays and the reference's classes as inert :class:`PickledObject` stubs.
+
+    With ``mmap=True`` no storage is read: every tensor is a read-only NumPy
+    view (with the tensor's own strides) of a memory map of the file, so
+    only the pages that are used are ever read. The pickle is unpickled by
+    the same restricted unpickler either way.
 
     Raises:
       FileNotFoundError: no file at ``path``.
@@ -334,6 +403,7 @@ def read_checkpoint(path):
     ```python
     ckpt = read_checkpoint("tests/data/reference/mnist16.pth")
     sorted(ckpt)      # ['args', 'ema', 'optimizer_state_dict', 'state_dict', 'test_bpd']
+    images = read_checkpoint("data/imagenet32/valid_32x32.pth", mmap=True)  # no bytes read
     ```
     """
     path = os.fspath(path)
@@ -341,8 +411,8 @@ def read_checkpoint(path):
         raise FileNotFoundError(f"no checkpoint file at {path!r}")
     try:
         if zipfile.is_zipfile(path):
-            return _read_zip(path)
-        return _read_legacy(path)
+            return _read_zip(path, mmap=bool(mmap))
+        return _read_legacy(path, mmap=bool(mmap))
     except (UnsafeCheckpointError, CheckpointFormatError):
         raise
     except (

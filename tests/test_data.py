@@ -57,6 +57,7 @@ def test_dataset_info_table():
         'cifar10',
         'svhn_cropped',
         'celeb_a_hq',
+        'celeba_5bit',
         'imagenet32',
         'imagenet64',
     }
@@ -239,6 +240,11 @@ def test_missing_tfds_dataset_no_download(tmp_path):
 
 
 def test_failed_download_is_wrapped(tmp_path, monkeypatch):
+    """A download that starts (the network check passes) but fails is reported
+    with TFDS's error in one line."""
+    from rflow_tf.data import sources
+
+    monkeypatch.setattr(sources, 'network_unreachable_reason', lambda host: None)
     real_load = tfds.load
 
     def fake_load(*args, download=True, **kwargs):

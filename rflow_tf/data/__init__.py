@@ -2,14 +2,20 @@
 
 The package's modules, each re-exported here:
 
-* `images`: `load_image_dataset` / `dataset_info` / `classification_augmentation`:
-  `tf.data` pipelines yielding batches of **raw integer pixels** `[B, H, W, C]`
-  (`tf.uint8`, values in `[0, 2**n_bits - 1]`) for `digits` (offline, bundled
-  with scikit-learn), `mnist`, `cifar10`, `svhn_cropped`, `celeb_a_hq` (TFDS)
-  and `imagenet32` / `imagenet64` (user-supplied `.npz` files), optionally with
-  labels and the reference's crops and flips.
-* `sources`: the readers behind them (scikit-learn, TFDS, `.npz`) and
-  `DatasetNotFoundError`.
+* `images`: `load_image_dataset` / `dataset_info` / `locate_image_dataset` /
+  `classification_augmentation`: `tf.data` pipelines yielding batches of
+  **raw integer pixels** `[B, H, W, C]` (`tf.uint8`, values in
+  `[0, 2**n_bits - 1]`) for `digits` (offline, bundled with scikit-learn),
+  `mnist`, `cifar10`, `svhn_cropped` (TFDS), `celeb_a_hq` (Glow's TFRecords,
+  the authors' `.pth` files or TFDS), `celeba_5bit` (the authors' `.pth`)
+  and `imagenet32` / `imagenet64` (the authors' `.pth` or `.npz` files),
+  optionally with labels and the reference's crops and flips; where the data
+  is, found in seconds (`DataSource`).
+* `sources`: the readers behind them, the choice of source (`DataSource`)
+  and the network check; `glow`: Glow's CelebA-HQ TFRecords;
+  `reference_pth`: the authors' `data/` folder (memory-mapped `.pth` tensors).
+* `errors`: `DatasetNotFoundError` (missing data, with every place looked in)
+  and `DatasetFormatError` (damaged data, naming the file).
 * `quantization`: `dequantize`, `bits_per_dim_offset`, `to_uint8_images`:
   uniform dequantisation of those integers to `[0, 1)`, the matching
   log-likelihood correction for bits/dim, and the way back to `uint8` images.
@@ -32,22 +38,28 @@ for x_int in ds:
 
 No dataset is downloaded by this package unless `download=True` and the
 machine has network access; every "data not available" situation raises
-`DatasetNotFoundError` with instructions.
+`DatasetNotFoundError` with instructions, within seconds (an unreachable
+network included). Which files give which split, and which test splits are
+the paper's: `docs/datasets.md`.
 """
 
+from rflow_tf.data.errors import DatasetFormatError, DatasetNotFoundError
 from rflow_tf.data.images import (
     IMAGE_DATASETS,
     ImageDatasetInfo,
     classification_augmentation,
     dataset_info,
     load_image_dataset,
+    locate_image_dataset,
 )
 from rflow_tf.data.png import save_image_grid
 from rflow_tf.data.quantization import bits_per_dim_offset, dequantize, to_uint8_images
-from rflow_tf.data.sources import DatasetNotFoundError
+from rflow_tf.data.sources import DataSource
 from rflow_tf.data.toy2d import TOY_DATASETS, toy_2d
 
 __all__ = [
+    'DataSource',
+    'DatasetFormatError',
     'DatasetNotFoundError',
     'IMAGE_DATASETS',
     'ImageDatasetInfo',
@@ -57,6 +69,7 @@ __all__ = [
     'dataset_info',
     'dequantize',
     'load_image_dataset',
+    'locate_image_dataset',
     'save_image_grid',
     'to_uint8_images',
     'toy_2d',

@@ -2,24 +2,30 @@
 
 `load_image_dataset` yields batches of **raw integer pixels** `[B, H, W, C]`
 (`tf.uint8`, values in `[0, 2**n_bits - 1]`), optionally with labels and the
-reference's random crops and flips; `dataset_info` describes each dataset.
+reference's random crops and flips; `dataset_info` describes each dataset and
+`locate_image_dataset` says, in seconds, where its data is (or raises
+`DatasetNotFoundError` naming every place it looked).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from rflow_tf.data import glow, reference_pth
 from rflow_tf.data._checks import _check_n_bits, _check_positive_int, _check_seed
+from rflow_tf.data.errors import DatasetNotFoundError
 from rflow_tf.data.sources import (
     _DIGITS_N_TEST,
+    DataSource,
     _digits_split,
     _npz_dataset,
     _tfds_dataset,
+    locate_source,
 )
 
 
@@ -33,18 +39,27 @@ class ImageDatasetInfo:
       n_train: Number of training images (nominal for bring-your-own data).
       n_test: Number of test images.
       n_bits: Default number of bits per pixel used for modelling (8, or 5 for
-        CelebA-HQ as in the paper).
+        CelebA-HQ and CelebA 5-bit as in the paper).
       horizontal_flip: Whether the training split is randomly flipped
         horizontally by default, as in the reference's `train_img.py`: CIFAR-10
         and CelebA-HQ yes; digits, house numbers and ImageNet 32/64 no. Only
         applied to the training split by default.
-      train_split: Split name/spec used for `split='train'`.
-      test_split: Split name/spec used for `split='test'`.
-      source: `'sklearn'` (bundled, offline), `'tfds'` or `'npz'` (user files).
+      train_split: TFDS split name/spec used for `split='train'` (when read
+        from TFDS).
+      test_split: TFDS split name/spec used for `split='test'` (when read
+        from TFDS).
+      source: The preferred source, `sources[0]`.
       tfds_name: TFDS builder name (with config), or `None` if not from TFDS.
       n_classes: Number of class labels `load_image_dataset(...,
         with_labels=True)` yields (labels are `0..n_classes - 1`), or `None`
-        for datasets without labels here (`celeb_a_hq`, `imagenet32/64`).
+        for datasets without labels here (`celeb_a_hq`, `celeba_5bit`,
+        `imagenet32/64`).
+      sources: Where the data may come from, in the order they are tried:
+        `'sklearn'` (bundled, offline), `'glow_tfrecords'` (Glow's
+        `celeba-tfr`), `'reference_pth'` (the authors' `data/` folder),
+        `'npz'` (user files) and `'tfds'`.
+      stored_bits: Bits per pixel of the stored data (8; 5 for
+        `celeba_5bit`, stored with values 0..31).
 
     #### Examples
 
@@ -53,6 +68,7 @@ class ImageDatasetInfo:
     info.image_shape   # (256, 256, 3)
     info.n_bits        # 5
     info.num_dims      # 196608
+    info.sources       # ('glow_tfrecords', 'reference_pth', 'tfds')
     ```
     """
 
@@ -67,6 +83,12 @@ class ImageDatasetInfo:
     source: str
     tfds_name: Optional[str] = None
     n_classes: Optional[int] = None
+    sources: Tuple[str, ...] = ()
+    stored_bits: int = 8
+
+    def __post_init__(self):
+        if not self.sources:
+            object.__setattr__(self, 'sources', (self.source,))
 
     @property
     def num_dims(self) -> int:
@@ -127,8 +149,10 @@ _INFOS = {
         tfds_name='svhn_cropped',
         n_classes=10,
     ),
-    # TFDS only has a 30000-image 'train' split; the paper (following Glow)
-    # uses 27000 for training and 3000 for testing.
+    # The paper (following Glow) trains on Glow's 27000 training images and tests
+    # on its 3000 validation images (Glow's TFRecords, or the authors' .pth files
+    # made from them). TFDS only has a 30000-image 'train' split, which we split
+    # 90/10 ourselves: not the paper's test set.
     'celeb_a_hq': ImageDatasetInfo(
         name='celeb_a_hq',
         image_shape=(256, 256, 3),
@@ -138,8 +162,23 @@ _INFOS = {
         horizontal_flip=True,
         train_split='train[:90%]',
         test_split='train[90%:]',
-        source='tfds',
+        source='glow_tfrecords',
         tfds_name='celeb_a_hq/256',
+        sources=('glow_tfrecords', 'reference_pth', 'tfds'),
+    ),
+    # CelebA-HQ at 64x64, 5 bits (the reference's celeba_5bit, from Flow++): one
+    # file of 30000 images; test = the first 5000, train = the rest.
+    'celeba_5bit': ImageDatasetInfo(
+        name='celeba_5bit',
+        image_shape=(64, 64, 3),
+        n_train=30000 - reference_pth.CELEBA_5BIT_N_TEST,
+        n_test=reference_pth.CELEBA_5BIT_N_TEST,
+        n_bits=5,
+        horizontal_flip=True,
+        train_split='train',
+        test_split='test',
+        source='reference_pth',
+        stored_bits=5,
     ),
     'imagenet32': ImageDatasetInfo(
         name='imagenet32',
@@ -150,7 +189,8 @@ _INFOS = {
         horizontal_flip=False,
         train_split='train',
         test_split='val',
-        source='npz',
+        source='reference_pth',
+        sources=('reference_pth', 'npz'),
     ),
     'imagenet64': ImageDatasetInfo(
         name='imagenet64',
@@ -161,13 +201,16 @@ _INFOS = {
         horizontal_flip=False,
         train_split='train',
         test_split='val',
-        source='npz',
+        source='reference_pth',
+        sources=('reference_pth', 'npz'),
     ),
 }
 
 _ALIASES = {
     'celeb_a_hq/256': 'celeb_a_hq',
     'celeba_hq': 'celeb_a_hq',
+    'celebahq': 'celeb_a_hq',
+    'celeba5bit': 'celeba_5bit',
     'svhn': 'svhn_cropped',
     'cifar-10': 'cifar10',
 }
@@ -203,8 +246,9 @@ def dataset_info(name: str) -> ImageDatasetInfo:
 
     Args:
       name: One of `IMAGE_DATASETS` (`'digits'`, `'mnist'`, `'cifar10'`,
-        `'svhn_cropped'`, `'celeb_a_hq'`, `'imagenet32'`, `'imagenet64'`);
-        `'celeb_a_hq/256'` is accepted as an alias.
+        `'svhn_cropped'`, `'celeb_a_hq'`, `'celeba_5bit'`, `'imagenet32'`,
+        `'imagenet64'`); `'celeb_a_hq/256'` and `'celebahq'` (the
+        reference's name) are accepted as aliases.
 
     Returns:
       The frozen `ImageDatasetInfo` (shape, sizes, default bits, flips, splits).
@@ -220,6 +264,69 @@ def dataset_info(name: str) -> ImageDatasetInfo:
     ```
     """
     return _INFOS[_canonical_name(name)]
+
+
+def locate_image_dataset(
+    name: str,
+    data_dir: Optional[str] = None,
+    *,
+    download: bool = True,
+    manual_dir: Optional[str] = None,
+    splits: Sequence[str] = ('train', 'test'),
+) -> DataSource:
+    """Where `load_image_dataset` would read dataset `name` from, found in seconds.
+
+    Tries the dataset's sources (`dataset_info(name).sources`) in order and
+    returns the first that holds the `splits` (default both), as a `DataSource` that says
+    what its train and test splits are (and whether the test split is the
+    paper's). Only the file system is read, plus one connection when TFDS
+    would have to download, so a missing dataset is reported at once;
+    `train/main.py` calls it before it builds a model.
+
+    Where `data_dir` is looked at:
+
+    * Glow's TFRecords (`celeb_a_hq`): `data_dir`, `data_dir/celeba-tfr` and
+      `data_dir/celebahq/celeba-tfr`, each holding `train/` and `validation/`.
+    * The authors' `.pth` files (`celeb_a_hq`, `celeba_5bit`, `imagenet32`,
+      `imagenet64`): `data_dir` as their `data/` folder, e.g.
+      `data_dir/celebahq/celeba256_train.pth`
+      (`rflow_tf.data.reference_pth.REFERENCE_PTH_FILES`).
+    * `.npz` files (`imagenet32`, `imagenet64`): `data_dir/imagenet32/train*.npz`
+      and `val*.npz`.
+    * TFDS (`mnist`, `cifar10`, `svhn_cropped`, `celeb_a_hq`): `data_dir` as
+      TFDS's data directory.
+
+    `data_dir=None` means TFDS's default (`$TFDS_DATA_DIR` or
+    `~/tensorflow_datasets`).
+
+    Args:
+      name: One of `IMAGE_DATASETS`.
+      data_dir: The folder to look in (see above).
+      download: Whether TFDS may download a missing dataset; if it would have
+        to and the network is unreachable, that is reported here.
+      manual_dir: Folder of TFDS CelebA-HQ's manual download
+        (default `<data_dir>/downloads/manual`).
+      splits: The splits that must be present, `'train'` and/or `'test'`.
+
+    Returns:
+      The `DataSource` (also warns, `UserWarning`, about missing Glow shards).
+
+    Raises:
+      ValueError: unknown dataset name.
+      DatasetNotFoundError: no source holds the data; the message names every
+        place looked in and how to get the data from each source (or that the
+        network is unreachable for a download).
+
+    #### Examples
+
+    ```python
+    source = locate_image_dataset('celeb_a_hq', data_dir='/data/celeba-tfr')
+    print(source.describe())   # Glow's TFRecords; test = the paper's test set
+    locate_image_dataset('digits').kind   # 'sklearn'
+    ```
+    """
+    info = _INFOS[_canonical_name(name)]
+    return locate_source(info, data_dir, download=download, manual_dir=manual_dir, splits=splits)
 
 
 # Training-split augmentation of the reference's classification / hybrid runs
@@ -293,6 +400,7 @@ def load_image_dataset(
     with_labels: bool = False,
     crop_padding: int = 0,
     translate: float = 0.0,
+    input_context: Optional[tf.distribute.InputContext] = None,
 ) -> tf.data.Dataset:
     """Builds a batched `tf.data` pipeline of raw integer images.
 
@@ -303,6 +411,9 @@ def load_image_dataset(
     ```none
     x = floor(x_8bit / 2**(8 - n_bits))   in {0, ..., 2**n_bits - 1}
     ```
+
+    (the reference's `reduce_bits`; for `celeba_5bit`, stored with 5 bits,
+    `floor(x_5bit / 2**(5 - n_bits))`).
 
     No dequantisation or scaling is applied; use `dequantize(x, n_bits)` to get
     continuous inputs in `[0, 1)` for the flow.
@@ -322,14 +433,28 @@ def load_image_dataset(
     * `mnist` (28x28x1), `cifar10` (32x32x3), `svhn_cropped` (32x32x3): TFDS,
       downloaded into `data_dir` if `download=True` and the network is
       reachable.
-    * `celeb_a_hq`: TFDS `celeb_a_hq/256` (256x256x3), default 5 bits. It needs
-      a *manual download*: `data256x256.tar` (built with the
-      progressive_growing_of_gans `dataset_tool.py create_celebahq`) must be in
-      `manual_dir` (default `<data_dir>/downloads/manual/`). TFDS has a single
-      30000-image split; `train` is its first 90% (27000), `test` the last 10%
-      (3000), as in the paper.
-    * `imagenet32` / `imagenet64`: bring-your-own `.npz` files (the upstream
-      TFDS `downsampled_imagenet` URL is dead). Expected layout:
+    * `celeb_a_hq` (256x256x3, default 5 bits), from the first of:
+      1. Glow's TFRecords (`celeba-tfr.tar` extracted; `data_dir` is the
+         folder holding `train/` and `validation/`): `train` is Glow's 27,000
+         training images (120 shards), `test` its 3,000 validation images
+         (40 shards), the paper's split. Missing shards are warned about.
+      2. The authors' `data/` folder (`data_dir`), holding
+         `celebahq/celeba256_train.pth` and `celeba256_validation.pth` (the
+         same split).
+      3. TFDS `celeb_a_hq/256`, which needs a *manual download*
+         (`data256x256.tar`, built with the progressive_growing_of_gans
+         `dataset_tool.py create_celebahq`, in `manual_dir`, default
+         `<data_dir>/downloads/manual/`). TFDS has a single 30000-image
+         split; `train` is its first 90%, `test` the last 10%: our own split,
+         **not** the paper's test set (`locate_image_dataset(...)` says so).
+    * `celeba_5bit` (64x64x3, stored with 5 bits): the authors' file
+      `celebahq64_5bit/celeba_full_64x64_5bit.pth` under `data_dir`; `test`
+      is its first 5,000 images and `train` the rest (the reference trains
+      on all of them, test images included; we do not).
+    * `imagenet32` / `imagenet64`: the authors' files
+      `imagenet32/{train,valid}_32x32.pth` / `imagenet64/{train,valid}_64x64.pth`
+      under `data_dir`, or else bring-your-own `.npz` files (the upstream
+      TFDS `downsampled_imagenet` URL is dead). Expected `.npz` layout:
 
       ```none
       <data_dir>/imagenet32/train*.npz   e.g. train_data_batch_1.npz ... _10.npz
@@ -342,8 +467,13 @@ def load_image_dataset(
       `[N, H, W, 3]` (channels last), `[N, 3, H, W]`, or the official
       "Downsampled ImageNet (npz format)" flattened layout `[N, 3*H*W]` (the
       R plane, then G, then B, each row-major). Other keys (`labels`, `mean`)
-      are ignored. `data_dir=None` means the TFDS default data directory
-      (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`).
+      are ignored.
+
+    The authors' `.pth` files are read with the converter's restricted
+    unpickler (`rflow_tf.torch_format`; anything but tensors is refused) and
+    memory-mapped, never loaded whole. `data_dir=None` means the TFDS default
+    data directory (`$TFDS_DATA_DIR` or `~/tensorflow_datasets`). The source
+    is chosen by `locate_image_dataset`, which says what each split is.
 
     Args:
       name: Dataset name, one of `IMAGE_DATASETS`.
@@ -351,10 +481,13 @@ def load_image_dataset(
         aliases of `'test'`). For TFDS datasets any other TFDS split spec
         (e.g. `'train[:10%]'`) is passed through unchanged.
       batch_size: Positive number of images per batch.
-      data_dir: Root data directory (TFDS `data_dir`; parent of the
-        `imagenet32/` / `imagenet64/` folders). `None`: TFDS default.
-      n_bits: Bits per pixel to keep, in 1..8; `None` means the dataset
-        default `dataset_info(name).n_bits` (5 for `celeb_a_hq`, else 8).
+      data_dir: Root data directory: Glow's `celeba-tfr` folder, the
+        authors' `data/` folder, the parent of `imagenet32/` / `imagenet64/`
+        `.npz` folders, or TFDS's `data_dir` (see `locate_image_dataset`).
+        `None`: TFDS default.
+      n_bits: Bits per pixel to keep, in 1..8 (at most 5 for `celeba_5bit`);
+        `None` means the dataset default `dataset_info(name).n_bits` (5 for
+        `celeb_a_hq` and `celeba_5bit`, else 8).
       shuffle: Shuffle files and examples (buffered shuffle, reshuffled each
         epoch).
       flip: Random horizontal flips with probability 1/2 per image. `None`
@@ -394,6 +527,12 @@ def load_image_dataset(
         before the bit reduction and any crop. `0.0` (default): none. Not a
         reference option: on 8x8 digits it lifts classifier accuracy across
         writers (README, "Digits accuracy").
+      input_context: A `tf.distribute.InputContext` (from
+        `strategy.distribute_datasets_from_function`): with several input
+        pipelines (workers), pipeline `i` reads only its own part of the
+        data, sharded by file for Glow's TFRecords, `.npz` files and TFDS,
+        by blocks of the file for `.pth` files, so no worker reads another's
+        files. `None`: one pipeline reads everything.
 
     Returns:
       A `tf.data.Dataset` of `tf.uint8` tensors `[B, H, W, C]`, or of pairs
@@ -401,11 +540,17 @@ def load_image_dataset(
 
     Raises:
       ValueError: unknown dataset name (message lists valid names), bad
-        `split`, `n_bits` not in 1..8, non-positive `batch_size`, or malformed
-        ImageNet `.npz` files.
+        `split`, `n_bits` not in 1..8 (or above the stored bits), non-positive
+        `batch_size`.
+      DatasetFormatError: (a `ValueError`) damaged data: a corrupt or
+        truncated TFRecord shard, a `.pth` tensor of the wrong shape or type,
+        a malformed ImageNet `.npz` file (the message names the file).
+      rflow_tf.torch_format.UnsafeCheckpointError: a `.pth` file whose pickle
+        asks for more than tensors (refused before anything runs).
       TypeError: arguments of the wrong type.
       DatasetNotFoundError: the data is not available locally and could not be
-        obtained (message says what is missing, where it looked, how to get it).
+        obtained (message names every place it looked and how to get the data;
+        a download without network fails within seconds saying so).
 
     #### Examples
 
@@ -419,14 +564,22 @@ def load_image_dataset(
                             **classification_augmentation('digits'))
     x, y = next(iter(ds))       # uint8 [64, 8, 8, 1], int64 [64] in 0..9
 
-    # CelebA-HQ 256 at 5 bits (values 0..31), with default flips.
+    # CelebA-HQ 256 at 5 bits (values 0..31) from Glow's TFRecords, with flips.
     ds = load_image_dataset('celeb_a_hq', 'train', 8, n_bits=5,
-                            data_dir='/data/tfds', repeat=True)
+                            data_dir='/data/celeba-tfr', repeat=True)
+
+    # The authors' data/ folder: CelebA-HQ 64x64 at 5 bits, its 5,000 test images.
+    ds = load_image_dataset('celeba_5bit', 'test', 64, n_bits=None, data_dir='data')
     ```
     """
     key = _canonical_name(name)
     info = _INFOS[key]
     n_bits = info.n_bits if n_bits is None else _check_n_bits(n_bits)
+    if n_bits > info.stored_bits:
+        raise ValueError(
+            f'Dataset {key!r} is stored with {info.stored_bits} bits per pixel; n_bits must be '
+            f'at most {info.stored_bits}, got {n_bits} (n_bits=None: {info.n_bits}).'
+        )
     batch_size = _check_positive_int(batch_size, 'batch_size')
     seed = _check_seed(seed)
     if shuffle_buffer is not None:
@@ -470,10 +623,24 @@ def load_image_dataset(
         is_train, source_split = True, info.train_split
     elif split_key.lower() in _TEST_SPLIT_ALIASES:
         is_train, source_split = False, info.test_split
-    elif info.source == 'tfds':
+    elif 'tfds' in info.sources:  # a TFDS split spec, e.g. 'train[:10%]'
         is_train, source_split = split_key.startswith('train'), split_key
     else:
         raise ValueError(f'Dataset {key!r} has splits "train" and "test"; got {split!r}.')
+    source = None
+    if info.source != 'sklearn':
+        source = locate_source(
+            info,
+            data_dir,
+            download=download,
+            manual_dir=manual_dir,
+            splits=('train' if is_train else 'test',),
+        )
+        if source_split not in (info.train_split, info.test_split) and source.kind != 'tfds':
+            raise ValueError(
+                f'Dataset {key!r} read from {source.kind} has splits "train" and "test"; '
+                f'got {split!r} (TFDS split specs apply to TFDS data only).'
+            )
 
     if flip is None:
         flip = info.horizontal_flip and is_train
@@ -491,14 +658,28 @@ def load_image_dataset(
         else:
             shuffle_buffer = int(np.clip(_SHUFFLE_BUFFER_BYTES // (h * w * c), 1024, 10000))
 
-    if info.source == 'sklearn':
+    if source is None:
         images, labels = _digits_split(is_train)
         ds = tf.data.Dataset.from_tensor_slices((images, labels) if with_labels else images)
-    elif info.source == 'npz':
-        ds = _npz_dataset(info, is_train, data_dir, shuffle, seed)
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            ds = ds.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    elif source.kind == 'glow_tfrecords':
+        ds = _glow_split(info, source, is_train, shuffle, seed, input_context)
+    elif source.kind == 'reference_pth':
+        ds = _pth_split(info, source, is_train, shuffle, seed, input_context)
+    elif source.kind == 'npz':
+        ds = _npz_dataset(info, is_train, data_dir, shuffle, seed, input_context)
     else:
         ds = _tfds_dataset(
-            info, source_split, data_dir, download, shuffle, seed, manual_dir, with_labels
+            info,
+            source_split,
+            data_dir,
+            download,
+            shuffle,
+            seed,
+            manual_dir,
+            with_labels,
+            input_context,
         )
 
     if shuffle:
@@ -509,6 +690,7 @@ def load_image_dataset(
     ds = _postprocess(
         ds,
         n_bits=n_bits,
+        stored_bits=info.stored_bits,
         flip=flip,
         crop_padding=crop_padding,
         translate=translate,
@@ -516,6 +698,36 @@ def load_image_dataset(
         with_labels=with_labels,
     )
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _glow_split(info, source, is_train, shuffle, seed, input_context) -> tf.data.Dataset:
+    """Single images of one split of Glow's TFRecords (structure-checked first)."""
+    split = 'train' if is_train else 'test'
+    shards = glow.find_glow_shards(source.location, split, info.image_shape[0])
+    if shards is None:  # removed since it was located
+        raise DatasetNotFoundError(
+            f'Glow TFRecords of split {split!r} disappeared from {source.location}.'
+        )
+    if shards.missing:
+        warnings.warn(shards.missing_message(), stacklevel=3)
+    for path in shards.files:
+        glow.check_tfrecord_file(path)
+    return glow.glow_dataset(
+        shards.files, info.image_shape, shuffle=shuffle, seed=seed, input_context=input_context
+    )
+
+
+def _pth_split(info, source, is_train, shuffle, seed, input_context) -> tf.data.Dataset:
+    """Single images of one split of the authors' .pth files (memory-mapped)."""
+    split = 'train' if is_train else 'test'
+    path = reference_pth.reference_pth_path(source.location, info.name, split)
+    images = reference_pth.read_reference_images(
+        path, info.image_shape, max_value=2**info.stored_bits - 1
+    )
+    start, stop = reference_pth.reference_split_range(info.name, split, len(images), path)
+    return reference_pth.array_dataset(
+        images, start, stop, shuffle=shuffle, seed=seed, input_context=input_context
+    )
 
 
 def _random_crop_batch(x, padding: int, offsets):
@@ -550,6 +762,7 @@ def _postprocess(
     ds: tf.data.Dataset,
     *,
     n_bits: int,
+    stored_bits: int = 8,
     flip: bool,
     crop_padding: int,
     translate: float,
@@ -561,7 +774,7 @@ def _postprocess(
     Elements are image batches, or (images, labels) pairs with `with_labels`;
     labels pass through unchanged.
     """
-    shift = 8 - n_bits
+    shift = stored_bits - n_bits
 
     def reduce_bits(x):
         x = tf.cast(x, tf.uint8)

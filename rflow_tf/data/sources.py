@@ -1,44 +1,48 @@
-"""Where raw images come from: scikit-learn digits, TFDS and ImageNet `.npz` files.
+"""Where raw images come from: scikit-learn digits, Glow's TFRecords, the
+authors' `.pth` files, ImageNet `.npz` files and TFDS.
 
-Each reader returns a `tf.data.Dataset` of single `uint8` images (or
-`(image, label)` pairs); `rflow_tf.data.images.load_image_dataset` batches and
-augments them. Data that is missing raises `DatasetNotFoundError`, whose
-message says what is missing, where it was looked for and how to get it.
+`locate_source` decides, before any slow work, which of a dataset's sources
+holds its data (`DataSource`: what is read from where, and what its test
+split is); data that is missing raises `DatasetNotFoundError`, whose message
+names every place looked in and how to get the data. Each reader returns a
+`tf.data.Dataset` of single `uint8` images (or `(image, label)` pairs);
+`rflow_tf.data.images.load_image_dataset` batches and augments them.
+
+Sources, in the order they are tried:
+
+* `celeb_a_hq`: Glow's `celeba-tfr` TFRecords (`rflow_tf.data.glow`; the
+  paper's split), the authors' `.pth` files (`rflow_tf.data.reference_pth`;
+  the same split), then TFDS `celeb_a_hq/256` (our own 90/10 split of its
+  single split: not the paper's test set).
+* `celeba_5bit`: the authors' `.pth` file.
+* `imagenet32` / `imagenet64`: the authors' `.pth` files, then `.npz` files.
+* `mnist`, `cifar10`, `svhn_cropped`: TFDS (downloaded if allowed; an
+  unreachable network is reported within seconds, `network_unreachable_reason`).
+* `digits`: scikit-learn (offline).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
+import socket
+import threading
+import urllib.parse
+import urllib.request
+import warnings
 import zipfile
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 
+from rflow_tf.data import glow, reference_pth
 from rflow_tf.data._checks import _one_line
+from rflow_tf.data.errors import DatasetFormatError, DatasetNotFoundError
 
 if TYPE_CHECKING:
     from rflow_tf.data.images import ImageDatasetInfo
-
-
-class DatasetNotFoundError(Exception):
-    """Raised when the data for a requested dataset is not available.
-
-    The message states what is missing, where it was looked for (the data
-    directory) and how to obtain it. It is raised instead of the (long) TFDS /
-    network / file-system error, whose one-line summary is included in the
-    message.
-
-    #### Examples
-
-    ```python
-    try:
-        ds = load_image_dataset('mnist', 'train', 64, download=False)
-    except DatasetNotFoundError as e:
-        print(e)   # says where it looked and what to do
-    ```
-    """
 
 
 _DIGITS_N_TEST = 297
@@ -124,15 +128,19 @@ def _tfds_dataset(
     seed: Optional[int],
     manual_dir: Optional[str],
     with_labels: bool = False,
+    input_context: Optional[tf.distribute.InputContext] = None,
 ) -> tf.data.Dataset:
     """Loads `info.tfds_name` as a dataset of single uint8 images (with
-    `with_labels`: of (image, label) pairs)."""
+    `with_labels`: of (image, label) pairs). With an `input_context`, TFDS
+    shards by file over its input pipelines."""
     tfds = _tfds()
     shown_dir = os.path.expanduser(data_dir) if data_dir else _default_data_dir()
     if manual_dir is None:
         manual_dir = os.path.join(shown_dir, 'downloads', 'manual')
     manual_dir = os.path.expanduser(manual_dir)
-    read_config = tfds.ReadConfig(shuffle_seed=seed, try_autocache=False)
+    read_config = tfds.ReadConfig(
+        shuffle_seed=seed, try_autocache=False, input_context=input_context
+    )
     kwargs = dict(split=split, data_dir=data_dir, shuffle_files=shuffle, read_config=read_config)
     what = f'Dataset {info.name!r} (TFDS {info.tfds_name!r})'
 
@@ -172,6 +180,8 @@ def _tfds_dataset(
                     f'{tar_path}). ' + _tfds_help(info, shown_dir, manual_dir)
                 ) from None
             download_kwargs['download_config'] = tfds.download.DownloadConfig(manual_dir=manual_dir)
+        else:
+            _raise_if_offline(info, shown_dir, manual_dir)
         try:
             ds = tfds.load(
                 info.tfds_name, download=True, download_and_prepare_kwargs=download_kwargs, **kwargs
@@ -211,7 +221,7 @@ def _npz_data_shape(path: str) -> Tuple[Tuple[int, ...], np.dtype]:
         with zipfile.ZipFile(path) as zf:
             if 'data.npy' not in zf.namelist():
                 keys = [n[:-4] for n in zf.namelist() if n.endswith('.npy')]
-                raise ValueError(f'{path}: no array named "data" (keys: {keys}).')
+                raise DatasetFormatError(f'{path}: no array named "data" (keys: {keys}).')
             with zf.open('data.npy') as fp:
                 version = np.lib.format.read_magic(fp)
                 if version == (1, 0):
@@ -219,7 +229,7 @@ def _npz_data_shape(path: str) -> Tuple[Tuple[int, ...], np.dtype]:
                 else:
                     shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
     except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f'{path}: not a readable .npz file ({_one_line(e)}).') from None
+        raise DatasetFormatError(f'{path}: not a readable .npz file ({_one_line(e)}).') from None
     return tuple(int(s) for s in shape), np.dtype(dtype)
 
 
@@ -229,14 +239,14 @@ def _npz_layout(
     """Returns 'nhwc', 'nchw' or 'flat' for a valid array, else raises."""
     h, w, c = image_shape
     if dtype != np.uint8:
-        raise ValueError(f'{path}: "data" must be uint8, got {dtype}.')
+        raise DatasetFormatError(f'{path}: "data" must be uint8, got {dtype}.')
     if len(shape) == 4 and shape[1:] == (h, w, c):
         return 'nhwc'
     if len(shape) == 4 and shape[1:] == (c, h, w):
         return 'nchw'
     if len(shape) == 2 and shape[1] == h * w * c:
         return 'flat'
-    raise ValueError(
+    raise DatasetFormatError(
         f'{path}: "data" has shape {shape}; expected [N, {h}, {w}, {c}], '
         f'[N, {c}, {h}, {w}] or the flattened [N, {h * w * c}].'
     )
@@ -251,14 +261,29 @@ def _npz_to_nhwc(arr: np.ndarray, image_shape: Tuple[int, int, int]):
     return np.ascontiguousarray(arr)
 
 
+def _npz_help(info: ImageDatasetInfo) -> str:
+    h, w, _ = info.image_shape
+    return (
+        f'ImageNet {h}x{w} .npz files: a uint8 array under key "data", either '
+        f'[N, {h}, {w}, 3] or the official "Downsampled ImageNet {h}x{w} (npz format)" '
+        f'layout [N, {3 * h * w}] (R plane, G plane, B plane; as in Imagenet{h}_train_npz: '
+        f'train_data_batch_1.npz .. train_data_batch_10.npz and Imagenet{h}_val_npz: '
+        f'val_data.npz, from the ImageNet website after login). Put the training files '
+        f'at <data_dir>/{info.name}/train*.npz and the validation files at '
+        f'<data_dir>/{info.name}/val*.npz (e.g. val_data.npz or valid_*.npz).'
+    )
+
+
 def _npz_dataset(
     info: ImageDatasetInfo,
     is_train: bool,
     data_dir: Optional[str],
     shuffle: bool,
     seed: Optional[int],
+    input_context: Optional[tf.distribute.InputContext] = None,
 ) -> tf.data.Dataset:
-    """Streams images from user-supplied ImageNet .npz files."""
+    """Streams images from user-supplied ImageNet .npz files (sharded by file
+    over the pipelines of an `input_context`)."""
     pattern, files = _npz_files(info, is_train, data_dir)
     h, w, c = info.image_shape
     if not files:
@@ -268,20 +293,21 @@ def _npz_dataset(
             f'matching {pattern} (data_dir='
             f'{os.path.expanduser(data_dir) if data_dir else _default_data_dir()}'
             f'). ImageNet {h}x{w} is bring-your-own-files (the TFDS '
-            f'downsampled_imagenet download is dead). Provide .npz files with a '
-            f'uint8 array under key "data", either [N, {h}, {w}, 3] or the '
-            f'official "Downsampled ImageNet {h}x{w} (npz format)" layout '
-            f'[N, {3 * h * w}] (R plane, G plane, B plane; as in '
-            f'Imagenet{h}_train_npz: train_data_batch_1.npz .. '
-            f'train_data_batch_10.npz and Imagenet{h}_val_npz: val_data.npz, '
-            f'from the ImageNet website after login). Put the training files at '
-            f'<data_dir>/{info.name}/train*.npz and the validation files at '
-            f'<data_dir>/{info.name}/val*.npz (e.g. val_data.npz or '
-            f'valid_*.npz), then pass data_dir=<data_dir>.'
+            f'downsampled_imagenet download is dead). Provide '
+            + _npz_help(info)
+            + ' Then pass data_dir=<data_dir>.'
         )
     for path in files:  # Validate everything up front: no errors mid-epoch.
         shape, dtype = _npz_data_shape(path)
         _npz_layout(path, shape, dtype, info.image_shape)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        n_pipes = input_context.num_input_pipelines
+        if len(files) < n_pipes:
+            raise ValueError(
+                f'{len(files)} .npz file(s) matching {pattern} cannot be split by file over '
+                f'{n_pipes} input pipelines (workers).'
+            )
+        files = files[input_context.input_pipeline_id :: n_pipes]
 
     def gen(path):
         path = path.decode() if isinstance(path, bytes) else str(path)
@@ -299,3 +325,400 @@ def _npz_dataset(
     if shuffle and len(files) > 1:
         files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     return files_ds.interleave(read_file, cycle_length=min(2, len(files)), block_length=16)
+
+
+# ----------------------------------------------------------------------------
+# Network reachability: fail in seconds instead of minutes of download retries.
+# ----------------------------------------------------------------------------
+
+#: The host a TFDS download of each dataset contacts first.
+_DOWNLOAD_HOSTS = {
+    'mnist': 'storage.googleapis.com',
+    'cifar10': 'www.cs.toronto.edu',
+    'svhn_cropped': 'ufldl.stanford.edu',
+}
+
+#: Seconds the network check waits for a connection before calling the network unreachable.
+NETWORK_TIMEOUT = 10.0
+
+
+def network_unreachable_reason(
+    host: str, port: int = 443, timeout: float = NETWORK_TIMEOUT
+) -> Optional[str]:
+    """Why `host` cannot be reached, or `None` when a TCP connection opens.
+
+    Opens (and closes) one TCP connection to `host:port`, or to the HTTPS
+    proxy of the environment (`https_proxy`, `all_proxy`; `no_proxy` honoured)
+    when one is set, as a download would. Name resolution and connection
+    together are bounded by about `timeout` seconds. TFDS instead retries a
+    failing download for minutes; `load_image_dataset` asks this first.
+
+    Args:
+      host: The server a download would contact.
+      port: Its port (443: HTTPS).
+      timeout: Seconds to wait for the connection.
+
+    Returns:
+      `None` if the connection opened, else a one-line reason naming the
+      address (and the proxy) that could not be reached and the error.
+
+    #### Examples
+
+    ```python
+    reason = network_unreachable_reason('storage.googleapis.com')
+    if reason:
+        print('offline:', reason)
+    ```
+    """
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get('https') or proxies.get('all')
+    if proxy and urllib.request.proxy_bypass_environment(host, proxies):
+        proxy = None
+    target, via = (host, int(port)), ''
+    if proxy:
+        parsed = urllib.parse.urlsplit(proxy if '://' in proxy else 'http://' + proxy)
+        default_port = 443 if parsed.scheme == 'https' else 80
+        target = (parsed.hostname or '', parsed.port or default_port)
+        via = f' (the HTTPS proxy {proxy} for {host})'
+    outcome = {}
+
+    def connect():
+        try:
+            with socket.create_connection(target, timeout=timeout):
+                outcome['ok'] = True
+        except OSError as e:  # socket.gaierror and timeouts are OSErrors
+            outcome['error'] = f'{type(e).__name__}: {e}'
+
+    worker = threading.Thread(target=connect, daemon=True, name='network_check')
+    worker.start()
+    worker.join(timeout + 2.0)
+    if outcome.get('ok'):
+        return None
+    error = outcome.get('error', f'no answer within {timeout:g} s')
+    return f'cannot connect to {target[0]}:{target[1]}{via}: {error}'
+
+
+def _raise_if_offline(info: ImageDatasetInfo, shown_dir: str, manual_dir: str) -> None:
+    """Raises DatasetNotFoundError at once when a download of `info` cannot reach its server."""
+    host = _DOWNLOAD_HOSTS.get(info.name, 'storage.googleapis.com')
+    reason = network_unreachable_reason(host)
+    if reason:
+        raise DatasetNotFoundError(
+            f'Dataset {info.name!r} (TFDS {info.tfds_name!r}) is not in data_dir={shown_dir} '
+            f'and cannot be downloaded: the network is unreachable ({reason}). '
+            + _tfds_help(info, shown_dir, manual_dir)
+        )
+
+
+# ----------------------------------------------------------------------------
+# Locating a dataset's data, before any slow work.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """Where a dataset's images are read from, and what its two splits are.
+
+    Returned by `rflow_tf.data.locate_image_dataset` (which raises
+    `DatasetNotFoundError` instead when no source holds the data), and used
+    by `load_image_dataset`. The trainer prints and records it, so that a
+    result always says which images it was measured on.
+
+    Attributes:
+      dataset: Canonical dataset name (`'celeb_a_hq'`, ...).
+      kind: `'glow_tfrecords'`, `'reference_pth'`, `'npz'`, `'tfds'` or
+        `'sklearn'`.
+      location: The folder (or TFDS directory) the data is read from.
+      train_split: What the `'train'` split is.
+      test_split: What the `'test'` split is.
+      paper_test_split: Whether the `'test'` split is the test set results
+        are published on (the paper's, or the dataset's standard one).
+        `False` for TFDS CelebA-HQ, whose `'test'` is our own 10% of TFDS's
+        single split: call its bits/dim "held-out", never "test".
+      warnings: Problems that do not stop reading (missing Glow shards).
+      needs_download: TFDS will download or prepare the data on first use.
+
+    #### Examples
+
+    ```python
+    source = locate_image_dataset('celeb_a_hq', data_dir='/data/celeba-tfr')
+    source.kind, source.paper_test_split   # ('glow_tfrecords', True)
+    print(source.describe())
+    ```
+    """
+
+    dataset: str
+    kind: str
+    location: str
+    train_split: str
+    test_split: str
+    paper_test_split: bool = True
+    warnings: Tuple[str, ...] = ()
+    needs_download: bool = False
+
+    @property
+    def eval_name(self) -> str:
+        """What to call bits/dim on the `'test'` split: `'test'` or `'held-out'`.
+
+        #### Examples
+
+        ```python
+        print(f'{source.eval_name} bits/dim: {bpd:.4f}')
+        ```
+        """
+        return 'test' if self.paper_test_split else 'held-out'
+
+    def describe(self) -> str:
+        """One line: the dataset, its source and both splits.
+
+        #### Examples
+
+        ```python
+        locate_image_dataset('digits').describe()
+        # "digits from scikit-learn's bundled digits (...): train = ..., test = ..."
+        ```
+        """
+        return (
+            f'{self.dataset} from {_KIND_NAMES[self.kind]} ({self.location}): '
+            f'train = {self.train_split}; {self.eval_name} = {self.test_split}'
+        )
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (the trainer writes it to results.json).
+
+        #### Examples
+
+        ```python
+        json.dumps(source.to_dict())
+        ```
+        """
+        d = dataclasses.asdict(self)
+        d['warnings'] = list(self.warnings)
+        d['eval_name'] = self.eval_name
+        return d
+
+
+_KIND_NAMES = {
+    'glow_tfrecords': "Glow's TFRecords",
+    'reference_pth': "the authors' .pth files",
+    'npz': '.npz files',
+    'tfds': 'TFDS',
+    'sklearn': "scikit-learn's bundled digits",
+}
+
+
+def _glow_candidate(info, root: str, splits, looked: List[str]) -> Optional[DataSource]:
+    for folder in glow.glow_root_candidates(root):
+        shards = {
+            split: glow.find_glow_shards(folder, split, info.image_shape[0])
+            for split in ('train', 'test')
+        }
+        if all(shards[split] for split in splits):
+            notes = tuple(s.missing_message() for s in shards.values() if s and s.missing)
+            train, test = shards['train'], shards['test']
+            return DataSource(
+                dataset=info.name,
+                kind='glow_tfrecords',
+                location=folder,
+                train_split=(
+                    f"Glow's {len(train.files)} training shards ({train.folder})"
+                    if train
+                    else f'none (no {os.path.join(folder, "train")}/ shards)'
+                ),
+                test_split=(
+                    f"Glow's {len(test.files)} validation shards ({test.folder}): the paper's "
+                    'test set'
+                    if test
+                    else f'none (no {os.path.join(folder, "validation")}/ shards)'
+                ),
+                warnings=notes,
+            )
+        if any(shards.values()):
+            lacking = [glow.GLOW_SPLIT_FOLDERS[s] for s in splits if not shards[s]]
+            looked.append(
+                f'Glow TFRecords: {folder} has no '
+                + ' and no '.join(f'{d}/{d}-r08-s-*-of-*.tfrecords' for d in lacking)
+            )
+            return None
+    looked.append(
+        'Glow TFRecords: no '
+        + ' and no '.join(
+            f'{glow.GLOW_SPLIT_FOLDERS[s]}/{glow.GLOW_SPLIT_FOLDERS[s]}-r08-s-*-of-*.tfrecords'
+            for s in splits
+        )
+        + ' in '
+        + ', '.join(glow.glow_root_candidates(root))
+    )
+    return None
+
+
+def _pth_candidate(info, root: str, splits, looked: List[str]) -> Optional[DataSource]:
+    files = reference_pth.REFERENCE_PTH_FILES[info.name]
+    paths = {split: os.path.join(root, rel) for split, rel in files.items()}
+    absent = sorted({paths[s] for s in splits if not os.path.isfile(paths[s])})
+    if absent:
+        looked.append(f"the authors' .pth files: {', '.join(absent)} missing")
+        return None
+    if info.name == 'celeba_5bit':
+        n_test = reference_pth.CELEBA_5BIT_N_TEST
+        name = os.path.basename(paths['test'])
+        train = f'the images after the first {n_test:,} of {name} (disjoint from the test split)'
+        test = f"the first {n_test:,} images of {name}: the reference's test set"
+    else:
+        train = os.path.basename(paths['train'])
+        test = os.path.basename(paths['test'])
+        test += (
+            ": the paper's test set (Glow's validation images)"
+            if info.name == 'celeb_a_hq'
+            else ': the ImageNet validation images'
+        )
+    return DataSource(
+        dataset=info.name,
+        kind='reference_pth',
+        location=root,
+        train_split=train,
+        test_split=test,
+    )
+
+
+def _npz_candidate(info, root: str, splits, looked: List[str]) -> Optional[DataSource]:
+    found = {split: _npz_files(info, split == 'train', root) for split in ('train', 'test')}
+    absent = [found[s][0] for s in splits if not found[s][1]]
+    if absent:
+        looked.append(f'.npz files: nothing matches {" or ".join(absent)}')
+        return None
+    (train_pattern, train_files), (test_pattern, test_files) = found['train'], found['test']
+    return DataSource(
+        dataset=info.name,
+        kind='npz',
+        location=os.path.dirname(train_pattern),
+        train_split=f'{len(train_files)} file(s) {train_pattern}',
+        test_split=f'{len(test_files)} file(s) {test_pattern}: the ImageNet validation images',
+    )
+
+
+def _tfds_loads_without_download(tfds, info, data_dir) -> bool:
+    """Whether TFDS serves the data without a download (prepared, or mocked in tests)."""
+    if _tfds_is_prepared(tfds, info.tfds_name, data_dir):
+        return True
+    try:
+        tfds.load(info.tfds_name, split=info.train_split, data_dir=data_dir, download=False)
+        return True
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+def _tfds_candidate(
+    info, data_dir: Optional[str], root: str, download: bool, manual_dir: Optional[str], looked
+) -> Optional[DataSource]:
+    tfds = _tfds()
+    manual_dir = os.path.expanduser(manual_dir or os.path.join(root, 'downloads', 'manual'))
+    if info.name == 'celeb_a_hq':
+        train = f'TFDS {info.tfds_name} {info.train_split} ({info.n_train:,} images)'
+        test = (
+            f'TFDS {info.tfds_name} {info.test_split}: our own 90/10 split of TFDS\'s single '
+            f"30,000-image split, NOT the paper's test set (its bits/dim are not comparable "
+            "with the paper's)"
+        )
+        paper = False
+    else:
+        train = f'TFDS {info.tfds_name} {info.train_split!r}'
+        test = f'TFDS {info.tfds_name} {info.test_split!r}'
+        paper = True
+    source = DataSource(
+        dataset=info.name,
+        kind='tfds',
+        location=os.path.join(root, info.tfds_name),
+        train_split=train,
+        test_split=test,
+        paper_test_split=paper,
+    )
+    if _tfds_loads_without_download(tfds, info, data_dir):
+        return source
+    where = f'TFDS: no prepared {info.tfds_name} in {os.path.join(root, info.tfds_name)}'
+    if info.name == 'celeb_a_hq':
+        tar = os.path.join(manual_dir, 'data%dx%d.tar' % info.image_shape[:2])
+        if download and os.path.isfile(tar):
+            return dataclasses.replace(source, needs_download=True)
+        looked.append(f'{where}, and no manual-download file {tar}')
+        return None
+    if not download:
+        looked.append(f'{where} (and download=False)')
+        return None
+    _raise_if_offline(info, root, manual_dir)
+    return dataclasses.replace(source, needs_download=True)
+
+
+_SOURCE_KINDS_HELP = {
+    'glow_tfrecords': lambda info: (
+        f"Glow's TFRecords (the paper's split): download {glow.GLOW_CELEBA_HQ_URL}, "
+        'extract it (tar -xf celeba-tfr.tar) and pass the extracted celeba-tfr folder, '
+        'which holds train/ and validation/, as data_dir (--data_dir).'
+    ),
+    'reference_pth': lambda info: (
+        f"The authors' .pth files: {reference_pth.REFERENCE_PTH_HELP[info.name]}; pass "
+        "their data/ folder as data_dir (--data_dir), holding "
+        + ' and '.join(sorted(set(reference_pth.REFERENCE_PTH_FILES[info.name].values())))
+        + '.'
+    ),
+    'npz': lambda info: 'ImageNet ' + _npz_help(info)[len('ImageNet ') :],
+}
+
+
+def _help_for(info, kind: str, root: str, manual_dir: Optional[str]) -> str:
+    if kind == 'tfds':
+        manual = os.path.expanduser(manual_dir or os.path.join(root, 'downloads', 'manual'))
+        return 'TFDS: ' + _tfds_help(info, root, manual)
+    return _SOURCE_KINDS_HELP[kind](info)
+
+
+def locate_source(
+    info: ImageDatasetInfo,
+    data_dir: Optional[str] = None,
+    *,
+    download: bool = True,
+    manual_dir: Optional[str] = None,
+    splits: Sequence[str] = ('train', 'test'),
+) -> DataSource:
+    """The `DataSource` of dataset `info`: the first of `info.sources` holding
+    the `splits` (`'train'`, `'test'`); `rflow_tf.data.locate_image_dataset`
+    is its public form.
+
+    Only the file system is read (and, for a TFDS download, one connection
+    opened), so it answers in seconds. Raises `DatasetNotFoundError` naming
+    every place looked in, with how to get the data from each source.
+    """
+    root = os.path.expanduser(data_dir) if data_dir else _default_data_dir()
+    splits = tuple(splits)
+    unknown = sorted(set(splits) - {'train', 'test'})
+    if unknown or not splits:
+        raise ValueError(f"splits must name 'train' and/or 'test', got {splits!r}.")
+    looked: List[str] = []
+    for kind in info.sources:
+        if kind == 'sklearn':
+            n_train = info.n_train
+            return DataSource(
+                dataset=info.name,
+                kind='sklearn',
+                location='sklearn.datasets.load_digits',
+                train_split=f'the first {n_train:,} images',
+                test_split=f'the last {info.n_test:,} images',
+            )
+        if kind == 'glow_tfrecords':
+            found = _glow_candidate(info, root, splits, looked)
+        elif kind == 'reference_pth':
+            found = _pth_candidate(info, root, splits, looked)
+        elif kind == 'npz':
+            found = _npz_candidate(info, root, splits, looked)
+        else:
+            found = _tfds_candidate(info, data_dir, root, download, manual_dir, looked)
+        if found is not None:
+            for note in found.warnings:
+                warnings.warn(note, stacklevel=3)
+            return found
+    places = ''.join(f'\n  - {line}' for line in looked)
+    ways = ''.join(f'\n  - {_help_for(info, kind, root, manual_dir)}' for kind in info.sources)
+    raise DatasetNotFoundError(
+        f'Dataset {info.name!r} not found (data_dir={root}). Looked for:{places}\n'
+        f'To get it, any one of:{ways}'
+    ) from None

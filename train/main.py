@@ -5,7 +5,7 @@ Usage (``python train/main.py --help`` explains every flag)::
 
     python train/main.py                              # sklearn digits, CPU preset, minutes
     python train/main.py --dataset=mnist              # the paper's MNIST model, all GPUs
-    python train/main.py --dataset=celeb_a_hq --data_dir=/data/tfds
+    python train/main.py --dataset=celeb_a_hq --data_dir=/data/celeba-tfr  # Glow's TFRecords
     python train/main.py --cpu_devices=2 --steps=100  # MirroredStrategy over 2 logical CPUs
     python train/main.py --task=hybrid --hybrid_lambda=1/D --block=coupling --invertible_1x1
 
@@ -85,6 +85,7 @@ import sys
 
 import rflow_tf  # noqa: F401  (first: sets TensorFlow's runtime defaults)
 from rflow_tf import classifier, data, models, training
+from rflow_tf.torch_format import UnsafeCheckpointError
 
 # The library names this script has always offered (train.main.X keeps working).
 from rflow_tf.training import (  # noqa: F401
@@ -226,9 +227,11 @@ def build_parser():
     g.add_argument(
         "--dataset",
         default="digits",
-        help="digits (offline, sklearn 8x8), mnist, cifar10, svhn_cropped, "
-        "celeb_a_hq (celeb_a_hq/256, manual download), imagenet32, imagenet64 "
-        "(bring-your-own .npz files).",
+        help="digits (offline, sklearn 8x8), mnist, cifar10, svhn_cropped (TFDS), "
+        "celeb_a_hq (Glow's celeba-tfr TFRecords, the authors' .pth files or TFDS "
+        "celeb_a_hq/256), celeba_5bit (the authors' .pth file), imagenet32, imagenet64 "
+        "(the authors' .pth or .npz files). Missing data stops the run at once "
+        "(docs/datasets.md).",
     )
     g.add_argument(
         "--preset",
@@ -240,7 +243,9 @@ def build_parser():
     g.add_argument(
         "--data_dir",
         default=None,
-        help="TFDS data directory (and parent of imagenet32/ imagenet64/). "
+        help="Where the data is: Glow's extracted celeba-tfr folder (holding train/ "
+        "and validation/), the authors' data/ folder (celebahq/, celebahq64_5bit/, "
+        "imagenet32/, imagenet64/), or a TFDS data directory. "
         "Default: $TFDS_DATA_DIR or ~/tensorflow_datasets.",
     )
     g.add_argument(
@@ -756,8 +761,12 @@ def export_only(args, strategy=None):
 
 def main(argv=None):
     """Command-line entry point; returns the process exit status (0 ok, 2 bad
-    flags or missing data, 3 diverged, 4 another worker of a multi-worker
-    cluster was lost or hangs, 130 interrupted)."""
+    flags, missing or damaged data (found before any model is built), 3
+    diverged, 4 another worker of a multi-worker cluster was lost or hangs,
+    130 interrupted).
+
+    Example: ``sys.exit(main(["--dataset=celeb_a_hq", "--data_dir=/data/celeba-tfr"]))``.
+    """
     args = parse_args(argv)
     try:
         check_flags(args)
@@ -768,7 +777,7 @@ def main(argv=None):
         else:
             train(args)
         return 0
-    except data.DatasetNotFoundError as e:
+    except (data.DatasetNotFoundError, data.DatasetFormatError, UnsafeCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except UsageError as e:

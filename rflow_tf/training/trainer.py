@@ -98,6 +98,14 @@ class Trainer:
         self.run_dir = self.spec.run_dir
         self.strategy = strategy or make_strategy(options.strategy, options.cpu_devices)
         self.task_type, self.task_id, self.is_chief = _task(self.strategy)
+        # The data first: a missing dataset stops the run here, in seconds, before the
+        # run directory, the model or the power iteration (DatasetNotFoundError).
+        self.data_source = data.locate_image_dataset(
+            self.spec.dataset, self.options.data_dir, download=self.options.download
+        )
+        self.log(f"data: {self.data_source.describe()}")
+        for note in self.data_source.warnings:
+            self.warn(note)
         # Multi-worker: only the chief writes into the run directory; the other
         # workers write their (identical) checkpoints and export into a local
         # temporary directory that they delete (TensorFlow's multi-worker guidance).
@@ -292,11 +300,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     @property
+    def eval_name(self):
+        """What the evaluation split is called in logs and results: "test" for the
+        dataset's test set, "held-out" for a split of our own that is not the
+        paper's test set (TFDS CelebA-HQ; see :class:`rflow_tf.data.DataSource`)."""
+        return self.data_source.eval_name
+
+    @property
+    def _eval_tag(self):
+        """TensorBoard prefix of the evaluation scalars: "test" or "held_out"."""
+        return self.eval_name.replace("-", "_")
+
+    @property
     def task(self):
         """The run's task: "density", "classification" or "hybrid"."""
         return self.hp.get("task", "density")
 
-    def _train_dataset(self, start_step=0):
+    def _train_dataset(self, start_step=0, input_context=None, batch_size=None):
         """The training batches from optimiser step ``start_step`` on. The stream is a
         function of the seed alone (seeded shuffles, flips keyed by batch number), so
         batch k is the same whether a run started at 0 or resumed at k. Every call
@@ -306,7 +326,10 @@ class Trainer:
         Classification and hybrid runs get (images, labels) with the reference's flips,
         random crops of padding ``hp["crop_padding"]`` (``--crop_padding``, default
         the reference's) and random shifts of up to ``hp["translate"]`` pixels
-        (``--translate``, default 0: none, the meaning of runs from before the option)."""
+        (``--translate``, default 0: none, the meaning of runs from before the option).
+        With an ``input_context`` (:meth:`_distributed_train_batches`) it is the pipeline
+        of one worker: its own files, batches of ``batch_size`` (per replica), and the
+        first ``start_step`` optimiser steps of all its replicas skipped."""
         hp = self.hp
         labelled = self.task != "density"
         aug = {}
@@ -317,7 +340,7 @@ class Trainer:
         ds = data.load_image_dataset(
             self.spec.dataset,
             "train",
-            batch_size=hp["batch_size"],
+            batch_size=batch_size or hp["batch_size"],
             data_dir=self.options.data_dir,
             n_bits=self.flow_config.n_bits,
             shuffle=True,
@@ -326,6 +349,7 @@ class Trainer:
             download=self.options.download,
             drop_remainder=True,
             with_labels=labelled,
+            input_context=input_context,
             **aug,
         )
         if hp["accumulate"] > 1:
@@ -335,7 +359,31 @@ class Trainer:
                 return out if labelled else out[0]
 
             ds = ds.batch(hp["accumulate"], drop_remainder=True).map(micro_major)
+        if input_context is not None:  # each replica of this worker takes its own elements
+            start_step *= input_context.num_replicas_in_sync // input_context.num_input_pipelines
         return ds.skip(int(start_step)) if start_step else ds
+
+    def _distributed_train_batches(self, start_step=0):
+        """The distributed training batches from optimiser step ``start_step`` on.
+
+        Data read from files that can be split between workers (Glow's TFRecords) is
+        sharded by file: every worker builds its own pipeline over its own shards
+        (``strategy.distribute_datasets_from_function``), so no worker reads another's
+        files. Other data is sharded by element of identical global batches
+        (:func:`distribute_dataset`).
+        """
+        if self.data_source.kind != "glow_tfrecords":
+            return self._distribute(self._train_dataset(start_step))
+        global_batch = int(self.hp["batch_size"])
+
+        def per_worker(ctx):
+            return self._train_dataset(
+                start_step,
+                input_context=ctx,
+                batch_size=ctx.get_per_replica_batch_size(global_batch),
+            )
+
+        return self.strategy.distribute_datasets_from_function(per_worker)
 
     def _test_dataset(self):
         bs = self.hp["batch_size"]
@@ -637,15 +685,16 @@ class Trainer:
         m = self.evaluate_metrics()
         bpd, se, n = m["bpd"], m["bpd_stderr"], m["count"]
         parts, scalars = [], {}
+        name, tag = self.eval_name, self._eval_tag
         if self.task != "classification":
-            parts.append(f"test bits/dim {bpd:.4f} +- {se:.4f}")
-            scalars.update({"test/bpd": bpd, "test/bpd_stderr": se})
+            parts.append(f"{name} bits/dim {bpd:.4f} +- {se:.4f}")
+            scalars.update({f"{tag}/bpd": bpd, f"{tag}/bpd_stderr": se})
         if self.task != "density":
             parts.append(
                 f"accuracy {m['accuracy']:.4f}, cross-entropy {m['cross_entropy']:.4f} nats"
             )
             scalars.update(
-                {"test/accuracy": m["accuracy"], "test/cross_entropy": m["cross_entropy"]}
+                {f"{tag}/accuracy": m["accuracy"], f"{tag}/cross_entropy": m["cross_entropy"]}
             )
         cfg = self.flow_config
         terms = (
@@ -654,16 +703,17 @@ class Trainer:
             else f", {cfg.logdet_eval_mode} log-det, {cfg.n_exact_terms_eval} exact terms, "
             f"{self.hp['dequantization']} dequantisation bound"
         )
-        self.log(f"step {step}: {'; '.join(parts)} ({n} images, EMA weights{terms})")
+        split = "" if self.data_source.paper_test_split else f" of {self.data_source.test_split}"
+        self.log(f"step {step}: {'; '.join(parts)} ({n} images{split}, EMA weights{terms})")
         if self.task != "classification" and cfg.logdet_eval_mode != cfg.logdet:
             # Trained with another estimator (e.g. the biased truncated series):
             # report what that estimator says too, beside the true value above.
             bpd_t, se_t, _ = self.evaluate(training_estimator=True)
             self.log(
-                f"step {step}: test bits/dim with the training estimator ({cfg.logdet}): "
+                f"step {step}: {name} bits/dim with the training estimator ({cfg.logdet}): "
                 f"{bpd_t:.4f} +- {se_t:.4f} (true: {bpd:.4f})"
             )
-            scalars["test/bpd_training_estimator"] = bpd_t
+            scalars[f"{tag}/bpd_training_estimator"] = bpd_t
         path = None
         if do_sample and self.task != "classification":  # a classifier is no sampler
             path = self.sample()
@@ -671,12 +721,12 @@ class Trainer:
         # Best checkpoint by test bits/dim; for classification by test error
         # (kept in the same variable, lower is better).
         criterion = 1.0 - m["accuracy"] if self.task == "classification" else bpd
-        name = "test error" if self.task == "classification" else "test bits/dim"
+        what = f"{name} error" if self.task == "classification" else f"{name} bits/dim"
         if math.isfinite(criterion) and criterion < float(self.best_bpd.numpy()):
             self.best_bpd.assign(criterion)
             best = self._save(self.best_manager, step)
-            self.log(f"step {step}: new best {name}, saved {best}")
-        key = "test/best_error" if self.task == "classification" else "test/best_bpd"
+            self.log(f"step {step}: new best {what}, saved {best}")
+        key = f"{tag}/best_error" if self.task == "classification" else f"{tag}/best_bpd"
         scalars[key] = float(self.best_bpd.numpy())
         self._summaries(step, scalars)
         return m, path
@@ -743,10 +793,10 @@ class Trainer:
         if not self._restored:
             self._restore_newest()
         start = int(self.step.numpy()) if self._restored else 0
-        train_ds = self._train_dataset(start)
+        train_batches = self._distributed_train_batches(start)
         if not self._restored:
             # The first batch from a pipeline of its own: training must be the first
-            # iteration of train_ds (see _train_dataset).
+            # iteration of train_batches (see _train_dataset).
             self.restore_or_initialize(next(iter(self._train_dataset(0))))
         if self.multi_worker:
             self._check_workers_agree_on_step(start)
@@ -764,7 +814,7 @@ class Trainer:
         step = start
         nan_streak = 0
         if step < total:
-            it = iter(self._distribute(train_ds))
+            it = iter(train_batches)
             step_fn = self.train_step_fn
             t_log, n_log, t_start = time.time(), 0, time.time()
             loss_sum = gnorm_sum = ld_sum = 0.0
@@ -900,6 +950,11 @@ class Trainer:
         result = {
             "step": step,
             "task": self.task,
+            # What "test" below is: the dataset's test split, or (TFDS CelebA-HQ) our own
+            # held-out split, which is not the paper's test set.
+            "eval_name": self.eval_name,
+            "eval_split": self.data_source.test_split,
+            "data_source": self.data_source.to_dict(),
             "test_bpd": bpd,
             "test_bpd_stderr": se,
             "best_bpd": float(self.best_bpd.numpy()),
@@ -915,14 +970,16 @@ class Trainer:
         if self.task == "classification":
             result["best_error"] = result.pop("best_bpd")
             self.log(
-                f"final test accuracy: {metrics['accuracy']:.4f}, cross-entropy "
+                f"final {self.eval_name} accuracy: {metrics['accuracy']:.4f}, cross-entropy "
                 f"{metrics['cross_entropy']:.4f} (EMA weights, step {step}); best error "
                 f"{result['best_error']:.4f}"
             )
         else:
-            acc = f"; test accuracy {metrics['accuracy']:.4f}" if self.task == "hybrid" else ""
+            name = self.eval_name
+            acc = f"; {name} accuracy {metrics['accuracy']:.4f}" if self.task == "hybrid" else ""
+            split = "" if self.data_source.paper_test_split else f" ({self.data_source.test_split})"
             self.log(
-                f"final test bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}); "
+                f"final {name} bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}){split}; "
                 f"best {result['best_bpd']:.4f}{acc}; samples: {samples}"
             )
         if self.is_chief:

@@ -223,10 +223,11 @@ def test_glow_record_of_the_wrong_shape_is_named(tmp_path):
     rng = np.random.default_rng(0)
     write_glow_split(str(tmp_path), 'validation', 1, 1, rng)
     small = (CELEBA_SHAPE[0] // 2, CELEBA_SHAPE[1] // 2, CELEBA_SHAPE[2])
-    write_glow_split(str(tmp_path), 'train', 1, 1, rng, shape=small)
+    (path,) = write_glow_split(str(tmp_path), 'train', 1, 1, rng, shape=small)
     ds = data.load_image_dataset('celeb_a_hq', 'train', 1, data_dir=str(tmp_path))
-    with pytest.raises(tf.errors.InvalidArgumentError, match='wrong shape'):
+    with pytest.raises(tf.errors.InvalidArgumentError, match='wrong shape') as e:
         _collect(ds)
+    assert os.path.basename(path) in str(e.value)
 
 
 def test_glow_mixed_exports_are_refused(glow_root, tmp_path):

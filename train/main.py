@@ -720,10 +720,12 @@ class Trainer(training.Trainer):
     ```
     """
 
-    def __init__(self, args, strategy=None):
+    def __init__(self, args, strategy=None, check_data=True):
         check_flags(args)
         options = options_from_args(args)
-        super().__init__(config_from_args(args, options), options, strategy=strategy)
+        super().__init__(
+            config_from_args(args, options), options, strategy=strategy, check_data=check_data
+        )
         self.args = args
 
 
@@ -746,7 +748,7 @@ def export_only(args, strategy=None):
 
     Example: ``export_only(parse_args(["--out=runs/x", "--export_only"]))``.
     """
-    trainer = Trainer(args, strategy=strategy)
+    trainer = Trainer(args, strategy=strategy, check_data=False)  # no data needed
     try:
         if not trainer._restore_newest():  # pylint: disable=protected-access
             raise UsageError(f"--export_only: no checkpoint in {trainer.ckpt_dir}")

@@ -68,6 +68,9 @@ class Trainer:
     ``config`` (None: the preset's, :func:`flow_config_for`) with the
     :class:`TrainingOptions` ``options`` (None: all defaults). It resolves
     the run (:func:`resolve_run`), creates the strategy (unless given),
+    locates the data (:func:`rflow_tf.data.locate_image_dataset`: a missing
+    dataset raises :class:`rflow_tf.data.DatasetNotFoundError` before anything
+    is built or written; ``check_data=False`` defers this to the first use),
     builds everything inside ``strategy.scope()`` (optimizer slots created up
     front) and checks/writes ``config.json`` in the run directory.
     :meth:`fit` (alias :meth:`train`) restores the latest checkpoint or
@@ -89,7 +92,7 @@ class Trainer:
     ```
     """
 
-    def __init__(self, config=None, options=None, strategy=None):
+    def __init__(self, config=None, options=None, strategy=None, check_data=True):
         options = TrainingOptions() if options is None else options
         self.options = options
         self.spec = resolve_run(config, options)
@@ -100,12 +103,12 @@ class Trainer:
         self.task_type, self.task_id, self.is_chief = _task(self.strategy)
         # The data first: a missing dataset stops the run here, in seconds, before the
         # run directory, the model or the power iteration (DatasetNotFoundError).
-        self.data_source = data.locate_image_dataset(
-            self.spec.dataset, self.options.data_dir, download=self.options.download
-        )
-        self.log(f"data: {self.data_source.describe()}")
-        for note in self.data_source.warnings:
-            self.warn(note)
+        # check_data=False (exporting a checkpoint) looks for it only when it is used.
+        self._data_source = None
+        if check_data:
+            self.log(f"data: {self.data_source.describe()}")
+            for note in self.data_source.warnings:
+                self.warn(note)
         # Multi-worker: only the chief writes into the run directory; the other
         # workers write their (identical) checkpoints and export into a local
         # temporary directory that they delete (TensorFlow's multi-worker guidance).
@@ -299,6 +302,20 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ data
+    @property
+    def data_source(self):
+        """Where the run's images are read from (:class:`rflow_tf.data.DataSource`),
+        located on first use; raises :class:`rflow_tf.data.DatasetNotFoundError`."""
+        if self._data_source is None:
+            self._data_source = data.locate_image_dataset(
+                self.spec.dataset, self.options.data_dir, download=self.options.download
+            )
+        return self._data_source
+
+    @data_source.setter
+    def data_source(self, source):
+        self._data_source = source
+
     @property
     def eval_name(self):
         """What the evaluation split is called in logs and results: "test" for the

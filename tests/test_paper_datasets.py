@@ -568,20 +568,24 @@ SMALL_MODEL = [
 ]
 
 
-def test_trainer_trains_on_glow_tfrecords(glow_root, tmp_path, capsys):
-    from train import main as trainer_main
-
-    args = trainer_main.parse_args(
-        SMALL_MODEL
-        + ['--dataset=celeb_a_hq', f'--data_dir={glow_root["root"]}', f'--out={tmp_path}']
+def test_trainer_trains_on_glow_tfrecords(glow_root, tmp_path):
+    """`train/main.py --dataset=celeb_a_hq --data_dir=<celeba-tfr>`: a small model on the
+    256x256 images, two steps, then the test bits/dim on Glow's validation shard. In a
+    subprocess, as users run it (rflow_tf imported before TensorFlow: oneDNN on)."""
+    run_dir = tmp_path / 'run'
+    proc, _ = _run_trainer(
+        tmp_path,
+        *SMALL_MODEL,
+        '--dataset=celeb_a_hq',
+        f'--data_dir={glow_root["root"]}',
+        f'--out={run_dir}',
     )
-    result = trainer_main.train(args)
-    out = capsys.readouterr().out
-    assert result['step'] == 2 and np.isfinite(result['test_bpd'])
-    assert "Glow's TFRecords" in out and 'test bits/dim' in out
-    saved = json.load(open(tmp_path / 'results.json'))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Glow's TFRecords" in proc.stdout and 'final test bits/dim' in proc.stdout
+    saved = json.load(open(run_dir / 'results.json'))
+    assert saved['step'] == 2 and np.isfinite(saved['test_bpd'])
     assert saved['eval_name'] == 'test' and saved['data_source']['kind'] == 'glow_tfrecords'
-    cfg = json.load(open(tmp_path / 'config.json'))['flow_config']
+    cfg = json.load(open(run_dir / 'config.json'))['flow_config']
     assert tuple(cfg['input_shape']) == CELEBA_SHAPE
     assert cfg['n_bits'] == data.dataset_info('celeb_a_hq').n_bits
 

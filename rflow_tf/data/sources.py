@@ -687,6 +687,14 @@ def locate_source(
     Only the file system is read (and, for a TFDS download, one connection
     opened), so it answers in seconds. Raises `DatasetNotFoundError` naming
     every place looked in, with how to get the data from each source.
+
+    #### Examples
+
+    ```python
+    from rflow_tf.data import dataset_info
+    source = locate_source(dataset_info('imagenet32'), '/data', splits=('test',))
+    source.kind    # 'reference_pth' if /data/imagenet32/valid_32x32.pth exists
+    ```
     """
     root = os.path.expanduser(data_dir) if data_dir else _default_data_dir()
     splits = tuple(splits)

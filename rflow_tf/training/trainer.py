@@ -305,7 +305,10 @@ class Trainer:
     @property
     def data_source(self):
         """Where the run's images are read from (:class:`rflow_tf.data.DataSource`),
-        located on first use; raises :class:`rflow_tf.data.DatasetNotFoundError`."""
+        located on first use; raises :class:`rflow_tf.data.DatasetNotFoundError`.
+
+        Example: ``print(trainer.data_source.describe())``.
+        """
         if self._data_source is None:
             self._data_source = data.locate_image_dataset(
                 self.spec.dataset, self.options.data_dir, download=self.options.download
@@ -320,7 +323,10 @@ class Trainer:
     def eval_name(self):
         """What the evaluation split is called in logs and results: "test" for the
         dataset's test set, "held-out" for a split of our own that is not the
-        paper's test set (TFDS CelebA-HQ; see :class:`rflow_tf.data.DataSource`)."""
+        paper's test set (TFDS CelebA-HQ; see :class:`rflow_tf.data.DataSource`).
+
+        Example: ``print(f"{trainer.eval_name} bits/dim: {trainer.evaluate()[0]:.3f}")``.
+        """
         return self.data_source.eval_name
 
     @property

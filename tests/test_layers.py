@@ -70,6 +70,55 @@ def test_conv_operator_norm_bound(kernel_size, hw):
     assert sigma_true >= 0.98 * (1 - 2e-2)
 
 
+@pytest.mark.parametrize("where", ["eager", "function", "vectorized_map"])
+def test_built_layer_is_estimated_at_its_first_use(where):
+    # Building runs no power iteration; the first use, wherever it happens,
+    # normalises by a converged sigma (the bound holds from the first output).
+    h, w, c_in = 4, 5, 2
+    layer = rl.LipschitzConv2D(3, 3, coeff=0.9, kernel_initializer=_big_init(4))
+    layer.build((None, h, w, c_in))
+    assert float(layer.sigma) == 0.0 and not bool(layer.estimate_is_current())
+    x = tf.random.stateless_normal([2, h, w, c_in], seed=[1, 2])
+    if where == "eager":
+        layer(x)
+    elif where == "function":
+        tf.function(lambda t: layer(t))(x)
+    else:
+        tf.vectorized_map(lambda t: layer(t[None])[0], x)
+    assert bool(layer.estimate_is_current())
+    mat = _conv_matrix(layer, h, w, c_in)
+    sigma_true = np.linalg.svd(mat, compute_uv=False)[0]
+    assert 0.9 * (1 - 1e-2) <= sigma_true <= 0.9 * (1 + 1e-3)
+
+
+def test_converge_again_keeps_the_estimate_until_the_kernel_changes():
+    layer = rl.LipschitzDense(4, coeff=0.9, kernel_initializer=_big_init(5))
+    layer.build((None, 6))
+    sigma = float(layer.converge())
+    np.testing.assert_allclose(sigma, np.linalg.norm(layer.kernel.numpy(), 2), rtol=1e-4)
+    u = layer.u.numpy()
+    layer.u.assign(u * 0.5)  # a repeated converge() would overwrite this: it must not run
+    assert float(layer.converge()) == sigma
+    np.testing.assert_array_equal(layer.u.numpy(), u * 0.5)
+    # ... in a graph too
+    assert float(tf.function(layer.converge)()) == sigma
+    np.testing.assert_array_equal(layer.u.numpy(), u * 0.5)
+    # A tighter tolerance than the layer's runs again.
+    layer.converge(tol=1e-7)
+    np.testing.assert_allclose(np.abs(layer.u.numpy()), np.abs(u), atol=1e-4)
+    # A new kernel is converged again; after an in-call (warm-start) estimate,
+    # converge() runs its restart again too.
+    layer.u.assign(u * 0.5)
+    layer.kernel.assign(layer.kernel * 2.0)
+    np.testing.assert_allclose(float(layer.converge()), 2 * sigma, rtol=1e-4)
+    layer.kernel.assign(layer.kernel * 1.01)
+    layer(tf.ones([1, 6]))
+    assert bool(layer.estimate_is_current())
+    layer.u.assign(u * 0.5)
+    layer.converge()
+    np.testing.assert_allclose(np.abs(layer.u.numpy()), np.abs(u), atol=1e-4)
+
+
 def test_conv_norm_is_not_reshaped_kernel_norm():
     """The padded-convolution operator norm differs from the reshaped kernel's norm."""
     layer = rl.LipschitzConv2D(2, 3, coeff=100.0, kernel_initializer=_big_init(3))

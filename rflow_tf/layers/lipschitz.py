@@ -75,6 +75,7 @@ class _PowerState(NamedTuple):
     v: tf.Variable
     sigma: tf.Variable
     estimated_kernel: tf.Variable
+    careful: tf.Variable
 
 
 class _HandleVariable:
@@ -186,7 +187,9 @@ class _SpectralNormalized(keras.layers.Layer):
     and, if so, re-converges power iteration warm-started from the stored
     u and v (usually a few steps; after an abrupt change of the kernel, with a
     restart beside the warm start). Any training loop (``tfp.math.minimize``,
-    Keras ``fit``, a hand-written tape) therefore sees a converged sigma.
+    Keras ``fit``, a hand-written tape) therefore sees a converged sigma. A
+    newly built layer has no estimate yet, so its first use converges one, as
+    :meth:`converge` would: building a model runs no power iteration.
 
     **Mixed norms.** With ``domain`` p and ``codomain`` q other than 2 and 2,
     sigma is the induced norm ||W||_{p->q} = max ||W x||_q / ||x||_p of the
@@ -269,13 +272,24 @@ class _SpectralNormalized(keras.layers.Layer):
                 name="estimated_kernel",
             )
         object.__setattr__(self, "_estimated_kernel", estimated)
+        # Whether the estimate for that kernel came from :meth:`converge` (warm
+        # start and restart at the layer's own tolerance), so that converging
+        # again would reproduce it. Untracked too.
+        with tf.init_scope():
+            careful = tf.Variable(False, trainable=False, name="estimated_carefully")
+        object.__setattr__(self, "_estimated_carefully", careful)
         if self._has_learnable_order:
             with tf.init_scope():
                 orders = tf.Variable(
                     tf.zeros([2], self.kernel.dtype), trainable=False, name="estimated_orders"
                 )
             object.__setattr__(self, "_estimated_orders", orders)
-        self.converge()
+        if not self.is_spectral:
+            self.converge()
+        # A spectral layer is estimated at its first use instead: its kernel
+        # differs from the (zero) estimated kernel by more than the abrupt-change
+        # threshold, so that use runs the warm start and the restart, as
+        # converge() would. Building a large model costs no power iteration.
 
     # ------------------------------------------------------------ mixed norms
     @property
@@ -374,10 +388,10 @@ class _SpectralNormalized(keras.layers.Layer):
         # path's criterion) near convergence.
         return tol * 1e-2
 
-    def _converge_mixed(self, tol, max_iterations):
+    def _converge_mixed(self, tol, max_iterations, careful):
         kernel = self._kernel_value()
         if self._closed_form:
-            return self._store(self.u, self.v, kernel)
+            return self._store(self.u, self.v, kernel, careful=careful)
         u1, v1 = self._fresh_estimate(kernel, tol, max_iterations)
         p, q = self.orders(kernel.dtype)
         apply, apply_t = self._operator(kernel)
@@ -397,7 +411,7 @@ class _SpectralNormalized(keras.layers.Layer):
         u2, v2 = tf.reshape(res.u, self.u.shape), tf.reshape(res.v, self.v.shape)
         better = self._sigma(kernel, u2, v2) > self._sigma(kernel, u1, v1)
         u, v = tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
-        return self._store(u, v, kernel)
+        return self._store(u, v, kernel, careful=careful)
 
     def _power_step(self, u, v, kernel):
         v = _l2_normalize(self._apply_wt(u, kernel))
@@ -422,6 +436,7 @@ class _SpectralNormalized(keras.layers.Layer):
             _backing(self.v),
             _backing(self.sigma),
             self._estimated_kernel,
+            self._estimated_carefully,
         )
 
     def _matrix(self, kernel):
@@ -486,7 +501,7 @@ class _SpectralNormalized(keras.layers.Layer):
             )
         return self._iterate_to_convergence(kernel, v, tol, max_iterations)
 
-    def _store(self, u, v, kernel, current=True, state=None):
+    def _store(self, u, v, kernel, current=True, state=None, careful=False):
         # Assign the backing tf.Variables: a Keras StatelessScope (active while
         # Keras builds a functional model symbolically) would otherwise turn
         # these assignments into no-ops in the cached graph function.
@@ -495,6 +510,7 @@ class _SpectralNormalized(keras.layers.Layer):
         state.v.assign(v)
         sigma = self._sigma(kernel, u, v)
         state.sigma.assign(sigma)
+        state.careful.assign(bool(current and careful))
         if current:
             state.estimated_kernel.assign(kernel)
             if self._has_learnable_order:
@@ -521,6 +537,7 @@ class _SpectralNormalized(keras.layers.Layer):
         Example: ``ckpt.restore(path); [l.mark_estimate_current() for l in layers]``.
         """
         self._estimated_kernel.assign(self._kernel_value())
+        self._estimated_carefully.assign(False)
         if self._has_learnable_order:
             self._estimated_orders.assign(self._order_vector())
 
@@ -541,7 +558,12 @@ class _SpectralNormalized(keras.layers.Layer):
         if not self.auto_update or _inside_vectorized_map() or self._closed_form:
             # (A closed-form sigma needs no estimate.)
             # vectorized_map cannot vectorise variable assignments, and the
-            # weights cannot change within one map: use the stored estimate.
+            # weights cannot change within one map: use the stored estimate,
+            # made current first, outside the map, if it is not.
+            if self.auto_update and not self._closed_form:
+                with tf.init_scope():
+                    if tf.executing_eagerly() and not bool(self.estimate_is_current()):
+                        self.converge()
             return tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
         store = _can_store_in_context()
         if tf.executing_eagerly() and self.is_spectral:
@@ -673,14 +695,33 @@ class _SpectralNormalized(keras.layers.Layer):
         Mixed norms: the closed form where there is one; elsewhere the larger
         of the warm start and the best of :meth:`num_restarts` random starts
         of the generalised power method.
+
+        At the layer's own ``tol`` and ``max_iterations``, a kernel (and
+        orders) unchanged since the last ``converge`` keeps that estimate: it
+        is what converging again would find, so repeated calls (before
+        evaluation, sampling, export) cost one comparison.
+
+        Example: ``sigma = layer.converge()``.
         """
+        at_defaults = (tol is None or float(tol) == self.tol) and (
+            max_iterations is None or int(max_iterations) == self.max_iterations
+        )
         tol = self.tol if tol is None else float(tol)
         max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
-        if not self.is_spectral:
-            return self._converge_mixed(tol, max_iterations)
-        kernel = self._kernel_value()
-        u, v = self._careful_estimate(kernel, tol, max_iterations)
-        return self._store(u, v, kernel)
+
+        def run():
+            if not self.is_spectral:
+                return self._converge_mixed(tol, max_iterations, careful=at_defaults)
+            kernel = self._kernel_value()
+            u, v = self._careful_estimate(kernel, tol, max_iterations)
+            return self._store(u, v, kernel, careful=at_defaults)
+
+        if not at_defaults:
+            return run()
+        kept = tf.logical_and(self._estimated_carefully, self.estimate_is_current())
+        if tf.executing_eagerly():
+            return tf.convert_to_tensor(self.sigma) if bool(kept) else run()
+        return tf.cond(kept, lambda: tf.identity(_backing(self.sigma)), run)
 
     def _careful_estimate(self, kernel, tol=None, max_iterations=None, state=None):
         """(u, v) of the larger sigma of the warm start and a restart (see :meth:`converge`)."""

@@ -1,12 +1,12 @@
 """Imports rflow_tf before TensorFlow so the tests run under the same
 TensorFlow runtime defaults (see ``rflow_tf/__init__.py``) as its users."""
 
+import rflow_tf  # noqa: F401, I001  (first: it sets TensorFlow's runtime defaults)
+
 import os
 
 import pytest
 import tensorflow as tf
-
-import rflow_tf  # noqa: F401
 
 
 def _tb_scalars(run_dir, tag):

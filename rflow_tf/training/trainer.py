@@ -189,6 +189,7 @@ class Trainer:
         self._eval_step = None
         self._sample_fn = None
         self._swap_fn = None
+        self._in_ema = False  # inside ema_weights()
         self._restored = False
 
     # --------------------------------------------------------------- helpers
@@ -501,13 +502,21 @@ class Trainer:
         power-iteration state come back, so evaluating or sampling never
         changes the course of training.
 
+        Re-entrant: within the context, a nested one changes nothing, so
+        evaluation and sampling at one step share one converged estimate.
+
         Example: ``with trainer.ema_weights(): trainer.model.sample(16)``.
         """
+        if self._in_ema:
+            yield self.model
+            return
         self._swap_ema(True)
-        self.model.converge_lipschitz()
+        self._in_ema = True
         try:
+            self.model.converge_lipschitz()
             yield self.model
         finally:
+            self._in_ema = False
             self._swap_ema(False)
 
     def _restore_newest(self):
@@ -705,6 +714,25 @@ class Trainer:
 
     def _eval_and_sample(self, step, do_sample):
         """Evaluates (and samples); returns (metrics of :meth:`evaluate_metrics`, sample path)."""
+        with self.ema_weights():  # one converged estimate for the evaluations and the samples
+            m, path, scalars = self._evaluate_and_sample_ema(step, do_sample)
+        name, tag = self.eval_name, self._eval_tag
+        # Best checkpoint by test bits/dim; for classification by test error
+        # (kept in the same variable, lower is better).
+        criterion = 1.0 - m["accuracy"] if self.task == "classification" else m["bpd"]
+        what = f"{name} error" if self.task == "classification" else f"{name} bits/dim"
+        if math.isfinite(criterion) and criterion < float(self.best_bpd.numpy()):
+            self.best_bpd.assign(criterion)
+            best = self._save(self.best_manager, step)
+            self.log(f"step {step}: new best {what}, saved {best}")
+        key = f"{tag}/best_error" if self.task == "classification" else f"{tag}/best_bpd"
+        scalars[key] = float(self.best_bpd.numpy())
+        self._summaries(step, scalars)
+        return m, path
+
+    def _evaluate_and_sample_ema(self, step, do_sample):
+        """The evaluation and sampling part of :meth:`_eval_and_sample`, with the
+        EMA weights in place; returns (metrics, sample path, scalars to log)."""
         m = self.evaluate_metrics()
         bpd, se, n = m["bpd"], m["bpd_stderr"], m["count"]
         parts, scalars = [], {}
@@ -741,18 +769,7 @@ class Trainer:
         if do_sample and self.task != "classification":  # a classifier is no sampler
             path = self.sample()
             self.log(f"step {step}: samples written to {path}")
-        # Best checkpoint by test bits/dim; for classification by test error
-        # (kept in the same variable, lower is better).
-        criterion = 1.0 - m["accuracy"] if self.task == "classification" else bpd
-        what = f"{name} error" if self.task == "classification" else f"{name} bits/dim"
-        if math.isfinite(criterion) and criterion < float(self.best_bpd.numpy()):
-            self.best_bpd.assign(criterion)
-            best = self._save(self.best_manager, step)
-            self.log(f"step {step}: new best {what}, saved {best}")
-        key = f"{tag}/best_error" if self.task == "classification" else f"{tag}/best_bpd"
-        scalars[key] = float(self.best_bpd.numpy())
-        self._summaries(step, scalars)
-        return m, path
+        return m, path, scalars
 
     def fit(self):
         """Trains (or resumes) the run; the same as :meth:`train` (Keras' name).

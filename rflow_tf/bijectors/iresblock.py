@@ -2,10 +2,8 @@
 stochastic (Russian roulette) or exact log-determinants."""
 
 import itertools
-import math
-import sys
-import warnings
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -17,6 +15,7 @@ from rflow_tf.bijectors._base import (
     _KerasBacked,
     _zeros_for_none,
 )
+from rflow_tf.bijectors.monotone import warn_on_failures
 
 tfb = tfp.bijectors
 
@@ -30,7 +29,11 @@ class IResBlock(_KerasBacked):
 
     forward (data -> latent):  y = x + net(x)
     inverse (latent -> data):  fixed point x <- y - net(x), starting at x = y;
-        converges geometrically (Banach) at rate Lip(g).
+        converges geometrically (Banach) at rate Lip(g). An example that does
+        not converge (within ``inverse_max_iterations``, or whose iterate is
+        not finite) is returned as NaN, never as a wrong x, and reported: a
+        ``RuntimeWarning`` in eager mode, a message on stderr in a graph; under
+        XLA the NaN is the report (see :meth:`inverse_with_diagnostics`).
     log |det df/dx| = log det(I + J_g) = sum_{k>=1} (-1)^(k+1)/k tr(J_g^k), estimated by
 
     * ``logdet="unbiased"`` (default): Russian roulette over the power series
@@ -41,8 +44,9 @@ class IResBlock(_KerasBacked):
       ``n_samples`` draws of N. E[estimate] = log det(I + J).
     * ``logdet="truncated"``: the first ``n_terms`` terms, weight 1 (the
       i-ResNet estimator; biased low in magnitude, bias grows with Lip(g)).
-    * ``logdet="exact"``: ``slogdet(I + J)`` of the full Jacobian (small D,
-      e.g. 2-D toy data).
+    * ``logdet="exact"``: log |det(I + J)| of the full Jacobian, from its QR
+      factorisation (:func:`rflow_tf.estimators.exact_logdet`; small D, e.g.
+      2-D toy data).
 
     ``logdet`` is the estimator of ``training=True`` calls; ``logdet_eval``
     (default: the same) that of evaluation calls, so a block trained with the
@@ -73,8 +77,8 @@ class IResBlock(_KerasBacked):
     :func:`rflow_tf.layers.lipschitz_conv_net` the vector-Jacobian products
     of the series and the Jacobian-vector product of the surrogate use the
     explicit Jacobian factors of :class:`rflow_tf.layers.JacobianChain`;
-    any other net is differentiated automatically. Every mode compiles with
-    XLA (``jit_compile=True``).
+    any other net is differentiated automatically. Every log-det mode and
+    the inverse compile with XLA (``jit_compile=True``).
 
     The value returned is always the real log-det estimate, never a
     surrogate, so training logs show true bits/dim.
@@ -513,76 +517,81 @@ class IResBlock(_KerasBacked):
         return self.forward_and_log_det(x, seed=seed, training=training)[1]
 
     def _inverse(self, y, seed=None, training=False):
-        x, residual, converged = self.inverse_with_diagnostics(y)
-        if tf.executing_eagerly():
-            if not bool(converged):
-                if math.isfinite(float(residual)) and bool(tf.reduce_all(tf.math.is_finite(x))):
-                    why = f"in {self.inverse_max_iterations} iterations"
-                else:
-                    why = "(the result is not finite: is y infinite or NaN?)"
-                warnings.warn(
-                    f"{self.name}: fixed-point inverse did not converge {why}; final residual "
-                    f"max|x + g(x) - y| = {float(residual):.3g}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        else:
+        x, residual, converged = self.inverse_with_diagnostics(y, per_example=True)
+        # The examples that did not converge are NaN, never a plausible wrong x.
+        mask = tf.reshape(converged, tf.concat([tf.shape(converged), [1] * self._event_ndims], 0))
+        x = tf.where(mask, x, tf.constant(float("nan"), x.dtype))
 
-            def warn():
-                # Under tf.vectorized_map (pfor, also AutoBatched
-                # JointDistributions) this branch runs once for the, possibly
-                # empty, set of examples that did not converge. StringFormat
-                # formats that whole set ("[]" when empty) as one string, so
-                # the print is skipped exactly when no example failed.
-                text = tf.strings.format("{}", residual)
+        def eager_message(ok):
+            bad = np.asarray(residual)[~ok]
+            if np.isfinite(bad).all():
+                why = f"in {self.inverse_max_iterations} iterations"
+            else:
+                why = "(the result is not finite: is y infinite or NaN?)"
+            worst = float(np.max(bad)) if not np.isnan(bad).any() else float("nan")
+            return (
+                f"{self.name}: fixed-point inverse did not converge {why} for "
+                f"{int((~ok).sum())} of {ok.size} examples, returned as NaN; final "
+                f"residual max|x + g(x) - y| = {worst:.3g}"
+            )
 
-                def report():
-                    tf.print(
-                        "WARNING:",
-                        self.name,
-                        "fixed-point inverse did not converge in",
-                        self.inverse_max_iterations,
-                        "iterations; final residual",
-                        residual,
-                        output_stream=sys.stderr,
-                    )
-                    return tf.constant(False)
+        def graph_message(ok):
+            return [
+                self.name,
+                "fixed-point inverse did not converge in",
+                self.inverse_max_iterations,
+                "iterations; final residual",
+                _nan_max(tf.where(ok, tf.zeros_like(residual), residual)),
+                "(inf/nan: y or an iterate is not finite);",
+                "those examples are returned as NaN",
+            ]
 
-                return tf.cond(
-                    tf.strings.regex_full_match(text, r"\[\]"), lambda: tf.constant(True), report
-                )
-
-            ok = tf.cond(converged, lambda: tf.constant(True), warn)
-            with tf.control_dependencies([ok]):
-                x = tf.identity(x)
-        return x
+        return warn_on_failures(x, converged, eager_message, graph_message)
 
     def _inverse_log_det_jacobian(self, y, seed=None, training=False):
         x = self.inverse(y)  # through the cache: recalls x if y came from forward(x)
         return -self.forward_and_log_det(x, seed=seed, training=training)[1]
 
-    def inverse_with_diagnostics(self, y):
+    def inverse_with_diagnostics(self, y, per_example=False):
         """Fixed-point inverse with its diagnostics.
 
-        Iterates x <- y - g(x) from x = y until max|x_new - x| <= atol +
-        rtol * max|x_new| or ``inverse_max_iterations``, or until the iterate
-        stops being finite. Returns ``(x, residual, converged)`` where
+        Iterates x <- y - g(x) from x = y until every example b has taken a
+        small step, max|x_new - x|_b <= atol + rtol * max|x_new|_b (max over
+        the example's elements; examples already there keep iterating, and so
+        get more accurate, while others still run), or until
+        ``inverse_max_iterations`` steps have run. An example whose iterate is
+        not finite stops iterating (and never holds up the others). Compiles
+        with XLA.
+
+        Returns ``(x, residual, converged)``: x is the last iterate (also
+        where it did not converge; :meth:`inverse` returns NaN there),
         residual = max|x + g(x) - y| and ``converged`` holds only when the
         stopping rule was met with a finite x and a finite residual (an
         inf/NaN result, e.g. from an infinite y, is never "converged").
+        With ``per_example=False`` (default) residual and converged are
+        scalars over the whole batch (the max residual, NaN if any is NaN;
+        converged = every example converged); with ``per_example=True`` they
+        have y's batch shape, one value per example.
 
         Example:
         ```python
-        x, residual, ok = block.inverse_with_diagnostics(y)
+        x, residual, ok = block.inverse_with_diagnostics(y)  # scalars
+        x, residual, ok = block.inverse_with_diagnostics(y, per_example=True)
+        bad = tf.where(~ok)   # the indices of the examples that failed
         ```
         """
         yf, batch_shape = self._flatten_batch(y, "y")
         atol = tf.cast(self.inverse_atol, yf.dtype)
         rtol = tf.cast(self.inverse_rtol, yf.dtype)
+        axes = list(range(1, 1 + self._event_ndims))
 
-        def cond(i, x, change):
-            # NaN compares False: a non-finite iterate stops the loop.
-            return change > atol + rtol * tf.reduce_max(tf.abs(x))
+        def max_abs(t):
+            return tf.reduce_max(tf.abs(t), axis=axes)
+
+        def active(x, change):
+            # Not yet within the tolerance: finite and the last step too large (NaN: False).
+            finite = tf.reduce_all(tf.math.is_finite(x), axis=axes)
+            return finite & (change > atol + rtol * max_abs(x))
 
         if self._chain is not None and self._net.built:
             frozen = self._chain.frozen()  # the kernels are read once, outside the loop
@@ -590,19 +599,45 @@ class IResBlock(_KerasBacked):
         else:
             g = lambda x: self._g(x, False)  # noqa: E731
 
-        def body(i, x, change):
-            x_new = yf - g(x)
-            return i + 1, x_new, tf.reduce_max(tf.abs(x_new - x))
+        def cond(i, x, change):
+            return tf.reduce_any(active(x, change))
 
-        big = tf.constant(float("inf"), yf.dtype)
+        def body(i, x, change):
+            # Every finite example iterates while any is still active: those
+            # already within the tolerance get more accurate for free.
+            go = tf.reduce_all(tf.math.is_finite(x), axis=axes)
+            x_new = yf - g(x)
+            step = max_abs(x_new - x)
+            go_x = tf.reshape(go, tf.concat([tf.shape(go), [1] * self._event_ndims], 0))
+            return i + 1, tf.where(go_x, x_new, x), tf.where(go, step, change)
+
+        change0 = tf.fill(tf.shape(yf)[:1], tf.constant(float("inf"), yf.dtype))
         _, x, change = tf.while_loop(
-            cond, body, (tf.constant(0), yf, big), maximum_iterations=self.inverse_max_iterations
+            cond,
+            body,
+            (tf.constant(0), yf, change0),
+            maximum_iterations=self.inverse_max_iterations,
         )
-        residual = tf.reduce_max(tf.abs(x + g(x) - yf))
+        r = tf.abs(x + g(x) - yf)
+        residual = _nan_max(r, axis=axes)
         finite = (
             tf.math.is_finite(change)
             & tf.math.is_finite(residual)
-            & tf.reduce_all(tf.math.is_finite(x))
+            & tf.reduce_all(tf.math.is_finite(x), axis=axes)
         )
-        converged = finite & (change <= atol + rtol * tf.reduce_max(tf.abs(x)))
-        return self._unflatten(x, batch_shape), residual, converged
+        converged = finite & (change <= atol + rtol * max_abs(x))
+        if not per_example:
+            return self._unflatten(x, batch_shape), _nan_max(residual), tf.reduce_all(converged)
+        return (
+            self._unflatten(x, batch_shape),
+            self._unflatten(residual, batch_shape),
+            self._unflatten(converged, batch_shape),
+        )
+
+
+def _nan_max(t, axis=None):
+    """max of t over ``axis``, NaN wherever a reduced element is NaN (TF and XLA's
+    reduce_max need not propagate NaN)."""
+    has_nan = tf.reduce_any(tf.math.is_nan(t), axis=axis)
+    top = tf.reduce_max(tf.where(tf.math.is_nan(t), tf.zeros_like(t), t), axis=axis)
+    return tf.where(has_nan, tf.constant(float("nan"), t.dtype), top)

@@ -20,7 +20,11 @@ from rflow_tf.bijectors._base import (
     _positive_int,
 )
 from rflow_tf.bijectors.coupling import checkerboard_mask
-from rflow_tf.bijectors.monotone import bisect_increasing, sigmoid_mixture_logit
+from rflow_tf.bijectors.monotone import (
+    bisect_increasing_with_diagnostics,
+    report_bisection_failures,
+    sigmoid_mixture_logit,
+)
 
 tfb = tfp.bijectors
 
@@ -201,7 +205,10 @@ class MixLogCDFCoupling(_KerasBacked):
     computed in log-space from the logistic-mixture density
     (:func:`rflow_tf.bijectors.monotone.sigmoid_mixture_logit`). The inverse solves the
     increasing scalar equation for every transformed element at once by
-    bisection, to within ``inverse_atol + inverse_rtol * |x|``.
+    bisection, to within ``inverse_atol + inverse_rtol * |x|``; an element
+    for which it finds no bracket or misses the tolerance is NaN and
+    reported (a ``RuntimeWarning`` eagerly, stderr in a graph, the NaN only
+    under XLA), never a wrong value.
 
     Works on vectors (``event_shape=(D,)``; the conditioner's convolutions and
     attention run over the D positions) and images (``event_shape=(H, W, C)``).
@@ -387,13 +394,18 @@ class MixLogCDFCoupling(_KerasBacked):
     def _inverse(self, y, condition=None):
         flat, condition = self._flat(y, condition)
         mixture, scale, shift = self._elementwise(flat, condition)  # y_1 = x_1
-        target = (flat - shift) * tf.exp(-scale)
-        x2 = bisect_increasing(
+        keep = self.mask > 0.5
+        # Only the transformed elements are solved for (the others get the easy y = 0).
+        target = tf.where(keep, tf.zeros_like(flat), (flat - shift) * tf.exp(-scale))
+        x2, bracketed, ok = bisect_increasing_with_diagnostics(
             lambda t: sigmoid_mixture_logit(t, *mixture)[0],
             target,
             self.inverse_atol,
             self.inverse_rtol,
             self.inverse_max_iterations,
         )
-        x = self.mask * flat + (1.0 - self.mask) * x2
+        x2 = report_bisection_failures(
+            x2, bracketed | keep, ok | keep, self.name, self.inverse_max_iterations
+        )
+        x = tf.where(keep, flat, x2)  # a NaN x2 stays NaN; a kept x_1 is never touched
         return tf.reshape(x, tf.shape(y))

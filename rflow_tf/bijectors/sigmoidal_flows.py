@@ -8,7 +8,13 @@ c_t come from a MADE conditioner (:class:`MADE`, Keras 3). The Jacobian dy/dx
 is lower triangular, so log|det dy/dx| = sum_t log dtau/dx_t, computed in
 log-space. The inverse runs dimension by dimension (x_t needs x_{<t}), each a
 1-D bisection (:func:`rflow_tf.bijectors.monotone.bisect_increasing`) with the stated
-tolerance ``inverse_atol + inverse_rtol * |x|``.
+tolerance ``inverse_atol + inverse_rtol * |x|`` (and the same on y_t). An
+element whose bisection finds no bracket (y outside the map's numerical
+range, e.g. with slopes that underflowed to 0) or misses the tolerance is
+NaN, and so (through the MADE's parameters, which then are NaN) are the later
+dimensions of its row; this is reported (a ``RuntimeWarning`` eagerly,
+stderr in a graph; under XLA the NaN is the report), never returned as a
+wrong value.
 
 Direction: ``forward`` is the cheap direction, data -> latent (as in
 :mod:`rflow_tf.bijectors`, a MAF-style density model). Use it in a
@@ -31,9 +37,10 @@ from rflow_tf.bijectors._base import (
     _positive_int,
 )
 from rflow_tf.bijectors.monotone import (
-    bisect_increasing,
+    bisect_increasing_with_diagnostics,
     log_softplus,
     logit_of_log_mixture,
+    report_bisection_failures,
     sigmoid_mixture_logit,
 )
 
@@ -212,9 +219,14 @@ class _AutoregressiveMonotone(_KerasBacked):
         return self.forward_and_log_det(x)[1]
 
     def _inverse(self, y):
-        """Dimension by dimension: x_t = tau^{-1}(y_t; params_t(x_{<t})) by bisection."""
+        """Dimension by dimension: x_t = tau^{-1}(y_t; params_t(x_{<t})) by bisection.
+
+        An element without a bracket or not within the tolerance is NaN (and with
+        the MADE, whose outputs a NaN input makes NaN, so are the later
+        dimensions of its row), reported by
+        :func:`rflow_tf.bijectors.monotone.report_bisection_failures`."""
         flat_y = self._flat(y)
-        cols = []
+        cols, brackets, oks = [], [], []
         for t in range(self.event_size):
             known = tf.stack(cols, axis=-1) if cols else flat_y[:, :0]
             x_cur = tf.concat([known, tf.zeros_like(flat_y[:, t:])], axis=-1)
@@ -223,16 +235,24 @@ class _AutoregressiveMonotone(_KerasBacked):
             def tau(s, params_t=params_t):
                 return self._transform(s[:, None], params_t)[0][:, 0]
 
-            cols.append(
-                bisect_increasing(
-                    tau,
-                    flat_y[:, t],
-                    self.inverse_atol,
-                    self.inverse_rtol,
-                    self.inverse_max_iterations,
-                )
+            x_t, bracketed, ok = bisect_increasing_with_diagnostics(
+                tau,
+                flat_y[:, t],
+                self.inverse_atol,
+                self.inverse_rtol,
+                self.inverse_max_iterations,
             )
-        return tf.reshape(tf.stack(cols, axis=-1), tf.shape(y))
+            cols.append(x_t)
+            brackets.append(bracketed)
+            oks.append(ok)
+        x = report_bisection_failures(
+            tf.stack(cols, axis=-1),
+            tf.stack(brackets, axis=-1),
+            tf.stack(oks, axis=-1),
+            self.name,
+            self.inverse_max_iterations,
+        )
+        return tf.reshape(x, tf.shape(y))
 
 
 class DeepSigmoidalFlow(_AutoregressiveMonotone):

@@ -388,6 +388,16 @@ class _SpectralNormalized(keras.layers.Layer):
         # path's criterion) near convergence.
         return tol * 1e-2
 
+    def _converge_mixed_function(self, tol, max_iterations, careful):
+        """:meth:`_converge_mixed` as a graph function, traced once per layer and settings."""
+        fns = self.__dict__.setdefault("_converge_mixed_fns", {})
+        key = (tol, max_iterations, careful)
+        if key not in fns:
+            fns[key] = tf.function(
+                lambda: self._converge_mixed(tol, max_iterations, careful), autograph=False
+            )
+        return fns[key]
+
     def _converge_mixed(self, tol, max_iterations, careful):
         kernel = self._kernel_value()
         if self._closed_form:
@@ -711,6 +721,8 @@ class _SpectralNormalized(keras.layers.Layer):
 
         def run():
             if not self.is_spectral:
+                if tf.executing_eagerly():  # (many small ops per step: a graph runs them faster)
+                    return self._converge_mixed_function(tol, max_iterations, at_defaults)()
                 return self._converge_mixed(tol, max_iterations, careful=at_defaults)
             kernel = self._kernel_value()
             u, v = self._careful_estimate(kernel, tol, max_iterations)

@@ -20,7 +20,7 @@ ActNorm, or coupling layers). Four model families:
 * ``mixlogcdf`` -- Flow++ logistic-mixture CDF couplings
   (``rflow_tf.bijectors.mixlogcdf.MixLogCDFCoupling``, vector mode, alternating halves).
 
-Evaluation always uses the exact 2-D log-det (``slogdet(I + J_g)`` per block),
+Evaluation always uses the exact 2-D log-det (log|det(I + J_g)| per block, by QR),
 so the test negative log-likelihood (nats) is comparable across models.
 Samples are drawn through the fixed-point inverse of the residual blocks
 (the analytic inverse for coupling layers).

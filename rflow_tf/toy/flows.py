@@ -157,7 +157,7 @@ class ToyFlow(tf.Module):
         return standard_normal_log_prob(z) + ld
 
     def log_prob_exact(self, x):
-        """log p(x) with the exact 2-D log-det slogdet(I + J_g) of every block ([batch]).
+        """log p(x) with the exact 2-D log-det log|det(I + J_g)| of every block ([batch]).
 
         Example: ``nll = -tf.reduce_mean(flow.log_prob_exact(x_test))``.
         """

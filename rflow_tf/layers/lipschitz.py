@@ -539,6 +539,10 @@ class _SpectralNormalized(keras.layers.Layer):
             current = tf.logical_and(current, same)
         return current
 
+    def _never_estimated(self):
+        """True (eagerly) while no estimate was stored for a nonzero kernel."""
+        return not bool(tf.reduce_any(self._estimated_kernel != 0))
+
     def mark_estimate_current(self):
         """Declares the stored u, v (e.g. just restored from a checkpoint) the
         estimate for the current kernel, so they are used as they are until the
@@ -577,6 +581,8 @@ class _SpectralNormalized(keras.layers.Layer):
             return tf.convert_to_tensor(self.u), tf.convert_to_tensor(self.v)
         store = _can_store_in_context()
         if tf.executing_eagerly() and self.is_spectral:
+            if store and self._never_estimated():
+                self.converge()  # the first estimate, as careful as converge() makes it
             return self._update_estimate(store)
         # Within one trace, the estimate checked at an earlier use serves every
         # later use (forward, log-det, recomputing backward) until a variable
@@ -697,10 +703,11 @@ class _SpectralNormalized(keras.layers.Layer):
         1x1 convolutions the restart begins at the top direction of Gram
         iteration, (W^T W)^1024 r, so sigma is accurate to float rounding
         whatever the spectrum; for k x k convolutions it begins at a
-        deterministic random vector. Convergence is judged on the singular vectors (see
-        ``tol``). Training loops need not call it: the layer re-estimates by
-        itself when its kernel changes. Call it before evaluation or export
-        for the most careful estimate.
+        deterministic random vector. A layer never estimated before has a
+        random stored v, so it runs the restart alone. Convergence is judged on
+        the singular vectors (see ``tol``). Training loops need not call it:
+        the layer re-estimates by itself when its kernel changes. Call it
+        before evaluation or export for the most careful estimate.
 
         Mixed norms: the closed form where there is one; elsewhere the larger
         of the warm start and the best of :meth:`num_restarts` random starts
@@ -725,7 +732,12 @@ class _SpectralNormalized(keras.layers.Layer):
                     return self._converge_mixed_function(tol, max_iterations, at_defaults)()
                 return self._converge_mixed(tol, max_iterations, careful=at_defaults)
             kernel = self._kernel_value()
-            u, v = self._careful_estimate(kernel, tol, max_iterations)
+            if tf.executing_eagerly() and self._never_estimated():
+                # The stored v is random, so a warm start would be one more
+                # random start; the restart alone suffices.
+                u, v = self._restart(kernel, tol, max_iterations)
+            else:
+                u, v = self._careful_estimate(kernel, tol, max_iterations)
             return self._store(u, v, kernel, careful=at_defaults)
 
         if not at_defaults:
@@ -744,6 +756,13 @@ class _SpectralNormalized(keras.layers.Layer):
     def _with_restart(self, kernel, u1, v1, tol=None, max_iterations=None, state=None):
         """The larger-sigma pair of (u1, v1) and a restart from Gram iteration's
         top direction (matrices) or a deterministic random vector (convolutions)."""
+        u2, v2 = self._restart(kernel, tol, max_iterations, state)
+        better = self._sigma(kernel, u2, v2) > self._sigma(kernel, u1, v1)
+        return tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
+
+    def _restart(self, kernel, tol=None, max_iterations=None, state=None):
+        """(u, v) converged from Gram iteration's top direction (matrices) or a
+        deterministic random vector (convolutions), ignoring the stored v."""
         state = state or self._power_state()
         tol = self.tol if tol is None else float(tol)
         max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
@@ -751,9 +770,7 @@ class _SpectralNormalized(keras.layers.Layer):
         mats = self._gram_operators(kernel)
         if mats.shape[0] == 1:  # a matrix: start at Gram iteration's top direction
             v0 = _gram_top_vector(mats[0], v0)
-        u2, v2 = self._iterate_to_convergence(kernel, v0, tol, max_iterations)
-        better = self._sigma(kernel, u2, v2) > self._sigma(kernel, u1, v1)
-        return tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
+        return self._iterate_to_convergence(kernel, v0, tol, max_iterations)
 
     #: A kernel that moved by more than this fraction (Frobenius norm) since its
     #: last estimate is re-estimated carefully (:meth:`_careful_estimate`).

@@ -571,8 +571,14 @@ class Trainer:
             seed=[int(self.hp["seed"]), 12345],
             dtype=self.model.flow_dtype,
         )
+        start = time.time()
+        self.log(
+            "initialising ActNorm from the first batch and the Lipschitz estimates of "
+            f"{len(self.model.lipschitz_layers())} layers (power iteration)"
+        )
         self.model.initialize(x)
         self.model.converge_lipschitz()
+        self.log(f"initialised in {time.time() - start:.1f} s")
         for e, v in zip(self.ema_vars, self.train_variables):
             e.assign(_var(v).read_value())
         self._restored = True

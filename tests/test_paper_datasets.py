@@ -5,7 +5,7 @@
   back compared with the one written, both splits, 8 and 5 bits; missing and
   damaged shards; sharding by file between workers.
 * The authors' `.pth` files: the torch-written files of
-  `../shared/fixtures/reference-data` (its README), every image compared with
+  `tests/data/reference-data` (its README), every image compared with
   `expected.npz`, both splits, 8 and 5 bits; memory-mapped; unsafe pickles and
   wrong shapes refused.
 * Missing data: `load_image_dataset` names every place it looked within
@@ -41,7 +41,7 @@ if REPO not in sys.path:
 from rflow_tf import data, models, torch_format  # noqa: E402
 from rflow_tf.data import glow, reference_pth, sources  # noqa: E402
 
-REFERENCE_DATA = os.path.join(os.path.dirname(REPO), 'shared', 'fixtures', 'reference-data')
+REFERENCE_DATA = os.path.join(REPO, 'tests', 'data', 'reference-data')
 EXPECTED = os.path.join(REFERENCE_DATA, 'expected.npz')
 
 #: Time limits (seconds) of the missing-data paths.
@@ -241,7 +241,7 @@ def test_glow_mixed_exports_are_refused(glow_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# The authors' .pth files (../shared/fixtures/reference-data)
+# The authors' .pth files (tests/data/reference-data)
 # ----------------------------------------------------------------------------
 
 

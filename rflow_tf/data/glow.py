@@ -279,6 +279,27 @@ def _parse_fn(image_shape: Tuple[int, int, int]):
     return parse
 
 
+def files_for_worker(files: Sequence[str], input_context, what: str) -> list:
+    """The files one input pipeline (worker) reads: files[i::n] for pipeline i
+    of n (``tf.distribute.InputContext``; all of them without one). Data is
+    sharded by file, never by element, so no worker reads another's images.
+
+    Raises ValueError, naming ``what``, when there are fewer files than pipelines.
+
+    Example: ``files_for_worker(['a', 'b', 'c'], None, 'shards')  # ['a', 'b', 'c']``.
+    """
+    files = list(files)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        n_pipes = input_context.num_input_pipelines
+        if len(files) < n_pipes:
+            raise ValueError(
+                f'{len(files)} {what} cannot be split by file over {n_pipes} input '
+                'pipelines (workers); every worker needs a file of its own.'
+            )
+        files = files[input_context.input_pipeline_id :: n_pipes]
+    return files
+
+
 def glow_dataset(
     files: Sequence[str],
     image_shape: Tuple[int, int, int],
@@ -320,15 +341,7 @@ def glow_dataset(
     first = next(iter(ds))    # uint8 [256, 256, 3]
     ```
     """
-    files = list(files)
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        n_pipes = input_context.num_input_pipelines
-        if len(files) < n_pipes:
-            raise ValueError(
-                f'{len(files)} Glow TFRecord shard(s) cannot be split by file over '
-                f'{n_pipes} input pipelines (workers); every worker needs a shard of its own.'
-            )
-        files = files[input_context.input_pipeline_id :: n_pipes]
+    files = files_for_worker(files, input_context, 'Glow TFRecord shard(s)')
     files_ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle and len(files) > 1:
         files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)

@@ -300,14 +300,7 @@ def _npz_dataset(
     for path in files:  # Validate everything up front: no errors mid-epoch.
         shape, dtype = _npz_data_shape(path)
         _npz_layout(path, shape, dtype, info.image_shape)
-    if input_context is not None and input_context.num_input_pipelines > 1:
-        n_pipes = input_context.num_input_pipelines
-        if len(files) < n_pipes:
-            raise ValueError(
-                f'{len(files)} .npz file(s) matching {pattern} cannot be split by file over '
-                f'{n_pipes} input pipelines (workers).'
-            )
-        files = files[input_context.input_pipeline_id :: n_pipes]
+    files = glow.files_for_worker(files, input_context, f'.npz file(s) matching {pattern}')
 
     def gen(path):
         path = path.decode() if isinstance(path, bytes) else str(path)

@@ -272,9 +272,9 @@ class _SpectralNormalized(keras.layers.Layer):
                 name="estimated_kernel",
             )
         object.__setattr__(self, "_estimated_kernel", estimated)
-        # Whether the estimate for that kernel came from :meth:`converge` (warm
-        # start and restart at the layer's own tolerance), so that converging
-        # again would reproduce it. Untracked too.
+        # Whether the estimate for that kernel came from :meth:`converge` at the
+        # layer's own tolerance, so that converging again would reproduce it.
+        # Untracked too.
         with tf.init_scope():
             careful = tf.Variable(False, trainable=False, name="estimated_carefully")
         object.__setattr__(self, "_estimated_carefully", careful)
@@ -286,10 +286,11 @@ class _SpectralNormalized(keras.layers.Layer):
             object.__setattr__(self, "_estimated_orders", orders)
         if not self.is_spectral:
             self.converge()
-        # A spectral layer is estimated at its first use instead: its kernel
-        # differs from the (zero) estimated kernel by more than the abrupt-change
-        # threshold, so that use runs the warm start and the restart, as
-        # converge() would. Building a large model costs no power iteration.
+        # A spectral layer is estimated at its first use instead: eagerly by
+        # converge() itself; in a graph, its kernel differs from the (zero)
+        # estimated kernel by more than the abrupt-change threshold, so that
+        # use runs the warm start and the restart. Building a model costs no
+        # power iteration.
 
     # ------------------------------------------------------------ mixed norms
     @property

@@ -9,16 +9,14 @@ for the EMA weights after the reference's validate() procedure.
 """
 
 import argparse
-import collections
-import io
 import os
 import pickle
-import struct
 import sys
 import zipfile
 
 import numpy as np
 import pytest
+from torch_files import zip_to_legacy
 
 import rflow_tf
 from rflow_tf import convert, torch_format
@@ -63,54 +61,9 @@ def test_reader_rebuilds_checkpoint_without_torch_or_reference_code():
     assert "torch" not in sys.modules and "resflows" not in sys.modules
 
 
-def _storage_types(pkl_bytes):
-    """key -> storage class name of every storage a torch pickle refers to."""
-    found = {}
-
-    class Scan(pickle.Unpickler):
-        def find_class(self, module, name):
-            if name == "OrderedDict":
-                return collections.OrderedDict
-            return type(
-                name,
-                (),
-                {"__init__": lambda self, *a, **k: None, "__setstate__": lambda self, s: None},
-            )
-
-        def persistent_load(self, pid):
-            found[pid[2]] = pid[1].__name__
-
-    Scan(io.BytesIO(pkl_bytes)).load()
-    return found
-
-
-def _zip_to_legacy(src, dst):
-    """Rewrites a zip-format torch checkpoint in torch.save's legacy format
-    (magic, protocol, system info, object pickle, storage keys, storages)."""
-    itemsize = {"DoubleStorage": 8, "FloatStorage": 4, "LongStorage": 8}
-    with zipfile.ZipFile(src) as zf:
-        root = next(n for n in zf.namelist() if n.endswith("/data.pkl"))[: -len("data.pkl")]
-        pkl = zf.read(root + "data.pkl")
-        types = _storage_types(pkl)
-        with open(dst, "wb") as f:
-            for header in (
-                0x1950A86A20F9469CFC6C,
-                1001,
-                {"protocol_version": 1001, "little_endian": True},
-            ):
-                pickle.dump(header, f, protocol=2)
-            f.write(pkl)
-            keys = sorted(types)
-            pickle.dump(keys, f, protocol=2)
-            for key in keys:
-                raw = zf.read(f"{root}data/{key}")
-                f.write(struct.pack("<q", len(raw) // itemsize[types[key]]))
-                f.write(raw)
-
-
 def test_reader_legacy_format_gives_the_same_tensors(tmp_path):
     legacy = str(tmp_path / "legacy.pth")
-    _zip_to_legacy(_pth("celebahq16"), legacy)
+    zip_to_legacy(_pth("celebahq16"), legacy)
     assert not zipfile.is_zipfile(legacy)
     a = torch_format.read_checkpoint(_pth("celebahq16"))
     b = torch_format.read_checkpoint(legacy)

@@ -23,7 +23,6 @@ import os
 import pickle
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ import tensorflow_datasets as tfds
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+from torch_files import zip_to_legacy  # noqa: E402
 
 from rflow_tf import data, models, torch_format  # noqa: E402
 from rflow_tf.data import glow, reference_pth, sources  # noqa: E402
@@ -324,35 +325,13 @@ def test_reference_pth_is_memory_mapped_not_loaded():
     np.testing.assert_array_equal(images, _expected('celeb_a_hq', 'train'))
 
 
-def _zip_to_legacy(src, dst):
-    """Rewrites a one-tensor torch.save zip archive (one uint8 storage) in torch.save's
-    legacy format: magic, protocol, system info, object pickle, storage keys, storages."""
-    with zipfile.ZipFile(src) as zf:
-        root = next(n for n in zf.namelist() if n.endswith('/data.pkl'))[: -len('data.pkl')]
-        storages = [n for n in zf.namelist() if n.startswith(root + 'data/')]
-        with open(dst, 'wb') as f:
-            for header in (
-                0x1950A86A20F9469CFC6C,
-                1001,
-                {'protocol_version': 1001, 'little_endian': True},
-            ):
-                pickle.dump(header, f, protocol=2)
-            f.write(zf.read(root + 'data.pkl'))
-            keys = [n[len(root + 'data/') :] for n in storages]
-            pickle.dump(keys, f, protocol=2)
-            for name in storages:
-                raw = zf.read(name)
-                f.write(struct.pack('<q', len(raw)))  # uint8: one byte per element
-                f.write(raw)
-
-
 def test_reference_pth_in_the_legacy_format_is_memory_mapped_too(tmp_path):
     """Files written by PyTorch < 1.6 (the reference's era) use the legacy stream."""
     rel = reference_pth.REFERENCE_PTH_FILES['imagenet64']
     for split in ('train', 'test'):
         dst = tmp_path / rel[split]
         dst.parent.mkdir(parents=True, exist_ok=True)
-        _zip_to_legacy(os.path.join(REFERENCE_DATA, rel[split]), str(dst))
+        zip_to_legacy(os.path.join(REFERENCE_DATA, rel[split]), str(dst))
         assert not zipfile.is_zipfile(dst)
     images = reference_pth.read_reference_images(
         str(tmp_path / rel['train']), data.dataset_info('imagenet64').image_shape

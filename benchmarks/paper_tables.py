@@ -162,10 +162,10 @@ def table3(args, workdir):
     for i, (label, flags) in enumerate(TABLE3):
         print(f"\n=== Table 3: {label} ===", flush=True)
         t0 = time.time()
-        trainer = tm.Trainer(
+        trainer = tm.make_trainer(
             tm.parse_args(_base_flags(args, os.path.join(workdir, f"t3_{i}")) + flags)
         )
-        cfg, hp = trainer.flow_config, trainer.hp
+        cfg, settings = trainer.flow_config, trainer.settings
         n_bits = cfg.n_bits
         train_fixed = _fixed_batches(trainer.spec.dataset, "train", n_bits, args.curve_images)
         test_fixed = _fixed_batches(trainer.spec.dataset, "test", n_bits, args.test_images)
@@ -189,7 +189,7 @@ def table3(args, workdir):
                 f"  step {step}: training estimate {est:.4f}, true {true:.4f} bits/dim", flush=True
             )
 
-        total = int(hp["steps"])
+        total = int(settings.steps)
         for step in range(total):
             step_fn(next(it), tf.constant(step, tf.int64), zero)
             if (step + 1) % args.curve_every == 0 or step + 1 == total:

@@ -85,7 +85,7 @@ def measure_speed(warmup=30, windows=5, steps=20, dataset="8gaussians", extra=()
     ```
     """
     args = toy.parse_args(SPEED_CONFIG + ["--quiet"] + list(extra))
-    trainer = toy.Trainer(args)
+    trainer = toy.ToyTrainer(args)
     trainer.reset(toy_2d(dataset, 1000, seed=0))
     batches = [toy_2d(dataset, args.batch_size, seed=i + 1) for i in range(64)]
     t0 = time.perf_counter()

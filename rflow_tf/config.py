@@ -11,8 +11,14 @@ from rflow_tf import bijectors as rbij
 from rflow_tf import classifier as rclf
 from rflow_tf import layers as rlayers
 from rflow_tf import norms as rnorms
+from rflow_tf.settings import Check, at_least, setting
 
 _TUPLE_FIELDS = ("input_shape", "n_blocks", "fc_hidden")
+
+
+#: The ``--help`` sections of train/main.py that hold the FlowConfig flags.
+MODEL_FLAGS = "data and model"
+LOGDET_FLAGS = "log-det estimator"
 
 
 #: Kinds of flow block (:attr:`FlowConfig.block`).
@@ -218,53 +224,226 @@ class FlowConfig:
     ```
     """
 
-    input_shape: Tuple[int, int, int] = (28, 28, 1)
-    n_blocks: Tuple[int, ...] = (16, 16, 16)
-    hidden_channels: int = 512
-    kernels: str = "3-1-3"
-    activation: str = "lipswish"
-    coeff: float = 0.98
-    vnorms: str = "2222"
-    learn_p: bool = False
-    preactivation: bool = True
-    actnorm: bool = True
-    first_resblock: bool = True
-    squeeze_first: bool = False
-    squeeze_order: str = "reference"
-    init: str = "reference"
-    factor_out: bool = False
-    fc_end: bool = True
-    n_fc_blocks: int = 4
-    fc_hidden: Tuple[int, ...] = (128, 128)
-    logit_alpha: float = 1e-6
-    n_bits: int = 8
-    block: str = "residual"
-    invertible_1x1: bool = False
-    init_layer: str = "logit"
-    n_classes: int = 0
-    head_channels: int = 256
-    head_pooling: str = "average"
-    flowpp_components: int = 4
-    flowpp_conditioner_blocks: int = 2
-    flowpp_attention: bool = True
-    flowpp_heads: int = 4
-    flowpp_channel_couplings: int = 2
-    logdet: str = "unbiased"
-    logdet_eval: Optional[str] = None
-    dist: str = "poisson"
-    rate: float = 2.0
-    p: float = 0.5
-    n_exact_terms: int = 2
-    n_exact_terms_eval: int = 20
-    n_samples: int = 1
-    n_terms: int = 5
-    probe: str = "gaussian"
-    neumann_grad: bool = True
-    grad_in_forward: bool = False
-    inverse_tol: float = 1e-5
-    inverse_max_iterations: int = 1000
-    dtype: str = "float32"
-    config_version: int = CONFIG_VERSION
+    # Every field is declared once, with its help and, for the fields that are flags
+    # of train/main.py, its --help section and the check of flag values (flags
+    # default to None there: the preset's value). The flags appear in field order.
+    input_shape: Tuple[int, int, int] = setting(
+        (28, 28, 1), flag=False, help="(H, W, C) of one image."
+    )
+    n_bits: int = setting(
+        8,
+        group=MODEL_FLAGS,
+        check=Check(lambda v: 1 <= v <= 8, "in 1..8"),
+        help="Bits per pixel (default: the dataset's, 5 for celeb_a_hq).",
+    )
+    n_blocks: Tuple[int, ...] = setting(
+        (16, 16, 16),
+        group=MODEL_FLAGS,
+        help="Residual blocks per scale, e.g. 16-16-16 (default: preset).",
+    )
+    hidden_channels: int = setting(
+        512,
+        group=MODEL_FLAGS,
+        check=at_least(1),
+        help="Hidden channels of each block (default: preset).",
+    )
+    activation: str = setting(
+        "lipswish",
+        group=MODEL_FLAGS,
+        choices=("lipswish", "elu", "softplus", "relu", "lcube"),
+        help="Block activation (default: preset; lcube: the Lipschitz cube, "
+        "1-Lipschitz in every p-norm like the others).",
+    )
+    factor_out: bool = setting(
+        False,
+        group=MODEL_FLAGS,
+        help="Factor out half the channels after each scale (default: preset).",
+    )
+    fc_end: bool = setting(
+        True, group=MODEL_FLAGS, help="Fully connected blocks on the last scale (default: preset)."
+    )
+    n_fc_blocks: int = setting(4, flag=False, help="Number of FC-end blocks.")
+    logit_alpha: float = setting(
+        1e-6,
+        group=MODEL_FLAGS,
+        help="alpha of the logit layer y = logit(alpha + (1 - 2 alpha) x) "
+        "(default: preset; the reference: 1e-6 for MNIST, 0.05 otherwise).",
+    )
+    block: str = setting(
+        "residual",
+        group=MODEL_FLAGS,
+        choices=BLOCK_TYPES,
+        help="Flow blocks: residual (the paper's) or coupling (affine coupling "
+        "baseline of Tables 4/5) (default: preset).",
+    )
+    invertible_1x1: bool = setting(
+        False,
+        group=MODEL_FLAGS,
+        help="Invertible 1x1 convolution before every block (the reference's "
+        "--quadratic) (default: preset).",
+    )
+    init_layer: str = setting(
+        "logit",
+        group=MODEL_FLAGS,
+        choices=INIT_LAYERS,
+        help="First layer: logit, or cifar10 per-channel normalisation. Default: "
+        "cifar10 for classification/hybrid on CIFAR-10 (as the reference), "
+        "else the preset's.",
+    )
+    fc_hidden: Tuple[int, ...] = setting(
+        (128, 128),
+        group=MODEL_FLAGS,
+        help="Hidden widths of the FC-end blocks, e.g. 128-128 (default: preset).",
+    )
+    kernels: str = setting(
+        "3-1-3",
+        group=MODEL_FLAGS,
+        help="Kernel sizes of each block's convolutions, e.g. 3-1-3 (default: preset).",
+    )
+    coeff: float = setting(
+        0.98,
+        group=MODEL_FLAGS,
+        help="Lipschitz bound (< 1) of every linear map in a block (paper: 0.98).",
+    )
+    vnorms: str = setting(
+        "2222",
+        group=MODEL_FLAGS,
+        help="Norm orders of each block's linear maps, one per linear layer + 1 "
+        "('f' = inf), first = last, e.g. 2222 or 2f12 for kernels 3-1-3: layer i is "
+        "normalised in ||W||_{p_i->p_{i+1}} (default: preset, 2222 = spectral norm).",
+    )
+    learn_p: bool = setting(
+        False,
+        group=MODEL_FLAGS,
+        help="Learn the norm orders (initialised at --vnorms, kept in [1.001, 5]; "
+        "logged to TensorBoard as norm_order/*) (default: preset, false).",
+    )
+    preactivation: bool = setting(
+        True, flag=False, help="Apply the activation to each block's input first."
+    )
+    actnorm: bool = setting(
+        True, group=MODEL_FLAGS, help="ActNorm after every block (default: preset)."
+    )
+    first_resblock: bool = setting(
+        True,
+        group=MODEL_FLAGS,
+        help="The reference's first block: ActNorm before it and no pre-activation "
+        "(default: preset; the paper's models use it).",
+    )
+    squeeze_first: bool = setting(
+        False,
+        group=MODEL_FLAGS,
+        help="Squeeze the input before the first scale (default: preset).",
+    )
+    squeeze_order: str = setting(
+        "reference", flag=False, help="Channel order of every squeeze: reference or space_to_depth."
+    )
+    init: str = setting(
+        "reference",
+        group=MODEL_FLAGS,
+        choices=("reference", "glorot"),
+        help="Initialisation of fresh weights (default: preset; 'reference' as the authors' code).",
+    )
+    n_classes: int = setting(
+        0, flag=False, help="0 (a density model) or the number of classes of the classifier heads."
+    )
+    head_channels: int = setting(
+        256,
+        group=MODEL_FLAGS,
+        check=at_least(1),
+        help="Classification/hybrid: output channels of each classifier head's 3x3 "
+        "convolution (default: preset, 256 as the paper).",
+    )
+    head_pooling: str = setting(
+        "average",
+        group=MODEL_FLAGS,
+        choices=rclf.HEAD_POOLINGS,
+        help="Classification/hybrid: average (global average pooling of each head, the "
+        "reference) or flatten (no pooling; for tiny images, with a small "
+        "--head_channels) (default: preset, average).",
+    )
+    flowpp_components: int = setting(
+        4, flag=False, help="Logistics per element of every Flow++ coupling."
+    )
+    flowpp_conditioner_blocks: int = setting(
+        2, flag=False, help="Gated residual blocks of each Flow++ conditioner."
+    )
+    flowpp_attention: bool = setting(
+        True, flag=False, help="Self-attention in the Flow++ conditioners."
+    )
+    flowpp_heads: int = setting(4, flag=False, help="Attention heads of the Flow++ conditioners.")
+    flowpp_channel_couplings: int = setting(
+        2, flag=False, help="Channel-mask couplings at the start of every scale after the first."
+    )
+    n_exact_terms: int = setting(
+        2,
+        group=LOGDET_FLAGS,
+        check=at_least(0),
+        help="Power-series terms always evaluated when training (paper: 2; 8 for "
+        "celeb_a_hq). Evaluation always uses 20.",
+    )
+    logdet: str = setting(
+        "unbiased",
+        group=LOGDET_FLAGS,
+        choices=("unbiased", "truncated", "exact"),
+        help="Log-det estimator of the residual blocks: unbiased (Russian roulette, "
+        "the paper), truncated (first --n_terms terms, i-ResNet; biased) or "
+        "exact (full Jacobian, tiny images only) (default: preset).",
+    )
+    n_terms: int = setting(
+        5, group=LOGDET_FLAGS, help="Terms of the truncated estimator (default: preset)."
+    )
+    logdet_eval: Optional[str] = setting(
+        None,
+        group=LOGDET_FLAGS,
+        choices=("unbiased", "truncated", "exact"),
+        help="Evaluation log-det estimator (default: unbiased when --logdet is "
+        "truncated, else the same as --logdet); test bits/dim use it.",
+    )
+    dist: str = setting(
+        "poisson",
+        group=LOGDET_FLAGS,
+        choices=("poisson", "geometric"),
+        help="Russian-roulette distribution of the number of extra terms.",
+    )
+    rate: float = setting(
+        2.0, group=LOGDET_FLAGS, help="Poisson rate of the roulette (--dist=poisson; paper: 2)."
+    )
+    p: float = setting(
+        0.5,
+        group=LOGDET_FLAGS,
+        help="Success probability in (0, 1) of the geometric roulette (--dist=geometric).",
+    )
+    n_samples: int = setting(
+        1,
+        group=LOGDET_FLAGS,
+        help="Roulette draws averaged per estimate (default: preset, 1).",
+    )
+    n_exact_terms_eval: int = setting(
+        20, flag=False, help="Power-series terms always evaluated when evaluating."
+    )
+    probe: str = setting("gaussian", flag=False, help="Hutchinson probe: gaussian or rademacher.")
+    neumann_grad: bool = setting(
+        True,
+        group=LOGDET_FLAGS,
+        help="Neumann-series gradient of the log-det (memory does not grow "
+        "with the number of terms).",
+    )
+    grad_in_forward: bool = setting(
+        False,
+        group=LOGDET_FLAGS,
+        help="Compute the log-det gradient during the forward pass (needs --neumann_grad).",
+    )
+    inverse_tol: float = setting(
+        1e-5, flag=False, help="Tolerance (absolute and relative) of the fixed-point inverse."
+    )
+    inverse_max_iterations: int = setting(
+        1000, flag=False, help="Iteration cap of the fixed-point inverse."
+    )
+    dtype: str = setting("float32", flag=False, help="float32 or float64.")
+    config_version: int = setting(
+        CONFIG_VERSION, flag=False, help="The meaning of the config (see legacy_defaults)."
+    )
 
     def __post_init__(self):
         for name in _TUPLE_FIELDS:

@@ -21,7 +21,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import rflow_tf  # noqa: E402
-from rflow_tf import export, models  # noqa: E402
+from rflow_tf import export, models, training  # noqa: E402
 from rflow_tf.bijectors import mixlogcdf  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
@@ -116,7 +116,7 @@ def test_flowpp_config_errors_and_configs_without_block_stay_residual():
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("flowpp_run")
     args = trainer_main.parse_args(TINY_FLOWPP + [f"--out={out}/run", f"--export_dir={out}/export"])
-    trainer = trainer_main.Trainer(args)
+    trainer = trainer_main.make_trainer(args)
     result = trainer.train()
     return trainer, result, out
 
@@ -139,7 +139,8 @@ def test_flowpp_variational_trains_exports_and_loads(trained):
 def test_dequantizer_is_checkpointed_resumed_and_fixed_for_the_run(trained):
     trainer, _, out = trained
     saved = [v.numpy() for v in trainer.dequantizer.trainable_variables]
-    fresh = trainer_main.Trainer(trainer.args)
+    args = trainer_main.parse_args(TINY_FLOWPP + [f"--out={out}/run", f"--export_dir={out}/export"])
+    fresh = trainer_main.make_trainer(args)  # the flags of the trained run
     assert not any(
         np.array_equal(a, b.numpy())
         for a, b in zip(saved, fresh.dequantizer.trainable_variables)
@@ -151,8 +152,8 @@ def test_dequantizer_is_checkpointed_resumed_and_fixed_for_the_run(trained):
     fresh.close()
     # The same run directory with uniform noise is refused before any model is built.
     args = trainer_main.parse_args(TINY_FLOWPP[:-1] + [f"--out={out}/run", "--export_dir="])
-    with pytest.raises(trainer_main.UsageError, match="--dequantization=variational"):
-        trainer_main.Trainer(args)
+    with pytest.raises(training.UsageError, match="--dequantization=variational"):
+        trainer_main.make_trainer(args)
 
 
 def test_eval_step_reports_the_negative_elbo_bound():
@@ -160,11 +161,11 @@ def test_eval_step_reports_the_negative_elbo_bound():
     # seeds make_eval_step documents (fold_in of [seed + 1_000_003, batch index]).
     cfg = models.get_preset("tiny").replace(n_blocks=(1,), fc_end=False, hidden_channels=4)
     flow = models.ResidualFlow(cfg)
-    deq = trainer_main.make_dequantizer("variational", cfg)
+    deq = training.make_dequantizer("variational", cfg)
     x_int = tf.random.stateless_uniform([4, 8, 8, 1], [2, 3], 0, 256, tf.int32)
     flow.initialize(tf.cast(x_int, tf.float32) / 256.0)
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    step = trainer_main.make_eval_step(flow, strategy, n_bits=8, seed=7, dequantizer=deq)
+    step = training.make_eval_step(flow, strategy, n_bits=8, seed=7, dequantizer=deq)
     total, _, count = step(x_int, tf.ones([4], tf.bool), tf.constant(0, tf.int64))
     pair = tf.random.experimental.stateless_fold_in(tf.constant([7 + 1_000_003, 0], tf.int64), 0)
     seeds = tf.random.experimental.stateless_split(pair, 2)

@@ -20,7 +20,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from rflow_tf import bijectors as rbij  # noqa: E402
-from rflow_tf import classifier, data, export, models  # noqa: E402
+from rflow_tf import classifier, data, export, models, training  # noqa: E402
 from rflow_tf.bijectors import coupling  # noqa: E402
 from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv  # noqa: E402
 from train import main as trainer_main  # noqa: E402
@@ -231,7 +231,7 @@ def test_head_pooling_config_flag_and_old_meaning(tmp_path):
     )
     assert (spec.flow.head_pooling, spec.flow.head_channels) == ("flatten", 32)
     assert trainer_main.resolve_run(trainer_main.parse_args(args)).flow.head_pooling == "average"
-    with pytest.raises(trainer_main.UsageError, match="--head_channels must be >= 1"):
+    with pytest.raises(training.UsageError, match="--head_channels must be >= 1"):
         trainer_main.resolve_run(trainer_main.parse_args(args + ["--head_channels=0"]))
 
 
@@ -253,9 +253,9 @@ def test_task_flags_are_checked(tmp_path):
             trainer_main.parse_args(TINY_FLAGS + [f"--out={tmp_path}"] + list(flags))
         )
 
-    with pytest.raises(trainer_main.UsageError, match="--task=hybrid only"):
+    with pytest.raises(training.UsageError, match="--task=hybrid only"):
         spec("--hybrid_lambda=1")
-    with pytest.raises(trainer_main.UsageError, match="hybrid_lambda"):
+    with pytest.raises(training.UsageError, match="hybrid_lambda"):
         spec("--task=hybrid", "--hybrid_lambda=-2")
     s = spec("--task=hybrid", "--hybrid_lambda=1/D")
     assert s.hparams["hybrid_lambda_value"] == 1 / 64 and s.flow.n_classes == 10
@@ -275,33 +275,33 @@ def test_crop_padding_and_translate_are_resolved_checked_and_used_by_the_trainer
     assert spec("--task=hybrid", "--crop_padding=2")["crop_padding"] == 2
     assert spec("--task=classification", "--dataset=cifar10")["crop_padding"] == 4
     assert "crop_padding" not in spec()
-    with pytest.raises(trainer_main.UsageError, match="classification\\|hybrid only"):
+    with pytest.raises(training.UsageError, match="classification\\|hybrid only"):
         spec("--crop_padding=1")
-    with pytest.raises(trainer_main.UsageError, match="smaller than the image"):
+    with pytest.raises(training.UsageError, match="smaller than the image"):
         spec("--task=classification", "--crop_padding=8")
-    with pytest.raises(trainer_main.UsageError, match="--crop_padding must be >= 0"):
+    with pytest.raises(training.UsageError, match="--crop_padding must be >= 0"):
         spec("--task=classification", "--crop_padding=-1")
     # --translate: default none for labelled runs, refused for density runs.
     assert spec("--task=classification")["translate"] == 0.0
     assert spec("--task=hybrid", "--translate=1.5")["translate"] == 1.5
     assert "translate" not in spec()
-    with pytest.raises(trainer_main.UsageError, match="classification\\|hybrid only"):
+    with pytest.raises(training.UsageError, match="classification\\|hybrid only"):
         spec("--translate=1")
-    with pytest.raises(trainer_main.UsageError, match="smaller than the image"):
+    with pytest.raises(training.UsageError, match="smaller than the image"):
         spec("--task=classification", "--translate=8")
-    with pytest.raises(trainer_main.UsageError, match="--translate must be"):
+    with pytest.raises(training.UsageError, match="--translate must be"):
         spec("--task=classification", "--translate=-1")
     # --label_smoothing: default none for labelled runs, refused for density runs.
     assert spec("--task=classification")["label_smoothing"] == 0.0
     assert spec("--task=hybrid", "--label_smoothing=0.1")["label_smoothing"] == 0.1
     assert "label_smoothing" not in spec()
-    with pytest.raises(trainer_main.UsageError, match="classification\\|hybrid only"):
+    with pytest.raises(training.UsageError, match="classification\\|hybrid only"):
         spec("--label_smoothing=0.1")
     for bad in ("1", "-0.1", "nan"):
-        with pytest.raises(trainer_main.UsageError, match="--label_smoothing must be in"):
+        with pytest.raises(training.UsageError, match="--label_smoothing must be in"):
             spec("--task=classification", f"--label_smoothing={bad}")
     # The trainer's batches are those of the data pipeline with that crop.
-    trainer = trainer_main.Trainer(
+    trainer = trainer_main.make_trainer(
         trainer_main.parse_args(
             TINY_FLAGS
             + [f"--out={tmp_path}", "--task=classification", "--crop_padding=1", "--translate=1"]
@@ -368,7 +368,7 @@ def test_hybrid_task_resumes_and_exports_classify(tmp_path, capsys):
     ]
     first = trainer_main.train(trainer_main.parse_args(flags + ["--steps=2"]))
     assert np.isfinite(first["test_bpd"]) and 0.0 <= first["test_accuracy"] <= 1.0
-    trainer = trainer_main.Trainer(trainer_main.parse_args(flags + ["--steps=3"]))
+    trainer = trainer_main.make_trainer(trainer_main.parse_args(flags + ["--steps=3"]))
     result = trainer.train()  # resumes at step 2
     assert result["step"] == 3 and int(trainer.optimizer.iterations.numpy()) == 3
     assert "steps 2->3" in capsys.readouterr().out
@@ -387,14 +387,16 @@ _MIRRORED = textwrap.dedent("""
     import json, sys
     import numpy as np
     sys.path.insert(0, {repo!r})
+    from rflow_tf import training
+    from rflow_tf.training.steps import _var
     from train import main as m
-    m.configure_cpu_devices(2)
-    trainer = m.Trainer(m.parse_args({argv!r}))
+    training.configure_cpu_devices(2)
+    trainer = m.make_trainer(m.parse_args({argv!r}))
     result = trainer.train()
     s = trainer.strategy
     worst = 0.0
     for v in trainer.model.trainable_variables:
-        a, b = [np.asarray(p) for p in s.experimental_local_results(m._var(v))]
+        a, b = [np.asarray(p) for p in s.experimental_local_results(_var(v))]
         worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
     print("RESULT " + json.dumps({{"replicas": s.num_replicas_in_sync, "worst": worst,
                                    "acc": result["test_accuracy"], "bpd": result["test_bpd"]}}))

@@ -235,7 +235,7 @@ def test_trainer_keeps_the_bound(tmp_path):
             "--warmup_steps=1",
         ]
     )
-    trainer = trainer_main.Trainer(args)
+    trainer = trainer_main.make_trainer(args)
     trainer.train()
     layers = trainer.model.lipschitz_layers()
     assert all(bool(layer.estimate_is_current()) for layer in layers)

@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from train import main as trainer_main
+from rflow_tf import training
 
 TINY = [
     "--preset=tiny",
@@ -131,26 +131,28 @@ _WORKER_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import numpy as np
     import tensorflow_datasets as tfds
+    from rflow_tf import data, training
+    from rflow_tf.training.steps import _var
     from train import main as m
     argv, dump = json.loads(sys.argv[1]), sys.argv[2]
     args = m.parse_args(argv)
     if args.cpu_devices > 1:
-        m.configure_cpu_devices(args.cpu_devices)
-    strategy = m.make_strategy(args.strategy, args.cpu_devices)
+        training.configure_cpu_devices(args.cpu_devices)
+    strategy = training.make_strategy(args.strategy, args.cpu_devices)
     shards = {}
     with tfds.testing.mock_data(num_examples=48):
         for name in ("digits", "mnist"):
             # A new dataset object per pass: a seeded shuffle reshuffles on a second pass.
-            make = lambda: m.data.load_image_dataset(name, "train", batch_size=8, seed=5,
+            make = lambda: data.load_image_dataset(name, "train", batch_size=8, seed=5,
                                                      repeat=True, drop_remainder=True,
                                                      download=False).take(3)
             shards[name + "_global"] = np.stack([x.numpy() for x in make()])
             shards[name + "_local"] = np.stack([
                 np.concatenate([np.asarray(p) for p in strategy.experimental_local_results(x)])
-                for x in m.distribute_dataset(strategy, make())])
-    trainer = m.Trainer(args, strategy=strategy)
+                for x in training.distribute_dataset(strategy, make())])
+    trainer = m.make_trainer(args, strategy=strategy)
     result = trainer.train()
-    weights = {v.path: np.asarray(m._var(v).numpy()) for v in trainer.model.variables}
+    weights = {v.path: np.asarray(_var(v).numpy()) for v in trainer.model.variables}
     weights.update({"ema_%d" % i: np.asarray(e.numpy()) for i, e in enumerate(trainer.ema_vars)})
     np.savez(dump + ".npz", **weights, **{"shard_" + k: v for k, v in shards.items()})
     with open(dump + ".json", "w") as f:
@@ -280,14 +282,14 @@ def test_only_the_chief_writes(two_worker_run):
 
 def test_watchdog_fires_only_without_progress():
     fired = []
-    with trainer_main.ProgressWatchdog(0.4, on_timeout=fired.append) as dog:
+    with training.ProgressWatchdog(0.4, on_timeout=fired.append) as dog:
         for _ in range(8):  # 0.8 s of regular progress: no timeout
             time.sleep(0.1)
             dog.tick()
         assert not fired
         time.sleep(1.0)  # no progress
     assert len(fired) == 1 and fired[0] > 0.4
-    with trainer_main.ProgressWatchdog(0) as dog:  # disabled
+    with training.ProgressWatchdog(0) as dog:  # disabled
         assert dog._thread is None  # pylint: disable=protected-access
 
 
@@ -328,7 +330,7 @@ def test_killed_worker_stops_the_survivor_and_a_restart_resumes(tmp_path):
         assert "error: worker 0 lost another worker of the cluster at step" in out, out[-4000:]
         assert "Restart every worker with the same command" in out
         assert "Traceback" not in out
-        last = trainer_main.checkpoint_candidates(str(run_dir / "ckpt"))[0]
+        last = training.checkpoint_candidates(str(run_dir / "ckpt"))[0]
         last_step = int(last.rsplit("-", 1)[1])
         assert 4 <= last_step < 150
         assert f"resumes from the chief's last checkpoint ({last})" in out

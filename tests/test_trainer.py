@@ -21,6 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from rflow_tf import data, models, training  # noqa: E402
+from rflow_tf.training.steps import _var  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
 TINY = [
@@ -41,7 +43,7 @@ def run_args(tmp_path, *extra):
 
 def values(variables):
     return [
-        np.array(tf.convert_to_tensor(trainer_main._var(v)))  # pylint: disable=protected-access
+        np.array(tf.convert_to_tensor(_var(v)))  # pylint: disable=protected-access
         for v in variables
     ]
 
@@ -101,7 +103,7 @@ def test_help_lists_the_flags():
     assert not spec.flow.neumann_grad and not spec.flow.grad_in_forward
     assert spec.hparams["batch_size"] == 8 and spec.hparams["accumulate"] == 5
     assert spec.hparams["steps"] == 27000 // 40 + (27000 % 40 > 0)
-    with pytest.raises(trainer_main.UsageError):
+    with pytest.raises(training.UsageError):
         trainer_main.resolve_run(trainer_main.parse_args(["--preset=nope"]))
     spec = trainer_main.resolve_run(
         trainer_main.parse_args(
@@ -148,9 +150,9 @@ def test_help_lists_the_flags():
         (["--rate=-1"], "rate"),
         (["--n_samples=0"], "n_samples"),
     ):
-        with pytest.raises(trainer_main.UsageError, match=f"FlowConfig.{name} must"):
+        with pytest.raises(training.UsageError, match=f"FlowConfig.{name} must"):
             trainer_main.resolve_run(trainer_main.parse_args(bad))
-    with pytest.raises(trainer_main.UsageError, match="squeezed"):
+    with pytest.raises(training.UsageError, match="squeezed"):
         trainer_main.resolve_run(trainer_main.parse_args(["--dataset=mnist", "--n_blocks=1-1-1-1"]))
 
 
@@ -179,7 +181,7 @@ def test_pipeline_on_mock_data(tmp_path, dataset, extra):
     assert np.isfinite(result["test_bpd"])
     assert os.path.exists(result["samples"])
     cfg = json.load(open(tmp_path / "config.json"))
-    info = trainer_main.data.dataset_info(dataset)
+    info = data.dataset_info(dataset)
     assert tuple(cfg["flow_config"]["input_shape"]) == info.image_shape
     assert cfg["flow_config"]["n_bits"] == info.n_bits
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-2")
@@ -189,7 +191,7 @@ def test_pipeline_on_mock_data(tmp_path, dataset, extra):
 
 def test_resume_continues_with_same_state(tmp_path):
     common = ["--steps=2", "--batch_size=8", "--eval_examples=8", "--ckpt_every=1"]
-    first = trainer_main.Trainer(run_args(tmp_path, *common))
+    first = trainer_main.make_trainer(run_args(tmp_path, *common))
     r1 = first.train()
     assert r1["step"] == 2 and int(first.optimizer.iterations.numpy()) == 2
     saved = {
@@ -199,7 +201,7 @@ def test_resume_continues_with_same_state(tmp_path):
     }
 
     # Rerun with more steps: restores step, optimizer, EMA and ActNorm state.
-    second = trainer_main.Trainer(run_args(tmp_path, *common[1:], "--steps=3"))
+    second = trainer_main.make_trainer(run_args(tmp_path, *common[1:], "--steps=3"))
     assert int(second.step.numpy()) == 0
     assert second.restore_or_initialize() is not None
     assert int(second.step.numpy()) == 2
@@ -243,7 +245,7 @@ def test_resume_continues_with_same_state(tmp_path):
 def test_truncated_training_reports_true_and_training_estimate(tmp_path, capsys):
     # An i-ResNet (truncated series) is evaluated with the unbiased estimator, and
     # the log shows the training estimator's figure beside it.
-    trainer = trainer_main.Trainer(
+    trainer = trainer_main.make_trainer(
         run_args(
             tmp_path,
             "--steps=1",
@@ -272,7 +274,7 @@ def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys):
         "--inject_nan_steps=2",
         "--max_nan_steps=2",
     )
-    trainer = trainer_main.Trainer(args)
+    trainer = trainer_main.make_trainer(args)
     result = trainer.train()
     assert result["step"] == 3
     assert int(trainer.optimizer.iterations.numpy()) == 2  # step 2 was skipped
@@ -288,8 +290,8 @@ def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys):
         "--inject_nan_steps=5,6",
         "--max_nan_steps=2",
     )
-    trainer = trainer_main.Trainer(args)
-    with pytest.raises(trainer_main.TrainingDivergedError, match="ckpt-4"):
+    trainer = trainer_main.make_trainer(args)
+    with pytest.raises(training.TrainingDivergedError, match="ckpt-4"):
         trainer.train()
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-4")
     # Through main(): exit status 3 and a one-line message, no traceback.
@@ -319,7 +321,7 @@ def test_missing_dataset_message(tmp_path, capsys):
 
 
 def test_model_config_mismatch_is_refused(tmp_path, capsys):
-    trainer_main.Trainer(run_args(tmp_path))  # writes config.json
+    trainer_main.make_trainer(run_args(tmp_path))  # writes config.json
     code = trainer_main.main(TINY + [f"--out={tmp_path}", "--hidden_channels=8"])
     assert code == 2 and "different model configuration" in capsys.readouterr().err
 
@@ -333,32 +335,34 @@ def test_version_1_run_dir_resumes_with_its_old_architecture(tmp_path):
         del old["flow_config"][key]
     with open(tmp_path / "config.json", "w") as f:
         json.dump(old, f)
-    trainer = trainer_main.Trainer(run_args(tmp_path))
+    trainer = trainer_main.make_trainer(run_args(tmp_path))
     cfg = trainer.flow_config
     assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order) == (
         1,
         False,
         "space_to_depth",
     )
-    assert isinstance(trainer.model.stages[1], trainer_main.models.rbij.ActNorm)
+    assert isinstance(trainer.model.stages[1], models.rbij.ActNorm)
     with open(tmp_path / "config.json") as f:
         assert json.load(f)["flow_config"]["config_version"] == 1
     # Any other difference is still refused.
     old["flow_config"]["hidden_channels"] = 8
     with open(tmp_path / "config.json", "w") as f:
         json.dump(old, f)
-    with pytest.raises(trainer_main.UsageError, match="hidden_channels"):
-        trainer_main.Trainer(run_args(tmp_path))
+    with pytest.raises(training.UsageError, match="hidden_channels"):
+        trainer_main.make_trainer(run_args(tmp_path))
 
 
 _MIRRORED_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     sys.path.insert(0, {repo!r})
+    from rflow_tf import training
+    from rflow_tf.training.steps import _var
     from train import main as m
-    m.configure_cpu_devices(2)
+    training.configure_cpu_devices(2)
     args = m.parse_args({argv!r})
-    trainer = m.Trainer(args)
+    trainer = m.make_trainer(args)
     result = trainer.train()
     s = trainer.strategy
     groups = {{"model": trainer.model.variables, "ema": trainer.ema_vars,
@@ -367,7 +371,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     for name, vs in groups.items():
         worst = 0.0
         for v in vs:
-            parts = [np.asarray(p) for p in s.experimental_local_results(m._var(v))]
+            parts = [np.asarray(p) for p in s.experimental_local_results(_var(v))]
             assert len(parts) == 2, (name, len(parts))
             if parts[0].dtype != bool:
                 worst = max(worst, float(np.max(np.abs(parts[0] - parts[1]), initial=0.0)))
@@ -444,15 +448,15 @@ def test_bad_flag_is_rejected_before_any_work(tmp_path, capsys, flag):
 def test_flag_constraints_name_real_flags():
     parser = trainer_main.build_parser()
     dests = {a.dest for a in parser._actions}  # pylint: disable=protected-access
-    for flag, _, _ in trainer_main.FLAG_CONSTRAINTS:
+    for flag, _, _ in training.FLAG_CONSTRAINTS:
         assert flag in dests, flag
-    trainer_main.check_flags(trainer_main.parse_args([]))  # the defaults pass
+    training.check_flags(trainer_main.parse_args([]))  # the defaults pass
 
 
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from train.main import RunDirLock
+    from rflow_tf.training import RunDirLock
     lock = RunDirLock({run_dir!r}).acquire()
     print("locked", flush=True)
     time.sleep(600)
@@ -460,7 +464,7 @@ _HOLD_LOCK = textwrap.dedent("""
 
 
 def test_run_dir_lock_refuses_a_second_trainer_and_dies_with_its_holder(tmp_path, capsys):
-    first = trainer_main.Trainer(run_args(tmp_path))
+    first = trainer_main.make_trainer(run_args(tmp_path))
     assert first.lock.held
     config = (tmp_path / "config.json").read_text()
     code = trainer_main.main(TINY + [f"--out={tmp_path}", "--seed=5"])
@@ -476,12 +480,12 @@ def test_run_dir_lock_refuses_a_second_trainer_and_dies_with_its_holder(tmp_path
     )
     try:
         assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(trainer_main.RunDirLockedError, match=f"pid {proc.pid}"):
-            trainer_main.RunDirLock(str(tmp_path)).acquire()
+        with pytest.raises(training.RunDirLockedError, match=f"pid {proc.pid}"):
+            training.RunDirLock(str(tmp_path)).acquire()
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    trainer_main.RunDirLock(str(tmp_path)).acquire().release()
+    training.RunDirLock(str(tmp_path)).acquire().release()
 
 
 # Exact resume does not depend on the log-det gradient estimator; the plain backward
@@ -509,7 +513,7 @@ def state_of(trainer):
 def trained_run(tmp_path_factory):
     """An uninterrupted run of 4 steps, checkpoints ckpt-2 and ckpt-4: (run dir, final state)."""
     out = tmp_path_factory.mktemp("trained")
-    trainer = trainer_main.Trainer(run_args(out, *RESUME))
+    trainer = trainer_main.make_trainer(run_args(out, *RESUME))
     trainer.train()
     assert sorted(f for f in os.listdir(out / "ckpt") if f.endswith(".index")) == [
         "ckpt-2.index",
@@ -526,11 +530,11 @@ def trained_run(tmp_path_factory):
     ],
 )
 def test_resume_after_a_kill_at_a_random_step_is_bit_identical(trained_run, tmp_path, capsys, k):
-    crashed = trainer_main.Trainer(run_args(tmp_path, *RESUME, f"--inject_crash_step={k}"))
+    crashed = trainer_main.make_trainer(run_args(tmp_path, *RESUME, f"--inject_crash_step={k}"))
     with pytest.raises(RuntimeError, match=f"injected crash after step {k}"):
         crashed.train()
     assert not crashed.lock.held  # released on the way out
-    resumed = trainer_main.Trainer(run_args(tmp_path, *RESUME))
+    resumed = trainer_main.make_trainer(run_args(tmp_path, *RESUME))
     resumed.train()
     log = capsys.readouterr().out
     if k >= 3:  # steps after ckpt-2 are trained again (a crash after step 2 precedes its save)
@@ -548,7 +552,7 @@ def copy_run(src, dst):
 
 
 def restored(run_dir, *extra):
-    trainer = trainer_main.Trainer(run_args(run_dir, *RESUME, *extra))
+    trainer = trainer_main.make_trainer(run_args(run_dir, *RESUME, *extra))
     try:
         path = trainer.restore_or_initialize()
         return path, int(trainer.step.numpy())
@@ -569,7 +573,7 @@ def test_lost_state_file_recovers_from_the_checkpoint_files(trained_run, tmp_pat
     (ckpt / "ckpt-1.data-00000-of-00001").write_bytes(
         (ckpt / "ckpt-2.data-00000-of-00001").read_bytes()
     )
-    trainer = trainer_main.Trainer(run_args(run, *RESUME))
+    trainer = trainer_main.make_trainer(run_args(run, *RESUME))
     path = trainer.restore_or_initialize()
     assert path == str(ckpt / "ckpt-4") and int(trainer.step.numpy()) == 4
     assert ("missing" if damage == "deleted" else "unreadable") in capsys.readouterr().err

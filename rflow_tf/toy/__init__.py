@@ -25,9 +25,10 @@ so the test negative log-likelihood (nats) is comparable across models.
 Samples are drawn through the fixed-point inverse of the residual blocks
 (the analytic inverse for coupling layers).
 
-Options: :func:`run` takes the command line's options as a list of strings,
-a dict or a Namespace; :func:`build_parser` is their single definition
-(defaults, checks, help), which ``train/toy.py``, the command line, shares.
+Options: :class:`ToyOptions` declares each option once (default, parser,
+help); :func:`build_parser`, the command line of ``train/toy.py``, is
+generated from it. :func:`run` takes the options as a list of strings, a
+dict, a Namespace or a ToyOptions.
 
 In-process::
 
@@ -47,14 +48,15 @@ from rflow_tf.toy.flows import (
     power_iterate_all,
     standard_normal_log_prob,
 )
-from rflow_tf.toy.loop import PLOT_LIMIT, Trainer, density_grid, evaluate_nll, run, save_panels
-from rflow_tf.toy.options import build_parser, parse_args
+from rflow_tf.toy.loop import PLOT_LIMIT, ToyTrainer, density_grid, evaluate_nll, run, save_panels
+from rflow_tf.toy.options import ToyOptions, build_parser, parse_args
 
 __all__ = [
     "MODELS",
     "PLOT_LIMIT",
     "ToyFlow",
     "build_flow",
+    "ToyOptions",
     "build_parser",
     "parse_args",
     "power_iterate_all",
@@ -62,6 +64,6 @@ __all__ = [
     "evaluate_nll",
     "density_grid",
     "save_panels",
-    "Trainer",
+    "ToyTrainer",
     "run",
 ]

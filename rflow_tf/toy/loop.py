@@ -1,4 +1,4 @@
-"""The toy training loop (Trainer, run), the test NLL, the density grid and the PNG panels."""
+"""The toy training loop (ToyTrainer, run), the test NLL, the density grid and the PNG panels."""
 
 import math
 import os
@@ -132,7 +132,7 @@ _MODEL_KEYS = (
 )
 
 
-class Trainer:
+class ToyTrainer:
     """A flow, its Adam optimiser and compiled train / evaluation functions.
 
     One optimiser step (``tf.function``, traced once):
@@ -147,7 +147,7 @@ class Trainer:
 
     Example:
     ```python
-    trainer = Trainer(parse_args(["--model", "resflow", "--blocks", "4"]))
+    trainer = ToyTrainer(parse_args(["--model", "resflow", "--blocks", "4"]))
     trainer.reset(x_first_batch)
     loss = trainer.step(x_batch, iteration=0)
     ```
@@ -270,7 +270,7 @@ def _get_trainer(args, reuse):
     key = tuple((k, getattr(args, k)) for k in _MODEL_KEYS)
     if reuse and key in _TRAINERS:
         return _TRAINERS[key], True
-    trainer = Trainer(args)
+    trainer = ToyTrainer(args)
     if reuse:
         _TRAINERS[key] = trainer
     return trainer, False
@@ -293,10 +293,11 @@ def _train_seed(seed, iteration):
 def run(args=None, reuse_trainer=False):
     """Trains one toy model and evaluates it; the in-process entry point.
 
-    ``args``: a list of CLI strings, an ``argparse.Namespace`` or a dict (missing
-    options take the CLI defaults). Data are fresh ``toy_2d`` samples every
-    step; the test set is ``n_test`` points from an independent seed. The test
-    NLL is -mean log p(x) in nats with the exact 2-D log-det.
+    ``args``: a list of CLI strings, an ``argparse.Namespace``, a dict or a
+    :class:`rflow_tf.toy.ToyOptions` (missing options take the CLI defaults).
+    Data are fresh ``toy_2d`` samples every step; the test set is ``n_test``
+    points from an independent seed. The test NLL is -mean log p(x) in nats with
+    the exact 2-D log-det.
     ``reuse_trainer=True`` reuses the compiled model of an earlier call with
     the same model options (weights and Adam reset), which skips retracing.
 

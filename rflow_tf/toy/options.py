@@ -1,11 +1,15 @@
-"""The options of a toy run: build_parser (their single definition: defaults, checks,
-help; train/toy.py's command line) and parse_args (a list, dict or Namespace)."""
+"""The options of a toy run: ToyOptions (their single declaration: defaults, parsers,
+help), build_parser (train/toy.py's command line, generated from it) and parse_args
+(a list, dict, Namespace or ToyOptions)."""
 
 import argparse
+import dataclasses
+from typing import Tuple
 
 from rflow_tf import layers as rlayers
 from rflow_tf import norms
 from rflow_tf.data import TOY_DATASETS
+from rflow_tf.settings import add_flags, setting
 from rflow_tf.toy.flows import _COUPLING_ACTIVATIONS, MODELS
 
 
@@ -106,8 +110,210 @@ def _dataset_name(text):
     return name
 
 
+DATA_AND_MODEL = "data and model"
+ESTIMATOR = "log-det estimator (residual models)"
+TRAINING = "training"
+OUTPUT = "evaluation and output"
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyOptions:
+    """Every option of a toy run, each declared once (:func:`rflow_tf.settings.setting`:
+    default, help, parser); ``train/toy.py``'s command line is generated from
+    them (:func:`build_parser`). The constraints on single values are their
+    parsers (a positive integer, say); :func:`check_args` checks combinations.
+
+    Example:
+    ```python
+    from rflow_tf.toy import ToyOptions, run
+    result = run(ToyOptions(data="moons", model="coupling", iters=50))
+    ```
+    """
+
+    data: str = setting(
+        "8gaussians",
+        group=DATA_AND_MODEL,
+        parse=_dataset_name,
+        help=f"toy dataset, one of: {', '.join(TOY_DATASETS)}",
+    )
+    model: str = setting(
+        "resflow",
+        group=DATA_AND_MODEL,
+        choices=MODELS,
+        help="resflow: unbiased residual flow; iresnet: truncated (biased) "
+        "log-det; coupling: tfb.RealNVP affine coupling layers + tfb.Permute; "
+        "naf: DeepSigmoidalFlow (NAF-DSF) layers + tfb.Permute; mixlogcdf: "
+        "Flow++ logistic-mixture CDF couplings",
+    )
+    blocks: int = setting(
+        10,
+        group=DATA_AND_MODEL,
+        parse=_positive_int,
+        help="number of residual blocks (or coupling layers)",
+    )
+    hidden: Tuple[int, ...] = setting(
+        (128, 128, 128, 128),
+        group=DATA_AND_MODEL,
+        parse=_hidden_units,
+        help="hidden widths of each block's network, joined by '-'",
+    )
+    activation: str = setting(
+        "lipswish",
+        group=DATA_AND_MODEL,
+        choices=sorted(set(rlayers.ACTIVATIONS) | {"swish"}),
+        help="activation of the residual nets (1-Lipschitz; 'swish' is an alias of "
+        "lipswish for residual blocks); coupling nets use the plain version",
+    )
+    coeff: float = setting(
+        0.9,
+        group=DATA_AND_MODEL,
+        parse=_positive_float,
+        help="Lipschitz bound of every linear layer in a residual block (< 1)",
+    )
+    vnorms: str = setting(
+        "2",
+        group=DATA_AND_MODEL,
+        parse=_vnorms,
+        help="norm orders of each residual net's linear maps, one per linear layer + 1 "
+        "('f' = inf), first = last, e.g. 222222 or 2f2f22 for --hidden 128-128-128-128 "
+        "(a string of equal orders fits any depth): layer i is normalised in "
+        "||W||_{p_i->p_{i+1}} <= coeff, so each block contracts in one norm. 2 = spectral",
+    )
+    learn_p: int = setting(
+        0,
+        group=DATA_AND_MODEL,
+        choices=(0, 1),
+        help="1: learn the norm orders (each block its own, tied along its chain, "
+        "initialised at --vnorms, kept in [1.001, 5]); printed while training and at the end",
+    )
+    init: str = setting(
+        "reference",
+        group=DATA_AND_MODEL,
+        choices=rlayers.INITS,
+        help="initialisation of the residual nets: 'reference' (weights and biases "
+        "U(+-1/sqrt(fan_in)), as the authors' code) or 'glorot' (Glorot weights, "
+        "zero biases; the default before the parity work)",
+    )
+    preactivation: int = setting(
+        1,
+        group=DATA_AND_MODEL,
+        choices=(0, 1),
+        help="1: g = W_L act(... W_1 act(x)), activation before every linear layer "
+        "(the reference's toy nets); 0: no activation on g's input",
+    )
+    last_layer_scale: float = setting(
+        1e-3,
+        group=DATA_AND_MODEL,
+        parse=_positive_float,
+        help="factor on the initial range of each block's last layer (the "
+        "reference's 1/1000: every block starts near the identity)",
+    )
+    actnorm: bool = setting(
+        False,
+        group=DATA_AND_MODEL,
+        help="add ActNorm (data-initialised affine) before the first and after every block",
+    )
+    dist: str = setting(
+        "poisson",
+        group=ESTIMATOR,
+        choices=("poisson", "geometric"),
+        help="Russian-roulette distribution of the number of extra terms (resflow)",
+    )
+    rate: float = setting(
+        2.0, group=ESTIMATOR, parse=_positive_float, help="Poisson rate (resflow)"
+    )
+    p: float = setting(0.5, group=ESTIMATOR, help="geometric success probability (resflow)")
+    n_exact_terms: int = setting(
+        2,
+        group=ESTIMATOR,
+        parse=_non_negative_int,
+        help="terms always evaluated before the roulette tail in training (resflow)",
+    )
+    n_samples: int = setting(
+        1,
+        group=ESTIMATOR,
+        parse=_positive_int,
+        help="roulette draws averaged per block and call (resflow)",
+    )
+    n_power_series: int = setting(
+        5,
+        group=ESTIMATOR,
+        parse=_positive_int,
+        help="number of power-series terms of the truncated estimator (iresnet)",
+    )
+    neumann_grad: int = setting(
+        1,
+        group=ESTIMATOR,
+        choices=(0, 1),
+        help="1: Neumann-series gradient of the log-det (memory-free); "
+        "0: backpropagate through the power series",
+    )
+    grad_in_forward: int = setting(
+        0,
+        group=ESTIMATOR,
+        choices=(0, 1),
+        help="1: compute the Neumann log-det gradients during the forward pass "
+        "(the reference's mode, paper eq. 9); 0: recompute the block in the "
+        "backward pass and share one backward pass with the path gradient "
+        "(same gradients, slightly faster, fewer activations kept); ignored "
+        "when --neumann_grad 0",
+    )
+    power_iterations: int = setting(
+        5,
+        group=ESTIMATOR,
+        parse=_non_negative_int,
+        help="power-iteration steps per optimiser step for the spectral norms "
+        "(0: iterate to convergence every step, slow); they are always "
+        "converged before evaluation and sampling",
+    )
+    iters: int = setting(2000, group=TRAINING, parse=_positive_int, help="optimiser steps")
+    batch_size: int = setting(
+        500, group=TRAINING, parse=_positive_int, help="fresh samples per step"
+    )
+    lr: float = setting(1e-3, group=TRAINING, parse=_positive_float, help="Adam learning rate")
+    seed: int = setting(
+        0,
+        group=TRAINING,
+        parse=_non_negative_int,
+        help="seed of the weights, the data stream and the estimator",
+    )
+    out: str = setting("toy_out", group=OUTPUT, help="output directory for <data>_<model>.png")
+    n_test: int = setting(
+        10000, group=OUTPUT, parse=_positive_int, help="held-out points for the test NLL"
+    )
+    eval_every: int = setting(
+        0,
+        group=OUTPUT,
+        parse=_non_negative_int,
+        help="evaluate the test NLL every this many steps (0: only at the end)",
+    )
+    plot_every: int = setting(
+        0,
+        group=OUTPUT,
+        parse=_non_negative_int,
+        help="rewrite the PNG every this many steps (0: only at the end)",
+    )
+    log_every: int = setting(
+        100,
+        group=OUTPUT,
+        parse=_positive_int,
+        help="print a progress line every this many steps",
+    )
+    grid: int = setting(
+        200, group=OUTPUT, parse=_positive_int, help="density grid points per axis on [-4, 4]^2"
+    )
+    n_plot_samples: int = setting(
+        5000,
+        group=OUTPUT,
+        parse=_positive_int,
+        help="model samples drawn (fixed-point inverse) for the third panel",
+    )
+    quiet: bool = setting(False, group=OUTPUT, help="no progress output")
+
+
 def build_parser():
-    """The ``argparse`` parser of ``train/toy.py`` (every option has a help text).
+    """The ``argparse`` parser of ``train/toy.py``: a flag for every
+    :class:`ToyOptions` field, with its help, default and parser.
 
     Example:
     ```python
@@ -124,195 +330,13 @@ def build_parser():
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("data and model")
-    g.add_argument(
-        "--data",
-        type=_dataset_name,
-        default="8gaussians",
-        help=f"toy dataset, one of: {', '.join(TOY_DATASETS)}",
-    )
-    g.add_argument(
-        "--model",
-        choices=MODELS,
-        default="resflow",
-        help="resflow: unbiased residual flow; iresnet: truncated (biased) "
-        "log-det; coupling: tfb.RealNVP affine coupling layers + tfb.Permute; "
-        "naf: DeepSigmoidalFlow (NAF-DSF) layers + tfb.Permute; mixlogcdf: "
-        "Flow++ logistic-mixture CDF couplings",
-    )
-    g.add_argument(
-        "--blocks",
-        type=_positive_int,
-        default=10,
-        help="number of residual blocks (or coupling layers)",
-    )
-    g.add_argument(
-        "--hidden",
-        type=_hidden_units,
-        default=(128, 128, 128, 128),
-        help="hidden widths of each block's network, joined by '-'",
-    )
-    g.add_argument(
-        "--activation",
-        default="lipswish",
-        choices=sorted(set(rlayers.ACTIVATIONS) | {"swish"}),
-        help="activation of the residual nets (1-Lipschitz; 'swish' is an alias of "
-        "lipswish for residual blocks); coupling nets use the plain version",
-    )
-    g.add_argument(
-        "--coeff",
-        type=_positive_float,
-        default=0.9,
-        help="Lipschitz bound of every linear layer in a residual block (< 1)",
-    )
-    g.add_argument(
-        "--vnorms",
-        type=_vnorms,
-        default="2",
-        help="norm orders of each residual net's linear maps, one per linear layer + 1 "
-        "('f' = inf), first = last, e.g. 222222 or 2f2f22 for --hidden 128-128-128-128 "
-        "(a string of equal orders fits any depth): layer i is normalised in "
-        "||W||_{p_i->p_{i+1}} <= coeff, so each block contracts in one norm. 2 = spectral",
-    )
-    g.add_argument(
-        "--learn_p",
-        type=int,
-        choices=(0, 1),
-        default=0,
-        help="1: learn the norm orders (each block its own, tied along its chain, "
-        "initialised at --vnorms, kept in [1.001, 5]); printed while training and at the end",
-    )
-    g.add_argument(
-        "--init",
-        choices=rlayers.INITS,
-        default="reference",
-        help="initialisation of the residual nets: 'reference' (weights and biases "
-        "U(+-1/sqrt(fan_in)), as the authors' code) or 'glorot' (Glorot weights, "
-        "zero biases; the default before the parity work)",
-    )
-    g.add_argument(
-        "--preactivation",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="1: g = W_L act(... W_1 act(x)), activation before every linear layer "
-        "(the reference's toy nets); 0: no activation on g's input",
-    )
-    g.add_argument(
-        "--last_layer_scale",
-        type=_positive_float,
-        default=1e-3,
-        help="factor on the initial range of each block's last layer (the "
-        "reference's 1/1000: every block starts near the identity)",
-    )
-    g.add_argument(
-        "--actnorm",
-        action="store_true",
-        help="add ActNorm (data-initialised affine) before the first and after every block",
-    )
-    e = p.add_argument_group("log-det estimator (residual models)")
-    e.add_argument(
-        "--dist",
-        choices=("poisson", "geometric"),
-        default="poisson",
-        help="Russian-roulette distribution of the number of extra terms (resflow)",
-    )
-    e.add_argument("--rate", type=_positive_float, default=2.0, help="Poisson rate (resflow)")
-    e.add_argument("--p", type=float, default=0.5, help="geometric success probability (resflow)")
-    e.add_argument(
-        "--n_exact_terms",
-        type=_non_negative_int,
-        default=2,
-        help="terms always evaluated before the roulette tail in training (resflow)",
-    )
-    e.add_argument(
-        "--n_samples",
-        type=_positive_int,
-        default=1,
-        help="roulette draws averaged per block and call (resflow)",
-    )
-    e.add_argument(
-        "--n_power_series",
-        type=_positive_int,
-        default=5,
-        help="number of power-series terms of the truncated estimator (iresnet)",
-    )
-    e.add_argument(
-        "--neumann_grad",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="1: Neumann-series gradient of the log-det (memory-free); "
-        "0: backpropagate through the power series",
-    )
-    e.add_argument(
-        "--grad_in_forward",
-        type=int,
-        choices=(0, 1),
-        default=0,
-        help="1: compute the Neumann log-det gradients during the forward pass "
-        "(the reference's mode, paper eq. 9); 0: recompute the block in the "
-        "backward pass and share one backward pass with the path gradient "
-        "(same gradients, slightly faster, fewer activations kept); ignored "
-        "when --neumann_grad 0",
-    )
-    e.add_argument(
-        "--power_iterations",
-        type=_non_negative_int,
-        default=5,
-        help="power-iteration steps per optimiser step for the spectral norms "
-        "(0: iterate to convergence every step, slow); they are always "
-        "converged before evaluation and sampling",
-    )
-    t = p.add_argument_group("training")
-    t.add_argument("--iters", type=_positive_int, default=2000, help="optimiser steps")
-    t.add_argument("--batch_size", type=_positive_int, default=500, help="fresh samples per step")
-    t.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    t.add_argument(
-        "--seed",
-        type=_non_negative_int,
-        default=0,
-        help="seed of the weights, the data stream and the estimator",
-    )
-    o = p.add_argument_group("evaluation and output")
-    o.add_argument("--out", default="toy_out", help="output directory for <data>_<model>.png")
-    o.add_argument(
-        "--n_test", type=_positive_int, default=10000, help="held-out points for the test NLL"
-    )
-    o.add_argument(
-        "--eval_every",
-        type=_non_negative_int,
-        default=0,
-        help="evaluate the test NLL every this many steps (0: only at the end)",
-    )
-    o.add_argument(
-        "--plot_every",
-        type=_non_negative_int,
-        default=0,
-        help="rewrite the PNG every this many steps (0: only at the end)",
-    )
-    o.add_argument(
-        "--log_every",
-        type=_positive_int,
-        default=100,
-        help="print a progress line every this many steps",
-    )
-    o.add_argument(
-        "--grid", type=_positive_int, default=200, help="density grid points per axis on [-4, 4]^2"
-    )
-    o.add_argument(
-        "--n_plot_samples",
-        type=_positive_int,
-        default=5000,
-        help="model samples drawn (fixed-point inverse) for the third panel",
-    )
-    o.add_argument("--quiet", action="store_true", help="no progress output")
+    add_flags(p, [ToyOptions], bools="switch")
     return p
 
 
 def parse_args(argv=None):
-    """Parses a list of CLI strings (or returns a copy of a Namespace filled up with
-    the defaults of :func:`build_parser`).
+    """Parses a list of CLI strings (or returns a copy of a Namespace, dict or
+    :class:`ToyOptions` as a Namespace filled up with the defaults of :func:`build_parser`).
 
     Example:
     ```python
@@ -330,6 +354,8 @@ def parse_args(argv=None):
         args.data = str(args.data).strip().lower()
         args.vnorms = _vnorms(args.vnorms)
         return check_args(args)
+    if isinstance(argv, ToyOptions):
+        argv = dataclasses.asdict(argv)
     if isinstance(argv, dict):
         return parse_args(argparse.Namespace(**argv))
     args = parser.parse_args(None if argv is None else [str(a) for a in argv])

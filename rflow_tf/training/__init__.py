@@ -1,8 +1,9 @@
 """Training as a library: ``Trainer(config, options).fit()``, usable in a notebook.
 
 * ``options``: :class:`TrainingOptions` (every non-architecture setting,
-  checked on construction), :func:`flow_config_for` (the FlowConfig a run of
-  the options trains), :func:`resolve_run` (both into a :class:`RunSpec`);
+  declared once with its flag, checked on construction), :func:`flow_config_for`
+  (the FlowConfig a run of the options trains), :func:`resolve_run` (both into
+  a :class:`RunSpec` and its typed :class:`RunSettings`);
 * ``trainer``: :class:`Trainer` with ``fit`` (alias ``train``), ``evaluate``,
   ``sample``, ``export``, ``ema_weights``;
 * ``steps``: the compiled distributed training / evaluation steps and the
@@ -40,8 +41,10 @@ from rflow_tf.training.distribute import (
     make_strategy,
 )
 from rflow_tf.training.options import (
+    ARCHITECTURE_FLAGS,
     FLAG_CONSTRAINTS,
     TASKS,
+    RunSettings,
     RunSpec,
     TrainingDivergedError,
     TrainingOptions,
@@ -68,11 +71,13 @@ __all__ = [
     "flow_config_for",
     "resolve_run",
     "RunSpec",
+    "RunSettings",
     "TASKS",
     "UsageError",
     "TrainingDivergedError",
     "WorkerLostError",
     "FLAG_CONSTRAINTS",
+    "ARCHITECTURE_FLAGS",
     "check_flags",
     "make_train_step",
     "make_eval_step",

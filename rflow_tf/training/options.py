@@ -1,5 +1,6 @@
-"""What a training run is: TrainingOptions (every non-architecture setting), the
-FlowConfig of a run (flow_config_for) and their resolution into a RunSpec."""
+"""What a training run is: TrainingOptions (every non-architecture setting, each
+declared once with its flag, help and check), the FlowConfig of a run
+(flow_config_for) and their resolution into a RunSpec with typed RunSettings."""
 
 import dataclasses
 import math
@@ -12,6 +13,15 @@ import numpy as np
 
 from rflow_tf import classifier as rclf
 from rflow_tf import data, models
+from rflow_tf.settings import (
+    Check,
+    at_least,
+    finite_above,
+    finite_at_least,
+    flag_checks,
+    flag_names,
+    setting,
+)
 
 #: Training tasks (``--task``).
 TASKS = ("density", "classification", "hybrid")
@@ -30,41 +40,294 @@ class TrainingDivergedError(Exception):
     """Too many consecutive non-finite steps; the message names the last good checkpoint."""
 
 
-def _finite(v):
-    return math.isfinite(float(v))
+#: The ``--help`` sections of the training flags (:attr:`rflow_tf.settings.Setting.group`).
+DATA = "data and model"
+TASK = "task"
+OPTIMISATION = "optimisation"
+EVALUATION = "evaluation, logging and checkpoints"
+DISTRIBUTION = "distribution"
+EXPORT = "export"
 
 
-# Constraints on flag values, checked by check_flags() before any work. One row per
-# flag: (flag, predicate on the parsed value, what the flag must be). Flags left unset
-# (None: "the preset's value") are not checked here; add a row for every new numeric flag.
-FLAG_CONSTRAINTS = (
-    ("lr", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    ("grad_clip", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
-    ("ema_decay", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    ("warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("epochs", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    ("steps", lambda v: v >= 0, ">= 0"),
-    ("batch_size", lambda v: v >= 1, ">= 1"),
-    ("accumulate", lambda v: v >= 1, ">= 1"),
-    ("n_bits", lambda v: 1 <= v <= 8, "in 1..8"),
-    ("hidden_channels", lambda v: v >= 1, ">= 1"),
-    ("head_channels", lambda v: v >= 1, ">= 1"),
-    ("n_exact_terms", lambda v: v >= 0, ">= 0"),
-    ("max_nan_steps", lambda v: v >= 1, ">= 1"),
-    ("eval_every", lambda v: v >= 1, ">= 1"),
-    ("eval_examples", lambda v: v >= 0, ">= 0 (0 = the whole test split)"),
-    ("sample_every", lambda v: v >= 1, ">= 1"),
-    ("n_sample_images", lambda v: v >= 1, ">= 1"),
-    ("temperature", lambda v: _finite(v) and v > 0, "a finite number > 0"),
-    ("log_every", lambda v: v >= 1, ">= 1"),
-    ("ckpt_every", lambda v: v >= 1, ">= 1"),
-    ("keep_best", lambda v: v >= 1, ">= 1"),
-    ("crop_padding", lambda v: v >= 0, ">= 0 (0 = no crop)"),
-    ("translate", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 = none)"),
-    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1) (0 = none)"),
-    ("cpu_devices", lambda v: v >= 0, ">= 0 (0 = no split)"),
-    ("worker_timeout", lambda v: _finite(v) and v >= 0, "a finite number >= 0 (0 disables)"),
-)
+@dataclasses.dataclass(frozen=True)
+class TrainingOptions:
+    """Every training setting that is not the architecture: the flags of
+    ``train/main.py`` but the :class:`rflow_tf.models.FlowConfig` ones. Each
+    field declares its flag (:func:`rflow_tf.settings.setting`: help, default,
+    check), and ``train/main.py`` generates its command line from them.
+
+    Fields left ``None`` take the preset's value (``preset`` ``None``: the
+    dataset's preset, :func:`rflow_tf.models.preset_for_dataset`). Values
+    are checked on construction (:func:`check_flags`, the checks the flags
+    get), so a bad value raises :class:`UsageError` naming it before any work.
+    ``steps`` wins over ``epochs``; ``out`` is the run directory (default
+    ``runs/<run name>``), ``export_dir`` the SavedModel written at the end
+    (default ``saved_models/<run name>``, ``""`` disables).
+    ``crop_padding`` (classification and hybrid only): random crop of every
+    training image with this reflection padding, i.e. a uniform translation
+    by up to ``crop_padding`` pixels each way (``None``: the reference's for
+    the dataset, :func:`rflow_tf.data.classification_augmentation`);
+    ``translate`` (same tasks): random sub-pixel shifts of up to this many
+    pixels each way, bilinear with zero fill (``None``: 0, none; see
+    :func:`rflow_tf.data.load_image_dataset`). Test images are never augmented.
+    ``label_smoothing`` (same tasks): eps of the smoothed cross-entropy of
+    :func:`rflow_tf.classifier.hybrid_loss` (``None``: 0, none; the reported
+    cross-entropy stays the plain one).
+
+    Example:
+    ```python
+    options = TrainingOptions(dataset="digits", preset="tiny", steps=20, out="/tmp/run")
+    options.replace(lr=5e-4).lr      # 0.0005
+    ```
+    """
+
+    dataset: str = setting(
+        "digits",
+        group=DATA,
+        help="digits (offline, sklearn 8x8), mnist, cifar10, svhn_cropped (TFDS), "
+        "celeb_a_hq (Glow's celeba-tfr TFRecords, the authors' .pth files or TFDS "
+        "celeb_a_hq/256), celeba_5bit (the authors' .pth file), imagenet32, imagenet64 "
+        "(the authors' .pth or .npz files). Missing data stops the run at once "
+        "(docs/datasets.md).",
+    )
+    preset: Optional[str] = setting(
+        None,
+        group=DATA,
+        help=f"Architecture + training defaults, one of {sorted(models.PRESETS)}. "
+        "Default: chosen from the dataset (digits -> digits_small, mnist -> "
+        "mnist, ...). The input shape and bits always come from the dataset.",
+    )
+    data_dir: Optional[str] = setting(
+        None,
+        group=DATA,
+        help="Where the data is: Glow's extracted celeba-tfr folder (holding train/ "
+        "and validation/), the authors' data/ folder (celebahq/, celebahq64_5bit/, "
+        "imagenet32/, imagenet64/), or a TFDS data directory. "
+        "Default: $TFDS_DATA_DIR or ~/tensorflow_datasets.",
+    )
+    download: bool = setting(
+        True, group=DATA, help="Let TFDS download/prepare a missing dataset (needs network)."
+    )
+    task: str = setting(
+        "density",
+        group=TASK,
+        choices=TASKS,
+        help="density: maximum likelihood; classification: classifier heads on the "
+        "flow's features, cross-entropy only (no log-det); hybrid: "
+        "hybrid_lambda * (-log p(x)) - log p(y|x) (nats per image).",
+    )
+    hybrid_lambda: Optional[str] = setting(
+        None,
+        group=TASK,
+        help="Weight of -log p(x) in the hybrid loss: a number >= 0 or 1/D "
+        "(D = dimensions per image); paper: 1 or 1/D. Default: 1 "
+        "(--task=hybrid only).",
+    )
+    crop_padding: Optional[int] = setting(
+        None,
+        group=TASK,
+        check=at_least(0, " (0 = no crop)"),
+        help="Classification/hybrid only: translate every training image by up to "
+        "this many pixels each way (random crop, reflection padding). Default: "
+        "the reference's for the dataset (4 for svhn_cropped and cifar10, 0 for "
+        "mnist and digits).",
+    )
+    translate: Optional[float] = setting(
+        None,
+        group=TASK,
+        check=finite_at_least(0, " (0 = none)"),
+        help="Classification/hybrid only: shift every training image by a random "
+        "sub-pixel offset of up to this many pixels each way (bilinear, zero fill; "
+        "not a reference option). Default: 0 (none).",
+    )
+    label_smoothing: Optional[float] = setting(
+        None,
+        group=TASK,
+        check=Check(lambda v: 0 <= v < 1, "in [0, 1) (0 = none)"),
+        help="Classification/hybrid only: train the classifier on the smoothed labels "
+        "(1 - eps) onehot + eps / n_classes (not a reference option; the reported "
+        "cross-entropy stays the plain one). Default: 0 (none).",
+    )
+    batch_size: Optional[int] = setting(
+        None,
+        group=OPTIMISATION,
+        check=at_least(1),
+        help="Global batch size per micro-step (split over replicas).",
+    )
+    epochs: Optional[float] = setting(
+        None,
+        group=OPTIMISATION,
+        check=finite_above(0),
+        help="Training length in epochs of the training split.",
+    )
+    steps: Optional[int] = setting(
+        None,
+        group=OPTIMISATION,
+        check=at_least(0),
+        help="Training length in optimiser steps (wins over --epochs).",
+    )
+    lr: Optional[float] = setting(
+        None, group=OPTIMISATION, check=finite_above(0), help="Adam learning rate (paper: 1e-3)."
+    )
+    warmup_steps: Optional[int] = setting(
+        None,
+        group=OPTIMISATION,
+        check=at_least(0),
+        help="Linear learning-rate warm-up from lr/warmup_steps to lr.",
+    )
+    ema_decay: Optional[float] = setting(
+        None,
+        group=OPTIMISATION,
+        check=Check(lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        help="Decay of the EMA of the weights used for evaluation/sampling.",
+    )
+    grad_clip: Optional[float] = setting(
+        None,
+        group=OPTIMISATION,
+        check=finite_at_least(0, " (0 disables)"),
+        help="Clip the global gradient norm to this value (0 disables).",
+    )
+    accumulate: Optional[int] = setting(
+        None,
+        group=OPTIMISATION,
+        check=at_least(1),
+        help="Micro-batches of --batch_size accumulated per optimiser step.",
+    )
+    dequantization: str = setting(
+        "uniform",
+        group=OPTIMISATION,
+        choices=("uniform", "variational"),
+        help="Dequantisation noise: uniform, or a learned conditional flow q(u|x) "
+        "(Flow++) trained with the model on the negative ELBO; test bits/dim "
+        "is then the variational bound. Fixed for the life of a run.",
+    )
+    seed: int = setting(
+        0,
+        group=OPTIMISATION,
+        help="Seed of the initial weights, data order, dequantisation noise and "
+        "log-det estimators (stateless; the replica id is folded in).",
+    )
+    jit_compile: bool = setting(
+        False, group=OPTIMISATION, help="Compile the per-replica forward/backward with XLA."
+    )
+    max_nan_steps: int = setting(
+        10,
+        group=OPTIMISATION,
+        check=at_least(1),
+        help="Stop after this many consecutive non-finite steps (each one is "
+        "skipped with a warning).",
+    )
+    out: Optional[str] = setting(
+        None,
+        group=EVALUATION,
+        help="Run directory. Default: runs/<run name>, run name = "
+        "<dataset>_<preset>. Rerunning with the same directory resumes.",
+    )
+    run_name: Optional[str] = setting(
+        None, group=EVALUATION, help="Run name (default <dataset>_<preset>)."
+    )
+    eval_every: Optional[int] = setting(
+        None,
+        group=EVALUATION,
+        check=at_least(1),
+        help="Test bits/dim (EMA weights, 20 exact terms) every N steps and at "
+        "the end (default: preset).",
+    )
+    eval_examples: int = setting(
+        0,
+        group=EVALUATION,
+        check=at_least(0, " (0 = the whole test split)"),
+        help="Test images per evaluation (0 = the whole test split).",
+    )
+    sample_every: Optional[int] = setting(
+        None,
+        group=EVALUATION,
+        check=at_least(1),
+        help="Write a PNG grid of samples every N steps and at the end.",
+    )
+    n_sample_images: int = setting(
+        64, group=EVALUATION, check=at_least(1), help="Images per sample grid."
+    )
+    temperature: float = setting(
+        1.0, group=EVALUATION, check=finite_above(0), help="Sampling temperature."
+    )
+    log_every: int = setting(
+        50,
+        group=EVALUATION,
+        check=at_least(1),
+        help="Progress line and TensorBoard scalars every N steps.",
+    )
+    ckpt_every: Optional[int] = setting(
+        None,
+        group=EVALUATION,
+        check=at_least(1),
+        help="Save the latest checkpoint every N steps (default: --eval_every).",
+    )
+    keep_best: int = setting(
+        1,
+        group=EVALUATION,
+        check=at_least(1),
+        help="Number of best-by-test-bits/dim checkpoints kept in ckpt_best/.",
+    )
+    strategy: str = setting(
+        "mirrored",
+        group=DISTRIBUTION,
+        choices=("mirrored", "one_device", "multi_worker"),
+        help="mirrored: MirroredStrategy over all visible GPUs (or over the "
+        "--cpu_devices logical CPUs), one device if there is only one; "
+        "one_device: first GPU or the CPU; multi_worker: "
+        "MultiWorkerMirroredStrategy configured by $TF_CONFIG.",
+    )
+    worker_timeout: float = setting(
+        1800,
+        group=DISTRIBUTION,
+        check=finite_at_least(0, " (0 disables)"),
+        help="multi_worker only: stop with an error (exit status 4) when training "
+        "makes no progress (no step, evaluation batch or save finishes) for "
+        "this many seconds, e.g. because another worker hangs; 0 disables. A "
+        "worker that dies is usually detected within seconds anyway.",
+    )
+    cpu_devices: int = setting(
+        0,
+        group=DISTRIBUTION,
+        check=at_least(0, " (0 = no split)"),
+        help="Split the CPU into N logical devices before TensorFlow starts and "
+        "mirror over them (tests the multi-device path without GPUs).",
+    )
+    export_dir: Optional[str] = setting(
+        None,
+        group=EXPORT,
+        help="SavedModel directory written at the end of training with the EMA "
+        "weights if rflow_tf.export is available (default "
+        "saved_models/<run name>; '' disables).",
+    )
+    # Testing aids (flags hidden from --help): comma-separated steps whose loss is
+    # replaced by NaN; a step after which training stops abruptly, saving nothing.
+    inject_nan_steps: str = setting("", flag="hidden", help="Steps whose loss is made NaN.")
+    inject_crash_step: int = setting(0, flag="hidden", help="Step after which training stops.")
+
+    def __post_init__(self):
+        check_flags(self)
+        if self.task not in TASKS:
+            raise UsageError(f"--task must be one of {TASKS}, got {self.task!r}")
+
+    def replace(self, **changes):
+        """A copy with ``changes`` (checked like the constructor's arguments).
+
+        Example: ``TrainingOptions(preset="tiny").replace(steps=5).steps  # 5``.
+        """
+        return dataclasses.replace(self, **changes)
+
+
+#: The flags of ``train/main.py`` that are :class:`rflow_tf.models.FlowConfig`
+#: fields (the architecture), as FlowConfig declares them.
+ARCHITECTURE_FLAGS = flag_names(models.FlowConfig)
+
+
+#: The checks of flag values, ``(flag, predicate, what the flag must be)``, from the
+#: declarations of :class:`TrainingOptions` and :class:`rflow_tf.models.FlowConfig`.
+#: Flags left unset (None: "the preset's value") are not checked.
+FLAG_CONSTRAINTS = flag_checks(TrainingOptions) + flag_checks(models.FlowConfig)
 
 
 def check_flags(args):
@@ -90,16 +353,66 @@ def check_flags(args):
             raise UsageError(f"--{flag} must be {requirement}, got {value!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The training settings of a run, resolved from its :class:`TrainingOptions`
+    and its preset by :func:`resolve_run`: what the trainer reads, and (as
+    :meth:`to_dict`) the ``"training"`` part of the run's config.json.
+
+    ``steps`` is the training length (from ``steps``, else ``epochs``, else the
+    preset's), ``ckpt_every`` defaults to ``eval_every``. Classification and
+    hybrid runs also have ``crop_padding``, ``translate`` and
+    ``label_smoothing``; hybrid runs ``hybrid_lambda`` (its text, "1" or
+    "1/D" say) and ``hybrid_lambda_value`` (its number). The rest are None.
+
+    Example:
+    ```python
+    settings = resolve_run(None, TrainingOptions(preset="tiny")).settings
+    settings.batch_size, settings.steps      # 16, 20
+    ```
+    """
+
+    batch_size: int
+    accumulate: int
+    lr: float
+    warmup_steps: int
+    steps: int
+    ema_decay: float
+    grad_clip: float
+    eval_every: int
+    sample_every: int
+    ckpt_every: int
+    seed: int
+    jit_compile: bool
+    task: str
+    dequantization: str
+    crop_padding: Optional[int] = None
+    translate: Optional[float] = None
+    label_smoothing: Optional[float] = None
+    hybrid_lambda: Optional[str] = None
+    hybrid_lambda_value: Optional[float] = None
+
+    def to_dict(self):
+        """The settings as config.json's ``"training"`` dict (those a task lacks left out).
+
+        Example: ``"hybrid_lambda" in settings.to_dict()  # only for hybrid runs``.
+        """
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
 @dataclasses.dataclass
 class RunSpec:
-    """Everything a run needs, resolved from the flags and the preset.
+    """Everything a run needs, resolved from the options and the preset.
 
     ``flow``: the :class:`rflow_tf.models.FlowConfig` (input shape and bits
-    from the dataset); ``hparams``: training settings (batch_size,
-    accumulate, lr, warmup_steps, ema_decay, grad_clip, eval_every,
-    sample_every, ckpt_every, steps; for classification and hybrid runs
-    also crop_padding, translate and label_smoothing); ``run_dir``,
-    ``export_dir``.
+    from the dataset); ``settings``: the :class:`RunSettings` (``hparams``:
+    them as a dict); ``run_dir``, ``export_dir``.
+
+    Example:
+    ```python
+    spec = resolve_run(None, TrainingOptions(dataset="mnist"))
+    spec.settings.batch_size, spec.flow.n_blocks, spec.run_dir
+    ```
     """
 
     dataset: str
@@ -108,100 +421,26 @@ class RunSpec:
     run_dir: str
     export_dir: str
     flow: models.FlowConfig
-    hparams: dict
+    settings: RunSettings
     info: data.ImageDatasetInfo
 
+    @property
+    def hparams(self):
+        """The training settings as a dict (:meth:`RunSettings.to_dict`)."""
+        return self.settings.to_dict()
+
     def config_json(self):
-        """The contents of config.json."""
+        """The contents of config.json.
+
+        Example: ``json.dumps(spec.config_json(), sort_keys=True)``.
+        """
         return {
             "dataset": self.dataset,
             "preset": self.preset,
             "run_name": self.run_name,
             "flow_config": self.flow.to_dict(),
-            "training": dict(self.hparams),
+            "training": self.hparams,
         }
-
-
-#: The flags of ``train/main.py`` that are not architecture: every field of
-#: :class:`TrainingOptions`, with the flag's default.
-@dataclasses.dataclass(frozen=True)
-class TrainingOptions:
-    """Every training setting that is not the architecture (the flags of
-    ``train/main.py`` but the :class:`rflow_tf.models.FlowConfig` ones).
-
-    Fields left ``None`` take the preset's value (``preset`` ``None``: the
-    dataset's preset, :func:`rflow_tf.models.preset_for_dataset`). Values
-    are checked against :data:`FLAG_CONSTRAINTS` on construction (the checks
-    the flags get), so a bad value raises :class:`UsageError` naming it before
-    any work. ``steps`` wins over ``epochs``; ``out`` is the run directory
-    (default ``runs/<run name>``), ``export_dir`` the SavedModel written at the
-    end (default ``saved_models/<run name>``, ``""`` disables).
-    ``crop_padding`` (classification and hybrid only): random crop of every
-    training image with this reflection padding, i.e. a uniform translation
-    by up to ``crop_padding`` pixels each way (``None``: the reference's for
-    the dataset, :func:`rflow_tf.data.classification_augmentation`);
-    ``translate`` (same tasks): random sub-pixel shifts of up to this many
-    pixels each way, bilinear with zero fill (``None``: 0, none; see
-    :func:`rflow_tf.data.load_image_dataset`). Test images are never augmented.
-    ``label_smoothing`` (same tasks): eps of the smoothed cross-entropy of
-    :func:`rflow_tf.classifier.hybrid_loss` (``None``: 0, none; the reported
-    cross-entropy stays the plain one).
-
-    Example:
-    ```python
-    options = TrainingOptions(dataset="digits", preset="tiny", steps=20, out="/tmp/run")
-    options.replace(lr=5e-4).lr      # 0.0005
-    ```
-    """
-
-    dataset: str = "digits"
-    preset: Optional[str] = None
-    data_dir: Optional[str] = None
-    download: bool = True
-    task: str = "density"
-    hybrid_lambda: Optional[str] = None
-    crop_padding: Optional[int] = None
-    translate: Optional[float] = None
-    label_smoothing: Optional[float] = None
-    batch_size: Optional[int] = None
-    epochs: Optional[float] = None
-    steps: Optional[int] = None
-    lr: Optional[float] = None
-    warmup_steps: Optional[int] = None
-    ema_decay: Optional[float] = None
-    grad_clip: Optional[float] = None
-    accumulate: Optional[int] = None
-    dequantization: str = "uniform"
-    seed: int = 0
-    jit_compile: bool = False
-    max_nan_steps: int = 10
-    out: Optional[str] = None
-    run_name: Optional[str] = None
-    eval_every: Optional[int] = None
-    eval_examples: int = 0
-    sample_every: Optional[int] = None
-    n_sample_images: int = 64
-    temperature: float = 1.0
-    log_every: int = 50
-    ckpt_every: Optional[int] = None
-    keep_best: int = 1
-    strategy: str = "mirrored"
-    cpu_devices: int = 0
-    worker_timeout: float = 1800
-    export_dir: Optional[str] = None
-    # Testing aids: comma-separated steps whose loss is replaced by NaN; a step after
-    # which training stops abruptly, saving nothing (a kill).
-    inject_nan_steps: str = ""
-    inject_crash_step: int = 0
-
-    def __post_init__(self):
-        check_flags(self)
-        if self.task not in TASKS:
-            raise UsageError(f"--task must be one of {TASKS}, got {self.task!r}")
-
-    def replace(self, **changes):
-        """A copy with ``changes`` (checked like the constructor's arguments)."""
-        return dataclasses.replace(self, **changes)
 
 
 def _dataset_and_preset(options):
@@ -275,6 +514,37 @@ def flow_config_for(options, **overrides):
         raise UsageError(f"invalid model configuration: {e}") from None
 
 
+def _augmentation(options, info):
+    """The augmentation settings of a classification or hybrid run of ``options`` on
+    dataset ``info`` (crop_padding, translate, label_smoothing); {} for density runs,
+    which refuse them (UsageError)."""
+    if options.task == "density":
+        for flag in LABELLED_ONLY_OPTIONS:
+            if getattr(options, flag) is not None:
+                raise UsageError(f"--{flag} applies to --task=classification|hybrid only")
+        return {}
+    crop = options.crop_padding
+    if crop is None:
+        crop = data.classification_augmentation(info.name)["crop_padding"]
+    if crop >= min(info.image_shape[:2]):
+        raise UsageError(
+            f"--crop_padding must be smaller than the image height and width "
+            f"{tuple(info.image_shape[:2])} of {info.name!r} (reflection padding), "
+            f"got {crop}"
+        )
+    translate = float(options.translate or 0.0)
+    if translate >= min(info.image_shape[:2]):
+        raise UsageError(
+            f"--translate must be smaller than the image height and width "
+            f"{tuple(info.image_shape[:2])} of {info.name!r}, got {translate}"
+        )
+    return {
+        "crop_padding": int(crop),
+        "translate": translate,
+        "label_smoothing": float(options.label_smoothing or 0.0),
+    }
+
+
 def resolve_run(config, options):
     """Builds the :class:`RunSpec` of a run of ``config`` (a FlowConfig, or
     None for :func:`flow_config_for` ``(options)``) with ``options``; raises
@@ -308,21 +578,20 @@ def resolve_run(config, options):
             f"{info.n_classes}, got {flow.n_classes}"
         )
 
-    hp = preset.training_defaults()
-    hp.pop("dataset")
-    for key in (
-        "batch_size",
-        "accumulate",
-        "lr",
-        "warmup_steps",
-        "ema_decay",
-        "grad_clip",
-        "eval_every",
-        "sample_every",
-    ):
-        value = getattr(options, key)
-        if value is not None:
-            hp[key] = value
+    preset_values = preset.training_defaults()
+    hp = {
+        key: preset_values[key] if getattr(options, key) is None else getattr(options, key)
+        for key in (
+            "batch_size",
+            "accumulate",
+            "lr",
+            "warmup_steps",
+            "ema_decay",
+            "grad_clip",
+            "eval_every",
+            "sample_every",
+        )
+    }
     # The options were checked by check_flags(); the presets' values are valid.
     if options.steps is not None:
         steps = int(options.steps)
@@ -331,35 +600,12 @@ def resolve_run(config, options):
         steps = int(math.ceil(float(epochs) * info.n_train / (hp["batch_size"] * hp["accumulate"])))
     else:
         steps = int(preset.steps)
-    hp.pop("epochs")
     hp["steps"] = steps
     hp["ckpt_every"] = int(hp["eval_every"] if options.ckpt_every is None else options.ckpt_every)
     hp["seed"] = int(options.seed)
     hp["jit_compile"] = bool(options.jit_compile)
     hp["task"] = task
-    if task == "density":
-        for flag in LABELLED_ONLY_OPTIONS:
-            if getattr(options, flag) is not None:
-                raise UsageError(f"--{flag} applies to --task=classification|hybrid only")
-    else:
-        crop = options.crop_padding
-        if crop is None:
-            crop = data.classification_augmentation(info.name)["crop_padding"]
-        if crop >= min(info.image_shape[:2]):
-            raise UsageError(
-                f"--crop_padding must be smaller than the image height and width "
-                f"{tuple(info.image_shape[:2])} of {info.name!r} (reflection padding), "
-                f"got {crop}"
-            )
-        hp["crop_padding"] = int(crop)
-        translate = float(options.translate or 0.0)
-        if translate >= min(info.image_shape[:2]):
-            raise UsageError(
-                f"--translate must be smaller than the image height and width "
-                f"{tuple(info.image_shape[:2])} of {info.name!r}, got {translate}"
-            )
-        hp["translate"] = translate
-        hp["label_smoothing"] = float(options.label_smoothing or 0.0)
+    hp.update(_augmentation(options, info))
     if task == "hybrid":
         hp["hybrid_lambda"] = lam_text
         hp["hybrid_lambda_value"] = hybrid_lambda
@@ -384,6 +630,6 @@ def resolve_run(config, options):
         run_dir=run_dir,
         export_dir=export_dir,
         flow=flow,
-        hparams=hp,
+        settings=RunSettings(**hp),
         info=info,
     )

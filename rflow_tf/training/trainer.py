@@ -55,6 +55,71 @@ class _InjectedCrash(RuntimeError):
     """Testing aid (--inject_crash_step): an abrupt stop with nothing saved, like a kill."""
 
 
+class FaultInjection:
+    """Testing aid: the faults a run's options ask for. ``nan_steps`` (text
+    "2,5") are steps whose loss is replaced by NaN (``--inject_nan_steps``);
+    after ``crash_step`` (``--inject_crash_step``, 0: never) training stops
+    abruptly, saving nothing, like a kill. A run without them injects nothing.
+
+    Example:
+    ```python
+    faults = FaultInjection("2", 0)
+    float(faults.loss_poison(2))      # nan: step 2's loss becomes NaN
+    ```
+    """
+
+    def __init__(self, nan_steps="", crash_step=0):
+        self.nan_steps = {int(s) for s in str(nan_steps).split(",") if s.strip()}
+        self.crash_step = int(crash_step)
+
+    def loss_poison(self, step):
+        """The value added to the loss of ``step``: NaN for a step to poison, else 0."""
+        return tf.constant(np.nan if step in self.nan_steps else 0.0, tf.float32)
+
+    def after_step(self, step):
+        """Stops training abruptly (an exception) after the crash step."""
+        if step == self.crash_step:
+            raise _InjectedCrash(f"injected crash after step {step}")
+
+
+class MetricsWindow:
+    """Sums of the training step's outputs (``loss``, ``grad_norm``, ``logdet``
+    and the task's metrics) over the finite steps since the last progress line,
+    and how many steps, finite or not, it holds.
+
+    Example:
+    ```python
+    window = MetricsWindow("density")
+    window.add({"ok": True, "loss": 3.0, "grad_norm": 1.0, "logdet": 0.5})
+    window.means()["loss"]      # 3.0
+    ```
+    """
+
+    #: The metrics of each task's training step besides loss, grad_norm and logdet.
+    TASK_KEYS = {"density": (), "classification": ("xent", "acc"), "hybrid": ("bpd", "xent", "acc")}
+
+    def __init__(self, task):
+        self.task_keys = self.TASK_KEYS[task]
+        self.reset(time.time())
+
+    def reset(self, now):
+        """Empties the window, which starts at time ``now``."""
+        self.start, self.n_steps, self.n_ok = now, 0, 0
+        self.sums = dict.fromkeys(("loss", "grad_norm", "logdet") + self.task_keys, 0.0)
+
+    def add(self, out):
+        """Counts a step with outputs ``out``, and sums them if the step was finite."""
+        self.n_steps += 1
+        if bool(out["ok"]):
+            self.n_ok += 1
+            for key in self.sums:
+                self.sums[key] += float(out[key])
+
+    def means(self):
+        """The means of the finite steps' outputs (0 when there were none)."""
+        return {key: value / max(self.n_ok, 1) for key, value in self.sums.items()}
+
+
 def _fmt_time(seconds):
     if not math.isfinite(seconds):
         return "?"
@@ -96,7 +161,7 @@ class Trainer:
         options = TrainingOptions() if options is None else options
         self.options = options
         self.spec = resolve_run(config, options)
-        self.hp = self.spec.hparams
+        self.settings = self.spec.settings
         self.flow_config = self.spec.flow
         self.run_dir = self.spec.run_dir
         self.strategy = strategy or make_strategy(options.strategy, options.cpu_devices)
@@ -125,22 +190,21 @@ class Trainer:
             f"resumes from the chief's last checkpoint in {os.path.join(self.run_dir, 'ckpt')}",
         )
         self.n_replicas = self.strategy.num_replicas_in_sync
-        if self.hp["batch_size"] % self.n_replicas:
+        if self.settings.batch_size % self.n_replicas:
             raise UsageError(
-                f"--batch_size={self.hp['batch_size']} is not divisible by the "
+                f"--batch_size={self.settings.batch_size} is not divisible by the "
                 f"{self.n_replicas} replicas"
             )
-        self.nan_steps = {int(s) for s in str(options.inject_nan_steps).split(",") if s.strip()}
-        self.crash_step = int(options.inject_crash_step)
+        self.faults = FaultInjection(options.inject_nan_steps, options.inject_crash_step)
         self.lock = RunDirLock(self.run_dir)
         self._check_run_dir()
 
-        keras.utils.set_random_seed(int(self.hp["seed"]))
+        keras.utils.set_random_seed(int(self.settings.seed))
         with self.strategy.scope():
             self.model = models.ResidualFlow(self.flow_config)
-            self.dequantizer = make_dequantizer(self.hp["dequantization"], self.flow_config)
+            self.dequantizer = make_dequantizer(self.settings.dequantization, self.flow_config)
             self.train_variables = trained_variables(self.model, self.dequantizer)
-            self.optimizer = make_optimizer(self.hp["lr"], self.hp["warmup_steps"])
+            self.optimizer = make_optimizer(self.settings.lr, self.settings.warmup_steps)
             self.optimizer.build(self.train_variables)
             self.ema_vars = [
                 tf.Variable(
@@ -338,7 +402,7 @@ class Trainer:
     @property
     def task(self):
         """The run's task: "density", "classification" or "hybrid"."""
-        return self.hp.get("task", "density")
+        return self.settings.task
 
     def _train_dataset(self, start_step=0, input_context=None, batch_size=None):
         """The training batches from optimiser step ``start_step`` on. The stream is a
@@ -348,41 +412,41 @@ class Trainer:
         pipeline gets another order (tf.data reshuffles each iteration; a run that took
         its ActNorm batch from the training pipeline resumed onto different batches).
         Classification and hybrid runs get (images, labels) with the reference's flips,
-        random crops of padding ``hp["crop_padding"]`` (``--crop_padding``, default
-        the reference's) and random shifts of up to ``hp["translate"]`` pixels
+        random crops of padding ``settings.crop_padding`` (``--crop_padding``, default
+        the reference's) and random shifts of up to ``settings.translate`` pixels
         (``--translate``, default 0: none, the meaning of runs from before the option).
         With an ``input_context`` (:meth:`_distributed_train_batches`) it is the pipeline
         of one worker: its own files, batches of ``batch_size`` (per replica), and the
         first ``start_step`` optimiser steps of all its replicas skipped."""
-        hp = self.hp
+        settings = self.settings
         labelled = self.task != "density"
         aug = {}
         if labelled:  # the reference's flips; crop padding and shifts resolved by resolve_run
             aug = data.classification_augmentation(self.spec.dataset)
-            aug["crop_padding"] = hp["crop_padding"]
-            aug["translate"] = hp["translate"]
+            aug["crop_padding"] = settings.crop_padding
+            aug["translate"] = settings.translate
         ds = data.load_image_dataset(
             self.spec.dataset,
             "train",
-            batch_size=batch_size or hp["batch_size"],
+            batch_size=batch_size or settings.batch_size,
             data_dir=self.options.data_dir,
             n_bits=self.flow_config.n_bits,
             shuffle=True,
             repeat=True,
-            seed=int(hp["seed"]),
+            seed=int(settings.seed),
             download=self.options.download,
             drop_remainder=True,
             with_labels=labelled,
             input_context=input_context,
             **aug,
         )
-        if hp["accumulate"] > 1:
+        if settings.accumulate > 1:
 
             def micro_major(*t):  # [k, B, ...] -> [B, k, ...]
                 out = tuple(tf.transpose(v, [1, 0] + list(range(2, v.shape.rank))) for v in t)
                 return out if labelled else out[0]
 
-            ds = ds.batch(hp["accumulate"], drop_remainder=True).map(micro_major)
+            ds = ds.batch(settings.accumulate, drop_remainder=True).map(micro_major)
         if input_context is not None:  # each replica of this worker takes its own elements
             start_step *= input_context.num_replicas_in_sync // input_context.num_input_pipelines
         return ds.skip(int(start_step)) if start_step else ds
@@ -398,7 +462,7 @@ class Trainer:
         """
         if self.data_source.kind != "glow_tfrecords":
             return self._distribute(self._train_dataset(start_step))
-        global_batch = int(self.hp["batch_size"])
+        global_batch = int(self.settings.batch_size)
 
         def per_worker(ctx):
             return self._train_dataset(
@@ -410,7 +474,7 @@ class Trainer:
         return self.strategy.distribute_datasets_from_function(per_worker)
 
     def _test_dataset(self):
-        bs = self.hp["batch_size"]
+        bs = self.settings.batch_size
         h, w, c = self.flow_config.input_shape
         labelled = self.task != "density"
         ds = data.load_image_dataset(
@@ -445,24 +509,24 @@ class Trainer:
     def train_step_fn(self):
         """The compiled training step (see :func:`make_train_step`)."""
         if self._train_step is None:
-            hp = self.hp
+            settings = self.settings
             self._train_step = make_train_step(
                 self.model,
                 self.optimizer,
                 self.strategy,
                 self.ema_vars,
-                global_batch_size=hp["batch_size"],
-                accumulate=hp["accumulate"],
+                global_batch_size=settings.batch_size,
+                accumulate=settings.accumulate,
                 n_bits=self.flow_config.n_bits,
-                grad_clip=hp["grad_clip"],
-                ema_decay=hp["ema_decay"],
-                seed=hp["seed"],
-                jit_compile=hp["jit_compile"],
+                grad_clip=settings.grad_clip,
+                ema_decay=settings.ema_decay,
+                seed=settings.seed,
+                jit_compile=settings.jit_compile,
                 step_var=self.step,
                 task=self.task,
-                hybrid_lambda=hp.get("hybrid_lambda_value"),
+                hybrid_lambda=settings.hybrid_lambda_value,
                 dequantizer=self.dequantizer,
-                label_smoothing=hp.get("label_smoothing", 0.0),
+                label_smoothing=settings.label_smoothing or 0.0,
             )
         return self._train_step
 
@@ -519,9 +583,13 @@ class Trainer:
             self._in_ema = False
             self._swap_ema(False)
 
-    def _restore_newest(self):
-        """Restores the newest checkpoint that restores (:func:`restore_newest`); None if
-        there is none. Non-chief workers read the chief's ``ckpt/`` without repairing it."""
+    def restore_latest(self):
+        """Restores the newest checkpoint of the run that restores (:func:`restore_newest`)
+        and returns its path; None if there is none. Non-chief workers read the chief's
+        ``ckpt/`` without repairing it.
+
+        Example: ``trainer.restore_latest() or print("nothing to restore")``.
+        """
         directory = self.ckpt_dir if self.is_chief else os.path.join(self.run_dir, "ckpt")
         path = restore_newest(
             self.checkpoint, directory, "ckpt", log=self.log, warn=self.warn, repair=self.is_chief
@@ -557,7 +625,7 @@ class Trainer:
         """
         if self._restored:
             return None
-        latest = self._restore_newest()
+        latest = self.restore_latest()
         if latest:
             return latest
         if first_batch is None:
@@ -568,7 +636,7 @@ class Trainer:
         x = data.dequantize(
             x,
             self.flow_config.n_bits,
-            seed=[int(self.hp["seed"]), 12345],
+            seed=[int(self.settings.seed), 12345],
             dtype=self.model.flow_dtype,
         )
         start = time.time()
@@ -613,7 +681,7 @@ class Trainer:
                 self.model,
                 self.strategy,
                 n_bits=self.flow_config.n_bits,
-                seed=self.hp["seed"],
+                seed=self.settings.seed,
                 task=task,
                 training_estimator=training_estimator,
                 dequantizer=self.dequantizer,
@@ -652,7 +720,7 @@ class Trainer:
             self._sample_fn = ((n, temperature), fn)
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
         with ctx:
-            imgs = self._sample_fn[1](tf.constant([int(self.hp["seed"]), 777], tf.int64))
+            imgs = self._sample_fn[1](tf.constant([int(self.settings.seed), 777], tf.int64))
         if path is None:
             path = os.path.join(self.run_dir, "samples", f"step_{int(self.step.numpy()):07d}.png")
         if self.is_chief:
@@ -758,7 +826,7 @@ class Trainer:
             ""
             if self.task == "classification"
             else f", {cfg.logdet_eval_mode} log-det, {cfg.n_exact_terms_eval} exact terms, "
-            f"{self.hp['dequantization']} dequantisation bound"
+            f"{self.settings.dequantization} dequantisation bound"
         )
         split = "" if self.data_source.paper_test_split else f" of {self.data_source.test_split}"
         self.log(f"step {step}: {'; '.join(parts)} ({n} images{split}, EMA weights{terms})")
@@ -834,164 +902,195 @@ class Trainer:
             self.close()
 
     def _train(self):
-        hp, options = self.hp, self.options
-        total = int(hp["steps"])
+        """Restores or initialises the run, trains to ``settings.steps``, then the
+        final evaluation, results.json and export; returns the result dict."""
+        start, batches = self._prepare_training()
+        if start < self.settings.steps:
+            step, steps_per_sec = self._run_steps(start, batches)
+        else:
+            step, steps_per_sec = start, float("nan")
+            self.log(f"already trained to step {step} (--steps={self.settings.steps}); evaluating")
+        return self._finish(step, steps_per_sec)
+
+    def _prepare_training(self):
+        """Restores the newest checkpoint, or initialises from the first batch;
+        returns (the step training starts from, its distributed batches)."""
+        settings = self.settings
         if not self._restored:
-            self._restore_newest()
+            self.restore_latest()
         start = int(self.step.numpy()) if self._restored else 0
-        train_batches = self._distributed_train_batches(start)
+        batches = self._distributed_train_batches(start)
         if not self._restored:
             # The first batch from a pipeline of its own: training must be the first
-            # iteration of train_batches (see _train_dataset).
+            # iteration of the batches (see _train_dataset).
             self.restore_or_initialize(next(iter(self._train_dataset(0))))
         if self.multi_worker:
             self._check_workers_agree_on_step(start)
         self.log(
             f"run {self.spec.run_name}: dataset {self.spec.dataset} "
             f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
-            f"{self.model.count_params():,} parameters, {hp['dequantization']} "
+            f"{self.model.count_params():,} parameters, {settings.dequantization} "
             f"dequantisation, {self.n_replicas} replica(s) "
-            f"({type(self.strategy).__name__}), global batch {hp['batch_size']} x "
-            f"{hp['accumulate']}, steps {start}->{total}, dir {self.run_dir}"
+            f"({type(self.strategy).__name__}), global batch {settings.batch_size} x "
+            f"{settings.accumulate}, steps {start}->{settings.steps}, dir {self.run_dir}"
         )
         if self.is_chief:
             tf.io.gfile.makedirs(os.path.join(self.run_dir, "samples"))
+        return start, batches
 
-        step = start
-        nan_streak = 0
-        if step < total:
-            it = iter(train_batches)
-            step_fn = self.train_step_fn
-            t_log, n_log, t_start = time.time(), 0, time.time()
-            loss_sum = gnorm_sum = ld_sum = 0.0
-            metric_sums = dict.fromkeys(
-                {
-                    "density": (),
-                    "classification": ("xent", "acc"),
-                    "hybrid": ("bpd", "xent", "acc"),
-                }[self.task],
-                0.0,
+    def _run_steps(self, start, batches):
+        """The training loop from step ``start`` to ``settings.steps``: one step,
+        its bookkeeping, the progress line and the scheduled work at a time.
+        Returns (the last step, steps per second)."""
+        total = int(self.settings.steps)
+        it = iter(batches)
+        step_fn = self.train_step_fn
+        window = MetricsWindow(self.task)
+        t_start = time.time()
+        step, nan_streak = start, 0
+        try:
+            while step < total:
+                out = self._run_step(step_fn, it, step)
+                step += 1
+                self.watchdog.tick()
+                self.faults.after_step(step)
+                nan_streak = self._count_non_finite(out, step, nan_streak)
+                window.add(out)
+                if step % self.options.log_every == 0 or step == total:
+                    self._log_window(step, window)
+                self._scheduled_work(step, nan_streak)
+        except KeyboardInterrupt:
+            if nan_streak == 0:
+                path = self._save(self.manager, int(self.step.numpy()))
+                self.log(f"interrupted; saved {path}. Rerun the same command to resume.")
+            raise
+        del it  # release the input pipeline before evaluation and export
+        self.watchdog.tick()
+        elapsed = time.time() - t_start
+        steps_per_sec = (step - start) / max(elapsed, 1e-9)
+        self.log(
+            f"trained {step - start} steps in {_fmt_time(elapsed)} ({steps_per_sec:.2f} steps/s)"
+        )
+        return step, steps_per_sec
+
+    def _run_step(self, step_fn, batches, step):
+        """Runs training step ``step + 1`` on the next batch of the iterator
+        ``batches``; returns the step's outputs. An XLA compilation failure
+        (``--jit_compile``) becomes a UsageError."""
+        poison = self.faults.loss_poison(step + 1)
+        try:
+            return step_fn(next(batches), tf.constant(step, tf.int64), poison)
+        except tf.errors.InvalidArgumentError as e:
+            if self.settings.jit_compile and ("XLA" in str(e) or "compile" in str(e)):
+                reason = next(
+                    (
+                        ln.strip()
+                        for ln in str(e).splitlines()
+                        if "unsupported" in ln or "compile-time" in ln
+                    ),
+                    str(e).splitlines()[0],
+                )
+                raise UsageError(
+                    f"--jit_compile: XLA cannot compile the training step: {reason[:400]}"
+                ) from None
+            raise
+
+    def _count_non_finite(self, out, step, nan_streak):
+        """The number of consecutive skipped (non-finite) steps after ``step``, whose
+        outputs are ``out``; warns about a skipped step and raises
+        TrainingDivergedError after ``--max_nan_steps`` of them in a row."""
+        if bool(out["ok"]):
+            return 0
+        nan_streak += 1
+        self.warn(
+            f"step {step}: non-finite loss or gradient (loss {float(out['loss'])}, grad norm "
+            f"{float(out['grad_norm'])}); update skipped ({nan_streak} in a row)"
+        )
+        max_nan_steps = self.options.max_nan_steps
+        if nan_streak >= int(max_nan_steps):
+            raise TrainingDivergedError(
+                f"training stopped at step {step}: {nan_streak} consecutive "
+                f"non-finite steps (--max_nan_steps={max_nan_steps}). The "
+                f"last good checkpoint is "
+                f"{self.manager.latest_checkpoint or '(none yet)'}; try a lower "
+                f"--lr, a smaller --grad_clip or more --warmup_steps."
             )
-            n_ok = 0
-            steps_per_sec = float("nan")
-            try:
-                while step < total:
-                    poison = tf.constant(np.nan if step + 1 in self.nan_steps else 0.0, tf.float32)
-                    try:
-                        out = step_fn(next(it), tf.constant(step, tf.int64), poison)
-                    except tf.errors.InvalidArgumentError as e:
-                        if hp["jit_compile"] and ("XLA" in str(e) or "compile" in str(e)):
-                            reason = next(
-                                (
-                                    ln.strip()
-                                    for ln in str(e).splitlines()
-                                    if "unsupported" in ln or "compile-time" in ln
-                                ),
-                                str(e).splitlines()[0],
-                            )
-                            raise UsageError(
-                                f"--jit_compile: XLA cannot compile the training "
-                                f"step: {reason[:400]}"
-                            ) from None
-                        raise
-                    step += 1
-                    n_log += 1
-                    self.watchdog.tick()
-                    if step == self.crash_step:
-                        raise _InjectedCrash(f"injected crash after step {step}")
-                    if not bool(out["ok"]):
-                        nan_streak += 1
-                        self.warn(
-                            f"step {step}: non-finite loss or gradient (loss "
-                            f"{float(out['loss'])}, grad norm {float(out['grad_norm'])}); "
-                            f"update skipped ({nan_streak} in a row)"
-                        )
-                        if nan_streak >= int(options.max_nan_steps):
-                            raise TrainingDivergedError(
-                                f"training stopped at step {step}: {nan_streak} consecutive "
-                                f"non-finite steps (--max_nan_steps={options.max_nan_steps}). The "
-                                f"last good checkpoint is "
-                                f"{self.manager.latest_checkpoint or '(none yet)'}; try a lower "
-                                f"--lr, a smaller --grad_clip or more --warmup_steps."
-                            )
-                    else:
-                        nan_streak = 0
-                        n_ok += 1
-                        loss_sum += float(out["loss"])
-                        gnorm_sum += float(out["grad_norm"])
-                        ld_sum += float(out["logdet"])
-                        for key in metric_sums:
-                            metric_sums[key] += float(out[key])
-                    if step % options.log_every == 0 or step == total:
-                        now = time.time()
-                        steps_per_sec = n_log / max(now - t_log, 1e-9)
-                        lr = (
-                            float(self.optimizer.learning_rate.numpy())
-                            if hasattr(self.optimizer.learning_rate, "numpy")
-                            else float(self.optimizer.learning_rate)
-                        )
-                        denom = max(n_ok, 1)
-                        if self.task == "density":
-                            what = f"train bpd {loss_sum / denom:.4f}"
-                            scalars = {
-                                "train/bpd": loss_sum / denom,
-                                "train/logdet": ld_sum / denom,
-                            }
-                        else:
-                            means = {k: v / denom for k, v in metric_sums.items()}
-                            what = f"train loss {loss_sum / denom:.4f} | " + " | ".join(
-                                f"{k} {v:.4f}" for k, v in means.items()
-                            )
-                            scalars = {
-                                "train/loss": loss_sum / denom,
-                                **{f"train/{k}": v for k, v in means.items()},
-                            }
-                        self.log(
-                            f"step {step}/{total} | {what} | "
-                            f"lr {lr:.2e} | grad norm {gnorm_sum / denom:.3f} | "
-                            f"{steps_per_sec:.2f} steps/s | ETA "
-                            f"{_fmt_time((total - step) / max(steps_per_sec, 1e-9))}"
-                        )
-                        scalars.update(
-                            {
-                                "train/lr": lr,
-                                "train/grad_norm": gnorm_sum / denom,
-                                "train/skipped_steps": n_log - n_ok,
-                                "perf/steps_per_sec": steps_per_sec,
-                            }
-                        )
-                        scalars.update(self._lipschitz_stats())
-                        self._summaries(step, scalars)
-                        t_log, n_log, n_ok = now, 0, 0
-                        loss_sum = gnorm_sum = ld_sum = 0.0
-                        metric_sums = dict.fromkeys(metric_sums, 0.0)
-                    # No periodic checkpoint in the middle of a run of skipped steps:
-                    # the latest checkpoint stays the last good step.
-                    if (step % hp["ckpt_every"] == 0 and nan_streak == 0) or step == total:
-                        self._save(self.manager, step)
-                    if step % hp["eval_every"] == 0 and step != total:
-                        self._eval_and_sample(step, step % hp["sample_every"] == 0)
-                    elif step % hp["sample_every"] == 0 and step != total:
-                        self.log(f"step {step}: samples written to {self.sample()}")
-            except KeyboardInterrupt:
-                if nan_streak == 0:
-                    path = self._save(self.manager, int(self.step.numpy()))
-                    self.log(f"interrupted; saved {path}. Rerun the same command to resume.")
-                raise
-            del it  # release the input pipeline before evaluation and export
-            self.watchdog.tick()
-            elapsed = time.time() - t_start
-            steps_per_sec = (step - start) / max(elapsed, 1e-9)
-            self.log(
-                f"trained {step - start} steps in {_fmt_time(elapsed)} "
-                f"({steps_per_sec:.2f} steps/s)"
-            )
+        return nan_streak
+
+    def _log_window(self, step, window):
+        """The progress line and the TensorBoard scalars of the steps in ``window``
+        (a :class:`MetricsWindow`), which then starts over."""
+        total = int(self.settings.steps)
+        now = time.time()
+        steps_per_sec = window.n_steps / max(now - window.start, 1e-9)
+        lr = (
+            float(self.optimizer.learning_rate.numpy())
+            if hasattr(self.optimizer.learning_rate, "numpy")
+            else float(self.optimizer.learning_rate)
+        )
+        means = window.means()
+        if self.task == "density":
+            what = f"train bpd {means['loss']:.4f}"
+            scalars = {"train/bpd": means["loss"], "train/logdet": means["logdet"]}
         else:
-            steps_per_sec = float("nan")
-            self.log(f"already trained to step {step} (--steps={total}); evaluating")
+            task_means = {k: means[k] for k in window.task_keys}
+            what = f"train loss {means['loss']:.4f} | " + " | ".join(
+                f"{k} {v:.4f}" for k, v in task_means.items()
+            )
+            scalars = {
+                "train/loss": means["loss"],
+                **{f"train/{k}": v for k, v in task_means.items()},
+            }
+        self.log(
+            f"step {step}/{total} | {what} | "
+            f"lr {lr:.2e} | grad norm {means['grad_norm']:.3f} | "
+            f"{steps_per_sec:.2f} steps/s | ETA "
+            f"{_fmt_time((total - step) / max(steps_per_sec, 1e-9))}"
+        )
+        scalars.update(
+            {
+                "train/lr": lr,
+                "train/grad_norm": means["grad_norm"],
+                "train/skipped_steps": window.n_steps - window.n_ok,
+                "perf/steps_per_sec": steps_per_sec,
+            }
+        )
+        scalars.update(self._lipschitz_stats())
+        self._summaries(step, scalars)
+        window.reset(now)
 
+    def _scheduled_work(self, step, nan_streak):
+        """The latest checkpoint, evaluation and samples due after ``step`` (the
+        last step's evaluation and samples are :meth:`_finish`'s)."""
+        settings = self.settings
+        total = int(settings.steps)
+        # No periodic checkpoint in the middle of a run of skipped steps:
+        # the latest checkpoint stays the last good step.
+        if (step % settings.ckpt_every == 0 and nan_streak == 0) or step == total:
+            self._save(self.manager, step)
+        if step == total:
+            return
+        if step % settings.eval_every == 0:
+            self._eval_and_sample(step, step % settings.sample_every == 0)
+        elif step % settings.sample_every == 0:
+            self.log(f"step {step}: samples written to {self.sample()}")
+
+    def _finish(self, step, steps_per_sec):
+        """The final evaluation and samples at ``step``, the result dict (also
+        written to results.json) and the export."""
         metrics, samples = self._eval_and_sample(step, True)
         self._log_learned_orders()
+        result = self._result(step, steps_per_sec, metrics, samples)
+        if self.is_chief:
+            with open(os.path.join(self.run_dir, "results.json"), "w") as f:
+                json.dump(result, f, indent=2)
+        # Export hook: SavedModel with the EMA weights (rflow_tf.export.save).
+        result["export_dir"] = self.export()
+        return result
+
+    def _result(self, step, steps_per_sec, metrics, samples):
+        """The result dict of a run that ended at ``step`` with the final
+        ``metrics`` and ``samples``; logs the final line."""
         bpd, se = metrics["bpd"], metrics["bpd_stderr"]
         result = {
             "step": step,
@@ -1028,9 +1127,4 @@ class Trainer:
                 f"final {name} bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}){split}; "
                 f"best {result['best_bpd']:.4f}{acc}; samples: {samples}"
             )
-        if self.is_chief:
-            with open(os.path.join(self.run_dir, "results.json"), "w") as f:
-                json.dump(result, f, indent=2)
-        # Export hook: SavedModel with the EMA weights (rflow_tf.export.save).
-        result["export_dir"] = self.export()
         return result

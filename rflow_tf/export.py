@@ -921,7 +921,7 @@ def load(path, *, logdet=None):
     of them are present) and returns a :class:`LoadedFlow`, a
     ``tfd.TransformedDistribution``:
 
-    * ``dist.log_prob(x)`` for float images in [0, 1] [..., H, W, C];
+    * ``dist.log_prob(x)`` for float images in [0, 1] of shape `[..., H, W, C]`;
       ``dist.sample(n, seed=...)`` images [n, H, W, C] (not clipped);
     * ``dist.bijector`` (latent -> data) composes in ``tfb.Chain``, works as
       a component of ``tfd.JointDistribution*``;

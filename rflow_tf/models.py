@@ -2,17 +2,18 @@
 
 Contents
 --------
-* :class:`FlowConfig` -- every architectural and estimator setting of an image
-  flow, as a dataclass that round-trips through JSON.
-* :data:`PRESETS` / :func:`get_preset` -- the paper's architectures (``mnist``,
-  ``cifar10``, ``imagenet32``, ``imagenet64``, ``celeb_a_hq``) and small
-  presets that train in minutes on a CPU (``digits_small``, ``tiny``), each
-  with the reference's training defaults (:class:`Preset`).
-* :class:`FactorOut` -- a TFP bijector that sends half of the channels
-  straight to the latent and runs the rest of the flow on the other half.
 * :class:`ResidualFlow` -- a Keras 3 model holding the whole flow, with
   ``log_prob``, ``bits_per_dim``, ``sample``, ``.bijector`` and
   ``.distribution()``.
+* :class:`FlowDistribution` -- the ``tfd.TransformedDistribution`` of a
+  flow, which forwards per-call seeds to its residual blocks.
+* :class:`FlowLayer` -- a distribution as a Keras layer, so that a Keras model
+  tracks its weights.
+
+The configuration lives in :mod:`rflow_tf.config` (:class:`FlowConfig`, the
+paper's presets, :func:`get_preset`) and the multiscale structure in
+:mod:`rflow_tf.flow` (:class:`FlowBijector`, :class:`FactorOut`,
+:func:`build_stages`); their names are re-exported here.
 
 Architecture (data -> latent; every piece is a bijector whose ``forward`` is
 the data -> latent direction, see :mod:`rflow_tf.bijectors`)::
@@ -86,7 +87,7 @@ from rflow_tf import classifier as rclf
 from rflow_tf import data as rdata
 from rflow_tf import layers as rlayers
 
-# The configuration names keep their old home: rflow_tf.models.FlowConfig, ...
+# The configuration's names are re-exported: rflow_tf.models.FlowConfig, ...
 from rflow_tf.config import (  # noqa: F401
     BLOCK_TYPES,
     CONFIG_VERSION,
@@ -134,21 +135,6 @@ __all__ = [
 
 _PACKAGE = "rflow_tf"
 _LN2 = math.log(2.0)
-
-
-# ----------------------------------------------------------------------------
-# Configuration
-# ----------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------
-# Presets
-# ----------------------------------------------------------------------------
-
-
-# ----------------------------------------------------------------------------
-# Bijectors for the multiscale structure
-# ----------------------------------------------------------------------------
 
 
 class FlowDistribution(tfd.TransformedDistribution):

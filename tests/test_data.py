@@ -489,6 +489,22 @@ def test_save_image_grid_gray(tmp_path):
     np.testing.assert_array_equal(arr[10:18, 1 + 9 : 9 + 9], x.numpy()[5, :, :, 0])
 
 
+def test_save_image_grid_scale_is_nearest_neighbour(tmp_path):
+    x = next(iter(data.load_image_dataset('digits', 'test', 16, shuffle=False)))
+    small, large = tmp_path / 'small.png', tmp_path / 'large.png'
+    data.save_image_grid(x, str(small))
+    data.save_image_grid(x, str(large), scale=8)
+    with Image.open(small) as im:
+        arr = np.asarray(im)
+    with Image.open(large) as im:
+        assert im.size == (8 * 37, 8 * 37)
+        big = np.asarray(im)
+    np.testing.assert_array_equal(big, np.repeat(np.repeat(arr, 8, 0), 8, 1))
+    for bad in (0, 1.5, True):
+        with pytest.raises((TypeError, ValueError)):
+            data.save_image_grid(x, str(large), scale=bad)
+
+
 def test_save_image_grid_rgb(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, size=(5, 6, 7, 3), dtype=np.uint8)

@@ -136,8 +136,12 @@ class VariationalDequantizer(_Dequantizer):
       n_bits: bits per value, 1..8 (x in {0, ..., 2^n - 1}).
       num_couplings: K >= 1.
       feature_channels: channels of h (positive).
-      num_components, hidden_channels, num_blocks, attention, num_heads: of each
-        coupling (see :class:`MixLogCDFCoupling`).
+      num_components: logistics per element of each coupling (see
+        :class:`MixLogCDFCoupling`).
+      hidden_channels: width of each coupling's conditioner.
+      num_blocks: conditioner blocks per coupling.
+      attention: whether those blocks have attention.
+      num_heads: attention heads.
       dtype: float32 (default) or float64.
 
     Example:

@@ -226,10 +226,14 @@ class MixLogCDFCoupling(_KerasBacked):
         exactly ``event_shape`` with both values present.
       parity: with a string/``None`` mask, 1 swaps its halves.
       num_components: K >= 1 logistics per element.
-      hidden_channels, num_blocks, attention, num_heads: the conditioner
-        (:class:`GatedAttentionConditioner`).
+      hidden_channels: the conditioner's width (:class:`GatedAttentionConditioner`).
+      num_blocks: its gated conv (+ attention) blocks.
+      attention: whether those blocks have attention.
+      num_heads: attention heads.
       condition_channels: channels of the ``condition`` kwarg (0: none).
-      inverse_atol, inverse_rtol, inverse_max_iterations: bisection tolerance and cap.
+      inverse_atol: the bisection's absolute tolerance.
+      inverse_rtol: its relative tolerance.
+      inverse_max_iterations: its cap on iterations.
       dtype: float32 (default) or float64.
 
     Example:

@@ -134,7 +134,8 @@ def bisect_increasing_with_diagnostics(fn, y, atol=1e-6, rtol=1e-6, max_iteratio
       fn: callable x -> fn(x), same shape as ``y``, increasing in each element
         and depending on no other element.
       y: target values.
-      atol, rtol: absolute and relative tolerance on the root.
+      atol: absolute tolerance on the root.
+      rtol: relative tolerance on the root.
       max_iterations: cap on bracket moves and on halvings.
 
     Returns:
@@ -244,7 +245,8 @@ def bisect_increasing(fn, y, atol=1e-6, rtol=1e-6, max_iterations=200):
       fn: callable x -> fn(x), same shape as ``y``, increasing in each element
         and depending on no other element.
       y: target values.
-      atol, rtol: absolute and relative tolerance on the root.
+      atol: absolute tolerance on the root.
+      rtol: relative tolerance on the root.
       max_iterations: cap on bracket moves and on halvings.
 
     Returns:

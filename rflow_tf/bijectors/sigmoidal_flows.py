@@ -281,7 +281,9 @@ class DeepSigmoidalFlow(_AutoregressiveMonotone):
       activation: MADE activation.
       conditioner: optional callable [N, D] -> [N, D, 3K] replacing the MADE; it is
         checked to be autoregressive (a "mask mismatch" raises ``ValueError``).
-      inverse_atol, inverse_rtol, inverse_max_iterations: bisection tolerance and cap.
+      inverse_atol: the bisection's absolute tolerance.
+      inverse_rtol: its relative tolerance.
+      inverse_max_iterations: its cap on iterations.
       dtype: float32 (default) or float64; the conditioner's weights use it too.
 
     Example:
@@ -377,9 +379,14 @@ class DeepDenseSigmoidalFlow(_AutoregressiveMonotone):
       event_size: D.
       num_layers: L >= 1 dense sigmoidal layers.
       hidden_size: H >= 1, their width.
-      hidden_units, activation, conditioner, inverse_*, dtype: as in
-        :class:`DeepSigmoidalFlow` (the conditioner outputs
-        sum_l (H d_l + 2H + d_{l+1} H) parameters per dimension).
+      hidden_units: the MADE's hidden widths, as in :class:`DeepSigmoidalFlow`.
+      activation: the MADE's activation.
+      conditioner: optional callable replacing the MADE; it outputs
+        sum_l (H d_l + 2H + d_{l+1} H) parameters per dimension.
+      inverse_atol: the bisection's absolute tolerance.
+      inverse_rtol: its relative tolerance.
+      inverse_max_iterations: its cap on iterations.
+      dtype: float32 (default) or float64.
 
     Example:
     ```python

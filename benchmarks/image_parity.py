@@ -1,7 +1,7 @@
 """Benchmark: image learning parity with the authors' code on the offline 8x8 digits.
 
-Issue 9's image goal: at the same architecture, recipe and number of steps,
-our test bits/dim is no worse than the reference's. The architecture and
+The question: at the same architecture, recipe and number of steps, is
+our test bits/dim no worse than the reference's? The architecture and
 recipe are those of our ``digits_small`` preset (``train/main.py
 --dataset=digits``):
 

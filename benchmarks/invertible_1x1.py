@@ -4,7 +4,7 @@
 One step is a forward pass y = W x per pixel, the log-det
 (positions * log |det W|), and the gradient of sum(y^2) / 2 - log-det
 w.r.t. x and the weights, inside ``tf.function`` (plain and XLA). Input
-[batch, size, size, channels], default the issue's 64 x 16 x 16 x 12.
+[batch, size, size, channels], default 64 x 16 x 16 x 12.
 The four configurations run interleaved, round after round, so a shared
 machine's load hits them alike; the table gives the median and the minimum
 over ``--rounds`` rounds (tracing excluded).

@@ -42,7 +42,7 @@ from benchmarks._common import load_average  # noqa: E402
 from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS, toy_2d  # noqa: E402
 
-#: The speed target configuration (issue 5) and the reference's figure on this machine.
+#: The paper's toy configuration, timed for speed, and the reference's figure on a 2-core CPU.
 SPEED_CONFIG = [
     "--model",
     "resflow",

@@ -12,7 +12,7 @@ log-det on a fresh batch of 10,000).
 For every dataset and seed this runs ``python -m train.toy`` in-process with
 those settings and prints one progress line; at the end a markdown table of
 mean +- sd test NLL and s/iter per dataset, with the reference's figures
-(one seed each, measured by the issue's author) beside ours.
+(one seed each, from the authors' train_toy.py) beside ours.
 
 Usage::
 
@@ -66,7 +66,7 @@ REFERENCE_SETTINGS = [
     "10000",
 ]
 #: Test NLL (nats) of the authors' train_toy.py at these settings after 1000
-#: iterations (one seed each; issue 9).
+#: iterations (one seed each).
 REFERENCE_NLL = {"checkerboard": 4.27, "8gaussians": 3.78, "2spirals": 3.59, "rings": 3.56}
 #: The four datasets with a reference figure (the default selection).
 DEFAULT_DATASETS = tuple(REFERENCE_NLL)

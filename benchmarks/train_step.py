@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time and peak memory of one full Residual Flow training step.
 
-The fixed configuration of issue 3 (the paper's MNIST block design, reduced):
+A fixed configuration (the paper's MNIST block design, reduced):
 input 1x28x28, 3 scales of 2 blocks, 128 hidden channels, kernels 3-1-3,
 LipSwish, coeff 0.98, Russian roulette Poisson(lambda=2) with 2 exact terms,
 Neumann gradient with the gradient computed in the forward pass, ActNorm,
@@ -11,7 +11,7 @@ A step is exactly the trainer's (``rflow_tf.training.make_train_step``):
 dequantisation, forward + unbiased log-det, Neumann backward, gradient
 all-reduce and clipping, Adam, EMA update and power iteration to convergence.
 
-Rows: the issue's configuration (gradient-in-forward, the reference's
+Rows: that configuration (gradient-in-forward, the reference's
 memory-saving mode), the same model with our default Neumann backward
 (``grad_in_forward=False``: g is recomputed in the backward pass and one
 backward pass serves the path and the log-det gradients), and XLA.

@@ -1,4 +1,4 @@
-"""TFP and Keras correctness guarantees of the bijectors (issue 10): equality,
+"""TFP and Keras correctness guarantees of the bijectors: equality,
 inverse recall, validate_args, the fixed-seed mode with TFP-style property
 checks (bijective and finite, change of measure, log-det against the full
 numerical Jacobian, event shapes), warnings under vectorized_map, explicit

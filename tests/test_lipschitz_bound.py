@@ -81,7 +81,7 @@ def test_adversarial_dense_spectra(kind):
 
 def test_stored_vectors_orthogonal_to_the_new_top_direction():
     """The stored (u, v) is an exact singular pair, but not the top one: power
-    iteration alone would stay there (the issue's 2.3-2.6 x coeff)."""
+    iteration alone would stay there (2.3-2.6 x coeff)."""
     s = np.concatenate([[2.5], np.linspace(1.0, 0.2, 11)])
     kernel, u, v = _dense_with_spectrum(s, 12, 16, seed=4)
     for fix in ("auto", "converge"):

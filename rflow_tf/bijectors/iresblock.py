@@ -92,6 +92,7 @@ class IResBlock(_KerasBacked):
 
     Example:
     ```python
+    import tensorflow as tf
     import tensorflow_probability as tfp
     from rflow_tf.bijectors import IResBlock
     tfb, tfd = tfp.bijectors, tfp.distributions
@@ -575,6 +576,8 @@ class IResBlock(_KerasBacked):
 
         Example:
         ```python
+        block = IResBlock.dense(2, hidden_units=(8,), coeff=0.9)
+        y = tf.random.normal([4, 2])
         x, residual, ok = block.inverse_with_diagnostics(y)  # scalars
         x, residual, ok = block.inverse_with_diagnostics(y, per_example=True)
         bad = tf.where(~ok)   # the indices of the examples that failed

@@ -25,17 +25,15 @@ TensorFlow's stack.
 
 Example:
 ```python
-import argparse, dataclasses
-from rflow_tf.settings import add_flags, at_least, flag_checks, setting
-
-@dataclasses.dataclass
-class Options:
-    steps: int = setting(100, help="Optimiser steps.", check=at_least(1))
+import argparse
+from rflow_tf.settings import add_flags, flag_checks
+from rflow_tf.training import TrainingOptions
 
 parser = argparse.ArgumentParser()
-add_flags(parser, Options)
-args = parser.parse_args(["--steps=0"])
-[name for name, ok, _ in flag_checks(Options) if not ok(args.steps)]  # ["steps"]
+add_flags(parser, [TrainingOptions])  # --dataset ... --lr ..., with their help
+args = parser.parse_args(["--lr=0"])
+bad = [n for n, ok, _ in flag_checks(TrainingOptions) if getattr(args, n) is not None
+       and not ok(getattr(args, n))]  # ["lr"]: "a finite number > 0"
 ```
 """
 

@@ -25,7 +25,7 @@ def _flag(parser, name):
 
 
 def test_a_declared_option_is_a_flag_with_its_help_default_and_check():
-    parser = argparse.ArgumentParser(formatter_class=cli._HelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     groups = settings.add_flags(
         parser, [_WithNewOption, models.FlowConfig], cli.HELP_SECTIONS, unset=[models.FlowConfig]
     )

@@ -126,7 +126,8 @@ class ToyOptions:
     Example:
     ```python
     from rflow_tf.toy import ToyOptions, run
-    result = run(ToyOptions(data="moons", model="coupling", iters=50))
+    options = ToyOptions(data="moons", model="coupling", iters=20, n_test=1000, quiet=True)
+    result = run(options)      # result["test_nll"], result["png"]
     ```
     """
 

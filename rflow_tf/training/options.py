@@ -341,8 +341,13 @@ def check_flags(args):
     Example:
     ```python
     import types
-    check_flags(types.SimpleNamespace(lr=1e-3))      # fine
-    check_flags(types.SimpleNamespace(lr=float("inf")))  # UsageError: --lr must be ...
+    from rflow_tf.training import UsageError, check_flags
+
+    check_flags(types.SimpleNamespace(lr=1e-3))  # fine
+    try:
+        check_flags(types.SimpleNamespace(lr=float("inf")))
+    except UsageError as e:
+        print(e)  # --lr must be a finite number > 0, got inf
     ```
     """
     for flag, ok, requirement in FLAG_CONSTRAINTS:
@@ -426,7 +431,10 @@ class RunSpec:
 
     @property
     def hparams(self):
-        """The training settings as a dict (:meth:`RunSettings.to_dict`)."""
+        """The training settings as a dict (:meth:`RunSettings.to_dict`).
+
+        Example: ``spec.hparams["batch_size"] == spec.settings.batch_size``.
+        """
         return self.settings.to_dict()
 
     def config_json(self):

@@ -73,11 +73,17 @@ class FaultInjection:
         self.crash_step = int(crash_step)
 
     def loss_poison(self, step):
-        """The value added to the loss of ``step``: NaN for a step to poison, else 0."""
+        """The value added to the loss of ``step``: NaN for a step to poison, else 0.
+
+        Example: ``step_fn(batch, tf.constant(k, tf.int64), faults.loss_poison(k + 1))``.
+        """
         return tf.constant(np.nan if step in self.nan_steps else 0.0, tf.float32)
 
     def after_step(self, step):
-        """Stops training abruptly (an exception) after the crash step."""
+        """Stops training abruptly (an exception) after the crash step.
+
+        Example: ``FaultInjection(crash_step=3).after_step(3)  # raises``.
+        """
         if step == self.crash_step:
             raise _InjectedCrash(f"injected crash after step {step}")
 
@@ -103,12 +109,18 @@ class MetricsWindow:
         self.reset(time.time())
 
     def reset(self, now):
-        """Empties the window, which starts at time ``now``."""
+        """Empties the window, which starts at time ``now``.
+
+        Example: ``window.reset(time.time())``.
+        """
         self.start, self.n_steps, self.n_ok = now, 0, 0
         self.sums = dict.fromkeys(("loss", "grad_norm", "logdet") + self.task_keys, 0.0)
 
     def add(self, out):
-        """Counts a step with outputs ``out``, and sums them if the step was finite."""
+        """Counts a step with outputs ``out``, and sums them if the step was finite.
+
+        Example: ``window.add(step_fn(batch, step, poison))``.
+        """
         self.n_steps += 1
         if bool(out["ok"]):
             self.n_ok += 1
@@ -116,7 +128,10 @@ class MetricsWindow:
                 self.sums[key] += float(out[key])
 
     def means(self):
-        """The means of the finite steps' outputs (0 when there were none)."""
+        """The means of the finite steps' outputs (0 when there were none).
+
+        Example: ``window.means()["grad_norm"]``.
+        """
         return {key: value / max(self.n_ok, 1) for key, value in self.sums.items()}
 
 

@@ -762,16 +762,24 @@ class _SpectralNormalized(keras.layers.Layer):
         return tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
 
     def _restart(self, kernel, tol=None, max_iterations=None, state=None):
-        """(u, v) converged from Gram iteration's top direction (matrices) or a
-        deterministic random vector (convolutions), ignoring the stored v."""
+        """(u, v) of the largest sigma converged from :meth:`_restart_vectors`,
+        ignoring the stored v."""
         state = state or self._power_state()
         tol = self.tol if tol is None else float(tol)
         max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
-        v0 = self._random_like(state.v.read_value(), 1, state)
-        mats = self._gram_operators(kernel)
-        if mats.shape[0] == 1:  # a matrix: start at Gram iteration's top direction
-            v0 = _gram_top_vector(mats[0], v0)
-        return self._iterate_to_convergence(kernel, v0, tol, max_iterations)
+        starts = self._restart_vectors(kernel, self._random_like(state.v.read_value(), 1, state))
+        u, v = self._iterate_to_convergence(kernel, starts[0], tol, max_iterations)
+        for v0 in starts[1:]:
+            u2, v2 = self._iterate_to_convergence(kernel, v0, tol, max_iterations)
+            better = self._sigma(kernel, u2, v2) > self._sigma(kernel, u, v)
+            u, v = tf.cond(better, lambda: (u2, v2), lambda: (u, v))
+        return u, v
+
+    def _restart_vectors(self, kernel, v):
+        """A restart's first v: Gram iteration's top direction (W^T W)^1024 v for
+        a matrix, else the deterministic random v itself."""
+        mat = self._matrix(kernel)
+        return [v if mat is None else _gram_top_vector(mat, v)]
 
     #: A kernel that moved by more than this fraction (Frobenius norm) since its
     #: last estimate is re-estimated carefully (:meth:`_careful_estimate`).
@@ -921,6 +929,86 @@ def _gram_top_vector(mat, v, n_squarings=10):
         u = tf.linalg.matvec(gram, tf.linalg.matvec(mat, v, transpose_a=True))
         return _l2_normalize(tf.linalg.matvec(mat, u))
     return _l2_normalize(tf.linalg.matvec(gram, v))
+
+
+def _kernel_symbol(kernel, w1, w2):
+    """The symbol S(w) = sum_a K[a]^T exp(-i w . (a - c)) of a 'same' convolution
+    with kernel K [kh, kw, c_in, c_out] (c its centre tap) at the frequencies
+    (w1[f], w2[f]): [F, c_out, c_in]. The convolution maps the plane wave
+    exp(-i w . p) z to exp(-i w . p) S(w) z."""
+    kh, kw = kernel.shape[:2]
+    real = w1.dtype
+    a = tf.cast(tf.range(kh) - (kh - 1) // 2, real)
+    b = tf.cast(tf.range(kw) - (kw - 1) // 2, real)
+    phase = w1[:, None, None] * a[None, :, None] + w2[:, None, None] * b[None, None, :]
+    complex_dtype = tf.complex64 if real == tf.float32 else tf.complex128
+    waves = tf.exp(tf.complex(tf.zeros_like(phase), -phase))
+    return tf.einsum("fab,abio->foi", waves, tf.cast(kernel, complex_dtype))
+
+
+def _top_right_singular(symbols):
+    """Largest singular values [F] and right singular vectors [F, c_in] of a
+    batch of complex matrices [F, c_out, c_in], from the smaller Gram side."""
+    c_out, c_in = symbols.shape[-2:]
+    if c_in <= c_out:
+        values, vectors = tf.linalg.eigh(tf.matmul(symbols, symbols, adjoint_a=True))
+        return tf.math.real(values[:, -1]), vectors[:, :, -1]
+    values, vectors = tf.linalg.eigh(tf.matmul(symbols, symbols, adjoint_b=True))
+    right = tf.linalg.matvec(symbols, vectors[:, :, -1], adjoint_a=True)
+    norm = tf.cast(tf.norm(right, axis=-1, keepdims=True) + 1e-30, right.dtype)
+    return tf.math.real(values[:, -1]), right / norm
+
+
+def plane_wave_start(kernel, input_hw, n_candidates=4, coarse=32):
+    """A start vector for power iteration on the zero-padded 'same' convolution
+    x -> conv(x, K) over H x W maps: the top singular vector of that map is
+    close to a plane wave under the lowest Dirichlet mode,
+
+        v[p, q, :] = sin(pi (p + 1) / (H + 1)) sin(pi (q + 1) / (W + 1))
+                     * Re(exp(-i (w1 p + w2 q)) z),
+
+    where (w1, w2) maximises the largest singular value of the kernel's symbol
+    S(w) = sum_a K[a]^T exp(-i w . (a - c)) and z is the matching right
+    singular vector (for large maps the operator norm tends to
+    max_w ||S(w)||_2). The maximiser is found on a ``coarse`` x ``coarse``
+    frequency grid, then on a grid of pi / (H + 1) x pi / (W + 1) around each of
+    the ``n_candidates`` best coarse frequencies. Power iteration from this
+    vector converges in tens of steps where a random start needs hundreds on
+    large maps (its top singular values are close), and a random start cut
+    off at a step budget under-reports the norm. Deterministic: a function of
+    the kernel. Returns a unit-norm [1, H, W, c_in] tensor.
+
+    Example:
+    ```python
+    k = tf.random.normal([3, 3, 4, 16])
+    v0 = plane_wave_start(k, (32, 32))   # [1, 32, 32, 4]
+    ```
+    """
+    kernel = tf.convert_to_tensor(kernel)
+    real = kernel.dtype
+    h, w = (int(n) for n in input_hw)
+    grid = tf.range(coarse, dtype=real) * (2 * np.pi / coarse)
+    g1, g2 = (tf.reshape(g, [-1]) for g in tf.meshgrid(grid, grid, indexing="ij"))
+    values, _ = _top_right_singular(_kernel_symbol(kernel, g1, g2))
+    best = tf.math.top_k(values, min(int(n_candidates), coarse * coarse)).indices
+
+    def offsets(n):  # steps of pi / (n + 1), spanning one coarse cell each way
+        step = np.pi / (n + 1)
+        r = int(np.ceil((2 * np.pi / coarse) / step))
+        return tf.range(-r, r + 1, dtype=real) * step
+
+    o1, o2 = (tf.reshape(o, [-1]) for o in tf.meshgrid(offsets(h), offsets(w), indexing="ij"))
+    f1 = tf.reshape(tf.gather(g1, best)[:, None] + o1[None], [-1])
+    f2 = tf.reshape(tf.gather(g2, best)[:, None] + o2[None], [-1])
+    values, vectors = _top_right_singular(_kernel_symbol(kernel, f1, f2))
+    i = tf.argmax(values)
+    p = tf.range(h, dtype=real)
+    q = tf.range(w, dtype=real)
+    phase = f1[i] * p[:, None] + f2[i] * q[None, :]
+    wave = tf.complex(tf.cos(phase), -tf.sin(phase))
+    envelope = tf.sin(np.pi * (p + 1) / (h + 1))[:, None] * tf.sin(np.pi * (q + 1) / (w + 1))
+    v = tf.math.real(wave[:, :, None] * vectors[i][None, None, :]) * envelope[:, :, None]
+    return _l2_normalize(v[None])
 
 
 def _frobenius(g):
@@ -1128,6 +1216,29 @@ class LipschitzConv2D(_SpectralNormalized):
         if self._is_pointwise:
             return tf.linalg.matvec(kernel[0, 0], u)
         return self.apply_kernel_transpose(u, kernel)
+
+    #: Plane-wave restarts (:func:`plane_wave_start`) for k x k kernels whose
+    #: smaller channel count is at most this; wider kernels restart at random.
+    _PLANE_WAVE_MAX_CHANNELS = 64
+    #: Maps of at least this many pixels restart at the plane wave alone;
+    #: smaller maps also run the random start and keep the larger sigma.
+    _PLANE_WAVE_ALONE_PIXELS = 32 * 32
+
+    def _restart_vectors(self, kernel, v):
+        """A k x k convolution restarts at :func:`plane_wave_start` too. On large
+        maps the top singular values crowd together: a random start then needs
+        hundreds of steps (measured on 32 x 32 maps: cut off at 200, it
+        under-reported the norm by up to 0.6%) where the plane wave needs tens
+        and is within 1e-4. On small maps the plane wave may sit closer to the
+        second singular vector than to the first, so the (cheap) random start
+        runs beside it."""
+        kh, kw, c_in, c_out = kernel.shape
+        if self._is_pointwise or min(c_in, c_out) > self._PLANE_WAVE_MAX_CHANNELS:
+            return super()._restart_vectors(kernel, v)
+        wave = plane_wave_start(kernel, self._input_hw)
+        if self._input_hw[0] * self._input_hw[1] >= self._PLANE_WAVE_ALONE_PIXELS:
+            return [wave]
+        return [v, wave]
 
     def _gram_operators(self, kernel):
         """The matrices whose largest norm bounds the operator norm: the 1x1

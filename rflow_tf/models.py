@@ -578,17 +578,18 @@ class ResidualFlow(keras.Model):
             z, _, feats = self._flow.forward_with_features(x, self._feature_stages)
             self.classifier_heads.initialize(self._head_inputs(z, feats))
 
-    def converge_lipschitz(self, tol=None, max_iterations=None):
+    def converge_lipschitz(self, tol=None, max_iterations=None, progress=None):
         """Careful power iteration to convergence in every Lipschitz layer (see
-        :func:`rflow_tf.layers.converge_lipschitz`); returns the sigma
-        estimates. Not needed for the bound during training (each layer
-        re-estimates when its kernel changed); use before evaluation or export.
+        :func:`rflow_tf.layers.converge_lipschitz`, whose ``progress(done,
+        total)`` callback it passes on); returns the sigma estimates. Not
+        needed for the bound during training (each layer re-estimates when its
+        kernel changed); use before evaluation or export.
 
         Example: ``flow.converge_lipschitz()``.
         """
         if not self.lipschitz_layers():  # coupling / Flow++ blocks: nothing to converge
             return []
-        return rlayers.converge_lipschitz(self.flow_layers, tol, max_iterations)
+        return rlayers.converge_lipschitz(self.flow_layers, tol, max_iterations, progress)
 
     def update_lipschitz(self):
         """Re-estimates sigma in every Lipschitz layer whose kernel changed since

@@ -258,6 +258,9 @@ def test_truncated_training_reports_true_and_training_estimate(tmp_path, capsys)
     trainer.train()
     out = capsys.readouterr().out
     assert "unbiased log-det, 20 exact terms" in out
+    # The initial power iteration reports its progress (at the end at least).
+    n = len(trainer.model.lipschitz_layers())
+    assert f"power iteration: {n}/{n} layers |" in out and "ETA" in out
     true_bpd, _, _ = trainer.evaluate()
     train_bpd, _, _ = trainer.evaluate(training_estimator=True)
     assert f"with the training estimator (truncated): {train_bpd:.4f}" in out

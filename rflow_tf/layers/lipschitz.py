@@ -1351,7 +1351,7 @@ def lipschitz_layers(obj):
     return found
 
 
-def converge_lipschitz(obj, tol=None, max_iterations=None):
+def converge_lipschitz(obj, tol=None, max_iterations=None, progress=None):
     """Runs power iteration to convergence in every Lipschitz layer of ``obj``
     (see :func:`lipschitz_layers`; a layer, model, bijector, distribution or a
     list of these); returns the list of sigma estimates.
@@ -1361,6 +1361,8 @@ def converge_lipschitz(obj, tol=None, max_iterations=None):
     the careful version for before evaluation or export: a warm-started and a
     randomly restarted power iteration per layer, the larger sigma kept.
     ``tol`` and ``max_iterations`` default to each layer's own settings.
+    ``progress``, if given, is called as ``progress(done, total)`` after each
+    layer (eagerly: for progress lines on large models).
 
     Example:
     ```python
@@ -1374,7 +1376,12 @@ def converge_lipschitz(obj, tol=None, max_iterations=None):
             " (expected a Keras layer or model, a bijector, a distribution or a "
             "list of these)"
         )
-    return [layer.converge(tol, max_iterations) for layer in layers]
+    sigmas = []
+    for layer in layers:
+        sigmas.append(layer.converge(tol, max_iterations))
+        if progress is not None:
+            progress(len(sigmas), len(layers))
+    return sigmas
 
 
 def update_lipschitz(obj):

@@ -660,12 +660,32 @@ class Trainer:
             f"{len(self.model.lipschitz_layers())} layers (power iteration)"
         )
         self.model.initialize(x)
-        self.model.converge_lipschitz()
+        self.model.converge_lipschitz(progress=self._progress_lines("power iteration", "layers"))
         self.log(f"initialised in {time.time() - start:.1f} s")
         for e, v in zip(self.ema_vars, self.train_variables):
             e.assign(_var(v).read_value())
         self._restored = True
         return None
+
+    def _progress_lines(self, what, unit, every=30.0):
+        """A ``progress(done, total)`` callback that logs, at most every
+        ``every`` seconds and at the end, ``what: done/total unit`` with the
+        rate and the time left."""
+        start = last = time.time()
+
+        def progress(done, total):
+            nonlocal last
+            now = time.time()
+            if now - last < every and done < total:
+                return
+            last = now
+            rate = done / max(now - start, 1e-9)
+            self.log(
+                f"{what}: {done}/{total} {unit} | {rate:.2f} {unit}/s | "
+                f"ETA {_fmt_time((total - done) / max(rate, 1e-9))}"
+            )
+
+        return progress
 
     # ----------------------------------------------------------- evaluation
     def evaluate(self, use_ema=True, training_estimator=False):

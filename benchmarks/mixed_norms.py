@@ -89,12 +89,12 @@ def _seconds_per_step(trainer, n=5):
     step (already traced by ``fit``), so tracing is not counted."""
     import tensorflow as tf
 
-    it = iter(trainer._distribute(trainer._train_dataset(0)))
+    it = iter(trainer.run_data.distribute(trainer.run_data.train_dataset(0)))
     step_fn, step = trainer.train_step_fn, int(trainer.step.numpy())
     times = []
     for i in range(n):
         t0 = time.perf_counter()
-        out = step_fn(next(it), tf.constant(step + i, tf.int64), tf.constant(0.0))
+        out = step_fn(next(it), tf.constant(step + i, tf.int64))
         float(out["ok"])
         times.append(time.perf_counter() - t0)
     return float(np.median(times))

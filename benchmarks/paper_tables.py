@@ -172,12 +172,11 @@ def table3(args, workdir):
         exact = _true_model(cfg)
         # As the trainer: the ActNorm batch from a pipeline of its own, so training
         # is the first iteration of ds (a second one is reshuffled by tf.data).
-        first = next(iter(trainer._train_dataset()))  # pylint: disable=protected-access
+        first = next(iter(trainer.run_data.train_dataset()))
         trainer.restore_or_initialize(first)
-        ds = trainer._train_dataset()  # pylint: disable=protected-access
-        it = iter(trainer._distribute(ds))  # pylint: disable=protected-access
+        ds = trainer.run_data.train_dataset()
+        it = iter(trainer.run_data.distribute(ds))
         step_fn = trainer.train_step_fn
-        zero = tf.constant(0.0)
         curve = []
 
         def point(step):
@@ -191,7 +190,7 @@ def table3(args, workdir):
 
         total = int(settings.steps)
         for step in range(total):
-            step_fn(next(it), tf.constant(step, tf.int64), zero)
+            step_fn(next(it), tf.constant(step, tf.int64))
             if (step + 1) % args.curve_every == 0 or step + 1 == total:
                 point(step + 1)
         with trainer.ema_weights():

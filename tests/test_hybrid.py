@@ -308,7 +308,7 @@ def test_crop_padding_and_translate_are_resolved_checked_and_used_by_the_trainer
         )
     )
     try:
-        x, y = next(iter(trainer._train_dataset()))  # pylint: disable=protected-access
+        x, y = next(iter(trainer.run_data.train_dataset()))
     finally:
         trainer.close()
     kw = dict(shuffle=True, repeat=True, seed=0, drop_remainder=True, with_labels=True)
@@ -388,7 +388,7 @@ _MIRRORED = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {repo!r})
     from rflow_tf import training
-    from rflow_tf.training.steps import _var
+    from rflow_tf.training.steps import variable_value
     from train import main as m
     training.configure_cpu_devices(2)
     trainer = m.make_trainer(m.parse_args({argv!r}))
@@ -396,7 +396,7 @@ _MIRRORED = textwrap.dedent("""
     s = trainer.strategy
     worst = 0.0
     for v in trainer.model.trainable_variables:
-        a, b = [np.asarray(p) for p in s.experimental_local_results(_var(v))]
+        a, b = [np.asarray(p) for p in s.experimental_local_results(variable_value(v))]
         worst = max(worst, float(np.max(np.abs(a - b), initial=0.0)))
     print("RESULT " + json.dumps({{"replicas": s.num_replicas_in_sync, "worst": worst,
                                    "acc": result["test_accuracy"], "bpd": result["test_bpd"]}}))

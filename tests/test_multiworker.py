@@ -132,7 +132,7 @@ _WORKER_SCRIPT = textwrap.dedent("""
     import numpy as np
     import tensorflow_datasets as tfds
     from rflow_tf import data, training
-    from rflow_tf.training.steps import _var
+    from rflow_tf.training.steps import variable_value
     from train import main as m
     argv, dump = json.loads(sys.argv[1]), sys.argv[2]
     args = m.parse_args(argv)
@@ -152,12 +152,12 @@ _WORKER_SCRIPT = textwrap.dedent("""
                 for x in training.distribute_dataset(strategy, make())])
     trainer = m.make_trainer(args, strategy=strategy)
     result = trainer.train()
-    weights = {v.path: np.asarray(_var(v).numpy()) for v in trainer.model.variables}
+    weights = {v.path: np.asarray(variable_value(v).numpy()) for v in trainer.model.variables}
     weights.update({"ema_%d" % i: np.asarray(e.numpy()) for i, e in enumerate(trainer.ema_vars)})
     np.savez(dump + ".npz", **weights, **{"shard_" + k: v for k, v in shards.items()})
     with open(dump + ".json", "w") as f:
         json.dump({"result": result, "is_chief": trainer.is_chief,
-                   "tmp_root": trainer._tmp_root, "task_id": trainer.task_id,
+                   "tmp_root": trainer.tmp_root, "task_id": trainer.task_id,
                    "replicas": strategy.num_replicas_in_sync}, f)
 """)
 

@@ -21,8 +21,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from helpers import InjectedCrash, with_faults  # noqa: E402
+
 from rflow_tf import data, models, training  # noqa: E402
-from rflow_tf.training.steps import _var  # noqa: E402
+from rflow_tf.training.steps import variable_value  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
 TINY = [
@@ -43,7 +45,7 @@ def run_args(tmp_path, *extra):
 
 def values(variables):
     return [
-        np.array(tf.convert_to_tensor(_var(v)))  # pylint: disable=protected-access
+        np.array(tf.convert_to_tensor(variable_value(v)))  # pylint: disable=protected-access
         for v in variables
     ]
 
@@ -267,17 +269,16 @@ def test_truncated_training_reports_true_and_training_estimate(tmp_path, capsys)
     assert true_bpd != train_bpd
 
 
-def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys):
+def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys, monkeypatch):
     args = run_args(
         tmp_path,
         "--steps=3",
         "--batch_size=8",
         "--eval_examples=8",
         "--ckpt_every=1",
-        "--inject_nan_steps=2",
         "--max_nan_steps=2",
     )
-    trainer = trainer_main.make_trainer(args)
+    trainer = with_faults(trainer_main.make_trainer(args), nan_steps="2")
     result = trainer.train()
     assert result["step"] == 3
     assert int(trainer.optimizer.iterations.numpy()) == 2  # step 2 was skipped
@@ -290,24 +291,22 @@ def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys):
         "--batch_size=8",
         "--eval_examples=8",
         "--ckpt_every=1",
-        "--inject_nan_steps=5,6",
         "--max_nan_steps=2",
     )
-    trainer = trainer_main.make_trainer(args)
+    trainer = with_faults(trainer_main.make_trainer(args), nan_steps="5,6")
     with pytest.raises(training.TrainingDivergedError, match="ckpt-4"):
         trainer.train()
     assert tf.train.latest_checkpoint(str(tmp_path / "ckpt")).endswith("ckpt-4")
     # Through main(): exit status 3 and a one-line message, no traceback.
     capsys.readouterr()
+    make_trainer = trainer_main.make_trainer
+    monkeypatch.setattr(
+        trainer_main,
+        "make_trainer",
+        lambda *a, **k: with_faults(make_trainer(*a, **k), nan_steps="5,6"),
+    )
     code = trainer_main.main(
-        TINY
-        + [
-            f"--out={tmp_path}",
-            "--steps=6",
-            "--batch_size=8",
-            "--inject_nan_steps=5,6",
-            "--max_nan_steps=2",
-        ]
+        TINY + [f"--out={tmp_path}", "--steps=6", "--batch_size=8", "--max_nan_steps=2"]
     )
     err = capsys.readouterr().err
     assert code == 3 and "consecutive non-finite steps" in err and "Traceback" not in err
@@ -361,7 +360,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {repo!r})
     from rflow_tf import training
-    from rflow_tf.training.steps import _var
+    from rflow_tf.training.steps import variable_value
     from train import main as m
     training.configure_cpu_devices(2)
     args = m.parse_args({argv!r})
@@ -374,7 +373,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     for name, vs in groups.items():
         worst = 0.0
         for v in vs:
-            parts = [np.asarray(p) for p in s.experimental_local_results(_var(v))]
+            parts = [np.asarray(p) for p in s.experimental_local_results(variable_value(v))]
             assert len(parts) == 2, (name, len(parts))
             if parts[0].dtype != bool:
                 worst = max(worst, float(np.max(np.abs(parts[0] - parts[1]), initial=0.0)))
@@ -533,8 +532,8 @@ def trained_run(tmp_path_factory):
     ],
 )
 def test_resume_after_a_kill_at_a_random_step_is_bit_identical(trained_run, tmp_path, capsys, k):
-    crashed = trainer_main.make_trainer(run_args(tmp_path, *RESUME, f"--inject_crash_step={k}"))
-    with pytest.raises(RuntimeError, match=f"injected crash after step {k}"):
+    crashed = with_faults(trainer_main.make_trainer(run_args(tmp_path, *RESUME)), crash_step=k)
+    with pytest.raises(InjectedCrash, match=f"injected crash after step {k}"):
         crashed.train()
     assert not crashed.lock.held  # released on the way out
     resumed = trainer_main.make_trainer(run_args(tmp_path, *RESUME))
@@ -584,7 +583,7 @@ def test_lost_state_file_recovers_from_the_checkpoint_files(trained_run, tmp_pat
     # Saving on (max_to_keep=2) rotates only what this run writes: ckpt-5 goes, while the
     # recovered ckpt-4 and the unlisted ckpt-1, ckpt-2 are never deleted nor overwritten.
     for step in (5, 6, 7):
-        trainer._save(trainer.manager, step)  # pylint: disable=protected-access
+        trainer.checkpointer.save(step)
     trainer.close()
     names = sorted(f for f in os.listdir(ckpt) if f.endswith(".index"))
     assert names == [f"ckpt-{i}.index" for i in (1, 2, 4, 6, 7)]

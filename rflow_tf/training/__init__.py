@@ -5,10 +5,16 @@
   (the FlowConfig a run of the options trains), :func:`resolve_run` (both into
   a :class:`RunSpec` and its typed :class:`RunSettings`);
 * ``trainer``: :class:`Trainer` with ``fit`` (alias ``train``), ``evaluate``,
-  ``sample``, ``export``, ``ema_weights``;
+  ``sample``, ``export``, ``ema_weights``: a loop over the parts below;
+* the parts of a run: ``run_data`` (:class:`RunData`, its pipelines), ``ema``
+  (:class:`EMAWeights`), ``checkpoints`` (:class:`Checkpointer`),
+  ``evaluation`` (:class:`Evaluator`), ``sampling`` (:class:`Sampler`),
+  ``exporting`` (:class:`Exporter`), ``metrics`` (:class:`MetricsWindow`,
+  progress lines), ``run_config`` (``config.json``), ``hooks``
+  (:class:`TrainingHook`);
 * ``steps``: the compiled distributed training / evaluation steps and the
   optimiser;
-* ``checkpoints``: the run-directory lock and checkpoint recovery;
+* ``checkpoints``: the run-directory lock, checkpoint recovery and saving;
 * ``distribute``: strategies, data sharding, the multi-worker watchdog.
 
 ``train/main.py`` is the command line over this package (flags ->
@@ -27,6 +33,7 @@ trainer.sample("/tmp/run/grid.png", n=16)
 """
 
 from rflow_tf.training.checkpoints import (
+    Checkpointer,
     RunDirLock,
     RunDirLockedError,
     checkpoint_candidates,
@@ -40,6 +47,11 @@ from rflow_tf.training.distribute import (
     distribute_dataset,
     make_strategy,
 )
+from rflow_tf.training.ema import EMAWeights
+from rflow_tf.training.evaluation import Evaluator
+from rflow_tf.training.exporting import Exporter
+from rflow_tf.training.hooks import TrainingHook
+from rflow_tf.training.metrics import MetricsWindow
 from rflow_tf.training.options import (
     ARCHITECTURE_FLAGS,
     FLAG_CONSTRAINTS,
@@ -53,6 +65,8 @@ from rflow_tf.training.options import (
     flow_config_for,
     resolve_run,
 )
+from rflow_tf.training.run_data import RunData
+from rflow_tf.training.sampling import Sampler
 from rflow_tf.training.steps import (
     LinearWarmup,
     PreReducedAdam,
@@ -61,12 +75,22 @@ from rflow_tf.training.steps import (
     make_optimizer,
     make_train_step,
     trained_variables,
+    variable_value,
     write_scalar,
 )
 from rflow_tf.training.trainer import Trainer
 
 __all__ = [
     "Trainer",
+    "TrainingHook",
+    "RunData",
+    "EMAWeights",
+    "Checkpointer",
+    "Evaluator",
+    "Sampler",
+    "Exporter",
+    "MetricsWindow",
+    "variable_value",
     "TrainingOptions",
     "flow_config_for",
     "resolve_run",

@@ -221,3 +221,94 @@ def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, 
             f"overwrite them); move or delete {directory} to start over."
         )
     return None
+
+
+class Checkpointer:
+    """A run's checkpoints: the latest ones (``ckpt/``, the newest two kept) and
+    the best ones (``ckpt_best/``, ``keep_best`` kept) of ``checkpoint``.
+
+    The chief writes into ``run_dir``; another worker of a cluster saves too (the
+    save is collective) into ``write_root``, a temporary directory of its own,
+    and deletes what it saved at once. ``tick`` is called after each save (the
+    cluster's watchdog). Building it on the chief removes the temporary
+    directories of interrupted saves.
+
+    Example:
+    ```python
+    ckpt = Checkpointer(tf.train.Checkpoint(model=model), "runs/x")
+    ckpt.save(100)              # runs/x/ckpt/ckpt-100
+    ckpt.restore_latest()       # its path, or None
+    ```
+    """
+
+    def __init__(
+        self,
+        checkpoint,
+        run_dir,
+        *,
+        is_chief=True,
+        write_root=None,
+        keep_best=1,
+        tick=lambda: None,
+        log=print,
+        warn=print,
+    ):
+        self.checkpoint = checkpoint
+        self.run_dir = run_dir
+        self.is_chief = is_chief
+        root = run_dir if is_chief else write_root
+        self.ckpt_dir = os.path.join(root, "ckpt")
+        self.best_dir = os.path.join(root, "ckpt_best")
+        self.keep_best = int(keep_best)
+        self.tick, self.log, self.warn = tick, log, warn
+        if is_chief:
+            for directory, prefix in ((self.ckpt_dir, "ckpt"), (self.best_dir, "best")):
+                for path in remove_stale_temp_checkpoints(directory, prefix):
+                    log(f"removed {path}, left by a save that was interrupted")
+        self.make_managers()
+
+    def make_managers(self):
+        """(Re)builds the checkpoint managers, which read the state file when built
+        (so after :func:`restore_newest` repaired it).
+
+        Example: ``checkpointer.make_managers()``.
+        """
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir, max_to_keep=2)
+        self.best_manager = tf.train.CheckpointManager(
+            self.checkpoint, self.best_dir, max_to_keep=self.keep_best, checkpoint_name="best"
+        )
+
+    @property
+    def latest(self):
+        """The path of the latest checkpoint this run saved or restored, or None.
+
+        Example: ``print(checkpointer.latest or "(none yet)")``.
+        """
+        return self.manager.latest_checkpoint
+
+    def save(self, step, best=False):
+        """Saves the checkpoint of ``step`` (a best one with ``best``); returns its path.
+
+        Example: ``checkpointer.save(200)``.
+        """
+        manager = self.best_manager if best else self.manager
+        path = manager.save(checkpoint_number=int(step))
+        self.tick()
+        if not self.is_chief:  # every worker saves (collective); only the chief keeps it
+            tf.io.gfile.rmtree(os.path.dirname(path))
+        return path
+
+    def restore_latest(self):
+        """Restores the newest checkpoint of the run that restores
+        (:func:`restore_newest`) and returns its path; None if there is none.
+        Other workers than the chief read the chief's ``ckpt/`` without repairing it.
+
+        Example: ``checkpointer.restore_latest() or print("nothing to restore")``.
+        """
+        directory = self.ckpt_dir if self.is_chief else os.path.join(self.run_dir, "ckpt")
+        path = restore_newest(
+            self.checkpoint, directory, "ckpt", log=self.log, warn=self.warn, repair=self.is_chief
+        )
+        if path:
+            self.make_managers()
+        return path

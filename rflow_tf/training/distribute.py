@@ -2,12 +2,14 @@
 and the watchdog that stops a cluster whose peer is lost."""
 
 import os
+import re
 import sys
 import threading
 import time
 
 import tensorflow as tf
 
+from rflow_tf.training.checkpoints import checkpoint_candidates
 from rflow_tf.training.options import UsageError
 
 
@@ -19,7 +21,7 @@ class WorkerLostError(Exception):
 # The errors a collective op raises when a peer of the cluster is gone: UNAVAILABLE
 # (connection closed, or the coordination service's heartbeats stopped), DEADLINE_EXCEEDED,
 # ABORTED / CANCELLED (collectives aborted after another failure).
-_PEER_LOST_ERRORS = (
+PEER_LOST_ERRORS = (
     tf.errors.UnavailableError,
     tf.errors.DeadlineExceededError,
     tf.errors.AbortedError,
@@ -83,7 +85,12 @@ def make_strategy(kind="mirrored", cpu_devices=0):
     return tf.distribute.OneDeviceStrategy(gpus[0] if gpus else "/cpu:0")
 
 
-def _task(strategy):
+def task_of(strategy):
+    """``(task_type, task_id, is_chief)`` of this process under ``strategy``:
+    ``(None, 0, True)`` without a cluster.
+
+    Example: ``task_type, task_id, is_chief = task_of(strategy)``.
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
         return None, 0, True
@@ -177,3 +184,35 @@ class ProgressWatchdog:
             self._thread.join()
             self._thread = None
         return False
+
+
+def worker_lost_error(error, task_type, task_id, step, run_dir):
+    """The :class:`WorkerLostError` of ``error`` (one of :data:`PEER_LOST_ERRORS`),
+    raised at ``step`` in the worker ``task_type`` ``task_id`` of the run in
+    ``run_dir``: it names the informative line of the error and the
+    checkpoint a restart resumes from.
+
+    Example: ``raise worker_lost_error(e, "worker", 1, 40, "runs/x") from None``.
+    """
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    # The informative line ("Collective ops is aborted by: Socket closed", "... are
+    # unhealthy ..."), not TensorFlow's "Graph execution error:" header.
+    reason = next(
+        (
+            ln
+            for ln in lines
+            if re.search(
+                r"aborted by|unhealthy|socket closed|connection|deadline", ln, re.IGNORECASE
+            )
+        ),
+        lines[0] if lines else "",
+    )
+    latest = (
+        checkpoint_candidates(os.path.join(run_dir, "ckpt")) or ["none yet: a restart starts over"]
+    )[0]
+    return WorkerLostError(
+        f"{task_type} {task_id} lost another worker of the cluster at step "
+        f"{step} ({type(error).__name__}: {reason[:300]}). Restart every "
+        f"worker with the same command; training resumes from the chief's last "
+        f"checkpoint ({latest})."
+    )

@@ -301,10 +301,6 @@ class TrainingOptions:
         "weights if rflow_tf.export is available (default "
         "saved_models/<run name>; '' disables).",
     )
-    # Testing aids (flags hidden from --help): comma-separated steps whose loss is
-    # replaced by NaN; a step after which training stops abruptly, saving nothing.
-    inject_nan_steps: str = setting("", flag="hidden", help="Steps whose loss is made NaN.")
-    inject_crash_step: int = setting(0, flag="hidden", help="Step after which training stops.")
 
     def __post_init__(self):
         check_flags(self)

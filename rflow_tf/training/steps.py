@@ -100,7 +100,11 @@ def _first(strategy, value):
     return strategy.experimental_local_results(value)[0]
 
 
-def _var(v):
+def variable_value(v):
+    """The ``tf.Variable`` behind ``v``: a Keras variable's backing variable, or ``v``.
+
+    Example: ``variable_value(model.trainable_variables[0]).assign_add(1.0)``.
+    """
     return v.value if isinstance(v, keras.Variable) else v
 
 
@@ -149,18 +153,23 @@ def make_train_step(
     hybrid_lambda=None,
     dequantizer=None,
     label_smoothing=0.0,
+    loss_hook=None,
 ):
-    """The distributed training step, a ``tf.function(x, step, poison)``.
+    """The distributed training step, a ``tf.function(x, step)``.
 
     Per replica (seed = fold_in([seed, step], replica id)), for each of
     ``accumulate`` micro-batches of uint8 images: dequantise, compute
     bits/dim with the training estimator, loss =
     compute_average_loss(bpd, global_batch_size) / accumulate, gradients.
     Then all-reduce (sum) the gradients and the loss, clip to the global norm
-    ``grad_clip``; if the loss (+ ``poison``, a testing aid) and the norm are
-    finite, apply Adam and update the EMA ``e <- d e + (1 - d) w``, else skip
+    ``grad_clip``; if the loss and the norm are finite, apply Adam and update
+    the EMA ``e <- d e + (1 - d) w``, else skip
     the update. Finally run power iteration to convergence (``converge``)
     and increment ``step_var`` if given.
+
+    ``loss_hook``: None, or ``(loss, step) -> loss`` traced after the
+    all-reduce, before the finiteness check, with the number of the step
+    being trained (``step + 1``; see :mod:`rflow_tf.training.hooks`).
 
     ``dequantizer``: None (uniform noise) or a
     :class:`rflow_tf.bijectors.dequantization.VariationalDequantizer`; then the loss
@@ -183,7 +192,7 @@ def make_train_step(
     Example:
     ```python
     step_fn = make_train_step(model, opt, strategy, ema, global_batch_size=64)
-    out = step_fn(next(dist_iter), tf.constant(0, tf.int64), tf.constant(0.0))
+    out = step_fn(next(dist_iter), tf.constant(0, tf.int64))
     ```
     """
     variables = trained_variables(model, dequantizer)
@@ -269,7 +278,7 @@ def make_train_step(
         metrics = out[3] if labelled else {}
         return out[0], out[1], out[2], [metrics[m] for m in metric_names]
 
-    def replica_fn(batch, step, poison):
+    def replica_fn(batch, step):
         ctx = tf.distribute.get_replica_context()
         seed_pair = tf.random.experimental.stateless_fold_in(
             tf.stack([base_seed, tf.cast(step, tf.int64)]), ctx.replica_id_in_sync_group
@@ -298,7 +307,8 @@ def make_train_step(
             _, loss, grads, ld, metrics = tf.while_loop(lambda i, *_: i < k, body, init)
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         loss, ld, *metrics = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [loss, ld, *metrics])
-        loss = loss + poison
+        if loss_hook is not None:
+            loss = loss_hook(loss, tf.cast(step, tf.int64) + 1)
         gnorm = tf.linalg.global_norm(grads)
         ok = tf.math.is_finite(loss) & tf.math.is_finite(gnorm)
         if grad_clip and grad_clip > 0:
@@ -312,14 +322,14 @@ def make_train_step(
         return e.assign(ema_decay * e + (1.0 - ema_decay) * tf.cast(w, e.dtype))
 
     @tf.function
-    def train_step(x, step, poison):
-        loss, gnorm, ok, ld, grads, metrics = strategy.run(replica_fn, args=(x, step, poison))
+    def train_step(x, step):
+        loss, gnorm, ok, ld, grads, metrics = strategy.run(replica_fn, args=(x, step))
         ok0 = _first(strategy, ok)
 
         def apply():
             strategy.run(apply_fn, args=(grads,))
             for e, v in zip(ema_vars, variables):
-                strategy.extended.update(e, ema_update, args=(_var(v),), group=False)
+                strategy.extended.update(e, ema_update, args=(variable_value(v),), group=False)
             return tf.constant(True)
 
         tf.cond(ok0, apply, lambda: tf.constant(False))

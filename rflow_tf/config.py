@@ -1,5 +1,7 @@
-"""FlowConfig (every architectural and estimator setting of an image flow, versioned)
-and the paper's presets (PRESETS, get_preset, preset_for_dataset)."""
+"""FlowConfig: every architectural and estimator setting of an image flow,
+versioned (:mod:`rflow_tf.config_versions`). The paper's presets live in
+:mod:`rflow_tf.presets`; their names are also reachable here
+(``from rflow_tf.config import PRESETS, get_preset``)."""
 
 import dataclasses
 import json
@@ -11,72 +13,27 @@ from rflow_tf import bijectors as rbij
 from rflow_tf import classifier as rclf
 from rflow_tf import layers as rlayers
 from rflow_tf import norms as rnorms
+from rflow_tf.config_versions import (  # noqa: F401  (names of the config's versions)
+    CONFIG_VERSION,
+    LEGACY_DEFAULTS,
+    SAME_AS_LOGDET,
+    check_config_version,
+    legacy_defaults,
+    with_version_defaults,
+)
 from rflow_tf.settings import Check, at_least, setting
 
 _TUPLE_FIELDS = ("input_shape", "n_blocks", "fc_hidden")
-
 
 #: The ``--help`` sections of train/main.py that hold the FlowConfig flags.
 MODEL_FLAGS = "data and model"
 LOGDET_FLAGS = "log-det estimator"
 
-
 #: Kinds of flow block (:attr:`FlowConfig.block`).
 BLOCK_TYPES = ("residual", "coupling", "flowpp")
 
-
 #: Layers that map [0, 1] pixels to the flow's input (:attr:`FlowConfig.init_layer`).
 INIT_LAYERS = ("logit", "cifar10")
-
-
-#: Version of :class:`FlowConfig`'s meaning. A config (dict/JSON) written
-#: without ``config_version`` is version 1; its missing fields take the
-#: version-1 values below, so models saved before a default changed load and
-#: train exactly as they were built.
-CONFIG_VERSION = 4
-
-
-#: Fields whose default changed, with their value up to each older version:
-#: version 2 brought the reference's first block (``first_resblock``) and
-#: squeeze order, version 3 the reference's initialisation (``init``) and
-#: a separate evaluation estimator (``logdet_eval``; before, evaluation used
-#: the training estimator, written here as :data:`SAME_AS_LOGDET`), version 4
-#: mixed norms (``vnorms``, ``learn_p``; before, every linear map was
-#: spectrally normalised, which is what "2222" and False mean).
-SAME_AS_LOGDET = "same_as_logdet"
-
-
-LEGACY_DEFAULTS = {
-    1: {"first_resblock": False, "squeeze_order": "space_to_depth"},
-    2: {"init": "glorot", "logdet_eval": SAME_AS_LOGDET},
-    3: {"vnorms": "2222", "learn_p": False},
-}
-
-
-def legacy_defaults(version):
-    """The values a config of ``version`` gives the fields it does not name
-    (every field whose default changed after ``version``).
-
-    Example: ``legacy_defaults(1)["init"]  # "glorot"``.
-    """
-    out = {}
-    for old, defaults in LEGACY_DEFAULTS.items():
-        if version <= old:
-            out.update(defaults)
-    return out
-
-
-def _check_config_version(version):
-    if (
-        isinstance(version, bool)
-        or not isinstance(version, (int, np.integer))
-        or not 1 <= version <= CONFIG_VERSION
-    ):
-        raise ValueError(
-            f"FlowConfig.config_version must be an int in 1..{CONFIG_VERSION} "
-            f"(the versions this rflow_tf knows), got {version!r}; a newer "
-            f"version was written by a newer rflow_tf"
-        )
 
 
 @dataclasses.dataclass
@@ -490,6 +447,12 @@ class FlowConfig:
                     f"FlowConfig.{name} must be {'>= 0' if allow_zero else '> 0'}, got {v}"
                 )
 
+        def one_of(name, choices):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"FlowConfig.{name} must be one of {choices}, got {getattr(self, name)!r}"
+                )
+
         if not isinstance(self.input_shape, tuple) or len(self.input_shape) != 3:
             raise ValueError(f"FlowConfig.input_shape must be (H, W, C), got {self.input_shape!r}")
         for v in self.input_shape:
@@ -500,7 +463,7 @@ class FlowConfig:
             )
         for v in self.n_blocks:
             pos_int("n_blocks", v)
-        _check_config_version(self.config_version)
+        check_config_version(self.config_version)
         h, w, c = self.input_shape
         n_squeeze = self.n_scales - 1 + int(bool(self.squeeze_first))
         if h % (2**n_squeeze) or w % (2**n_squeeze):
@@ -518,13 +481,8 @@ class FlowConfig:
             raise ValueError(
                 f"FlowConfig.kernels must look like '3-1-3' (odd sizes), got {self.kernels!r}"
             )
-        if self.init not in rlayers.INITS:
-            raise ValueError(f"FlowConfig.init must be one of {rlayers.INITS}, got {self.init!r}")
-        if self.squeeze_order not in rbij.SQUEEZE_ORDERS:
-            raise ValueError(
-                f"FlowConfig.squeeze_order must be one of {rbij.SQUEEZE_ORDERS}, "
-                f"got {self.squeeze_order!r}"
-            )
+        one_of("init", rlayers.INITS)
+        one_of("squeeze_order", rbij.SQUEEZE_ORDERS)
         for name in (
             "preactivation",
             "actnorm",
@@ -560,12 +518,8 @@ class FlowConfig:
         if not 0.0 <= float(self.logit_alpha) < 0.5:
             raise ValueError(f"FlowConfig.logit_alpha must lie in [0, 0.5), got {self.logit_alpha}")
         pos_int("n_bits", self.n_bits)
-        if self.block not in BLOCK_TYPES:
-            raise ValueError(f"FlowConfig.block must be one of {BLOCK_TYPES}, got {self.block!r}")
-        if self.init_layer not in INIT_LAYERS:
-            raise ValueError(
-                f"FlowConfig.init_layer must be one of {INIT_LAYERS}, got {self.init_layer!r}"
-            )
+        one_of("block", BLOCK_TYPES)
+        one_of("init_layer", INIT_LAYERS)
         if self.init_layer == "cifar10" and c != len(rclf.CIFAR10_MEAN):
             raise ValueError(
                 f"FlowConfig.init_layer='cifar10' normalises 3 (RGB) channels; the input has {c}"
@@ -574,11 +528,7 @@ class FlowConfig:
         if self.n_classes == 1:
             raise ValueError("FlowConfig.n_classes must be 0 (no classifier) or >= 2, got 1")
         pos_int("head_channels", self.head_channels)
-        if self.head_pooling not in rclf.HEAD_POOLINGS:
-            raise ValueError(
-                f"FlowConfig.head_pooling must be one of {rclf.HEAD_POOLINGS}, "
-                f"got {self.head_pooling!r}"
-            )
+        one_of("head_pooling", rclf.HEAD_POOLINGS)
         if self.block == "coupling":
             last_c = c * (4**n_squeeze) // (2 ** (self.n_scales - 1) if self.factor_out else 1)
             d_last = (h // 2**n_squeeze) * (w // 2**n_squeeze) * last_c
@@ -602,10 +552,7 @@ class FlowConfig:
             )
         if self.n_bits > 8:
             raise ValueError(f"FlowConfig.n_bits must be in 1..8, got {self.n_bits}")
-        if self.logdet not in rbij.LOGDET_MODES:
-            raise ValueError(
-                f"FlowConfig.logdet must be one of {rbij.LOGDET_MODES}, got {self.logdet!r}"
-            )
+        one_of("logdet", rbij.LOGDET_MODES)
         if self.logdet_eval is not None and self.logdet_eval not in rbij.LOGDET_MODES:
             raise ValueError(
                 f"FlowConfig.logdet_eval must be None or one of "
@@ -692,14 +639,7 @@ class FlowConfig:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"Unknown FlowConfig keys {unknown}; valid keys: {names}")
-        d = dict(d)
-        version = d.setdefault("config_version", 1)
-        _check_config_version(version)
-        for name, value in legacy_defaults(version).items():
-            if value == SAME_AS_LOGDET:
-                value = d.get("logdet", cls.logdet)
-            d.setdefault(name, value)
-        return cls(**d)
+        return cls(**with_version_defaults(d, cls.logdet))
 
     def to_json(self, indent=2):
         """JSON text of :meth:`to_dict`.
@@ -737,7 +677,12 @@ class FlowConfig:
         elif isinstance(config, dict):
             cfg = cls.from_dict(config)
         elif isinstance(config, str):
-            cfg = cls.from_json(config) if config.lstrip().startswith("{") else get_preset(config)
+            if config.lstrip().startswith("{"):
+                cfg = cls.from_json(config)
+            else:
+                from rflow_tf.presets import get_preset  # the presets are built from FlowConfig
+
+                cfg = get_preset(config)
         else:
             raise TypeError(
                 f"config must be a FlowConfig, dict, JSON string or preset name; "
@@ -746,300 +691,9 @@ class FlowConfig:
         return cfg.validate()
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """A named architecture plus the reference's training defaults for it.
+def __getattr__(name):  # the presets (rflow_tf.presets), built from FlowConfig, on first use
+    if name in ("Preset", "PRESETS", "get_preset", "get_preset_training", "preset_for_dataset"):
+        from rflow_tf import presets
 
-    Fields: ``config`` (:class:`FlowConfig`), ``dataset`` (the dataset it was
-    designed for), ``batch_size`` (global), ``accumulate`` (gradient
-    accumulation steps per optimiser step), ``lr``, ``warmup_steps``,
-    ``epochs`` or ``steps`` (training length; ``steps`` wins if both set),
-    ``ema_decay``, ``grad_clip``, ``eval_every``, ``sample_every``,
-    ``description``.
-
-    Example:
-    ```python
-    p = PRESETS["celeb_a_hq"]
-    p.batch_size, p.accumulate, p.config.n_bits    # 8, 5, 5
-    ```
-    """
-
-    name: str
-    config: FlowConfig
-    dataset: str
-    batch_size: int = 64
-    accumulate: int = 1
-    lr: float = 1e-3
-    warmup_steps: int = 1000
-    epochs: Optional[float] = None
-    steps: Optional[int] = None
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    eval_every: int = 1000
-    sample_every: int = 1000
-    description: str = ""
-
-    def training_defaults(self):
-        """The training fields as a dict (everything but name/config/description)."""
-        d = dataclasses.asdict(self)
-        for k in ("name", "config", "description"):
-            d.pop(k)
-        return d
-
-
-def _paper(name, dataset, description, **cfg_kwargs):
-    train_kwargs = {
-        k: cfg_kwargs.pop(k)
-        for k in list(cfg_kwargs)
-        if k
-        in (
-            "batch_size",
-            "accumulate",
-            "lr",
-            "warmup_steps",
-            "epochs",
-            "steps",
-            "ema_decay",
-            "grad_clip",
-            "eval_every",
-            "sample_every",
-        )
-    }
-    train_kwargs.setdefault("epochs", 1000)
-    return Preset(
-        name=name,
-        config=FlowConfig(**cfg_kwargs).validate(),
-        dataset=dataset,
-        description=description,
-        **train_kwargs,
-    )
-
-
-PRESETS = {
-    # ---- the paper's architectures (reference defaults; Appendix E) ----
-    "mnist": _paper(
-        "mnist",
-        "mnist",
-        "Paper MNIST model: 3 scales of 16 blocks, 512 channels, FC end.",
-        input_shape=(28, 28, 1),
-        n_blocks=(16, 16, 16),
-        logit_alpha=1e-6,
-    ),
-    "cifar10": _paper(
-        "cifar10",
-        "cifar10",
-        "Paper CIFAR-10 model: 3 scales of 16 blocks, 512 channels, FC end.",
-        input_shape=(32, 32, 3),
-        n_blocks=(16, 16, 16),
-        logit_alpha=0.05,
-    ),
-    "imagenet32": _paper(
-        "imagenet32",
-        "imagenet32",
-        "Paper ImageNet32 model: 3 scales of 32 blocks.",
-        input_shape=(32, 32, 3),
-        n_blocks=(32, 32, 32),
-        logit_alpha=0.05,
-        epochs=20,
-    ),
-    "imagenet64": _paper(
-        "imagenet64",
-        "imagenet64",
-        "Paper ImageNet64 model: squeeze first, 3 scales of 32 blocks, factor-out.",
-        input_shape=(64, 64, 3),
-        n_blocks=(32, 32, 32),
-        logit_alpha=0.05,
-        squeeze_first=True,
-        factor_out=True,
-        epochs=20,
-    ),
-    "celeb_a_hq": _paper(
-        "celeb_a_hq",
-        "celeb_a_hq",
-        "Paper CelebA-HQ 256 model: 5-bit, ELU, squeeze first, 6 scales of 16 blocks, "
-        "factor-out, no FC end, 8 exact terms, batch 8 x 5 accumulation.",
-        input_shape=(256, 256, 3),
-        n_blocks=(16,) * 6,
-        logit_alpha=0.05,
-        n_bits=5,
-        activation="elu",
-        squeeze_first=True,
-        factor_out=True,
-        fc_end=False,
-        n_exact_terms=8,
-        batch_size=8,
-        accumulate=5,
-    ),
-    # The reference publishes no command for CelebA 64x64 5-bit: these are the
-    # defaults its train_img.py applies to --data celeba_5bit (64x64, 5 bits,
-    # logit alpha 0.05, flips; LipSwish, 3 scales of 16 blocks, FC end, batch 64).
-    "celeba_5bit": _paper(
-        "celeba_5bit",
-        "celeba_5bit",
-        "The reference's CelebA-HQ 64x64 5-bit model (train_img.py --data celeba_5bit, "
-        "its defaults): 3 scales of 16 blocks, 512 channels, LipSwish, FC end, 5-bit.",
-        input_shape=(64, 64, 3),
-        n_blocks=(16, 16, 16),
-        logit_alpha=0.05,
-        n_bits=5,
-    ),
-    # ---- small presets for a CPU ----
-    "digits_small": Preset(
-        name="digits_small",
-        dataset="digits",
-        description="CPU model for the 8x8 sklearn digits: 2 scales of 2 blocks, 32 channels, "
-        "2 FC blocks. Trains in a few minutes on 2 cores.",
-        config=FlowConfig(
-            input_shape=(8, 8, 1),
-            n_blocks=(2, 2),
-            hidden_channels=32,
-            n_fc_blocks=2,
-            fc_hidden=(64, 64),
-            logit_alpha=1e-6,
-        ).validate(),
-        batch_size=64,
-        lr=2e-3,
-        warmup_steps=100,
-        steps=1200,
-        ema_decay=0.99,
-        eval_every=400,
-        sample_every=400,
-    ),
-    # ---- Flow++ (block="flowpp") ----
-    "flowpp_cifar10": Preset(
-        name="flowpp_cifar10",
-        dataset="cifar10",
-        description="Flow++ CIFAR-10 structure (Ho et al. 2019): 4 checkerboard MixLogCDF "
-        "couplings at 32x32x3, squeeze, 2 channel + 3 checkerboard couplings at "
-        "16x16x12; 32 logistics, conditioners of 10 gated conv + 4-head attention "
-        "blocks with 96 channels; ActNorm after each coupling; no factor-out, no "
-        "FC end. Train with --dequantization=variational.",
-        config=FlowConfig(
-            input_shape=(32, 32, 3),
-            n_blocks=(4, 5),
-            hidden_channels=96,
-            block="flowpp",
-            flowpp_components=32,
-            flowpp_conditioner_blocks=10,
-            flowpp_heads=4,
-            flowpp_channel_couplings=2,
-            fc_end=False,
-            logit_alpha=0.05,
-        ).validate(),
-        batch_size=64,
-        lr=1e-3,
-        warmup_steps=2000,
-        epochs=400,
-        eval_every=1000,
-        sample_every=5000,
-    ),
-    "flowpp_digits": Preset(
-        name="flowpp_digits",
-        dataset="digits",
-        description="Small Flow++ for the 8x8 digits: 4 checkerboard couplings at 8x8x1, "
-        "squeeze, 2 channel + 2 checkerboard couplings at 4x4x4; 4 logistics, "
-        "conditioners of 1 gated conv + 4-head attention block with 32 channels.",
-        config=FlowConfig(
-            input_shape=(8, 8, 1),
-            n_blocks=(4, 4),
-            hidden_channels=32,
-            block="flowpp",
-            flowpp_components=4,
-            flowpp_conditioner_blocks=1,
-            flowpp_heads=4,
-            flowpp_channel_couplings=2,
-            fc_end=False,
-            logit_alpha=1e-6,
-        ).validate(),
-        batch_size=64,
-        lr=2e-3,
-        warmup_steps=100,
-        steps=1200,
-        ema_decay=0.99,
-        eval_every=400,
-        sample_every=400,
-    ),
-    "tiny": Preset(
-        name="tiny",
-        dataset="digits",
-        description="Smallest useful model (tests, smoke runs): 2 scales of 1 block, 8 channels, "
-        "1 FC block.",
-        config=FlowConfig(
-            input_shape=(8, 8, 1),
-            n_blocks=(1, 1),
-            hidden_channels=8,
-            n_fc_blocks=1,
-            fc_hidden=(16,),
-            logit_alpha=1e-6,
-        ).validate(),
-        batch_size=16,
-        lr=1e-3,
-        warmup_steps=10,
-        steps=20,
-        ema_decay=0.9,
-        eval_every=20,
-        sample_every=20,
-    ),
-}
-
-
-_DATASET_PRESET = {
-    "digits": "digits_small",
-    "mnist": "mnist",
-    "cifar10": "cifar10",
-    "svhn_cropped": "cifar10",
-    "celeb_a_hq": "celeb_a_hq",
-    "celeb_a_hq/256": "celeb_a_hq",
-    "celeba_5bit": "celeba_5bit",
-    "imagenet32": "imagenet32",
-    "imagenet64": "imagenet64",
-}
-
-
-def _check_preset_name(name):
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
-
-
-def get_preset(name, **overrides):
-    """A fresh copy of preset ``name``'s :class:`FlowConfig`, with ``overrides``.
-
-    Presets: ``mnist``, ``cifar10``, ``imagenet32``, ``imagenet64``,
-    ``celeb_a_hq`` (the paper's), ``celeba_5bit`` (the reference's CelebA
-    64x64 5-bit defaults), ``digits_small``, ``tiny`` (CPU).
-
-    Example:
-    ```python
-    cfg = get_preset("cifar10", n_exact_terms=4)
-    flow = ResidualFlow(cfg)
-    ```
-    """
-    _check_preset_name(name)
-    cfg = dataclasses.replace(PRESETS[name].config)
-    return cfg.replace(**overrides) if overrides else cfg
-
-
-def get_preset_training(name):
-    """Training defaults of preset ``name`` as a dict (batch_size, accumulate,
-    lr, warmup_steps, epochs, steps, ema_decay, grad_clip, eval_every,
-    sample_every, dataset).
-
-    Example: ``get_preset_training("celeb_a_hq")["accumulate"]  # 5``.
-    """
-    _check_preset_name(name)
-    return PRESETS[name].training_defaults()
-
-
-def preset_for_dataset(dataset):
-    """The default preset name for a dataset name (``digits`` -> ``digits_small``,
-    ``svhn_cropped`` -> ``cifar10``, ...).
-
-    Example: ``preset_for_dataset("mnist")  # "mnist"``.
-    """
-    key = str(dataset).strip().lower()
-    if key not in _DATASET_PRESET:
-        raise ValueError(
-            f"No default preset for dataset {dataset!r}; pass a preset "
-            f"explicitly (one of {sorted(PRESETS)})"
-        )
-    return _DATASET_PRESET[key]
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,12 @@ Contents
   ``log_prob``, ``bits_per_dim``, ``sample``, ``.bijector`` and
   ``.distribution()``.
 * :class:`FlowDistribution` -- the ``tfd.TransformedDistribution`` of a
-  flow, which forwards per-call seeds to its residual blocks.
-* :class:`FlowLayer` -- a distribution as a Keras layer, so that a Keras model
-  tracks its weights.
+  flow, which forwards per-call seeds to its residual blocks, and
+  :class:`FlowLayer` -- a distribution as a Keras layer, so that a Keras model
+  tracks its weights (both in :mod:`rflow_tf.distribution`, re-exported here).
 
-The configuration lives in :mod:`rflow_tf.config` (:class:`FlowConfig`, the
-paper's presets, :func:`get_preset`) and the multiscale structure in
+The configuration lives in :mod:`rflow_tf.config` (:class:`FlowConfig`), the
+paper's presets in :mod:`rflow_tf.presets` (:func:`get_preset`) and the multiscale structure in
 :mod:`rflow_tf.flow` (:class:`FlowBijector`, :class:`FactorOut`,
 :func:`build_stages`); their names are re-exported here.
 
@@ -93,22 +93,25 @@ from rflow_tf.config import (  # noqa: F401
     CONFIG_VERSION,
     INIT_LAYERS,
     LEGACY_DEFAULTS,
-    PRESETS,
     FlowConfig,
-    Preset,
-    get_preset,
-    get_preset_training,
     legacy_defaults,
-    preset_for_dataset,
 )
+from rflow_tf.distribution import KERAS_PACKAGE, FlowDistribution, FlowLayer
 from rflow_tf.flow import (
     FactorOut,  # noqa: F401
     FlowBijector,
-    _as_seed,
-    _iter_stages,
+    as_seed,
     build_stages,
     check_pixels,
     check_sample_args,
+    iter_stages,
+)
+from rflow_tf.presets import (  # noqa: F401
+    PRESETS,
+    Preset,
+    get_preset,
+    get_preset_training,
+    preset_for_dataset,
 )
 
 tfb = tfp.bijectors
@@ -133,95 +136,7 @@ __all__ = [
     "FlowLayer",
 ]
 
-_PACKAGE = "rflow_tf"
 _LN2 = math.log(2.0)
-
-
-class FlowDistribution(tfd.TransformedDistribution):
-    """``tfd.TransformedDistribution(base, tfb.Invert(flow))`` whose
-    ``log_prob`` runs the cheap data -> latent direction once:
-
-        log p(x) = base.log_prob(flow(x)) + log |det d flow / dx|
-
-    (TFP's generic ``log_prob`` would evaluate the log-det at
-    ``flow.inverse(flow(x))``, i.e. run the fixed-point inverse of every
-    residual block.) ``bijector_kwargs`` such as ``{"seed": s, "training":
-    True}`` reach the flow. Requires ``bijector`` to be
-    ``tfb.Invert(FlowBijector)``.
-
-    Example:
-    ```python
-    dist = FlowDistribution(tfd.MultivariateNormalDiag(tf.zeros([64])),
-                            tfb.Invert(model.bijector))
-    dist.log_prob(x, bijector_kwargs={"seed": [1, 2]})
-    ```
-    """
-
-    def sample(self, sample_shape=(), seed=None, name="sample", **kwargs):
-        """Samples (see ``tfd.Distribution.sample``) after checking the arguments:
-        ``sample_shape`` positive ints, ``seed`` None, an int or shape [2]
-        (:func:`check_sample_args`), so bad values raise a clear ValueError.
-
-        Example: ``dist.sample(4, seed=[1, 2])``.
-        """
-        check_sample_args(sample_shape, seed, self.name)
-        return super().sample(sample_shape, seed=seed, name=name, **kwargs)
-
-    def _log_prob(self, y, **kwargs):
-        distribution_kwargs, bijector_kwargs = self._kwargs_split_fn(kwargs)
-        flow = self.bijector.bijector
-        z, ld = flow.forward_and_log_det(y, **bijector_kwargs)
-        return self.distribution.log_prob(z, **distribution_kwargs) + tf.cast(ld, self.dtype)
-
-
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class FlowLayer(keras.layers.Layer):
-    """A Keras layer holding a TFP distribution or bijector built from
-    rflow_tf pieces, so that a ``keras.Model`` that holds it sees its weights
-    (Keras 3 does not look inside ``tf.Module``s such as distributions).
-
-    ``call(x)`` is ``dist.log_prob(x)`` for a distribution, and
-    ``bijector.forward(x)`` for a bijector. The Lipschitz bound is kept by the
-    layers themselves in any training loop.
-
-    Example:
-    ```python
-    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
-                                       tfb.Invert(tfb.Chain(blocks)))
-    class Model(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.flow = FlowLayer(dist)
-        def call(self, x):
-            return self.flow(x)
-    len(Model().trainable_weights)     # every weight of the blocks
-    ```
-    """
-
-    def __init__(self, flow, **kwargs):
-        super().__init__(**kwargs)
-        parts = rlayers.keras_layers(flow)
-        if not parts:
-            raise ValueError(f"FlowLayer: found no Keras layers inside {type(flow).__name__}")
-        object.__setattr__(self, "_flow", flow)  # a tf.Module: keep out of Keras tracking
-        self.flow_parts = parts  # tracked: their weights are this layer's
-        self.built = True
-
-    @property
-    def flow(self):
-        """The wrapped distribution or bijector."""
-        return self._flow
-
-    def call(self, x):
-        if isinstance(self._flow, tfd.Distribution):
-            return self._flow.log_prob(x)
-        return self._flow.forward(x)
-
-    def get_config(self):
-        raise NotImplementedError(
-            "FlowLayer wraps a Python object and has no config; save its "
-            "weights with tf.train.Checkpoint or model.save_weights"
-        )
 
 
 # ----------------------------------------------------------------------------
@@ -229,7 +144,7 @@ class FlowLayer(keras.layers.Layer):
 # ----------------------------------------------------------------------------
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
 def _finite_images_or_nan(x, z, where):
     """clip(x, 0, 1) for samples whose image x and latent z are finite; the
     others become all-NaN and are reported (RuntimeWarning eagerly, stderr in
@@ -279,10 +194,10 @@ class ResidualFlow(keras.Model):
     Main methods: :meth:`initialize` (data-dependent ActNorm init, once,
     before training), :meth:`log_prob`, :meth:`bits_per_dim`,
     :meth:`forward_and_log_det`, :meth:`sample` (fixed-point inverse),
-    :meth:`converge_lipschitz` (after every optimiser step and before
-    evaluation/sampling), ``.bijector`` (the whole flow as one TFP bijector,
-    data -> latent) and :meth:`distribution`; with ``config.n_classes``:
-    :meth:`classify` (logits, no log-det) and :meth:`log_prob_and_logits`.
+    :meth:`converge_lipschitz` (the careful norm estimates before
+    evaluation, sampling or export; training needs no call), ``.bijector``
+    (the whole flow as one TFP bijector, data -> latent) and
+    :meth:`distribution`; with ``config.n_classes``: :meth:`classify` (logits, no log-det) and :meth:`log_prob_and_logits`.
 
     All weights are Keras variables of ``model.flow_layers`` (the residual
     nets and ActNorm layers), so ``model.trainable_variables``,
@@ -335,7 +250,7 @@ class ResidualFlow(keras.Model):
         object.__setattr__(self, "_flow", FlowBijector(stages, cfg.input_shape, name=self.name))
         object.__setattr__(self, "_iresblocks", self._flow.iresblocks)
         object.__setattr__(
-            self, "_actnorms", [b for b in _iter_stages(stages) if isinstance(b, rbij.ActNorm)]
+            self, "_actnorms", [b for b in iter_stages(stages) if isinstance(b, rbij.ActNorm)]
         )
         self.built = True
 
@@ -593,8 +508,10 @@ class ResidualFlow(keras.Model):
 
     def update_lipschitz(self):
         """Re-estimates sigma in every Lipschitz layer whose kernel changed since
-        its last estimate (see :func:`rflow_tf.layers.update_lipschitz`); call
-        in cross-replica context after an optimiser step.
+        its last estimate (see :func:`rflow_tf.layers.update_lipschitz`). Each
+        use of a changed kernel does this by itself; a distributed training
+        loop calls it after the optimiser step, in cross-replica context, so
+        the stored estimates are current for every replica.
 
         Example: ``optimizer.apply_gradients(...); flow.update_lipschitz()``.
         """
@@ -645,7 +562,7 @@ class ResidualFlow(keras.Model):
             loss = tf.reduce_mean(self.bits_per_dim(x, training=True, validate=False))
         grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
-        if rlayers._can_store_in_context():  # pylint: disable=protected-access
+        if rlayers.can_store_in_context():
             self.update_lipschitz()
         return {"loss": loss}
 
@@ -701,7 +618,7 @@ class ResidualFlow(keras.Model):
             z = tf.random.normal(shape, dtype=self.flow_dtype)
         else:
             z = tf.random.stateless_normal(
-                shape, _as_seed(seed, "ResidualFlow.sample"), dtype=self.flow_dtype
+                shape, as_seed(seed, "ResidualFlow.sample"), dtype=self.flow_dtype
             )
         z = z * tf.cast(temperature, self.flow_dtype)
         return _finite_images_or_nan(self._flow.inverse(z), z, "ResidualFlow.sample")

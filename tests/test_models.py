@@ -12,6 +12,7 @@ import tensorflow_probability as tfp
 from rflow_tf import bijectors as rbij
 from rflow_tf import layers as rlayers
 from rflow_tf import models
+from rflow_tf.flow import iter_stages
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -257,7 +258,7 @@ def test_paper_architecture_structure_celeba():
         "celeb_a_hq", input_shape=(64, 64, 3), n_blocks=(1,) * 6, hidden_channels=4
     )
     model = models.ResidualFlow(cfg)
-    stages = list(models._iter_stages(model.stages))  # pylint: disable=protected-access
+    stages = list(iter_stages(model.stages))
     assert sum(isinstance(b, models.FactorOut) for b in stages) == 5
     assert sum(isinstance(b, rbij.IResBlock) for b in stages) == 6
     assert isinstance(model.stages[1], rbij.Squeeze)  # squeeze_first
@@ -444,7 +445,7 @@ def _is_preactivated(block):
 def _layout(model):
     """(kind, detail) per stage in application order, descending into FactorOut."""
     out = []
-    for b in models._iter_stages(model.stages):  # pylint: disable=protected-access
+    for b in iter_stages(model.stages):
         if isinstance(b, rbij.IResBlock):
             out.append(("block", "preact" if _is_preactivated(b) else "no_preact"))
         elif isinstance(b, rbij.Squeeze):

@@ -1,0 +1,109 @@
+"""A flow as a TFP distribution and as a Keras layer.
+
+* :class:`FlowDistribution` -- the ``tfd.TransformedDistribution`` of a
+  flow, which forwards per-call seeds to its residual blocks and runs the
+  cheap data -> latent direction for ``log_prob``.
+* :class:`FlowLayer` -- a distribution or bijector as a Keras layer, so that a
+  Keras model tracks its weights.
+
+Both are re-exported by :mod:`rflow_tf.models`.
+"""
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+from rflow_tf import layers as rlayers
+from rflow_tf.flow import check_sample_args
+
+tfd = tfp.distributions
+
+#: The Keras registration package of rflow_tf's serialisable objects.
+KERAS_PACKAGE = "rflow_tf"
+
+
+class FlowDistribution(tfd.TransformedDistribution):
+    """``tfd.TransformedDistribution(base, tfb.Invert(flow))`` whose
+    ``log_prob`` runs the cheap data -> latent direction once:
+
+        log p(x) = base.log_prob(flow(x)) + log |det d flow / dx|
+
+    (TFP's generic ``log_prob`` would evaluate the log-det at
+    ``flow.inverse(flow(x))``, i.e. run the fixed-point inverse of every
+    residual block.) ``bijector_kwargs`` such as ``{"seed": s, "training":
+    True}`` reach the flow. Requires ``bijector`` to be
+    ``tfb.Invert(FlowBijector)``.
+
+    Example:
+    ```python
+    dist = FlowDistribution(tfd.MultivariateNormalDiag(tf.zeros([64])),
+                            tfb.Invert(model.bijector))
+    dist.log_prob(x, bijector_kwargs={"seed": [1, 2]})
+    ```
+    """
+
+    def sample(self, sample_shape=(), seed=None, name="sample", **kwargs):
+        """Samples (see ``tfd.Distribution.sample``) after checking the arguments:
+        ``sample_shape`` positive ints, ``seed`` None, an int or shape [2]
+        (:func:`check_sample_args`), so bad values raise a clear ValueError.
+
+        Example: ``dist.sample(4, seed=[1, 2])``.
+        """
+        check_sample_args(sample_shape, seed, self.name)
+        return super().sample(sample_shape, seed=seed, name=name, **kwargs)
+
+    def _log_prob(self, y, **kwargs):
+        distribution_kwargs, bijector_kwargs = self._kwargs_split_fn(kwargs)
+        flow = self.bijector.bijector
+        z, ld = flow.forward_and_log_det(y, **bijector_kwargs)
+        return self.distribution.log_prob(z, **distribution_kwargs) + tf.cast(ld, self.dtype)
+
+
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
+class FlowLayer(keras.layers.Layer):
+    """A Keras layer holding a TFP distribution or bijector built from
+    rflow_tf pieces, so that a ``keras.Model`` that holds it sees its weights
+    (Keras 3 does not look inside ``tf.Module``s such as distributions).
+
+    ``call(x)`` is ``dist.log_prob(x)`` for a distribution, and
+    ``bijector.forward(x)`` for a bijector. The Lipschitz bound is kept by the
+    layers themselves in any training loop.
+
+    Example:
+    ```python
+    dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
+                                       tfb.Invert(tfb.Chain(blocks)))
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.flow = FlowLayer(dist)
+        def call(self, x):
+            return self.flow(x)
+    len(Model().trainable_weights)     # every weight of the blocks
+    ```
+    """
+
+    def __init__(self, flow, **kwargs):
+        super().__init__(**kwargs)
+        parts = rlayers.keras_layers(flow)
+        if not parts:
+            raise ValueError(f"FlowLayer: found no Keras layers inside {type(flow).__name__}")
+        object.__setattr__(self, "_flow", flow)  # a tf.Module: keep out of Keras tracking
+        self.flow_parts = parts  # tracked: their weights are this layer's
+        self.built = True
+
+    @property
+    def flow(self):
+        """The wrapped distribution or bijector."""
+        return self._flow
+
+    def call(self, x):
+        if isinstance(self._flow, tfd.Distribution):
+            return self._flow.log_prob(x)
+        return self._flow.forward(x)
+
+    def get_config(self):
+        raise NotImplementedError(
+            "FlowLayer wraps a Python object and has no config; save its "
+            "weights with tf.train.Checkpoint or model.save_weights"
+        )

@@ -132,8 +132,13 @@ def series_weight(k, draws, n_exact_terms, dist="poisson", param=2.0, dtype=tf.f
 
     Example:
     ```python
-    n = sample_roulette(seed, "poisson", 2.0)
-    w3 = series_weight(3, n, n_exact_terms=2)
+    import tensorflow as tf
+    from rflow_tf.estimators import roulette_tail_prob, sample_roulette, series_weight
+
+    n = sample_roulette(tf.constant([0, 1]), "poisson", 2.0)   # one draw N, shape [1]
+    w3 = series_weight(3, n, n_exact_terms=2)                  # 1[N >= 1] / P(N >= 1)
+    assert abs(float(w3) - float(n[0] >= 1) / float(roulette_tail_prob(1))) < 1e-6
+    assert float(series_weight(2, n, n_exact_terms=2)) == 1.0  # the exact terms weigh 1
     ```
     """
     k = tf.convert_to_tensor(k, tf.int32)
@@ -151,8 +156,16 @@ def series_weights(n_terms, draws, n_exact_terms, dist="poisson", param=2.0, dty
 
     Example:
     ```python
-    n = sample_roulette(seed, "poisson", 2.0)
-    w = series_weights(n[0] + 2, n, n_exact_terms=2)
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.estimators import sample_roulette, series_weights
+
+    n = sample_roulette(tf.constant([0, 1]), "poisson", 2.0)
+    w = series_weights(n[0] + 2, n, n_exact_terms=2)   # the N + 2 weights of one draw
+    assert w.shape == [int(n[0]) + 2] and (w[:2].numpy() == 1.0).all()
+    # Unbiased: averaged over many draws, every term's weight is 1.
+    many = sample_roulette(tf.constant([0, 2]), "poisson", 2.0, n_samples=20000)
+    np.testing.assert_allclose(series_weights(6, many, n_exact_terms=2), 1.0, atol=0.1)
     ```
     """
     return series_weight(tf.range(1, n_terms + 1), draws, n_exact_terms, dist, param, dtype)
@@ -166,7 +179,14 @@ def hutchinson_probe(shape, seed, kind="gaussian", dtype=tf.float32):
 
     Example:
     ```python
-    v = hutchinson_probe([batch, dim], seed=[0, 1], kind="rademacher")
+    import tensorflow as tf
+    from rflow_tf.estimators import hutchinson_probe
+
+    A = tf.constant([[1.0, 2.0], [3.0, 4.0]])                  # tr(A) = 5
+    v = hutchinson_probe([20000, 2], seed=[0, 1], kind="rademacher")
+    assert set(v.numpy().ravel()) == {-1.0, 1.0}
+    trace = tf.reduce_mean(tf.reduce_sum((v @ A) * v, axis=1))   # mean of v^T A v
+    assert abs(float(trace) - 5.0) < 0.2
     ```
     """
     if kind == "gaussian":
@@ -232,8 +252,16 @@ def power_series_terms(vjp_fn, v, n_terms, weights, with_neumann=False):
 
     Example:
     ```python
-    A = tf.constant([[0.1, 0.2], [0.0, 0.3]])
-    est, _ = power_series_terms(lambda w: w @ A, v, 10, tf.ones([10]))
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.estimators import power_series_terms
+
+    A = tf.constant([[0.1, 0.2], [0.0, 0.3]])   # J, with Lip < 1
+    v = tf.eye(2)   # the probes e_1, e_2: their estimates sum to the exact trace
+    est, u = power_series_terms(lambda w: w @ A, v, 10, tf.ones([10]), with_neumann=True)
+    I = np.eye(2)
+    np.testing.assert_allclose(tf.reduce_sum(est), np.log(np.linalg.det(I + A)), atol=1e-6)
+    np.testing.assert_allclose(u, np.linalg.inv(I + A), atol=1e-5)   # rows e_i^T (I + J)^-1
     ```
     """
     weight_fn = weights if callable(weights) else (lambda k: tf.gather(weights, k - 1))
@@ -261,7 +289,18 @@ def power_series_logdet(vjp_fn, v, n_terms, weights):
 
     Example:
     ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.estimators import (
+        hutchinson_probe, power_series_logdet, sample_roulette, series_weights)
+
+    A = tf.constant([[0.1, 0.2], [0.0, 0.3]])   # J, with log det(I + J) = log(1.1 * 1.3)
+    v = hutchinson_probe([4096, 2], seed=[0, 1])   # one probe per example
+    draws = sample_roulette(tf.constant([2, 3]), "poisson", 2.0, n_samples=64)
+    n = tf.reduce_max(draws) + 2                   # 2 exact terms, then the roulette
     est = power_series_logdet(lambda w: w @ A, v, n, series_weights(n, draws, 2))
+    print(float(tf.reduce_mean(est)), np.log(1.1 * 1.3))   # unbiased: close on average
+    assert abs(float(tf.reduce_mean(est)) - np.log(1.1 * 1.3)) < 0.05
     ```
     """
     return power_series_terms(vjp_fn, v, n_terms, weights)[0]
@@ -275,9 +314,19 @@ def neumann_surrogate(vjp_fn, u, v):
 
     Example:
     ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.estimators import neumann_surrogate, power_series_terms
+
+    A = tf.Variable([[0.1, 0.2], [0.0, 0.3]])   # J
+    v = tf.eye(2)
+    _, u = power_series_terms(lambda w: w @ A, v, 20, tf.ones([20]), with_neumann=True)
     with tf.GradientTape() as tape:
         s = neumann_surrogate(lambda w: w @ A, tf.stop_gradient(u), v)
-    grad_A = tape.gradient(tf.reduce_sum(s), A)
+        surrogate = tf.reduce_sum(s)
+    grad_A = tape.gradient(surrogate, A)
+    # d log det(I + A) / dA = (I + A)^-T
+    np.testing.assert_allclose(grad_A, np.linalg.inv(np.eye(2) + A.numpy()).T, atol=1e-5)
     ```
     """
     return _batch_dot(vjp_fn(tf.stop_gradient(u)), v)
@@ -291,9 +340,18 @@ def neumann_surrogate_jvp(jvp_fn, u, v):
 
     Example:
     ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.estimators import neumann_surrogate_jvp, power_series_terms
+
+    A = tf.Variable([[0.1, 0.2], [0.0, 0.3]])   # J
+    v = tf.eye(2)
+    _, u = power_series_terms(lambda w: w @ A, v, 20, tf.ones([20]), with_neumann=True)
     with tf.GradientTape() as tape:
-        s = neumann_surrogate_jvp(lambda t: t @ tf.transpose(A), u, v)
-    grad_A = tape.gradient(tf.reduce_sum(s), A)
+        s = neumann_surrogate_jvp(lambda t: t @ tf.transpose(A), u, v)   # rows of J v
+        surrogate = tf.reduce_sum(s)
+    grad_A = tape.gradient(surrogate, A)
+    np.testing.assert_allclose(grad_A, np.linalg.inv(np.eye(2) + A.numpy()).T, atol=1e-5)
     ```
     """
     return _batch_dot(tf.stop_gradient(u), jvp_fn(v))

@@ -29,10 +29,17 @@ writes it): tensors are then read-only strided views of the file, so a
 
 Example:
 ```python
+import pathlib
+import rflow_tf
 from rflow_tf import torch_format
-ckpt = torch_format.read_checkpoint("cifar10_resflow_16-16-16.pth")
-ckpt["args"].nblocks                         # '16-16-16'
-ckpt["state_dict"]["transforms.0.chain.0.weight"].shape   # NumPy array
+
+# A checkpoint of the authors' train_img.py (a small MNIST model, in the repository's tests).
+repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]
+ckpt = torch_format.read_checkpoint(repo / "tests/data/reference/mnist16.pth")
+print(ckpt["args"].nblocks)                                   # '2-2-2'
+w = ckpt["state_dict"]["transforms.0.chain.2.nnet.0.weight"]  # a NumPy array (O, I, H, W)
+assert w.shape == (32, 1, 3, 3)
+print(ckpt["ema"])   # <pickled resflows.utils.ExponentialMovingAverage>: an inert stub
 ```
 """
 
@@ -401,9 +408,30 @@ def read_checkpoint(path, mmap=False):
 
     Example:
     ```python
-    ckpt = read_checkpoint("tests/data/reference/mnist16.pth")
-    sorted(ckpt)      # ['args', 'ema', 'optimizer_state_dict', 'state_dict', 'test_bpd']
-    images = read_checkpoint("data/imagenet32/valid_32x32.pth", mmap=True)  # no bytes read
+    import pathlib
+    import pickle
+    import zipfile
+    import numpy as np
+    import rflow_tf
+    from rflow_tf.torch_format import UnsafeCheckpointError, read_checkpoint
+
+    repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]   # the repository's test data
+    ckpt = read_checkpoint(repo / "tests/data/reference/mnist16.pth")
+    assert sorted(ckpt) == ["args", "ema", "optimizer_state_dict", "state_dict", "test_bpd"]
+    data = repo / "tests/data/reference-data/imagenet32/valid_32x32.pth"
+    images = read_checkpoint(data, mmap=True)   # no bytes read: a read-only view of the file
+    assert images.dtype == np.uint8 and not images.flags.writeable
+
+    class RunsCode:   # what a malicious checkpoint pickles
+        def __reduce__(self):
+            return (print, ("this would have run",))
+
+    with zipfile.ZipFile("evil.pth", "w") as zf:   # the layout torch.save writes
+        zf.writestr("archive/data.pkl", pickle.dumps({"state_dict": RunsCode()}))
+    try:
+        read_checkpoint("evil.pth")
+    except UnsafeCheckpointError as e:
+        print(e)   # ... the global 'builtins.print' ...; nothing was executed
     ```
     """
     path = os.fspath(path)

@@ -143,9 +143,24 @@ def no_write_since(point):
 
     Example:
     ```python
-    point = graph_point()
-    ...  # build more ops
-    if no_write_since(point): ...   # values read at `point` are still current
+    import tensorflow as tf
+    from rflow_tf.tracing import graph_point, no_write_since
+
+    v = tf.Variable(1.0)
+    seen = []
+
+    @tf.function
+    def f():
+        point = graph_point()
+        x = v * 2.0                         # build more ops (reads only)
+        seen.append(no_write_since(point))  # True: values read at `point` are current
+        v.assign(x)
+        seen.append(no_write_since(point))  # False: a variable may have changed
+        return x
+
+    f()
+    assert seen == [True, False]
+    assert graph_point() is None and not no_write_since(None)   # eagerly: nothing is reused
     ```
     """
     if point is None or tf.executing_eagerly():
@@ -172,10 +187,27 @@ class TraceMemo:
 
     Example:
     ```python
+    import tensorflow as tf
+    from rflow_tf.tracing import TraceMemo
+
     memo = TraceMemo()
-    value = memo.get("sigma")
-    if value is None:
-        value = memo.put("sigma", expensive())
+    v = tf.Variable(4.0)
+    built = []   # one entry per time the ops of sigma are built
+
+    def sigma():
+        value = memo.get("sigma")
+        if value is None:   # not stored in this graph, or a variable may have changed
+            built.append("sigma")
+            value = memo.put("sigma", tf.sqrt(v.read_value()))
+        return value
+
+    @tf.function
+    def f():
+        a = sigma() + sigma()   # the second request reuses the first one's ops
+        v.assign(9.0)
+        return a + sigma()      # after a write: built anew, reads the new value
+
+    assert float(f()) == 2.0 + 2.0 + 3.0 and len(built) == 2
     ```
     """
 

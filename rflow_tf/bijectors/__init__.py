@@ -8,11 +8,19 @@ f). A flow is therefore used in a ``tfd.TransformedDistribution`` through
 ``tfb.Invert``:
 
 ```python
+import tensorflow as tf
+import tensorflow_probability as tfp
+from rflow_tf.bijectors import IResBlock
+tfb, tfd = tfp.bijectors, tfp.distributions
+
+block1, block2, block3 = (IResBlock.dense(2, hidden_units=(8,)) for _ in range(3))
 flow = tfb.Chain([block3, block2, block1])        # data -> latent
 dist = tfd.TransformedDistribution(
     tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(flow))
-dist.log_prob(x)   # runs flow.forward + its log-det: cheap, unbiased
-dist.sample(8)     # runs flow.inverse: fixed-point iteration per block
+x = tf.random.normal([4, 2])
+lp = dist.log_prob(x)   # runs flow.forward + its log-det: cheap, unbiased
+xs = dist.sample(8)     # runs flow.inverse: fixed-point iteration per block
+assert lp.shape == [4] and xs.shape == [8, 2]
 ```
 
 Randomness and caching

@@ -98,10 +98,17 @@ class UniformDequantizer(_Dequantizer):
 
     Example:
     ```python
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+    from rflow_tf.bijectors import UniformDequantizer
+    tfd = tfp.distributions
+
     deq = UniformDequantizer((8, 8, 1), n_bits=8)
     model = tfd.Independent(tfd.Uniform(tf.zeros([8, 8, 1]), 1.0), 3)   # p(y) = 1 on [0,1)^D
     x_int = tf.random.uniform([4, 8, 8, 1], 0, 256, tf.int32)
     bpd = deq.bits_per_dim(x_int, model.log_prob, seed=[0, 1])   # [4], exactly 8.0
+    np.testing.assert_allclose(bpd, 8.0, rtol=1e-6)
     ```
     """
 
@@ -146,12 +153,23 @@ class VariationalDequantizer(_Dequantizer):
 
     Example:
     ```python
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+    from rflow_tf.bijectors import VariationalDequantizer
+    tfd = tfp.distributions
+
     deq = VariationalDequantizer((2,), n_bits=3, num_couplings=2, hidden_channels=8)
     model = tfd.Independent(tfd.Beta(tf.fill([2], 2.0), 3.0), 1)   # any log p(y) on [0,1)^D
     x_int = tf.constant([[1, 5], [0, 7]])
-    loss = lambda: tf.reduce_mean(deq.negative_elbo(x_int, model.log_prob, [0, 1]))
-    tfp.math.minimize(loss, 3, tf.optimizers.Adam(1e-2),
-                      trainable_variables=deq.trainable_variables)
+    y, log_q = deq.dequantize(x_int, seed=[0, 1])        # y in [x / 8, (x + 1) / 8)
+    assert tf.reduce_all(tf.floor(y * 8) == tf.cast(x_int, tf.float32))
+    optimizer = tf.optimizers.Adam(1e-2)
+    for step in range(3):   # train q (jointly with the model, in practice)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(deq.negative_elbo(x_int, model.log_prob, [0, step]))
+        grads = tape.gradient(loss, deq.trainable_variables)
+        optimizer.apply_gradients(zip(grads, deq.trainable_variables))
+        print(f"step {step}: negative ELBO {float(loss):.3f} nats")
     ```
 
     #### References

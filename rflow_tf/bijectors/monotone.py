@@ -279,10 +279,19 @@ def warn_on_failures(value, ok, eager_message, graph_message):
 
     Example:
     ```python
+    import warnings
+    import tensorflow as tf
+    from rflow_tf.bijectors.monotone import bisect_increasing_with_diagnostics, warn_on_failures
+
+    y = tf.constant([0.5, 1.5])                  # tanh never reaches 1.5
     x, _, ok = bisect_increasing_with_diagnostics(tf.tanh, y)
-    x = warn_on_failures(
-        x, ok, lambda ok: f"{(~ok).sum()} inverses failed",
-        lambda ok: ["inverses failed:", tf.reduce_sum(tf.cast(~ok, tf.int32))])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = warn_on_failures(
+            x, ok, lambda ok: f"{(~ok).sum()} inverses failed",
+            lambda ok: ["inverses failed:", tf.reduce_sum(tf.cast(~ok, tf.int32))])
+    assert str(caught[0].message) == "1 inverses failed"   # eagerly: a RuntimeWarning
+    assert tf.math.is_nan(x[1])                            # the failed entry is NaN
     ```
     """
     if tf.executing_eagerly():
@@ -319,8 +328,18 @@ def report_bisection_failures(x, bracketed, converged, name, max_iterations):
 
     Example:
     ```python
+    import warnings
+    import tensorflow as tf
+    from rflow_tf.bijectors.monotone import (
+        bisect_increasing_with_diagnostics, report_bisection_failures)
+
+    fn, y = tf.tanh, tf.constant([0.5, 2.0, -3.0])   # 2 and -3 are outside tanh's range
     x, bracketed, ok = bisect_increasing_with_diagnostics(fn, y)
-    x = report_bisection_failures(x, bracketed, ok, "my_flow", 200)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = report_bisection_failures(x, bracketed, ok, "my_flow", 200)
+    print(caught[0].message)   # my_flow: bisection inverse failed for 2 of 3 elements, ...
+    assert "2 without a bracket" in str(caught[0].message)
     ```
     """
 

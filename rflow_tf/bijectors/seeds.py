@@ -45,8 +45,18 @@ def flow_kwargs(bijector, **kwargs):
 
     Example:
     ```python
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+    from rflow_tf.bijectors import IResBlock, flow_kwargs
+    tfb = tfp.bijectors
+
+    blocks = [IResBlock.dense(2, hidden_units=(8,), name=f"block_{i}") for i in range(2)]
     flow = tfb.Chain(blocks)
-    ld = flow.forward_log_det_jacobian(x, 1, **flow_kwargs(flow, seed=[1, 2], training=True))
+    kwargs = flow_kwargs(flow, seed=[1, 2], training=True)
+    print(sorted(kwargs))   # ['block_0', 'block_1'], each {"seed": <its split>, "training": True}
+    x = tf.random.normal([4, 2])
+    ld = flow.forward_log_det_jacobian(x, 1, **kwargs)
+    assert (ld.numpy() == flow.forward_log_det_jacobian(x, 1, **kwargs).numpy()).all()
     ```
     """
     seed = kwargs.pop("seed", None)

@@ -181,7 +181,7 @@ def table3(args, workdir):
 
         def point(step):
             est = _mean_bpd(trainer.model, train_fixed, n_bits, training=True)
-            export._copy_weights(trainer.model, exact)  # pylint: disable=protected-access
+            export.copy_weights(trainer.model, exact)
             true = _mean_bpd(exact, train_fixed, n_bits, training=False)
             curve.append((step, est, true))
             print(
@@ -195,7 +195,7 @@ def table3(args, workdir):
                 point(step + 1)
         with trainer.ema_weights():
             own_test = _mean_bpd(trainer.model, test_fixed, n_bits, training=False)
-            export._copy_weights(trainer.model, exact)  # pylint: disable=protected-access
+            export.copy_weights(trainer.model, exact)
             true_test = _mean_bpd(exact, test_fixed, n_bits, training=False)
         trainer.close()
         results[label] = {

@@ -62,6 +62,15 @@ from rflow_tf import export as rexport
 from rflow_tf import layers as rlayers
 from rflow_tf import models as rmodels
 from rflow_tf import torch_format
+from rflow_tf.reference_config import (
+    ARCHITECTURE_FIELDS,
+    UnsupportedCheckpointError,
+    config_from_args,
+    flatten_permutation,
+    latent_parts,
+    latent_permutation,
+    reference_arg,
+)
 
 __all__ = [
     "UnsupportedCheckpointError",
@@ -74,245 +83,7 @@ __all__ = [
     "reference_power_iteration",
 ]
 
-#: The reference's activation names (train_img.py ``--act``) -> ours.
-_ACTIVATIONS = {
-    "swish": "lipswish",
-    "elu": "elu",
-    "softplus": "softplus",
-    "relu": "relu",
-    "identity": "identity",
-}
-#: Image channels of each ``--data`` choice of train_img.py.
-_CHANNELS = {
-    "mnist": 1,
-    "cifar10": 3,
-    "svhn": 3,
-    "celebahq": 3,
-    "celeba_5bit": 3,
-    "imagenet32": 3,
-    "imagenet64": 3,
-}
 _MAX_POWER_ITERATIONS = 200  # the reference's cap in compute_weight
-#: FlowConfig fields that define the function (not the estimator or dtype).
-_ARCHITECTURE_FIELDS = (
-    "input_shape",
-    "n_blocks",
-    "hidden_channels",
-    "kernels",
-    "activation",
-    "coeff",
-    "preactivation",
-    "actnorm",
-    "first_resblock",
-    "squeeze_first",
-    "squeeze_order",
-    "factor_out",
-    "fc_end",
-    "n_fc_blocks",
-    "fc_hidden",
-    "logit_alpha",
-)
-
-
-class UnsupportedCheckpointError(ValueError):
-    """The checkpoint uses a reference option rflow_tf cannot express, or its
-    tensors do not match the architecture its ``args`` describe."""
-
-
-# ----------------------------------------------------------------------------
-# args -> FlowConfig
-# ----------------------------------------------------------------------------
-
-
-def _arg(args, name, default=None):
-    return getattr(args, name, default)
-
-
-def _reference_n_scales(h, w):
-    """The reference's cap on scales: one per halving while H and W are >= 4."""
-    n = 0
-    while h >= 4 and w >= 4:
-        n, h, w = n + 1, h // 2, w // 2
-    return n
-
-
-def config_from_args(args, **overrides):
-    """The :class:`~rflow_tf.models.FlowConfig` of a reference model, from its
-    ``train_img.py`` flags (an ``argparse.Namespace`` or a dict).
-
-    Uses ``data``, ``imagesize``, ``nbits``, ``nblocks``, ``idim``, ``act``,
-    ``kernels``, ``coeff``, ``factor_out``, ``squeeze_first``, ``fc_end``,
-    ``fc_idim``, ``actnorm``, ``preact``, ``first_resblock``,
-    ``n_exact_terms``, ``n_dist``, ``n_samples``, ``neumann_grad``; the logit
-    alpha follows from the dataset (1e-6 for MNIST, 0.05 otherwise) and the
-    number of scales is capped as the reference does (H, W >= 4 at every
-    scale). The FC end has ``len(kernels) - 1`` hidden layers of ``fc_idim``
-    units, as the reference's. Evaluation uses 20 exact terms (the
-    reference's eval estimator). ``overrides`` replace fields afterwards
-    (e.g. ``logdet="exact"``, ``dtype="float64"``).
-
-    Raises:
-      UnsupportedCheckpointError: naming the option, for what rflow_tf cannot
-        express: ``task`` other than density, ``block=coupling``,
-        ``quadratic``, ``fc``, ``batchnorm``, ``dropout``, ``vnorms`` other
-        than all 2 (2222 for three layers), ``learn_p``, ``padding``, ``fc_actnorm``, no
-        ``logit_transform``, ``act=lcube``, an unknown ``data``.
-
-    Example:
-    ```python
-    ns = argparse.Namespace(data="mnist", imagesize=28, nblocks="16-16-16", idim=512, ...)
-    cfg = config_from_args(ns)            # FlowConfig(input_shape=(28, 28, 1), ...)
-    ```
-    """
-    if isinstance(args, dict):
-        args = argparse.Namespace(**args)
-    if not isinstance(args, argparse.Namespace):
-        raise TypeError(f"args must be an argparse.Namespace or dict, got {type(args).__name__}")
-
-    def refuse(option, value, why):
-        raise UnsupportedCheckpointError(
-            f"the checkpoint was trained with --{option.replace('_', '-')} {value!r}: {why}; "
-            "rflow_tf cannot express this model"
-        )
-
-    checks = [
-        ("task", "density", "only density models convert (no classifier heads)"),
-        ("block", "resblock", "coupling blocks are not residual flows"),
-        ("quadratic", False, "invertible 1x1 ('quadratic') layers are not implemented"),
-        ("fc", False, "fully connected blocks at every scale are not implemented"),
-        ("batchnorm", False, "batch normalisation inside the blocks is not implemented"),
-        ("dropout", 0, "dropout inside the blocks is not implemented"),
-        ("learn_p", False, "learned induced-norm orders are not implemented"),
-        ("padding", 0, "channel padding is not implemented"),
-        ("fc_actnorm", False, "extra ActNorm layers after every block are not implemented"),
-        ("logit_transform", True, "models without the logit layer are not implemented"),
-    ]
-    for option, supported, why in checks:
-        value = _arg(args, option, supported)
-        if value != supported:
-            refuse(option, value, why)
-    data = _arg(args, "data")
-    if data not in _CHANNELS:
-        refuse("data", data, f"unknown dataset (known: {sorted(_CHANNELS)})")
-    act = _arg(args, "act", "swish")
-    if act not in _ACTIVATIONS:
-        refuse("act", act, f"supported activations: {sorted(_ACTIVATIONS)}")
-    kernels = str(_arg(args, "kernels", "3-1-3"))
-    vnorms = str(_arg(args, "vnorms", "2222"))
-    if set(vnorms) != {"2"}:
-        refuse("vnorms", vnorms, "only spectral (2-norm) normalisation is implemented")
-    if len(vnorms) != len(kernels.split("-")) + 1:
-        refuse("vnorms", vnorms, f"needs one norm per layer of --kernels {kernels} plus one")
-
-    size = int(_arg(args, "imagesize"))
-    channels = _CHANNELS[data]
-    squeeze_first = bool(_arg(args, "squeeze_first", False))
-    h = size // 2 if squeeze_first else size
-    n_blocks = tuple(int(b) for b in str(_arg(args, "nblocks", "16-16-16")).split("-"))
-    n_blocks = n_blocks[: min(len(n_blocks), _reference_n_scales(h, h))]
-    if not n_blocks:
-        refuse("imagesize", size, "the image is too small for one scale (H, W >= 4)")
-    first_resblock = bool(_arg(args, "first_resblock", True))
-    preact = bool(_arg(args, "preact", True))
-    if len(n_blocks) == 1 and first_resblock and preact:
-        # The reference then keeps the first block pre-activated (its
-        # first_resblock only acts on a squeezing scale); ours would drop it.
-        refuse(
-            "first_resblock",
-            True,
-            "with a single scale the reference's first block keeps "
-            "its pre-activation, which rflow_tf's first_resblock removes",
-        )
-    if data == "celeba_5bit":
-        n_bits = 5
-    elif data == "celebahq":
-        n_bits = int(_arg(args, "nbits", 8))
-    else:
-        n_bits = 8
-    cfg = {
-        "input_shape": (size, size, channels),
-        "n_blocks": n_blocks,
-        "hidden_channels": int(_arg(args, "idim", 512)),
-        "kernels": kernels,
-        "activation": _ACTIVATIONS[act],
-        "coeff": float(_arg(args, "coeff", 0.98)),
-        "preactivation": preact,
-        "actnorm": bool(_arg(args, "actnorm", True)),
-        "first_resblock": first_resblock,
-        "squeeze_first": squeeze_first,
-        "squeeze_order": "reference",
-        "factor_out": bool(_arg(args, "factor_out", False)),
-        "fc_end": bool(_arg(args, "fc_end", True)),
-        "n_fc_blocks": 4,
-        "fc_hidden": (int(_arg(args, "fc_idim", 128)),) * (len(kernels.split("-")) - 1),
-        "logit_alpha": 1e-6 if data == "mnist" else 0.05,
-        "n_bits": n_bits,
-        "logdet": "unbiased",
-        "dist": str(_arg(args, "n_dist", "poisson")),
-        "n_exact_terms": int(_arg(args, "n_exact_terms", 2)),
-        "n_exact_terms_eval": 20,
-        "n_samples": int(_arg(args, "n_samples", 1)),
-        "neumann_grad": bool(_arg(args, "neumann_grad", True)),
-    }
-    cfg.update(overrides)
-    return rmodels.FlowConfig(**cfg).validate()
-
-
-# ----------------------------------------------------------------------------
-# Permutations between the reference's (C, H, W) and our (H, W, C) flattening
-# ----------------------------------------------------------------------------
-
-
-def flatten_permutation(shape):
-    """Index array p with ``flat_ours = flat_ref[p]`` for a feature map of
-    ``shape`` = (H, W, C): ours is flattened in (H, W, C) order, the
-    reference's in (C, H, W) order, so p[(h W + w) C + c] = (c H + h) W + w.
-
-    Example: ``flatten_permutation((1, 2, 2))  # [0, 2, 1, 3]``.
-    """
-    h, w, c = (int(d) for d in shape)
-    return np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
-
-
-def _latent_parts(cfg):
-    """(H, W, C) shapes of the latent's parts, in latent order."""
-    h, w, c = cfg.input_shape
-    if cfg.squeeze_first:
-        h, w, c = h // 2, w // 2, 4 * c
-    parts = []
-    for _ in range(cfg.n_scales - 1):
-        h, w, c = h // 2, w // 2, 4 * c
-        if cfg.factor_out:
-            parts.append((h, w, c - c // 2))
-            c = c // 2
-    parts.append((h, w, c))
-    return parts
-
-
-def latent_permutation(cfg):
-    """Index array p with ``z_ours = z_ref[..., p]`` for a converted model of
-    config ``cfg``. Both latents are the factored-out parts of each scale (if
-    ``factor_out``) followed by the last scale, each part flattened: ours in
-    (H, W, C) order, the reference's in (C, H, W) order; each part is
-    permuted by :func:`flatten_permutation`. (The FC end, which works on the
-    flattened last scale, is converted in our order, so its output is
-    permuted the same way.)
-
-    Example:
-    ```python
-    p = latent_permutation(flow.flow_config)
-    z_ref_order = np.empty_like(z); z_ref_order[..., p] = z      # back to the reference's
-    ```
-    """
-    cfg = rmodels.FlowConfig.coerce(cfg)
-    pieces, offset = [], 0
-    for shape in _latent_parts(cfg):
-        perm = flatten_permutation(shape)
-        pieces.append(perm + offset)
-        offset += perm.size
-    return np.concatenate(pieces)
-
-
 # ----------------------------------------------------------------------------
 # The reference's power iteration (compute_weight(update=True))
 # ----------------------------------------------------------------------------
@@ -505,7 +276,7 @@ def _load_linear(layer, t, prefix, perm_in=None, perm_out=None):
 
 
 def _load_block(net, t, prefix, sub, fc_perm):
-    ours_linear = [lay for lay in net.layers if isinstance(lay, rlayers._SpectralNormalized)]
+    ours_linear = [lay for lay in net.layers if isinstance(lay, rlayers.LipschitzLayer)]
     ours_beta = [lay for lay in net.layers if isinstance(lay, rlayers.LipSwish)]
     ref_linear = [p for kind, p in sub if kind == "linear"]
     ref_beta = [p for kind, p in sub if kind == "beta"]
@@ -620,7 +391,9 @@ def from_reference(path, weights="ema", verbose=False, name="residual_flow", **o
     _check_weights(weights)
     _log(verbose, f"reading {path}")
     ckpt, args, state_dict, modules = _read_reference(path)
-    settings = _estimator_settings(state_dict, modules, str(_arg(args, "n_dist", "poisson")))
+    settings = _estimator_settings(
+        state_dict, modules, str(reference_arg(args, "n_dist", "poisson"))
+    )
     cfg = config_from_args(args, **{**settings, **overrides})
     _log(verbose, "building the model")
     flow = rmodels.ResidualFlow(cfg, name=name)
@@ -653,7 +426,7 @@ def load_reference_weights(flow, path, weights="ema", verbose=False, _read=None)
         (ckpt, args, modules), state_dict = _read, _read[0]["state_dict"]
     cfg = flow.flow_config
     expected = config_from_args(args)
-    differ = [f for f in _ARCHITECTURE_FIELDS if getattr(cfg, f) != getattr(expected, f)]
+    differ = [f for f in ARCHITECTURE_FIELDS if getattr(cfg, f) != getattr(expected, f)]
     if differ:
         raise UnsupportedCheckpointError(
             f"{path}: the model's {', '.join(differ)} differ from the checkpoint's "
@@ -675,7 +448,7 @@ def load_reference_weights(flow, path, weights="ema", verbose=False, _read=None)
             f"model built from args {len(ours)}; args and state_dict do not describe the same "
             f"architecture (inferred config: {cfg.to_json(indent=None)})"
         )
-    fc_perm = flatten_permutation(_latent_parts(cfg)[-1])
+    fc_perm = flatten_permutation(latent_parts(cfg)[-1])
     _log(verbose, f"copying {len(ours)} modules ({weights} weights)")
     for layer, (kind, prefix, sub) in zip(ours, modules):
         is_actnorm = isinstance(layer, rlayers.ActNormalization)
@@ -693,8 +466,8 @@ def load_reference_weights(flow, path, weights="ema", verbose=False, _read=None)
             fc = any(isinstance(lay, rlayers.LipschitzDense) for lay in layer.layers)
             _load_block(layer, tensors, prefix, sub, fc_perm if fc else None)
     if weights == "ema":
-        tol = float(_arg(args, "sn_tol", 1e-3))
-        n_iter = _arg(args, "n_lipschitz_iters", None)
+        tol = float(reference_arg(args, "sn_tol", 1e-3))
+        n_iter = reference_arg(args, "n_lipschitz_iters", None)
         lipschitz = flow.lipschitz_layers()
         _log(verbose, f"power iteration in {len(lipschitz)} layers (reference rule, tol {tol})")
         for i, layer in enumerate(lipschitz, 1):

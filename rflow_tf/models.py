@@ -197,7 +197,8 @@ class ResidualFlow(keras.Model):
     :meth:`converge_lipschitz` (the careful norm estimates before
     evaluation, sampling or export; training needs no call), ``.bijector``
     (the whole flow as one TFP bijector, data -> latent) and
-    :meth:`distribution`; with ``config.n_classes``: :meth:`classify` (logits, no log-det) and :meth:`log_prob_and_logits`.
+    :meth:`distribution`; with ``config.n_classes``: :meth:`classify`
+    (logits, no log-det) and :meth:`log_prob_and_logits`.
 
     All weights are Keras variables of ``model.flow_layers`` (the residual
     nets and ActNorm layers), so ``model.trainable_variables``,

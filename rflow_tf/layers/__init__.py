@@ -13,14 +13,14 @@
   with Lip(g) <= coeff, ready for :class:`rflow_tf.bijectors.IResBlock`.
 * :class:`JacobianChain` -- such a branch evaluated with the factors of its
   Jacobian, for cheap vector-Jacobian products in the log-det power series.
-* :func:`converge_lipschitz` -- runs every power iteration found in a model,
-  bijector or distribution to convergence (call it after each optimiser step
-  and before evaluation or sampling).
+* :func:`converge_lipschitz` -- the careful estimate of every Lipschitz layer's
+  norm in a model, bijector or distribution, before evaluation, sampling or
+  export (training needs no call: each use of a changed kernel re-estimates).
 
 Modules (each re-exported here, so ``from rflow_tf.layers import LipschitzDense``
 works): ``activations`` (LipSwish, make_activation, LipschitzCube, FullSort, MaxMin),
-``initializers`` (FanInUniform), ``lipschitz`` (the spectrally normalised layers and
-converge_lipschitz & co.), ``actnorm``, ``nets``, ``jacobian_chain``.
+``initializers`` (FanInUniform), ``lipschitz`` (a package: the Lipschitz layers, their
+norm estimators and converge_lipschitz & co.), ``actnorm``, ``nets``, ``jacobian_chain``.
 """
 
 from rflow_tf.layers.activations import (
@@ -37,17 +37,18 @@ from rflow_tf.layers.activations import (
 from rflow_tf.layers.actnorm import ActNormalization
 from rflow_tf.layers.initializers import INITS, FanInUniform
 from rflow_tf.layers.jacobian_chain import JacobianChain
-from rflow_tf.layers.lipschitz import (  # noqa: F401  (private names other modules use)
+from rflow_tf.layers.lipschitz import (
     LearnableOrder,
     LipschitzConv2D,
     LipschitzDense,
-    _can_store_in_context,
-    _SpectralNormalized,
+    LipschitzLayer,
+    can_store_in_context,
     converge_lipschitz,
     keras_layers,
     learned_orders,
     lipschitz_layers,
     mark_lipschitz_current,
+    plane_wave_start,
     update_lipschitz,
 )
 from rflow_tf.layers.nets import chained_layer_orders, lipschitz_conv_net, lipschitz_dense_net
@@ -57,6 +58,7 @@ __all__ = [
     "lipswish_value_and_derivative",
     "LipschitzDense",
     "LipschitzConv2D",
+    "LipschitzLayer",
     "LearnableOrder",
     "ActNormalization",
     "FanInUniform",
@@ -70,6 +72,8 @@ __all__ = [
     "update_lipschitz",
     "learned_orders",
     "mark_lipschitz_current",
+    "can_store_in_context",
+    "plane_wave_start",
     "make_activation",
     "ACTIVATIONS",
     "IMAGE_ACTIVATIONS",

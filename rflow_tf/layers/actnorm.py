@@ -21,8 +21,9 @@ class ActNormalization(keras.layers.Layer):
 
     Example:
     ```python
+    x = tf.random.normal([16, 4])
     an = ActNormalization()
-    an.initialize(x_first_batch)
+    an.initialize(x)
     y = an(x)
     ```
     """

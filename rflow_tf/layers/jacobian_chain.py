@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from rflow_tf.layers.activations import LipschitzCube, LipSwish
-from rflow_tf.layers.lipschitz import LipschitzConv2D, LipschitzDense, _SpectralNormalized
+from rflow_tf.layers.lipschitz import LipschitzConv2D, LipschitzDense, LipschitzLayer
 
 
 def _activation_with_derivative(layer):
@@ -56,6 +56,10 @@ class JacobianChain:
 
     Example:
     ```python
+    import tensorflow as tf
+    from rflow_tf.layers import JacobianChain, lipschitz_dense_net
+
+    x, u, v = tf.random.normal([3, 8, 2])
     net = lipschitz_dense_net(2, hidden_units=(64, 64))
     chain = JacobianChain.from_net(net)
     gx, lin = chain.linearize(x)
@@ -86,7 +90,7 @@ class JacobianChain:
         """Each Lipschitz layer's effective kernel (None for activations)."""
         kernels = []
         for layer in self._layers:
-            if isinstance(layer, _SpectralNormalized):
+            if isinstance(layer, LipschitzLayer):
                 layer._maybe_iterate(training)
                 kernels.append(layer.effective_kernel())
             else:
@@ -103,7 +107,7 @@ class JacobianChain:
         kernels = self._effective_kernels(training) if kernels is None else kernels
         factors, h, scale = [], x, 1.0
         for layer, kernel in zip(self._layers, kernels):
-            if isinstance(layer, _SpectralNormalized):
+            if isinstance(layer, LipschitzLayer):
                 kernel = tf.cast(kernel, h.dtype)
                 if scale != 1.0:  # phi = c y: fold c into this (small) kernel
                     kernel, scale = kernel * scale, 1.0

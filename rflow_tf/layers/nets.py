@@ -84,8 +84,11 @@ def lipschitz_dense_net(
 
     Example:
     ```python
+    from rflow_tf.bijectors import IResBlock
+    from rflow_tf.layers import lipschitz_dense_net
+
     net = lipschitz_dense_net(2, hidden_units=(64, 64), coeff=0.9)
-    block = rflow_tf.bijectors.IResBlock(net)
+    block = IResBlock(net)
     ```
     """
     units = list(hidden_units) + [dim]
@@ -133,8 +136,11 @@ def lipschitz_conv_net(
 
     Example:
     ```python
+    from rflow_tf.bijectors import IResBlock
+    from rflow_tf.layers import lipschitz_conv_net
+
     net = lipschitz_conv_net((8, 8, 3), hidden_channels=64)
-    block = rflow_tf.bijectors.IResBlock(net)
+    block = IResBlock(net)
     ```
     """
     ks = [int(k) for k in str(kernels).split("-")]

@@ -1,0 +1,521 @@
+"""How a Lipschitz layer estimates sigma, the norm of its linear map W: one
+strategy object per layer, chosen once in the layer's ``build`` (mixed
+norms through :func:`mixed_norm_estimator`).
+
+* :class:`MatrixSpectralNorm` -- ||W||_2 by power iteration on the squared
+  Gram matrix: dense layers and 1x1 convolutions;
+* :class:`ConvSpectralNorm` -- ||W||_2 by power iteration with the
+  convolution and its transpose: k x k convolutions;
+* :class:`ClosedFormNorm` -- ||W||_{p->q} exactly: domain 1 or codomain inf;
+* :class:`GeneralisedPowerMethod` -- a certified lower bound of
+  ||W||_{p->q}: the other mixed norms.
+
+The layer owns the state (the stored vectors u, v, sigma and the kernel they
+were converged for, see :class:`rflow_tf.layers.lipschitz.upkeep.PowerState`)
+and decides *when* to estimate; an estimator says *how*:
+
+* :meth:`NormEstimator.sigma` -- sigma from the kernel and the stored u, v,
+  differentiable in the kernel (and in learnable orders);
+* :meth:`NormEstimator.upkeep` -- the re-estimate after the kernel changed,
+  warm-started from the stored v;
+* :meth:`NormEstimator.converge` -- the careful estimate (warm start and
+  restarts), stored;
+* :meth:`NormEstimator.power_steps` -- n plain steps from the stored u, v;
+* :meth:`NormEstimator.upper_bound` -- a certified upper bound, where known.
+
+Adding an estimator means a subclass of :class:`NormEstimator` and the branch
+that chooses it (``LipschitzDense.build``, ``LipschitzConv2D.build`` or
+:func:`mixed_norm_estimator`).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from rflow_tf import norms
+from rflow_tf.layers.lipschitz.orders import order_label
+from rflow_tf.layers.lipschitz.power_iteration import (
+    gram_iteration_bound,
+    gram_power_iteration,
+    gram_top_vector,
+    l2_normalize,
+    plane_wave_start,
+)
+from rflow_tf.layers.lipschitz.upkeep import backing
+
+
+def random_unit_like(x, salt, sigma):
+    """A deterministic unit-norm random tensor shaped like x, seeded by ``salt``
+    and the stored ``sigma`` (a variable): a function of the layer's state, so
+    resumed runs and rebuilt models repeat it.
+
+    Example: ``r = random_unit_like(tf.zeros([4]), 0, tf.Variable(1.0))``.
+    """
+    bits = tf.bitcast(tf.cast(sigma.read_value(), tf.float32), tf.int32)
+    seed = tf.stack([tf.constant(salt, tf.int32), bits])
+    return l2_normalize(tf.random.stateless_normal(tf.shape(x), seed, dtype=x.dtype))
+
+
+class NormEstimator:
+    """How one layer estimates sigma (see the module docstring).
+
+    ``layer`` is the :class:`rflow_tf.layers.lipschitz.base.LipschitzLayer`
+    it serves: its linear map (``apply_kernel``, ``apply_kernel_transpose``),
+    orders, settings (``tol``, ``max_iterations``) and state. ``u_shape`` and
+    ``v_shape`` are the shapes of the stored vectors: in the map's codomain
+    and domain.
+    """
+
+    #: Whether sigma depends on stored vectors that the layer must keep
+    #: current (False: a function of the kernel alone, recomputed at each use).
+    stateful = True
+    #: Converge when the layer is built (True), or at the first use of the
+    #: kernel (False: building a model then runs no power iteration).
+    estimate_at_build = False
+    #: Eagerly, re-estimate with eager ops (True) or through the traced upkeep
+    #: function (False: many small ops per step, which a graph runs faster).
+    eager_upkeep = False
+    #: Relative size of the deterministic random perturbation added to the
+    #: stored v before each warm start, so that a v exactly orthogonal to the
+    #: new top singular vector cannot stall the iteration.
+    PERTURBATION = 1e-3
+
+    def __init__(self, layer, u_shape, v_shape):
+        self.layer = layer
+        self.u_shape = tuple(u_shape)
+        self.v_shape = tuple(v_shape)
+
+    def sigma(self, kernel, u, v):
+        """sigma for ``kernel`` from the vectors u, v (held constant: the
+        gradient is that of the norm at the maximiser)."""
+        raise NotImplementedError
+
+    def upkeep(self, kernel, state):
+        """(u, v) re-estimated for a changed ``kernel`` from the stored ``state``."""
+        raise NotImplementedError
+
+    def converge(self, tol, max_iterations, careful):
+        """The careful estimate at ``tol`` / ``max_iterations``, stored by the
+        layer (``careful``: at the layer's own settings); returns sigma."""
+        raise NotImplementedError
+
+    def power_steps(self, kernel, u, v, n):
+        """(u, v) after ``n`` plain steps from u, v; None when there is no
+        iteration to run."""
+        raise NotImplementedError
+
+    def upper_bound(self, kernel, n_iterations):
+        """A certified upper bound of the norm of the map of ``kernel``."""
+        raise ValueError(
+            f"{self.layer.name}: no certified upper bound of the "
+            f"{order_label(self.layer.domain)}->{order_label(self.layer.codomain)} norm "
+            "(only for 2->2, domain 1 or codomain inf)"
+        )
+
+    def _settings(self, tol, max_iterations):
+        """``tol`` and ``max_iterations``, the layer's own where None."""
+        tol = self.layer.tol if tol is None else float(tol)
+        max_iterations = self.layer.max_iterations if max_iterations is None else max_iterations
+        return tol, int(max_iterations)
+
+    def _warm_start(self, state):
+        """The stored v, normalised and slightly perturbed (see :attr:`PERTURBATION`)."""
+        v = l2_normalize(state.v.read_value())
+        return v + self.PERTURBATION * random_unit_like(v, 0, state.sigma)
+
+
+# ------------------------------------------------------------------ spectral norm
+class SpectralNorm(NormEstimator):
+    """sigma = u^T W v ~= ||W||_2 by power iteration (the stored u, v are the
+    top singular vectors' estimates). Subclasses give the map W v, W^T u, the
+    iteration to convergence, the restart vectors and the matrices whose
+    norms bound ||W||_2.
+
+    The in-call re-estimate (:meth:`upkeep`) is warm-started power iteration
+    after the small change of an optimiser step; after an abrupt change (a new
+    kernel assigned, a restored checkpoint) the warm start may sit on a
+    singular vector that is no longer the top one, where power iteration
+    stalls, so a restart runs beside it.
+    """
+
+    eager_upkeep = True
+    #: A kernel that moved by more than this fraction (Frobenius norm) since
+    #: its last estimate is re-estimated with a restart beside the warm start.
+    ABRUPT_CHANGE = 0.1
+
+    def apply_w(self, v, kernel):
+        """W v for one vector v."""
+        raise NotImplementedError
+
+    def apply_wt(self, u, kernel):
+        """W^T u for one vector u."""
+        raise NotImplementedError
+
+    def iterate(self, kernel, v, tol, max_iterations):
+        """Power iteration from v until v moves by less than ``tol`` (2-norm) in
+        one step, or about ``max_iterations`` steps; returns ``(u, v)`` with
+        u = normalize(W v).
+
+        The stopping rule is on the vector, not on sigma: when the top
+        singular values are close, sigma changes little per step long before
+        it is accurate. Asymptotically the relative error of sigma is at most
+        half the last step's change of v, so ``tol`` bounds it by tol / 2."""
+        raise NotImplementedError
+
+    def restart_vectors(self, kernel, v):
+        """The start vectors of a restart, given a deterministic random v."""
+        raise NotImplementedError
+
+    def gram_operators(self, kernel):
+        """Matrices [n, m, k] whose largest 2-norm bounds ||W||_2 from above."""
+        raise NotImplementedError
+
+    def sigma(self, kernel, u, v):
+        return tf.reduce_sum(tf.stop_gradient(u) * self.apply_w(tf.stop_gradient(v), kernel))
+
+    def fresh(self, kernel, tol=None, max_iterations=None, state=None):
+        """(u, v) re-converged from the stored v plus a small deterministic perturbation."""
+        state = state or self.layer._power_state()
+        tol, max_iterations = self._settings(tol, max_iterations)
+        return self.iterate(kernel, self._warm_start(state), tol, max_iterations)
+
+    def restart(self, kernel, tol=None, max_iterations=None, state=None):
+        """(u, v) of the largest sigma converged from :meth:`restart_vectors`,
+        ignoring the stored v."""
+        state = state or self.layer._power_state()
+        tol, max_iterations = self._settings(tol, max_iterations)
+        random = random_unit_like(state.v.read_value(), 1, state.sigma)
+        starts = self.restart_vectors(kernel, random)
+        u, v = self.iterate(kernel, starts[0], tol, max_iterations)
+        for v0 in starts[1:]:
+            u2, v2 = self.iterate(kernel, v0, tol, max_iterations)
+            better = self.sigma(kernel, u2, v2) > self.sigma(kernel, u, v)
+            u, v = tf.cond(better, lambda: (u2, v2), lambda: (u, v))
+        return u, v
+
+    def with_restart(self, kernel, u1, v1, tol=None, max_iterations=None, state=None):
+        """The larger-sigma pair of (u1, v1) and a :meth:`restart`."""
+        u2, v2 = self.restart(kernel, tol, max_iterations, state)
+        better = self.sigma(kernel, u2, v2) > self.sigma(kernel, u1, v1)
+        return tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
+
+    def careful(self, kernel, tol=None, max_iterations=None, state=None):
+        """(u, v) of the larger sigma of the warm start and a restart."""
+        state = state or self.layer._power_state()
+        u1, v1 = self.fresh(kernel, tol, max_iterations, state)
+        return self.with_restart(kernel, u1, v1, tol, max_iterations, state)
+
+    def upkeep(self, kernel, state):
+        # The warm start is built once, outside the branch.
+        moved = tf.norm(tf.reshape(kernel - state.estimated_kernel.read_value(), [-1]))
+        abrupt = moved > self.ABRUPT_CHANGE * tf.norm(tf.reshape(kernel, [-1]))
+        u1, v1 = self.fresh(kernel, state=state)
+        if tf.executing_eagerly():
+            return self.with_restart(kernel, u1, v1, state=state) if bool(abrupt) else (u1, v1)
+        return tf.cond(
+            abrupt,
+            lambda: self.with_restart(kernel, u1, v1, state=state),
+            lambda: (tf.identity(u1), tf.identity(v1)),
+        )
+
+    def converge(self, tol, max_iterations, careful):
+        """The larger sigma of a warm start and a restart (both are lower bounds
+        of ||W||_2, so the larger is the better one; the restart guards
+        against a stored v with no component along the top singular vector,
+        or one that power iteration would need thousands of steps to find).
+        A layer never estimated before has a random stored v, so eagerly it
+        runs the restart alone."""
+        layer = self.layer
+        kernel = layer._kernel_value()
+        if tf.executing_eagerly() and layer._never_estimated():
+            u, v = self.restart(kernel, tol, max_iterations)
+        else:
+            u, v = self.careful(kernel, tol, max_iterations)
+        return layer._store(u, v, kernel, careful=careful)
+
+    def power_steps(self, kernel, u, v, n):
+        for _ in range(int(n)):
+            v = l2_normalize(self.apply_wt(u, kernel))
+            u = l2_normalize(self.apply_w(v, kernel))
+        return u, v
+
+    def upper_bound(self, kernel, n_iterations):
+        """Gram iteration (Delattre et al., ICML 2023) on :meth:`gram_operators`
+        (see :func:`rflow_tf.layers.lipschitz.power_iteration.gram_iteration_bound`)."""
+        return gram_iteration_bound(self.gram_operators(kernel), int(n_iterations))
+
+
+class MatrixSpectralNorm(SpectralNorm):
+    """||W||_2 of a matrix map W = M^T (``matrix(kernel)`` gives M [n_in, n_out]:
+    the dense kernel, or a 1x1 convolution's kernel[0, 0]).
+
+    Iterates on the squared smaller Gram matrix
+    (:func:`rflow_tf.layers.lipschitz.power_iteration.gram_power_iteration`);
+    a restart begins at Gram iteration's top direction (W^T W)^1024 r
+    (:func:`~rflow_tf.layers.lipschitz.power_iteration.gram_top_vector`), so
+    :meth:`converge` is accurate to float rounding whatever the spectrum.
+    """
+
+    def __init__(self, layer, u_shape, v_shape, matrix):
+        super().__init__(layer, u_shape, v_shape)
+        self.matrix = matrix
+
+    def apply_w(self, v, kernel):
+        return tf.linalg.matvec(self.matrix(kernel), v, transpose_a=True)
+
+    def apply_wt(self, u, kernel):
+        return tf.linalg.matvec(self.matrix(kernel), u)
+
+    def iterate(self, kernel, v, tol, max_iterations):
+        return gram_power_iteration(self.matrix(kernel), v, tol, max_iterations)
+
+    def restart_vectors(self, kernel, v):
+        return [gram_top_vector(self.matrix(kernel), v)]
+
+    def gram_operators(self, kernel):
+        return self.matrix(kernel)[None]
+
+
+class ConvSpectralNorm(SpectralNorm):
+    """||W||_2 of a k x k 'same' convolution on the layer's whole H x W input
+    (zero padding included), by power iteration v <- normalize(W^T W v) with
+    the convolution and its transpose over feature maps.
+
+    A restart begins at a deterministic random map and, for kernels of at
+    most :attr:`PLANE_WAVE_MAX_CHANNELS` channels on the smaller side, at
+    :func:`~rflow_tf.layers.lipschitz.power_iteration.plane_wave_start`. On
+    large maps the top singular values crowd together: a random start then
+    needs hundreds of steps (measured on 32 x 32 maps: cut off at 200, it
+    under-reported the norm by up to 0.6%) where the plane wave needs tens and
+    is within 1e-4. On small maps the plane wave may sit closer to the second
+    singular vector than to the first, so the (cheap) random start runs beside it.
+    """
+
+    #: Plane-wave restarts for kernels whose smaller channel count is at most
+    #: this; wider kernels restart at random.
+    PLANE_WAVE_MAX_CHANNELS = 64
+    #: Maps of at least this many pixels restart at the plane wave alone;
+    #: smaller maps also run the random start and keep the larger sigma.
+    PLANE_WAVE_ALONE_PIXELS = 32 * 32
+
+    def __init__(self, layer, u_shape, v_shape, input_hw):
+        super().__init__(layer, u_shape, v_shape)
+        self.input_hw = tuple(input_hw)
+
+    def apply_w(self, v, kernel):
+        return self.layer.apply_kernel(v, kernel)
+
+    def apply_wt(self, u, kernel):
+        return self.layer.apply_kernel_transpose(u, kernel)
+
+    def iterate(self, kernel, v, tol, max_iterations):
+        def body(v, change):
+            v2 = l2_normalize(self.apply_wt(self.apply_w(v, kernel), kernel))
+            return v2, tf.norm(tf.reshape(v2 - v, [-1]))
+
+        v, _ = tf.while_loop(
+            lambda v, change: change > tol,
+            body,
+            (l2_normalize(v), tf.constant(np.inf, kernel.dtype)),
+            maximum_iterations=int(max_iterations),
+        )
+        return l2_normalize(self.apply_w(v, kernel)), v
+
+    def restart_vectors(self, kernel, v):
+        kh, kw, c_in, c_out = kernel.shape
+        if min(c_in, c_out) > self.PLANE_WAVE_MAX_CHANNELS:
+            return [v]
+        wave = plane_wave_start(kernel, self.input_hw)
+        if self.input_hw[0] * self.input_hw[1] >= self.PLANE_WAVE_ALONE_PIXELS:
+            return [wave]
+        return [v, wave]
+
+    def gram_operators(self, kernel):
+        """The per-frequency matrices of the circular convolution on an
+        (H + kh - 1) x (W + kw - 1) torus (the padded map is a restriction of
+        it; the bound may exceed the padded norm by a few percent on small inputs)."""
+        kh, kw, c_in, c_out = kernel.shape
+        n1, n2 = self.input_hw[0] + kh - 1, self.input_hw[1] + kw - 1
+        padded = tf.pad(kernel, [[0, n1 - kh], [0, n2 - kw], [0, 0], [0, 0]])
+        spectrum = tf.signal.fft2d(
+            tf.cast(
+                tf.transpose(padded, [2, 3, 0, 1]),
+                tf.complex64 if kernel.dtype == tf.float32 else tf.complex128,
+            )
+        )
+        return tf.reshape(tf.transpose(spectrum, [2, 3, 1, 0]), [n1 * n2, c_out, c_in])
+
+
+# ------------------------------------------------------------------ mixed norms
+class _MixedNorm(NormEstimator):
+    """An induced norm ||W||_{p->q} of the layer's whole linear map (orders from
+    ``layer.orders``), converged when the layer is built."""
+
+    estimate_at_build = True
+
+    def converge(self, tol, max_iterations, careful):
+        if tf.executing_eagerly():  # (many small ops per step: a graph runs them faster)
+            return self._converge_function(tol, max_iterations, careful)()
+        return self._converge(tol, max_iterations, careful)
+
+    def _converge_function(self, tol, max_iterations, careful):
+        """:meth:`_converge` as a graph function, traced once per settings."""
+        fns = self.__dict__.setdefault("_converge_fns", {})
+        key = (tol, max_iterations, careful)
+        if key not in fns:
+            fns[key] = tf.function(
+                lambda: self._converge(tol, max_iterations, careful), autograph=False
+            )
+        return fns[key]
+
+    def _converge(self, tol, max_iterations, careful):
+        raise NotImplementedError
+
+
+class ClosedFormNorm(_MixedNorm):
+    """The exact ||W||_{p->q} for domain 1 or codomain inf (largest column
+    q-norm or row p*-norm, :func:`rflow_tf.norms.closed_form_induced_norm`),
+    recomputed at every use: no stored state to keep current."""
+
+    stateful = False
+
+    def sigma(self, kernel, u, v):
+        layer = self.layer
+        p, q = layer.orders(kernel.dtype)
+        return norms.closed_form_induced_norm(
+            layer.apply_kernel,
+            layer.apply_kernel_transpose,
+            kernel,
+            layer._operator_input_shape,
+            p,
+            q,
+        )
+
+    def _converge(self, tol, max_iterations, careful):
+        layer = self.layer
+        return layer._store(layer.u, layer.v, layer._kernel_value(), careful=careful)
+
+    def power_steps(self, kernel, u, v, n):
+        return None
+
+    def upper_bound(self, kernel, n_iterations):
+        return self.sigma(kernel, None, self.layer.v)
+
+
+class GeneralisedPowerMethod(_MixedNorm):
+    """||W||_{p->q} by the generalised power method (:mod:`rflow_tf.norms`). Its
+    estimate ||W v||_q / ||v||_p is attained by the stored v, so it is a
+    certified lower bound and the gradient (kernel and learnable orders) is
+    that of the norm at the maximiser. :meth:`converge` keeps the best of a
+    warm start and :meth:`num_restarts` random starts; every change of the
+    kernel *or of a learnable order* re-converges from the stored v beside
+    :meth:`upkeep_restarts` random starts. No certified upper bound is known."""
+
+    #: Steps the random starts of a re-estimate run (as one batch with the warm
+    #: start) before the best of them is converged alone.
+    RESTART_STEPS = 10
+
+    def num_restarts(self):
+        """Random starts of :meth:`converge`: 128 (see
+        :func:`rflow_tf.norms.induced_norm_power_method` for why), fewer for
+        large inputs (all starts run as one batch of about 2^22 numbers), at least 8."""
+        n_in = int(np.prod(self.layer._operator_input_shape[1:]))
+        return int(min(128, max(8, 2**22 // n_in)))
+
+    def upkeep_restarts(self):
+        """Random starts run beside the warm start at every re-estimate (for a
+        few steps; the best is then converged): the power method climbs to a
+        *local* maximum, and after a kernel or order change the stored vector's
+        basin need not be the best one any more (measured: inf->1 layers
+        under-reported by 2% after three large Adam steps with the warm start
+        alone). 16, fewer for large inputs (about 2^20 numbers per batch), at least 1."""
+        n_in = int(np.prod(self.layer._operator_input_shape[1:]))
+        return int(min(16, max(1, 2**20 // n_in)))
+
+    def _operator(self, kernel):
+        layer = self.layer
+        return (
+            lambda x: layer.apply_kernel(x, kernel),
+            lambda u: layer.apply_kernel_transpose(u, kernel),
+        )
+
+    @staticmethod
+    def _tol(tol):
+        # power_iteration stops on the relative increase of the norm per step,
+        # which is far smaller than the change of the vectors (the spectral
+        # criterion) near convergence.
+        return tol * 1e-2
+
+    def sigma(self, kernel, u, v):
+        p, q = self.layer.orders(kernel.dtype)
+        v = tf.stop_gradient(tf.reshape(v, self.layer._operator_input_shape))
+        return norms.induced_norm_lower_bound(self._operator(kernel)[0], v, p, q)[0]
+
+    def iterate(self, kernel, v, tol, max_iterations, restarts=0, sigma=None):
+        """The generalised power method from v (variable-shaped); returns (u, v).
+
+        With ``restarts``, v and that many random starts (seeded by the stored
+        ``sigma``) first run :attr:`RESTART_STEPS` steps as one batch, and only
+        the best of them is then converged (a batch would stop only when its
+        slowest start does)."""
+        layer = self.layer
+        p, q = layer.orders(kernel.dtype)
+        apply, apply_t = self._operator(kernel)
+        v = tf.reshape(v, layer._operator_input_shape)
+        if restarts:
+            shape = [restarts] + layer._operator_input_shape[1:]
+            sigma = backing(layer.sigma) if sigma is None else sigma
+            bits = tf.bitcast(tf.cast(sigma.read_value(), tf.float32), tf.int32)
+            seed = tf.stack([tf.constant(3, tf.int32), bits])
+            starts = tf.concat([v, tf.random.stateless_normal(shape, seed, dtype=v.dtype)], 0)
+            res = norms.power_iteration(apply, apply_t, starts, p, q, self.RESTART_STEPS, 0.0)
+            v = res.v[tf.argmax(res.norm)][None]
+        res = norms.power_iteration(apply, apply_t, v, p, q, max_iterations, tol)
+        return tf.reshape(res.u, layer.u.shape), tf.reshape(res.v, layer.v.shape)
+
+    def fresh(self, kernel, tol=None, max_iterations=None, state=None):
+        """(u, v) re-converged from the perturbed stored v, beside
+        :meth:`upkeep_restarts` random starts."""
+        state = state or self.layer._power_state()
+        tol, max_iterations = self._settings(tol, max_iterations)
+        v = self._warm_start(state)
+        return self.iterate(
+            kernel, v, self._tol(tol), max_iterations, self.upkeep_restarts(), state.sigma
+        )
+
+    def upkeep(self, kernel, state):
+        return self.fresh(kernel, state=state)
+
+    def _converge(self, tol, max_iterations, careful):
+        layer = self.layer
+        kernel = layer._kernel_value()
+        u1, v1 = self.fresh(kernel, tol, max_iterations)
+        p, q = layer.orders(kernel.dtype)
+        apply, apply_t = self._operator(kernel)
+        bits = tf.bitcast(tf.cast(tf.convert_to_tensor(layer.sigma), tf.float32), tf.int32)
+        res = norms.induced_norm_power_method(
+            apply,
+            apply_t,
+            layer._operator_input_shape,
+            p,
+            q,
+            num_restarts=self.num_restarts(),
+            max_iterations=max_iterations,
+            tol=self._tol(tol),
+            seed=tf.stack([tf.constant(2, tf.int32), bits]),
+            dtype=kernel.dtype,
+        )
+        u2, v2 = tf.reshape(res.u, layer.u.shape), tf.reshape(res.v, layer.v.shape)
+        better = self.sigma(kernel, u2, v2) > self.sigma(kernel, u1, v1)
+        u, v = tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
+        return layer._store(u, v, kernel, careful=careful)
+
+    def power_steps(self, kernel, u, v, n):
+        return self.iterate(kernel, v, 0.0, int(n))
+
+
+def mixed_norm_estimator(layer, u_shape, v_shape):
+    """The estimator of an induced mixed norm: the closed form for domain 1 or
+    codomain inf (fixed), else the generalised power method."""
+    if layer.domain == 1.0 or layer.codomain == norms.INF:
+        return ClosedFormNorm(layer, u_shape, v_shape)
+    return GeneralisedPowerMethod(layer, u_shape, v_shape)

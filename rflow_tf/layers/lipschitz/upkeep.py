@@ -1,0 +1,167 @@
+"""The in-call upkeep of the Lipschitz layers' estimates: the variables one
+estimate reads and writes (:class:`PowerState`), where a layer may store it
+(:func:`can_store_in_context`, :func:`inside_vectorized_map`), and the graph
+function that re-estimates, traced once per layer configuration and shared by
+the layers of that configuration (:func:`traced_upkeep`), so a flow of many
+blocks adds few graph nodes for it."""
+
+import weakref
+from typing import NamedTuple
+
+import keras
+import tensorflow as tf
+
+from rflow_tf import tracing
+
+# The upkeep stores the converged estimate for the kernel it reads: calling it
+# again at the same state computes the same, so its writes never make a value
+# traced earlier stale.
+tracing.mark_idempotent_writer("lipschitz_upkeep")
+
+
+def backing(variable):
+    """The tf.Variable behind a Keras 3 variable (a tf.Variable as it is).
+
+    Example: ``backing(layer.u).assign(u)``.
+    """
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+def can_store_in_context():
+    """Whether a layer may assign its (mirrored) power-iteration state here:
+    not inside ``strategy.run`` of a multi-replica strategy (there every
+    replica computes the same fresh estimate and uses it without storing).
+
+    Example: ``if can_store_in_context(): update_lipschitz(flow)``.
+    """
+    ctx = tf.distribute.get_replica_context()
+    return ctx is None or ctx.num_replicas_in_sync == 1
+
+
+def inside_vectorized_map():
+    """Whether the current trace is the body of ``tf.vectorized_map`` / pfor
+    (TFP's AutoBatched JointDistributions use it): pfor traces the loop body
+    under a ``loop_body`` name scope that holds its ``PlaceholderWithDefault``
+    loop variable."""
+    if tf.executing_eagerly():
+        return False
+    parts = tf.get_current_name_scope().split("/")
+    names = [
+        "/".join(parts[: i + 1]) + "/PlaceholderWithDefault"
+        for i, part in enumerate(parts)
+        if part.startswith("loop_body")
+    ]
+    graph = tf.compat.v1.get_default_graph()
+    while names and graph is not None:  # the loop variable may live in an outer graph
+        for name in names:
+            try:
+                graph.get_operation_by_name(name)
+                return True
+            except KeyError:
+                pass
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+class PowerState(NamedTuple):
+    """The variables a layer's estimate reads (``read_value``) and writes
+    (``assign``): tf.Variables, or :class:`HandleVariable` inside an upkeep
+    function shared by the layers of one configuration."""
+
+    kernel: tf.Variable
+    u: tf.Variable
+    v: tf.Variable
+    sigma: tf.Variable
+    estimated_kernel: tf.Variable
+    careful: tf.Variable
+
+
+class HandleVariable:
+    """A resource variable seen through its handle (an argument of a shared
+    graph function: variables passed by handle are not tied to the function)."""
+
+    def __init__(self, handle, like):
+        self.handle, self.dtype, self.shape = handle, like.dtype, like.shape
+
+    def read_value(self):
+        """The variable's value, of its static shape."""
+        value = tf.raw_ops.ReadVariableOp(resource=self.handle, dtype=self.dtype)
+        value.set_shape(self.shape)
+        return value
+
+    def assign(self, value):
+        """Writes ``value`` to the variable."""
+        return tf.raw_ops.AssignVariableOp(
+            resource=self.handle, value=tf.convert_to_tensor(value, self.dtype)
+        )
+
+
+#: Traced upkeep functions shared by the layers of one configuration (see
+#: :func:`upkeep_signature`), with the layer tracing them now.
+_SHARED_UPKEEP = {}
+
+
+def upkeep_signature(layer, store):
+    """Everything the traced upkeep of ``layer`` depends on besides the
+    variables in :class:`PowerState`: layers with equal signatures share one
+    function (the type and orders fix the estimator). None for learnable
+    orders (their variables are not in the state) and distributed variables
+    (a handle is one replica's)."""
+    if layer._has_learnable_order or any(
+        isinstance(v, tf.distribute.DistributedValues) for v in layer._power_state()
+    ):
+        return None
+    return (
+        type(layer),
+        store,
+        layer.kernel.dtype,
+        tuple(layer.kernel.shape),
+        tuple(layer.u.shape),
+        tuple(layer.v.shape),
+        tuple(layer._operator_input_shape),
+        layer.tol,
+        layer.max_iterations,
+        layer.domain,
+        layer.codomain,
+    )
+
+
+def traced_upkeep(layer, store):
+    """A graph function running ``layer._update_estimate(store)``, traced once
+    per configuration (see :func:`upkeep_signature`) and reused by every
+    enclosing trace; returns a callable of no arguments."""
+    signature = upkeep_signature(layer, store)
+    if signature is None:
+        fns = layer.__dict__.setdefault("_update_fns", {})
+        if store not in fns:
+
+            def lipschitz_upkeep():
+                return layer._update_estimate(store)
+
+            fns[store] = tf.function(lipschitz_upkeep, autograph=False)
+        return fns[store]
+    if signature not in _SHARED_UPKEEP:
+        tracer = []  # a weak reference to the layer whose call is being traced
+
+        def lipschitz_upkeep(*handles):
+            traced = tracer[-1]()
+            state = [HandleVariable(h, v) for h, v in zip(handles, traced._power_state())]
+            return traced._update_estimate(store, PowerState(*state))
+
+        # Not inlined: one copy of the body serves every call site (graph
+        # optimisation and instantiation pay per inlined copy).
+        fn = tf.function(
+            lipschitz_upkeep, autograph=False, experimental_attributes={"_noinline": True}
+        )
+        _SHARED_UPKEEP[signature] = (fn, tracer)
+    fn, tracer = _SHARED_UPKEEP[signature]
+    handles = [v.handle for v in layer._power_state()]
+
+    def call():
+        tracer.append(weakref.ref(layer))
+        try:
+            return fn(*handles)
+        finally:
+            tracer.pop()
+
+    return call

@@ -114,12 +114,6 @@ KNOWN_INCOMPLETE = {
     "rflow_tf.models.ResidualFlow.log_prob_and_logits[0]",
     "rflow_tf.models.ResidualFlow.train_step[0]",
     "rflow_tf.models.ResidualFlow.distribution[0]",
-    "rflow_tf.toy.flows.ToyFlow[0]",
-    "rflow_tf.toy.flows.power_iterate_all[0]",
-    "rflow_tf.toy.loop.evaluate_nll[0]",
-    "rflow_tf.toy.loop.density_grid[0]",
-    "rflow_tf.toy.loop.save_panels[0]",
-    "rflow_tf.toy.loop.ToyTrainer[0]",
     "rflow_tf.settings[0]",
     "rflow_tf.training[0]",
     "rflow_tf.training.distribute.distribute_dataset[0]",
@@ -134,11 +128,9 @@ KNOWN_INCOMPLETE = {
 #: runs the same paths in tests/test_training.py, tests/test_toy.py and
 #: tests/test_export.py.
 TOO_SLOW = {
-    "rflow_tf.toy.loop.run[0]": "trains a toy flow for 200 steps (about 25 s)",
     "rflow_tf.export.save[0]": "builds and exports digits_small (about 15 s)",
     "rflow_tf.training[0]": "trains through Trainer.fit (about 60 s)",
     "rflow_tf.training.trainer.Trainer[0]": "trains through Trainer.fit (about 40 s)",
-    "rflow_tf.toy.options.ToyOptions[0]": "trains a toy flow (about 30 s)",
 }
 
 

@@ -11,8 +11,10 @@ The package's modules, each re-exported here:
   and `imagenet32` / `imagenet64` (the authors' `.pth` or `.npz` files),
   optionally with labels and the reference's crops and flips; where the data
   is, found in seconds (`DataSource`).
+* `catalog`: what each dataset is (`ImageDatasetInfo`, `dataset_info`,
+  `classification_augmentation`), re-exported by `images`;
 * `sources`: the readers behind them, the choice of source (`DataSource`)
-  and the network check; `glow`: Glow's CelebA-HQ TFRecords;
+  and the network check (`network`); `glow`: Glow's CelebA-HQ TFRecords;
   `reference_pth`: the authors' `data/` folder (memory-mapped `.pth` tensors).
 * `errors`: `DatasetNotFoundError` (missing data, with every place looked in)
   and `DatasetFormatError` (damaged data, naming the file).

@@ -26,10 +26,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-import socket
-import threading
-import urllib.parse
-import urllib.request
 import warnings
 import zipfile
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
@@ -39,13 +35,16 @@ import tensorflow as tf
 
 from rflow_tf.data import glow, reference_pth
 from rflow_tf.data._checks import _one_line
+from rflow_tf.data.catalog import DIGITS_N_TEST
 from rflow_tf.data.errors import DatasetFormatError, DatasetNotFoundError
+from rflow_tf.data.network import (  # noqa: F401  (NETWORK_TIMEOUT re-exported)
+    DOWNLOAD_HOSTS,
+    NETWORK_TIMEOUT,
+    network_unreachable_reason,
+)
 
 if TYPE_CHECKING:
-    from rflow_tf.data.images import ImageDatasetInfo
-
-
-_DIGITS_N_TEST = 297
+    from rflow_tf.data.catalog import ImageDatasetInfo
 
 
 def _tfds():
@@ -65,7 +64,7 @@ def _default_data_dir() -> str:
 _DIGITS_CACHE = {}
 
 
-def _digits_split(is_train: bool) -> Tuple[np.ndarray, np.ndarray]:
+def digits_split(is_train: bool) -> Tuple[np.ndarray, np.ndarray]:
     """scikit-learn digits as (uint8 [N, 8, 8, 1], int64 labels [N]); the last
     297 images are test."""
     if 'all' not in _DIGITS_CACHE:
@@ -76,7 +75,7 @@ def _digits_split(is_train: bool) -> Tuple[np.ndarray, np.ndarray]:
         imgs = np.round(raw * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
         _DIGITS_CACHE['all'] = (imgs[..., None], bunch.target.astype(np.int64))
     imgs, labels = _DIGITS_CACHE['all']
-    n_train = len(imgs) - _DIGITS_N_TEST
+    n_train = len(imgs) - DIGITS_N_TEST
     part = slice(None, n_train) if is_train else slice(n_train, None)
     return imgs[part], labels[part]
 
@@ -119,7 +118,7 @@ def _tfds_is_prepared(tfds, tfds_name: str, data_dir: Optional[str]) -> bool:
         return False
 
 
-def _tfds_dataset(
+def tfds_dataset(
     info: ImageDatasetInfo,
     split: str,
     data_dir: Optional[str],
@@ -274,7 +273,7 @@ def _npz_help(info: ImageDatasetInfo) -> str:
     )
 
 
-def _npz_dataset(
+def npz_dataset(
     info: ImageDatasetInfo,
     is_train: bool,
     data_dir: Optional[str],
@@ -324,76 +323,10 @@ def _npz_dataset(
 # Network reachability: fail in seconds instead of minutes of download retries.
 # ----------------------------------------------------------------------------
 
-#: The host a TFDS download of each dataset contacts first.
-_DOWNLOAD_HOSTS = {
-    'mnist': 'storage.googleapis.com',
-    'cifar10': 'www.cs.toronto.edu',
-    'svhn_cropped': 'ufldl.stanford.edu',
-}
-
-#: Seconds the network check waits for a connection before calling the network unreachable.
-NETWORK_TIMEOUT = 10.0
-
-
-def network_unreachable_reason(
-    host: str, port: int = 443, timeout: float = NETWORK_TIMEOUT
-) -> Optional[str]:
-    """Why `host` cannot be reached, or `None` when a TCP connection opens.
-
-    Opens (and closes) one TCP connection to `host:port`, or to the HTTPS
-    proxy of the environment (`https_proxy`, `all_proxy`; `no_proxy` honoured)
-    when one is set, as a download would. Name resolution and connection
-    together are bounded by about `timeout` seconds. TFDS instead retries a
-    failing download for minutes; `load_image_dataset` asks this first.
-
-    Args:
-      host: The server a download would contact.
-      port: Its port (443: HTTPS).
-      timeout: Seconds to wait for the connection.
-
-    Returns:
-      `None` if the connection opened, else a one-line reason naming the
-      address (and the proxy) that could not be reached and the error.
-
-    #### Examples
-
-    ```python
-    reason = network_unreachable_reason('storage.googleapis.com')
-    if reason:
-        print('offline:', reason)
-    ```
-    """
-    proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get('https') or proxies.get('all')
-    if proxy and urllib.request.proxy_bypass_environment(host, proxies):
-        proxy = None
-    target, via = (host, int(port)), ''
-    if proxy:
-        parsed = urllib.parse.urlsplit(proxy if '://' in proxy else 'http://' + proxy)
-        default_port = 443 if parsed.scheme == 'https' else 80
-        target = (parsed.hostname or '', parsed.port or default_port)
-        via = f' (the HTTPS proxy {proxy} for {host})'
-    outcome = {}
-
-    def connect():
-        try:
-            with socket.create_connection(target, timeout=timeout):
-                outcome['ok'] = True
-        except OSError as e:  # socket.gaierror and timeouts are OSErrors
-            outcome['error'] = f'{type(e).__name__}: {e}'
-
-    worker = threading.Thread(target=connect, daemon=True, name='network_check')
-    worker.start()
-    worker.join(timeout + 2.0)
-    if outcome.get('ok'):
-        return None
-    error = outcome.get('error', f'no answer within {timeout:g} s')
-    return f'cannot connect to {target[0]}:{target[1]}{via}: {error}'
-
 
 def _raise_if_offline(info: ImageDatasetInfo, shown_dir: str, manual_dir: str) -> None:
     """Raises DatasetNotFoundError at once when a download of `info` cannot reach its server."""
-    host = _DOWNLOAD_HOSTS.get(info.name, 'storage.googleapis.com')
+    host = DOWNLOAD_HOSTS.get(info.name, 'storage.googleapis.com')
     reason = network_unreachable_reason(host)
     if reason:
         raise DatasetNotFoundError(

@@ -33,7 +33,8 @@ parser = argparse.ArgumentParser()
 add_flags(parser, [TrainingOptions])  # --dataset ... --lr ..., with their help
 args = parser.parse_args(["--lr=0"])
 bad = [n for n, ok, _ in flag_checks(TrainingOptions) if getattr(args, n) is not None
-       and not ok(getattr(args, n))]  # ["lr"]: "a finite number > 0"
+       and not ok(getattr(args, n))]
+assert bad == ["lr"]   # its check: "a finite number > 0"
 ```
 """
 

@@ -114,7 +114,6 @@ KNOWN_INCOMPLETE = {
     "rflow_tf.models.ResidualFlow.log_prob_and_logits[0]",
     "rflow_tf.models.ResidualFlow.train_step[0]",
     "rflow_tf.models.ResidualFlow.distribution[0]",
-    "rflow_tf.settings[0]",
     "rflow_tf.training[0]",
     "rflow_tf.training.distribute.distribute_dataset[0]",
     "rflow_tf.training.distribute.ProgressWatchdog[0]",

@@ -1,10 +1,22 @@
 """Helpers shared by the tests: fault injection for the trainer, tiny runs, and
 the brute-force log-det / Jacobian checker."""
 
+import os
+
 import numpy as np
 import tensorflow as tf
 
 from rflow_tf.training.hooks import TrainingHook
+
+#: The repository's root (train/ is importable from there).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def repository_env():
+    """The environment of a Python subprocess that imports ``train`` and
+    ``rflow_tf`` from this repository, wherever it runs."""
+    path = [REPO] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 class InjectedCrash(RuntimeError):

@@ -18,10 +18,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
-from helpers import InjectedCrash, with_faults  # noqa: E402
+from helpers import InjectedCrash, repository_env, with_faults  # noqa: E402
 
 from rflow_tf import data, models, training  # noqa: E402
 from rflow_tf.training.steps import variable_value  # noqa: E402
@@ -358,7 +356,6 @@ def test_version_1_run_dir_resumes_with_its_old_architecture(tmp_path):
 _MIRRORED_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    sys.path.insert(0, {repo!r})
     from rflow_tf import training
     from rflow_tf.training.steps import variable_value
     from train import main as m
@@ -395,9 +392,10 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         "--batch_size=8",
         "--eval_examples=16",
     ]
-    script = _MIRRORED_SCRIPT.format(repo=REPO, argv=argv)
+    script = _MIRRORED_SCRIPT.format(argv=argv)
     proc = subprocess.run(
         [sys.executable, "-c", script],
+        env=repository_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -457,7 +455,6 @@ def test_flag_constraints_name_real_flags():
 
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    sys.path.insert(0, {repo!r})
     from rflow_tf.training import RunDirLock
     lock = RunDirLock({run_dir!r}).acquire()
     print("locked", flush=True)
@@ -476,7 +473,8 @@ def test_run_dir_lock_refuses_a_second_trainer_and_dies_with_its_holder(tmp_path
     first.close()
     # A holder killed with SIGKILL (no cleanup at all) leaves no stale lock.
     proc = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK.format(repo=REPO, run_dir=str(tmp_path))],
+        [sys.executable, "-c", _HOLD_LOCK.format(run_dir=str(tmp_path))],
+        cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -124,7 +124,7 @@ KNOWN_INCOMPLETE = {
 }
 
 #: Examples that run a whole training or export; too slow for the suite, which
-#: runs the same paths in tests/test_training.py, tests/test_toy.py and
+#: runs the same paths in tests/test_trainer_library.py, tests/test_toy.py and
 #: tests/test_export.py.
 TOO_SLOW = {
     "rflow_tf.export.save[0]": "builds and exports digits_small (about 15 s)",

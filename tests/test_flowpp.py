@@ -9,7 +9,6 @@ One tiny trainer run (Flow++ + variational dequantisation) is shared.
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +16,6 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 import rflow_tf  # noqa: E402
 from rflow_tf import export, models, training  # noqa: E402

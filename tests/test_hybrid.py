@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+
+from helpers import repository_env
 
 from rflow_tf import bijectors as rbij  # noqa: E402
 from rflow_tf import classifier, data, export, models, training  # noqa: E402
@@ -386,7 +386,6 @@ def test_hybrid_task_resumes_and_exports_classify(tmp_path, capsys):
 _MIRRORED = textwrap.dedent("""
     import json, sys
     import numpy as np
-    sys.path.insert(0, {repo!r})
     from rflow_tf import training
     from rflow_tf.training.steps import variable_value
     from train import main as m
@@ -413,7 +412,8 @@ def test_hybrid_task_under_mirrored_strategy(tmp_path):
         "--hybrid_lambda=1/D",
     ]
     proc = subprocess.run(
-        [sys.executable, "-c", _MIRRORED.format(repo=REPO, argv=argv)],
+        [sys.executable, "-c", _MIRRORED.format(argv=argv)],
+        env=repository_env(),
         capture_output=True,
         text=True,
         timeout=600,

@@ -3,9 +3,6 @@
 layers' own estimates: adversarial spectra, and every layer of models trained
 by tfp.math.minimize, Keras ``fit`` and the trainer of train/main.py."""
 
-import os
-import sys
-
 import keras
 import numpy as np
 import pytest
@@ -245,9 +242,6 @@ def test_readme_recipe_minimize_keeps_the_bound_and_converge_changes_nothing():
 
 
 def test_trainer_keeps_the_bound(tmp_path):
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if repo not in sys.path:
-        sys.path.insert(0, repo)
     from train import main as trainer_main  # pylint: disable=import-outside-toplevel
 
     args = trainer_main.parse_args(

@@ -34,8 +34,6 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 from torch_files import zip_to_legacy  # noqa: E402
 

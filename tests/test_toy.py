@@ -11,8 +11,6 @@ import pytest
 import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 from rflow_tf import layers as rlayers  # noqa: E402
 from rflow_tf import toy  # noqa: E402

@@ -97,7 +97,7 @@ class IResBlock(_KerasBacked):
     from rflow_tf.bijectors import IResBlock
     tfb, tfd = tfp.bijectors, tfp.distributions
 
-    blocks = [IResBlock.dense(2, hidden_units=(64, 64), coeff=0.9) for _ in range(4)]
+    blocks = [IResBlock.dense(2, hidden_units=(16,), coeff=0.9) for _ in range(4)]
     dist = tfd.TransformedDistribution(
         tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain(blocks)))
     lp = dist.log_prob(tf.random.normal([16, 2]))     # unbiased estimate

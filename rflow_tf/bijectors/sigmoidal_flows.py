@@ -293,12 +293,12 @@ class DeepSigmoidalFlow(_AutoregressiveMonotone):
     from rflow_tf.bijectors import DeepSigmoidalFlow
     tfd, tfb = tfp.distributions, tfp.bijectors
 
-    dsf = DeepSigmoidalFlow(2, num_components=8, hidden_units=(32, 32))   # data -> latent
+    dsf = DeepSigmoidalFlow(2, num_components=8, hidden_units=(16,))   # data -> latent
     dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
                                        tfb.Invert(dsf))
     x = tf.random.normal([64, 2])
     optimizer = tf.optimizers.Adam(1e-2)
-    for step in range(5):   # maximum likelihood
+    for step in range(3):   # maximum likelihood
         with tf.GradientTape() as tape:
             loss = -tf.reduce_mean(dist.log_prob(x))
         grads = tape.gradient(loss, dist.trainable_variables)

@@ -173,7 +173,7 @@ class ToyTrainer:
     from rflow_tf.toy import ToyTrainer, evaluate_nll, parse_args
 
     # A small coupling flow; "--model resflow" also power-iterates after each step.
-    trainer = ToyTrainer(parse_args(["--model", "coupling", "--blocks", "2", "--hidden", "16"]))
+    trainer = ToyTrainer(parse_args(["--model", "coupling", "--blocks", "1", "--hidden", "16"]))
 
     def train(steps):
         trainer.reset(toy_2d("moons", 500, seed=0))
@@ -344,7 +344,7 @@ def run(args=None, reuse_trainer=False):
     ```python
     from rflow_tf.toy import run
 
-    r = run(["--data", "2spirals", "--model", "coupling", "--blocks", "2", "--hidden", "16",
+    r = run(["--data", "2spirals", "--model", "coupling", "--blocks", "1", "--hidden", "16",
              "--iters", "5", "--batch_size", "64", "--n_test", "500", "--grid", "20",
              "--n_plot_samples", "200", "--out", "toy", "--quiet"])
     print(r["test_nll"], r["sec_per_iter"], r["png"])   # nats, seconds, toy/2spirals_coupling.png

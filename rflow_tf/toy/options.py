@@ -127,10 +127,10 @@ class ToyOptions:
     ```python
     from rflow_tf.toy import ToyOptions, run
 
-    options = ToyOptions(data="moons", model="coupling", blocks=2, hidden=(16,), iters=5,
+    options = ToyOptions(data="moons", model="coupling", blocks=1, hidden=(16,), iters=5,
                          batch_size=64, n_test=500, grid=20, n_plot_samples=200, quiet=True)
     result = run(options)      # result["test_nll"], result["png"]
-    assert result["args"]["blocks"] == 2 and result["png"] == "toy_out/moons_coupling.png"
+    assert result["args"]["blocks"] == 1 and result["png"] == "toy_out/moons_coupling.png"
     ```
     """
 

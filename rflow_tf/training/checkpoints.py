@@ -233,12 +233,8 @@ class Checkpointer:
     cluster's watchdog). Building it on the chief removes the temporary
     directories of interrupted saves.
 
-    Example:
-    ```python
-    ckpt = Checkpointer(tf.train.Checkpoint(model=model), "runs/x")
-    ckpt.save(100)              # runs/x/ckpt/ckpt-100
-    ckpt.restore_latest()       # its path, or None
-    ```
+    Example: ``Checkpointer(tf.train.Checkpoint(model=model), "runs/x").save(100)``
+    writes ``runs/x/ckpt/ckpt-100``; ``restore_latest()`` gives its path (or None).
     """
 
     def __init__(

@@ -17,13 +17,8 @@ class EMAWeights:
     backed up while the EMA weights are swapped in, so evaluating leaves the
     training state untouched.
 
-    Example:
-    ```python
-    with strategy.scope():
-        ema = EMAWeights(model, model.trainable_variables, strategy)
-    with ema.weights():
-        model.sample(16)
-    ```
+    Example: ``ema = EMAWeights(model, model.trainable_variables, strategy)``
+    (inside ``strategy.scope()``), then ``with ema.weights(): model.sample(16)``.
     """
 
     def __init__(self, model, variables, strategy):

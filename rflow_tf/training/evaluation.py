@@ -17,11 +17,7 @@ class Evaluator:
     ``tick`` is called after each batch (the cluster's watchdog), ``log``
     prints a line.
 
-    Example:
-    ```python
-    evaluator = Evaluator(model, run_data, ema)
-    evaluator.metrics()["bpd"]
-    ```
+    Example: ``Evaluator(model, run_data, ema).metrics()["bpd"]``.
     """
 
     def __init__(self, model, run_data, ema, *, dequantizer=None, tick=lambda: None, log=print):

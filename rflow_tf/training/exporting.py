@@ -13,11 +13,7 @@ class Exporter:
     into ``tmp_root``, deleted at once. ``tick`` is called after the export
     (the cluster's watchdog).
 
-    Example:
-    ```python
-    exporter = Exporter(model, ema)
-    exporter.export("saved_models/mnist")
-    ```
+    Example: ``Exporter(model, ema).export("saved_models/mnist")``.
     """
 
     def __init__(self, model, ema, *, is_chief=True, tmp_root=None, tick=lambda: None, log=print):

@@ -12,11 +12,7 @@ class RunData:
     the :class:`rflow_tf.training.TrainingOptions` ``options`` (its data
     directory and download setting), distributed by ``strategy``.
 
-    Example:
-    ```python
-    run_data = RunData(spec, options, strategy)
-    batches = iter(run_data.train_batches(start_step=0))
-    ```
+    Example: ``batches = iter(RunData(spec, options, strategy).train_batches(0))``.
     """
 
     def __init__(self, spec, options, strategy):

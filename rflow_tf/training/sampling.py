@@ -14,11 +14,7 @@ class Sampler:
     ``seed``: the same weights give the same grid. ``n`` images at
     ``temperature`` by default; only the chief (``write``) writes the files.
 
-    Example:
-    ```python
-    sampler = Sampler(model, ema, seed=0, n=16, temperature=1.0, n_bits=8)
-    sampler.sample("/tmp/grid.png")
-    ```
+    Example: ``Sampler(model, ema, seed=0, n=16, temperature=1.0, n_bits=8).sample("grid.png")``.
     """
 
     def __init__(self, model, ema, *, seed, n, temperature, n_bits, write=True):

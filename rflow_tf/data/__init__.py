@@ -28,14 +28,17 @@ The package's modules, each re-exported here:
 A typical image-training input pipeline:
 
 ```python
+import math
 from rflow_tf import data
 
-info = data.dataset_info('cifar10')
-ds = data.load_image_dataset('cifar10', 'train', batch_size=64, repeat=True)
-for x_int in ds:
+info = data.dataset_info("digits")         # offline: bundled with scikit-learn
+ds = data.load_image_dataset("digits", "train", batch_size=64, repeat=True)
+for x_int in ds.take(3):
     x = data.dequantize(x_int, n_bits=info.n_bits)   # float32 in [0, 1)
-    # log p_cont(x) from the flow, then
-    # bpd = -(log_p - bits_per_dim_offset(n_bits, D)) / (D * ln 2)
+    log_p = 0.0   # log p_cont(x) from the flow; 0 for the uniform density on [0, 1)^D
+    D = info.num_dims
+    bpd = -(log_p - data.bits_per_dim_offset(info.n_bits, D)) / (D * math.log(2))
+assert x.shape == (64, 8, 8, 1) and math.isclose(bpd, info.n_bits)
 ```
 
 No dataset is downloaded by this package unless `download=True` and the

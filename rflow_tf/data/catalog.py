@@ -286,8 +286,13 @@ def classification_augmentation(name: str) -> dict:
     #### Examples
 
     ```python
-    aug = classification_augmentation('cifar10')  # {'flip': True, 'crop_padding': 4}
-    ds = load_image_dataset('cifar10', 'train', 64, with_labels=True, **aug)
+    from rflow_tf.data import classification_augmentation, load_image_dataset
+
+    assert classification_augmentation("cifar10") == {"flip": True, "crop_padding": 4}
+    aug = classification_augmentation("digits")    # {'flip': False, 'crop_padding': 0}
+    ds = load_image_dataset("digits", "train", 64, with_labels=True, **aug)
+    x, y = next(iter(ds))
+    assert x.shape == (64, 8, 8, 1) and y.shape == (64,)
     ```
     """
     key = canonical_name(name)

@@ -14,10 +14,16 @@ class DatasetNotFoundError(Exception):
     #### Examples
 
     ```python
+    import os
+    from rflow_tf.data import DatasetNotFoundError, load_image_dataset
+
+    os.makedirs("empty")
     try:
-        ds = load_image_dataset('mnist', 'train', 64, download=False)
+        ds = load_image_dataset("mnist", "train", 64, data_dir="empty", download=False)
+        raise AssertionError("an empty folder holds no MNIST")
     except DatasetNotFoundError as e:
         print(e)   # says where it looked and what to do
+        assert "empty" in str(e)
     ```
     """
 
@@ -32,9 +38,18 @@ class DatasetFormatError(ValueError):
     #### Examples
 
     ```python
+    import os
+    from rflow_tf.data import DatasetFormatError, load_image_dataset
+
+    for folder in ("train", "validation"):      # Glow's layout, but the shards hold junk
+        os.makedirs(f"celeba-tfr/{folder}")
+        with open(f"celeba-tfr/{folder}/{folder}-r08-s-0000-of-0001.tfrecords", "wb") as f:
+            f.write(b"not a TFRecord file")
     try:
-        ds = load_image_dataset('celeb_a_hq', 'train', 8, data_dir='/data/celeba-tfr')
+        ds = load_image_dataset("celeb_a_hq", "train", 8, data_dir="celeba-tfr")
+        raise AssertionError("junk shards are not a dataset")
     except DatasetFormatError as e:
-        print(e)   # e.g. ".../train-r08-s-0007-of-0120.tfrecords: corrupt TFRecord file ..."
+        print(e)   # ".../train-r08-s-0000-of-0001.tfrecords: corrupt TFRecord file ..."
+        assert "train-r08-s-0000-of-0001.tfrecords" in str(e)
     ```
     """

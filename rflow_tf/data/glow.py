@@ -61,8 +61,25 @@ class GlowShards:
     #### Examples
 
     ```python
-    shards = find_glow_shards('/data/celeba-tfr', 'test')
-    len(shards.files), shards.n_expected, shards.missing   # 40, 40, ()
+    import os
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.data.glow import find_glow_shards
+
+    def write_shard(path, images):   # Glow's record format: shape + raw HWC bytes
+        with tf.io.TFRecordWriter(path) as w:
+            for im in images:
+                f = {"shape": tf.train.Feature(int64_list=tf.train.Int64List(value=im.shape)),
+                     "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[im.tobytes()]))}
+                w.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
+
+    os.makedirs("celeba-tfr/validation")
+    images = np.zeros([2, 8, 8, 3], np.uint8)   # 8x8 images: resolution 8 is "r03"
+    for i in (0, 2):                              # shard 1 of 3 is missing
+        write_shard(f"celeba-tfr/validation/validation-r03-s-{i:04d}-of-0003.tfrecords", images)
+    shards = find_glow_shards("celeba-tfr", "test", resolution=8)
+    print(len(shards.files), shards.n_expected, shards.missing)   # 2 3 (1,)
+    assert (len(shards.files), shards.n_expected, shards.missing) == (2, 3, (1,))
     ```
     """
 
@@ -77,8 +94,15 @@ class GlowShards:
         #### Examples
 
         ```python
-        if shards.missing:
-            warnings.warn(shards.missing_message())
+        import os
+        from rflow_tf.data.glow import find_glow_shards
+
+        os.makedirs("celeba-tfr/validation")
+        for i in (0, 1, 3):                   # shard 2 of 4 is absent (empty files suffice)
+            open(f"celeba-tfr/validation/validation-r08-s-{i:04d}-of-0004.tfrecords", "wb").close()
+        shards = find_glow_shards("celeba-tfr", "test")
+        print(shards.missing_message())      # ... 1 of the 4 shards are missing (shard 0002) ...
+        assert "shard 0002" in shards.missing_message()
         ```
         """
         if not self.missing:
@@ -135,8 +159,15 @@ def find_glow_shards(root: str, split: str, resolution: int = 256) -> Optional[G
     #### Examples
 
     ```python
-    shards = find_glow_shards('/data/celeba-tfr', 'train')
-    shards.n_expected    # 120
+    import os
+    from rflow_tf.data.glow import find_glow_shards
+
+    os.makedirs("celeba-tfr/train")
+    for i in range(3):                       # names only: the files are not read here
+        open(f"celeba-tfr/train/train-r08-s-{i:04d}-of-0003.tfrecords", "wb").close()
+    shards = find_glow_shards("celeba-tfr", "train")
+    assert shards.n_expected == 3 and shards.missing == ()
+    assert find_glow_shards("celeba-tfr", "test") is None    # no validation/ folder
     ```
     """
     folder_name = GLOW_SPLIT_FOLDERS[split]
@@ -218,7 +249,21 @@ def check_tfrecord_file(path: str) -> int:
     #### Examples
 
     ```python
-    n = check_tfrecord_file('/data/celeba-tfr/validation/validation-r08-s-0000-of-0040.tfrecords')
+    import tensorflow as tf
+    from rflow_tf.data.errors import DatasetFormatError
+    from rflow_tf.data.glow import check_tfrecord_file
+
+    with tf.io.TFRecordWriter("shard.tfrecords") as w:
+        for record in (b"first", b"second", b"third"):
+            w.write(record)
+    assert check_tfrecord_file("shard.tfrecords") == 3
+
+    data = open("shard.tfrecords", "rb").read()
+    open("truncated.tfrecords", "wb").write(data[:-5])    # cut inside the last record
+    try:
+        check_tfrecord_file("truncated.tfrecords")
+    except DatasetFormatError as e:
+        print(e)   # truncated.tfrecords: corrupt TFRecord file, record 2 (...) runs past the end
     ```
     """
     size = os.path.getsize(path)
@@ -336,9 +381,27 @@ def glow_dataset(
     #### Examples
 
     ```python
-    shards = find_glow_shards('/data/celeba-tfr', 'test')
-    ds = glow_dataset(shards.files, (256, 256, 3), shuffle=False, seed=None)
-    first = next(iter(ds))    # uint8 [256, 256, 3]
+    import os
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.data.glow import find_glow_shards, glow_dataset
+
+    def write_shard(path, images):   # Glow's record format: shape + raw HWC bytes
+        with tf.io.TFRecordWriter(path) as w:
+            for im in images:
+                f = {"shape": tf.train.Feature(int64_list=tf.train.Int64List(value=im.shape)),
+                     "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[im.tobytes()]))}
+                w.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
+
+    os.makedirs("celeba-tfr/validation")
+    for i in range(2):                      # 2 shards of 3 images of 8x8x3, pixel value 10 i + k
+        images = np.stack([np.full([8, 8, 3], 10 * i + k, np.uint8) for k in range(3)])
+        write_shard(f"celeba-tfr/validation/validation-r03-s-{i:04d}-of-0002.tfrecords", images)
+    shards = find_glow_shards("celeba-tfr", "test", resolution=8)
+    ds = glow_dataset(shards.files, (8, 8, 3), shuffle=False, seed=None)
+    firsts = [int(x[0, 0, 0]) for x in ds]    # one record from each shard in turn
+    print(firsts)                             # [0, 10, 1, 11, 2, 12]
+    assert sorted(firsts) == [0, 1, 2, 10, 11, 12]
     ```
     """
     files = files_for_worker(files, input_context, 'Glow TFRecord shard(s)')

@@ -94,9 +94,16 @@ def locate_image_dataset(
     #### Examples
 
     ```python
-    source = locate_image_dataset('celeb_a_hq', data_dir='/data/celeba-tfr')
+    import os
+    from rflow_tf.data import locate_image_dataset
+
+    for folder in ("train", "validation"):     # Glow's layout (the files are not read here)
+        os.makedirs(f"celeba-tfr/{folder}")
+        open(f"celeba-tfr/{folder}/{folder}-r08-s-0000-of-0001.tfrecords", "wb").close()
+    source = locate_image_dataset("celeb_a_hq", data_dir="celeba-tfr")
     print(source.describe())   # Glow's TFRecords; test = the paper's test set
-    locate_image_dataset('digits').kind   # 'sklearn'
+    assert source.kind == "glow_tfrecords" and source.paper_test_split
+    assert locate_image_dataset("digits").kind == "sklearn"
     ```
     """
     info = INFOS[canonical_name(name)]
@@ -276,21 +283,42 @@ def load_image_dataset(
     #### Examples
 
     ```python
+    import os
+    import pathlib
+    import numpy as np
+    import tensorflow as tf
+    import rflow_tf
+    from rflow_tf.data import classification_augmentation, load_image_dataset
+
     # Offline dataset bundled with scikit-learn.
-    ds = load_image_dataset('digits', 'train', batch_size=64, seed=0)
+    ds = load_image_dataset("digits", "train", batch_size=64, seed=0)
     x = next(iter(ds))          # uint8, [64, 8, 8, 1], values 0..255
+    assert x.dtype == tf.uint8 and x.shape == (64, 8, 8, 1)
 
     # Labelled digits with the reference's classification augmentation.
-    ds = load_image_dataset('digits', 'train', 64, with_labels=True,
-                            **classification_augmentation('digits'))
+    ds = load_image_dataset("digits", "train", 64, with_labels=True,
+                            **classification_augmentation("digits"))
     x, y = next(iter(ds))       # uint8 [64, 8, 8, 1], int64 [64] in 0..9
+    assert y.dtype == tf.int64 and int(tf.reduce_max(y)) <= 9
 
-    # CelebA-HQ 256 at 5 bits (values 0..31) from Glow's TFRecords, with flips.
-    ds = load_image_dataset('celeb_a_hq', 'train', 8, n_bits=5,
-                            data_dir='/data/celeba-tfr', repeat=True)
+    # CelebA-HQ 256 at 5 bits (values 0..31) from Glow's TFRecords, with flips;
+    # here a folder of one shard per split holding 2 images of 256x256x3.
+    for folder in ("train", "validation"):
+        os.makedirs(f"celeba-tfr/{folder}")
+        with tf.io.TFRecordWriter(f"celeba-tfr/{folder}/{folder}-r08-s-0000-of-0001.tfrecords") as w:
+            for image in np.full([2, 256, 256, 3], 255, np.uint8):
+                f = {"shape": tf.train.Feature(int64_list=tf.train.Int64List(value=image.shape)),
+                     "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()]))}
+                w.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
+    ds = load_image_dataset("celeb_a_hq", "train", 2, n_bits=5,
+                            data_dir="celeba-tfr", repeat=True)
+    assert int(tf.reduce_max(next(iter(ds)))) == 31     # 255 >> 3
 
-    # The authors' data/ folder: CelebA-HQ 64x64 at 5 bits, its 5,000 test images.
-    ds = load_image_dataset('celeba_5bit', 'test', 64, n_bits=None, data_dir='data')
+    # The authors' data/ folder: ImageNet 32x32, valid_32x32.pth as the test
+    # split (here the repository's few-image copy of that folder).
+    data_dir = pathlib.Path(rflow_tf.__file__).parents[1] / "tests/data/reference-data"
+    ds = load_image_dataset("imagenet32", "test", 3, data_dir=str(data_dir))
+    assert next(iter(ds)).shape == (3, 32, 32, 3)
     ```
     """
     key = canonical_name(name)

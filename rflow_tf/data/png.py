@@ -55,9 +55,14 @@ def save_image_grid(
     #### Examples
 
     ```python
-    x = next(iter(load_image_dataset('digits', 'test', 64)))
-    save_image_grid(x, 'digits.png', nrow=8)             # 73 x 73 PNG
-    save_image_grid(x, 'digits_large.png', nrow=8, scale=4)   # 292 x 292 PNG
+    import tensorflow as tf
+    from rflow_tf.data import load_image_dataset, save_image_grid
+
+    x = next(iter(load_image_dataset("digits", "test", 64)))   # uint8 [64, 8, 8, 1]
+    save_image_grid(x, "digits.png", nrow=8)                   # 73 x 73 PNG
+    save_image_grid(x, "digits_large.png", nrow=8, scale=4)    # 292 x 292 PNG
+    png = tf.io.decode_png(tf.io.read_file("digits_large.png"))
+    assert png.shape == (292, 292, 1)    # 8 * (8 + 1) + 1 = 73 pixels, times 4
     ```
     """
     imgs = np.asarray(images_uint8)

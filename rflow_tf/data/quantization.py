@@ -42,13 +42,17 @@ def dequantize(x_int, n_bits: int = 8, seed=None, dtype=tf.float32) -> tf.Tensor
     #### Examples
 
     ```python
+    import tensorflow as tf
+    from rflow_tf.data import dequantize, load_image_dataset
+
     x = tf.constant([[0, 31], [7, 16]], tf.uint8)    # 5-bit pixels, 0..31
     y = dequantize(x, n_bits=5, seed=[1, 2])         # float32 in [0, 1)
-    tf.reduce_all(tf.cast(tf.floor(y * 32), tf.uint8) == x)   # True
+    assert bool(tf.reduce_all(tf.cast(tf.floor(y * 32), tf.uint8) == x))   # x + U[0, 1), / 32
 
-    # In a training loop:
-    for x in load_image_dataset('celeb_a_hq', 'train', 8, n_bits=5):
-        y = dequantize(x, n_bits=5)
+    # In a training loop (8-bit digits: values 0..255):
+    for x in load_image_dataset("digits", "train", 16).take(2):
+        y = dequantize(x, n_bits=8)
+        assert y.shape == (16, 8, 8, 1) and float(tf.reduce_max(y)) < 1.0
     ```
     """
     n_bits = _check_n_bits(n_bits)
@@ -94,8 +98,14 @@ def bits_per_dim_offset(n_bits: int, num_dims) -> float:
     #### Examples
 
     ```python
+    import math
+    from rflow_tf.data import bits_per_dim_offset
+
     D = 32 * 32 * 3
-    bpd = -(log_p - bits_per_dim_offset(8, D)) / (D * math.log(2.))
+    log_p = 0.0                     # the uniform density on [0, 1)^D: log p(y) = 0
+    bpd = -(log_p - bits_per_dim_offset(8, D)) / (D * math.log(2.0))
+    print(bpd)                      # 8.0: uniform over 256 levels costs 8 bits a pixel
+    assert math.isclose(bpd, 8.0)
     ```
     """
     n_bits = _check_n_bits(n_bits)
@@ -126,8 +136,15 @@ def to_uint8_images(x_float, n_bits: int = 8) -> tf.Tensor:
     #### Examples
 
     ```python
-    samples = flow.sample(16)                         # float in [0, 1]
-    save_image_grid(to_uint8_images(samples, 5).numpy(), 'samples.png')
+    import numpy as np
+    from rflow_tf.data import save_image_grid, to_uint8_images
+
+    samples = np.array([0.0, 0.5, 0.99, 1.0, 1.7, np.nan], np.float32)   # e.g. flow samples
+    print(to_uint8_images(samples, 5).numpy())    # [  0 132 255 255 255   0]
+    assert to_uint8_images(samples, 5).numpy().tolist() == [0, 132, 255, 255, 255, 0]
+
+    grid = np.random.default_rng(0).uniform(size=[4, 8, 8, 1])           # float in [0, 1]
+    save_image_grid(to_uint8_images(grid, 5).numpy(), "samples.png", nrow=2)
     ```
     """
     n_bits = _check_n_bits(n_bits)

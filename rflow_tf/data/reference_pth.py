@@ -124,9 +124,17 @@ def read_reference_images(
     #### Examples
 
     ```python
-    images = read_reference_images('data/imagenet32/valid_32x32.pth', (32, 32, 3))
-    images.shape       # (50000, 32, 32, 3); no pixel has been read yet
-    batch = np.ascontiguousarray(images[:64])
+    import pathlib
+    import numpy as np
+    import rflow_tf
+    from rflow_tf.data.reference_pth import read_reference_images
+
+    # The repository's few-image copy of the authors' data/ folder.
+    data = pathlib.Path(rflow_tf.__file__).parents[1] / "tests/data/reference-data"
+    images = read_reference_images(str(data / "imagenet32/valid_32x32.pth"), (32, 32, 3))
+    images.shape       # (3, 32, 32, 3) here, (50000, ...) for the real file; nothing read yet
+    batch = np.ascontiguousarray(images[:2])
+    assert images.dtype == np.uint8 and batch.shape == (2, 32, 32, 3)
     ```
     """
     h, w, c = image_shape
@@ -212,8 +220,16 @@ def array_dataset(
     #### Examples
 
     ```python
-    images = read_reference_images('data/imagenet32/valid_32x32.pth', (32, 32, 3))
-    ds = array_dataset(images, 0, len(images), shuffle=False, seed=None)
+    import pathlib
+    import numpy as np
+    import rflow_tf
+    from rflow_tf.data.reference_pth import array_dataset, read_reference_images
+
+    data = pathlib.Path(rflow_tf.__file__).parents[1] / "tests/data/reference-data"
+    images = read_reference_images(str(data / "imagenet32/train_32x32.pth"), (32, 32, 3))
+    ds = array_dataset(images, 1, len(images), shuffle=False, seed=None)   # all but the first
+    streamed = np.stack([x.numpy() for x in ds])
+    assert np.array_equal(streamed, images[1:])
     ```
     """
     h, w, c = images.shape[1:]

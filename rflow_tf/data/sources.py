@@ -367,8 +367,14 @@ class DataSource:
     #### Examples
 
     ```python
-    source = locate_image_dataset('celeb_a_hq', data_dir='/data/celeba-tfr')
-    source.kind, source.paper_test_split   # ('glow_tfrecords', True)
+    import os
+    from rflow_tf.data import locate_image_dataset
+
+    for folder in ("train", "validation"):     # Glow's layout (the files are not read here)
+        os.makedirs(f"celeba-tfr/{folder}")
+        open(f"celeba-tfr/{folder}/{folder}-r08-s-0000-of-0001.tfrecords", "wb").close()
+    source = locate_image_dataset("celeb_a_hq", data_dir="celeba-tfr")
+    assert (source.kind, source.paper_test_split) == ("glow_tfrecords", True)
     print(source.describe())
     ```
     """
@@ -389,7 +395,14 @@ class DataSource:
         #### Examples
 
         ```python
-        print(f'{source.eval_name} bits/dim: {bpd:.4f}')
+        from rflow_tf.data import locate_image_dataset
+        from rflow_tf.data.sources import DataSource
+
+        source, bpd = locate_image_dataset("digits"), 1.9876
+        print(f"{source.eval_name} bits/dim: {bpd:.4f}")    # test bits/dim: 1.9876
+        held_out = DataSource("celeb_a_hq", "tfds", "~/tensorflow_datasets",
+                              "90% of TFDS's split", "the other 10%", paper_test_split=False)
+        assert (source.eval_name, held_out.eval_name) == ("test", "held-out")
         ```
         """
         return 'test' if self.paper_test_split else 'held-out'
@@ -400,8 +413,11 @@ class DataSource:
         #### Examples
 
         ```python
-        locate_image_dataset('digits').describe()
-        # "digits from scikit-learn's bundled digits (...): train = ..., test = ..."
+        from rflow_tf.data import locate_image_dataset
+
+        line = locate_image_dataset("digits").describe()
+        print(line)   # "digits from scikit-learn's bundled digits (...): train = ...; test = ..."
+        assert line.startswith("digits from") and "; test = " in line
         ```
         """
         return (
@@ -415,7 +431,12 @@ class DataSource:
         #### Examples
 
         ```python
-        json.dumps(source.to_dict())
+        import json
+        from rflow_tf.data import locate_image_dataset
+
+        source = locate_image_dataset("digits")
+        record = json.loads(json.dumps(source.to_dict()))
+        assert record["kind"] == "sklearn" and record["paper_test_split"] is True
         ```
         """
         d = dataclasses.asdict(self)
@@ -617,9 +638,16 @@ def locate_source(
     #### Examples
 
     ```python
+    import os
+    import numpy as np
     from rflow_tf.data import dataset_info
-    source = locate_source(dataset_info('imagenet32'), '/data', splits=('test',))
-    source.kind    # 'reference_pth' if /data/imagenet32/valid_32x32.pth exists
+    from rflow_tf.data.sources import locate_source
+
+    os.makedirs("data/imagenet32")              # bring-your-own ImageNet .npz files
+    np.savez("data/imagenet32/val_data.npz", data=np.zeros([2, 32, 32, 3], np.uint8))
+    source = locate_source(dataset_info("imagenet32"), "data", splits=("test",))
+    source.kind    # 'npz' here; 'reference_pth' if data/imagenet32/valid_32x32.pth exists
+    assert source.kind == "npz"
     ```
     """
     root = os.path.expanduser(data_dir) if data_dir else _default_data_dir()

@@ -16,6 +16,8 @@ import tensorflow_probability as tfp
 
 from rflow_tf import layers as rl
 from rflow_tf.bijectors import IResBlock, flow_kwargs
+from rflow_tf.data import toy_2d
+from rflow_tf.toy import ToyTrainer, parse_args
 
 tfb, tfd = tfp.bijectors, tfp.distributions
 
@@ -93,3 +95,15 @@ def test_compiled_step_with_the_unbiased_estimator_trains_and_keeps_the_bound():
     assert all(xla["current"])
     for norm, coeff in zip(xla["norms"], xla["coeffs"]):
         assert norm <= coeff * (1 + 1e-3)
+
+
+def test_toy_trainer_compiles_its_whole_step_with_xla():
+    args = ["--model", "resflow", "--blocks", "1", "--hidden", "8", "--power_iterations", "0"]
+    trainer = ToyTrainer(parse_args(args + ["--jit_compile", "1"]))
+    trainer.reset(toy_2d("moons", 256, seed=0))
+    losses = [float(trainer.step(toy_2d("moons", 64, seed=i), i)) for i in range(2)]
+    assert np.all(np.isfinite(losses))
+    layers = trainer.flow.lipschitz
+    assert layers and all(bool(layer.estimate_is_current()) for layer in layers)
+    for layer in layers:
+        assert np.linalg.norm(layer.effective_kernel().numpy(), 2) <= layer.coeff * (1 + 1e-3)

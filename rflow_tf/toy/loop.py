@@ -147,6 +147,7 @@ _MODEL_KEYS = (
     "neumann_grad",
     "grad_in_forward",
     "power_iterations",
+    "jit_compile",
     "batch_size",
     "lr",
     "seed",
@@ -156,7 +157,8 @@ _MODEL_KEYS = (
 class ToyTrainer:
     """A flow, its Adam optimiser and compiled train / evaluation functions.
 
-    One optimiser step (``tf.function``, traced once):
+    One optimiser step (``tf.function``, traced once; compiled whole with
+    XLA with ``--jit_compile 1``):
 
         loss = -1/B sum_i log p(x_i)   (training estimator, seed per step)
         Adam update of the nets, then ``power_iterations`` power-iteration
@@ -241,7 +243,7 @@ class ToyTrainer:
                         layer.update_estimate()
             return loss
 
-        self._train_step = tf.function(train_step)
+        self._train_step = tf.function(train_step, jit_compile=bool(args.jit_compile))
         spec = [tf.TensorSpec([None, 2], tf.float32)]
         self.log_prob_exact = tf.function(flow.log_prob_exact, input_signature=spec)
         self._sample = tf.function(self._inverse, input_signature=spec)

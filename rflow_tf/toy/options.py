@@ -271,6 +271,13 @@ class ToyOptions:
         "converged before evaluation and sampling",
     )
     iters: int = setting(2000, group=TRAINING, parse=_positive_int, help="optimiser steps")
+    jit_compile: int = setting(
+        0,
+        group=TRAINING,
+        choices=(0, 1),
+        help="1: compile the whole training step (loss, gradients, Adam and the "
+        "Lipschitz upkeep) with XLA",
+    )
     batch_size: int = setting(
         500, group=TRAINING, parse=_positive_int, help="fresh samples per step"
     )

@@ -51,3 +51,61 @@ def with_faults(trainer, nan_steps="", crash_step=0):
     """``trainer`` with a :class:`FaultInjection` hook installed."""
     trainer.hooks.append(FaultInjection(nan_steps, crash_step))
     return trainer
+
+
+def jacobian(fn, x, per_example=False, use_pfor=True):
+    """The full Jacobian of ``fn`` at each example of ``x``, each event
+    flattened: numpy ``[batch, d_out, d_in]``, in ``x``'s dtype.
+
+    ``per_example``: one call of ``fn`` on a batch of one per example (for maps
+    that do not treat a batch's examples apart); ``use_pfor=False``: the tape's
+    while-loop Jacobian, for ops pfor cannot vectorise."""
+    x = tf.convert_to_tensor(x)
+    if per_example:
+        return np.concatenate(
+            [jacobian(fn, x[i : i + 1], use_pfor=use_pfor) for i in range(x.shape[0])]
+        )
+    with tf.GradientTape(persistent=not use_pfor) as tape:
+        tape.watch(x)
+        y = tf.reshape(fn(x), [x.shape[0], -1])
+    jac = tape.batch_jacobian(y, x, experimental_use_pfor=use_pfor)
+    return tf.reshape(jac, [x.shape[0], y.shape[1], -1]).numpy()
+
+
+def finite_difference_jacobian(fn, x, eps):
+    """Central finite-difference Jacobians of ``fn`` (one row of ``x`` per
+    example, numpy, float64): ``[batch, d, d]``, independent of autodiff."""
+    x = np.asarray(x, np.float64)
+    out = []
+    for xi in x:
+        cols = []
+        for j in range(xi.size):
+            e = np.zeros(xi.size)
+            e[j] = eps
+            plus = fn(tf.constant((xi + e)[None])).numpy()[0]
+            minus = fn(tf.constant((xi - e)[None])).numpy()[0]
+            cols.append((plus - minus) / (2 * eps))
+        out.append(np.stack(cols, axis=1))
+    return np.array(out)
+
+
+def exact_log_det(fn, x, with_sign=False, **jacobian_options):
+    """log |det J| per example (numpy ``[batch]``) with ``J`` the full Jacobian
+    of ``fn`` (:func:`jacobian`, same options) by ``tf.linalg.slogdet``, in
+    ``x``'s dtype; ``with_sign``: ``(sign, log |det J|)``."""
+    jac = jacobian(fn, x, **jacobian_options)
+    assert jac.shape[1] == jac.shape[2], f"a non-square Jacobian {jac.shape[1:]}"
+    sign, log_abs_det = tf.linalg.slogdet(jac)
+    return (sign.numpy(), log_abs_det.numpy()) if with_sign else log_abs_det.numpy()
+
+
+def assert_log_det_matches(bijector, x, event_ndims, rtol=1e-7, atol=0.0, **kwargs):
+    """``bijector.forward_log_det_jacobian(x, event_ndims)`` equals log |det J|
+    of the full Jacobian of its forward map (``kwargs`` go to both) within
+    ``rtol`` / ``atol``; returns both, numpy ``[batch]``."""
+    x = tf.convert_to_tensor(x)
+    exact = exact_log_det(lambda t: bijector.forward(t, **kwargs), x)
+    ld = bijector.forward_log_det_jacobian(x, event_ndims, **kwargs).numpy()
+    ld = np.broadcast_to(ld, exact.shape)
+    np.testing.assert_allclose(ld, exact, rtol=rtol, atol=atol)
+    return ld, exact

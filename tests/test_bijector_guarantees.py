@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from helpers import exact_log_det
 
 from rflow_tf import bijectors as rbij
 from rflow_tf import layers as rlayers
@@ -210,14 +211,7 @@ def test_log_det_matches_full_numerical_jacobian(property_cases):
         x = tf.constant(x)
         if nd == 0:
             x = tf.reshape(x, [-1, 1])
-        event = x.shape[1:]
-        flat = tf.reshape(x, [x.shape[0], -1])
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch(flat)
-            y = bij.forward(tf.reshape(flat, [-1] + event.as_list()))
-            y_flat = tf.reshape(y, [x.shape[0], -1])
-        jac = tape.batch_jacobian(y_flat, flat, experimental_use_pfor=False)
-        exact = tf.linalg.slogdet(jac).log_abs_determinant.numpy()
+        exact = exact_log_det(bij.forward, x, use_pfor=False)
         fldj = (
             bij.forward_log_det_jacobian(x, max(nd, 1)).numpy()
             if nd

@@ -12,38 +12,12 @@ import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from helpers import exact_log_det, finite_difference_jacobian  # noqa: E402
+
 from rflow_tf import layers as rlayers  # noqa: E402
 from rflow_tf import toy  # noqa: E402
 from rflow_tf.bijectors import IResBlock  # noqa: E402
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
-
-
-def _brute_force_slogdet(fn, x):
-    """slogdet of the full Jacobian of fn at each row of x (tape.jacobian, per example)."""
-    out = []
-    for i in range(x.shape[0]):
-        xi = tf.constant(x[i : i + 1])
-        with tf.GradientTape() as tape:
-            tape.watch(xi)
-            yi = fn(xi)
-        jac = tape.jacobian(yi, xi)[0, :, 0, :]  # [2, 2]
-        out.append(np.linalg.slogdet(jac.numpy())[1])
-    return np.array(out)
-
-
-def _finite_difference_slogdet(fn, x, eps=1e-5):
-    """slogdet of central finite-difference Jacobians (float64)."""
-    out = []
-    for xi in x:
-        cols = []
-        for j in range(2):
-            e = np.zeros(2)
-            e[j] = eps
-            plus = fn(tf.constant((xi + e)[None])).numpy()[0]
-            minus = fn(tf.constant((xi - e)[None])).numpy()[0]
-            cols.append((plus - minus) / (2 * eps))
-        out.append(np.linalg.slogdet(np.stack(cols, axis=1))[1])
-    return np.array(out)
 
 
 def test_exact_logdet_matches_slogdet_of_brute_force_jacobian():
@@ -56,8 +30,9 @@ def test_exact_logdet_matches_slogdet_of_brute_force_jacobian():
     assert ld.shape == (6,)
     assert np.max(np.abs(ld)) > 1e-2  # a non-trivial Jacobian
     forward = block.forward
-    np.testing.assert_allclose(ld, _brute_force_slogdet(forward, x), atol=1e-10)
-    np.testing.assert_allclose(ld, _finite_difference_slogdet(forward, x), atol=1e-6)
+    np.testing.assert_allclose(ld, exact_log_det(forward, x, per_example=True), atol=1e-10)
+    finite_difference = finite_difference_jacobian(forward, x, eps=1e-5)
+    np.testing.assert_allclose(ld, np.linalg.slogdet(finite_difference)[1], atol=1e-6)
     np.testing.assert_allclose(y.numpy(), forward(tf.constant(x)).numpy())
 
 
@@ -74,7 +49,7 @@ def test_flow_log_prob_exact_is_change_of_variables_of_whole_flow():
         return t
 
     z = f(tf.constant(x))
-    expected = toy.standard_normal_log_prob(z).numpy() + _brute_force_slogdet(f, x)
+    expected = toy.standard_normal_log_prob(z).numpy() + exact_log_det(f, x, per_example=True)
     np.testing.assert_allclose(
         flow.log_prob_exact(tf.constant(x)).numpy(), expected, rtol=1e-4, atol=1e-4
     )

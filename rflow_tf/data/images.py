@@ -303,13 +303,17 @@ def load_image_dataset(
 
     # CelebA-HQ 256 at 5 bits (values 0..31) from Glow's TFRecords, with flips;
     # here a folder of one shard per split holding 2 images of 256x256x3.
+    def feature(image):     # Glow's record: shape and the raw HWC bytes
+        return {"shape": tf.train.Feature(int64_list=tf.train.Int64List(value=image.shape)),
+                "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()]))}
+
     for folder in ("train", "validation"):
         os.makedirs(f"celeba-tfr/{folder}")
-        with tf.io.TFRecordWriter(f"celeba-tfr/{folder}/{folder}-r08-s-0000-of-0001.tfrecords") as w:
+        path = f"celeba-tfr/{folder}/{folder}-r08-s-0000-of-0001.tfrecords"
+        with tf.io.TFRecordWriter(path) as w:
             for image in np.full([2, 256, 256, 3], 255, np.uint8):
-                f = {"shape": tf.train.Feature(int64_list=tf.train.Int64List(value=image.shape)),
-                     "data": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image.tobytes()]))}
-                w.write(tf.train.Example(features=tf.train.Features(feature=f)).SerializeToString())
+                example = tf.train.Example(features=tf.train.Features(feature=feature(image)))
+                w.write(example.SerializeToString())
     ds = load_image_dataset("celeb_a_hq", "train", 2, n_bits=5,
                             data_dir="celeba-tfr", repeat=True)
     assert int(tf.reduce_max(next(iter(ds)))) == 31     # 255 >> 3

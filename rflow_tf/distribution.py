@@ -36,9 +36,21 @@ class FlowDistribution(tfd.TransformedDistribution):
 
     Example:
     ```python
-    dist = FlowDistribution(tfd.MultivariateNormalDiag(tf.zeros([64])),
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.distribution import FlowDistribution
+    from rflow_tf.models import ResidualFlow
+    tfb, tfd = tfp.bijectors, tfp.distributions
+
+    model = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
+                                    fc_end=False, logdet="exact"))
+    x = tf.random.stateless_uniform([2, 4, 4, 1], seed=[0, 1])
+    model.initialize(x)
+    dist = FlowDistribution(tfd.MultivariateNormalDiag(tf.zeros([16])),   # D = 4 * 4 * 1
                             tfb.Invert(model.bijector))
-    dist.log_prob(x, bijector_kwargs={"seed": [1, 2]})
+    lp = dist.log_prob(x, bijector_kwargs={"seed": [1, 2]})
+    tf.debugging.assert_near(lp, model.log_prob(x), atol=1e-3)   # the model's own log p(x)
     ```
     """
 
@@ -71,6 +83,14 @@ class FlowLayer(keras.layers.Layer):
 
     Example:
     ```python
+    import keras
+    import tensorflow as tf
+    import tensorflow_probability as tfp
+    from rflow_tf.bijectors import IResBlock
+    from rflow_tf.distribution import FlowLayer
+    tfb, tfd = tfp.bijectors, tfp.distributions
+
+    blocks = [IResBlock.dense(2, hidden_units=(8,), coeff=0.9) for _ in range(2)]
     dist = tfd.TransformedDistribution(tfd.MultivariateNormalDiag(tf.zeros(2)),
                                        tfb.Invert(tfb.Chain(blocks)))
     class Model(keras.Model):
@@ -79,7 +99,10 @@ class FlowLayer(keras.layers.Layer):
             self.flow = FlowLayer(dist)
         def call(self, x):
             return self.flow(x)
-    len(Model().trainable_weights)     # every weight of the blocks
+    model = Model()
+    lp = model(tf.random.normal([4, 2]))   # log p(x), [4]
+    print(len(model.trainable_weights))     # every weight of the blocks
+    assert lp.shape == (4,) and model.trainable_weights
     ```
     """
 

@@ -267,9 +267,19 @@ class ResidualFlow(keras.Model):
 
         Example:
         ```python
-        z = flow.bijector.forward(x)
+        import tensorflow as tf
+        from rflow_tf.config import FlowConfig
+        from rflow_tf.models import ResidualFlow
+
+        flow = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
+                                       fc_end=False, logdet="exact"))
+        x = tf.random.stateless_uniform([2, 4, 4, 1], seed=[0, 1])   # dequantised images
+        flow.initialize(x)
+        z = flow.bijector.forward(x)           # [2, 16]
         ld = flow.bijector.forward_log_det_jacobian(x, event_ndims=3, seed=[1, 2])
         x2 = flow.bijector.inverse(z)          # fixed-point inverse
+        assert z.shape == (2, 16) and ld.shape == (2,)
+        tf.debugging.assert_near(x2, x, atol=1e-3)
         ```
         """
         return self._flow
@@ -413,9 +423,22 @@ class ResidualFlow(keras.Model):
 
         Example:
         ```python
+        import math
+        import tensorflow as tf
+        from rflow_tf.config import FlowConfig
+        from rflow_tf.models import ResidualFlow
+
+        flow = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
+                                       fc_end=False, n_classes=10))
+        x = tf.random.stateless_uniform([2, 4, 4, 1], seed=[0, 1])   # dequantised images
+        from rflow_tf import classifier
+
+        y = tf.constant([3, 7])                 # labels
+        flow.initialize(x)
         lp, logits = flow.log_prob_and_logits(x, training=True, seed=[1, 2])
         loss = classifier.hybrid_loss(lp - flow.num_dims * 8 * math.log(2), logits, y, "1/D",
                                       num_dims=flow.num_dims)
+        assert lp.shape == (2,) and logits.shape == (2, 10) and loss.shape == (2,)
         ```
         """
         self._check_classifier("log_prob_and_logits")
@@ -552,9 +575,20 @@ class ResidualFlow(keras.Model):
 
         Example:
         ```python
-        flow.initialize(x_first_batch)
+        import keras
+        import numpy as np
+        import tensorflow as tf
+        from rflow_tf.config import FlowConfig
+        from rflow_tf.models import ResidualFlow
+
+        flow = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
+                                       fc_end=False, logdet="exact"))
+        images = np.random.default_rng(0).integers(0, 256, [8, 4, 4, 1], dtype=np.uint8)
+        images_dataset = tf.data.Dataset.from_tensor_slices(images).batch(4)   # 2 steps
+        flow.initialize(tf.cast(images[:4], tf.float32) / 255)   # x_first_batch
         flow.compile(optimizer=keras.optimizers.Adam(1e-3))
-        flow.fit(images_dataset, epochs=1)        # uint8 or [0, 1] float images
+        history = flow.fit(images_dataset, epochs=1, verbose=0)   # uint8 or [0, 1] float images
+        assert np.isfinite(history.history["loss"][-1])          # mean bits/dim
         ```
         """
         x = self._images_from(data)
@@ -634,9 +668,19 @@ class ResidualFlow(keras.Model):
 
         Example:
         ```python
+        import tensorflow as tf
+        from rflow_tf.config import FlowConfig
+        from rflow_tf.models import ResidualFlow
+
+        flow = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
+                                       fc_end=False, logdet="exact"))
+        x = tf.random.stateless_uniform([2, 4, 4, 1], seed=[0, 1])   # dequantised images
+        flow.initialize(x)
         dist = flow.distribution()
-        lp = dist.log_prob(x)        # same as flow.log_prob(x) (random estimate)
+        lp = dist.log_prob(x)        # same as flow.log_prob(x) (random estimate; here exact)
         imgs = dist.sample(4)        # not clipped to [0, 1]
+        tf.debugging.assert_near(lp, flow.log_prob(x), atol=1e-3)
+        assert imgs.shape == (4, 4, 4, 1)
         ```
         """
         base = tfd.MultivariateNormalDiag(loc=tf.zeros([self.num_dims], self.flow_dtype))

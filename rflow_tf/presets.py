@@ -272,8 +272,13 @@ def get_preset(name, **overrides):
 
     Example:
     ```python
-    cfg = get_preset("cifar10", n_exact_terms=4)
-    flow = ResidualFlow(cfg)
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.presets import get_preset
+
+    cfg = get_preset("cifar10", n_exact_terms=4)     # the preset's FlowConfig, one field replaced
+    assert cfg.input_shape == (32, 32, 3) and cfg.n_exact_terms == 4
+    flow = ResidualFlow(get_preset("tiny"))          # weights are created on first use
+    assert flow.flow_config == get_preset("tiny")
     ```
     """
     _check_preset_name(name)

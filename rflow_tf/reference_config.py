@@ -98,8 +98,14 @@ def config_from_args(args, **overrides):
 
     Example:
     ```python
-    ns = argparse.Namespace(data="mnist", imagesize=28, nblocks="16-16-16", idim=512, ...)
+    import argparse
+    from rflow_tf.reference_config import config_from_args
+
+    # The flags of a train_img.py run (the others take train_img.py's defaults).
+    ns = argparse.Namespace(data="mnist", imagesize=28, nblocks="16-16-16", idim=512)
     cfg = config_from_args(ns)            # FlowConfig(input_shape=(28, 28, 1), ...)
+    assert cfg.input_shape == (28, 28, 1) and cfg.n_blocks == (16, 16, 16)
+    assert config_from_args(ns, logdet="exact").logdet == "exact"
     ```
     """
     if isinstance(args, dict):
@@ -238,8 +244,17 @@ def latent_permutation(cfg):
 
     Example:
     ```python
-    p = latent_permutation(flow.flow_config)
+    import numpy as np
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.reference_config import latent_permutation
+
+    cfg = FlowConfig(input_shape=(4, 4, 2), n_blocks=(1,), fc_end=False)
+    z_ref = np.arange(32.0)[None]          # a latent in the reference's (C, H, W) order
+    p = latent_permutation(cfg)
+    z = z_ref[..., p]                      # ours, in (H, W, C) order
+    assert z[0, :4].tolist() == [0.0, 16.0, 1.0, 17.0]   # (h, w, c) = (0,0,0) (0,0,1) (0,1,0)...
     z_ref_order = np.empty_like(z); z_ref_order[..., p] = z      # back to the reference's
+    assert np.array_equal(z_ref_order, z_ref)
     ```
     """
     cfg = rmodels.FlowConfig.coerce(cfg)

@@ -75,23 +75,10 @@ def collect():
 #: they do not make). Each still runs, and is reported as an expected failure
 #: until it is completed; an example that starts to pass is reported too.
 KNOWN_INCOMPLETE = {
-    "rflow_tf.presets.get_preset[0]",
-    "rflow_tf.convert[0]",
-    "rflow_tf.reference_config.config_from_args[0]",
-    "rflow_tf.reference_config.latent_permutation[0]",
-    "rflow_tf.convert.reference_power_iteration[0]",
-    "rflow_tf.convert.from_reference[0]",
-    "rflow_tf.convert.load_reference_weights[0]",
     "rflow_tf.export[0]",
     "rflow_tf.export_format.ExportError[0]",
     "rflow_tf.loading.LoadedFlow[0]",
     "rflow_tf.loading.load[0]",
-    "rflow_tf.distribution.FlowDistribution[0]",
-    "rflow_tf.distribution.FlowLayer[0]",
-    "rflow_tf.models.ResidualFlow.bijector[0]",
-    "rflow_tf.models.ResidualFlow.log_prob_and_logits[0]",
-    "rflow_tf.models.ResidualFlow.train_step[0]",
-    "rflow_tf.models.ResidualFlow.distribution[0]",
     "rflow_tf.training[0]",
     "rflow_tf.training.distribute.distribute_dataset[0]",
     "rflow_tf.training.distribute.ProgressWatchdog[0]",

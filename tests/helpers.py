@@ -1,7 +1,10 @@
 """Helpers shared by the tests: fault injection for the trainer, tiny runs, and
 the brute-force log-det / Jacobian checker."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -109,3 +112,20 @@ def assert_log_det_matches(bijector, x, event_ndims, rtol=1e-7, atol=0.0, **kwar
     ld = np.broadcast_to(ld, exact.shape)
     np.testing.assert_allclose(ld, exact, rtol=rtol, atol=atol)
     return ld, exact
+
+
+def run_script_result(script, cwd, timeout=600):
+    """Runs ``script`` in a fresh Python (:func:`repository_env`) in ``cwd``;
+    it must exit cleanly after printing a ``RESULT <json>`` line, whose JSON
+    (the last one) is returned."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=repository_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(cwd),
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT ") :])

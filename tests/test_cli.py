@@ -19,26 +19,14 @@ import tensorflow_datasets as tfds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import InjectedCrash, repository_env, with_faults  # noqa: E402
+from helpers import InjectedCrash, run_script_result, with_faults  # noqa: E402
+from tiny_runs import tiny_flags, tiny_run_args  # noqa: E402
 
 from rflow_tf import data, models, training  # noqa: E402
 from rflow_tf.training.steps import variable_value  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
-TINY = [
-    "--preset=tiny",
-    "--n_blocks=1",
-    "--fc_end=false",
-    "--hidden_channels=4",
-    "--export_dir=",
-    "--log_every=1",
-    "--n_sample_images=4",
-    "--download=false",
-]
-
-
-def run_args(tmp_path, *extra):
-    return trainer_main.parse_args(TINY + [f"--out={tmp_path}"] + list(extra))
+TINY = tiny_flags()
 
 
 def values(variables):
@@ -166,7 +154,7 @@ def test_help_lists_the_flags():
 )
 def test_pipeline_on_mock_data(tmp_path, dataset, extra):
     with tfds.testing.mock_data(num_examples=8):
-        args = run_args(
+        args = tiny_run_args(
             tmp_path,
             f"--dataset={dataset}",
             "--steps=2",
@@ -191,7 +179,7 @@ def test_pipeline_on_mock_data(tmp_path, dataset, extra):
 
 def test_resume_continues_with_same_state(tmp_path):
     common = ["--steps=2", "--batch_size=8", "--eval_examples=8", "--ckpt_every=1"]
-    first = trainer_main.make_trainer(run_args(tmp_path, *common))
+    first = trainer_main.make_trainer(tiny_run_args(tmp_path, *common))
     r1 = first.train()
     assert r1["step"] == 2 and int(first.optimizer.iterations.numpy()) == 2
     saved = {
@@ -201,7 +189,7 @@ def test_resume_continues_with_same_state(tmp_path):
     }
 
     # Rerun with more steps: restores step, optimizer, EMA and ActNorm state.
-    second = trainer_main.make_trainer(run_args(tmp_path, *common[1:], "--steps=3"))
+    second = trainer_main.make_trainer(tiny_run_args(tmp_path, *common[1:], "--steps=3"))
     assert int(second.step.numpy()) == 0
     assert second.restore_or_initialize() is not None
     assert int(second.step.numpy()) == 2
@@ -246,7 +234,7 @@ def test_truncated_training_reports_true_and_training_estimate(tmp_path, capsys)
     # An i-ResNet (truncated series) is evaluated with the unbiased estimator, and
     # the log shows the training estimator's figure beside it.
     trainer = trainer_main.make_trainer(
-        run_args(
+        tiny_run_args(
             tmp_path,
             "--steps=1",
             "--batch_size=8",
@@ -268,7 +256,7 @@ def test_truncated_training_reports_true_and_training_estimate(tmp_path, capsys)
 
 
 def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys, monkeypatch):
-    args = run_args(
+    args = tiny_run_args(
         tmp_path,
         "--steps=3",
         "--batch_size=8",
@@ -283,7 +271,7 @@ def test_nan_steps_are_skipped_then_training_stops(tmp_path, capsys, monkeypatch
     assert "step 2: non-finite loss" in capsys.readouterr().err
 
     # Two NaN steps in a row stop training; the last good checkpoint stays.
-    args = run_args(
+    args = tiny_run_args(
         tmp_path,
         "--steps=6",
         "--batch_size=8",
@@ -321,7 +309,7 @@ def test_missing_dataset_message(tmp_path, capsys):
 
 
 def test_model_config_mismatch_is_refused(tmp_path, capsys):
-    trainer_main.make_trainer(run_args(tmp_path))  # writes config.json
+    trainer_main.make_trainer(tiny_run_args(tmp_path))  # writes config.json
     code = trainer_main.main(TINY + [f"--out={tmp_path}", "--hidden_channels=8"])
     assert code == 2 and "different model configuration" in capsys.readouterr().err
 
@@ -329,13 +317,13 @@ def test_model_config_mismatch_is_refused(tmp_path, capsys):
 def test_version_1_run_dir_resumes_with_its_old_architecture(tmp_path):
     # A run directory written before config_version existed (no config_version,
     # first_resblock, squeeze_order keys) resumes as the model it was built as.
-    spec = trainer_main.resolve_run(run_args(tmp_path))
+    spec = trainer_main.resolve_run(tiny_run_args(tmp_path))
     old = spec.config_json()
     for key in ("config_version", "first_resblock", "squeeze_order", "init"):
         del old["flow_config"][key]
     with open(tmp_path / "config.json", "w") as f:
         json.dump(old, f)
-    trainer = trainer_main.make_trainer(run_args(tmp_path))
+    trainer = trainer_main.make_trainer(tiny_run_args(tmp_path))
     cfg = trainer.flow_config
     assert (cfg.config_version, cfg.first_resblock, cfg.squeeze_order) == (
         1,
@@ -350,7 +338,7 @@ def test_version_1_run_dir_resumes_with_its_old_architecture(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump(old, f)
     with pytest.raises(training.UsageError, match="hidden_channels"):
-        trainer_main.make_trainer(run_args(tmp_path))
+        trainer_main.make_trainer(tiny_run_args(tmp_path))
 
 
 _MIRRORED_SCRIPT = textwrap.dedent("""
@@ -393,17 +381,7 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
         "--eval_examples=16",
     ]
     script = _MIRRORED_SCRIPT.format(argv=argv)
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env=repository_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=str(tmp_path),
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = run_script_result(script, tmp_path)
     assert out["strategy"] == "MirroredStrategy" and out["replicas"] == 2
     assert out["iterations"] == 3 and np.isfinite(out["test_bpd"])
     assert out["diffs"] == {"model": 0.0, "ema": 0.0, "optimizer": 0.0}, out["diffs"]
@@ -463,7 +441,7 @@ _HOLD_LOCK = textwrap.dedent("""
 
 
 def test_run_dir_lock_refuses_a_second_trainer_and_dies_with_its_holder(tmp_path, capsys):
-    first = trainer_main.make_trainer(run_args(tmp_path))
+    first = trainer_main.make_trainer(tiny_run_args(tmp_path))
     assert first.lock.held
     config = (tmp_path / "config.json").read_text()
     code = trainer_main.main(TINY + [f"--out={tmp_path}", "--seed=5"])
@@ -513,7 +491,7 @@ def state_of(trainer):
 def trained_run(tmp_path_factory):
     """An uninterrupted run of 4 steps, checkpoints ckpt-2 and ckpt-4: (run dir, final state)."""
     out = tmp_path_factory.mktemp("trained")
-    trainer = trainer_main.make_trainer(run_args(out, *RESUME))
+    trainer = trainer_main.make_trainer(tiny_run_args(out, *RESUME))
     trainer.train()
     assert sorted(f for f in os.listdir(out / "ckpt") if f.endswith(".index")) == [
         "ckpt-2.index",
@@ -530,11 +508,11 @@ def trained_run(tmp_path_factory):
     ],
 )
 def test_resume_after_a_kill_at_a_random_step_is_bit_identical(trained_run, tmp_path, capsys, k):
-    crashed = with_faults(trainer_main.make_trainer(run_args(tmp_path, *RESUME)), crash_step=k)
+    crashed = with_faults(trainer_main.make_trainer(tiny_run_args(tmp_path, *RESUME)), crash_step=k)
     with pytest.raises(InjectedCrash, match=f"injected crash after step {k}"):
         crashed.train()
     assert not crashed.lock.held  # released on the way out
-    resumed = trainer_main.make_trainer(run_args(tmp_path, *RESUME))
+    resumed = trainer_main.make_trainer(tiny_run_args(tmp_path, *RESUME))
     resumed.train()
     log = capsys.readouterr().out
     if k >= 3:  # steps after ckpt-2 are trained again (a crash after step 2 precedes its save)
@@ -552,7 +530,7 @@ def copy_run(src, dst):
 
 
 def restored(run_dir, *extra):
-    trainer = trainer_main.make_trainer(run_args(run_dir, *RESUME, *extra))
+    trainer = trainer_main.make_trainer(tiny_run_args(run_dir, *RESUME, *extra))
     try:
         path = trainer.restore_or_initialize()
         return path, int(trainer.step.numpy())
@@ -573,7 +551,7 @@ def test_lost_state_file_recovers_from_the_checkpoint_files(trained_run, tmp_pat
     (ckpt / "ckpt-1.data-00000-of-00001").write_bytes(
         (ckpt / "ckpt-2.data-00000-of-00001").read_bytes()
     )
-    trainer = trainer_main.make_trainer(run_args(run, *RESUME))
+    trainer = trainer_main.make_trainer(tiny_run_args(run, *RESUME))
     path = trainer.restore_or_initialize()
     assert path == str(ckpt / "ckpt-4") and int(trainer.step.numpy()) == 4
     assert ("missing" if damage == "deleted" else "unreadable") in capsys.readouterr().err

@@ -23,14 +23,6 @@ tfb, tfd = tfp.bijectors, tfp.distributions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = os.path.join(REPO, "saved_models", "digits")
-CONFIG = dict(
-    input_shape=(8, 8, 1),
-    n_blocks=(1, 1),
-    hidden_channels=8,
-    n_fc_blocks=1,
-    fc_hidden=(16,),
-    logit_alpha=1e-6,
-)
 
 
 def _digits(n, seed):
@@ -52,7 +44,7 @@ def _train_steps(flow, x, steps):
 def exported(tmp_path_factory):
     """A tiny flow (ActNorm initialised, 2 training steps) exported with default settings."""
     keras.utils.set_random_seed(0)
-    flow = models.ResidualFlow(models.FlowConfig(**CONFIG))
+    flow = models.ResidualFlow(models.get_preset("tiny"))
     x_int = _digits(16, seed=0)
     x = rdata.dequantize(x_int, 8, seed=[3, 4])
     flow.initialize(x)

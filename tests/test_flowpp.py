@@ -18,26 +18,26 @@ import tensorflow_probability as tfp
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import exact_log_det  # noqa: E402
+from tiny_runs import DEFAULT, tiny_flags  # noqa: E402
 
 import rflow_tf  # noqa: E402
 from rflow_tf import export, models, training  # noqa: E402
 from rflow_tf.bijectors import mixlogcdf  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
-TINY_FLOWPP = [
-    "--preset=flowpp_digits",
-    "--n_blocks=1-1",
-    "--hidden_channels=4",
+TINY_FLOWPP = tiny_flags(
     "--batch_size=8",
     "--steps=2",
     "--eval_every=2",
     "--sample_every=2",
     "--eval_examples=16",
-    "--n_sample_images=2",
-    "--log_every=1",
-    "--download=false",
     "--dequantization=variational",
-]
+    preset="flowpp_digits",
+    n_blocks=(1, 1),
+    fc_end=DEFAULT,
+    export_dir=DEFAULT,
+    n_sample_images=2,
+)
 
 
 def _tiny_flowpp(**changes):

@@ -7,8 +7,6 @@ signature, MirroredStrategy)."""
 import json
 import math
 import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -17,7 +15,8 @@ import tensorflow as tf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from helpers import exact_log_det, repository_env
+from helpers import exact_log_det, run_script_result
+from tiny_runs import DEFAULT, tiny_flags
 
 from rflow_tf import bijectors as rbij  # noqa: E402
 from rflow_tf import classifier, data, export, models, training  # noqa: E402
@@ -228,16 +227,7 @@ def test_head_pooling_config_flag_and_old_meaning(tmp_path):
         trainer_main.resolve_run(trainer_main.parse_args(args + ["--head_channels=0"]))
 
 
-TINY_FLAGS = [
-    "--preset=tiny",
-    "--n_blocks=1",
-    "--fc_end=false",
-    "--hidden_channels=4",
-    "--log_every=1",
-    "--n_sample_images=4",
-    "--eval_examples=32",
-    "--batch_size=8",
-]
+TINY_FLAGS = tiny_flags(export_dir=DEFAULT, download=DEFAULT, eval_examples=32, batch_size=8)
 
 
 def test_task_flags_are_checked(tmp_path):
@@ -404,16 +394,6 @@ def test_hybrid_task_under_mirrored_strategy(tmp_path):
         "--task=hybrid",
         "--hybrid_lambda=1/D",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-c", _MIRRORED.format(argv=argv)],
-        env=repository_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=str(tmp_path),
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    out = json.loads(lines[-1][len("RESULT ") :])
+    out = run_script_result(_MIRRORED.format(argv=argv), tmp_path)
     assert out["replicas"] == 2 and out["worst"] == 0.0
     assert np.isfinite(out["bpd"]) and 0.0 <= out["acc"] <= 1.0

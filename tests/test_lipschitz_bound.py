@@ -242,23 +242,19 @@ def test_readme_recipe_minimize_keeps_the_bound_and_converge_changes_nothing():
 
 
 def test_trainer_keeps_the_bound(tmp_path):
+    from tiny_runs import DEFAULT, tiny_run_args  # pylint: disable=import-outside-toplevel
+
     from train import main as trainer_main  # pylint: disable=import-outside-toplevel
 
-    args = trainer_main.parse_args(
-        [
-            "--preset=tiny",
-            "--n_blocks=1",
-            "--hidden_channels=4",
-            "--export_dir=",
-            "--n_sample_images=4",
-            "--download=false",
-            f"--out={tmp_path}",
-            "--steps=3",
-            "--batch_size=8",
-            "--eval_examples=8",
-            "--lr=0.05",
-            "--warmup_steps=1",
-        ]
+    args = tiny_run_args(
+        tmp_path,
+        "--steps=3",
+        "--batch_size=8",
+        "--eval_examples=8",
+        "--lr=0.05",
+        "--warmup_steps=1",
+        fc_end=DEFAULT,
+        log_every=DEFAULT,
     )
     trainer = trainer_main.make_trainer(args)
     trainer.train()

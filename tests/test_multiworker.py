@@ -30,19 +30,11 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from tiny_runs import DEFAULT, tiny_flags
+
 from rflow_tf import training
 
-TINY = [
-    "--preset=tiny",
-    "--n_blocks=1",
-    "--fc_end=false",
-    "--hidden_channels=4",
-    "--log_every=1",
-    "--n_sample_images=4",
-    "--download=false",
-    "--batch_size=8",
-    "--eval_examples=16",
-]
+TINY = tiny_flags(export_dir=DEFAULT, batch_size=8, eval_examples=16)
 PROCESS_TIMEOUT = 300  # seconds; any process still running then is killed
 
 

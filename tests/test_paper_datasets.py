@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from tiny_runs import DEFAULT, tiny_flags, tiny_options  # noqa: E402
 from torch_files import zip_to_legacy  # noqa: E402
 
 from rflow_tf import data, models, torch_format  # noqa: E402
@@ -537,18 +538,9 @@ def test_trainer_offline_download_exits_2_saying_the_network_is_unreachable(tmp_
 # The trainer on 256x256 Glow-format data, and the honest name of TFDS's split
 # ----------------------------------------------------------------------------
 
-SMALL_MODEL = [
-    '--preset=tiny',
-    '--n_blocks=1',
-    '--fc_end=false',
-    '--hidden_channels=4',
-    '--export_dir=',
-    '--log_every=1',
-    '--n_sample_images=1',
-    '--batch_size=2',
-    '--eval_examples=2',
-    '--steps=2',
-]
+SMALL_MODEL = tiny_flags(
+    download=DEFAULT, n_sample_images=1, batch_size=2, eval_examples=2, steps=2
+)
 
 
 def test_trainer_trains_on_glow_tfrecords(glow_root, tmp_path):
@@ -585,18 +577,16 @@ def test_trainer_names_a_held_out_split_for_what_it_is(tmp_path, capsys, tb_scal
     """Every printed and written result of a run whose evaluation split is not the
     paper's test set (TFDS CelebA-HQ) says "held-out" and what the split is; the
     reporting is checked on the digits, whose tiny model trains in seconds."""
-    from rflow_tf.training import Trainer, TrainingOptions
+    from rflow_tf.training import Trainer
 
-    options = TrainingOptions(
-        dataset='digits',
-        preset='tiny',
+    options = tiny_options(
+        tmp_path,
         steps=1,
         eval_every=1,
-        log_every=1,
         n_sample_images=1,
         eval_examples=4,
-        export_dir='',
-        out=str(tmp_path),
+        batch_size=DEFAULT,
+        download=DEFAULT,
     )
     trainer = Trainer(None, options)
     own_split = "our own 10% of the training images, NOT the paper's test set"

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from tiny_runs import tiny_run
 
 import rflow_tf
 from rflow_tf import layers as rl
@@ -14,31 +15,8 @@ from rflow_tf import models
 from rflow_tf.training import Trainer, TrainingOptions, UsageError, flow_config_for, resolve_run
 
 
-def _tiny(tmp_path, config_changes=None, **changes):
-    """(FlowConfig, TrainingOptions) of a tiny digits run in ``tmp_path``;
-    ``changes`` override the options, ``config_changes`` the architecture."""
-    options = dict(
-        dataset="digits",
-        preset="tiny",
-        steps=3,
-        batch_size=16,
-        eval_every=3,
-        eval_examples=32,
-        n_sample_images=4,
-        export_dir="",
-        log_every=1,
-        download=False,
-        out=str(tmp_path),
-    )
-    options = TrainingOptions(**{**options, **changes})
-    config = flow_config_for(
-        options, n_blocks=(1,), fc_end=False, hidden_channels=4, **(config_changes or {})
-    )
-    return config, options
-
-
 def test_trainer_fits_evaluates_samples_from_python(tmp_path):
-    config, options = _tiny(tmp_path)
+    config, options = tiny_run(tmp_path)
     assert isinstance(config, models.FlowConfig) and config.input_shape == (8, 8, 1)
     trainer = Trainer(config, options)
     before = [np.array(v) for v in trainer.model.trainable_variables]
@@ -78,7 +56,7 @@ def test_bad_options_fail_before_any_work(tmp_path):
         TrainingOptions(task="nope")
     with pytest.raises(UsageError, match="unknown --preset"):
         resolve_run(None, TrainingOptions(preset="nope"))
-    config, options = _tiny(tmp_path)
+    config, options = tiny_run(tmp_path)
     with pytest.raises(UsageError, match="not the shape"):
         resolve_run(config.replace(input_shape=(16, 16, 1)), options)
     with pytest.raises(TypeError, match="TrainingOptions"):
@@ -91,7 +69,7 @@ def test_trainer_logs_learned_orders_and_exports_them(tmp_path, tb_scalars):
     ones), are in the result, and the SavedModel loads back with the same (EMA)
     orders and weights."""
     export_dir = str(tmp_path / "export")
-    config, options = _tiny(
+    config, options = tiny_run(
         tmp_path / "run",
         dict(vnorms="2332", learn_p=True),
         steps=2,

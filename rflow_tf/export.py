@@ -102,19 +102,25 @@ the whole batch from one seed); midpoint dequantisation does not.
 
 Example:
 ```python
+import tensorflow as tf
 import rflow_tf
-from rflow_tf import export
+from rflow_tf import export, models
 
-export.save(model, "saved_models/digits")        # EMA weights swapped in
-dist = rflow_tf.load("saved_models/digits")      # a TransformedDistribution
-x = dist.sample(16, seed=[1, 2])                 # [16, 8, 8, 1]
-lp = dist.log_prob(x)
+# A tiny model of 4x4 images (a trained one has its EMA weights swapped in first).
+model = models.ResidualFlow(models.FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,),
+                                              hidden_channels=4, fc_end=False, logdet="exact"))
+x = rflow_tf.data.dequantize(tf.zeros([2, 4, 4, 1], tf.uint8), 8, seed=[0, 1])
+model.initialize(x)
+export.save(model, "saved_models/tiny")
+dist = rflow_tf.load("saved_models/tiny")        # a TransformedDistribution
+lp = dist.log_prob(x)                            # [2]; dist.sample(2, seed=[1, 2]) samples
 
 # Without rflow_tf:
 import tensorflow as tf
-obj = tf.saved_model.load("saved_models/digits")
-imgs = obj.sample(16, 0.8, [1, 2])
-bpd = obj.bits_per_dim(tf.zeros([2, 8, 8, 1], tf.uint8))
+obj = tf.saved_model.load("saved_models/tiny")
+imgs = obj.sample(2, 0.8, [1, 2])
+bpd = obj.bits_per_dim(tf.zeros([2, 4, 4, 1], tf.uint8))
+assert imgs.shape == (2, 4, 4, 1) and bpd.shape == (2,) and lp.shape == (2,)
 ```
 """
 
@@ -461,10 +467,17 @@ def save(
 
     Example:
     ```python
+    import json
+    import tensorflow as tf
     from rflow_tf import export, models
-    flow = models.ResidualFlow("digits_small")
+
+    flow = models.ResidualFlow(models.FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,),
+                                                 hidden_channels=4, fc_end=False, logdet="exact"))
+    flow.initialize(tf.random.stateless_uniform([2, 4, 4, 1], seed=[0, 1]))
     ...                                   # train; swap in the EMA weights
-    export.save(flow, "saved_models/digits", extra_metadata={"test_bpd": 1.9})
+    export.save(flow, "saved_models/tiny", extra_metadata={"test_bpd": 1.9})
+    meta = export.load_metadata("saved_models/tiny")      # the export's metadata.json
+    assert meta["extra"] == {"test_bpd": 1.9} and export.is_export("saved_models/tiny")
     ```
     """
     if not isinstance(model, rmodels.ResidualFlow):

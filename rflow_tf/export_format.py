@@ -33,10 +33,16 @@ class ExportError(Exception):
 
     Example:
     ```python
-    try:
-        dist = rflow_tf.load(path)
-    except rflow_tf.export.ExportError as e:
-        print("cannot load:", e)
+    import os
+    import rflow_tf
+
+    os.makedirs("not_an_export")      # a folder without a SavedModel
+    for path in ("missing", "not_an_export"):
+        try:
+            dist = rflow_tf.load(path)
+            raise AssertionError("loaded a non-export")
+        except rflow_tf.export.ExportError as e:
+            print("cannot load:", e)   # ExportNotFoundError, then NotAnExportError
     ```
     """
 

@@ -49,9 +49,15 @@ class LoadedFlow(rmodels.FlowDistribution):
 
     Example:
     ```python
-    dist = rflow_tf.load("saved_models/digits")
-    x = dist.sample(16, seed=[1, 2])
-    lp = dist.log_prob(x)
+    import pathlib
+    import rflow_tf
+
+    # The repository's export of a model trained on the 8x8 digits.
+    path = pathlib.Path(rflow_tf.__file__).parents[1] / "saved_models/digits"
+    dist = rflow_tf.load(str(path))
+    x = dist.sample(2, seed=[1, 2])
+    print(dist.image_shape, dist.n_bits, dist.metadata["logdet"])
+    assert x.shape == (2, *dist.image_shape) and dist.model.flow_config.input_shape == (8, 8, 1)
     ```
     """
 
@@ -262,10 +268,19 @@ def load(path, *, logdet=None):
     Example:
     ```python
     import rflow_tf, tensorflow_probability as tfp
-    dist = rflow_tf.load("saved_models/digits")
-    x = dist.sample(16, seed=[1, 2])
-    print(dist.log_prob(x))
+    import tensorflow as tf
+
+    # Export a tiny (untrained) flow of 4x4 images, then load it.
+    model = rflow_tf.ResidualFlow(rflow_tf.FlowConfig(
+        input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4, fc_end=False, logdet="exact"))
+    x = tf.random.stateless_uniform([2, 4, 4, 1], seed=[0, 1])
+    model.initialize(x)
+    rflow_tf.export.save(model, "saved_models/tiny")
+    dist = rflow_tf.load("saved_models/tiny")
+    print(dist.log_prob(x))                     # the exported model's log p(x)
+    tf.debugging.assert_near(dist.log_prob(x), model.log_prob(x), atol=1e-3)
     shifted = tfp.bijectors.Chain([tfp.bijectors.Shift(0.1), dist.bijector])
+    assert shifted.forward(tf.zeros([1, 16])).shape == (1, 4, 4, 1)
     ```
     """
     path = os.fspath(path)

@@ -587,7 +587,7 @@ class ResidualFlow(keras.Model):
         images_dataset = tf.data.Dataset.from_tensor_slices(images).batch(4)   # 2 steps
         flow.initialize(tf.cast(images[:4], tf.float32) / 255)   # x_first_batch
         flow.compile(optimizer=keras.optimizers.Adam(1e-3))
-        history = flow.fit(images_dataset, epochs=1, verbose=0)   # uint8 or [0, 1] float images
+        history = flow.fit(images_dataset, epochs=1, shuffle=False, verbose=0)   # uint8 or [0, 1]
         assert np.isfinite(history.history["loss"][-1])          # mean bits/dim
         ```
         """

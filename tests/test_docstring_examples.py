@@ -6,6 +6,9 @@ public functions, and runs each ```python block once, in one process, the way
 doctest runs examples: in a copy of the module's namespace. A block that begins
 with an import is a complete script and runs in a fresh namespace, so that it
 runs as written when pasted. Examples work in a temporary directory.
+
+Every example is complete (it makes the flows, files and data it uses) and
+small, so every one of them runs here: none is skipped or expected to fail.
 """
 
 from __future__ import annotations
@@ -71,43 +74,7 @@ def collect():
     return examples
 
 
-#: Examples that are fragments (they use a `flow`, `x` or a data directory that
-#: they do not make). Each still runs, and is reported as an expected failure
-#: until it is completed; an example that starts to pass is reported too.
-KNOWN_INCOMPLETE = {
-    "rflow_tf.export[0]",
-    "rflow_tf.export_format.ExportError[0]",
-    "rflow_tf.loading.LoadedFlow[0]",
-    "rflow_tf.loading.load[0]",
-    "rflow_tf.training[0]",
-    "rflow_tf.training.distribute.distribute_dataset[0]",
-    "rflow_tf.training.distribute.ProgressWatchdog[0]",
-    "rflow_tf.training.steps.make_optimizer[0]",
-    "rflow_tf.training.steps.make_train_step[0]",
-    "rflow_tf.training.trainer.Trainer[0]",
-}
-
-#: Examples that run a whole training or export; too slow for the suite, which
-#: runs the same paths in tests/test_trainer_library.py, tests/test_toy.py and
-#: tests/test_export.py.
-TOO_SLOW = {
-    "rflow_tf.export.save[0]": "builds and exports digits_small (about 15 s)",
-    "rflow_tf.training[0]": "trains through Trainer.fit (about 60 s)",
-    "rflow_tf.training.trainer.Trainer[0]": "trains through Trainer.fit (about 40 s)",
-}
-
-
-def _marked(param):
-    example_id = param.id
-    marks = []
-    if example_id in TOO_SLOW:
-        marks.append(pytest.mark.skip(reason="too slow: " + TOO_SLOW[example_id]))
-    elif example_id in KNOWN_INCOMPLETE:
-        marks.append(pytest.mark.xfail(reason="a fragment: uses names it does not define"))
-    return pytest.param(*param.values, id=param.id, marks=marks)
-
-
-EXAMPLES = [_marked(p) for p in collect()]
+EXAMPLES = collect()
 
 
 def test_the_collector_finds_the_examples():
@@ -125,8 +92,3 @@ def test_docstring_example_runs(module, block, tmp_path, monkeypatch):
     start = time.perf_counter()
     exec(compile(block, f"<{module} docstring>", "exec"), namespace)  # noqa: S102
     assert time.perf_counter() - start < 30, "examples must be small"
-
-
-def test_the_lists_name_real_examples():
-    ids = {p.id for p in EXAMPLES}
-    assert not (set(KNOWN_INCOMPLETE) | set(TOO_SLOW)) - ids

@@ -22,13 +22,18 @@
 
 Example:
 ```python
+import os
 from rflow_tf.training import Trainer, TrainingOptions, flow_config_for
 
-options = TrainingOptions(dataset="digits", preset="tiny", steps=20, out="/tmp/run")
-config = flow_config_for(options, hidden_channels=16)      # or None: the preset's
+# One step of batch 4 on the digits, evaluated on 8 test images, no export.
+options = TrainingOptions(dataset="digits", preset="tiny", steps=1, batch_size=4,
+                          eval_examples=8, n_sample_images=4, export_dir="", out="run")
+config = flow_config_for(options, n_blocks=(1,), hidden_channels=4, fc_end=False,
+                         n_exact_terms_eval=2)             # or None: the preset's
 trainer = Trainer(config, options)
-result = trainer.fit()            # {"test_bpd": ..., "step": 20, ...}
-trainer.sample("/tmp/run/grid.png", n=16)
+result = trainer.fit()            # {"test_bpd": ..., "step": 1, ...}
+trainer.sample("run/grid.png", n=4)
+assert result["step"] == 1 and result["test_bpd"] > 0 and os.path.exists("run/grid.png")
 ```
 """
 

@@ -112,9 +112,15 @@ def distribute_dataset(strategy, ds):
 
     Example:
     ```python
+    import tensorflow as tf
+    from rflow_tf import data
+    from rflow_tf.training.distribute import distribute_dataset
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")     # or MirroredStrategy()
     ds = data.load_image_dataset("digits", "train", batch_size=64, seed=0)
-    for x in distribute_dataset(strategy, ds):   # x: PerReplica slices of 64 / replicas
-        ...
+    for x in distribute_dataset(strategy, ds.take(2)):   # x: PerReplica slices of 64 / replicas
+        parts = strategy.experimental_local_results(x)
+        assert sum(p.shape[0] for p in parts) == 64
     ```
     """
     options = tf.data.Options()
@@ -135,10 +141,18 @@ class ProgressWatchdog:
 
     Example:
     ```python
+    import time
+    from rflow_tf.training.distribute import ProgressWatchdog
+
     with ProgressWatchdog(600, "no training step finished for 600 s") as dog:
-        for batch in batches:
-            step(batch)
+        for batch in range(3):
+            time.sleep(0.01)              # a training step
             dog.tick()
+
+    stalls = []                           # on_timeout replaces ending the process
+    with ProgressWatchdog(0.2, on_timeout=stalls.append):
+        time.sleep(0.5)                   # no tick for longer than the timeout
+    assert stalls and stalls[0] >= 0.2    # seconds since the last tick
     ```
     """
 

@@ -63,9 +63,24 @@ def make_optimizer(lr, warmup_steps):
 
     Example:
     ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training.distribute import distribute_dataset
+    from rflow_tf.training.ema import EMAWeights
+    from rflow_tf.training.steps import make_optimizer, make_train_step
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    images = np.random.default_rng(0).integers(0, 256, [8, 4, 4, 1], dtype=np.uint8)
+    with strategy.scope():
+        model = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
+                                        fc_end=False))
+        model.initialize(tf.cast(images, tf.float32) / 255)
     with strategy.scope():
         opt = make_optimizer(1e-3, 1000)
         opt.build(model.trainable_variables)
+    assert np.isclose(float(opt.learning_rate), 1e-6)    # warm-up: 1e-3 * 1 / 1000 at step 0
     ```
     """
     return PreReducedAdam(
@@ -191,8 +206,29 @@ def make_train_step(
 
     Example:
     ```python
-    step_fn = make_train_step(model, opt, strategy, ema, global_batch_size=64)
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training.distribute import distribute_dataset
+    from rflow_tf.training.ema import EMAWeights
+    from rflow_tf.training.steps import make_optimizer, make_train_step
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    images = np.random.default_rng(0).integers(0, 256, [8, 4, 4, 1], dtype=np.uint8)
+    with strategy.scope():
+        model = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
+                                        fc_end=False))
+        model.initialize(tf.cast(images, tf.float32) / 255)
+        opt = make_optimizer(1e-3, 10)
+        opt.build(model.trainable_variables)
+        ema = EMAWeights(model, model.trainable_variables, strategy).variables
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(4)      # global batches of uint8
+    dist_iter = iter(distribute_dataset(strategy, ds))
+    step_fn = make_train_step(model, opt, strategy, ema, global_batch_size=4)
     out = step_fn(next(dist_iter), tf.constant(0, tf.int64))
+    print({k: float(v) for k, v in out.items()})   # loss (bits/dim), grad_norm, ok, logdet
+    assert bool(out["ok"]) and np.isfinite(float(out["loss"]))
     ```
     """
     variables = trained_variables(model, dequantizer)

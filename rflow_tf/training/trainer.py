@@ -84,10 +84,19 @@ class Trainer:
 
     Example:
     ```python
+    from rflow_tf.config import FlowConfig
     from rflow_tf.training import Trainer, TrainingOptions
-    trainer = Trainer(None, TrainingOptions(preset="tiny", steps=10, out="/tmp/r"))
+
+    # One step of a one-block flow on the digits, 8 test images, no export
+    # (config None: the preset's model).
+    config = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1,), hidden_channels=4, fc_end=False,
+                        n_exact_terms_eval=2)
+    options = TrainingOptions(preset="tiny", steps=1, batch_size=4, eval_examples=8,
+                              n_sample_images=4, export_dir="", out="r")
+    trainer = Trainer(config, options)
     result = trainer.fit()
     print(result["test_bpd"])
+    assert result["step"] == 1 and result["test_bpd"] > 0
     ```
     """
 

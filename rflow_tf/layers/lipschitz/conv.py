@@ -42,10 +42,11 @@ class LipschitzConv2D(LipschitzLayer):
 
     Example:
     ```python
-    conv = LipschitzConv2D(32, 3, coeff=0.98)
-    y = conv(tf.zeros([4, 8, 8, 3]))
+    conv = LipschitzConv2D(8, 3, coeff=0.98)
+    y = conv(tf.zeros([2, 4, 4, 3]))          # [2, 4, 4, 8]
     mixed = LipschitzConv2D(3, 3, coeff=0.98, domain=3, codomain=2)
-    y = mixed(tf.zeros([4, 8, 8, 32]))
+    y = mixed(tf.zeros([2, 4, 4, 8]))         # [2, 4, 4, 3]
+    assert y.shape == (2, 4, 4, 3)
     ```
     """
 

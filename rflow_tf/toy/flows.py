@@ -347,10 +347,12 @@ def power_iterate_all(layers, n):
 
     Example:
     ```python
+    import keras
     import numpy as np
     from rflow_tf import layers as rlayers
     from rflow_tf.toy import build_flow, power_iterate_all
 
+    keras.utils.set_random_seed(0)                         # the same initial weights every run
     flow = build_flow("resflow", blocks=2, hidden=(16,))   # two nets: 2 -> 16 -> 2
     layers = rlayers.lipschitz_layers(flow.keras_models)   # 4 layers, 2 kernel shapes
     # (in training: optimizer.apply_gradients(...), then a few steps, e.g. 5)

@@ -58,7 +58,18 @@ class LearnableOrder(keras.layers.Layer):
 
 def order_argument(order, name):
     """A layer's ``domain`` / ``codomain`` argument: a Python float in [1, inf],
-    a :class:`LearnableOrder`, or a serialised LearnableOrder (from get_config)."""
+    a :class:`LearnableOrder`, or a serialised LearnableOrder (from get_config).
+
+    Example:
+    ```python
+    from rflow_tf.layers.lipschitz.orders import LearnableOrder, order_argument, order_config
+
+    assert order_argument("inf", "codomain") == float("inf")
+    p = LearnableOrder(3.0)
+    assert order_argument(p, "domain") is p
+    assert float(order_argument(order_config(p), "domain").order()) == 3.0  # round trip
+    ```
+    """
     if isinstance(order, LearnableOrder):
         return order
     if isinstance(order, dict):
@@ -67,17 +78,43 @@ def order_argument(order, name):
 
 
 def order_config(order):
-    """A ``domain`` / ``codomain`` as ``get_config`` stores it (inf as "inf")."""
+    """A ``domain`` / ``codomain`` as ``get_config`` stores it (inf as "inf").
+
+    Example:
+    ```python
+    from rflow_tf.layers.lipschitz.orders import order_config
+
+    assert order_config(float("inf")) == "inf" and order_config(2.0) == 2.0
+    ```
+    """
     if isinstance(order, LearnableOrder):
         return keras.saving.serialize_keras_object(order)
     return "inf" if order == norms.INF else order
 
 
 def order_value(order, dtype):
-    """The order to compute with: a Python float, or a tensor of ``dtype``."""
+    """The order to compute with: a Python float, or a tensor of ``dtype``.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.orders import LearnableOrder, order_value
+
+    assert order_value(2.0, tf.float32) == 2.0
+    assert order_value(LearnableOrder(3.0), tf.float64).dtype == tf.float64
+    ```
+    """
     return order.order(dtype) if isinstance(order, LearnableOrder) else order
 
 
 def order_label(order):
-    """An order for messages: its value, or "learnable"."""
+    """An order for messages: its value, or "learnable".
+
+    Example:
+    ```python
+    from rflow_tf.layers.lipschitz.orders import LearnableOrder, order_label
+
+    assert order_label(2.0) == 2.0 and order_label(LearnableOrder()) == "learnable"
+    ```
+    """
     return "learnable" if isinstance(order, LearnableOrder) else order

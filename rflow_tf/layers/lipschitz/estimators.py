@@ -89,6 +89,12 @@ class NormEstimator:
         gradient is that of the norm at the maximiser)."""
         raise NotImplementedError
 
+    def larger(self, kernel, first, second):
+        """Of two (u, v) pairs, the one of the larger sigma (``first`` on a tie):
+        every estimate is a lower bound of the norm, so the larger is the better."""
+        better = self.sigma(kernel, *second) > self.sigma(kernel, *first)
+        return tf.cond(better, lambda: second, lambda: first)
+
     def upkeep(self, kernel, state):
         """(u, v) re-estimated for a changed ``kernel`` from the stored ``state``."""
         raise NotImplementedError
@@ -185,18 +191,14 @@ class SpectralNorm(NormEstimator):
         tol, max_iterations = self._settings(tol, max_iterations)
         random = random_unit_like(state.v.read_value(), 1, state.sigma)
         starts = self.restart_vectors(kernel, random)
-        u, v = self.iterate(kernel, starts[0], tol, max_iterations)
+        best = self.iterate(kernel, starts[0], tol, max_iterations)
         for v0 in starts[1:]:
-            u2, v2 = self.iterate(kernel, v0, tol, max_iterations)
-            better = self.sigma(kernel, u2, v2) > self.sigma(kernel, u, v)
-            u, v = tf.cond(better, lambda: (u2, v2), lambda: (u, v))
-        return u, v
+            best = self.larger(kernel, best, self.iterate(kernel, v0, tol, max_iterations))
+        return best
 
     def with_restart(self, kernel, u1, v1, tol=None, max_iterations=None, state=None):
         """The larger-sigma pair of (u1, v1) and a :meth:`restart`."""
-        u2, v2 = self.restart(kernel, tol, max_iterations, state)
-        better = self.sigma(kernel, u2, v2) > self.sigma(kernel, u1, v1)
-        return tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
+        return self.larger(kernel, (u1, v1), self.restart(kernel, tol, max_iterations, state))
 
     def careful(self, kernel, tol=None, max_iterations=None, state=None):
         """(u, v) of the larger sigma of the warm start and a restart."""
@@ -505,8 +507,7 @@ class GeneralisedPowerMethod(_MixedNorm):
             dtype=kernel.dtype,
         )
         u2, v2 = tf.reshape(res.u, layer.u.shape), tf.reshape(res.v, layer.v.shape)
-        better = self.sigma(kernel, u2, v2) > self.sigma(kernel, u1, v1)
-        u, v = tf.cond(better, lambda: (u2, v2), lambda: (u1, v1))
+        u, v = self.larger(kernel, (u1, v1), (u2, v2))
         return layer._store(u, v, kernel, careful=careful)
 
     def power_steps(self, kernel, u, v, n):

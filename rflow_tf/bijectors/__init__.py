@@ -37,6 +37,13 @@ tape), and ``inverse(y)`` of a still-alive output ``y`` of ``forward`` returns
 its input, so ``TransformedDistribution.log_prob`` never runs a fixed-point
 inversion.
 
+Conditioning
+------------
+A conditional :class:`IResBlock` (``condition_size=K``) models p(x | c): its
+methods take TFP's ``conditional_input=c`` keyword, and
+:func:`conditional_kwargs` routes one c to every conditional block of a
+``Chain`` or ``TransformedDistribution`` (``bijector_kwargs``).
+
 Variables
 ---------
 ``trainable_variables`` of these bijectors (and of any ``Chain`` or
@@ -53,7 +60,7 @@ import IResBlock``):
 * ``actnorm``: :class:`ActNorm`;
 * ``squeeze``: :class:`Squeeze` (``SQUEEZE_ORDERS``);
 * ``logit``: :class:`LogitTransform`;
-* ``seeds``: :func:`flow_kwargs`, :func:`use_fixed_seed`;
+* ``seeds``: :func:`flow_kwargs`, :func:`use_fixed_seed`, :func:`conditional_kwargs`;
 * ``coupling``: :class:`AffineCoupling` (the paper's coupling baseline) and its nets;
 * ``invertible_conv``: :class:`Invertible1x1Conv` (Glow's 1x1 convolution);
 * ``sigmoidal_flows``: :class:`DeepSigmoidalFlow`, :class:`DeepDenseSigmoidalFlow`
@@ -79,7 +86,7 @@ from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv
 from rflow_tf.bijectors.iresblock import LOGDET_MODES, IResBlock
 from rflow_tf.bijectors.logit import LogitTransform
 from rflow_tf.bijectors.mixlogcdf import GatedAttentionConditioner, MixLogCDFCoupling
-from rflow_tf.bijectors.seeds import flow_kwargs, use_fixed_seed
+from rflow_tf.bijectors.seeds import conditional_kwargs, flow_kwargs, use_fixed_seed
 from rflow_tf.bijectors.sigmoidal_flows import MADE, DeepDenseSigmoidalFlow, DeepSigmoidalFlow
 from rflow_tf.bijectors.squeeze import SQUEEZE_ORDERS, Squeeze
 
@@ -92,6 +99,7 @@ __all__ = [
     "LOGDET_MODES",
     "flow_kwargs",
     "use_fixed_seed",
+    "conditional_kwargs",
     "AffineCoupling",
     "Invertible1x1Conv",
     "MADE",

@@ -16,23 +16,26 @@ tfb = tfp.bijectors
 
 class _InverseMemo:
     """y -> x for outputs y of ``forward`` that are still alive (weak keys),
-    with the graph point where ``forward`` returned (None eagerly)."""
+    with the graph point where ``forward`` returned (None eagerly) and the
+    ``conditional_input`` of that call (None for unconditional bijectors)."""
 
     def __init__(self):
         self._entries = {}
 
-    def remember(self, y, x):
+    def remember(self, y, x, condition=None):
         key = id(y)
         ref = weakref.ref(y, lambda _, key=key: self._entries.pop(key, None))
-        self._entries[key] = (ref, x, tracing.graph_point())
+        self._entries[key] = (ref, x, tracing.graph_point(), condition)
 
-    def recall(self, y):
+    def recall(self, y, condition=None):
         """``(x, current)``: the remembered x (or None) and whether it is known
-        at trace time to be current (same graph, no variable written since)."""
+        at trace time to be current (same graph, no variable written since,
+        and the same ``condition`` object; another condition is checked by
+        recomputing ``forward``)."""
         entry = self._entries.get(id(y))
         if entry is None or entry[0]() is not y:
             return None, False
-        return entry[1], tracing.no_write_since(entry[2])
+        return entry[1], entry[3] is condition and tracing.no_write_since(entry[2])
 
 
 def _reproduces(y_now, y):
@@ -51,7 +54,8 @@ class _FreshBijectorCache(cache_util.BijectorCache):
       alive gives back that ``x`` without running the inverse -- this is what
       ``TransformedDistribution.log_prob`` relies on to avoid a fixed-point
       inversion at the latent point -- but only while ``forward(x)`` still
-      reproduces ``y``: while tracing, when no op since ``forward`` may have
+      reproduces ``y`` (under the ``conditional_input`` of the call, if
+      any): while tracing, when no op since ``forward`` may have
       written a variable (:func:`rflow_tf.tracing.no_write_since`), ``x``
       is given back with no ops at all; otherwise one forward pass checks it
       (in graphs with a ``tf.cond``) and after any change of the weights the
@@ -67,11 +71,11 @@ class _FreshBijectorCache(cache_util.BijectorCache):
 
     def forward(self, x, **kwargs):
         y = self.bijector._forward(x, **kwargs)
-        self._memo().remember(y, x)
+        self._memo().remember(y, x, kwargs.get("conditional_input"))
         return y
 
     def inverse(self, y, **kwargs):
-        x, current = self._memo().recall(y)
+        x, current = self._memo().recall(y, kwargs.get("conditional_input"))
         if current:
             return x
         if x is None:

@@ -90,6 +90,24 @@ class IResBlock(_KerasBacked):
     random seed per call, two ints make the estimate deterministic.
     The net must act on each example independently (no batch statistics).
 
+    **Conditional blocks** (``condition_net``, or ``condition_size=K`` in
+    :meth:`dense` / :meth:`conv`) model p(x | c): the branch is
+
+        g(x; c) = K_L phi(... phi(K_1 x + b_1 + s_1(c)) ...) + b_L + s_L(c),
+
+    where s(c) = (s_1, ..., s_L) comes from an unconstrained context network
+    (:func:`rflow_tf.layers.context_shift_net`) and s_i is broadcast over
+    space in convolutional branches. The shifts move where phi' is evaluated
+    but add no factor to J_g = K_L D_{L-1} ... D_1 K_1, so Lip_x(g(., c)) <=
+    coeff for every c: the fixed-point inverse and the log-det estimators
+    (of the Jacobian in x) hold unchanged, and the Neumann gradient reaches
+    the context network through s(c). Every method takes
+    ``conditional_input=c`` (shape [..., K], broadcast to the batch shape of
+    x), TFP's keyword as in ``MaskedAutoregressiveFlow``; route it through a
+    ``tfb.Chain`` or a ``TransformedDistribution`` with
+    :func:`rflow_tf.bijectors.conditional_kwargs`. ``condition_size`` is K
+    (None for an unconditional block).
+
     Example:
     ```python
     import tensorflow as tf
@@ -102,6 +120,14 @@ class IResBlock(_KerasBacked):
         tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(tfb.Chain(blocks)))
     lp = dist.log_prob(tf.random.normal([16, 2]))     # unbiased estimate
     x = dist.sample(5)                                 # fixed-point inverse
+
+    # p(x | c) with a context c in R^3
+    block = IResBlock.dense(2, hidden_units=(16,), condition_size=3)
+    cond = tfd.TransformedDistribution(
+        tfd.MultivariateNormalDiag(tf.zeros(2)), tfb.Invert(block))
+    c = tf.random.normal([16, 3])
+    lp = cond.log_prob(tf.random.normal([16, 2]), bijector_kwargs={"conditional_input": c})
+    xs = cond.sample(5, bijector_kwargs={"conditional_input": c[0]})   # 5 draws given c[0]
     ```
     """
 
@@ -109,6 +135,7 @@ class IResBlock(_KerasBacked):
         self,
         net,
         *,
+        condition_net=None,
         logdet="unbiased",
         logdet_eval=None,
         dist="poisson",
@@ -157,6 +184,10 @@ class IResBlock(_KerasBacked):
             event_ndims = len(in_shape) - 1 if in_shape is not None else 1
         self._net = net
         self._chain = rlayers.JacobianChain.from_net(net)
+        self._condition_net = condition_net
+        self.condition_size = None
+        if condition_net is not None:
+            self.condition_size = _condition_size(condition_net, self._chain)
         self.logdet_mode = logdet
         self.logdet_eval_mode = logdet if logdet_eval is None else logdet_eval
         self.dist = dist
@@ -175,7 +206,7 @@ class IResBlock(_KerasBacked):
         self._default_seed = _check_stateless_seed(default_seed, f"{name}: default_seed")
         self._checked_shapes = set()
         if getattr(net, "built", False):
-            self._track_keras(net)
+            self._track_keras(*self._keras_parts())
         else:
             self._keras_tf_variables = ()
         super().__init__(
@@ -198,10 +229,19 @@ class IResBlock(_KerasBacked):
         init="reference",
         vnorms="2",
         learn_p=False,
+        condition_size=None,
+        condition_hidden_units=(64,),
+        condition_activation="elu",
         **block_kwargs,
     ):
         """A block for vectors in R^dim whose g is :func:`rflow_tf.layers.lipschitz_dense_net`
         (``init``: one of :data:`rflow_tf.layers.INITS`).
+
+        ``condition_size=K`` makes the block conditional: g(x; c) adds
+        s(c) = :func:`rflow_tf.layers.context_shift_net` (K inputs,
+        ``condition_hidden_units``, ``condition_activation``) to the
+        pre-activations of every layer of g, and every call takes
+        ``conditional_input=c`` of shape [..., K]. Default None: unconditional.
 
         ``vnorms``: the norm orders of g's linear maps, one character per
         linear layer + 1 as the authors' ``--vnorms`` ("2222" for two hidden
@@ -212,7 +252,9 @@ class IResBlock(_KerasBacked):
         converge. ``learn_p``: the orders are trainable (tied along the chain).
 
         Example: ``IResBlock.dense(2, hidden_units=(128,) * 4, coeff=0.9)``;
-        ``IResBlock.dense(2, (64, 64), vnorms="2f22", learn_p=False)``.
+        ``IResBlock.dense(2, (64, 64), vnorms="2f22", learn_p=False)``;
+        ``IResBlock.dense(2, (64,), condition_size=3)`` (then
+        ``block.forward(x, conditional_input=c)``).
         """
         net = rlayers.lipschitz_dense_net(
             dim,
@@ -225,7 +267,10 @@ class IResBlock(_KerasBacked):
             vnorms=vnorms,
             learn_p=learn_p,
         )
-        return cls(net, event_ndims=1, **block_kwargs)
+        condition_net = _context_net_for(
+            net, condition_size, condition_hidden_units, condition_activation, dtype
+        )
+        return cls(net, condition_net=condition_net, event_ndims=1, **block_kwargs)
 
     @classmethod
     def conv(
@@ -240,6 +285,9 @@ class IResBlock(_KerasBacked):
         init="reference",
         vnorms="2",
         learn_p=False,
+        condition_size=None,
+        condition_hidden_units=(64,),
+        condition_activation="elu",
         **block_kwargs,
     ):
         """A block for images of shape (H, W, C) whose g is
@@ -247,7 +295,12 @@ class IResBlock(_KerasBacked):
         ``init``: one of :data:`rflow_tf.layers.INITS`; ``vnorms``,
         ``learn_p`` as in :meth:`dense`: "2222" for kernels "3-1-3").
 
-        Example: ``IResBlock.conv((28, 28, 1), hidden_channels=512)``.
+        ``condition_size=K``: conditional as in :meth:`dense`; the context is
+        a vector c in R^K per image, and s(c) shifts every channel of every
+        layer's pre-activations, the same shift at every pixel.
+
+        Example: ``IResBlock.conv((28, 28, 1), hidden_channels=512)``;
+        ``IResBlock.conv((8, 8, 2), 16, condition_size=10)``.
         """
         net = rlayers.lipschitz_conv_net(
             input_shape,
@@ -261,12 +314,21 @@ class IResBlock(_KerasBacked):
             vnorms=vnorms,
             learn_p=learn_p,
         )
-        return cls(net, event_ndims=3, **block_kwargs)
+        condition_net = _context_net_for(
+            net, condition_size, condition_hidden_units, condition_activation, dtype
+        )
+        return cls(net, condition_net=condition_net, event_ndims=3, **block_kwargs)
 
     @property
     def net(self):
         """The residual branch g (a Keras layer or model)."""
         return self._net
+
+    @property
+    def condition_net(self):
+        """The context network c -> s(c) of a conditional block (a Keras model),
+        or None for an unconditional block; see :attr:`condition_size`."""
+        return self._condition_net
 
     @property
     def default_seed(self):
@@ -288,8 +350,12 @@ class IResBlock(_KerasBacked):
         self._default_seed = _check_stateless_seed(seed, f"{self.name}.default_seed")
 
     # ------------------------------------------------------------ utilities
-    def _g(self, x, training):
-        return self._checked(x, self._net(x, training=training))
+    def _g(self, x, training, shift=None):
+        if shift is None:
+            return self._checked(x, self._net(x, training=training))
+        if not self._net.built:
+            self._net(x)
+        return self._checked(x, self._chain.linearize(x, training, shift=shift)[0])
 
     def _checked(self, x, gx):
         """Validates the net's output for input x (dtype, shape) once per shape."""
@@ -308,11 +374,79 @@ class IResBlock(_KerasBacked):
                     f"{tuple(gx.shape[1:])}"
                 )
             self._checked_shapes.add(key)
-        if not self._keras_tf_variables and getattr(self._net, "weights", None):
-            self._track_keras(self._net)
+        self._track_new_weights()
         return gx
 
-    def _linearize(self, x, training):
+    def _track_new_weights(self):
+        """Mirrors the Keras weights once they exist (nets may build at first call)."""
+        if self._condition_net is None:
+            if not self._keras_tf_variables and getattr(self._net, "weights", None):
+                self._track_keras(self._net)
+        elif len(self._keras_tf_variables) != sum(len(o.weights) for o in self._keras_parts()):
+            self._track_keras(*self._keras_parts())
+
+    def _keras_parts(self):
+        """The Keras objects holding the block's weights: the net, then the context net."""
+        return (self._net,) + (() if self._condition_net is None else (self._condition_net,))
+
+    def _net_variables(self):
+        """The trainable variables of the net g (not of the context net)."""
+        return [w for w in self._keras_tf_variables[: len(self._net.weights)] if w.trainable]
+
+    def _context_shift(self, conditional_input, x, training):
+        """The pre-activation shift s(c) [B, S] for the examples of ``x`` (its
+        original batch shape), or None for an unconditional block; a clear
+        error for a missing, unexpected or misshapen ``conditional_input``."""
+        if self._condition_net is None:
+            if conditional_input is not None:
+                raise ValueError(
+                    f"{self.name}: got conditional_input, but this block is unconditional "
+                    "(build it with condition_size=K, or pass condition_net=...)"
+                )
+            return None
+        k = self.condition_size
+        if conditional_input is None:
+            raise ValueError(
+                f"{self.name}: this conditional block needs conditional_input=c of shape "
+                f"[..., {k}]; inside a tfb.Chain or a TransformedDistribution route it with "
+                "rflow_tf.bijectors.conditional_kwargs(flow, c)"
+            )
+        c = tf.convert_to_tensor(conditional_input, dtype_hint=x.dtype)
+        if not c.dtype.is_floating:
+            raise TypeError(
+                f"{self.name}: conditional_input must be floating-point, got {c.dtype.name} "
+                "(embed integer labels first, e.g. tf.one_hot)"
+            )
+        nd = self._event_ndims
+        x_batch = x.shape[: x.shape.rank - nd]
+        if c.shape.rank is not None:
+            if c.shape.rank < 1 or c.shape[-1] not in (None, k):
+                raise ValueError(
+                    f"{self.name}: conditional_input must have shape [..., {k}] "
+                    f"(condition_size {k}), got {c.shape}"
+                )
+            c_batch = c.shape[:-1]
+            try:
+                fits = tf.broadcast_static_shape(c_batch, x_batch).rank == x_batch.rank
+            except ValueError:
+                fits = False
+            if not fits or (x_batch.is_fully_defined() and c_batch.rank > x_batch.rank):
+                raise ValueError(
+                    f"{self.name}: the batch shape {c_batch} of conditional_input {c.shape} "
+                    f"must broadcast to the batch shape {x_batch} of the input {x.shape}"
+                )
+        c = tf.broadcast_to(c, tf.concat([tf.shape(x)[: tf.rank(x) - nd], [k]], 0))
+        shift = self._condition_net(tf.reshape(c, [-1, k]), training=training)
+        if not isinstance(shift, tf.Tensor) or shift.dtype != x.dtype:
+            raise TypeError(
+                f"{self.name}: the context net returned dtype "
+                f"{getattr(shift, 'dtype', type(shift))} for a {x.dtype.name} input; build "
+                f"it with dtype='{x.dtype.name}'"
+            )
+        self._track_new_weights()
+        return shift
+
+    def _linearize(self, x, training, shift=None):
         """Returns ``(g(x), vjp, surrogate)``: ``vjp(u)`` = u^T J_g(x) and
         ``surrogate(u, v)`` = u^T J_g(x) v per example, both differentiable
         on any enclosing tape. Known Lipschitz nets use their explicit
@@ -320,12 +454,12 @@ class IResBlock(_KerasBacked):
         net uses automatic differentiation (then the surrogate is a
         differentiated VJP)."""
         if self._chain is not None and self._net.built:
-            gx, lin = self._chain.linearize(x, training)
+            gx, lin = self._chain.linearize(x, training, shift=shift)
             gx = self._checked(x, gx)
             return gx, lin.vjp, lambda u, v: est.neumann_surrogate_jvp(lin.jvp, u, v)
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(x)
-            gx = self._g(x, training)
+            gx = self._g(x, training, shift)
 
         def vjp(u):
             return tape.gradient(gx, x, output_gradients=u)
@@ -377,15 +511,20 @@ class IResBlock(_KerasBacked):
         )
 
     # ------------------------------------------------------------- the block
-    def forward_and_log_det(self, x, seed=None, training=False):
+    def forward_and_log_det(self, x, seed=None, training=False, conditional_input=None):
         """Returns ``(x + g(x), log det(I + J_g(x)))`` in a single pass.
 
         The log-det has the batch shape of ``x``; see the class docstring for
         the estimator settings. ``seed``: optional stateless seed (shape [2]).
+        ``conditional_input``: the context c of a conditional block (shape
+        [..., condition_size], broadcast to the batch shape of ``x``); then
+        the map is x + g(x; c) and J_g is its Jacobian in x.
         """
         xf, batch_shape = self._flatten_batch(x, "x")
+        shift = self._context_shift(conditional_input, x, training)
+        extra = () if shift is None else (shift,)
         if self._mode(training) == "exact":
-            gx, ld = self._exact(xf, training)
+            gx, ld = self._exact(xf, training, *extra)
         else:
             seed = tfp.random.sanitize_seed(
                 self._default_seed if seed is None else seed, salt="IResBlock"
@@ -394,30 +533,32 @@ class IResBlock(_KerasBacked):
             n_terms, weights = self._series(series_seed, training, xf.dtype)
             v = est.hutchinson_probe(tf.shape(xf), probe_seed, self.probe, xf.dtype)
             if self.neumann_grad:
-                gx, ld = self._neumann(xf, v, n_terms, weights, training)
+                gx, ld = self._neumann(xf, v, n_terms, weights, training, *extra)
             else:
-                gx, ld = self._backprop(xf, v, n_terms, weights, training)
+                gx, ld = self._backprop(xf, v, n_terms, weights, training, *extra)
         return self._unflatten(xf + gx, batch_shape), self._unflatten(ld, batch_shape)
 
-    def _exact(self, x, training):
+    def _exact(self, x, training, shift=None):
         """Full Jacobian by one batched VJP: example b is repeated D times and
         copy i gets the cotangent e_i, so its input gradient is row i of J_g."""
         d = x.shape[1:].num_elements()
         x_rep = tf.reshape(tf.repeat(x[None], d, axis=0), [-1] + x.shape[1:].as_list())
+        if shift is not None:
+            shift = tf.reshape(tf.repeat(shift[None], d, axis=0), [-1, shift.shape[-1]])
         cotangent = tf.repeat(tf.eye(d, dtype=x.dtype)[:, None, :], tf.shape(x)[0], axis=1)
         with tf.GradientTape() as tape:
             tape.watch(x_rep)
-            g_rep = self._g(x_rep, training)
+            g_rep = self._g(x_rep, training, shift)
         rows = tape.gradient(g_rep, x_rep, output_gradients=tf.reshape(cotangent, tf.shape(g_rep)))
         jac = tf.transpose(tf.reshape(rows, [d, -1, d]), [1, 0, 2])  # [B, i, j]
         gx = tf.reshape(g_rep, tf.concat([[d, -1], tf.shape(g_rep)[1:]], 0))[0]
         return gx, est.exact_logdet(jac)
 
-    def _backprop(self, x, v, n_terms, weights, training):
-        gx, vjp, _ = self._linearize(x, training)
+    def _backprop(self, x, v, n_terms, weights, training, shift=None):
+        gx, vjp, _ = self._linearize(x, training, shift)
         return gx, est.power_series_logdet(vjp, v, n_terms, weights)
 
-    def _neumann(self, x, v, n_terms, weights, training):
+    def _neumann(self, x, v, n_terms, weights, training, shift=None):
         """g(x) and the log-det estimate with Neumann-series gradients.
 
         Default: only x, u and v are kept for the backward pass, which
@@ -429,46 +570,63 @@ class IResBlock(_KerasBacked):
         ``grad_in_forward``: the surrogate's gradients are computed here, and
         the forward pass's activations are kept (as in ordinary backprop) for
         the path gradient of the backward pass.
+
+        ``shift`` (a conditional block's context shift s(c), [B, S]) is a
+        second input of the custom gradient: its gradient (the path's and the
+        surrogate's, since J_g depends on c) flows on to the context net and c.
         """
         block = self
-        if not self._keras_tf_variables:  # build the net before reading its variables
-            self._g(x, False)
-        net_vars = [w for w in self._keras_tf_variables if w.trainable]
+        # Build the net before reading its variables.
+        if not self._keras_tf_variables or (shift is not None and not self._net.built):
+            self._g(x, False, shift)
+        net_vars = (
+            self._net_variables()
+            if shift is not None
+            else [w for w in self._keras_tf_variables if w.trainable]
+        )
+        inputs = [x] if shift is None else [x, shift]
+        n_in = len(inputs)
+
+        def as_input_grads(grads):
+            return grads[0] if n_in == 1 else list(grads)
 
         def recomputed_grads(dgx, dld, variables):
-            """d/d(x, variables) of sum(dgx * g(x)) + sum_b dld_b u_b^T J(x_b) v_b."""
+            """d/d(inputs, variables) of sum(dgx * g(x)) + sum_b dld_b u_b^T J(x_b) v_b."""
             # Recompute only once the upstream gradient exists: otherwise the
             # executor may run every block's recomputation at the start of the
             # backward pass and hold all their activations at once.
             with tf.control_dependencies([t for t in (dgx, dld) if t is not None]):
-                x_re = tf.identity(x)
+                re = [tf.identity(t) for t in inputs]
             with tf.GradientTape() as tape:
-                tape.watch(x_re)
-                gx, _, surrogate = block._linearize(x_re, False)
+                for t in re:
+                    tape.watch(t)
+                gx, _, surrogate = block._linearize(re[0], False, *re[1:])
                 total = tf.zeros([], x.dtype) if dgx is None else tf.reduce_sum(dgx * gx)
                 if dld is not None:
                     total += tf.reduce_sum(dld * surrogate(u, v))
-            grads = tape.gradient(total, [x_re] + list(variables))
-            return _zeros_for_none(grads, [x] + variables)
+            grads = tape.gradient(total, re + list(variables))
+            return _zeros_for_none(grads, inputs + variables)
 
         @tf.custom_gradient
-        def residual_and_logdet(x):
+        def residual_and_logdet(*args):
             nonlocal u
+            x = args[0]
             gif = block.grad_in_forward
             with tf.GradientTape(persistent=gif, watch_accessed_variables=gif) as tape:
                 if gif:
-                    tape.watch(x)
-                gx, vjp, surrogate = block._linearize(x, training)
+                    for t in args:
+                        tape.watch(t)
+                gx, vjp, surrogate = block._linearize(x, training, *args[1:])
                 with tape.stop_recording():
                     ld, u = est.power_series_terms(vjp, v, n_terms, weights, with_neumann=True)
                 if gif:
                     s = tf.reduce_sum(surrogate(u, v))
             done = [ld]
             if gif:
-                pre = tape.gradient(s, [x] + net_vars)
-                pre_x = pre[0]
+                pre = tape.gradient(s, list(args) + net_vars)
+                pre_in = _zeros_for_none(pre[:n_in], args)
                 pre_vars = {
-                    var.ref(): g for var, g in zip(net_vars, _zeros_for_none(pre[1:], net_vars))
+                    var.ref(): g for var, g in zip(net_vars, _zeros_for_none(pre[n_in:], net_vars))
                 }
                 done += [g for g in pre if g is not None]
             # The next block starts once this one is finished, so that the
@@ -480,14 +638,17 @@ class IResBlock(_KerasBacked):
                 variables = list(variables or [])
                 if not gif:
                     grads = recomputed_grads(dgx, dld, variables)
-                    return grads[0], grads[1:]
+                    return as_input_grads(grads[:n_in]), grads[n_in:]
                 if dgx is None:
                     dgx = tf.zeros_like(gx)
-                path = tape.gradient(gx, [x] + variables, output_gradients=dgx)
-                path = _zeros_for_none(path, [x] + variables)
+                path = tape.gradient(gx, list(args) + variables, output_gradients=dgx)
+                path = _zeros_for_none(path, list(args) + variables)
                 if dld is None:
-                    return path[0], path[1:]
-                dx = path[0] + tf.reshape(dld, [-1] + [1] * (x.shape.rank - 1)) * pre_x
+                    return as_input_grads(path[:n_in]), path[n_in:]
+                d_in = [
+                    p + tf.reshape(dld, [-1] + [1] * (t.shape.rank - 1)) * q
+                    for p, q, t in zip(path[:n_in], pre_in, args)
+                ]
                 uniform = tf.reduce_all(tf.equal(dld, dld[0]))
 
                 def scaled():
@@ -499,26 +660,31 @@ class IResBlock(_KerasBacked):
                     ]
 
                 def per_example():
-                    return recomputed_grads(None, dld, variables)[1:]
+                    return recomputed_grads(None, dld, variables)[n_in:]
 
                 dvars = tf.cond(uniform, scaled, per_example) if variables else []
-                return dx, [p + d for p, d in zip(path[1:], dvars)]
+                return as_input_grads(d_in), [p + d for p, d in zip(path[n_in:], dvars)]
 
             return (gx_out, ld), grad
 
         u = None
-        return residual_and_logdet(x)
+        return residual_and_logdet(*inputs)
 
     # ------------------------------------------------------ TFP bijector API
-    def _forward(self, x, seed=None, training=False):
+    def _forward(self, x, seed=None, training=False, conditional_input=None):
         xf, batch_shape = self._flatten_batch(x, "x")
-        return self._unflatten(xf + self._g(xf, training), batch_shape)
+        shift = self._context_shift(conditional_input, x, training)
+        return self._unflatten(xf + self._g(xf, training, shift), batch_shape)
 
-    def _forward_log_det_jacobian(self, x, seed=None, training=False):
-        return self.forward_and_log_det(x, seed=seed, training=training)[1]
+    def _forward_log_det_jacobian(self, x, seed=None, training=False, conditional_input=None):
+        return self.forward_and_log_det(
+            x, seed=seed, training=training, **_condition(conditional_input)
+        )[1]
 
-    def _inverse(self, y, seed=None, training=False):
-        x, residual, converged = self.inverse_with_diagnostics(y, per_example=True)
+    def _inverse(self, y, seed=None, training=False, conditional_input=None):
+        x, residual, converged = self.inverse_with_diagnostics(
+            y, per_example=True, **_condition(conditional_input)
+        )
         # The examples that did not converge are NaN, never a plausible wrong x.
         mask = tf.reshape(converged, tf.concat([tf.shape(converged), [1] * self._event_ndims], 0))
         x = tf.where(mask, x, tf.constant(float("nan"), x.dtype))
@@ -549,11 +715,12 @@ class IResBlock(_KerasBacked):
 
         return warn_on_failures(x, converged, eager_message, graph_message)
 
-    def _inverse_log_det_jacobian(self, y, seed=None, training=False):
-        x = self.inverse(y)  # through the cache: recalls x if y came from forward(x)
-        return -self.forward_and_log_det(x, seed=seed, training=training)[1]
+    def _inverse_log_det_jacobian(self, y, seed=None, training=False, conditional_input=None):
+        condition = _condition(conditional_input)
+        x = self.inverse(y, **condition)  # through the cache: recalls x if y came from forward(x)
+        return -self.forward_and_log_det(x, seed=seed, training=training, **condition)[1]
 
-    def inverse_with_diagnostics(self, y, per_example=False):
+    def inverse_with_diagnostics(self, y, per_example=False, conditional_input=None):
         """Fixed-point inverse with its diagnostics.
 
         Iterates x <- y - g(x) from x = y until every example b has taken a
@@ -572,7 +739,8 @@ class IResBlock(_KerasBacked):
         With ``per_example=False`` (default) residual and converged are
         scalars over the whole batch (the max residual, NaN if any is NaN;
         converged = every example converged); with ``per_example=True`` they
-        have y's batch shape, one value per example.
+        have y's batch shape, one value per example. ``conditional_input``:
+        the context c of a conditional block (then g = g(., c) throughout).
 
         Example:
         ```python
@@ -584,6 +752,7 @@ class IResBlock(_KerasBacked):
         ```
         """
         yf, batch_shape = self._flatten_batch(y, "y")
+        shift = self._context_shift(conditional_input, y, False)
         atol = tf.cast(self.inverse_atol, yf.dtype)
         rtol = tf.cast(self.inverse_rtol, yf.dtype)
         axes = list(range(1, 1 + self._event_ndims))
@@ -596,8 +765,11 @@ class IResBlock(_KerasBacked):
             finite = tf.reduce_all(tf.math.is_finite(x), axis=axes)
             return finite & (change > atol + rtol * max_abs(x))
 
+        if shift is not None and not self._net.built:
+            self._net(yf)
         if self._chain is not None and self._net.built:
-            frozen = self._chain.frozen()  # the kernels are read once, outside the loop
+            # the kernels are read once, outside the loop
+            frozen = self._chain.frozen() if shift is None else self._chain.frozen(shift)
             g = lambda x: self._checked(x, frozen(x))  # noqa: E731
         else:
             g = lambda x: self._g(x, False)  # noqa: E731
@@ -636,6 +808,50 @@ class IResBlock(_KerasBacked):
             self._unflatten(residual, batch_shape),
             self._unflatten(converged, batch_shape),
         )
+
+
+def _context_net_for(net, condition_size, hidden_units, activation, dtype):
+    """The context network of a conditional block whose branch is ``net``, or
+    None when ``condition_size`` is None."""
+    if condition_size is None:
+        return None
+    shift_size = sum(rlayers.JacobianChain.from_net(net).shift_sizes)
+    return rlayers.context_shift_net(condition_size, shift_size, hidden_units, activation, dtype)
+
+
+def _condition(conditional_input):
+    """The ``conditional_input`` kwarg to pass on: none at all for an
+    unconditional call, so that path's calls stay exactly as they were."""
+    return {} if conditional_input is None else {"conditional_input": conditional_input}
+
+
+def _condition_size(condition_net, chain):
+    """K, the size of the context c that ``condition_net`` takes (a built Keras
+    model or layer), checked against the branch: the net must be a
+    :class:`rflow_tf.layers.JacobianChain` (where the shift enters)."""
+    if not callable(condition_net):
+        raise TypeError(
+            f"condition_net must be a callable Keras layer or model, got {type(condition_net)}"
+        )
+    if chain is None:
+        raise ValueError(
+            "condition_net needs a net of Lipschitz layers and supported activations "
+            "(rflow_tf.layers.lipschitz_dense_net / lipschitz_conv_net), whose "
+            "pre-activations the context shifts"
+        )
+    in_shape = getattr(condition_net, "input_shape", None) if condition_net.built else None
+    out_shape = getattr(condition_net, "output_shape", None) if condition_net.built else None
+    if in_shape is None or len(in_shape) != 2 or in_shape[-1] is None:
+        raise ValueError(
+            "condition_net must be built with an input of shape [batch, K], e.g. "
+            "rflow_tf.layers.context_shift_net(K, shift_size)"
+        )
+    if out_shape is not None and out_shape[-1] != sum(chain.shift_sizes):
+        raise ValueError(
+            f"condition_net must output sum(shift_sizes) = {sum(chain.shift_sizes)} values "
+            f"(one per unit of the net's layers {chain.shift_sizes}), got {out_shape[-1]}"
+        )
+    return int(in_shape[-1])
 
 
 def _nan_max(t, axis=None):

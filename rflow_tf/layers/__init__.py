@@ -10,7 +10,9 @@
   ||W||_{p->q} instead (see :mod:`rflow_tf.norms`).
 * :class:`ActNormalization` -- the weights of the ActNorm bijector.
 * :func:`lipschitz_dense_net`, :func:`lipschitz_conv_net` -- residual branches g
-  with Lip(g) <= coeff, ready for :class:`rflow_tf.bijectors.IResBlock`.
+  with Lip(g) <= coeff, ready for :class:`rflow_tf.bijectors.IResBlock`;
+  :func:`context_shift_net` -- the unconstrained context network of a
+  conditional branch (its output shifts the branch's pre-activations).
 * :class:`JacobianChain` -- such a branch evaluated with the factors of its
   Jacobian, for cheap vector-Jacobian products in the log-det power series.
 * :func:`converge_lipschitz` -- the careful estimate of every Lipschitz layer's
@@ -51,7 +53,12 @@ from rflow_tf.layers.lipschitz import (
     plane_wave_start,
     update_lipschitz,
 )
-from rflow_tf.layers.nets import chained_layer_orders, lipschitz_conv_net, lipschitz_dense_net
+from rflow_tf.layers.nets import (
+    chained_layer_orders,
+    context_shift_net,
+    lipschitz_conv_net,
+    lipschitz_dense_net,
+)
 
 __all__ = [
     "LipSwish",
@@ -65,6 +72,7 @@ __all__ = [
     "INITS",
     "lipschitz_dense_net",
     "lipschitz_conv_net",
+    "context_shift_net",
     "JacobianChain",
     "lipschitz_layers",
     "keras_layers",

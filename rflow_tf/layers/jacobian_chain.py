@@ -97,15 +97,45 @@ class JacobianChain:
                 kernels.append(None)
         return kernels
 
-    def linearize(self, x, training=False, kernels=None):
+    @property
+    def shift_sizes(self):
+        """The output sizes (units or filters) of the chain's linear layers, in
+        order: the pieces of the ``shift`` argument of :meth:`linearize`.
+
+        Example: ``JacobianChain.from_net(lipschitz_dense_net(2, (8,))).shift_sizes  # (8, 2)``.
+        """
+        return tuple(
+            int(getattr(layer, "units", None) or layer.filters)
+            for layer in self._layers
+            if isinstance(layer, LipschitzLayer)
+        )
+
+    def _shift_pieces(self, shift, rank):
+        """``shift`` [B, sum(shift_sizes)] split into one piece per linear layer,
+        each shaped to broadcast over the layer's spatial axes (rank ``rank``)."""
+        if shift is None:
+            return None
+        pieces = tf.split(shift, list(self.shift_sizes), axis=-1)
+        spatial = [1] * (rank - 2)
+        return [
+            tf.reshape(p, tf.concat([tf.shape(p)[:1], spatial, [n]], 0)) if spatial else p
+            for p, n in zip(pieces, self.shift_sizes)
+        ]
+
+    def linearize(self, x, training=False, kernels=None, shift=None):
         """Returns ``(g(x), lin)``: lin.vjp(u) = u^T J_g(x), lin.jvp(v) = J_g(x) v.
 
         ``training=True`` runs each layer's ``power_iterations`` first, as
         the layer's own ``call`` does. ``kernels``: the effective kernels to
-        use (default: read now; see :meth:`frozen`).
+        use (default: read now; see :meth:`frozen`). ``shift``: None, or a
+        tensor [B, sum(:attr:`shift_sizes`)] added to the pre-activations:
+        linear layer i computes K_i h + b_i + s_i (s_i broadcast over space),
+        which moves the points a_i where phi' is evaluated but adds no
+        Jacobian factor, so Lip(g) in x keeps its bound for every shift.
         """
         kernels = self._effective_kernels(training) if kernels is None else kernels
-        factors, h, scale = [], x, 1.0
+        pieces = self._shift_pieces(shift, x.shape.rank)
+        factors, h, scale, n_linear = [], x, 1.0, 0
         for layer, kernel in zip(self._layers, kernels):
             if isinstance(layer, LipschitzLayer):
                 kernel = tf.cast(kernel, h.dtype)
@@ -115,6 +145,8 @@ class JacobianChain:
                 h = layer.apply_kernel(h, kernel)
                 if layer.use_bias:
                     h = h + tf.cast(layer.bias, h.dtype)
+                if pieces is not None:
+                    h, n_linear = h + pieces[n_linear], n_linear + 1
             else:
                 if scale != 1.0:
                     h, factors[-1] = h * scale, (None, factors[-1][1] * scale)
@@ -124,16 +156,18 @@ class JacobianChain:
             h, factors[-1] = h * scale, (None, factors[-1][1] * scale)
         return h, _Linearization(factors)
 
-    def frozen(self):
+    def frozen(self, shift=None):
         """g as a function of x alone, with every effective kernel (and its
         Lipschitz upkeep) read once now: for evaluating g many times at fixed
         weights, as the fixed-point inverse x <- y - g(x) does (evaluation
         settings, ``training=False``; the same arithmetic as :meth:`linearize`).
 
+        ``shift``: the pre-activation shift of :meth:`linearize`, held fixed.
+
         Example: ``g = chain.frozen(); x = y - g(y)``.
         """
         kernels = self._effective_kernels(False)
-        return lambda x: self.linearize(x, kernels=kernels)[0]
+        return lambda x: self.linearize(x, kernels=kernels, shift=shift)[0]
 
 
 class _Linearization:

@@ -165,3 +165,43 @@ def lipschitz_conv_net(
             )
         )
     return _sequential(layers, tuple(input_shape), dtype, name)
+
+
+def context_shift_net(
+    condition_size,
+    shift_size,
+    hidden_units=(64,),
+    activation="elu",
+    dtype="float32",
+    name=None,
+):
+    """The context network of a conditional residual branch: c in R^K -> s(c) in R^S.
+
+    s(c) = W_out phi(... phi(W_1 c + b_1)) + b_out, with plain Keras ``Dense``
+    layers and no Lipschitz constraint: s does not depend on x, so it may be
+    any function of c. A conditional :class:`rflow_tf.bijectors.IResBlock`
+    adds the pieces of s(c) to the pre-activations of its branch
+    (:meth:`rflow_tf.layers.JacobianChain.linearize`), so g(., c) keeps
+    Lip <= coeff in x for every c. ``shift_size`` is S, the sum of the
+    branch's layer widths (:attr:`JacobianChain.shift_sizes`);
+    ``hidden_units=()`` gives an affine map of c.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.layers import context_shift_net
+
+    net = context_shift_net(3, shift_size=16 + 2, hidden_units=(32,))
+    s = net(tf.zeros([5, 3]))          # [5, 18]
+    ```
+    """
+    if isinstance(condition_size, bool) or int(condition_size) != condition_size:
+        raise ValueError(f"condition_size must be a positive integer, got {condition_size!r}")
+    if int(condition_size) < 1 or int(shift_size) < 1:
+        raise ValueError(
+            f"condition_size and shift_size must be >= 1, got {condition_size}, {shift_size}"
+        )
+    hidden = tuple(int(u) for u in hidden_units)
+    layers = [keras.layers.Dense(u, activation=activation, dtype=dtype) for u in hidden]
+    layers.append(keras.layers.Dense(int(shift_size), dtype=dtype))
+    return _sequential(layers, (int(condition_size),), dtype, name)

@@ -118,6 +118,15 @@ class FlowConfig:
         sees every position; for tiny images, with a small ``head_channels``).
         A new field whose default is the old behaviour: configs written
         without it mean "average", so it needs no ``config_version`` bump.
+      condition_classes: 0 (a density model p(x)) or the number of classes
+        of a class-conditional flow p(x | y): the label y, embedded in
+        ``condition_embedding`` dimensions (a Keras ``Embedding``), is the
+        context of every residual block (``IResBlock.conv`` / ``dense`` with
+        ``condition_size``; :meth:`ResidualFlow.log_prob` and
+        :meth:`ResidualFlow.sample` then take ``label``). Residual blocks
+        only. Configs written without it mean 0 (no config_version bump).
+      condition_embedding: the size of the label embedding (with
+        ``condition_classes``).
 
       Flow++ (``block="flowpp"``, Ho et al. 2019): each block is a
         :class:`rflow_tf.bijectors.mixlogcdf.MixLogCDFCoupling` (logistic-mixture CDF,
@@ -303,6 +312,14 @@ class FlowConfig:
     )
     n_classes: int = setting(
         0, flag=False, help="0 (a density model) or the number of classes of the classifier heads."
+    )
+    condition_classes: int = setting(
+        0,
+        flag=False,
+        help="0 (a density model) or the number of classes of a class-conditional flow.",
+    )
+    condition_embedding: int = setting(
+        32, flag=False, help="Size of the label embedding of a class-conditional flow."
     )
     head_channels: int = setting(
         256,
@@ -527,6 +544,22 @@ class FlowConfig:
         pos_int("n_classes", self.n_classes, allow_zero=True)
         if self.n_classes == 1:
             raise ValueError("FlowConfig.n_classes must be 0 (no classifier) or >= 2, got 1")
+        pos_int("condition_classes", self.condition_classes, allow_zero=True)
+        pos_int("condition_embedding", self.condition_embedding)
+        if self.condition_classes == 1:
+            raise ValueError(
+                "FlowConfig.condition_classes must be 0 (unconditional) or >= 2, got 1"
+            )
+        if self.condition_classes and self.n_classes:
+            raise ValueError(
+                "FlowConfig.condition_classes (a class-conditional flow) and n_classes "
+                "(classifier heads) cannot both be set"
+            )
+        if self.condition_classes and self.block != "residual":
+            raise ValueError(
+                "FlowConfig.condition_classes needs block='residual' (conditional residual "
+                f"blocks), got block={self.block!r}"
+            )
         pos_int("head_channels", self.head_channels)
         one_of("head_pooling", rclf.HEAD_POOLINGS)
         if self.block == "coupling":

@@ -133,7 +133,10 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
 
     Call kwargs: ``seed`` (stateless seed, shape [2]; each residual block
     gets its own split) and ``training`` (estimator settings: training or
-    evaluation). Any number of leading batch dimensions is accepted.
+    evaluation). Any number of leading batch dimensions is accepted. A flow
+    of conditional residual blocks (:attr:`condition_size` not None) also
+    takes ``conditional_input=c`` ([..., K], broadcast to the batch shape),
+    given to every residual block.
 
     Example:
     ```python
@@ -172,6 +175,11 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
             )
         self.event_shape_out = tuple(int(d) for d in s)
         self._blocks = [b for b in iter_stages(self.stages) if isinstance(b, rbij.IResBlock)]
+        sizes = {b.condition_size for b in self._blocks if b.condition_size is not None}
+        if len(sizes) > 1:
+            raise ValueError(f"{name}: the conditional blocks take contexts of sizes {sizes}")
+        #: K, the context size of the conditional blocks (None: unconditional).
+        self.condition_size = sizes.pop() if sizes else None
         super().__init__(
             forward_min_event_ndims=len(self.event_shape_in),
             inverse_min_event_ndims=len(self.event_shape_out),
@@ -190,20 +198,24 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         return list(self._blocks)
 
     # ------------------------------------------------------------- walking
-    def _walk(self, stages, x, seeds, counter, mode, training, features=None):
+    def _walk(self, stages, x, seeds, counter, mode, training, features=None, condition=None):
         """x: [N, *event]. mode: "logdet" (value and log-det), "forward"
         (value only) or "init" (value only, initialising ActNorm layers).
         ``features``: None, or ``(ids, out)``: the output of every stage whose
         id is in ``ids`` (for a FactorOut: its factored half) is appended to
-        the list ``out``, in order."""
+        the list ``out``, in order. ``condition``: the residual blocks'
+        ``conditional_input`` (None, or [N, K])."""
         total = tf.zeros([tf.shape(x)[0]], x.dtype) if mode == "logdet" else None
+        cond = {} if condition is None else {"conditional_input": condition}
         for b in stages:
             ld = None
             if isinstance(b, rbij.IResBlock):
                 if mode == "logdet":
-                    x, ld = b.forward_and_log_det(x, seed=seeds[counter[0]], training=training)
+                    x, ld = b.forward_and_log_det(
+                        x, seed=seeds[counter[0]], training=training, **cond
+                    )
                 else:
-                    x = b.forward(x, training=training)
+                    x = b.forward(x, training=training, **cond)
                 counter[0] += 1
             elif isinstance(b, rbij.ActNorm):
                 if mode == "init":
@@ -215,7 +227,9 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
                 keep, out = b.split(x)
                 if features is not None and id(b) in features[0]:
                     features[1].append(out)
-                z_inner, ld = self._walk(b.stages, keep, seeds, counter, mode, training, features)
+                z_inner, ld = self._walk(
+                    b.stages, keep, seeds, counter, mode, training, features, condition
+                )
                 x = b.merge(out, z_inner)
             elif isinstance(b, (rcoup.AffineCoupling, rmix.MixLogCDFCoupling)):
                 # One net evaluation for the value and the log-det.
@@ -248,6 +262,27 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         batch_shape = tf.shape(x)[: tf.rank(x) - nd]
         return tf.reshape(x, (-1,) + self.event_shape_in), batch_shape
 
+    def _flat_condition(self, conditional_input, batch_shape):
+        """The context [N, K] for the N flattened examples of batch ``batch_shape``
+        (None when there is none); a ValueError for a context the flow cannot take."""
+        if conditional_input is None:
+            if self.condition_size is not None:
+                raise ValueError(
+                    f"{self.name}: this conditional flow needs conditional_input=c of shape "
+                    f"[..., {self.condition_size}]"
+                )
+            return None
+        if self.condition_size is None:
+            raise ValueError(f"{self.name}: got conditional_input, but the flow is unconditional")
+        k = self.condition_size
+        c = tf.convert_to_tensor(conditional_input)
+        if c.shape.rank is not None and (c.shape.rank < 1 or c.shape[-1] not in (None, k)):
+            raise ValueError(
+                f"{self.name}: conditional_input must have shape [..., {k}], got {c.shape}"
+            )
+        c = tf.broadcast_to(c, tf.concat([batch_shape, [k]], 0))
+        return tf.reshape(c, [-1, k])
+
     def _block_seeds(self, seed):
         """One seed per residual block; without a seed each block uses its own
         ``default_seed`` (random when that is None)."""
@@ -256,26 +291,34 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         seed = as_seed(seed, "FlowBijector")
         return tfp.random.split_seed(seed, max(len(self._blocks), 1))
 
-    def forward_and_log_det(self, x, seed=None, training=False):
+    def forward_and_log_det(self, x, seed=None, training=False, conditional_input=None):
         """``(z, log |det dz/dx|)`` in one pass; the log-det has x's batch shape.
+        ``conditional_input``: the context of a conditional flow.
 
         Example: ``z, ld = flow.forward_and_log_det(x, seed=[0, 1], training=True)``.
         """
         xf, batch_shape = self._flatten_batch(x)
-        z, ld = self._walk(self.stages, xf, self._block_seeds(seed), [0], "logdet", training)
+        condition = self._flat_condition(conditional_input, batch_shape)
+        z, ld = self._walk(
+            self.stages, xf, self._block_seeds(seed), [0], "logdet", training, None, condition
+        )
         z = tf.reshape(z, tf.concat([batch_shape, self.event_shape_out], 0))
         return z, tf.reshape(ld, batch_shape)
 
-    def initialize(self, x, feature_stages=()):
+    def initialize(self, x, feature_stages=(), conditional_input=None):
         """Runs the forward pass once, initialising every ActNorm from its input
         (no-op for those already initialised); returns the feature maps of
         ``feature_stages`` (see :meth:`forward_with_features`).
 
         Example: ``flow.initialize(first_batch)``.
         """
-        return self.forward_with_features(x, feature_stages, mode="init")[2]
+        return self.forward_with_features(
+            x, feature_stages, mode="init", conditional_input=conditional_input
+        )[2]
 
-    def forward_with_features(self, x, feature_stages, mode="forward", seed=None, training=False):
+    def forward_with_features(
+        self, x, feature_stages, mode="forward", seed=None, training=False, conditional_input=None
+    ):
         """``(z, log-det or None, features)`` for x [N, *event] in one pass:
         ``features`` are the outputs of the stages in ``feature_stages`` (for
         a :class:`FactorOut`, its factored half, before flattening), in flow
@@ -287,37 +330,44 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         """
         if mode not in ("forward", "logdet", "init"):
             raise ValueError(f"mode must be 'forward', 'logdet' or 'init', got {mode!r}")
-        xf, _ = self._flatten_batch(x)
+        xf, batch_shape = self._flatten_batch(x)
+        condition = self._flat_condition(conditional_input, batch_shape)
         out = []
         seeds = self._block_seeds(seed) if mode == "logdet" else None
-        z, ld = self._walk(
-            self.stages, xf, seeds, [0], mode, training, ({id(b) for b in feature_stages}, out)
-        )
+        features = ({id(b) for b in feature_stages}, out)
+        z, ld = self._walk(self.stages, xf, seeds, [0], mode, training, features, condition)
         return z, ld, out
 
-    def _forward(self, x, seed=None, training=False):
+    def _forward(self, x, seed=None, training=False, conditional_input=None):
         xf, batch_shape = self._flatten_batch(x)
-        z, _ = self._walk(self.stages, xf, None, [0], "forward", training)
+        condition = self._flat_condition(conditional_input, batch_shape)
+        z, _ = self._walk(self.stages, xf, None, [0], "forward", training, None, condition)
         return tf.reshape(z, tf.concat([batch_shape, self.event_shape_out], 0))
 
-    def _forward_log_det_jacobian(self, x, seed=None, training=False):
-        return self.forward_and_log_det(x, seed=seed, training=training)[1]
+    def _forward_log_det_jacobian(self, x, seed=None, training=False, conditional_input=None):
+        return self.forward_and_log_det(
+            x, seed=seed, training=training, conditional_input=conditional_input
+        )[1]
 
-    def _inverse_walk(self, stages, z):
+    def _inverse_walk(self, stages, z, condition=None):
+        cond = {} if condition is None else {"conditional_input": condition}
         for b in reversed(stages):
             if isinstance(b, FactorOut):
                 d = b.factored_dim
-                keep = self._inverse_walk(b.stages, z[..., d:])
+                keep = self._inverse_walk(b.stages, z[..., d:], condition)
                 z = b.unmerge(z[..., :d], keep)
+            elif isinstance(b, rbij.IResBlock):
+                z = b.inverse(z, **cond)
             else:
                 z = b.inverse(z)
         return z
 
-    def _inverse(self, z, seed=None, training=False):
+    def _inverse(self, z, seed=None, training=False, conditional_input=None):
         nd = len(self.event_shape_out)
         batch_shape = tf.shape(z)[: tf.rank(z) - nd]
         zf = tf.reshape(z, (-1,) + self.event_shape_out)
-        x = self._inverse_walk(self.stages, zf)
+        condition = self._flat_condition(conditional_input, batch_shape)
+        x = self._inverse_walk(self.stages, zf, condition)
         return tf.reshape(x, tf.concat([batch_shape, self.event_shape_in], 0))
 
     # -------------------------------------------------------------- shapes
@@ -472,6 +522,8 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
         inverse_rtol=cfg.inverse_tol,
         inverse_max_iterations=cfg.inverse_max_iterations,
     )
+    if cfg.condition_classes:
+        block_kwargs["condition_size"] = cfg.condition_embedding
 
     def actnorm(shape, name):
         layer = rlayers.ActNormalization(
@@ -577,6 +629,8 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
                 out.append(conv)
             blk = conv_block(s, i, shape, kind + masks[i][-1])
             named_layers.append((f"{blk.name}_net", blk.net))
+            if getattr(blk, "condition_net", None) is not None:
+                named_layers.append((f"{blk.name}_context_net", blk.condition_net))
             out.append(blk)
             if cfg.actnorm:
                 out.append(actnorm(shape, f"s{s}_actnorm{i + 1}"))
@@ -597,6 +651,8 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
         for i in range(n_fc):
             blk = fc_block(i, d, masks[cfg.n_blocks[s] + i])
             named_layers.append((f"{blk.name}_net", blk.net))
+            if getattr(blk, "condition_net", None) is not None:
+                named_layers.append((f"{blk.name}_context_net", blk.condition_net))
             out.append(blk)
             if cfg.actnorm:
                 out.append(actnorm((d,), f"fc_actnorm{i}"))

@@ -243,6 +243,16 @@ class ResidualFlow(keras.Model):
                 + [(None,) + tuple(last_shape)]
             )
             self.classifier_heads = heads
+        self.label_embedding = None
+        if cfg.condition_classes:
+            embedding = keras.layers.Embedding(
+                cfg.condition_classes,
+                cfg.condition_embedding,
+                dtype=cfg.dtype,
+                name="label_embedding",
+            )
+            embedding.build((None,))
+            self.label_embedding = embedding
         # The Keras layers holding every weight, each set as an attribute so
         # that Keras (trainable_variables) and tf.train.Checkpoint track them
         # (Keras 3 lists of layers are not checkpoint dependencies) with
@@ -371,19 +381,72 @@ class ResidualFlow(keras.Model):
         return check_pixels(x, self.name, name, values=validate), unbatched
 
     # ------------------------------------------------------------ the flow
-    def forward_and_log_det(self, x, training=False, seed=None, validate=True):
+    def forward_and_log_det(self, x, training=False, seed=None, validate=True, label=None):
         """``(z, log |det df/dx|)`` for images x in [0, 1]: z [B, D], log-det [B].
 
         Every piece runs once (see :class:`FlowBijector`); ``seed`` is an
         optional stateless seed (shape [2]) split over the residual blocks.
+        ``label``: the class of each image ([B] ints, or one int for all) of a
+        class-conditional flow (``config.condition_classes``), else None.
 
         Example: ``z, ld = flow.forward_and_log_det(x, seed=[0, 1])``.
         """
         x, unbatched = self._check_input(x, validate)
-        z, ld = self._flow.forward_and_log_det(x, seed=seed, training=training)
+        cond = self._condition(label, x)
+        z, ld = self._flow.forward_and_log_det(x, seed=seed, training=training, **cond)
         if unbatched:
             z, ld = z[0], ld[0]
         return z, ld
+
+    # ---------------------------------------------------------- conditioning
+    def label_context(self, label):
+        """The context vectors e(y) [..., condition_embedding] of labels y (ints
+        in [0, condition_classes)) of a class-conditional flow: the
+        ``conditional_input`` its residual blocks take, e.g. for
+        ``self.distribution().log_prob(x, bijector_kwargs={"conditional_input":
+        flow.label_context(y)})``.
+
+        Example: ``c = flow.label_context([3, 7])``.
+        """
+        if self.label_embedding is None:
+            raise ValueError(
+                f"{self.name}: got a label, but this flow is unconditional (build it with "
+                "FlowConfig.condition_classes >= 2)"
+            )
+        label = tf.convert_to_tensor(label)
+        if not label.dtype.is_integer:
+            raise TypeError(f"{self.name}: label must be integer class ids, got {label.dtype.name}")
+        n = self.flow_config.condition_classes
+        message = f"{self.name}: label must be in [0, {n})"
+        checks = [
+            tf.debugging.assert_less(label, tf.cast(n, label.dtype), message=message),
+            tf.debugging.assert_non_negative(label, message=message),
+        ]
+        with tf.control_dependencies([c for c in checks if c is not None]):
+            label = tf.identity(label)
+        return self.label_embedding(label)
+
+    def _condition(self, label, x):
+        """The flow's call kwargs for ``label`` and images ``x`` [B, ...]: {} for an
+        unconditional flow, else the embedded label, one per image."""
+        if label is None:
+            if self.label_embedding is not None:
+                raise ValueError(
+                    f"{self.name}: this class-conditional flow needs label=y (ints in "
+                    f"[0, {self.flow_config.condition_classes}))"
+                )
+            return {}
+        context = self.label_context(label)
+        if context.shape.rank == 1:
+            context = tf.broadcast_to(context, [tf.shape(x)[0], context.shape[-1]])
+        elif context.shape.rank != 2 or (
+            x.shape[0] is not None and context.shape[0] not in (None, x.shape[0])
+        ):
+            raise ValueError(
+                f"{self.name}: label must be one int or one per image ({x.shape[0]}), got "
+                f"shape {context.shape[:-1]}"
+            )
+        return {"conditional_input": context}
 
     # ------------------------------------------------------ classification
     def _check_classifier(self, method):
@@ -463,7 +526,7 @@ class ResidualFlow(keras.Model):
         d = tf.cast(tf.shape(z)[-1], z.dtype)
         return -0.5 * tf.reduce_sum(tf.square(z), axis=-1) - 0.5 * d * math.log(2 * math.pi)
 
-    def log_prob(self, x, training=False, seed=None, validate=True):
+    def log_prob(self, x, training=False, seed=None, validate=True, label=None):
         """log p(x) for dequantised images x in [0, 1] (shape [B, H, W, C] or
         [H, W, C]), one value per example, including the logit log-det:
 
@@ -472,14 +535,17 @@ class ResidualFlow(keras.Model):
         ``training`` selects the training estimator (``n_exact_terms``) or the
         evaluation one (``n_exact_terms_eval``); ``seed`` an optional
         stateless seed. ``validate`` checks dtype, shape, finiteness and the
-        [0, 1] range (a ValueError eagerly, an assertion in graphs).
+        [0, 1] range (a ValueError eagerly, an assertion in graphs). ``label``:
+        the classes of a class-conditional flow, log p(x | y).
 
         Example: ``lp = flow.log_prob(data.dequantize(x_uint8, 8))``.
         """
-        z, ld = self.forward_and_log_det(x, training=training, seed=seed, validate=validate)
+        z, ld = self.forward_and_log_det(
+            x, training=training, seed=seed, validate=validate, label=label
+        )
         return self.base_log_prob(z) + ld
 
-    def bits_per_dim(self, x, n_bits=None, training=False, seed=None, validate=True):
+    def bits_per_dim(self, x, n_bits=None, training=False, seed=None, validate=True, label=None):
         """Bits per dimension of the n-bit data behind dequantised x:
 
             bpd = -(log p(x) - D n_bits ln 2) / (D ln 2)
@@ -491,7 +557,7 @@ class ResidualFlow(keras.Model):
         n_bits = self.flow_config.n_bits if n_bits is None else int(n_bits)
         if not 1 <= n_bits <= 8:
             raise ValueError(f"n_bits must be in 1..8, got {n_bits}")
-        lp = self.log_prob(x, training=training, seed=seed, validate=validate)
+        lp = self.log_prob(x, training=training, seed=seed, validate=validate, label=label)
         d = float(self.num_dims)
         return -(lp - d * n_bits * _LN2) / (d * _LN2)
 
@@ -499,7 +565,7 @@ class ResidualFlow(keras.Model):
         """Keras entry point: the per-example :meth:`log_prob` of ``inputs``."""
         return self.log_prob(inputs, training=bool(training) if training is not None else False)
 
-    def initialize(self, x):
+    def initialize(self, x, label=None):
         """Data-dependent ActNorm initialisation from a batch of dequantised
         images x in [0, 1] (no-op for layers already initialised, e.g. after
         restoring a checkpoint): each ActNorm sets bias = -mean and
@@ -507,6 +573,8 @@ class ResidualFlow(keras.Model):
 
         Call once before training, in eager mode and (under a
         tf.distribute strategy) in cross-replica context.
+
+        A class-conditional flow needs the batch's ``label`` too.
 
         Example: ``flow.initialize(data.dequantize(first_batch, 8))``.
         """
@@ -516,7 +584,11 @@ class ResidualFlow(keras.Model):
                 "(outside strategy.run)"
             )
         x, _ = self._check_input(x, True)
-        self._flow.initialize(x)
+        cond = self._condition(label, x)
+        if cond:
+            self._flow.initialize(x, **cond)
+        else:
+            self._flow.initialize(x)
         if self.classifier_heads is not None:
             # Forward pass again: the flow's ActNorms were initialised on the way.
             z, _, feats = self._flow.forward_with_features(x, self._feature_stages)
@@ -573,6 +645,20 @@ class ResidualFlow(keras.Model):
             x = rdata.dequantize(x, self.flow_config.n_bits, dtype=self.flow_dtype)
         return x
 
+    def _labels_from(self, data):
+        """The labels of a class-conditional flow's batch, (x, y[, w]) or a dict
+        with keys "image" and "label"; None for an unconditional flow."""
+        if self.label_embedding is None:
+            return None
+        if isinstance(data, dict) and "label" in data:
+            return data["label"]
+        if isinstance(data, (tuple, list)) and len(data) >= 2:
+            return data[1]
+        raise ValueError(
+            f"{self.name}: a class-conditional flow trains on (image, label) batches or "
+            "dicts with 'image' and 'label'"
+        )
+
     def train_step(self, data):
         """One Keras ``fit`` step: loss = mean bits/dim of the batch (training
         estimator), no targets needed. The Lipschitz estimates are updated
@@ -596,10 +682,10 @@ class ResidualFlow(keras.Model):
         assert np.isfinite(history.history["loss"][-1])          # mean bits/dim
         ```
         """
-        x = self._images_from(data)
+        x, label = self._images_from(data), self._labels_from(data)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(self.bits_per_dim(x, training=True, validate=False))
+            loss = tf.reduce_mean(self.bits_per_dim(x, training=True, validate=False, label=label))
         grads = tape.gradient(loss, variables)
         self.optimizer.apply_gradients(zip(grads, variables))
         if rlayers.can_store_in_context():
@@ -608,8 +694,9 @@ class ResidualFlow(keras.Model):
 
     def test_step(self, data):
         """Keras ``evaluate``: mean bits/dim with the evaluation estimator."""
-        x = self._images_from(data)
-        return {"loss": tf.reduce_mean(self.bits_per_dim(x, training=False, validate=False))}
+        x, label = self._images_from(data), self._labels_from(data)
+        bpd = self.bits_per_dim(x, training=False, validate=False, label=label)
+        return {"loss": tf.reduce_mean(bpd)}
 
     def fit(self, *args, **kwargs):
         """Keras ``fit`` on images alone (see :meth:`train_step`): the loss is
@@ -636,7 +723,7 @@ class ResidualFlow(keras.Model):
             "read it back"
         )
 
-    def sample(self, n, temperature=1.0, seed=None):
+    def sample(self, n, temperature=1.0, seed=None, label=None):
         """``n`` images in [0, 1] (shape [n, H, W, C]): z ~ N(0, T^2 I) over the
         latent, x = f^-1(z) by the blocks' fixed-point inverses (Banach
         iteration x <- y - g(x)) and the other pieces' exact inverses, then
@@ -644,7 +731,8 @@ class ResidualFlow(keras.Model):
         A sample whose inverse is not finite (a diverged fixed-point
         iteration, e.g. from an infinite latent) is returned as NaN, never
         clipped into a plausible image, with a warning (a ``RuntimeWarning``
-        eagerly, a line on stderr inside ``tf.function``).
+        eagerly, a line on stderr inside ``tf.function``). ``label``: the
+        class (one int, or n ints) of a class-conditional flow, x ~ p(x | y).
 
         Example: ``imgs = flow.sample(64, temperature=0.7, seed=[3, 4])``.
         """
@@ -661,7 +749,8 @@ class ResidualFlow(keras.Model):
                 shape, as_seed(seed, "ResidualFlow.sample"), dtype=self.flow_dtype
             )
         z = z * tf.cast(temperature, self.flow_dtype)
-        return _finite_images_or_nan(self._flow.inverse(z), z, "ResidualFlow.sample")
+        cond = self._condition(label, z)
+        return _finite_images_or_nan(self._flow.inverse(z, **cond), z, "ResidualFlow.sample")
 
     def distribution(self):
         """The model as a ``tfd.TransformedDistribution`` over images:

@@ -83,3 +83,20 @@ def test_class_conditional_config_errors_and_old_configs():
     assert plain.label_embedding is None
     with pytest.raises(ValueError, match="unconditional"):
         plain.log_prob(x, label=[0, 1])
+
+
+def test_class_sample_grid_png_has_one_row_per_class(tmp_path):
+    keras.utils.set_random_seed(31)
+    flow = tiny_conditional_flow(n_blocks=(1,), factor_out=False, dtype="float32")
+    flow.initialize(
+        tf.random.stateless_uniform([6, 4, 4, 1], seed=[2, 2]), label=[0, 1, 2, 0, 1, 2]
+    )
+    from rflow_tf.training import class_sample_grid
+
+    path = class_sample_grid(flow, str(tmp_path / "classes.png"), per_class=2, seed=3)
+    header = (tmp_path / "classes.png").read_bytes()[:24]
+    width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    assert (width, height) == (2 * (4 + 1) + 1, 3 * (4 + 1) + 1)  # 2 per row, 3 classes
+    assert path == str(tmp_path / "classes.png")
+    with pytest.raises(ValueError, match="class-conditional"):
+        class_sample_grid(tiny_conditional_flow(condition_classes=0), str(tmp_path / "x.png"))

@@ -8,7 +8,7 @@
   ``sample``, ``export``, ``ema_weights``: a loop over the parts below;
 * the parts of a run: ``run_data`` (:class:`RunData`, its pipelines), ``ema``
   (:class:`EMAWeights`), ``checkpoints`` (:class:`Checkpointer`),
-  ``evaluation`` (:class:`Evaluator`), ``sampling`` (:class:`Sampler`),
+  ``evaluation`` (:class:`Evaluator`), ``sampling`` (:class:`Sampler`, :func:`class_sample_grid`),
   ``exporting`` (:class:`Exporter`), ``metrics`` (:class:`MetricsWindow`,
   progress lines), ``run_config`` (``config.json``), ``hooks``
   (:class:`TrainingHook`);
@@ -71,7 +71,7 @@ from rflow_tf.training.options import (
     resolve_run,
 )
 from rflow_tf.training.run_data import RunData
-from rflow_tf.training.sampling import Sampler
+from rflow_tf.training.sampling import Sampler, class_sample_grid
 from rflow_tf.training.steps import (
     LinearWarmup,
     PreReducedAdam,
@@ -93,6 +93,7 @@ __all__ = [
     "Checkpointer",
     "Evaluator",
     "Sampler",
+    "class_sample_grid",
     "Exporter",
     "MetricsWindow",
     "variable_value",

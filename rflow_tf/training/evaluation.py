@@ -79,7 +79,7 @@ class Evaluator:
         result = {"count": int(n), "bpd": mean, "bpd_stderr": math.sqrt(var / n)}
         if task == "classification":
             result["bpd"] = result["bpd_stderr"] = float("nan")
-        if task != "density":
+        if task in ("classification", "hybrid"):
             result["accuracy"] = sums[3] / n
             result["cross_entropy"] = sums[4] / n
         return result
@@ -99,7 +99,7 @@ class Evaluator:
         if task != "classification":
             parts.append(f"{name} bits/dim {bpd:.4f} +- {se:.4f}")
             scalars.update({f"{tag}/bpd": bpd, f"{tag}/bpd_stderr": se})
-        if task != "density":
+        if task in ("classification", "hybrid"):
             parts.append(
                 f"accuracy {m['accuracy']:.4f}, cross-entropy {m['cross_entropy']:.4f} nats"
             )

@@ -36,7 +36,12 @@ class MetricsWindow:
     """
 
     #: The metrics of each task's training step besides loss, grad_norm and logdet.
-    TASK_KEYS = {"density": (), "classification": ("xent", "acc"), "hybrid": ("bpd", "xent", "acc")}
+    TASK_KEYS = {
+        "density": (),
+        "classification": ("xent", "acc"),
+        "hybrid": ("bpd", "xent", "acc"),
+        "conditional": (),
+    }
 
     def __init__(self, task):
         self.task = task
@@ -86,7 +91,7 @@ class MetricsWindow:
         """
         steps_per_sec = self.n_steps / max(now - self.start, 1e-9)
         means = self.means()
-        if self.task == "density":
+        if self.task in ("density", "conditional"):
             what = f"train bpd {means['loss']:.4f}"
             scalars = {"train/bpd": means["loss"], "train/logdet": means["logdet"]}
         else:

@@ -24,7 +24,10 @@ from rflow_tf.settings import (
 )
 
 #: Training tasks (``--task``).
-TASKS = ("density", "classification", "hybrid")
+TASKS = ("density", "classification", "hybrid", "conditional")
+
+#: The tasks whose models have classifier heads (``FlowConfig.n_classes``).
+CLASSIFIER_TASKS = ("classification", "hybrid")
 
 #: The :class:`TrainingOptions` of classification and hybrid runs only; density
 #: runs refuse them (:func:`resolve_run`).
@@ -114,7 +117,9 @@ class TrainingOptions:
         choices=TASKS,
         help="density: maximum likelihood; classification: classifier heads on the "
         "flow's features, cross-entropy only (no log-det); hybrid: "
-        "hybrid_lambda * (-log p(x)) - log p(y|x) (nats per image).",
+        "hybrid_lambda * (-log p(x)) - log p(y|x) (nats per image); conditional: "
+        "maximum likelihood of p(x | y), a class-conditional flow whose embedded "
+        "label is every residual block's context.",
     )
     hybrid_lambda: Optional[str] = setting(
         None,
@@ -506,7 +511,9 @@ def flow_config_for(options, **overrides):
         input_shape=tuple(info.image_shape), n_bits=n_bits if n_bits is not None else info.n_bits
     )
     changes.update({k: v for k, v in overrides.items() if v is not None})
-    if options.task != "density":
+    if options.task == "conditional":
+        changes["condition_classes"] = int(info.n_classes)
+    elif options.task != "density":
         changes["n_classes"] = int(info.n_classes)
         if overrides.get("init_layer") is None and info.name == "cifar10":
             changes["init_layer"] = "cifar10"  # the reference's choice
@@ -522,7 +529,7 @@ def _augmentation(options, info):
     """The augmentation settings of a classification or hybrid run of ``options`` on
     dataset ``info`` (crop_padding, translate, label_smoothing); {} for density runs,
     which refuse them (UsageError)."""
-    if options.task == "density":
+    if options.task not in CLASSIFIER_TASKS:
         for flag in LABELLED_ONLY_OPTIONS:
             if getattr(options, flag) is not None:
                 raise UsageError(f"--{flag} applies to --task=classification|hybrid only")
@@ -576,7 +583,12 @@ def resolve_run(config, options):
             f"config.input_shape {tuple(flow.input_shape)} is not the shape "
             f"{tuple(info.image_shape)} of {info.name!r} images"
         )
-    if task != "density" and flow.n_classes != info.n_classes:
+    if task == "conditional" and flow.condition_classes != info.n_classes:
+        raise UsageError(
+            f"--task=conditional on {info.name!r} needs config.condition_classes="
+            f"{info.n_classes}, got {flow.condition_classes}"
+        )
+    if task in CLASSIFIER_TASKS and flow.n_classes != info.n_classes:
         raise UsageError(
             f"--task={task} on {info.name!r} needs config.n_classes="
             f"{info.n_classes}, got {flow.n_classes}"

@@ -41,7 +41,8 @@ class RunData:
 
     @property
     def labelled(self):
-        """Whether the run's batches carry labels (a classification or hybrid run)."""
+        """Whether the run's batches carry labels (a classification, hybrid or
+        conditional run)."""
         return self.settings.task != "density"
 
     def train_dataset(self, start_step=0, input_context=None, batch_size=None):
@@ -51,7 +52,8 @@ class RunData:
         builds a fresh pipeline, to be iterated once: a second iterator over the same
         pipeline gets another order (tf.data reshuffles each iteration; a run that took
         its ActNorm batch from the training pipeline resumed onto different batches).
-        Classification and hybrid runs get (images, labels) with the reference's flips,
+        Conditional runs get (images, labels) with the density runs' pipeline;
+        classification and hybrid runs get (images, labels) with the reference's flips,
         random crops of padding ``settings.crop_padding`` (``--crop_padding``, default
         the reference's) and random shifts of up to ``settings.translate`` pixels
         (``--translate``, default 0: none, the meaning of runs from before the option).
@@ -64,7 +66,8 @@ class RunData:
         settings = self.settings
         labelled = self.labelled
         aug = {}
-        if labelled:  # the reference's flips; crop padding and shifts resolved by resolve_run
+        if settings.task in ("classification", "hybrid"):
+            # the reference's flips; crop padding and shifts resolved by resolve_run
             aug = data.classification_augmentation(self.spec.dataset)
             aug["crop_padding"] = settings.crop_padding
             aug["translate"] = settings.translate

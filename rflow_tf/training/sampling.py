@@ -29,20 +29,37 @@ class Sampler:
 
     def sample(self, path, n=None, temperature=None, use_ema=True):
         """Samples ``n`` images (EMA weights), writes a PNG grid to ``path`` and
-        returns the path.
+        returns the path. For a class-conditional flow the grid has one row of
+        ``n // condition_classes`` samples per class.
 
         Example: ``sampler.sample("/tmp/grid.png", n=16)``.
         """
         n = int(n or self.n)
         temperature = self.temperature if temperature is None else temperature
+        classes = int(getattr(self.model.flow_config, "condition_classes", 0) or 0)
+        nrow = None
         if self._fn is None or self._fn[0] != (n, temperature):
-            fn = tf.function(lambda seed: self.model.sample(n, temperature=temperature, seed=seed))
+            if classes:  # a class-conditional flow: one row of n // classes per class
+                per_class = max(1, n // classes)
+                labels = tf.repeat(tf.range(classes), per_class)
+                fn = tf.function(
+                    lambda seed: self.model.sample(
+                        classes * per_class, temperature=temperature, seed=seed, label=labels
+                    )
+                )
+            else:
+                fn = tf.function(
+                    lambda seed: self.model.sample(n, temperature=temperature, seed=seed)
+                )
             self._fn = ((n, temperature), fn)
+        if classes:
+            nrow = max(1, n // classes)
         ctx = self.ema.weights() if use_ema else contextlib.nullcontext()
         with ctx:
             imgs = self._fn[1](tf.constant([self.seed, 777], tf.int64))
         if self.write:
-            data.save_image_grid(data.to_uint8_images(imgs, self.n_bits).numpy(), path)
+            grid = data.to_uint8_images(imgs, self.n_bits).numpy()
+            data.save_image_grid(grid, path, **({"nrow": nrow} if nrow else {}))
         return path
 
 

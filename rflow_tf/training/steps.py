@@ -258,8 +258,11 @@ def make_train_step(
                 x, log_q = data.dequantize(x_int, n_bits, seed=seeds[0], dtype=dtype), 0.0
             else:
                 x, log_q = dequantizer.dequantize(x_int, seeds[0])
-            if task == "density":
-                z, ld = model.forward_and_log_det(x, training=True, seed=seeds[1], validate=False)
+            if task in ("density", "conditional"):
+                cond = {"label": labels} if task == "conditional" else {}
+                z, ld = model.forward_and_log_det(
+                    x, training=True, seed=seeds[1], validate=False, **cond
+                )
                 lp = model.base_log_prob(z) + ld
                 bpd = -(lp - offset - log_q) / (num_dims * _LN2)
                 loss = batch_mean(bpd)
@@ -301,7 +304,8 @@ def make_train_step(
     if jit_compile:
         micro = tf.function(micro, jit_compile=True)
 
-    metric_names = (("bpd",) if task == "hybrid" else ()) + (("xent", "acc") if labelled else ())
+    classifier = task in ("classification", "hybrid")
+    metric_names = (("bpd",) if task == "hybrid" else ()) + (("xent", "acc") if classifier else ())
 
     def micro_all(batch, i, seed_pair):
         """micro() of micro-batch i (None: no accumulation) -> (loss, grads, ld, metrics)."""
@@ -420,9 +424,10 @@ def make_eval_step(
         else:
             x, log_q = dequantizer.dequantize(x_int, seeds[0])
         m = tf.cast(mask, tf.float64)
-        if task == "density":
+        if task in ("density", "conditional"):
+            cond = {"label": labels} if task == "conditional" else {}
             bpd = model.bits_per_dim(
-                x, n_bits=n_bits, training=training_estimator, seed=seeds[1], validate=False
+                x, n_bits=n_bits, training=training_estimator, seed=seeds[1], validate=False, **cond
             ) + log_q / (d * _LN2)
         elif task == "classification":
             logits = model.classify(x, training=False, validate=False)
@@ -432,7 +437,7 @@ def make_eval_step(
             bpd = -(lp - d * n_bits * _LN2) / (d * _LN2)
         bpd = tf.cast(bpd, tf.float64)
         sums = [tf.reduce_sum(bpd * m), tf.reduce_sum(tf.square(bpd) * m), tf.reduce_sum(m)]
-        if task != "density":
+        if task in ("classification", "hybrid"):
             labels = tf.cast(labels, tf.int64)
             correct = tf.cast(tf.equal(tf.argmax(logits, -1), labels), tf.float64)
             xent = tf.cast(

@@ -274,7 +274,7 @@ class Trainer:
 
     @property
     def task(self):
-        """The run's task: "density", "classification" or "hybrid"."""
+        """The run's task: "density", "classification", "hybrid" or "conditional"."""
         return self.settings.task
 
     @property
@@ -344,9 +344,12 @@ class Trainer:
             return latest
         if first_batch is None:
             raise UsageError(f"no checkpoint in {self.ckpt_dir}")
+        labels = None
         if isinstance(first_batch, (tuple, list)):  # (images, labels)
-            first_batch = first_batch[0]
+            first_batch, labels = first_batch[0], first_batch[1]
         x = first_batch[:, 0] if first_batch.shape.rank == 5 else first_batch
+        if labels is not None and labels.shape.rank == 2:  # accumulation: [B, k]
+            labels = labels[:, 0]
         x = data.dequantize(
             x,
             self.flow_config.n_bits,
@@ -358,7 +361,10 @@ class Trainer:
             "initialising ActNorm from the first batch and the Lipschitz estimates of "
             f"{len(self.model.lipschitz_layers())} layers (power iteration)"
         )
-        self.model.initialize(x)
+        if self.flow_config.condition_classes:  # a class-conditional flow needs the labels
+            self.model.initialize(x, label=labels)
+        else:
+            self.model.initialize(x)
         self.model.converge_lipschitz(
             progress=progress_lines(self.log, "power iteration", "layers")
         )
@@ -675,7 +681,7 @@ class Trainer:
             "checkpoint": self.checkpointer.latest,
             "learned_orders": rlayers.learned_orders(self.model.lipschitz_layers()),
         }
-        if self.task != "density":
+        if self.task in ("classification", "hybrid"):
             result["test_accuracy"] = metrics["accuracy"]
             result["test_cross_entropy"] = metrics["cross_entropy"]
         if self.task == "classification":

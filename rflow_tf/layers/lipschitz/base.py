@@ -404,7 +404,9 @@ class LipschitzLayer(keras.layers.Layer):
         u, v = self.update_estimate()
         kernel = tf.convert_to_tensor(self.kernel)
         sigma = self._estimator.sigma(kernel, u, v)
-        return kernel / tf.maximum(tf.ones_like(sigma), sigma / self.coeff)
+        # sigma * (1 / coeff), not sigma / coeff: the gradient of a product by a
+        # constant is one op, that of a quotient a dozen.
+        return kernel / tf.maximum(tf.ones_like(sigma), sigma * (1.0 / self.coeff))
 
     def _maybe_iterate(self, training):
         if training and self.power_iterations > 0:

@@ -30,6 +30,11 @@ def _smaller_gram(mat):
 _GRAM_STEPS_PER_CHECK = 4
 
 
+def _normalize_columns(x):
+    """Each column of x [n, k] divided by its 2-norm (a zero column stays zero)."""
+    return x / (tf.norm(x, axis=0, keepdims=True) + 1e-12)
+
+
 def gram_power_iteration(mat, v, tol, max_iterations):
     """Power iteration for the matrix W = M^T (M = ``mat`` [n_in, n_out]) on the
     smaller Gram matrix G (W^T W if n_in <= n_out, else W W^T), squared:
@@ -44,29 +49,35 @@ def gram_power_iteration(mat, v, tol, max_iterations):
     G is rescaled by its largest entry (no overflow); a zero matrix gives
     zero vectors (sigma 0), as the plain iteration does.
 
+    ``v`` may also be a matrix [n_in, k] of k start vectors (columns): the k
+    iterations run in one loop, until every one has converged, and ``(u, v)``
+    are then [n_out, k] and [n_in, k].
+
     Example: ``u, v = gram_power_iteration(m, tf.ones([m.shape[0]]), 5e-4, 200)``.
     """
+    columns = v.shape.rank == 2
+    starts = v if columns else v[:, None]
     gram, wide = _smaller_gram(mat)  # wide: iterate on u in R^n_out
-    x = tf.linalg.matvec(mat, v, transpose_a=True) if wide else v
+    x = tf.matmul(mat, starts, transpose_a=True) if wide else starts
     gram = gram / (tf.reduce_max(tf.abs(gram)) + 1e-30)
     gram2 = tf.matmul(gram, gram)
     k = _GRAM_STEPS_PER_CHECK
 
     def body(x, change):
         for _ in range(k - 1):
-            x = l2_normalize(tf.matmul(gram2, x))
-        x2 = l2_normalize(tf.matmul(gram2, x))
-        return x2, tf.norm(x2 - x)
+            x = _normalize_columns(tf.matmul(gram2, x))
+        x2 = _normalize_columns(tf.matmul(gram2, x))
+        return x2, tf.reduce_max(tf.norm(x2 - x, axis=0))
 
     x, _ = tf.while_loop(
         lambda x, change: change > tol,
         body,
-        (l2_normalize(x)[:, None], tf.constant(np.inf, mat.dtype)),
+        (_normalize_columns(x), tf.constant(np.inf, mat.dtype)),
         maximum_iterations=-(-int(max_iterations) // (2 * k)),
     )
-    x = x[:, 0]
-    v = l2_normalize(tf.linalg.matvec(mat, x)) if wide else x
-    return l2_normalize(tf.linalg.matvec(mat, v, transpose_a=True)), v
+    v = _normalize_columns(tf.matmul(mat, x)) if wide else x
+    u = _normalize_columns(tf.matmul(mat, v, transpose_a=True))
+    return (u, v) if columns else (u[:, 0], v[:, 0])
 
 
 def gram_top_vector(mat, v, n_squarings=10):
@@ -88,9 +99,13 @@ def gram_top_vector(mat, v, n_squarings=10):
     ```
     """
     gram, transpose = _smaller_gram(mat)
-    for _ in range(n_squarings):
+
+    def square(i, gram):
         gram = gram / tf.reduce_max(tf.abs(gram))
-        gram = tf.matmul(gram, gram)
+        return i + 1, tf.matmul(gram, gram)
+
+    # A loop, not unrolled: the graph pays per op, the loop's body is 5 of them.
+    _, gram = tf.while_loop(lambda i, _: i < n_squarings, square, (0, gram))
     if transpose:  # iterate in R^n_out, then map back: v = M u
         u = tf.linalg.matvec(gram, tf.linalg.matvec(mat, v, transpose_a=True))
         return l2_normalize(tf.linalg.matvec(mat, u))

@@ -8,9 +8,25 @@ import tensorflow as tf
 
 
 def l2_normalize(x):
-    """x / ||x||_2 over all its entries (a zero x stays zero).
+    """x / ||x||_2 over all its entries (a zero x stays zero):
+    x / (||x||_2 + 1e-12).
 
-    Example: ``l2_normalize(tf.constant([3.0, 4.0]))  # [0.6, 0.8]``.
+    Args:
+      x: a float tensor of any shape.
+
+    Returns:
+      A tensor shaped like ``x``.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.power_iteration import l2_normalize
+
+    assert np.allclose(l2_normalize(tf.constant([3.0, 4.0])), [0.6, 0.8])
+    assert np.allclose(l2_normalize(tf.ones([2, 2])), 0.5)  # over all entries
+    assert not np.any(l2_normalize(tf.zeros([3])))
+    ```
     """
     return x / (tf.norm(tf.reshape(x, [-1])) + 1e-12)
 
@@ -53,7 +69,28 @@ def gram_power_iteration(mat, v, tol, max_iterations):
     iterations run in one loop, until every one has converged, and ``(u, v)``
     are then [n_out, k] and [n_in, k].
 
-    Example: ``u, v = gram_power_iteration(m, tf.ones([m.shape[0]]), 5e-4, 200)``.
+    Args:
+      mat: the matrix M [n_in, n_out] of the map W = M^T.
+      v: a start vector [n_in], or k start vectors [n_in, k].
+      tol: the convergence tolerance on the change of x per squared step.
+      max_iterations: the budget of power steps.
+
+    Returns:
+      ``(u, v)``: [n_out] and [n_in] (or [n_out, k] and [n_in, k]), unit norm;
+      sigma = u^T W v estimates ||W||_2 from below.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.power_iteration import gram_power_iteration
+
+    m = tf.constant(np.random.default_rng(0).normal(size=(5, 3)))  # W = M^T: R^5 -> R^3
+    u, v = gram_power_iteration(m, tf.ones([5], tf.float64), 1e-10, 500)
+    sigma = float(tf.tensordot(u, tf.linalg.matvec(m, v, transpose_a=True), 1))
+    _, s, right = np.linalg.svd(m.numpy().T)
+    assert abs(sigma - s[0]) < 1e-10 and abs(abs(float(tf.tensordot(v, right[0], 1))) - 1) < 1e-10
+    ```
     """
     columns = v.shape.rank == 2
     starts = v if columns else v[:, None]

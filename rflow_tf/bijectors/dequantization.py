@@ -32,7 +32,7 @@ import tensorflow as tf
 from rflow_tf.bijectors._base import _hidden_sizes, _positive_int
 from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling
 from rflow_tf.data import bits_per_dim_offset
-from rflow_tf.data._checks import _check_n_bits
+from rflow_tf.data._checks import check_n_bits
 
 __all__ = ["UniformDequantizer", "VariationalDequantizer"]
 
@@ -49,7 +49,7 @@ class _Dequantizer(tf.Module):
             raise ValueError(
                 f"event_shape must be (D,) or (H, W, C) with positive sizes, got {event_shape!r}"
             )
-        self.n_bits = _check_n_bits(n_bits)
+        self.n_bits = check_n_bits(n_bits)
         self.dtype = tf.as_dtype(dtype)
         self.num_dims = int(math.prod(self.event_shape_))
 

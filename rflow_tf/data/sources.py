@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from rflow_tf.data import glow, reference_pth
-from rflow_tf.data._checks import _one_line
+from rflow_tf.data._checks import one_line
 from rflow_tf.data.catalog import DIGITS_N_TEST
 from rflow_tf.data.errors import DatasetFormatError, DatasetNotFoundError
 from rflow_tf.data.network import (  # noqa: F401  (NETWORK_TIMEOUT re-exported)
@@ -153,7 +153,7 @@ def tfds_dataset(
         if _tfds_is_prepared(tfds, info.tfds_name, data_dir):
             # The data exists but the request is bad (e.g. unknown split).
             raise ValueError(
-                f'{what}: could not read split {split!r} from {shown_dir}: {_one_line(e)}'
+                f'{what}: could not read split {split!r} from {shown_dir}: {one_line(e)}'
             ) from None
         first_error = e
         ds = None
@@ -165,7 +165,7 @@ def tfds_dataset(
                 f'(looked for {os.path.join(shown_dir, info.tfds_name)}) and '
                 f'download=False. '
                 + _tfds_help(info, shown_dir, manual_dir)
-                + f' [{_one_line(first_error)}]'
+                + f' [{one_line(first_error)}]'
             ) from None
 
         download_kwargs = {}
@@ -188,7 +188,7 @@ def tfds_dataset(
         except Exception as e:  # pylint: disable=broad-except
             raise DatasetNotFoundError(
                 f'{what} not found in data_dir={shown_dir} and downloading/'
-                f'preparing it failed (no network?): {_one_line(e)}. '
+                f'preparing it failed (no network?): {one_line(e)}. '
                 + _tfds_help(info, shown_dir, manual_dir)
             ) from None
 
@@ -228,7 +228,7 @@ def _npz_data_shape(path: str) -> Tuple[Tuple[int, ...], np.dtype]:
                 else:
                     shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
     except (zipfile.BadZipFile, OSError) as e:
-        raise DatasetFormatError(f'{path}: not a readable .npz file ({_one_line(e)}).') from None
+        raise DatasetFormatError(f'{path}: not a readable .npz file ({one_line(e)}).') from None
     return tuple(int(s) for s in shape), np.dtype(dtype)
 
 

@@ -167,7 +167,7 @@ def check_seed(seed, name):
     """
     if seed is None:
         raise ValueError(f"{name} must be a stateless seed of two ints, e.g. (1, 2); got None")
-    return list(rbij._check_stateless_seed(seed, name))  # pylint: disable=protected-access
+    return list(rbij.check_stateless_seed(seed, name))
 
 
 def metadata_path(path):

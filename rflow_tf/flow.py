@@ -102,7 +102,7 @@ def check_sample_args(sample_shape, seed, owner):
                 f"{seed.dtype.name} tensor of shape {seed.shape}"
             )
         return
-    rbij._check_stateless_seed(seed, f"{owner}: seed")  # pylint: disable=protected-access
+    rbij.check_stateless_seed(seed, f"{owner}: seed")
 
 
 def iter_stages(stages):
@@ -116,7 +116,7 @@ def iter_stages(stages):
             yield from iter_stages(b.stages)
 
 
-class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=protected-access
+class FlowBijector(rbij.EqualOnlyToItself, tfb.Bijector):
     """A sequence of bijectors (``stages``, in data -> latent order) run as one
     TFP bijector, in a single pass.
 
@@ -155,7 +155,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
     ```
     """
 
-    _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
+    _cache = rbij.FreshBijectorCache()
     _takes_flow_kwargs = True  # rflow_tf.bijectors.flow_kwargs routes seed/training here
 
     def __init__(self, stages, event_shape, validate_args=False, name="flow"):
@@ -340,7 +340,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         return tf.concat([s[:n], tf.constant(self.event_shape_in, s.dtype)], 0)
 
 
-class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=protected-access
+class FactorOut(rbij.EqualOnlyToItself, tfb.Bijector):
     """Multiscale factor-out (Dinh et al. 2017): half of the channels go
     straight to the latent, the rest go through the remaining flow.
 
@@ -368,7 +368,7 @@ class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=prote
     ```
     """
 
-    _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
+    _cache = rbij.FreshBijectorCache()
     _takes_flow_kwargs = True
 
     def __init__(self, event_shape, stages, validate_args=False, name="factor_out"):

@@ -66,7 +66,7 @@ import math
 import keras
 import tensorflow as tf
 
-from rflow_tf.bijectors._base import _checked_event_input, _KerasBacked
+from rflow_tf.bijectors._base import KerasBacked, checked_event_input
 from rflow_tf.layers.initializers import torch_default_uniform
 
 __all__ = [
@@ -239,7 +239,7 @@ def coupling_dense_net(
     return keras.Sequential([keras.Input(shape=input_shape, dtype=dtype)] + layers, name=name)
 
 
-class AffineCoupling(_KerasBacked):
+class AffineCoupling(KerasBacked):
     """Affine coupling bijector with the reference's sigmoid scale.
 
     With a binary mask b (1 = kept, conditions the net) the forward map
@@ -373,7 +373,7 @@ class AffineCoupling(_KerasBacked):
         return self._net
 
     def _flatten_batch(self, x, name):
-        x = _checked_event_input(self, x, name)
+        x = checked_event_input(self, x, name)
         nd = len(self.event_shape_)
         batch_shape = tf.shape(x)[: tf.rank(x) - nd]
         return tf.reshape(x, (-1,) + self.event_shape_), batch_shape

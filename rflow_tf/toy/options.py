@@ -10,7 +10,7 @@ from rflow_tf import layers as rlayers
 from rflow_tf import norms
 from rflow_tf.data import TOY_DATASETS
 from rflow_tf.settings import add_flags, setting
-from rflow_tf.toy.flows import _COUPLING_ACTIVATIONS, MODELS
+from rflow_tf.toy.flows import COUPLING_ACTIVATIONS, MODELS
 
 
 def _hidden_units(text):
@@ -77,10 +77,10 @@ def check_args(args):
                 f"--vnorms {args.vnorms} / --learn_p apply to the residual models "
                 f"(resflow, iresnet), not --model {args.model}"
             )
-        if args.activation not in _COUPLING_ACTIVATIONS:
+        if args.activation not in COUPLING_ACTIVATIONS:
             raise ValueError(
                 f"--activation {args.activation} applies to the residual models only; "
-                f"--model {args.model} takes one of {sorted(_COUPLING_ACTIVATIONS)}"
+                f"--model {args.model} takes one of {sorted(COUPLING_ACTIVATIONS)}"
             )
         return args
     try:

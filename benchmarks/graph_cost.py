@@ -43,9 +43,12 @@ from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
 from rflow_tf.settings import parse_settings, setting  # noqa: E402  (imports TensorFlow)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = ("four_block", "maf", "toy", "image")
 
 

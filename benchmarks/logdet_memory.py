@@ -34,6 +34,10 @@ from typing import List, Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
 from rflow_tf.settings import parse_settings, setting  # noqa: E402  (imports TensorFlow)
 
 MODES = {

@@ -49,9 +49,11 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from rflow_tf.settings import parse_settings, setting  # noqa: E402  (imports TensorFlow)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from rflow_tf.settings import parse_settings, setting  # noqa: E402  (imports TensorFlow)
 
 # Reference (authors' PyTorch implementation, same configuration, this machine).
 REFERENCE_SECONDS = 2.0

@@ -75,6 +75,8 @@ class FusedAdam(keras.optimizers.Adam):
                 **step,
             )
 
+        if not isinstance(learning_rate, tf.distribute.DistributedValues):
+            learning_rate = tf.convert_to_tensor(learning_rate)  # read once, not per variable
         for gradient, variable in grads_and_vars:
             step = step_scalars(variable.dtype)
             distribution.extended.update(

@@ -185,9 +185,7 @@ def _image(steps):
         model, optimizer, strategy, ema, global_batch_size=64, n_bits=8, seed=0
     )
     rows = [{"part": "build model + optimizer", "build_s": build}]
-    rows.append(
-        measure("train step", step, (x_int, tf.constant(0, tf.int64), tf.constant(0.0)), steps)
-    )
+    rows.append(measure("train step", step, (x_int, tf.constant(0, tf.int64)), steps))
     evaluate = trainer.make_eval_step(model, strategy, n_bits=8, seed=0)
     mask = tf.ones([64], tf.bool)
     rows.append(measure("eval step", evaluate, (x_int, mask, tf.constant(0, tf.int64)), 2))

@@ -432,8 +432,9 @@ def make_train_step(
     def apply_fn(grads):
         optimizer.apply_gradients(zip(grads, variables))
 
-    def ema_update(e, w):
-        return e.assign(ema_decay * e + (1.0 - ema_decay) * tf.cast(w, e.dtype))
+    def ema_update(e, w, weights):
+        decay, rest = weights[e.dtype.name]
+        return e.assign(decay * e + rest * tf.cast(w, e.dtype))
 
     @tf.function
     def train_step(x, step):
@@ -442,8 +443,15 @@ def make_train_step(
 
         def apply():
             strategy.run(apply_fn, args=(grads,))
+            # decay and 1 - decay as one pair of constants per dtype, not per variable
+            weights = {
+                dtype.name: (tf.constant(ema_decay, dtype), tf.constant(1.0 - ema_decay, dtype))
+                for dtype in {e.dtype for e in ema_vars}
+            }
             for e, v in zip(ema_vars, variables):
-                strategy.extended.update(e, ema_update, args=(variable_value(v),), group=False)
+                strategy.extended.update(
+                    e, ema_update, args=(variable_value(v), weights), group=False
+                )
             return tf.constant(True)
 
         tf.cond(ok0, apply, lambda: tf.constant(False))

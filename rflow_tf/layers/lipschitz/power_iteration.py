@@ -156,9 +156,10 @@ def _kernel_symbol(kernel, w1, w2):
     exp(-i w . p) z to exp(-i w . p) S(w) z."""
     kh, kw = kernel.shape[:2]
     real = w1.dtype
-    a = tf.cast(tf.range(kh) - (kh - 1) // 2, real)
-    b = tf.cast(tf.range(kw) - (kw - 1) // 2, real)
-    phase = w1[:, None, None] * a[None, :, None] + w2[:, None, None] * b[None, None, :]
+    # Tap offsets from the centre, as constants (the graph pays per op).
+    a = tf.constant((np.arange(kh) - (kh - 1) // 2)[None, :, None], real)
+    b = tf.constant((np.arange(kw) - (kw - 1) // 2)[None, None, :], real)
+    phase = w1[:, None, None] * a + w2[:, None, None] * b
     complex_dtype = tf.complex64 if real == tf.float32 else tf.complex128
     waves = tf.exp(tf.complex(tf.zeros_like(phase), -phase))
     return tf.einsum("fab,abio->foi", waves, tf.cast(kernel, complex_dtype))
@@ -204,27 +205,30 @@ def plane_wave_start(kernel, input_hw, n_candidates=4, coarse=32):
     """
     kernel = tf.convert_to_tensor(kernel)
     real = kernel.dtype
+    np_real = real.as_numpy_dtype
     h, w = (int(n) for n in input_hw)
-    grid = tf.range(coarse, dtype=real) * (2 * np.pi / coarse)
-    g1, g2 = (tf.reshape(g, [-1]) for g in tf.meshgrid(grid, grid, indexing="ij"))
-    values, _ = _top_right_singular(_kernel_symbol(kernel, g1, g2))
+    # The frequency grids, positions and envelope do not depend on the kernel:
+    # computed here in the kernel's precision and put in the graph as constants.
+    grid = np.arange(coarse, dtype=np_real) * np_real(2 * np.pi / coarse)
+    g1, g2 = (g.reshape(-1) for g in np.meshgrid(grid, grid, indexing="ij"))
+    values, _ = _top_right_singular(_kernel_symbol(kernel, tf.constant(g1), tf.constant(g2)))
     best = tf.math.top_k(values, min(int(n_candidates), coarse * coarse)).indices
 
     def offsets(n):  # steps of pi / (n + 1), spanning one coarse cell each way
         step = np.pi / (n + 1)
         r = int(np.ceil((2 * np.pi / coarse) / step))
-        return tf.range(-r, r + 1, dtype=real) * step
+        return np.arange(-r, r + 1, dtype=np_real) * np_real(step)
 
-    o1, o2 = (tf.reshape(o, [-1]) for o in tf.meshgrid(offsets(h), offsets(w), indexing="ij"))
-    f1 = tf.reshape(tf.gather(g1, best)[:, None] + o1[None], [-1])
-    f2 = tf.reshape(tf.gather(g2, best)[:, None] + o2[None], [-1])
+    o1, o2 = (o.reshape(1, -1) for o in np.meshgrid(offsets(h), offsets(w), indexing="ij"))
+    f1 = tf.reshape(tf.gather(tf.constant(g1[:, None]), best) + o1, [-1])
+    f2 = tf.reshape(tf.gather(tf.constant(g2[:, None]), best) + o2, [-1])
     values, vectors = _top_right_singular(_kernel_symbol(kernel, f1, f2))
     i = tf.argmax(values)
-    p = tf.range(h, dtype=real)
-    q = tf.range(w, dtype=real)
+    p = np.arange(h, dtype=np_real)
+    q = np.arange(w, dtype=np_real)
     phase = f1[i] * p[:, None] + f2[i] * q[None, :]
     wave = tf.complex(tf.cos(phase), -tf.sin(phase))
-    envelope = tf.sin(np.pi * (p + 1) / (h + 1))[:, None] * tf.sin(np.pi * (q + 1) / (w + 1))
+    envelope = np.sin(np.pi * (p + 1) / (h + 1))[:, None] * np.sin(np.pi * (q + 1) / (w + 1))
     v = tf.math.real(wave[:, :, None] * vectors[i][None, None, :]) * envelope[:, :, None]
     return l2_normalize(v[None])
 

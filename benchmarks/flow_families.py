@@ -27,11 +27,13 @@ Usage::
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
+from typing import List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -42,6 +44,7 @@ import numpy as np  # noqa: E402
 from benchmarks._common import load_average  # noqa: E402
 from benchmarks.toy_densities import run_table  # noqa: E402
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
+from rflow_tf.settings import parse_settings, setting  # noqa: E402
 from train import main as trainer_main  # noqa: E402
 
 #: The toy model families compared (names of :data:`rflow_tf.toy.MODELS`).
@@ -155,28 +158,33 @@ def digits_markdown(results, steps):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """CLI: see the module docstring. Returns 0."""
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--datasets", nargs="+", default=list(TOY_DATASETS), choices=TOY_DATASETS)
-    p.add_argument("--models", nargs="+", default=list(TOY_FAMILIES), choices=TOY_FAMILIES)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--iters", type=int, default=1000, help="toy training steps per run")
-    p.add_argument("--blocks", type=int, default=5, help="blocks / coupling layers per toy model")
-    p.add_argument("--hidden", default="64-64-64", help="hidden widths of the toy nets")
-    p.add_argument(
-        "--digits_steps", type=int, default=1200, help="train/main.py steps of every digits run"
-    )
-    p.add_argument("--skip_toy", action="store_true")
-    p.add_argument("--skip_digits", action="store_true")
-    p.add_argument(
-        "--out",
-        default=os.path.join(tempfile.gettempdir(), "flow_families"),
+@dataclasses.dataclass(frozen=True)
+class FlowFamiliesOptions:
+    """The options of this benchmark (its command line)."""
+
+    datasets: List[str] = setting(list(TOY_DATASETS), help=None, choices=TOY_DATASETS)
+    models: List[str] = setting(list(TOY_FAMILIES), help=None, choices=TOY_FAMILIES)
+    seeds: List[int] = setting([0, 1, 2], help=None)
+    iters: int = setting(1000, help="toy training steps per run")
+    blocks: int = setting(5, help="blocks / coupling layers per toy model")
+    hidden: str = setting("64-64-64", help="hidden widths of the toy nets")
+    digits_steps: int = setting(1200, help="train/main.py steps of every digits run")
+    skip_toy: bool = setting(False, help=None)
+    skip_digits: bool = setting(False, help=None)
+    out: str = setting(
+        os.path.join(tempfile.gettempdir(), "flow_families"),
         help="directory for tables.md and results.json",
     )
-    a = p.parse_args(argv)
+
+
+def main(argv=None):
+    """CLI: see the module docstring. Returns 0."""
+    a = parse_settings(
+        FlowFamiliesOptions,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     os.makedirs(a.out, exist_ok=True)
     print(f"[bench] {load_average()} (timings on a shared machine are noisy)", flush=True)
     sections, dump = [], {}

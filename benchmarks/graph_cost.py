@@ -32,16 +32,23 @@ Usage::
     python benchmarks/graph_cost.py --single toy       # one workload, JSON lines
 """
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from rflow_tf.settings import parse_settings, setting  # noqa: E402  (imports TensorFlow)
+
 WORKLOADS = ("four_block", "maf", "toy", "image")
 
 
@@ -126,7 +133,7 @@ def _toy(steps):
     import tensorflow as tf
 
     from rflow_tf.data import toy_2d
-    from rflow_tf.toy.loop import Trainer
+    from rflow_tf.toy.loop import ToyTrainer
     from rflow_tf.toy.options import parse_args
 
     args = parse_args(
@@ -134,7 +141,7 @@ def _toy(steps):
         "--coeff 0.9".split()
     )
     t = time.perf_counter()
-    trainer = Trainer(args)
+    trainer = ToyTrainer(args)
     build = time.perf_counter() - t
     x = tf.constant(toy_2d("8gaussians", args.batch_size, seed=0), tf.float32)
     trainer.reset(x.numpy())
@@ -178,9 +185,7 @@ def _image(steps):
         model, optimizer, strategy, ema, global_batch_size=64, n_bits=8, seed=0
     )
     rows = [{"part": "build model + optimizer", "build_s": build}]
-    rows.append(
-        measure("train step", step, (x_int, tf.constant(0, tf.int64), tf.constant(0.0)), steps)
-    )
+    rows.append(measure("train step", step, (x_int, tf.constant(0, tf.int64)), steps))
     evaluate = trainer.make_eval_step(model, strategy, n_bits=8, seed=0)
     mask = tf.ones([64], tf.bool)
     rows.append(measure("eval step", evaluate, (x_int, mask, tf.constant(0, tf.int64)), 2))
@@ -230,13 +235,18 @@ def _fmt(value, unit=""):
     return f"{value:,}"
 
 
+@dataclasses.dataclass(frozen=True)
+class GraphCostOptions:
+    """The options of this benchmark (its command line)."""
+
+    single: Optional[str] = setting(None, help="run one workload in this process, print JSON lines")
+    workloads: str = setting(",".join(WORKLOADS), help="comma-separated list")
+    celebahq: bool = setting(False, help="also construct the CelebA-HQ model")
+    steps: int = setting(10, help="timed calls of each training step")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--single", help="run one workload in this process, print JSON lines")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated list")
-    p.add_argument("--celebahq", action="store_true", help="also construct the CelebA-HQ model")
-    p.add_argument("--steps", type=int, default=10, help="timed calls of each training step")
-    args = p.parse_args(argv)
+    args = parse_settings(GraphCostOptions, argv, description=__doc__.split("\n\n")[0])
     if args.single:
         for row in run_single(args.single, args.steps):
             print(json.dumps({"workload": args.single, **row}), flush=True)

@@ -31,12 +31,14 @@ Usage::
 """
 
 import argparse
+import dataclasses
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from typing import List, Optional
 
 import numpy as np
 
@@ -45,6 +47,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 from benchmarks._common import load_average  # noqa: E402
+from rflow_tf.settings import at_least, parse_settings, setting  # noqa: E402
 
 #: The digits_small preset's recipe, spelt out as train/main.py flags (the
 #: preset's values, so a change of the preset shows up as a changed run).
@@ -156,17 +159,22 @@ def table(ours, steps):
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageParityOptions:
+    """The options of this benchmark (its command line)."""
+
+    seeds: List[int] = setting([0, 1, 2, 3, 4, 5], help="seeds")
+    steps: int = setting(STEPS, help="optimiser steps per run", check=at_least(1))
+    out: Optional[str] = setting(None, help="run directories (default: a temp dir)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(
+    args = parse_settings(
+        ImageParityOptions,
+        argv,
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4, 5], help="seeds")
-    p.add_argument("--steps", type=int, default=STEPS, help="optimiser steps per run")
-    p.add_argument("--out", default=None, help="run directories (default: a temp dir)")
-    args = p.parse_args(argv)
-    if args.steps < 1 or not args.seeds:
-        p.error("--steps must be >= 1 and at least one seed given")
     out_dir = args.out or tempfile.mkdtemp(prefix="image_parity_")
     print(
         f"[image_parity] {len(args.seeds)} seeds x {args.steps} steps; {load_average()}", flush=True

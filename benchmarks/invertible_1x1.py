@@ -15,7 +15,7 @@ Usage::
     python benchmarks/invertible_1x1.py --channels 512 --size 4
 """
 
-import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -29,6 +29,7 @@ import rflow_tf  # noqa: E402,F401  (sets TensorFlow defaults first)
 import tensorflow as tf  # noqa: E402
 
 from rflow_tf.bijectors.invertible_conv import Invertible1x1Conv  # noqa: E402
+from rflow_tf.settings import parse_settings, setting  # noqa: E402
 
 
 def make_step(parameterization, shape, jit):
@@ -48,13 +49,18 @@ def make_step(parameterization, shape, jit):
     return step
 
 
+@dataclasses.dataclass(frozen=True)
+class Invertible1x1Options:
+    """The options of this benchmark (its command line)."""
+
+    batch: int = setting(64, help=None)
+    size: int = setting(16, help=None)
+    channels: int = setting(12, help=None)
+    rounds: int = setting(200, help=None)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--size", type=int, default=16)
-    parser.add_argument("--channels", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=200)
-    args = parser.parse_args(argv)
+    args = parse_settings(Invertible1x1Options, argv, description=__doc__.splitlines()[0])
     shape = (args.batch, args.size, args.size, args.channels)
     x = tf.random.stateless_normal(shape, [0, 1])
     configs = [(par, jit) for par in ("lu", "matrix") for jit in (False, True)]

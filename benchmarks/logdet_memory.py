@@ -24,11 +24,21 @@ Usage::
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from typing import List, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from rflow_tf.settings import parse_settings, setting  # noqa: E402  (imports TensorFlow)
 
 MODES = {
     "backprop": dict(neumann_grad=False, grad_in_forward=False),
@@ -107,26 +117,30 @@ def run_single(mode, n_terms, args):
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class LogdetMemoryOptions:
+    """The options of this benchmark (its command line)."""
+
+    terms: List[int] = setting([2, 5, 10, 20], help="numbers of power-series terms n")
+    modes: List[str] = setting(list(MODES), help=None, choices=list(MODES))
+    blocks: int = setting(8, help="residual blocks")
+    size: int = setting(16, help="image height and width")
+    channels: int = setting(3, help="image channels")
+    hidden: int = setting(128, help="hidden channels")
+    batch: int = setting(16, help="batch size")
+    repeats: int = setting(3, help="timed steps after the first")
+    single: Optional[List[str]] = setting(
+        None, help=None, flag="hidden", nargs=2, metavar=("MODE", "N")
+    )
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    args = parse_settings(
+        LogdetMemoryOptions,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--terms",
-        type=int,
-        nargs="+",
-        default=[2, 5, 10, 20],
-        help="numbers of power-series terms n",
-    )
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    parser.add_argument("--blocks", type=int, default=8, help="residual blocks")
-    parser.add_argument("--size", type=int, default=16, help="image height and width")
-    parser.add_argument("--channels", type=int, default=3, help="image channels")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden channels")
-    parser.add_argument("--batch", type=int, default=16, help="batch size")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps after the first")
-    parser.add_argument("--single", nargs=2, metavar=("MODE", "N"), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
 
     if args.single:
         print(json.dumps(run_single(args.single[0], int(args.single[1]), args)))

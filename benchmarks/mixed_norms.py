@@ -24,11 +24,12 @@ Usage::
         --image_steps 10 --n_test 2000                # reduced run (README)
 """
 
-import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
+from typing import List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -39,6 +40,7 @@ import numpy as np  # noqa: E402
 from benchmarks._common import load_average  # noqa: E402
 from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
+from rflow_tf.settings import parse_settings, setting  # noqa: E402
 
 #: The two variants: (label, toy/flow settings). The mixed one starts every order
 #: at 2 and learns them (the authors' toy setting: one order per layer boundary).
@@ -185,18 +187,23 @@ def markdown(toy_results, digits_results, datasets):
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class MixedNormsOptions:
+    """The options of this benchmark (its command line)."""
+
+    datasets: List[str] = setting(list(TOY_DATASETS), help=None, choices=TOY_DATASETS)
+    seeds: int = setting(3, help="seeds 0 .. seeds-1 per dataset")
+    iters: int = setting(1000, help="Adam steps per toy run")
+    blocks: int = setting(5, help=None)
+    hidden: str = setting("64-64-64", help=None)
+    lr: float = setting(5e-3, help=None)
+    n_test: int = setting(10000, help="held-out toy points")
+    image_steps: int = setting(200, help="digits steps (0: skip)")
+    out: Optional[str] = setting(None, help="working directory (default: a temp dir)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--datasets", nargs="+", default=list(TOY_DATASETS), choices=TOY_DATASETS)
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. seeds-1 per dataset")
-    p.add_argument("--iters", type=int, default=1000, help="Adam steps per toy run")
-    p.add_argument("--blocks", type=int, default=5)
-    p.add_argument("--hidden", default="64-64-64")
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--n_test", type=int, default=10000, help="held-out toy points")
-    p.add_argument("--image_steps", type=int, default=200, help="digits steps (0: skip)")
-    p.add_argument("--out", default=None, help="working directory (default: a temp dir)")
-    args = p.parse_args(argv)
+    args = parse_settings(MixedNormsOptions, argv, description=__doc__.split("\n\n")[0])
     tmpdir = args.out or tempfile.mkdtemp(prefix="mixed_norms_")
     print(f"[mixed_norms] {load_average()}", flush=True)
     toy_results = run_toy(

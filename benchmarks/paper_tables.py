@@ -36,6 +36,7 @@ and writes ``<out>/paper_tables.md`` and ``<out>/results.json``.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,6 +44,7 @@ import shlex
 import sys
 import tempfile
 import time
+from typing import List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -55,6 +57,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from rflow_tf import data, export, models  # noqa: E402
+from rflow_tf.settings import parse_settings, setting  # noqa: E402
 from train import main as tm  # noqa: E402
 
 #: Table 4/5 rows: (label, train/main.py flags).
@@ -251,53 +254,41 @@ def figure2(results, path):
     return path
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclasses.dataclass(frozen=True)
+class PaperTablesOptions:
+    """The options of this benchmark (its command line)."""
+
+    tables: List[str] = setting(
+        ["45", "3"], choices=["45", "3"], help="Which tables (Table 3 includes Figure 2)."
     )
-    p.add_argument(
-        "--tables",
-        nargs="+",
-        default=["45", "3"],
-        choices=["45", "3"],
-        help="Which tables (Table 3 includes Figure 2).",
-    )
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--preset", default=None, help="Default: the dataset's (digits_small).")
-    p.add_argument(
-        "--logit_alpha",
-        type=float,
-        default=0.05,
+    dataset: str = setting("digits", help=None)
+    preset: Optional[str] = setting(None, help="Default: the dataset's (digits_small).")
+    logit_alpha: float = setting(
+        0.05,
         help="alpha of every run's logit layer (0: the preset's). 0.05 is the "
         "reference's value except for MNIST; see the README for why digits "
         "uses it here.",
     )
-    p.add_argument(
-        "--steps",
-        type=int,
-        default=500,
-        help="Training steps of every run (0: the preset's length).",
+    steps: int = setting(500, help="Training steps of every run (0: the preset's length).")
+    seed: int = setting(0, help=None)
+    log_every: int = setting(200, help=None)
+    train_flags: str = setting(
+        "", help="Extra train/main.py flags for every run, e.g. '--batch_size=128'."
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=200)
-    p.add_argument(
-        "--train_flags",
-        default="",
-        help="Extra train/main.py flags for every run, e.g. '--batch_size=128'.",
+    curve_every: int = setting(100, help="Figure 2: steps between points.")
+    curve_images: int = setting(200, help="Figure 2: size of the fixed training batch.")
+    test_images: int = setting(0, help="Table 3: test images for the true test bits/dim (0: all).")
+    out: str = setting(os.path.join(REPO, "docs", "paper_tables"), help=None)
+    workdir: Optional[str] = setting(None, help="Run directories (default: a temp dir).")
+
+
+def main(argv=None):
+    args = parse_settings(
+        PaperTablesOptions,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--curve_every", type=int, default=100, help="Figure 2: steps between points.")
-    p.add_argument(
-        "--curve_images", type=int, default=200, help="Figure 2: size of the fixed training batch."
-    )
-    p.add_argument(
-        "--test_images",
-        type=int,
-        default=0,
-        help="Table 3: test images for the true test bits/dim (0: all).",
-    )
-    p.add_argument("--out", default=os.path.join(REPO, "docs", "paper_tables"))
-    p.add_argument("--workdir", default=None, help="Run directories (default: a temp dir).")
-    args = p.parse_args(argv)
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="paper_tables_")
     os.makedirs(args.out, exist_ok=True)

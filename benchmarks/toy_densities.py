@@ -27,10 +27,12 @@ Usage::
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
 import time
+from typing import List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -41,6 +43,7 @@ import numpy as np  # noqa: E402
 from benchmarks._common import load_average  # noqa: E402
 from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS, toy_2d  # noqa: E402
+from rflow_tf.settings import parse_settings, setting  # noqa: E402
 
 #: The paper's toy configuration, timed for speed, and the reference's figure on a 2-core CPU.
 SPEED_CONFIG = [
@@ -241,49 +244,44 @@ def density_figure(results, datasets, models, path):
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class ToyDensitiesOptions:
+    """The options of this benchmark (its command line)."""
+
+    datasets: List[str] = setting(
+        list(TOY_DATASETS), choices=TOY_DATASETS, help="toy datasets (rows)"
+    )
+    models: List[str] = setting(list(toy.MODELS), choices=toy.MODELS, help="model types (columns)")
+    iters: int = setting(1000, help="training steps per run")
+    blocks: int = setting(5, help="blocks / coupling layers per model")
+    hidden: str = setting("64-64-64", help="hidden widths of every block's net")
+    no_actnorm: bool = setting(False, help="train without ActNorm")
+    lr: float = setting(
+        5e-3,
+        help="Adam learning rate (higher than the reference's 1e-3 to suit the "
+        "short budget; the same for every model)",
+    )
+    seed: int = setting(0, help=None)
+    figure: str = setting(
+        os.path.join(REPO, "docs", "toy", "densities.png"),
+        help="output path of the density grid",
+    )
+    skip_speed: bool = setting(False, help="skip the speed measurement")
+    skip_table: bool = setting(False, help="skip the density table")
+    speed_windows: int = setting(5, help="timed windows of 20 steps")
+
+
 def main(argv=None):
     """Runs the speed measurement and the density table; see the module docstring.
 
     Example: ``python benchmarks/toy_densities.py --iters 1000``.
     """
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    args = parse_settings(
+        ToyDensitiesOptions,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=list(TOY_DATASETS),
-        choices=TOY_DATASETS,
-        help="toy datasets (rows)",
-    )
-    p.add_argument(
-        "--models",
-        nargs="+",
-        default=list(toy.MODELS),
-        choices=toy.MODELS,
-        help="model types (columns)",
-    )
-    p.add_argument("--iters", type=int, default=1000, help="training steps per run")
-    p.add_argument("--blocks", type=int, default=5, help="blocks / coupling layers per model")
-    p.add_argument("--hidden", default="64-64-64", help="hidden widths of every block's net")
-    p.add_argument("--no_actnorm", action="store_true", help="train without ActNorm")
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=5e-3,
-        help="Adam learning rate (higher than the reference's 1e-3 to suit the "
-        "short budget; the same for every model)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--figure",
-        default=os.path.join(REPO, "docs", "toy", "densities.png"),
-        help="output path of the density grid",
-    )
-    p.add_argument("--skip_speed", action="store_true", help="skip the speed measurement")
-    p.add_argument("--skip_table", action="store_true", help="skip the density table")
-    p.add_argument("--speed_windows", type=int, default=5, help="timed windows of 20 steps")
-    args = p.parse_args(argv)
 
     t_all = time.perf_counter()
     print(f"[bench] {load_average()}", flush=True)

@@ -22,11 +22,13 @@ Usage::
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import tempfile
 import time
+from typing import List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -37,6 +39,7 @@ import numpy as np  # noqa: E402
 from benchmarks._common import load_average  # noqa: E402
 from rflow_tf import toy  # noqa: E402  (imports TensorFlow)
 from rflow_tf.data import TOY_DATASETS  # noqa: E402
+from rflow_tf.settings import at_least, parse_settings, setting  # noqa: E402
 
 #: The reference's train_toy.py settings, as flags of train/toy.py.
 REFERENCE_SETTINGS = [
@@ -122,27 +125,40 @@ def table(results, iters):
     return "\n".join(lines)
 
 
+def _check_datasets(options):
+    """Raises ValueError for a name in ``--datasets`` that is no toy dataset (nor 'all')."""
+    if options.datasets != ["all"]:
+        unknown = sorted(set(options.datasets) - set(TOY_DATASETS))
+        if unknown:
+            raise ValueError(
+                f"unknown datasets {unknown}; valid: {', '.join(TOY_DATASETS)} or 'all'"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyParityOptions:
+    """The options of this benchmark (its command line; flags it does not know
+    go to every train/toy.py run)."""
+
+    datasets: List[str] = setting(
+        list(DEFAULT_DATASETS), help=f"datasets, or 'all' for {', '.join(TOY_DATASETS)}"
+    )
+    seeds: List[int] = setting([0, 1, 2], help="seeds")
+    iters: int = setting(1000, help="training iterations per run", check=at_least(1))
+    json: Optional[str] = setting(None, help="also write the raw results to this JSON file")
+    out: Optional[str] = setting(None, help="directory for the toy PNGs (default: a temp dir)")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    args, extra = parse_settings(
+        ToyParityOptions,
+        argv,
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        check=_check_datasets,
+        known=True,
     )
-    p.add_argument(
-        "--datasets",
-        nargs="+",
-        default=list(DEFAULT_DATASETS),
-        help=f"datasets, or 'all' for {', '.join(TOY_DATASETS)}",
-    )
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
-    p.add_argument("--iters", type=int, default=1000, help="training iterations per run")
-    p.add_argument("--json", default=None, help="also write the raw results to this JSON file")
-    p.add_argument("--out", default=None, help="directory for the toy PNGs (default: a temp dir)")
-    args, extra = p.parse_known_args(argv)
     datasets = list(TOY_DATASETS) if args.datasets == ["all"] else args.datasets
-    unknown = sorted(set(datasets) - set(TOY_DATASETS))
-    if unknown:
-        p.error(f"unknown datasets {unknown}; valid: {', '.join(TOY_DATASETS)} or 'all'")
-    if args.iters < 1 or not args.seeds:
-        p.error("--iters must be >= 1 and at least one seed given")
     out_dir = args.out or tempfile.mkdtemp(prefix="toy_parity_")
     print(
         f"[toy_parity] {len(datasets)} datasets x {len(args.seeds)} seeds, {args.iters} "

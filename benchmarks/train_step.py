@@ -39,7 +39,7 @@ Usage::
     python benchmarks/train_step.py --single --no_grad_in_forward
 """
 
-import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -50,6 +50,10 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from rflow_tf.settings import parse_settings, setting  # noqa: E402  (imports TensorFlow)
 
 # Reference (authors' PyTorch implementation, same configuration, this machine).
 REFERENCE_SECONDS = 2.0
@@ -186,20 +190,24 @@ def _failure_reason(stderr):
     return lines[-1][:300] if lines else "unknown error"
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--single", action="store_true", help="run one configuration, print JSON")
-    p.add_argument("--jit", action="store_true", help="with --single: jit_compile=True")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps (tracing/compiling)")
-    p.add_argument(
-        "--no_grad_in_forward",
-        action="store_true",
+@dataclasses.dataclass(frozen=True)
+class TrainStepOptions:
+    """The options of this benchmark (its command line)."""
+
+    single: bool = setting(False, help="run one configuration, print JSON")
+    jit: bool = setting(False, help="with --single: jit_compile=True")
+    batch: int = setting(64, help=None)
+    steps: int = setting(10, help="timed steps")
+    warmup: int = setting(3, help="untimed steps (tracing/compiling)")
+    no_grad_in_forward: bool = setting(
+        False,
         help="with --single: our default Neumann backward (recompute g, one shared "
         "backward pass) instead of the reference's gradient-in-forward",
     )
-    args = p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_settings(TrainStepOptions, argv, description=__doc__.split("\n\n")[0])
     if args.single:
         print(
             "RESULT "

@@ -60,7 +60,7 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf import layers as rlayers
-from rflow_tf.bijectors.coupling import _torch_default_uniform
+from rflow_tf.layers.initializers import torch_default_uniform
 
 tfb = tfp.bijectors
 
@@ -154,7 +154,7 @@ class ClassifierHeads(keras.layers.Layer):
         self._check_shapes(shapes)
         self.convs, self.norms = [], []
         for i, s in enumerate(shapes):
-            init = _torch_default_uniform(9 * int(s[-1]))
+            init = torch_default_uniform(9 * int(s[-1]))
             conv = keras.layers.Conv2D(
                 self.hidden_channels,
                 3,
@@ -177,7 +177,7 @@ class ClassifierHeads(keras.layers.Layer):
             width = self.hidden_channels * sum(int(s[1]) * int(s[2]) for s in shapes)
         else:
             width = self.hidden_channels * len(shapes)
-        init = _torch_default_uniform(width)
+        init = torch_default_uniform(width)
         self.dense = keras.layers.Dense(
             self.n_classes,
             kernel_initializer=init,

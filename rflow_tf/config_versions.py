@@ -29,9 +29,23 @@ LEGACY_DEFAULTS = {
 
 def legacy_defaults(version):
     """The values a config of ``version`` gives the fields it does not name
-    (every field whose default changed after ``version``).
+    (every field whose default changed after ``version``): the union of
+    :data:`LEGACY_DEFAULTS` [v] over the versions v >= ``version``.
 
-    Example: ``legacy_defaults(1)["init"]  # "glorot"``.
+    Args:
+      version: a config version, 1..:data:`CONFIG_VERSION`.
+
+    Returns:
+      A dict of field name -> value (empty for the current version).
+
+    Example:
+    ```python
+    from rflow_tf.config_versions import CONFIG_VERSION, legacy_defaults
+
+    assert legacy_defaults(1)["init"] == "glorot" and legacy_defaults(1)["first_resblock"] is False
+    assert legacy_defaults(3) == {"vnorms": "2222", "learn_p": False}
+    assert legacy_defaults(CONFIG_VERSION) == {}
+    ```
     """
     out = {}
     for old, defaults in LEGACY_DEFAULTS.items():
@@ -43,7 +57,24 @@ def legacy_defaults(version):
 def check_config_version(version):
     """Raises ValueError unless ``version`` is a config version this rflow_tf knows.
 
-    Example: ``check_config_version(CONFIG_VERSION)``.
+    Args:
+      version: the value of a config's ``config_version``.
+
+    Raises:
+      ValueError: ``version`` is not an int (bools are not) in 1..:data:`CONFIG_VERSION`.
+
+    Example:
+    ```python
+    from rflow_tf.config_versions import CONFIG_VERSION, check_config_version
+
+    check_config_version(CONFIG_VERSION)
+    try:
+        check_config_version(CONFIG_VERSION + 1)  # written by a newer rflow_tf
+    except ValueError as error:
+        assert "written by a newer rflow_tf" in str(error)
+    else:
+        raise AssertionError("an unknown version was accepted")
+    ```
     """
     if (
         isinstance(version, bool)
@@ -62,7 +93,26 @@ def with_version_defaults(d, logdet_default):
     whose missing fields take the values of its version (:func:`legacy_defaults`;
     :data:`SAME_AS_LOGDET` becomes its ``logdet``, or ``logdet_default``).
 
-    Example: ``with_version_defaults({"input_shape": [8, 8, 1]}, "unbiased")["init"]  # "glorot"``.
+    Args:
+      d: a config dict, as read from JSON.
+      logdet_default: the current default of ``logdet``.
+
+    Returns:
+      A new dict with ``config_version`` set.
+
+    Raises:
+      ValueError: an unknown ``config_version`` (:func:`check_config_version`).
+
+    Example:
+    ```python
+    from rflow_tf.config_versions import with_version_defaults
+
+    old = with_version_defaults({"input_shape": [8, 8, 1]}, "unbiased")  # version 1
+    assert old["config_version"] == 1 and old["init"] == "glorot"
+    assert old["logdet_eval"] == "unbiased"  # evaluation used the training estimator
+    named = with_version_defaults({"config_version": 2, "init": "reference"}, "unbiased")
+    assert named["init"] == "reference" and "first_resblock" not in named  # fields it names stay
+    ```
     """
     d = dict(d)
     version = d.setdefault("config_version", 1)

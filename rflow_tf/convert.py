@@ -534,7 +534,29 @@ def _as_float(value):
 def main(argv=None):
     """``python -m rflow_tf.convert CHECKPOINT --out DIR [--weights ema|live]``:
     converts, prints the inferred configuration (JSON) and writes a SavedModel
-    that :func:`rflow_tf.load` opens. Returns the exit status."""
+    that :func:`rflow_tf.load` opens (see :func:`from_reference`).
+
+    Args:
+      argv: the command line's arguments (None: ``sys.argv[1:]``).
+
+    Returns:
+      The exit status: 0, or 2 after printing an error (missing, unreadable,
+      unsafe or unsupported checkpoint; failed export) to stderr.
+
+    Example:
+    ```python
+    import contextlib
+    import io
+    from rflow_tf.convert import main
+
+    # main(["model.pth", "--out", "converted"]) converts and exports; a file
+    # that is not there is an error, with exit status 2:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(["missing.pth", "--out", "converted"])
+    assert status == 2 and "no checkpoint file" in err.getvalue()
+    ```
+    """
     parser = argparse.ArgumentParser(
         prog="python -m rflow_tf.convert",
         description="Convert a checkpoint of the authors' PyTorch Residual Flows "

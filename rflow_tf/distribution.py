@@ -5,11 +5,17 @@
   cheap data -> latent direction for ``log_prob``.
 * :class:`FlowLayer` -- a distribution or bijector as a Keras layer, so that a
   Keras model tracks its weights.
+* :func:`finite_images_or_nan` -- the guard on sampled images: clipped to
+  [0, 1] when finite, NaN (and reported) when not.
 
-Both are re-exported by :mod:`rflow_tf.models`.
+The two classes are re-exported by :mod:`rflow_tf.models`.
 """
 
+import sys
+import warnings
+
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 
@@ -69,6 +75,56 @@ class FlowDistribution(tfd.TransformedDistribution):
         flow = self.bijector.bijector
         z, ld = flow.forward_and_log_det(y, **bijector_kwargs)
         return self.distribution.log_prob(z, **distribution_kwargs) + tf.cast(ld, self.dtype)
+
+
+# Registered as "rflow_tf>_finite_images_or_nan", the name saved objects refer to.
+@keras.saving.register_keras_serializable(package=KERAS_PACKAGE, name="_finite_images_or_nan")
+def finite_images_or_nan(x, z, where):
+    """Sampled images ``x`` (from latents ``z``) clipped to [0, 1] where the
+    sample is finite; a sample whose image or latent is not finite becomes
+    all-NaN, never a plausible image, and is reported (a ``RuntimeWarning``
+    eagerly, a line on stderr inside ``tf.function``, naming ``where``).
+
+    Example:
+    ```python
+    import warnings
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.distribution import finite_images_or_nan
+
+    x = tf.constant([[1.2, 0.5], [0.3, 0.4]])
+    z = tf.constant([[0.0, 1.0], [np.inf, 0.0]])          # the second latent is infinite
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = finite_images_or_nan(x, z, "example").numpy()
+    assert out[0].tolist() == [1.0, 0.5] and np.isnan(out[1]).all()
+    assert "1 of 2" in str(caught[0].message)
+    ```
+    """
+    ok = tf.reduce_all(tf.math.is_finite(x), axis=list(range(1, x.shape.rank))) & tf.reduce_all(
+        tf.math.is_finite(z), axis=list(range(1, z.shape.rank))
+    )
+    bad = tf.reduce_sum(tf.cast(~ok, tf.int32))
+    msg = (
+        "sample(s) not finite (infinite latent or temperature, or a diverged fixed-point "
+        "inverse); returned as NaN"
+    )
+    if tf.executing_eagerly():
+        if int(bad):
+            warnings.warn(
+                f"{where}: {int(bad)} of {int(tf.size(ok))} {msg}", RuntimeWarning, stacklevel=3
+            )
+    else:
+
+        def report():
+            tf.print("WARNING:", where + ":", bad, "of", tf.size(ok), msg, output_stream=sys.stderr)
+            return tf.constant(False)
+
+        flag = tf.cond(bad > 0, report, lambda: tf.constant(True))
+        with tf.control_dependencies([flag]):
+            x = tf.identity(x)
+    mask = tf.reshape(ok, [-1] + [1] * (x.shape.rank - 1))
+    return tf.where(mask, tf.clip_by_value(x, 0.0, 1.0), tf.constant(np.nan, x.dtype))
 
 
 @keras.saving.register_keras_serializable(package=KERAS_PACKAGE)

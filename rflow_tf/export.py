@@ -204,9 +204,34 @@ def _resolve_logdet(logdet, cfg):
 
 def copy_weights(src, dst):
     """Assigns the variables of the model ``src`` to those of ``dst``, a model
-    of the same configuration; ExportError if they do not match.
+    of the same configuration, in order (what :func:`save` does to the model
+    it rebuilds for export).
 
-    Example: ``copy_weights(trained, ResidualFlow(trained.flow_config))``.
+    Args:
+      src: the model whose weights are copied.
+      dst: a model with variables of the same shapes and dtypes, in the same order.
+
+    Raises:
+      ExportError: the variables do not match (count, shape or dtype).
+
+    Example:
+    ```python
+    import numpy as np
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.export import ExportError, copy_weights
+    from rflow_tf.models import ResidualFlow
+
+    cfg = FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4, fc_end=False)
+    trained, rebuilt = ResidualFlow(cfg), ResidualFlow(cfg)  # two random initialisations
+    copy_weights(trained, rebuilt)
+    assert all(np.array_equal(a, b) for a, b in zip(trained.variables, rebuilt.variables))
+    try:
+        copy_weights(trained, ResidualFlow(cfg.replace(hidden_channels=8)))
+    except ExportError as error:
+        assert "does not match" in str(error)
+    else:
+        raise AssertionError("weights of another shape were copied")
+    ```
     """
     src_vars, dst_vars = src.variables, dst.variables
     if len(src_vars) != len(dst_vars):

@@ -50,7 +50,18 @@ class ExportError(Exception):
 class ExportNotFoundError(ExportError, FileNotFoundError):
     """The export path does not exist (also a ``FileNotFoundError``).
 
-    Example: ``rflow_tf.load("no/such/dir")`` raises it.
+    Example:
+    ```python
+    import rflow_tf
+    from rflow_tf.export import ExportNotFoundError
+
+    try:
+        rflow_tf.load("no/such/dir")
+    except ExportNotFoundError as error:
+        assert "does not exist" in str(error) and isinstance(error, FileNotFoundError)
+    else:
+        raise AssertionError("loaded a path that does not exist")
+    ```
     """
 
 
@@ -59,7 +70,20 @@ class NotAnExportError(ExportError, ValueError):
     or unrelated directory, a plain file, a SavedModel of another model, or a
     newer export format). Also a ``ValueError``.
 
-    Example: ``rflow_tf.load(tempfile.mkdtemp())`` raises it.
+    Example:
+    ```python
+    import os
+    import rflow_tf
+    from rflow_tf.export import NotAnExportError
+
+    os.makedirs("empty")
+    try:
+        rflow_tf.load("empty")
+    except NotAnExportError as error:
+        assert "it is empty" in str(error) and isinstance(error, ValueError)
+    else:
+        raise AssertionError("loaded an empty directory")
+    ```
     """
 
 
@@ -67,7 +91,22 @@ class InputShapeError(ExportError, ValueError):
     """An input of the wrong shape was given to a loaded flow; the message
     names the expected shape. Also a ``ValueError``.
 
-    Example: ``dist.log_prob(tf.zeros([2, 28, 28, 1]))`` on an 8x8 model.
+    Example:
+    ```python
+    import pathlib
+    import tensorflow as tf
+    import rflow_tf
+    from rflow_tf.export import InputShapeError
+
+    repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]  # the repository's export
+    dist = rflow_tf.load(repo / "saved_models/digits")  # a model of 8x8x1 images
+    try:
+        dist.log_prob(tf.zeros([2, 28, 28, 1]))
+    except InputShapeError as error:
+        assert "[..., 8, 8, 1]" in str(error)
+    else:
+        raise AssertionError("28x28 images were accepted")
+    ```
     """
 
 
@@ -76,7 +115,22 @@ class InputDtypeError(ExportError, TypeError):
     pixels to ``log_prob``); the message names the expected dtype. Also a
     ``TypeError``.
 
-    Example: ``dist.log_prob(tf.zeros([2, 8, 8, 1], tf.uint8))``.
+    Example:
+    ```python
+    import pathlib
+    import tensorflow as tf
+    import rflow_tf
+    from rflow_tf.export import InputDtypeError
+
+    repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]  # the repository's export
+    dist = rflow_tf.load(repo / "saved_models/digits")
+    try:
+        dist.log_prob(tf.zeros([2, 8, 8, 1], tf.uint8))  # raw pixels: dequantise first
+    except InputDtypeError as error:
+        assert "got dtype uint8" in str(error)
+    else:
+        raise AssertionError("uint8 pixels were accepted")
+    ```
     """
 
 
@@ -86,28 +140,80 @@ class InputDtypeError(ExportError, TypeError):
 
 
 def check_seed(seed, name):
-    """A required stateless seed as a list of two ints.
+    """A required stateless seed as a list of two ints (what the metadata stores).
 
-    Example: ``check_seed((1, 2), "seed")  # [1, 2]``.
+    Args:
+      seed: a pair of ints (a tuple, list or int tensor of shape [2]).
+      name: the argument's name, for the error message.
+
+    Returns:
+      ``[int, int]``.
+
+    Raises:
+      ValueError: ``seed`` is None or not two ints.
+
+    Example:
+    ```python
+    from rflow_tf.export_format import check_seed
+
+    assert check_seed((1, 2), "seed") == [1, 2]
+    try:
+        check_seed(None, "logdet_seed")
+    except ValueError as error:
+        assert "logdet_seed must be a stateless seed" in str(error)
+    else:
+        raise AssertionError("None was accepted as a seed")
+    ```
     """
     if seed is None:
         raise ValueError(f"{name} must be a stateless seed of two ints, e.g. (1, 2); got None")
-    return list(rbij._check_stateless_seed(seed, name))  # pylint: disable=protected-access
+    return list(rbij.check_stateless_seed(seed, name))
 
 
 def metadata_path(path):
-    """The metadata file of the export in ``path``.
+    """The metadata file of the export in ``path``: ``path/assets/rflow_tf_export.json``.
 
-    Example: ``metadata_path("saved_models/mnist")  # '.../assets/rflow_tf_export.json'``.
+    Args:
+      path: the export's directory.
+
+    Returns:
+      The file's path, a string.
+
+    Example:
+    ```python
+    import os
+    from rflow_tf.export_format import METADATA_FILE, metadata_path
+
+    assert metadata_path("export") == os.path.join("export", "assets", METADATA_FILE)
+    ```
     """
     return os.path.join(path, "assets", METADATA_FILE)
 
 
 def eval_config(meta, logdet=None):
     """The FlowConfig the export with metadata ``meta`` was traced with (or with
-    ``logdet`` overridden).
+    ``logdet`` overridden): the trained config with the exported log-det
+    estimator for both training and evaluation.
 
-    Example: ``eval_config(load_metadata(path)).logdet``.
+    Args:
+      meta: the export's metadata (:func:`load_metadata`).
+      logdet: a log-det estimator to use in place of the exported one.
+
+    Returns:
+      A :class:`~rflow_tf.config.FlowConfig`.
+
+    Example:
+    ```python
+    import pathlib
+    import rflow_tf
+    from rflow_tf.export_format import eval_config, load_metadata
+
+    repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]  # the repository's export
+    meta = load_metadata(repo / "saved_models/digits")
+    cfg = eval_config(meta)
+    assert cfg.logdet == cfg.logdet_eval == meta["logdet"]
+    assert eval_config(meta, logdet="exact").logdet == "exact"
+    ```
     """
     cfg = rmodels.FlowConfig.from_dict(dict(meta["config"]))
     changes = {"logdet": logdet or meta["logdet"], "logdet_eval": logdet or meta["logdet"]}
@@ -118,9 +224,24 @@ def eval_config(meta, logdet=None):
 
 def is_export(path):
     """True if ``path`` is a directory written by :func:`save` (it holds
-    ``saved_model.pb`` and ``assets/rflow_tf_export.json``).
+    ``saved_model.pb`` and ``assets/rflow_tf_export.json``); reads no weights.
 
-    Example: ``rflow_tf.export.is_export("saved_models/digits")  # True``.
+    Args:
+      path: a path.
+
+    Returns:
+      A bool.
+
+    Example:
+    ```python
+    import pathlib
+    import rflow_tf
+    from rflow_tf.export_format import is_export
+
+    repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]  # the repository's export
+    assert is_export(repo / "saved_models/digits")
+    assert not is_export(repo / "saved_models") and not is_export("no/such/dir")
+    ```
     """
     path = os.fspath(path)
     return os.path.isfile(os.path.join(path, "saved_model.pb")) and os.path.isfile(
@@ -134,10 +255,26 @@ def load_metadata(path):
     ``image_shape``, ``latent_shape``, ``logdet``, ``logdet_seed``,
     ``dequantization``, ``rflow_tf_version``, ``extra``, ...
 
-    Raises :class:`ExportNotFoundError` if ``path`` does not exist and
-    :class:`NotAnExportError` if it is not an export.
+    Args:
+      path: the export's directory.
 
-    Example: ``load_metadata("saved_models/digits")["n_bits"]  # 8``.
+    Returns:
+      The metadata, a dict.
+
+    Raises:
+      ExportNotFoundError: ``path`` does not exist.
+      NotAnExportError: ``path`` is not an export, or of a newer format.
+
+    Example:
+    ```python
+    import pathlib
+    import rflow_tf
+    from rflow_tf.export_format import load_metadata
+
+    repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]  # the repository's export
+    meta = load_metadata(repo / "saved_models/digits")
+    assert meta["n_bits"] == 8 and meta["image_shape"] == [8, 8, 1]
+    ```
     """
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -16,9 +16,35 @@ tfb = tfp.bijectors
 
 
 def as_seed(seed, salt):
-    """A stateless int32 seed of shape [2] from None/int/int32/int64 seeds.
+    """A stateless int32 seed of shape [2] from None/int/int32/int64 seeds
+    (``tfp.random.sanitize_seed`` with ``salt``).
 
-    Example: ``as_seed(7, "FlowBijector")  # a [2] int32 tensor``.
+    Args:
+      seed: None (a fresh random seed), a Python int, or an integer tensor of shape [2].
+      salt: a string that tells apart the seeds derived from one seed.
+
+    Returns:
+      An int32 tensor of shape [2].
+
+    Raises:
+      TypeError: a non-integer tensor.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.flow import as_seed
+
+    seed = as_seed(np.array([1, 2], np.int64), "FlowBijector")
+    assert seed.dtype == tf.int32 and seed.shape == (2,)
+    assert as_seed(7, "a").shape == (2,) and as_seed(None, "a").dtype == tf.int32
+    try:
+        as_seed(tf.constant([1.0, 2.0]), "a")
+    except TypeError as error:
+        assert "integer tensor" in str(error)
+    else:
+        raise AssertionError("a float seed was accepted")
+    ```
     """
     if seed is not None and not isinstance(seed, int):
         seed = tf.convert_to_tensor(seed)
@@ -37,7 +63,31 @@ def check_pixels(x, owner, name="x", values=True):
     for these checks (:class:`ResidualFlow` and :func:`rflow_tf.load`'s
     distribution use it).
 
-    Example: ``x = check_pixels(tf.zeros([2, 8, 8, 1]), "my_flow")``.
+    Args:
+      x: a float tensor of images [batch, H, W, C].
+      owner: the name of the model, for the message.
+      name: the argument's name, for the message.
+      values: check the values too (False: only the batch).
+
+    Returns:
+      ``x`` (in graphs, with the assertions attached).
+
+    Raises:
+      ValueError: eagerly, an empty batch or a pixel outside [0, 1] or not finite.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.flow import check_pixels
+
+    x = check_pixels(tf.zeros([2, 8, 8, 1]), "my_flow")
+    try:
+        check_pixels(tf.fill([2, 8, 8, 1], 255.0), "my_flow")  # raw pixels, not dequantised
+    except ValueError as error:
+        assert str(error).startswith("my_flow: x must lie in [0, 1]")
+    else:
+        raise AssertionError("raw pixels were accepted")
+    ```
     """
     if x.shape.num_elements() == 0:
         raise ValueError(
@@ -74,7 +124,28 @@ def check_sample_args(sample_shape, seed, owner):
     are checked as far as their static shape and dtype allow. Raises a
     ValueError naming ``owner``.
 
-    Example: ``check_sample_args(16, [1, 2], "flow")``.
+    Args:
+      sample_shape: the ``sample_shape`` argument.
+      seed: the ``seed`` argument.
+      owner: the name of the model, for the message.
+
+    Raises:
+      ValueError: a bad sample shape or seed.
+
+    Example:
+    ```python
+    from rflow_tf.flow import check_sample_args
+
+    check_sample_args(16, [1, 2], "flow")
+    check_sample_args([2, 3], None, "flow")
+    for shape, seed in ((0, None), (2.5, None), (4, [1, 2, 3])):
+        try:
+            check_sample_args(shape, seed, "flow")
+        except ValueError as error:
+            assert str(error).startswith("flow: ")
+        else:
+            raise AssertionError(f"accepted {shape!r}, {seed!r}")
+    ```
     """
     value = tf.get_static_value(sample_shape) if tf.is_tensor(sample_shape) else sample_shape
     if value is not None:
@@ -102,13 +173,30 @@ def check_sample_args(sample_shape, seed, owner):
                 f"{seed.dtype.name} tensor of shape {seed.shape}"
             )
         return
-    rbij._check_stateless_seed(seed, f"{owner}: seed")  # pylint: disable=protected-access
+    rbij.check_stateless_seed(seed, f"{owner}: seed")
 
 
 def iter_stages(stages):
     """All pieces in application order, descending into FactorOut.
 
-    Example: ``[type(b).__name__ for b in iter_stages(model.stages)]``.
+    Args:
+      stages: a list of bijectors (a flow's stages, :func:`build_stages`).
+
+    Yields:
+      Each bijector, a FactorOut followed by the pieces of its inner flow.
+
+    Example:
+    ```python
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.flow import build_stages, iter_stages
+
+    cfg = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1, 1), hidden_channels=4,
+                     fc_end=False, factor_out=True)
+    stages = build_stages(cfg, [], [], [])
+    assert type(stages[-1]).__name__ == "FactorOut"  # the second scale is inside it
+    names = [type(b).__name__ for b in iter_stages(stages)]
+    assert names[-4:] == ["FactorOut", "IResBlock", "ActNorm", "Reshape"]
+    ```
     """
     for b in stages:
         yield b
@@ -116,7 +204,7 @@ def iter_stages(stages):
             yield from iter_stages(b.stages)
 
 
-class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=protected-access
+class FlowBijector(rbij.EqualOnlyToItself, tfb.Bijector):
     """A sequence of bijectors (``stages``, in data -> latent order) run as one
     TFP bijector, in a single pass.
 
@@ -158,7 +246,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
     ```
     """
 
-    _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
+    _cache = rbij.FreshBijectorCache()
     _takes_flow_kwargs = True  # rflow_tf.bijectors.flow_kwargs routes seed/training here
 
     def __init__(self, stages, event_shape, validate_args=False, name="flow"):
@@ -390,7 +478,7 @@ class FlowBijector(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=pr
         return tf.concat([s[:n], tf.constant(self.event_shape_in, s.dtype)], 0)
 
 
-class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=protected-access
+class FactorOut(rbij.EqualOnlyToItself, tfb.Bijector):
     """Multiscale factor-out (Dinh et al. 2017): half of the channels go
     straight to the latent, the rest go through the remaining flow.
 
@@ -418,7 +506,7 @@ class FactorOut(rbij._EqualOnlyToItself, tfb.Bijector):  # pylint: disable=prote
     ```
     """
 
-    _cache = rbij._FreshBijectorCache()  # pylint: disable=protected-access
+    _cache = rbij.FreshBijectorCache()
     _takes_flow_kwargs = True
 
     def __init__(self, event_shape, stages, validate_args=False, name="factor_out"):
@@ -503,7 +591,40 @@ def build_stages(cfg, named_layers, feature_stages, last_shape):
     layers to ``named_layers``, ``(stage, feature shape)`` of the stages
     after which a classifier head reads a feature map to ``feature_stages``
     (inter-scale squeezes: their output; factor-outs: their factored
-    half) and the last scale's (H, W, C) to ``last_shape``."""
+    half) and the last scale's (H, W, C) to ``last_shape``.
+
+    Per scale s: ``n_blocks[s]`` blocks (residual blocks, affine couplings
+    or Flow++ couplings; with ``invertible_1x1`` a 1x1 convolution before each),
+    each followed by an ActNorm if ``actnorm``; between scales a squeeze
+    (H, W, C) -> (H/2, W/2, 4C) and, with ``factor_out``, a FactorOut that
+    sends half of the channels to the latent. The flow begins with the logit
+    transform (and an ActNorm); the last scale ends with the flattening and
+    the FC blocks (``fc_end``).
+
+    Args:
+      cfg: a :class:`~rflow_tf.config.FlowConfig`.
+      named_layers: a list that receives ``(name, Keras layer)`` pairs.
+      feature_stages: a list that receives ``(stage, feature shape)`` pairs.
+      last_shape: a list that receives the last scale's H, W, C.
+
+    Returns:
+      The list of stages, TFP bijectors applied in order (data -> latent).
+
+    Example:
+    ```python
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.flow import build_stages
+
+    cfg = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1, 1), hidden_channels=4, fc_end=False)
+    named_layers, feature_stages, last_shape = [], [], []
+    stages = build_stages(cfg, named_layers, feature_stages, last_shape)
+    assert [type(b).__name__ for b in stages] == [
+        "LogitTransform", "ActNorm", "IResBlock", "ActNorm",  # scale 0, 8x8x1
+        "Squeeze", "IResBlock", "ActNorm", "Reshape"]  # scale 1, 4x4x4, flattened
+    assert last_shape == [4, 4, 4] and feature_stages[0][1] == (4, 4, 4)
+    assert [name for name, _ in named_layers][:2] == ["s0_actnorm0", "s0_block0_net"]
+    ```
+    """
     dtype = cfg.dtype
     block_kwargs = dict(
         logdet=cfg.logdet,

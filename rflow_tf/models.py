@@ -77,8 +77,6 @@ assert bool(tf.reduce_all((imgs >= 0) & (imgs <= 1)))
 """
 
 import math
-import sys
-import warnings
 
 import keras
 import numpy as np
@@ -99,7 +97,7 @@ from rflow_tf.config import (  # noqa: F401
     FlowConfig,
     legacy_defaults,
 )
-from rflow_tf.distribution import KERAS_PACKAGE, FlowDistribution, FlowLayer
+from rflow_tf.distribution import FlowDistribution, FlowLayer, finite_images_or_nan
 from rflow_tf.flow import (
     FactorOut,  # noqa: F401
     FlowBijector,
@@ -145,37 +143,6 @@ _LN2 = math.log(2.0)
 # ----------------------------------------------------------------------------
 # The model
 # ----------------------------------------------------------------------------
-
-
-@keras.saving.register_keras_serializable(package=KERAS_PACKAGE)
-def _finite_images_or_nan(x, z, where):
-    """clip(x, 0, 1) for samples whose image x and latent z are finite; the
-    others become all-NaN and are reported (RuntimeWarning eagerly, stderr in
-    graphs)."""
-    ok = tf.reduce_all(tf.math.is_finite(x), axis=list(range(1, x.shape.rank))) & tf.reduce_all(
-        tf.math.is_finite(z), axis=list(range(1, z.shape.rank))
-    )
-    bad = tf.reduce_sum(tf.cast(~ok, tf.int32))
-    msg = (
-        "sample(s) not finite (infinite latent or temperature, or a diverged fixed-point "
-        "inverse); returned as NaN"
-    )
-    if tf.executing_eagerly():
-        if int(bad):
-            warnings.warn(
-                f"{where}: {int(bad)} of {int(tf.size(ok))} {msg}", RuntimeWarning, stacklevel=3
-            )
-    else:
-
-        def report():
-            tf.print("WARNING:", where + ":", bad, "of", tf.size(ok), msg, output_stream=sys.stderr)
-            return tf.constant(False)
-
-        flag = tf.cond(bad > 0, report, lambda: tf.constant(True))
-        with tf.control_dependencies([flag]):
-            x = tf.identity(x)
-    mask = tf.reshape(ok, [-1] + [1] * (x.shape.rank - 1))
-    return tf.where(mask, tf.clip_by_value(x, 0.0, 1.0), tf.constant(np.nan, x.dtype))
 
 
 class ResidualFlow(keras.Model):
@@ -750,7 +717,7 @@ class ResidualFlow(keras.Model):
             )
         z = z * tf.cast(temperature, self.flow_dtype)
         cond = self._condition(label, z)
-        return _finite_images_or_nan(self._flow.inverse(z, **cond), z, "ResidualFlow.sample")
+        return finite_images_or_nan(self._flow.inverse(z, **cond), z, "ResidualFlow.sample")
 
     def distribution(self):
         """The model as a ``tfd.TransformedDistribution`` over images:

@@ -291,7 +291,23 @@ def get_preset_training(name):
     lr, warmup_steps, epochs, steps, ema_decay, grad_clip, eval_every,
     sample_every, dataset).
 
-    Example: ``get_preset_training("celeb_a_hq")["accumulate"]  # 5``.
+    Args:
+      name: a preset name (a key of :data:`PRESETS`).
+
+    Returns:
+      A new dict.
+
+    Raises:
+      ValueError: an unknown preset name.
+
+    Example:
+    ```python
+    from rflow_tf.presets import get_preset_training
+
+    training = get_preset_training("celeb_a_hq")  # the paper's CelebA-HQ 256 run
+    assert training["dataset"] == "celeb_a_hq" and training["accumulate"] == 5
+    assert training["batch_size"] * training["accumulate"] == 40  # the paper's batch
+    ```
     """
     _check_preset_name(name)
     return PRESETS[name].training_defaults()
@@ -301,7 +317,22 @@ def preset_for_dataset(dataset):
     """The default preset name for a dataset name (``digits`` -> ``digits_small``,
     ``svhn_cropped`` -> ``cifar10``, ...).
 
-    Example: ``preset_for_dataset("mnist")  # "mnist"``.
+    Args:
+      dataset: a dataset name (case and surrounding spaces ignored).
+
+    Returns:
+      A preset name.
+
+    Raises:
+      ValueError: no preset for the dataset.
+
+    Example:
+    ```python
+    from rflow_tf.presets import preset_for_dataset
+
+    assert preset_for_dataset("mnist") == "mnist" and preset_for_dataset("digits") == "digits_small"
+    assert preset_for_dataset("svhn_cropped") == "cifar10"
+    ```
     """
     key = str(dataset).strip().lower()
     if key not in _DATASET_PRESET:

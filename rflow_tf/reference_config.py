@@ -50,7 +50,20 @@ ARCHITECTURE_FIELDS = (
 
 class UnsupportedCheckpointError(ValueError):
     """The checkpoint uses a reference option rflow_tf cannot express, or its
-    tensors do not match the architecture its ``args`` describe."""
+    tensors do not match the architecture its ``args`` describe.
+
+    Example:
+    ```python
+    from rflow_tf.reference_config import UnsupportedCheckpointError, config_from_args
+
+    try:
+        config_from_args({"data": "mnist", "block": "coupling"})
+    except UnsupportedCheckpointError as error:
+        assert "--block 'coupling'" in str(error)
+    else:
+        raise AssertionError("a coupling model was accepted")
+    ```
+    """
 
 
 # ----------------------------------------------------------------------------
@@ -59,15 +72,47 @@ class UnsupportedCheckpointError(ValueError):
 
 
 def reference_arg(args, name, default=None):
-    """The reference's option ``name`` of its training ``args``, or ``default``.
+    """The reference's option ``name`` of its training ``args``, or ``default``
+    (checkpoints of older reference versions lack newer options).
 
-    Example: ``reference_arg(args, "idim", 512)``.
+    Args:
+      args: the checkpoint's ``argparse.Namespace`` of ``train_img.py`` flags.
+      name: the option's attribute name.
+      default: the value when ``args`` has no such option.
+
+    Example:
+    ```python
+    import argparse
+    from rflow_tf.reference_config import reference_arg
+
+    args = argparse.Namespace(idim=64)
+    assert reference_arg(args, "idim", 512) == 64
+    assert reference_arg(args, "n_dist", "poisson") == "poisson"  # absent: the default
+    ```
     """
     return getattr(args, name, default)
 
 
 def reference_n_scales(h, w):
-    """The reference's cap on scales: one per halving while H and W are >= 4."""
+    """The reference's cap on scales: one per halving while H and W are >= 4,
+
+        n = #{k >= 0 : H / 2^k >= 4 and W / 2^k >= 4}   (integer halvings).
+
+    Args:
+      h: image height.
+      w: image width.
+
+    Returns:
+      The largest number of scales the reference builds for H x W images.
+
+    Example:
+    ```python
+    from rflow_tf.reference_config import reference_n_scales
+
+    assert reference_n_scales(28, 28) == 3  # 28 -> 14 -> 7 (-> 3 stops)
+    assert reference_n_scales(32, 32) == 4 and reference_n_scales(4, 64) == 1
+    ```
+    """
     n = 0
     while h >= 4 and w >= 4:
         n, h, w = n + 1, h // 2, w // 2
@@ -212,14 +257,46 @@ def flatten_permutation(shape):
     ``shape`` = (H, W, C): ours is flattened in (H, W, C) order, the
     reference's in (C, H, W) order, so p[(h W + w) C + c] = (c H + h) W + w.
 
-    Example: ``flatten_permutation((1, 2, 2))  # [0, 2, 1, 3]``.
+    Args:
+      shape: (H, W, C) of the feature map.
+
+    Returns:
+      An int array of H * W * C indices.
+
+    Example:
+    ```python
+    import numpy as np
+    from rflow_tf.reference_config import flatten_permutation
+
+    x = np.random.default_rng(0).normal(size=(2, 3, 4))  # an (H, W, C) map
+    flat_ref = x.transpose(2, 0, 1).reshape(-1)  # the reference's (C, H, W) order
+    assert np.array_equal(flat_ref[flatten_permutation((2, 3, 4))], x.reshape(-1))
+    ```
     """
     h, w, c = (int(d) for d in shape)
     return np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
 
 
 def latent_parts(cfg):
-    """(H, W, C) shapes of the latent's parts, in latent order."""
+    """(H, W, C) shapes of the latent's parts, in latent order: the part each
+    scale factors out (half its channels after a squeeze, if ``factor_out``),
+    then the last scale's whole map.
+
+    Args:
+      cfg: a :class:`~rflow_tf.config.FlowConfig`.
+
+    Returns:
+      A list of (H, W, C) tuples whose sizes sum to H * W * C of the input.
+
+    Example:
+    ```python
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.reference_config import latent_parts
+
+    cfg = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1, 1), factor_out=True, fc_end=False)
+    assert latent_parts(cfg) == [(4, 4, 2), (4, 4, 2)]  # squeeze 4x4x4: half out, half on
+    ```
+    """
     h, w, c = cfg.input_shape
     if cfg.squeeze_first:
         h, w, c = h // 2, w // 2, 4 * c

@@ -1,7 +1,8 @@
 """Settings declared once: a dataclass field made with :func:`setting` carries its
 help text, its check and how it appears on a command line; :func:`add_flags`
 generates the argparse flags of such a dataclass and :func:`flag_checks` the
-checks of their values.
+checks of their values; :func:`parse_settings` does all three for a script whose
+options are one dataclass (the benchmarks).
 
 :class:`rflow_tf.models.FlowConfig`, :class:`rflow_tf.training.TrainingOptions`
 and :class:`rflow_tf.toy.ToyOptions` declare their settings this way, so a
@@ -97,17 +98,29 @@ class Setting:
     group: Optional[str] = None
     parse: Optional[Callable[[str], Any]] = None
     choices: Optional[Tuple] = None
-    metavar: Optional[str] = None
+    metavar: Any = None
+    nargs: Any = None
 
 
 def setting(
-    default, help, check=None, flag=True, group=None, parse=None, choices=None, metavar=None
+    default,
+    help,
+    check=None,
+    flag=True,
+    group=None,
+    parse=None,
+    choices=None,
+    metavar=None,
+    nargs=None,
 ):
     """A dataclass field with its default and its declaration: ``help`` (the
-    flag's help text), ``check`` (a :class:`Check` of flag values),
-    ``flag`` (True: a command-line flag; False: none; "hidden": a flag left out
-    of ``--help``), ``group`` (the ``--help`` section), ``parse`` (the argparse
-    ``type``; default: from the field's type), ``choices`` and ``metavar``.
+    flag's help text; None: no help line), ``check`` (a :class:`Check` of flag
+    values), ``flag`` (True: a command-line flag; False: none; "hidden": a flag
+    left out of ``--help``), ``group`` (the ``--help`` section), ``parse`` (the
+    argparse ``type``; default: from the field's type), ``choices``,
+    ``metavar`` and ``nargs`` (default: "+" for a ``List[X]`` field, none
+    otherwise). A list ``default`` becomes a default factory (each instance
+    gets its own copy).
 
     Example:
     ```python
@@ -117,8 +130,10 @@ def setting(
     ```
     """
     info = Setting(
-        help, check, flag, group, parse, None if choices is None else tuple(choices), metavar
+        help, check, flag, group, parse, None if choices is None else tuple(choices), metavar, nargs
     )
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={KEY: info})
     return dataclasses.field(default=default, metadata={KEY: info})
 
 
@@ -198,9 +213,21 @@ def _base_type(annotation):
     return annotation
 
 
+def _default(field):
+    """The default value of a dataclass ``field`` (a fresh one from its factory)."""
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
 def _argparse_kwargs(field, info, bools, as_overrides):
     kind = _base_type(field.type)
-    kw = dict(default=None if as_overrides else field.default, help=info.help)
+    kw = dict(default=None if as_overrides else _default(field), help=info.help)
+    if typing.get_origin(kind) is list:  # List[X]: "--name a b c"
+        kw["nargs"] = "+"
+        kind = (typing.get_args(kind) or (str,))[0]
+    if info.nargs is not None:
+        kw["nargs"] = info.nargs
     if info.flag == "hidden":
         kw["help"] = argparse.SUPPRESS
     if kind is bool and info.parse is None and info.choices is None:
@@ -252,3 +279,47 @@ def add_flags(parser, classes, sections=(), bools="value", unset=()):
         kwargs = _argparse_kwargs(field, field_setting(field), bools, as_overrides=cls in unset)
         target.add_argument(f"--{field.name}", **kwargs)
     return groups
+
+
+def parse_settings(
+    cls,
+    argv=None,
+    description=None,
+    formatter_class=argparse.HelpFormatter,
+    bools="switch",
+    check=None,
+    known=False,
+):
+    """Parses the command line ``argv`` (default ``sys.argv[1:]``) of a script whose
+    options are the dataclass ``cls``: builds the parser (``description``,
+    ``formatter_class``; flags from :func:`add_flags`, booleans as switches by
+    default), parses, checks every value against its declared :class:`Check`
+    ("--lr must be a finite number > 0, got inf") and then the whole instance
+    with ``check(options)``, which raises ValueError for a bad combination. A
+    failed check is a usage error: argparse prints the message and exits with
+    status 2. Returns the ``cls`` instance, or ``(instance, unknown flags)``
+    with ``known=True``.
+
+    Example:
+    ```python
+    from rflow_tf.settings import parse_settings
+    from rflow_tf.toy import ToyOptions
+
+    options = parse_settings(ToyOptions, ["--iters", "5", "--quiet"])
+    assert options.iters == 5 and options.quiet and options.blocks == 10
+    ```
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=formatter_class)
+    add_flags(parser, [cls], bools=bools)
+    args, extra = parser.parse_known_args(argv) if known else (parser.parse_args(argv), None)
+    for name, ok, requirement in flag_checks(cls):
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            parser.error(f"--{name} must be {requirement}, got {value!r}")
+    options = cls(**{name: getattr(args, name) for name in flag_names(cls)})
+    if check is not None:
+        try:
+            check(options)
+        except ValueError as e:
+            parser.error(str(e))
+    return (options, extra) if known else options

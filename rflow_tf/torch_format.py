@@ -63,12 +63,50 @@ __all__ = [
 
 
 class CheckpointFormatError(ValueError):
-    """The file is not a readable ``torch.save`` checkpoint."""
+    """The file is not a readable ``torch.save`` checkpoint: not a zip archive
+    nor a legacy pickle stream, or a damaged, truncated or big-endian one.
+
+    Example:
+    ```python
+    import pathlib
+    from rflow_tf.torch_format import CheckpointFormatError, read_checkpoint
+
+    pathlib.Path("notes.pth").write_text("not a checkpoint")
+    try:
+        read_checkpoint("notes.pth")
+    except CheckpointFormatError as error:
+        assert "not a readable torch.save checkpoint" in str(error)
+    else:
+        raise AssertionError("a text file was read as a checkpoint")
+    ```
+    """
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """The checkpoint's pickle names a global that is neither needed to
-    rebuild tensors nor a class of the reference code; nothing was run."""
+    rebuild tensors nor a class of the reference code; nothing was run.
+
+    Example:
+    ```python
+    import os
+    import pickle
+    import zipfile
+    from rflow_tf.torch_format import UnsafeCheckpointError, read_checkpoint
+
+    class RunsCode:  # what a malicious checkpoint pickles
+        def __reduce__(self):
+            return (os.system, ("echo this would have run",))
+
+    with zipfile.ZipFile("evil.pth", "w") as zf:  # the layout torch.save writes
+        zf.writestr("archive/data.pkl", pickle.dumps({"state_dict": RunsCode()}))
+    try:
+        read_checkpoint("evil.pth")
+    except UnsafeCheckpointError as error:
+        assert "nothing was executed" in str(error) and "system" in str(error)
+    else:
+        raise AssertionError("the pickle was not refused")
+    ```
+    """
 
 
 #: torch storage class -> NumPy dtype (little-endian).
@@ -95,7 +133,21 @@ class PickledObject:
 
     ``pickled_class`` is "module.Name"; the pickled state is available as
     attributes (``obj.shadow_params``) when it was a dict, else as ``state``;
-    constructor arguments (if any) as ``args``.
+    constructor arguments (if any) as ``args``. Nothing of the pickled class
+    runs: unpickling sets attributes only.
+
+    Example:
+    ```python
+    import pathlib
+    import rflow_tf
+    from rflow_tf.torch_format import PickledObject, read_checkpoint
+
+    repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]  # the repository's test data
+    ema = read_checkpoint(repo / "tests/data/reference/mnist16.pth")["ema"]
+    assert isinstance(ema, PickledObject)
+    assert ema.pickled_class == "resflows.utils.ExponentialMovingAverage"
+    assert 0 < ema.decay < 1 and len(ema.shadow_params) > 0  # its pickled state
+    ```
     """
 
     pickled_class = "?"

@@ -44,9 +44,36 @@ def mark_idempotent_writer(python_name):
     """Declares the traced functions whose Python function is named
     ``python_name`` idempotent writers: they may assign variables, but only
     values that a later read at the same state would compute again (so a call
-    of one never invalidates a :class:`TraceMemo` entry).
+    of one never invalidates a :class:`TraceMemo` entry). The Lipschitz
+    layers' upkeep (``lipschitz_upkeep``) is one.
 
-    Example: ``mark_idempotent_writer("lipschitz_upkeep")``.
+    Args:
+      python_name: the ``__name__`` of the Python function a ``tf.function`` traces.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.tracing import graph_point, mark_idempotent_writer, no_write_since
+
+    v = tf.Variable(2.0)
+
+    @tf.function(autograph=False)
+    def store_square():  # writes what a read at the same state computes again
+        return v.assign(tf.square(tf.sqrt(v)))
+
+    mark_idempotent_writer("store_square")
+    seen = []
+
+    @tf.function
+    def f():
+        point = graph_point()
+        store_square()
+        seen.append(no_write_since(point))  # the call does not count as a write
+        return v * 1.0
+
+    f()
+    assert seen == [True]
+    ```
     """
     if python_name not in _IDEMPOTENT_PREFIXES:
         _IDEMPOTENT_PREFIXES.append(python_name)
@@ -55,7 +82,29 @@ def mark_idempotent_writer(python_name):
 class GraphPoint:
     """A point in a graph under construction: the graph and how many ops it held.
 
-    Example: ``point = graph_point()`` (None when executing eagerly).
+    Args:
+      graph: the ``tf.Graph`` being built.
+      n_ops: the number of its ops at that point.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.tracing import GraphPoint, graph_point
+
+    points = []
+
+    @tf.function
+    def f(x):
+        points.append(graph_point())
+        y = x + 1.0
+        points.append(graph_point())
+        return y
+
+    f(tf.constant(1.0))
+    first, second = points
+    assert isinstance(first, GraphPoint) and first.graph is second.graph
+    assert second.n_ops > first.n_ops  # the ops built in between
+    ```
     """
 
     __slots__ = ("graph", "n_ops", "__weakref__")
@@ -66,7 +115,22 @@ class GraphPoint:
 
 
 def graph_point():
-    """The current point of the graph being built, or None when executing eagerly."""
+    """The current point of the graph being built, or None when executing eagerly.
+
+    Returns:
+      A :class:`GraphPoint` of the default graph and its number of ops, or None.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.tracing import graph_point
+
+    assert graph_point() is None  # eagerly
+    seen = []
+    tf.function(lambda: seen.append(graph_point()) or tf.constant(0.0))()
+    assert seen[0].n_ops >= 0 and seen[0].graph is not None
+    ```
+    """
     if tf.executing_eagerly():
         return None
     graph = tf.compat.v1.get_default_graph()

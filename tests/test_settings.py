@@ -3,6 +3,7 @@ help, default and check, in train/main.py and train/toy.py alike."""
 
 import argparse
 import dataclasses
+from typing import List, Optional
 
 import pytest
 
@@ -57,3 +58,41 @@ def test_every_declaration_is_the_command_line():
     toy_parser = toy.build_parser()
     for field in dataclasses.fields(toy.ToyOptions):
         assert _flag(toy_parser, field.name).default == field.default, field.name
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScriptOptions:
+    """The options of a script parsed by parse_settings, as a benchmark declares them."""
+
+    seeds: List[int] = settings.setting([0, 1], help="seeds")
+    iters: int = settings.setting(10, check=settings.at_least(1), help=None)
+    quick: bool = settings.setting(False, help="fewer steps")
+    single: Optional[List[str]] = settings.setting(
+        None, help=None, flag="hidden", nargs=2, metavar=("MODE", "N")
+    )
+
+
+def test_parse_settings_builds_checks_and_returns_the_dataclass(capsys):
+    options = settings.parse_settings(_ScriptOptions, ["--seeds", "3", "4", "--quick"])
+    assert options == _ScriptOptions(seeds=[3, 4], iters=10, quick=True, single=None)
+    assert _ScriptOptions().seeds is not _ScriptOptions().seeds  # a list default is copied
+    assert settings.parse_settings(_ScriptOptions, ["--single", "a", "2"]).single == ["a", "2"]
+    options, extra = settings.parse_settings(_ScriptOptions, ["--lr=3"], known=True)
+    assert options == _ScriptOptions() and extra == ["--lr=3"]
+
+    def no_seed_zero(o):
+        if 0 in o.seeds:
+            raise ValueError("--seeds must not contain 0")
+
+    for argv, check, message in (
+        (["--iters=0"], None, "error: --iters must be >= 1, got 0"),
+        ([], no_seed_zero, "error: --seeds must not contain 0"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            settings.parse_settings(_ScriptOptions, argv, check=check)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+    with pytest.raises(SystemExit):
+        settings.parse_settings(_ScriptOptions, ["--help"])
+    text = capsys.readouterr().out
+    assert "--seeds SEEDS [SEEDS ...]" in text and "fewer steps" in text and "MODE" not in text

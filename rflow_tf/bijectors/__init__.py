@@ -68,16 +68,17 @@ import IResBlock``):
 * ``mixlogcdf``: :class:`MixLogCDFCoupling` (Flow++) and its conditioner;
 * ``dequantization``: :class:`UniformDequantizer`, :class:`VariationalDequantizer`;
 * ``monotone``: the log-space sigmoid mixtures and bisection NAF and Flow++ share;
-* ``_base``: the shared private machinery (the cache above, identity
-  equality, the Keras-backed base class, argument checks).
+* ``_base``: the shared machinery (the cache above, identity equality, the
+  Keras-backed base class, argument checks). Bijectors defined outside this
+  package (:class:`rflow_tf.flow.FlowBijector`, :class:`rflow_tf.flow.FactorOut`)
+  take three of its names from here: :class:`FreshBijectorCache`,
+  :class:`EqualOnlyToItself` and :func:`check_stateless_seed`.
 """
 
-from rflow_tf.bijectors._base import (  # noqa: F401  (private names other modules import)
-    _as_float_tensor,
-    _check_stateless_seed,
-    _EqualOnlyToItself,
-    _FreshBijectorCache,
-    _KerasBacked,
+from rflow_tf.bijectors._base import (  # noqa: F401  (for bijectors defined elsewhere)
+    EqualOnlyToItself,
+    FreshBijectorCache,
+    check_stateless_seed,
 )
 from rflow_tf.bijectors.actnorm import ActNorm
 from rflow_tf.bijectors.coupling import AffineCoupling

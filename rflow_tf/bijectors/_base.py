@@ -45,7 +45,7 @@ def _reproduces(y_now, y):
     return tf.reduce_all(tf.abs(y_now - y) <= tol)
 
 
-class _FreshBijectorCache(cache_util.BijectorCache):
+class FreshBijectorCache(cache_util.BijectorCache):
     """Replaces TFP's bijector cache for bijectors whose weights change.
 
     * ``forward(x)`` is always recomputed (never a stale value computed under
@@ -91,7 +91,7 @@ class _FreshBijectorCache(cache_util.BijectorCache):
         return {}
 
 
-class _EqualOnlyToItself:
+class EqualOnlyToItself:
     """Equality and hash by identity, for bijectors that hold weights.
 
     TFP compares bijectors by their constructor ``parameters``; two
@@ -110,14 +110,14 @@ class _EqualOnlyToItself:
         return id(self)
 
 
-class _KerasBacked(_EqualOnlyToItself, tfb.Bijector):
+class KerasBacked(EqualOnlyToItself, tfb.Bijector):
     """Base for bijectors whose weights live in Keras 3 layers.
 
     tf.Module cannot see Keras 3 variables, so the underlying ``tf.Variable``s
     are mirrored in an attribute that tf.Module's traversal finds.
     """
 
-    _cache = _FreshBijectorCache()
+    _cache = FreshBijectorCache()
 
     def _track_keras(self, *keras_objects):
         variables = []
@@ -130,19 +130,21 @@ class _KerasBacked(_EqualOnlyToItself, tfb.Bijector):
         return {}
 
 
-def _zeros_for_none(grads, targets):
+def zeros_for_none(grads, targets):
     """Gradients with each ``None`` (unconnected) replaced by zeros shaped like its target."""
     return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, targets)]
 
 
-def _as_float_tensor(x, name):
+def as_float_tensor(x, name):
+    """``x`` as a tensor (Python numbers become float32); a TypeError naming the
+    bijector ``name`` unless its dtype is floating."""
     x = tf.convert_to_tensor(x, dtype_hint=tf.float32)
     if not x.dtype.is_floating:
         raise TypeError(f"{name} expects a floating-point input, got dtype {x.dtype.name}")
     return x
 
 
-def _check_stateless_seed(seed, name):
+def check_stateless_seed(seed, name):
     """``None``, or a stateless seed (two integers) as a tuple of two Python
     ints; a ValueError naming ``name`` for anything else."""
     if seed is None:
@@ -158,13 +160,16 @@ def _check_stateless_seed(seed, name):
     return tuple(int(v) for v in arr)
 
 
-def _positive_int(value, name):
+def positive_int(value, name):
+    """``value`` as a positive Python int; a ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def _hidden_sizes(hidden_units, name="hidden_units"):
+def hidden_sizes(hidden_units, name="hidden_units"):
+    """``hidden_units`` (one size or a list) as a tuple of positive ints; a
+    ValueError naming ``name`` otherwise."""
     units = tuple(hidden_units) if isinstance(hidden_units, (list, tuple)) else (hidden_units,)
     for u in units:
         if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or u < 1:
@@ -174,7 +179,7 @@ def _hidden_sizes(hidden_units, name="hidden_units"):
     return tuple(int(u) for u in units)
 
 
-def _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations):
+def check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations):
     """``(dtype, atol, rtol, max_iterations)`` of a bijector inverted by bisection
     (:func:`rflow_tf.bijectors.monotone.bisect_increasing`): a floating dtype,
     tolerances >= 0 and not both 0, a positive number of iterations; a
@@ -191,14 +196,14 @@ def _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_ite
         dtype,
         float(inverse_atol),
         float(inverse_rtol),
-        _positive_int(inverse_max_iterations, "inverse_max_iterations"),
+        positive_int(inverse_max_iterations, "inverse_max_iterations"),
     )
 
 
-def _checked_event_input(bijector, x, name):
+def checked_event_input(bijector, x, name):
     """``x`` as a float tensor whose shape ends in ``bijector.event_shape_`` (a
     ValueError naming ``name`` otherwise), checked finite under ``validate_args``."""
-    x = _as_float_tensor(x, bijector.name)
+    x = as_float_tensor(x, bijector.name)
     nd = len(bijector.event_shape_)
     if x.shape.rank is not None and tuple(x.shape[x.shape.rank - nd :]) != bijector.event_shape_:
         raise ValueError(

@@ -4,12 +4,12 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf import layers as rlayers
-from rflow_tf.bijectors._base import _KerasBacked
+from rflow_tf.bijectors._base import KerasBacked
 
 tfb = tfp.bijectors
 
 
-class ActNorm(_KerasBacked):
+class ActNorm(KerasBacked):
     """Per-channel affine bijector with explicit data-dependent initialisation.
 
     forward (data -> latent): y = (x + b) * exp(s), b and s per channel (last

@@ -66,7 +66,8 @@ import math
 import keras
 import tensorflow as tf
 
-from rflow_tf.bijectors._base import _checked_event_input, _KerasBacked
+from rflow_tf.bijectors._base import KerasBacked, checked_event_input
+from rflow_tf.layers.initializers import torch_default_uniform
 
 __all__ = [
     "AffineCoupling",
@@ -119,12 +120,6 @@ def alternating_masks(kind, n, first=0):
     if first not in (0, 1):
         raise ValueError(f"first must be 0 or 1, got {first!r}")
     return [f"{kind}{(first + i) % 2}" for i in range(int(n))]
-
-
-def _torch_default_uniform(fan_in, seed=None):
-    """PyTorch's default init for Linear/Conv2d weights and biases: U(+-1/sqrt(fan_in))."""
-    limit = 1.0 / math.sqrt(fan_in)
-    return keras.initializers.RandomUniform(-limit, limit, seed=seed)
 
 
 def _net_shapes(event_shape, mask):
@@ -183,7 +178,7 @@ def coupling_conv_net(
     c_in = int(input_shape[-1])
     for i, k in enumerate(ks):
         out = int(out_channels) if i == len(ks) - 1 else int(hidden_channels)
-        init = _torch_default_uniform(k * k * c_in)
+        init = torch_default_uniform(k * k * c_in)
         layers.append(
             keras.layers.Conv2D(
                 out, k, padding="same", kernel_initializer=init, bias_initializer=init, dtype=dtype
@@ -232,7 +227,7 @@ def coupling_dense_net(
     if preactivation:
         layers.append(keras.layers.ReLU(dtype=dtype))
     for units in list(hidden_units) + [math.prod(output_shape)]:
-        init = _torch_default_uniform(fan_in)
+        init = torch_default_uniform(fan_in)
         layers.append(
             keras.layers.Dense(
                 int(units), kernel_initializer=init, bias_initializer=init, dtype=dtype
@@ -244,7 +239,7 @@ def coupling_dense_net(
     return keras.Sequential([keras.Input(shape=input_shape, dtype=dtype)] + layers, name=name)
 
 
-class AffineCoupling(_KerasBacked):
+class AffineCoupling(KerasBacked):
     """Affine coupling bijector with the reference's sigmoid scale.
 
     With a binary mask b (1 = kept, conditions the net) the forward map
@@ -378,7 +373,7 @@ class AffineCoupling(_KerasBacked):
         return self._net
 
     def _flatten_batch(self, x, name):
-        x = _checked_event_input(self, x, name)
+        x = checked_event_input(self, x, name)
         nd = len(self.event_shape_)
         batch_shape = tf.shape(x)[: tf.rank(x) - nd]
         return tf.reshape(x, (-1,) + self.event_shape_), batch_shape

@@ -29,10 +29,10 @@ import math
 import keras
 import tensorflow as tf
 
-from rflow_tf.bijectors._base import _hidden_sizes, _positive_int
+from rflow_tf.bijectors._base import hidden_sizes, positive_int
 from rflow_tf.bijectors.mixlogcdf import MixLogCDFCoupling
 from rflow_tf.data import bits_per_dim_offset
-from rflow_tf.data._checks import _check_n_bits
+from rflow_tf.data._checks import check_n_bits
 
 __all__ = ["UniformDequantizer", "VariationalDequantizer"]
 
@@ -49,7 +49,7 @@ class _Dequantizer(tf.Module):
             raise ValueError(
                 f"event_shape must be (D,) or (H, W, C) with positive sizes, got {event_shape!r}"
             )
-        self.n_bits = _check_n_bits(n_bits)
+        self.n_bits = check_n_bits(n_bits)
         self.dtype = tf.as_dtype(dtype)
         self.num_dims = int(math.prod(self.event_shape_))
 
@@ -191,8 +191,8 @@ class VariationalDequantizer(_Dequantizer):
         name="variational_dequantizer",
     ):
         super().__init__(event_shape, n_bits, dtype, name)
-        self.num_couplings = _positive_int(num_couplings, "num_couplings")
-        self.feature_channels = _hidden_sizes(feature_channels, "feature_channels")[0]
+        self.num_couplings = positive_int(num_couplings, "num_couplings")
+        self.feature_channels = hidden_sizes(feature_channels, "feature_channels")[0]
         vector = len(self.event_shape_) == 1
         conv = keras.layers.Conv1D if vector else keras.layers.Conv2D
         self.features_net = keras.Sequential(

@@ -61,7 +61,7 @@ import numpy as np
 import scipy.linalg
 import tensorflow as tf
 
-from rflow_tf.bijectors._base import _checked_event_input, _KerasBacked
+from rflow_tf.bijectors._base import KerasBacked, checked_event_input
 
 __all__ = ["Invertible1x1Conv", "Invertible1x1Weights", "PARAMETERIZATIONS", "INITIALIZATIONS"]
 
@@ -191,7 +191,7 @@ class Invertible1x1Weights(keras.layers.Layer):
         }
 
 
-class Invertible1x1Conv(_KerasBacked):
+class Invertible1x1Conv(KerasBacked):
     """Invertible 1x1 convolution y = W x per pixel, with exact log-det.
 
     forward (data -> latent): y[..., :] = W x[..., :] on the last axis;
@@ -253,7 +253,7 @@ class Invertible1x1Conv(_KerasBacked):
         )
 
     def _check(self, x, name):
-        return _checked_event_input(self, x, name)
+        return checked_event_input(self, x, name)
 
     def log_det(self, dtype=tf.float32):
         """log |det dy/dx| per example: positions * log |det W|."""

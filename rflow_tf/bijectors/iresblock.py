@@ -10,10 +10,10 @@ import tensorflow_probability as tfp
 from rflow_tf import estimators as est
 from rflow_tf import layers as rlayers
 from rflow_tf.bijectors._base import (
-    _as_float_tensor,
-    _check_stateless_seed,
-    _KerasBacked,
-    _zeros_for_none,
+    KerasBacked,
+    as_float_tensor,
+    check_stateless_seed,
+    zeros_for_none,
 )
 from rflow_tf.bijectors.monotone import warn_on_failures
 
@@ -24,7 +24,7 @@ LOGDET_MODES = ("unbiased", "truncated", "exact")
 _BLOCK_IDS = itertools.count()
 
 
-class IResBlock(_KerasBacked):
+class IResBlock(KerasBacked):
     """Invertible residual block f(x) = x + g(x) with Lip(g) < 1.
 
     forward (data -> latent):  y = x + net(x)
@@ -203,7 +203,7 @@ class IResBlock(_KerasBacked):
         self.inverse_rtol = float(inverse_rtol)
         self.inverse_max_iterations = int(inverse_max_iterations)
         self._event_ndims = int(event_ndims)
-        self._default_seed = _check_stateless_seed(default_seed, f"{name}: default_seed")
+        self._default_seed = check_stateless_seed(default_seed, f"{name}: default_seed")
         self._checked_shapes = set()
         if getattr(net, "built", False):
             self._track_keras(*self._keras_parts())
@@ -347,7 +347,7 @@ class IResBlock(_KerasBacked):
 
     @default_seed.setter
     def default_seed(self, seed):
-        self._default_seed = _check_stateless_seed(seed, f"{self.name}.default_seed")
+        self._default_seed = check_stateless_seed(seed, f"{self.name}.default_seed")
 
     # ------------------------------------------------------------ utilities
     def _g(self, x, training, shift=None):
@@ -469,7 +469,7 @@ class IResBlock(_KerasBacked):
     def _flatten_batch(self, x, name):
         """Validates x and reshapes it to [B, *event_shape]; returns (x, batch_shape),
         batch_shape None when x has one batch axis (nothing to reshape)."""
-        x = _as_float_tensor(x, self.name)
+        x = as_float_tensor(x, self.name)
         nd = self._event_ndims
         if x.shape.rank is not None and x.shape.rank < nd:
             raise ValueError(
@@ -605,7 +605,7 @@ class IResBlock(_KerasBacked):
                 if dld is not None:
                     total += tf.reduce_sum(dld * surrogate(u, v))
             grads = tape.gradient(total, re + list(variables))
-            return _zeros_for_none(grads, inputs + variables)
+            return zeros_for_none(grads, inputs + variables)
 
         @tf.custom_gradient
         def residual_and_logdet(*args):
@@ -624,9 +624,9 @@ class IResBlock(_KerasBacked):
             done = [ld]
             if gif:
                 pre = tape.gradient(s, list(args) + net_vars)
-                pre_in = _zeros_for_none(pre[:n_in], args)
+                pre_in = zeros_for_none(pre[:n_in], args)
                 pre_vars = {
-                    var.ref(): g for var, g in zip(net_vars, _zeros_for_none(pre[n_in:], net_vars))
+                    var.ref(): g for var, g in zip(net_vars, zeros_for_none(pre[n_in:], net_vars))
                 }
                 done += [g for g in pre if g is not None]
             # The next block starts once this one is finished, so that the
@@ -642,7 +642,7 @@ class IResBlock(_KerasBacked):
                 if dgx is None:
                     dgx = tf.zeros_like(gx)
                 path = tape.gradient(gx, list(args) + variables, output_gradients=dgx)
-                path = _zeros_for_none(path, list(args) + variables)
+                path = zeros_for_none(path, list(args) + variables)
                 if dld is None:
                     return as_input_grads(path[:n_in]), path[n_in:]
                 d_in = [

@@ -14,10 +14,10 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf.bijectors._base import (
-    _check_bisection_settings,
-    _hidden_sizes,
-    _KerasBacked,
-    _positive_int,
+    KerasBacked,
+    check_bisection_settings,
+    hidden_sizes,
+    positive_int,
 )
 from rflow_tf.bijectors.coupling import checkerboard_mask
 from rflow_tf.bijectors.monotone import (
@@ -114,14 +114,14 @@ class GatedAttentionConditioner(keras.layers.Layer):
                 f"positions_rank must be 1 (vectors) or 2 (images), got {positions_rank!r}"
             )
         self.positions_rank = positions_rank
-        self.out_channels = _positive_int(out_channels, "out_channels")
-        self.params_per_channel = _positive_int(params_per_channel, "params_per_channel")
-        self.hidden_channels = _hidden_sizes(hidden_channels, "hidden_channels")[0]
+        self.out_channels = positive_int(out_channels, "out_channels")
+        self.params_per_channel = positive_int(params_per_channel, "params_per_channel")
+        self.hidden_channels = hidden_sizes(hidden_channels, "hidden_channels")[0]
         self.num_blocks = int(num_blocks)
         if self.num_blocks < 0:
             raise ValueError(f"num_blocks must be >= 0, got {num_blocks!r}")
         self.attention = bool(attention)
-        self.num_heads = _positive_int(num_heads, "num_heads")
+        self.num_heads = positive_int(num_heads, "num_heads")
         conv = keras.layers.Conv1D if positions_rank == 1 else keras.layers.Conv2D
         ch, dt = self.hidden_channels, self.dtype_policy
         self.conv_in = conv(ch, 3, padding="same", dtype=dt)
@@ -187,7 +187,7 @@ class GatedAttentionConditioner(keras.layers.Layer):
         )
 
 
-class MixLogCDFCoupling(_KerasBacked):
+class MixLogCDFCoupling(KerasBacked):
     """Flow++ coupling layer with a logistic-mixture CDF elementwise map.
 
     With a fixed 0/1 ``mask`` (1 = conditioning part x_1, 0 = transformed
@@ -274,12 +274,12 @@ class MixLogCDFCoupling(_KerasBacked):
             raise ValueError(
                 f"event_shape must be (D,) or (H, W, C) with positive sizes, got {event_shape!r}"
             )
-        self.num_components = _positive_int(num_components, "num_components")
+        self.num_components = positive_int(num_components, "num_components")
         self.condition_channels = int(condition_channels)
         if self.condition_channels < 0:
             raise ValueError(f"condition_channels must be >= 0, got {condition_channels!r}")
         dtype, self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations = (
-            _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations)
+            check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations)
         )
         if mask is None or isinstance(mask, str):
             kind = mask or "checkerboard"

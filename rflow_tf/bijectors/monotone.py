@@ -39,7 +39,23 @@ def log_softplus(t):
     For t < -30, softplus(t) = e^t (1 - e^t / 2 + ...) so log softplus(t) = t to within
     e^-30. Positive slopes a = softplus(t) grow linearly (not exponentially) in t.
 
-    Example: ``log_softplus(tf.constant([-1e3, 0.0, 1e3]))  # [-1e3, log log 2, log 1e3]``.
+    Args:
+      t: a float tensor.
+
+    Returns:
+      log(softplus(t)), of the shape and dtype of ``t``; finite for every finite t.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.bijectors.monotone import log_softplus
+
+    t = tf.constant([-1e3, -20.0, 0.0, 1e3])
+    y = log_softplus(t).numpy()
+    assert np.allclose(y, [-1e3, np.log(np.log1p(np.exp(-20.0))), np.log(np.log(2.0)),
+                           np.log(1e3)], rtol=1e-6)   # softplus(-1e3) underflows to 0
+    ```
     """
     safe = tf.where(t < -30.0, tf.zeros_like(t), t)
     return tf.where(t < -30.0, t, tf.math.log(tf.nn.softplus(safe)))

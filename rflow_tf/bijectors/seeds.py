@@ -3,7 +3,7 @@ conditional_kwargs."""
 
 import tensorflow_probability as tfp
 
-from rflow_tf.bijectors._base import _check_stateless_seed
+from rflow_tf.bijectors._base import check_stateless_seed
 from rflow_tf.bijectors.iresblock import IResBlock
 
 tfb = tfp.bijectors
@@ -107,7 +107,7 @@ def use_fixed_seed(flow, seed):
     assert (dist.log_prob(x).numpy() == dist.log_prob(x).numpy()).all()   # one draw
     ```
     """
-    seed = _check_stateless_seed(seed, "use_fixed_seed: seed")
+    seed = check_stateless_seed(seed, "use_fixed_seed: seed")
     blocks = []
     for piece, _ in _seeded_parts(flow):
         blocks.extend(getattr(piece, "iresblocks", None) or [piece])

@@ -31,10 +31,10 @@ import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf.bijectors._base import (
-    _check_bisection_settings,
-    _hidden_sizes,
-    _KerasBacked,
-    _positive_int,
+    KerasBacked,
+    check_bisection_settings,
+    hidden_sizes,
+    positive_int,
 )
 from rflow_tf.bijectors.monotone import (
     bisect_increasing_with_diagnostics,
@@ -75,9 +75,9 @@ class MADE(keras.layers.Layer):
         self, event_size, params_per_dim, hidden_units=(64, 64), activation="elu", **kwargs
     ):
         super().__init__(**kwargs)
-        self.event_size = _positive_int(event_size, "event_size")
-        self.params_per_dim = _positive_int(params_per_dim, "params_per_dim")
-        self.hidden_units = _hidden_sizes(hidden_units)
+        self.event_size = positive_int(event_size, "event_size")
+        self.params_per_dim = positive_int(params_per_dim, "params_per_dim")
+        self.hidden_units = hidden_sizes(hidden_units)
         self.activation = keras.activations.get(activation)
         self._activation_name = activation
         d = self.event_size
@@ -126,7 +126,7 @@ class MADE(keras.layers.Layer):
         }
 
 
-class _AutoregressiveMonotone(_KerasBacked):
+class _AutoregressiveMonotone(KerasBacked):
     """y_t = tau(x_t; params_t(x_{<t})); subclasses define ``_transform``, ``_params_per_dim``."""
 
     def __init__(
@@ -143,9 +143,9 @@ class _AutoregressiveMonotone(_KerasBacked):
         name,
         parameters,
     ):
-        self.event_size = _positive_int(event_size, "event_size")
+        self.event_size = positive_int(event_size, "event_size")
         dtype, self.inverse_atol, self.inverse_rtol, self.inverse_max_iterations = (
-            _check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations)
+            check_bisection_settings(dtype, inverse_atol, inverse_rtol, inverse_max_iterations)
         )
         p = self._params_per_dim()
         if conditioner is None:  # autoregressive by construction: no Jacobian check
@@ -328,7 +328,7 @@ class DeepSigmoidalFlow(_AutoregressiveMonotone):
         name="deep_sigmoidal_flow",
     ):
         parameters = dict(locals())
-        self.num_components = _positive_int(num_components, "num_components")
+        self.num_components = positive_int(num_components, "num_components")
         super().__init__(
             event_size,
             conditioner,
@@ -425,8 +425,8 @@ class DeepDenseSigmoidalFlow(_AutoregressiveMonotone):
         name="deep_dense_sigmoidal_flow",
     ):
         parameters = dict(locals())
-        self.num_layers = _positive_int(num_layers, "num_layers")
-        self.hidden_size = _hidden_sizes(hidden_size, "hidden_size")[0]
+        self.num_layers = positive_int(num_layers, "num_layers")
+        self.hidden_size = hidden_sizes(hidden_size, "hidden_size")[0]
         super().__init__(
             event_size,
             conditioner,

@@ -7,7 +7,8 @@ from typing import Optional
 import numpy as np
 
 
-def _check_n_bits(n_bits) -> int:
+def check_n_bits(n_bits) -> int:
+    """``n_bits`` as an int in 1..8 (a TypeError / ValueError naming it otherwise)."""
     if isinstance(n_bits, bool) or not isinstance(n_bits, (int, np.integer)):
         raise TypeError(f'n_bits must be an int in 1..8, got {n_bits!r}.')
     if not 1 <= int(n_bits) <= 8:
@@ -15,7 +16,8 @@ def _check_n_bits(n_bits) -> int:
     return int(n_bits)
 
 
-def _check_positive_int(value, what: str) -> int:
+def check_positive_int(value, what: str) -> int:
+    """``value`` as a positive int (a TypeError / ValueError naming ``what`` otherwise)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f'{what} must be a positive int, got {value!r}.')
     if int(value) <= 0:
@@ -23,7 +25,8 @@ def _check_positive_int(value, what: str) -> int:
     return int(value)
 
 
-def _check_seed(seed) -> Optional[int]:
+def check_seed(seed) -> Optional[int]:
+    """``seed`` as an int, or None (a TypeError otherwise)."""
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
@@ -31,7 +34,8 @@ def _check_seed(seed) -> Optional[int]:
     return int(seed)
 
 
-def _one_line(err: BaseException, limit: int = 300) -> str:
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """``"<ErrorType>: <first line of its message>"``, cut at ``limit`` characters."""
     text = str(err).strip().splitlines()
     text = text[0] if text else ''
     if len(text) > limit:

@@ -206,9 +206,30 @@ IMAGE_DATASETS = tuple(INFOS)
 
 def canonical_name(name) -> str:
     """The name of image dataset ``name`` in `IMAGE_DATASETS` (aliases
-    resolved); TypeError or ValueError (listing the valid names) otherwise.
+    resolved; case and surrounding spaces ignored).
 
-    Example: ``canonical_name('CelebAHQ')  # 'celeb_a_hq'``.
+    Args:
+      name: a dataset name or alias.
+
+    Returns:
+      The canonical name, a key of `INFOS`.
+
+    Raises:
+      TypeError: ``name`` is not a str.
+      ValueError: an unknown name; the message lists the valid ones.
+
+    Example:
+    ```python
+    from rflow_tf.data.catalog import canonical_name
+
+    assert canonical_name("CelebAHQ") == "celeb_a_hq" and canonical_name(" MNIST ") == "mnist"
+    try:
+        canonical_name("imagenet")
+    except ValueError as error:
+        assert "Valid names: " in str(error)
+    else:
+        raise AssertionError("an unknown name was accepted")
+    ```
     """
     if not isinstance(name, str):
         raise TypeError(f'Dataset name must be a str, got {name!r}.')

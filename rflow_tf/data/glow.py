@@ -329,9 +329,33 @@ def files_for_worker(files: Sequence[str], input_context, what: str) -> list:
     of n (``tf.distribute.InputContext``; all of them without one). Data is
     sharded by file, never by element, so no worker reads another's images.
 
-    Raises ValueError, naming ``what``, when there are fewer files than pipelines.
+    Args:
+      files: the files of the dataset, in a fixed order.
+      input_context: a ``tf.distribute.InputContext``, or None.
+      what: what the files are, for the message.
 
-    Example: ``files_for_worker(['a', 'b', 'c'], None, 'shards')  # ['a', 'b', 'c']``.
+    Returns:
+      The list of files of this pipeline.
+
+    Raises:
+      ValueError: fewer files than pipelines (naming ``what``).
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.data.glow import files_for_worker
+
+    shards = ["s0", "s1", "s2", "s3", "s4"]
+    assert files_for_worker(shards, None, "shards") == shards
+    second = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1)
+    assert files_for_worker(shards, second, "shards") == ["s1", "s3"]
+    try:
+        files_for_worker(["s0"], second, "shards")
+    except ValueError as error:
+        assert str(error).startswith("1 shards cannot be split by file over 2 input pipelines")
+    else:
+        raise AssertionError("one file was split over two workers")
+    ```
     """
     files = list(files)
     if input_context is not None and input_context.num_input_pipelines > 1:

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from rflow_tf.data import glow, reference_pth
-from rflow_tf.data._checks import _check_n_bits, _check_positive_int, _check_seed
+from rflow_tf.data._checks import check_n_bits, check_positive_int, check_seed
 from rflow_tf.data.catalog import (  # noqa: F401  (re-exported)
     IMAGE_DATASETS,
     INFOS,
@@ -327,16 +327,16 @@ def load_image_dataset(
     """
     key = canonical_name(name)
     info = INFOS[key]
-    n_bits = info.n_bits if n_bits is None else _check_n_bits(n_bits)
+    n_bits = info.n_bits if n_bits is None else check_n_bits(n_bits)
     if n_bits > info.stored_bits:
         raise ValueError(
             f'Dataset {key!r} is stored with {info.stored_bits} bits per pixel; n_bits must be '
             f'at most {info.stored_bits}, got {n_bits} (n_bits=None: {info.n_bits}).'
         )
-    batch_size = _check_positive_int(batch_size, 'batch_size')
-    seed = _check_seed(seed)
+    batch_size = check_positive_int(batch_size, 'batch_size')
+    seed = check_seed(seed)
     if shuffle_buffer is not None:
-        shuffle_buffer = _check_positive_int(shuffle_buffer, 'shuffle_buffer')
+        shuffle_buffer = check_positive_int(shuffle_buffer, 'shuffle_buffer')
     if not isinstance(split, str) or not split.strip():
         raise ValueError(f'split must be a non-empty str, got {split!r}.')
     if flip is not None and not isinstance(flip, bool):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import numpy as np
 
-from rflow_tf.data._checks import _check_positive_int
+from rflow_tf.data._checks import check_positive_int
 
 
 def save_image_grid(
@@ -85,10 +85,10 @@ def save_image_grid(
         raise ValueError('images is empty.')
     if nrow is None:
         nrow = int(math.ceil(math.sqrt(n)))
-    nrow = min(_check_positive_int(nrow, 'nrow'), n)
+    nrow = min(check_positive_int(nrow, 'nrow'), n)
     if isinstance(padding, bool) or not isinstance(padding, (int, np.integer)) or padding < 0:
         raise ValueError(f'padding must be a non-negative int, got {padding!r}.')
-    scale = _check_positive_int(scale, 'scale')
+    scale = check_positive_int(scale, 'scale')
     if not 0 <= int(pad_value) <= 255:
         raise ValueError(f'pad_value must be in 0..255, got {pad_value}.')
     rows = int(math.ceil(n / nrow))

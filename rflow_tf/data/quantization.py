@@ -7,7 +7,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from rflow_tf.data._checks import _check_n_bits, _check_positive_int
+from rflow_tf.data._checks import check_n_bits, check_positive_int
 
 
 def dequantize(x_int, n_bits: int = 8, seed=None, dtype=tf.float32) -> tf.Tensor:
@@ -55,7 +55,7 @@ def dequantize(x_int, n_bits: int = 8, seed=None, dtype=tf.float32) -> tf.Tensor
         assert y.shape == (16, 8, 8, 1) and float(tf.reduce_max(y)) < 1.0
     ```
     """
-    n_bits = _check_n_bits(n_bits)
+    n_bits = check_n_bits(n_bits)
     dtype = tf.as_dtype(dtype)
     if dtype not in (tf.float32, tf.float64):
         raise TypeError(f'dtype must be float32 or float64, got {dtype.name}.')
@@ -108,8 +108,8 @@ def bits_per_dim_offset(n_bits: int, num_dims) -> float:
     assert math.isclose(bpd, 8.0)
     ```
     """
-    n_bits = _check_n_bits(n_bits)
-    num_dims = _check_positive_int(num_dims, 'num_dims')
+    n_bits = check_n_bits(n_bits)
+    num_dims = check_positive_int(num_dims, 'num_dims')
     return float(num_dims * n_bits * math.log(2.0))
 
 
@@ -147,7 +147,7 @@ def to_uint8_images(x_float, n_bits: int = 8) -> tf.Tensor:
     save_image_grid(to_uint8_images(grid, 5).numpy(), "samples.png", nrow=2)
     ```
     """
-    n_bits = _check_n_bits(n_bits)
+    n_bits = check_n_bits(n_bits)
     x = tf.cast(tf.convert_to_tensor(x_float), tf.float32)
     x = tf.where(tf.math.is_nan(x), tf.zeros_like(x), x)
     levels = 2.0**n_bits

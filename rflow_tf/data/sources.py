@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from rflow_tf.data import glow, reference_pth
-from rflow_tf.data._checks import _one_line
+from rflow_tf.data._checks import one_line
 from rflow_tf.data.catalog import DIGITS_N_TEST
 from rflow_tf.data.errors import DatasetFormatError, DatasetNotFoundError
 from rflow_tf.data.network import (  # noqa: F401  (NETWORK_TIMEOUT re-exported)
@@ -66,7 +66,26 @@ _DIGITS_CACHE = {}
 
 def digits_split(is_train: bool) -> Tuple[np.ndarray, np.ndarray]:
     """scikit-learn digits as (uint8 [N, 8, 8, 1], int64 labels [N]); the last
-    297 images are test."""
+    297 images are test. Pixels 0..16 are scaled to 0..255: round(v * 255 / 16).
+
+    Args:
+      is_train: the first 1,500 images (True) or the last 297 (False).
+
+    Returns:
+      ``(images, labels)``, NumPy arrays.
+
+    Example:
+    ```python
+    import numpy as np
+    from rflow_tf.data.sources import digits_split
+
+    train_x, train_y = digits_split(is_train=True)
+    test_x, test_y = digits_split(is_train=False)
+    assert train_x.shape == (1500, 8, 8, 1) and test_x.shape == (297, 8, 8, 1)
+    assert train_x.dtype == np.uint8 and train_x.max() == 255
+    assert sorted(set(test_y.tolist())) == list(range(10))
+    ```
+    """
     if 'all' not in _DIGITS_CACHE:
         from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
@@ -131,7 +150,42 @@ def tfds_dataset(
 ) -> tf.data.Dataset:
     """Loads `info.tfds_name` as a dataset of single uint8 images (with
     `with_labels`: of (image, label) pairs). With an `input_context`, TFDS
-    shards by file over its input pipelines."""
+    shards by file over its input pipelines. Data already prepared is read
+    without a download attempt; otherwise, with `download`, TFDS downloads and
+    prepares it (CelebA-HQ from the manual directory).
+
+    Args:
+      info: the dataset's `ImageDatasetInfo` (`rflow_tf.data.dataset_info`).
+      split: a TFDS split name, e.g. "train" or "test".
+      data_dir: the TFDS data directory (None: TFDS's default).
+      download: download and prepare the data if it is not there.
+      shuffle: shuffle the files (seeded by `seed`).
+      seed: the file-shuffle seed.
+      manual_dir: where manually downloaded files are (None: TFDS's default).
+      with_labels: (image, label) pairs instead of images.
+      input_context: a `tf.distribute.InputContext`, to shard by file.
+
+    Returns:
+      A `tf.data.Dataset` of uint8 images [H, W, C] (or pairs), unbatched.
+
+    Raises:
+      DatasetNotFoundError: the data is not there and cannot be downloaded;
+        the message says how to get it.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    from rflow_tf.data import dataset_info
+    from rflow_tf.data.sources import tfds_dataset
+
+    with tfds.testing.mock_data(num_examples=4):  # offline: TFDS's stand-in for MNIST
+        ds = tfds_dataset(dataset_info("mnist"), "train", data_dir="tfds", download=False,
+                          shuffle=False, seed=None, manual_dir=None, with_labels=True)
+        image, label = next(iter(ds))
+    assert image.dtype == tf.uint8 and image.shape == (28, 28, 1) and label.dtype == tf.int64
+    ```
+    """
     tfds = _tfds()
     shown_dir = os.path.expanduser(data_dir) if data_dir else _default_data_dir()
     if manual_dir is None:
@@ -153,7 +207,7 @@ def tfds_dataset(
         if _tfds_is_prepared(tfds, info.tfds_name, data_dir):
             # The data exists but the request is bad (e.g. unknown split).
             raise ValueError(
-                f'{what}: could not read split {split!r} from {shown_dir}: {_one_line(e)}'
+                f'{what}: could not read split {split!r} from {shown_dir}: {one_line(e)}'
             ) from None
         first_error = e
         ds = None
@@ -165,7 +219,7 @@ def tfds_dataset(
                 f'(looked for {os.path.join(shown_dir, info.tfds_name)}) and '
                 f'download=False. '
                 + _tfds_help(info, shown_dir, manual_dir)
-                + f' [{_one_line(first_error)}]'
+                + f' [{one_line(first_error)}]'
             ) from None
 
         download_kwargs = {}
@@ -188,7 +242,7 @@ def tfds_dataset(
         except Exception as e:  # pylint: disable=broad-except
             raise DatasetNotFoundError(
                 f'{what} not found in data_dir={shown_dir} and downloading/'
-                f'preparing it failed (no network?): {_one_line(e)}. '
+                f'preparing it failed (no network?): {one_line(e)}. '
                 + _tfds_help(info, shown_dir, manual_dir)
             ) from None
 
@@ -228,7 +282,7 @@ def _npz_data_shape(path: str) -> Tuple[Tuple[int, ...], np.dtype]:
                 else:
                     shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
     except (zipfile.BadZipFile, OSError) as e:
-        raise DatasetFormatError(f'{path}: not a readable .npz file ({_one_line(e)}).') from None
+        raise DatasetFormatError(f'{path}: not a readable .npz file ({one_line(e)}).') from None
     return tuple(int(s) for s in shape), np.dtype(dtype)
 
 
@@ -282,7 +336,42 @@ def npz_dataset(
     input_context: Optional[tf.distribute.InputContext] = None,
 ) -> tf.data.Dataset:
     """Streams images from user-supplied ImageNet .npz files (sharded by file
-    over the pipelines of an `input_context`)."""
+    over the pipelines of an `input_context`). Each file holds a uint8 array
+    "data", [N, H, W, 3] or the official flattened [N, 3 H W] (R, G, B planes);
+    every file is checked before the first image is read.
+
+    Args:
+      info: the dataset's `ImageDatasetInfo` (imagenet32 or imagenet64).
+      is_train: read `<data_dir>/<name>/train*.npz` (True) or `val*.npz` (False).
+      data_dir: the data directory (None: the default).
+      shuffle: shuffle the file order (seeded by `seed`).
+      seed: the shuffle seed.
+      input_context: a `tf.distribute.InputContext`, to shard by file.
+
+    Returns:
+      A `tf.data.Dataset` of uint8 images [H, W, 3], unbatched.
+
+    Raises:
+      DatasetNotFoundError: no files; the message says where to put them.
+      DatasetFormatError: a file of the wrong layout.
+
+    Example:
+    ```python
+    import os
+    import numpy as np
+    from rflow_tf.data import dataset_info
+    from rflow_tf.data.sources import npz_dataset
+
+    os.makedirs("data/imagenet32")
+    planes = np.arange(2 * 3 * 32 * 32).astype(np.uint8).reshape(2, 3 * 32 * 32)
+    np.savez("data/imagenet32/val_data.npz", data=planes)  # the official layout
+    ds = npz_dataset(dataset_info("imagenet32"), is_train=False, data_dir="data",
+                     shuffle=False, seed=None)
+    images = np.stack(list(ds.as_numpy_iterator()))
+    assert images.shape == (2, 32, 32, 3)
+    assert np.array_equal(images[..., 0], planes[:, :1024].reshape(2, 32, 32))  # red plane
+    ```
+    """
     pattern, files = _npz_files(info, is_train, data_dir)
     h, w, c = info.image_shape
     if not files:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import numpy as np
 
-from rflow_tf.data._checks import _check_positive_int, _check_seed
+from rflow_tf.data._checks import check_positive_int, check_seed
 
 #: Names accepted by `toy_2d`.
 TOY_DATASETS = (
@@ -176,8 +176,8 @@ def toy_2d(name: str, n: int, seed: Optional[int] = None) -> np.ndarray:
     """
     if not isinstance(name, str) or name.strip().lower() not in _TOY_FNS:
         raise ValueError(f'Unknown toy dataset {name!r}. Valid names: {", ".join(TOY_DATASETS)}.')
-    n = _check_positive_int(n, 'n')
-    seed = _check_seed(seed)
+    n = check_positive_int(n, 'n')
+    seed = check_seed(seed)
     rng = np.random.default_rng(seed)
     pts = _TOY_FNS[name.strip().lower()](n, rng)
     return np.asarray(pts, dtype=np.float32).reshape(n, 2)

@@ -2,4 +2,4 @@
 
 #: The package name under which the layers register for Keras serialisation
 #: ("rflow_tf>LipSwish", ...); saved configs refer to it, never change it.
-_PACKAGE = "rflow_tf"
+PACKAGE = "rflow_tf"

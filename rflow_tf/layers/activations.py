@@ -27,7 +27,7 @@ and MaxMin.
 import keras
 import tensorflow as tf
 
-from rflow_tf.layers._base import _PACKAGE
+from rflow_tf.layers._base import PACKAGE
 
 #: Below this many elements the fused XLA LipSwish costs more than it saves
 #: (measured on the 2-core CPU of benchmarks/: 4x faster at 6.4M elements,
@@ -88,7 +88,7 @@ def lipswish_value_and_derivative(x, beta):
     return (y, d), grad
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class LipSwish(keras.layers.Layer):
     """LipSwish activation (paper eq. 10): phi(x) = x * sigmoid(b x) / 1.1,
     b = softplus(beta) > 0, with one learnable scalar beta per layer.
@@ -192,7 +192,7 @@ def lipschitz_cube_value_and_derivative(x):
     return y, d
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class LipschitzCube(keras.layers.Layer):
     """The "Lipschitz cube" of the Residual Flows code, elementwise:
 
@@ -227,7 +227,7 @@ class LipschitzCube(keras.layers.Layer):
         return super().get_config()
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class FullSort(keras.layers.Layer):
     """Sorts the features (last axis) in ascending order (Anil et al. 2019):
 
@@ -253,7 +253,7 @@ class FullSort(keras.layers.Layer):
         return super().get_config()
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class MaxMin(keras.layers.Layer):
     """Max-min on pairs of features (Anil et al. 2019), the authors' layout:
     the last axis (even size n) is split into pairs (x_{2i}, x_{2i+1}), and

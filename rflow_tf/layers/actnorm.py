@@ -3,10 +3,10 @@
 import keras
 import tensorflow as tf
 
-from rflow_tf.layers._base import _PACKAGE
+from rflow_tf.layers._base import PACKAGE
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class ActNormalization(keras.layers.Layer):
     """Per-channel affine y = (x + bias) * exp(log_scale) with data-dependent
     initialisation (Kingma & Dhariwal 2018): on the first batch seen by

@@ -5,10 +5,10 @@ import math
 import keras
 import numpy as np
 
-from rflow_tf.layers._base import _PACKAGE
+from rflow_tf.layers._base import PACKAGE
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class FanInUniform(keras.initializers.Initializer):
     """U(-scale / sqrt(fan_in), scale / sqrt(fan_in)): PyTorch's default
     initialisation of ``nn.Linear`` / ``nn.Conv2d`` weights and biases (the
@@ -59,8 +59,21 @@ class FanInUniform(keras.initializers.Initializer):
 INITS = ("reference", "glorot")
 
 
-def _initializers(init, scale=1.0):
-    """(kernel_initializer, bias_initializer) of an :data:`INITS` name."""
+def kernel_and_bias_initializers(init, scale=1.0):
+    """The (kernel, bias) initialisers of an :data:`INITS` name, the kernel's
+    range scaled by ``scale``: "reference" gives
+    ``(FanInUniform(scale), FanInUniform())``, "glorot" a Glorot-uniform kernel
+    (variance times ``scale**2``) and zero biases.
+
+    Example:
+    ```python
+    from rflow_tf.layers.initializers import FanInUniform, kernel_and_bias_initializers
+
+    kernel, bias = kernel_and_bias_initializers("reference", scale=1e-3)
+    assert isinstance(kernel, FanInUniform) and kernel.scale == 1e-3 and bias.scale == 1.0
+    assert kernel_and_bias_initializers("glorot") == ("glorot_uniform", "zeros")
+    ```
+    """
     if init == "reference":
         return FanInUniform(scale), FanInUniform()
     if init == "glorot":
@@ -71,8 +84,38 @@ def _initializers(init, scale=1.0):
     raise ValueError(f"init must be one of {INITS}, got {init!r}")
 
 
-def _bias_initializer(initializer, kernel_shape):
-    """A FanInUniform bias initialiser learns its fan_in from the kernel."""
+def bias_initializer_for(initializer, kernel_shape):
+    """The bias initialiser of a layer whose kernel has ``kernel_shape``: a
+    :class:`FanInUniform` learns its fan_in (all kernel dimensions but the
+    last) from the kernel; any other initialiser is returned as it is.
+
+    Example:
+    ```python
+    from rflow_tf.layers.initializers import FanInUniform, bias_initializer_for
+
+    assert bias_initializer_for(FanInUniform(), (3, 3, 4, 8)).fan_in == 36
+    assert bias_initializer_for("zeros", (3, 3, 4, 8)) == "zeros"
+    ```
+    """
     if isinstance(initializer, FanInUniform):
         return initializer.for_fan_in(int(np.prod(kernel_shape[:-1])))
     return initializer
+
+
+def torch_default_uniform(fan_in, seed=None):
+    """PyTorch's default initialisation of ``nn.Linear`` / ``nn.Conv2d`` weights
+    and biases as one Keras initialiser: U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    with ``fan_in`` given (the coupling and classifier nets, which are not
+    Lipschitz-constrained, use it for weights and biases alike).
+
+    Example:
+    ```python
+    import numpy as np
+    from rflow_tf.layers.initializers import torch_default_uniform
+
+    w = np.asarray(torch_default_uniform(64, seed=0)((64, 32)))
+    assert np.abs(w).max() <= 1 / 8
+    ```
+    """
+    limit = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-limit, limit, seed=seed)

@@ -4,7 +4,7 @@ import keras
 
 from rflow_tf import norms
 from rflow_tf.layers.activations import make_activation
-from rflow_tf.layers.initializers import _initializers
+from rflow_tf.layers.initializers import kernel_and_bias_initializers
 from rflow_tf.layers.lipschitz import LearnableOrder, LipschitzConv2D, LipschitzDense
 
 
@@ -98,7 +98,7 @@ def lipschitz_dense_net(
         if i > 0:
             layers.append(make_activation(activation, dtype))
         scale = last_layer_scale if i == len(units) - 1 else 1.0
-        kernel_init, bias_init = _initializers(init, scale)
+        kernel_init, bias_init = kernel_and_bias_initializers(init, scale)
         layers.append(
             LipschitzDense(
                 u,
@@ -151,7 +151,7 @@ def lipschitz_conv_net(
         if i > 0:
             layers.append(make_activation(activation, dtype))
         out = channels if i == len(ks) - 1 else hidden_channels
-        kernel_init, bias_init = _initializers(init)
+        kernel_init, bias_init = kernel_and_bias_initializers(init)
         layers.append(
             LipschitzConv2D(
                 out,

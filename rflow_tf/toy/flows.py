@@ -20,7 +20,10 @@ tfb = tfp.bijectors
 MODELS = ("resflow", "iresnet", "coupling", "naf", "mixlogcdf")
 
 
-_COUPLING_ACTIVATIONS = {
+#: The ``--activation`` names the non-residual toy models accept -> the Keras
+#: activation of the coupling and NAF nets (no Lipschitz bound is needed there,
+#: so "lipswish" is plain swish; mixlogcdf's nets keep their own).
+COUPLING_ACTIVATIONS = {
     "lipswish": "swish",
     "swish": "swish",
     "elu": "elu",
@@ -256,7 +259,7 @@ def build_flow(
         add_actnorm(0)
     for i in range(int(blocks)):
         if model == "coupling":
-            net = _CouplingNet(1, hidden, _COUPLING_ACTIVATIONS[activation], name=f"coupling_{i}")
+            net = _CouplingNet(1, hidden, COUPLING_ACTIVATIONS[activation], name=f"coupling_{i}")
             layer = tfb.RealNVP(num_masked=1, shift_and_log_scale_fn=net, name=f"realnvp_{i}")
             perm = tfb.Permute([1, 0], name=f"permute_{i}")
             train_b += [layer, perm]
@@ -267,7 +270,7 @@ def build_flow(
                 2,
                 num_components=8,
                 hidden_units=hidden,
-                activation=_COUPLING_ACTIVATIONS[activation],
+                activation=COUPLING_ACTIVATIONS[activation],
                 name=f"dsf_{i}",
             )
             perm = tfb.Permute([1, 0], name=f"permute_{i}")

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from rflow_tf import layers as rlayers
 from rflow_tf.data import TOY_DATASETS, toy_2d
+from rflow_tf.optimizers import FusedAdam
 from rflow_tf.toy.flows import build_flow, power_iterate_all
 from rflow_tf.toy.options import parse_args
 
@@ -212,7 +213,7 @@ class ToyTrainer:
             vnorms=args.vnorms,
             learn_p=bool(args.learn_p),
         )
-        self.optimizer = keras.optimizers.Adam(args.lr)
+        self.optimizer = FusedAdam(args.lr)
         self.variables = self.flow.variables_to_train
         self.optimizer.build(self.variables)
         self._initial = [tf.identity(v) for v in self._all_state()]

@@ -10,7 +10,7 @@ from rflow_tf import layers as rlayers
 from rflow_tf import norms
 from rflow_tf.data import TOY_DATASETS
 from rflow_tf.settings import add_flags, setting
-from rflow_tf.toy.flows import _COUPLING_ACTIVATIONS, MODELS
+from rflow_tf.toy.flows import COUPLING_ACTIVATIONS, MODELS
 
 
 def _hidden_units(text):
@@ -65,9 +65,31 @@ def _vnorms(text):
 def check_args(args):
     """Checks the combinations of parsed options that argparse cannot (the
     norm orders against the nets' depth, activations per model); raises
-    ValueError naming the option.
+    ValueError naming the option. :func:`parse_args` runs it (and exits with
+    its message as an argparse error).
 
-    Example: ``check_args(parse_args(["--vnorms", "2f2"]))`` raises (5 linear layers).
+    Args:
+      args: parsed options (an ``argparse.Namespace``).
+
+    Returns:
+      ``args``.
+
+    Raises:
+      ValueError: an inconsistent combination, naming the option.
+
+    Example:
+    ```python
+    from rflow_tf.toy.options import build_parser, check_args
+
+    parser = build_parser()
+    assert check_args(parser.parse_args(["--vnorms", "2f2f2"])).vnorms == "2f2f2"
+    try:  # the default nets have 5 linear layers: 3 orders do not chain them
+        check_args(parser.parse_args(["--vnorms", "2f2"]))
+    except ValueError as error:
+        assert str(error).startswith("--vnorms 2f2 for --hidden with 5 linear layers")
+    else:
+        raise AssertionError("3 orders were accepted for 5 layers")
+    ```
     """
     residual = args.model in ("resflow", "iresnet")
     n_layers = len(args.hidden) + 1
@@ -77,10 +99,10 @@ def check_args(args):
                 f"--vnorms {args.vnorms} / --learn_p apply to the residual models "
                 f"(resflow, iresnet), not --model {args.model}"
             )
-        if args.activation not in _COUPLING_ACTIVATIONS:
+        if args.activation not in COUPLING_ACTIVATIONS:
             raise ValueError(
                 f"--activation {args.activation} applies to the residual models only; "
-                f"--model {args.model} takes one of {sorted(_COUPLING_ACTIVATIONS)}"
+                f"--model {args.model} takes one of {sorted(COUPLING_ACTIVATIONS)}"
             )
         return args
     try:

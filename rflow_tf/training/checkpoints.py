@@ -13,7 +13,24 @@ from rflow_tf.training.options import UsageError
 
 
 class RunDirLockedError(UsageError):
-    """Another live process holds the lock of the run directory."""
+    """Another live process holds the lock of the run directory (a
+    :class:`~rflow_tf.training.options.UsageError`: the command line exits
+    with its message).
+
+    Example:
+    ```python
+    from rflow_tf.training.checkpoints import RunDirLock, RunDirLockedError
+
+    holder = RunDirLock("run").acquire()  # as a running trainer holds it
+    try:
+        RunDirLock("run").acquire()
+    except RunDirLockedError as error:
+        assert "run is in use by another trainer" in str(error)
+    else:
+        raise AssertionError("two holders of one run directory")
+    holder.release()
+    ```
+    """
 
 
 class RunDirLock:
@@ -84,7 +101,26 @@ def checkpoint_candidates(directory, prefix="ckpt"):
     union of those listed in the ``checkpoint`` state file and those whose
     ``.index`` file is present, so a deleted or garbage state file loses nothing.
 
-    Example: ``checkpoint_candidates("runs/x/ckpt")  # ['runs/x/ckpt/ckpt-40', ...]``
+    Args:
+      directory: the checkpoint directory.
+      prefix: the checkpoints' name prefix.
+
+    Returns:
+      A list of checkpoint paths (without ``.index``), the highest step first.
+
+    Example:
+    ```python
+    import os
+    import tensorflow as tf
+    from rflow_tf.training.checkpoints import checkpoint_candidates
+
+    checkpoint = tf.train.Checkpoint(w=tf.Variable(1.0))
+    manager = tf.train.CheckpointManager(checkpoint, "ckpt", max_to_keep=3)
+    for step in (10, 20):
+        manager.save(checkpoint_number=step)
+    os.remove("ckpt/checkpoint")  # the state file lost: the files still count
+    assert checkpoint_candidates("ckpt") == ["ckpt/ckpt-20", "ckpt/ckpt-10"]
+    ```
     """
     found = {}
     if os.path.isdir(directory):
@@ -107,9 +143,25 @@ def remove_stale_temp_checkpoints(directory, prefix="ckpt"):
     """Removes ``<prefix>-N_temp/`` directories, which TensorFlow writes a
     checkpoint into before renaming it into place and which a kill mid-save
     leaves behind. Only this exact naming is touched (call it while holding
-    the run-directory lock). Returns the removed paths.
+    the run-directory lock).
 
-    Example: ``remove_stale_temp_checkpoints("runs/x/ckpt")``.
+    Args:
+      directory: the checkpoint directory.
+      prefix: the checkpoints' name prefix.
+
+    Returns:
+      The removed paths.
+
+    Example:
+    ```python
+    import os
+    from rflow_tf.training.checkpoints import remove_stale_temp_checkpoints
+
+    os.makedirs("ckpt/ckpt-30_temp")  # left by a save that was killed
+    os.makedirs("ckpt/notes")
+    assert remove_stale_temp_checkpoints("ckpt") == ["ckpt/ckpt-30_temp"]
+    assert os.listdir("ckpt") == ["notes"]
+    ```
     """
     removed = []
     if os.path.isdir(directory):
@@ -152,13 +204,44 @@ def restore_newest(checkpoint, directory, prefix="ckpt", log=print, warn=print, 
     never rotates away, and checkpoints it did not list are left in place:
     nothing this run did not write is ever deleted.
 
-    Returns the restored path, or None when there is no checkpoint. Raises
-    UsageError when checkpoints exist but none restores; they are then left
-    untouched and the caller must not start over and overwrite them.
     ``repair=False`` (readers such as non-chief workers) only restores:
     nothing is moved and no state is written.
 
-    Example: ``restore_newest(tf.train.Checkpoint(model=m), "runs/x/ckpt")``.
+    Args:
+      checkpoint: the ``tf.train.Checkpoint`` to restore into.
+      directory: the checkpoint directory.
+      prefix: the checkpoints' name prefix.
+      log: prints what was moved.
+      warn: prints what failed to restore.
+      repair: move the failed checkpoints aside and rewrite the state file.
+
+    Returns:
+      The restored path, or None when there is no checkpoint.
+
+    Raises:
+      UsageError: checkpoints exist but none restores; they are then left
+        untouched and the caller must not start over and overwrite them.
+
+    Example:
+    ```python
+    import os
+    import tensorflow as tf
+    from rflow_tf.training.checkpoints import restore_newest
+
+    w = tf.Variable(1.0)
+    checkpoint = tf.train.Checkpoint(w=w)
+    manager = tf.train.CheckpointManager(checkpoint, "ckpt", max_to_keep=3)
+    manager.save(checkpoint_number=10)
+    w.assign(2.0)
+    manager.save(checkpoint_number=20)
+    for name in os.listdir("ckpt"):  # the newest save is truncated
+        if name.startswith("ckpt-20.data"):
+            open(os.path.join("ckpt", name), "wb").close()
+    messages = []
+    path = restore_newest(checkpoint, "ckpt", log=messages.append, warn=messages.append)
+    assert path == "ckpt/ckpt-10" and float(w) == 1.0  # the older one, restored
+    assert os.path.exists("ckpt/unrestorable/ckpt-20.index")  # kept, out of the way
+    ```
     """
     candidates = checkpoint_candidates(directory, prefix)
     state = tf.train.get_checkpoint_state(directory)
@@ -233,8 +316,29 @@ class Checkpointer:
     cluster's watchdog). Building it on the chief removes the temporary
     directories of interrupted saves.
 
-    Example: ``Checkpointer(tf.train.Checkpoint(model=model), "runs/x").save(100)``
-    writes ``runs/x/ckpt/ckpt-100``; ``restore_latest()`` gives its path (or None).
+    Args:
+      checkpoint: the ``tf.train.Checkpoint`` of the run's state.
+      run_dir: the run directory.
+      is_chief: whether this worker keeps what it saves.
+      write_root: where a non-chief worker saves (and deletes at once).
+      keep_best: how many best checkpoints to keep.
+      tick: called after each save.
+      log: prints progress.
+      warn: prints what failed to restore.
+
+    Example:
+    ```python
+    import os
+    import tensorflow as tf
+    from rflow_tf.training.checkpoints import Checkpointer
+
+    w = tf.Variable(1.0)
+    checkpointer = Checkpointer(tf.train.Checkpoint(w=w), "run")
+    path = checkpointer.save(100)  # run/ckpt/ckpt-100
+    w.assign(5.0)
+    assert checkpointer.restore_latest() == path == os.path.join("run", "ckpt", "ckpt-100")
+    assert float(w) == 1.0 and checkpointer.latest == path
+    ```
     """
 
     def __init__(

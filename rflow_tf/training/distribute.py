@@ -15,7 +15,21 @@ from rflow_tf.training.options import UsageError
 
 class WorkerLostError(Exception):
     """A worker of a multi-worker cluster died or stopped answering; the message
-    names the checkpoint a restart of every worker resumes from."""
+    names the checkpoint a restart of every worker resumes from. The trainer
+    raises it (:func:`worker_lost_error`) in place of the collective op's error.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.training.distribute import WorkerLostError, worker_lost_error
+
+    collective = tf.errors.UnavailableError(None, None, "Collective ops is aborted by: EOF")
+    try:
+        raise worker_lost_error(collective, "worker", 0, 40, "run") from None
+    except WorkerLostError as error:
+        assert "Restart every worker with the same command" in str(error)
+    ```
+    """
 
 
 # The errors a collective op raises when a peer of the cluster is gone: UNAVAILABLE
@@ -32,9 +46,32 @@ PEER_LOST_ERRORS = (
 def configure_cpu_devices(n):
     """Splits the first physical CPU into ``n`` logical devices. Must run before
     TensorFlow initialises its runtime (before any op or device listing of
-    logical devices); raises UsageError otherwise.
+    logical devices); configuring the number TensorFlow already has is a no-op.
 
-    Example: ``configure_cpu_devices(2); make_strategy("mirrored", 2)``.
+    Args:
+      n: the number of logical CPU devices, >= 1.
+
+    Raises:
+      UsageError: ``n`` < 1, or TensorFlow already runs with another number.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.training.distribute import configure_cpu_devices
+    from rflow_tf.training.options import UsageError
+
+    # First thing in a process: configure_cpu_devices(2), then
+    # make_strategy("mirrored", cpu_devices=2) mirrors over the two. Once
+    # TensorFlow runs, its number of devices is fixed:
+    n = len(tf.config.list_logical_devices("CPU"))  # (starts TensorFlow's runtime)
+    configure_cpu_devices(n)  # what it has already: fine
+    try:
+        configure_cpu_devices(n + 1)
+    except UsageError as error:
+        assert "already initialised" in str(error)
+    else:
+        raise AssertionError("the devices changed after TensorFlow started")
+    ```
     """
     n = int(n)
     if n < 1:
@@ -63,7 +100,27 @@ def make_strategy(kind="mirrored", cpu_devices=0):
     * ``"one_device"``: OneDeviceStrategy on the first GPU or the CPU.
     * ``"multi_worker"``: MultiWorkerMirroredStrategy (cluster from $TF_CONFIG).
 
-    Example: ``strategy = make_strategy("mirrored")``.
+    Args:
+      kind: ``"mirrored"``, ``"one_device"`` or ``"multi_worker"``.
+      cpu_devices: the number of logical CPUs to mirror over (see
+        :func:`configure_cpu_devices`); 0 or 1: not over CPUs.
+
+    Returns:
+      A ``tf.distribute.Strategy``.
+
+    Raises:
+      UsageError: an unknown ``kind``, or fewer logical CPUs than ``cpu_devices``.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.training.distribute import make_strategy
+
+    strategy = make_strategy("mirrored")  # all GPUs, or one device
+    gpus = tf.config.list_logical_devices("GPU")
+    assert strategy.num_replicas_in_sync == max(1, len(gpus))
+    assert make_strategy("one_device").num_replicas_in_sync == 1
+    ```
     """
     if kind == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
@@ -87,9 +144,28 @@ def make_strategy(kind="mirrored", cpu_devices=0):
 
 def task_of(strategy):
     """``(task_type, task_id, is_chief)`` of this process under ``strategy``:
-    ``(None, 0, True)`` without a cluster.
+    ``(None, 0, True)`` without a cluster. Without a ``chief`` task, worker 0
+    is the chief.
 
-    Example: ``task_type, task_id, is_chief = task_of(strategy)``.
+    Args:
+      strategy: a ``tf.distribute.Strategy`` (its ``cluster_resolver``, if any).
+
+    Returns:
+      ``(task_type, task_id, is_chief)``.
+
+    Example:
+    ```python
+    import types
+    import tensorflow as tf
+    from rflow_tf.training.distribute import task_of
+
+    assert task_of(tf.distribute.OneDeviceStrategy("/cpu:0")) == (None, 0, True)
+    cluster = tf.train.ClusterSpec({"worker": ["host0:2222", "host1:2222"]})
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        cluster, task_type="worker", task_id=1)
+    worker1 = types.SimpleNamespace(cluster_resolver=resolver)  # as a multi-worker strategy
+    assert task_of(worker1) == ("worker", 1, False)
+    ```
     """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):
@@ -206,7 +282,29 @@ def worker_lost_error(error, task_type, task_id, step, run_dir):
     ``run_dir``: it names the informative line of the error and the
     checkpoint a restart resumes from.
 
-    Example: ``raise worker_lost_error(e, "worker", 1, 40, "runs/x") from None``.
+    Args:
+      error: the error the collective op raised.
+      task_type: this worker's task type.
+      task_id: this worker's task id.
+      step: the training step it failed at.
+      run_dir: the run directory (its ``ckpt/`` names the checkpoint).
+
+    Returns:
+      A :class:`WorkerLostError`, to raise.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.training.distribute import WorkerLostError, worker_lost_error
+
+    error = tf.errors.UnavailableError(
+        None, None, "Graph execution error:\\nCollective ops is aborted by: Socket closed")
+    lost = worker_lost_error(error, "worker", 1, 40, "run")
+    assert isinstance(lost, WorkerLostError)
+    assert "worker 1 lost another worker of the cluster at step 40" in str(lost)
+    assert "aborted by: Socket closed" in str(lost)  # the informative line, not the header
+    assert "(none yet: a restart starts over)" in str(lost)  # no checkpoint in run/ckpt
+    ```
     """
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
     # The informative line ("Collective ops is aborted by: Socket closed", "... are

@@ -17,8 +17,34 @@ class EMAWeights:
     backed up while the EMA weights are swapped in, so evaluating leaves the
     training state untouched.
 
-    Example: ``ema = EMAWeights(model, model.trainable_variables, strategy)``
-    (inside ``strategy.scope()``), then ``with ema.weights(): model.sample(16)``.
+    The training step updates each copy as ``ema <- decay * ema + (1 - decay) * w``.
+
+    Args:
+      model: a :class:`~rflow_tf.models.ResidualFlow`.
+      variables: the weights the optimiser trains.
+      strategy: the run's ``tf.distribute.Strategy``.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training import EMAWeights
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():  # a one-block coupling flow: quick to build
+        model = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), block="coupling",
+                                        hidden_channels=4, fc_end=False))
+        model.initialize(tf.random.stateless_uniform([8, 4, 4, 1], seed=[0, 1]))
+        ema = EMAWeights(model, model.trainable_variables, strategy)
+    w = model.trainable_variables[0]
+    before = w.numpy()
+    w.assign_add(tf.ones_like(w))  # training moves the weights; the EMA is still `before`
+    with ema.weights():  # the EMA swapped in, for evaluation, sampling or export
+        assert np.array_equal(w.numpy(), before)
+    assert np.array_equal(w.numpy(), before + 1)  # and swapped back
+    ```
     """
 
     def __init__(self, model, variables, strategy):

@@ -17,7 +17,35 @@ class Evaluator:
     ``tick`` is called after each batch (the cluster's watchdog), ``log``
     prints a line.
 
-    Example: ``Evaluator(model, run_data, ema).metrics()["bpd"]``.
+    Args:
+      model: a :class:`~rflow_tf.models.ResidualFlow`.
+      run_data: the run's :class:`~rflow_tf.training.run_data.RunData`.
+      ema: the model's :class:`~rflow_tf.training.ema.EMAWeights`.
+      dequantizer: the variational dequantiser of the run, if any.
+      tick: called after each batch.
+      log: prints a line.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf import data
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training import EMAWeights, Evaluator, RunData, TrainingOptions, resolve_run
+
+    options = TrainingOptions(dataset="digits", batch_size=8, eval_examples=16)
+    config = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1,), block="coupling",
+                        hidden_channels=4, fc_end=False)  # quick to build
+    spec = resolve_run(config, options)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    run_data = RunData(spec, options, strategy)
+    with strategy.scope():
+        model = ResidualFlow(spec.flow)
+        model.initialize(data.dequantize(next(iter(run_data.train_dataset())), 8))
+        ema = EMAWeights(model, model.trainable_variables, strategy)
+    metrics = Evaluator(model, run_data, ema).metrics()  # 16 test images
+    assert metrics["count"] == 16 and metrics["bpd"] > 0 and metrics["bpd_stderr"] > 0
+    ```
     """
 
     def __init__(self, model, run_data, ema, *, dequantizer=None, tick=lambda: None, log=print):

@@ -13,7 +13,32 @@ class Exporter:
     into ``tmp_root``, deleted at once. ``tick`` is called after the export
     (the cluster's watchdog).
 
-    Example: ``Exporter(model, ema).export("saved_models/mnist")``.
+    Args:
+      model: a :class:`~rflow_tf.models.ResidualFlow`.
+      ema: its :class:`~rflow_tf.training.ema.EMAWeights`.
+      is_chief: whether this worker writes the export directory.
+      tmp_root: where another worker exports (deleted at once).
+      tick: called after the export.
+      log: prints a line.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    import rflow_tf
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training import EMAWeights, Exporter
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():  # a one-block coupling flow: quick to build
+        model = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), block="coupling",
+                                        hidden_channels=4, fc_end=False))
+        model.initialize(tf.random.stateless_uniform([8, 4, 4, 1], seed=[0, 1]))
+        ema = EMAWeights(model, model.trainable_variables, strategy)
+    exporter = Exporter(model, ema)
+    assert exporter.export("") is None  # no export directory: skipped
+    assert rflow_tf.export.is_export(exporter.export("exported"))  # the EMA weights
+    ```
     """
 
     def __init__(self, model, ema, *, is_chief=True, tmp_root=None, tick=lambda: None, log=print):

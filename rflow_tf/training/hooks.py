@@ -47,9 +47,30 @@ class TrainingHook:
 
 def loss_hook(hooks):
     """The ``loss_hook`` of :func:`rflow_tf.training.make_train_step` for
-    ``hooks``: None when none of them adjusts the loss.
+    ``hooks``: None when none of them adjusts the loss, else a function of
+    ``(loss, step)`` that applies their :meth:`TrainingHook.adjust_loss` in order.
 
-    Example: ``make_train_step(..., loss_hook=loss_hook(trainer.hooks))``.
+    Args:
+      hooks: a sequence of :class:`TrainingHook`.
+
+    Returns:
+      A function ``(loss, step) -> loss``, or None.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.training.hooks import TrainingHook, loss_hook
+
+    class Double(TrainingHook):
+        adjusts_loss = True
+
+        def adjust_loss(self, loss, step):
+            return 2.0 * loss
+
+    assert loss_hook([TrainingHook()]) is None  # nothing to trace into the step
+    adjust = loss_hook([Double(), TrainingHook(), Double()])
+    assert float(adjust(tf.constant(1.5), tf.constant(1, tf.int64))) == 6.0
+    ```
     """
     adjusting = [hook for hook in hooks if hook.adjusts_loss]
     if not adjusting:

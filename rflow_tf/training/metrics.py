@@ -11,9 +11,22 @@ from rflow_tf import layers as rlayers
 
 
 def format_duration(seconds):
-    """``seconds`` as ``H:MM:SS`` ("?" when not finite).
+    """``seconds`` as ``H:MM:SS`` ("?" when not finite), rounded down to the
+    second; negative durations are 0.
 
-    Example: ``format_duration(3725.4)  # '1:02:05'``.
+    Args:
+      seconds: a float.
+
+    Returns:
+      A string.
+
+    Example:
+    ```python
+    from rflow_tf.training.metrics import format_duration
+
+    assert format_duration(3725.4) == "1:02:05"
+    assert format_duration(float("inf")) == "?" and format_duration(-3) == "0:00:00"
+    ```
     """
     if not math.isfinite(seconds):
         return "?"
@@ -153,9 +166,35 @@ def progress_lines(log, what, unit, every=30.0):
 def lipschitz_scalars(layers, coeff):
     """The TensorBoard scalars of the Lipschitz ``layers`` (their largest and
     mean spectral estimates, the largest effective one under ``coeff``, and
-    each learned norm order); empty without layers.
+    each learned norm order); empty without layers:
 
-    Example: ``lipschitz_scalars(model.lipschitz_layers(), config.coeff)``.
+        max_sigma = max_i sigma_i,   mean_sigma = mean_i sigma_i,
+        max_effective = max_i min(sigma_i, coeff)   (the norm of W_eff).
+
+    Args:
+      layers: Lipschitz layers (built).
+      coeff: their bound.
+
+    Returns:
+      A dict of scalar name -> value.
+
+    Example:
+    ```python
+    import numpy as np
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.training.metrics import lipschitz_scalars
+
+    small, large = LipschitzDense(2), LipschitzDense(2)
+    for layer, scale in ((small, 0.1), (large, 10.0)):
+        layer.build((None, 2))
+        layer.kernel.assign(scale * np.eye(2))
+        layer.converge()  # sigma = scale
+    scalars = lipschitz_scalars([small, large], coeff=0.9)
+    assert np.isclose(scalars["lipschitz/max_sigma"], 10.0)
+    assert np.isclose(scalars["lipschitz/mean_sigma"], 5.05)
+    assert np.isclose(scalars["lipschitz/max_effective"], 0.9)
+    assert lipschitz_scalars([], 0.9) == {}
+    ```
     """
     sigmas = np.array([float(layer.sigma.numpy()) for layer in layers])
     if sigmas.size == 0:
@@ -171,7 +210,23 @@ def lipschitz_scalars(layers, coeff):
 def learned_orders_line(layers):
     """The log line of the learned norm orders of ``layers``; None without any.
 
-    Example: ``print(learned_orders_line(model.lipschitz_layers()) or "fixed orders")``.
+    Args:
+      layers: Lipschitz layers (or a model, as :func:`rflow_tf.layers.learned_orders`).
+
+    Returns:
+      A string, or None.
+
+    Example:
+    ```python
+    from rflow_tf.layers import LearnableOrder, LipschitzDense
+    from rflow_tf.training.metrics import learned_orders_line
+
+    p = LearnableOrder(3.0)  # shared: one order between the two layers
+    layers = [LipschitzDense(8, codomain=p, name="a"), LipschitzDense(2, domain=p, name="b")]
+    line = learned_orders_line(layers)
+    assert line.startswith("learned norm orders (1; min 3.000") and "a.codomain=3.000" in line
+    assert learned_orders_line([LipschitzDense(2)]) is None
+    ```
     """
     orders = rlayers.learned_orders(layers)
     if not orders:

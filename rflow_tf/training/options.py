@@ -36,11 +36,52 @@ LABELLED_ONLY_OPTIONS = ("crop_padding", "translate", "label_smoothing")
 
 class UsageError(Exception):
     """Bad flags or options, or an incompatible run directory; the command line prints it
-    without a traceback."""
+    without a traceback. Options are checked on construction, so it comes
+    before any work.
+
+    Example:
+    ```python
+    from rflow_tf.training import TrainingOptions, UsageError
+
+    try:
+        TrainingOptions(batch_size=0)
+    except UsageError as error:
+        assert str(error) == "--batch_size must be >= 1, got 0"
+    else:
+        raise AssertionError("a batch of 0 was accepted")
+    ```
+    """
 
 
 class TrainingDivergedError(Exception):
-    """Too many consecutive non-finite steps; the message names the last good checkpoint."""
+    """Too many consecutive non-finite steps (``max_nan_steps``); the message
+    names the last good checkpoint. :meth:`~rflow_tf.training.Trainer.fit`
+    raises it; each non-finite step before it is skipped with a warning.
+
+    Example:
+    ```python
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.training import Trainer, TrainingDivergedError, TrainingHook, TrainingOptions
+
+    class NaNLoss(TrainingHook):  # makes every step's loss NaN
+        adjusts_loss = True
+
+        def adjust_loss(self, loss, step):
+            return loss * float("nan")
+
+    # A one-block coupling flow (no power iteration): quick to build.
+    config = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1,), block="coupling",
+                        hidden_channels=4, fc_end=False)
+    options = TrainingOptions(preset="tiny", steps=5, batch_size=4, max_nan_steps=1,
+                              export_dir="", out="run")
+    try:
+        Trainer(config, options, hooks=[NaNLoss()]).fit()
+    except TrainingDivergedError as error:
+        assert "training stopped at step 1: 1 consecutive non-finite steps" in str(error)
+    else:
+        raise AssertionError("a NaN loss trained on")
+    ```
+    """
 
 
 #: The ``--help`` sections of the training flags (:attr:`rflow_tf.settings.Setting.group`).
@@ -558,10 +599,36 @@ def _augmentation(options, info):
 
 def resolve_run(config, options):
     """Builds the :class:`RunSpec` of a run of ``config`` (a FlowConfig, or
-    None for :func:`flow_config_for` ``(options)``) with ``options``; raises
-    UsageError for inconsistent settings.
+    None for :func:`flow_config_for` ``(options)``) with ``options``: the
+    dataset, the preset (the dataset's when none is named), the model, the
+    settings, the run and export directories.
 
-    Example: ``spec = resolve_run(None, TrainingOptions(dataset="mnist"))``.
+    Args:
+      config: a :class:`~rflow_tf.config.FlowConfig`, or None.
+      options: a :class:`TrainingOptions`.
+
+    Returns:
+      A :class:`RunSpec`.
+
+    Raises:
+      UsageError: inconsistent settings (e.g. a config of another image shape).
+      TypeError: ``options`` or ``config`` of the wrong type.
+
+    Example:
+    ```python
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.training import TrainingOptions, UsageError, resolve_run
+
+    spec = resolve_run(None, TrainingOptions(dataset="mnist"))  # the mnist preset's run
+    assert spec.preset == "mnist" and spec.flow.input_shape == (28, 28, 1)
+    assert spec.settings.batch_size == 64 and spec.run_dir == "runs/mnist_mnist"
+    try:
+        resolve_run(FlowConfig(input_shape=(8, 8, 1)), TrainingOptions(dataset="mnist"))
+    except UsageError as error:
+        assert "is not the shape (28, 28, 1) of 'mnist' images" in str(error)
+    else:
+        raise AssertionError("a model of 8x8 images was accepted for mnist")
+    ```
     """
     if not isinstance(options, TrainingOptions):
         raise TypeError(f"options must be a TrainingOptions, got {type(options).__name__}")

@@ -15,7 +15,25 @@ def resumable_flow_config(old, flow_config):
     only in defaults that changed since; then the run resumes as the model it
     was. Else None.
 
-    Example: ``resumable_flow_config({"config_version": 1, ...}, spec.flow)``.
+    Args:
+      old: the ``flow_config`` dict of the run directory's ``config.json``.
+      flow_config: the :class:`~rflow_tf.config.FlowConfig` of the new run.
+
+    Returns:
+      The old :class:`~rflow_tf.config.FlowConfig`, or None.
+
+    Example:
+    ```python
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.training.run_config import resumable_flow_config
+
+    new = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1,))
+    old = {k: v for k, v in new.to_dict().items() if k not in ("init", "config_version")}
+    old["config_version"] = 2  # written before init's default changed
+    resumed = resumable_flow_config(old, new)
+    assert resumed.init == "glorot" and new.init != "glorot"  # the model it was
+    assert resumable_flow_config({**old, "hidden_channels": 7}, new) is None  # another model
+    ```
     """
     try:
         old_cfg = models.FlowConfig.from_dict(dict(old))
@@ -36,9 +54,40 @@ def check_run_config(spec, *, log=print):
     another model configuration or dequantisation, logs the training settings
     that changed. An older config version that differs only in defaults that
     changed since is resumed with its original architecture: ``spec.flow``
-    becomes it. Returns the config to write (:meth:`write_run_config`).
+    becomes it.
 
-    Example: ``write_run_config(spec.run_dir, check_run_config(spec))``.
+    Args:
+      spec: the run's :class:`~rflow_tf.training.RunSpec`.
+      log: prints a line.
+
+    Returns:
+      The config to write (:func:`write_run_config`), a dict.
+
+    Raises:
+      UsageError: the directory holds a run of another model or dequantisation.
+
+    Example:
+    ```python
+    import os
+    from rflow_tf.training import TrainingOptions, UsageError, resolve_run
+    from rflow_tf.training.run_config import check_run_config, write_run_config
+
+    spec = resolve_run(None, TrainingOptions(dataset="digits", out="run"))
+    os.makedirs(spec.run_dir)
+    write_run_config(spec.run_dir, check_run_config(spec))  # a new run: its config
+    lines = []
+    check_run_config(resolve_run(None, TrainingOptions(dataset="digits", out="run", lr=1e-4)),
+                     log=lines.append)  # resuming with another learning rate
+    assert lines == ["training settings changed since the last run: lr"]
+    other = resolve_run(spec.flow.replace(hidden_channels=8),
+                        TrainingOptions(dataset="digits", out="run"))
+    try:
+        check_run_config(other)
+    except UsageError as error:
+        assert "differs in: hidden_channels" in str(error)
+    else:
+        raise AssertionError("another model resumed the run")
+    ```
     """
     run_dir = spec.run_dir
     path = os.path.join(run_dir, "config.json")
@@ -84,9 +133,25 @@ def check_run_config(spec, *, log=print):
 
 
 def write_run_config(run_dir, config):
-    """Writes ``config`` (a dict) to ``<run_dir>/config.json`` atomically.
+    """Writes ``config`` (a dict) to ``<run_dir>/config.json`` atomically (a
+    temporary file, then renamed: a reader never sees half a file).
 
-    Example: ``write_run_config("runs/x", spec.config_json())``.
+    Args:
+      run_dir: an existing run directory.
+      config: a JSON-serialisable dict.
+
+    Example:
+    ```python
+    import json
+    import os
+    from rflow_tf.training.run_config import write_run_config
+
+    os.makedirs("run")
+    write_run_config("run", {"training": {"lr": 0.001}})
+    with open("run/config.json") as f:
+        assert json.load(f) == {"training": {"lr": 0.001}}
+    assert os.listdir("run") == ["config.json"]
+    ```
     """
     path = os.path.join(run_dir, "config.json")
     tmp = path + ".tmp"

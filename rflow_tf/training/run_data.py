@@ -12,7 +12,23 @@ class RunData:
     the :class:`rflow_tf.training.TrainingOptions` ``options`` (its data
     directory and download setting), distributed by ``strategy``.
 
-    Example: ``batches = iter(RunData(spec, options, strategy).train_batches(0))``.
+    Args:
+      spec: the run's :class:`~rflow_tf.training.RunSpec`.
+      options: its :class:`~rflow_tf.training.TrainingOptions`.
+      strategy: its ``tf.distribute.Strategy``.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.training import RunData, TrainingOptions, resolve_run
+
+    options = TrainingOptions(dataset="digits", batch_size=8)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    run_data = RunData(resolve_run(None, options), options, strategy)
+    x = next(iter(run_data.train_dataset()))  # a batch of uint8 images
+    assert x.shape == (8, 8, 8, 1) and x.dtype == tf.uint8
+    assert run_data.source.kind == "sklearn" and not run_data.labelled
+    ```
     """
 
     def __init__(self, spec, options, strategy):

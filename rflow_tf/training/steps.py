@@ -12,6 +12,7 @@ from tensorflow.core.framework import summary_pb2
 from rflow_tf import classifier as rclf
 from rflow_tf import data
 from rflow_tf.bijectors import dequantization as rdeq
+from rflow_tf.optimizers import FusedAdam
 from rflow_tf.training.options import TASKS, UsageError
 
 _HAVE_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -24,7 +25,20 @@ _LN2 = math.log(2.0)
 class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
     """lr(t) = lr * min(1, (t + 1) / warmup_steps), t = optimiser iterations.
 
-    Example: ``keras.optimizers.Adam(LinearWarmup(1e-3, 1000))``.
+    Args:
+      lr: the learning rate after the warm-up.
+      warmup_steps: the steps of the linear ramp (<= 0: none).
+
+    Example:
+    ```python
+    import numpy as np
+    from rflow_tf.training.steps import LinearWarmup
+
+    schedule = LinearWarmup(1e-3, 4)  # keras.optimizers.Adam(schedule) uses it
+    rates = [float(schedule(t)) for t in range(6)]
+    assert np.allclose(rates, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert LinearWarmup(**schedule.get_config()).warmup_steps == 4
+    ```
     """
 
     def __init__(self, lr, warmup_steps):
@@ -42,15 +56,27 @@ class LinearWarmup(keras.optimizers.schedules.LearningRateSchedule):
         return {"lr": self.lr, "warmup_steps": self.warmup_steps}
 
 
-class PreReducedAdam(keras.optimizers.Adam):
-    """Adam that expects gradients already summed over replicas.
+class PreReducedAdam(FusedAdam):
+    """:class:`~rflow_tf.optimizers.FusedAdam` that expects gradients already summed over replicas.
 
     The training step all-reduces the gradients itself so that the global
     gradient norm is clipped (and checked for NaN) identically on every
     replica; Keras' own all-reduce inside ``apply_gradients`` is therefore
-    skipped.
+    skipped. The update is Adam's: w <- w - lr m_hat / (sqrt(v_hat) + epsilon).
 
-    Example: ``PreReducedAdam(1e-3, beta_1=0.9, beta_2=0.99)``.
+    Args: those of ``keras.optimizers.Adam``.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.training.steps import PreReducedAdam
+
+    w = tf.Variable([1.0, -2.0])
+    optimizer = PreReducedAdam(0.1, beta_1=0.9, beta_2=0.99, epsilon=1e-8)
+    optimizer.apply_gradients([(tf.constant([0.5, -3.0]), w)])  # gradients as given
+    assert np.allclose(w.numpy(), [0.9, -1.9])  # Adam's first step: lr * sign(g)
+    ```
     """
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
@@ -67,17 +93,12 @@ def make_optimizer(lr, warmup_steps):
     import tensorflow as tf
     from rflow_tf.config import FlowConfig
     from rflow_tf.models import ResidualFlow
-    from rflow_tf.training.distribute import distribute_dataset
-    from rflow_tf.training.ema import EMAWeights
-    from rflow_tf.training.steps import make_optimizer, make_train_step
+    from rflow_tf.training.steps import make_optimizer
 
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    images = np.random.default_rng(0).integers(0, 256, [8, 4, 4, 1], dtype=np.uint8)
     with strategy.scope():
         model = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4,
-                                        fc_end=False))
-        model.initialize(tf.cast(images, tf.float32) / 255)
-    with strategy.scope():
+                                        fc_end=False))   # its weights exist on construction
         opt = make_optimizer(1e-3, 1000)
         opt.build(model.trainable_variables)
     assert np.isclose(float(opt.learning_rate), 1e-6)    # warm-up: 1e-3 * 1 / 1000 at step 0
@@ -118,7 +139,22 @@ def _first(strategy, value):
 def variable_value(v):
     """The ``tf.Variable`` behind ``v``: a Keras variable's backing variable, or ``v``.
 
-    Example: ``variable_value(model.trainable_variables[0]).assign_add(1.0)``.
+    Args:
+      v: a ``keras.Variable`` or a ``tf.Variable``.
+
+    Returns:
+      A ``tf.Variable``.
+
+    Example:
+    ```python
+    import keras
+    import tensorflow as tf
+    from rflow_tf.training.steps import variable_value
+
+    w = keras.Variable(1.0)
+    variable_value(w).assign_add(1.0)  # writes the Keras variable
+    assert float(w) == 2.0 and isinstance(variable_value(w), tf.Variable)
+    ```
     """
     return v.value if isinstance(v, keras.Variable) else v
 
@@ -129,7 +165,28 @@ def make_dequantizer(kind, flow_config):
     :class:`rflow_tf.bijectors.dequantization.VariationalDequantizer` for the images of
     ``flow_config`` (its default size: 4 MixLogCDF couplings, no attention).
 
-    Example: ``deq = make_dequantizer("variational", models.get_preset("tiny"))``.
+    Args:
+      kind: ``"uniform"`` or ``"variational"``.
+      flow_config: the run's :class:`~rflow_tf.config.FlowConfig`.
+
+    Returns:
+      None, or a ``VariationalDequantizer``.
+
+    Raises:
+      UsageError: another ``kind``.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.training.steps import make_dequantizer
+
+    config = FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,))
+    assert make_dequantizer("uniform", config) is None
+    dequantizer = make_dequantizer("variational", config)
+    y, log_q = dequantizer.dequantize(tf.zeros([2, 4, 4, 1], tf.uint8), seed=[0, 1])
+    assert y.shape == (2, 4, 4, 1) and log_q.shape == (2,)  # y in [0, 1/256) here
+    ```
     """
     if kind == "uniform":
         return None
@@ -143,7 +200,28 @@ def make_dequantizer(kind, flow_config):
 def trained_variables(model, dequantizer=None):
     """Every weight the optimiser trains: the model's, then the dequantiser's.
 
-    Example: ``opt.build(trained_variables(model, deq))``.
+    Args:
+      model: a :class:`~rflow_tf.models.ResidualFlow`.
+      dequantizer: the run's variational dequantiser, or None.
+
+    Returns:
+      A list of variables.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training.steps import make_dequantizer, trained_variables
+
+    config = FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), block="coupling",
+                        hidden_channels=4, fc_end=False)
+    model, dequantizer = ResidualFlow(config), make_dequantizer("variational", config)
+    dequantizer.dequantize(tf.zeros([1, 4, 4, 1], tf.uint8), seed=[0, 1])  # builds its weights
+    variables = trained_variables(model, dequantizer)
+    assert variables[: len(model.trainable_variables)] == model.trainable_variables
+    assert len(variables) == len(model.trainable_variables) + len(dequantizer.trainable_variables)
+    ```
     """
     extra = list(dequantizer.trainable_variables) if dequantizer is not None else []
     return list(model.trainable_variables) + extra
@@ -358,8 +436,9 @@ def make_train_step(
     def apply_fn(grads):
         optimizer.apply_gradients(zip(grads, variables))
 
-    def ema_update(e, w):
-        return e.assign(ema_decay * e + (1.0 - ema_decay) * tf.cast(w, e.dtype))
+    def ema_update(e, w, weights):
+        decay, rest = weights[e.dtype.name]
+        return e.assign(decay * e + rest * tf.cast(w, e.dtype))
 
     @tf.function
     def train_step(x, step):
@@ -368,8 +447,15 @@ def make_train_step(
 
         def apply():
             strategy.run(apply_fn, args=(grads,))
+            # decay and 1 - decay as one pair of constants per dtype, not per variable
+            weights = {
+                dtype.name: (tf.constant(ema_decay, dtype), tf.constant(1.0 - ema_decay, dtype))
+                for dtype in {e.dtype for e in ema_vars}
+            }
             for e, v in zip(ema_vars, variables):
-                strategy.extended.update(e, ema_update, args=(variable_value(v),), group=False)
+                strategy.extended.update(
+                    e, ema_update, args=(variable_value(v), weights), group=False
+                )
             return tf.constant(True)
 
         tf.cond(ok0, apply, lambda: tf.constant(False))
@@ -406,7 +492,39 @@ def make_eval_step(
     correct, sum cross-entropy)``; for "classification" the bits/dim sums are
     0 (no log-det is computed).
 
-    Example: ``s, s2, n = eval_fn(x, mask, tf.constant(0, tf.int64))``.
+    Args:
+      model: a :class:`~rflow_tf.models.ResidualFlow`.
+      strategy: the ``tf.distribute.Strategy`` it was built in.
+      n_bits: bits per pixel of the images.
+      seed: the int the evaluation seeds derive from.
+      task: ``"density"``, ``"classification"`` or ``"hybrid"``.
+      training_estimator: evaluate with the training log-det estimator.
+      dequantizer: the run's variational dequantiser, or None (uniform noise).
+
+    Returns:
+      A ``tf.function`` ``(x, mask, batch_index) -> sums`` (see above).
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training.steps import make_eval_step
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    images = np.random.default_rng(0).integers(0, 256, [4, 4, 4, 1], dtype=np.uint8)
+    with strategy.scope():  # a one-block coupling flow: quick to build
+        model = ResidualFlow(FlowConfig(input_shape=(4, 4, 1), n_blocks=(1,), block="coupling",
+                                        hidden_channels=4, fc_end=False))
+        model.initialize(tf.cast(images, tf.float32) / 255)
+    eval_fn = make_eval_step(model, strategy)
+    mask = tf.constant([1.0, 1.0, 1.0, 0.0])  # the last image is padding
+    s, s2, n = eval_fn(tf.constant(images), mask, tf.constant(0, tf.int64))
+    assert float(n) == 3 and float(s) / 3 > 0  # mean bits/dim of the 3 images
+    again = eval_fn(tf.constant(images), mask, tf.constant(0, tf.int64))[0]
+    assert float(again) == float(s)  # fixed seeds: the same result
+    ```
     """
     dtype = model.flow_dtype
     base_seed = tf.constant(int(seed) + 1_000_003, tf.int64)

@@ -88,9 +88,10 @@ class Trainer:
     from rflow_tf.training import Trainer, TrainingOptions
 
     # One step of a one-block flow on the digits, 8 test images, no export
-    # (config None: the preset's model).
-    config = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1,), hidden_channels=4, fc_end=False,
-                        n_exact_terms_eval=2)
+    # (config None: the preset's model). An affine-coupling block builds and
+    # traces in seconds; a residual block trains the same way (the package's example).
+    config = FlowConfig(input_shape=(8, 8, 1), n_blocks=(1,), block="coupling",
+                        hidden_channels=4, fc_end=False)
     options = TrainingOptions(preset="tiny", steps=1, batch_size=4, eval_examples=8,
                               n_sample_images=4, export_dir="", out="r")
     trainer = Trainer(config, options)

@@ -88,6 +88,21 @@ class LipschitzLayer(keras.layers.Layer):
         ``"inf"``, or a :class:`LearnableOrder`.
       codomain: the norm order q of the output, as ``domain``.
       **kwargs: arguments of ``keras.layers.Layer`` (``name``, ``dtype``).
+
+    Example:
+    ```python
+    import numpy as np
+    from rflow_tf.layers import LipschitzDense, LipschitzLayer
+
+    layer = LipschitzDense(4, coeff=0.9)  # a LipschitzLayer
+    layer.build((None, 6))
+    layer.kernel.assign(3.0 * layer.kernel)  # now ||W||_2 > coeff
+    w_eff = layer.effective_kernel()  # the kernel changed: re-estimated first
+    assert isinstance(layer, LipschitzLayer) and bool(layer.estimate_is_current())
+    assert np.linalg.norm(w_eff.numpy(), 2) <= 0.9 * (1 + 1e-5)
+    sigma = float(layer.converge())  # the careful estimate, a lower bound of ||W||_2
+    assert float(layer.sigma_upper_bound()) >= sigma * (1 - 1e-6)  # a certified upper bound
+    ```
     """
 
     def __init__(
@@ -404,7 +419,9 @@ class LipschitzLayer(keras.layers.Layer):
         u, v = self.update_estimate()
         kernel = tf.convert_to_tensor(self.kernel)
         sigma = self._estimator.sigma(kernel, u, v)
-        return kernel / tf.maximum(tf.ones_like(sigma), sigma / self.coeff)
+        # sigma * (1 / coeff), not sigma / coeff: the gradient of a product by a
+        # constant is one op, that of a quotient a dozen.
+        return kernel / tf.maximum(tf.ones_like(sigma), sigma * (1.0 / self.coeff))
 
     def _maybe_iterate(self, training):
         if training and self.power_iterations > 0:

@@ -3,8 +3,8 @@
 import keras
 import tensorflow as tf
 
-from rflow_tf.layers._base import _PACKAGE
-from rflow_tf.layers.initializers import _bias_initializer
+from rflow_tf.layers._base import PACKAGE
+from rflow_tf.layers.initializers import bias_initializer_for
 from rflow_tf.layers.lipschitz.base import LipschitzLayer
 from rflow_tf.layers.lipschitz.estimators import (
     ConvSpectralNorm,
@@ -14,7 +14,7 @@ from rflow_tf.layers.lipschitz.estimators import (
 from rflow_tf.layers.lipschitz.orders import order_label
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class LipschitzConv2D(LipschitzLayer):
     """Stride-1 'same' convolution whose operator norm is at most ``coeff``.
 
@@ -90,7 +90,7 @@ class LipschitzConv2D(LipschitzLayer):
             self.add_weight(
                 name="bias",
                 shape=(self.filters,),
-                initializer=_bias_initializer(self.bias_initializer, self.kernel.shape),
+                initializer=bias_initializer_for(self.bias_initializer, self.kernel.shape),
             )
             if self.use_bias
             else None

@@ -3,13 +3,13 @@
 import keras
 import tensorflow as tf
 
-from rflow_tf.layers._base import _PACKAGE
-from rflow_tf.layers.initializers import _bias_initializer
+from rflow_tf.layers._base import PACKAGE
+from rflow_tf.layers.initializers import bias_initializer_for
 from rflow_tf.layers.lipschitz.base import LipschitzLayer
 from rflow_tf.layers.lipschitz.estimators import MatrixSpectralNorm, mixed_norm_estimator
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class LipschitzDense(LipschitzLayer):
     """Dense layer with spectral norm at most ``coeff``: y = x W_eff + b,
     W_eff = W / max(1, sigma / coeff), sigma ~= ||W||_2 by power iteration.
@@ -69,7 +69,7 @@ class LipschitzDense(LipschitzLayer):
             self.add_weight(
                 name="bias",
                 shape=(self.units,),
-                initializer=_bias_initializer(self.bias_initializer, self.kernel.shape),
+                initializer=bias_initializer_for(self.bias_initializer, self.kernel.shape),
             )
             if self.use_bias
             else None

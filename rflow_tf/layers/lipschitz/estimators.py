@@ -48,7 +48,26 @@ def random_unit_like(x, salt, sigma):
     and the stored ``sigma`` (a variable): a function of the layer's state, so
     resumed runs and rebuilt models repeat it.
 
-    Example: ``r = random_unit_like(tf.zeros([4]), 0, tf.Variable(1.0))``.
+        r = normalize(N(0, I)),  seed = (salt, bits of float32(sigma))
+
+    Args:
+      x: a tensor; the result has its shape and dtype.
+      salt: an int that tells apart the draws made from one state.
+      sigma: a variable (anything with ``read_value()``), the stored estimate.
+
+    Returns:
+      A tensor shaped like ``x`` of 2-norm 1 (over all its entries).
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.estimators import random_unit_like
+
+    sigma = tf.Variable(1.5)
+    r = random_unit_like(tf.zeros([4]), 0, sigma)
+    assert abs(float(tf.norm(r)) - 1) < 1e-6
+    assert bool(tf.reduce_all(r == random_unit_like(tf.zeros([4]), 0, sigma)))  # repeatable
+    ```
     """
     bits = tf.bitcast(tf.cast(sigma.read_value(), tf.float32), tf.int32)
     seed = tf.stack([tf.constant(salt, tf.int32), bits])
@@ -56,13 +75,44 @@ def random_unit_like(x, salt, sigma):
 
 
 class NormEstimator:
-    """How one layer estimates sigma (see the module docstring).
+    """How one layer estimates sigma ~= ||W||_{p->q}, the norm of its linear map
+    (see the module docstring); the layer then uses W / max(1, sigma / coeff).
 
     ``layer`` is the :class:`rflow_tf.layers.lipschitz.base.LipschitzLayer`
     it serves: its linear map (``apply_kernel``, ``apply_kernel_transpose``),
     orders, settings (``tol``, ``max_iterations``) and state. ``u_shape`` and
     ``v_shape`` are the shapes of the stored vectors: in the map's codomain
-    and domain.
+    and domain. A subclass gives at least :meth:`sigma`; the base class's
+    :meth:`upper_bound` raises (no certified bound).
+
+    Args:
+      layer: the layer the estimator serves.
+      u_shape: shape of the stored vector u (the map's output).
+      v_shape: shape of the stored vector v (the map's input).
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.estimators import NormEstimator
+
+    class FrobeniusNorm(NormEstimator):  # ||W||_F >= ||W||_2, of the kernel alone
+        stateful = False
+
+        def sigma(self, kernel, u, v):
+            return tf.norm(kernel)
+
+    layer = LipschitzDense(3)
+    layer.build((None, 5))
+    estimator = FrobeniusNorm(layer, u_shape=(3,), v_shape=(5,))
+    w = layer.kernel.numpy()
+    assert np.isclose(float(estimator.sigma(tf.constant(w), None, None)), np.linalg.norm(w))
+    try:
+        estimator.upper_bound(tf.constant(w), 12)
+    except ValueError as error:
+        assert "no certified upper bound" in str(error)
+    ```
     """
 
     #: Whether sigma depends on stored vectors that the layer must keep
@@ -132,15 +182,43 @@ class NormEstimator:
 # ------------------------------------------------------------------ spectral norm
 class SpectralNorm(NormEstimator):
     """sigma = u^T W v ~= ||W||_2 by power iteration (the stored u, v are the
-    top singular vectors' estimates). Subclasses give the map W v, W^T u, the
-    iteration to convergence, the restart vectors and the matrices whose
-    norms bound ||W||_2.
+    top singular vectors' estimates):
+
+        v <- normalize(W^T u),   u <- normalize(W v),   sigma = u^T W v <= ||W||_2.
+
+    Subclasses give the map W v, W^T u, the iteration to convergence, the
+    restart vectors and the matrices whose norms bound ||W||_2.
 
     The in-call re-estimate (:meth:`upkeep`) is warm-started power iteration
     after the small change of an optimiser step; after an abrupt change (a new
     kernel assigned, a restored checkpoint) the warm start may sit on a
     singular vector that is no longer the top one, where power iteration
     stalls, so a restart runs beside it.
+
+    Args: as :class:`NormEstimator`.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.estimators import SpectralNorm
+
+    class DenseSpectralNorm(SpectralNorm):  # plain steps need W v and W^T u only
+        def apply_w(self, v, kernel):  # W v = M^T v for the dense kernel M [5, 3]
+            return tf.linalg.matvec(kernel, v, transpose_a=True)
+
+        def apply_wt(self, u, kernel):
+            return tf.linalg.matvec(kernel, u)
+
+    layer = LipschitzDense(3)
+    layer.build((None, 5))
+    estimator = DenseSpectralNorm(layer, (3,), (5,))
+    kernel = tf.convert_to_tensor(layer.kernel)
+    u, v = estimator.power_steps(kernel, tf.ones([3]), tf.ones([5]), 100)
+    sigma = float(estimator.sigma(kernel, u, v))
+    assert abs(sigma - np.linalg.norm(kernel.numpy(), 2)) < 1e-5
+    ```
     """
 
     eager_upkeep = True
@@ -206,10 +284,15 @@ class SpectralNorm(NormEstimator):
         u1, v1 = self.fresh(kernel, tol, max_iterations, state)
         return self.with_restart(kernel, u1, v1, tol, max_iterations, state)
 
+    def moved_abruptly(self, kernel, state):
+        """Whether ``kernel`` moved by more than :attr:`ABRUPT_CHANGE` (relative,
+        Frobenius norm) since the stored estimate was made (a bool tensor)."""
+        moved = tf.norm(tf.reshape(kernel - state.estimated_kernel.read_value(), [-1]))
+        return moved > self.ABRUPT_CHANGE * tf.norm(tf.reshape(kernel, [-1]))
+
     def upkeep(self, kernel, state):
         # The warm start is built once, outside the branch.
-        moved = tf.norm(tf.reshape(kernel - state.estimated_kernel.read_value(), [-1]))
-        abrupt = moved > self.ABRUPT_CHANGE * tf.norm(tf.reshape(kernel, [-1]))
+        abrupt = self.moved_abruptly(kernel, state)
         u1, v1 = self.fresh(kernel, state=state)
         if tf.executing_eagerly():
             return self.with_restart(kernel, u1, v1, state=state) if bool(abrupt) else (u1, v1)
@@ -255,6 +338,27 @@ class MatrixSpectralNorm(SpectralNorm):
     a restart begins at Gram iteration's top direction (W^T W)^1024 r
     (:func:`~rflow_tf.layers.lipschitz.power_iteration.gram_top_vector`), so
     :meth:`converge` is accurate to float rounding whatever the spectrum.
+
+    Args:
+      layer, u_shape, v_shape: as :class:`NormEstimator` (u [n_out], v [n_in]).
+      matrix: a function of the kernel that gives M [n_in, n_out].
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.estimators import MatrixSpectralNorm
+
+    layer = LipschitzDense(3)
+    layer.build((None, 5))
+    estimator = MatrixSpectralNorm(layer, (3,), (5,), matrix=lambda kernel: kernel)
+    kernel = tf.convert_to_tensor(layer.kernel)
+    u, v = estimator.iterate(kernel, tf.ones([5]), 1e-6, 1000)
+    exact = np.linalg.norm(kernel.numpy(), 2)
+    assert abs(float(estimator.sigma(kernel, u, v)) - exact) < 1e-5
+    assert float(estimator.upper_bound(kernel, 12)) >= exact * (1 - 1e-6)   # certified
+    ```
     """
 
     def __init__(self, layer, u_shape, v_shape, matrix):
@@ -276,6 +380,38 @@ class MatrixSpectralNorm(SpectralNorm):
     def gram_operators(self, kernel):
         return self.matrix(kernel)[None]
 
+    def _best_of(self, kernel, warm, restart, tol=None, max_iterations=None):
+        """(u, v) of the larger sigma of power iterations from ``warm`` and
+        ``restart``, run as the two columns of one loop (``warm`` on a tie)."""
+        tol, max_iterations = self._settings(tol, max_iterations)
+        mat = self.matrix(kernel)
+        u, v = gram_power_iteration(mat, tf.stack([warm, restart], 1), tol, max_iterations)
+        sigmas = tf.reduce_sum(u * tf.matmul(mat, v, transpose_a=True), 0)
+        best = tf.argmax(sigmas)
+        return tf.gather(u, best, axis=1), tf.gather(v, best, axis=1)
+
+    def _restart_start(self, kernel, state):
+        random = random_unit_like(state.v.read_value(), 1, state.sigma)
+        return gram_top_vector(self.matrix(kernel), random)
+
+    def careful(self, kernel, tol=None, max_iterations=None, state=None):
+        state = state or self.layer._power_state()
+        restart = self._restart_start(kernel, state)
+        return self._best_of(kernel, self._warm_start(state), restart, tol, max_iterations)
+
+    def upkeep(self, kernel, state):
+        """As :meth:`SpectralNorm.upkeep`, in one loop: after an abrupt change
+        the second column starts at Gram iteration's top direction, otherwise
+        it repeats the warm start (a second column costs a matrix-matrix
+        product where one column costs a matrix-vector product)."""
+        warm = self._warm_start(state)
+        abrupt = self.moved_abruptly(kernel, state)
+        if tf.executing_eagerly():
+            restart = self._restart_start(kernel, state) if bool(abrupt) else warm
+        else:
+            restart = tf.cond(abrupt, lambda: self._restart_start(kernel, state), lambda: warm)
+        return self._best_of(kernel, warm, restart)
+
 
 class ConvSpectralNorm(SpectralNorm):
     """||W||_2 of a k x k 'same' convolution on the layer's whole H x W input
@@ -290,6 +426,29 @@ class ConvSpectralNorm(SpectralNorm):
     under-reported the norm by up to 0.6%) where the plane wave needs tens and
     is within 1e-4. On small maps the plane wave may sit closer to the second
     singular vector than to the first, so the (cheap) random start runs beside it.
+
+    Args:
+      layer, u_shape, v_shape: as :class:`NormEstimator` (u [1, H, W, c_out],
+        v [1, H, W, c_in]).
+      input_hw: the layer's input (H, W).
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers import LipschitzConv2D
+    from rflow_tf.layers.lipschitz.estimators import ConvSpectralNorm
+
+    conv = LipschitzConv2D(3, 3)
+    conv.build((None, 4, 4, 2))
+    estimator = ConvSpectralNorm(conv, (1, 4, 4, 3), (1, 4, 4, 2), input_hw=(4, 4))
+    kernel = tf.convert_to_tensor(conv.kernel)
+    u, v = tf.function(estimator.iterate)(kernel, tf.ones([1, 4, 4, 2]), 1e-5, 500)
+    basis = tf.reshape(tf.eye(32), [32, 4, 4, 2])  # the padded convolution as a matrix
+    exact = np.linalg.norm(tf.reshape(conv.apply_kernel(basis, kernel), [32, -1]).numpy(), 2)
+    assert abs(float(estimator.sigma(kernel, u, v)) - exact) < 1e-5
+    assert float(estimator.upper_bound(kernel, 12)) >= exact * (1 - 1e-6)   # the torus bound
+    ```
     """
 
     #: Plane-wave restarts for kernels whose smaller channel count is at most
@@ -374,9 +533,31 @@ class _MixedNorm(NormEstimator):
 
 
 class ClosedFormNorm(_MixedNorm):
-    """The exact ||W||_{p->q} for domain 1 or codomain inf (largest column
-    q-norm or row p*-norm, :func:`rflow_tf.norms.closed_form_induced_norm`),
-    recomputed at every use: no stored state to keep current."""
+    """The exact ||W||_{p->q} for domain 1 or codomain inf, recomputed at every
+    use: no stored state to keep current (:func:`rflow_tf.norms.closed_form_induced_norm`):
+
+        ||A||_{1->q}   = max_j ||A[:, j]||_q      (largest column q-norm),
+        ||A||_{p->inf} = max_i ||A[i, :]||_{p*}   (largest row p*-norm, 1/p + 1/p* = 1),
+
+    with A the matrix of the layer's whole linear map x -> W x.
+
+    Args: as :class:`NormEstimator`.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.estimators import ClosedFormNorm
+
+    layer = LipschitzDense(3, domain=1, codomain=2)   # y = x W: A = W^T
+    layer.build((None, 5))
+    estimator = ClosedFormNorm(layer, (3,), (5,))
+    w = layer.kernel.numpy()
+    sigma = float(estimator.sigma(tf.constant(w), None, None))
+    assert np.isclose(sigma, np.linalg.norm(w, axis=1).max(), rtol=1e-5)   # rows of W
+    ```
+    """
 
     stateful = False
 
@@ -410,7 +591,36 @@ class GeneralisedPowerMethod(_MixedNorm):
     that of the norm at the maximiser. :meth:`converge` keeps the best of a
     warm start and :meth:`num_restarts` random starts; every change of the
     kernel *or of a learnable order* re-converges from the stored v beside
-    :meth:`upkeep_restarts` random starts. No certified upper bound is known."""
+    :meth:`upkeep_restarts` random starts. No certified upper bound is known.
+
+    One step (Higham's method, with p* and q* the dual orders):
+
+        u = dual_q(W v / ||W v||_q),   v = dual_{p*}(W^T u),
+        sigma = ||W v||_q / ||v||_p <= ||W||_{p->q},
+
+    where dual_r(x) = sign(x) |x|^(r-1) / ||x||_r^(r-1).
+
+    Args: as :class:`NormEstimator`.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.estimators import GeneralisedPowerMethod
+
+    layer = LipschitzDense(3, domain=2, codomain=3)
+    layer.build((None, 5))                              # converges sigma at build
+    estimator = GeneralisedPowerMethod(layer, (3,), (5,))
+    kernel = tf.convert_to_tensor(layer.kernel)
+    u, v = estimator.iterate(kernel, tf.ones([5]), 1e-8, 500, restarts=16)
+    sigma = float(estimator.sigma(kernel, u, v))        # attained by v: a lower bound
+    x = np.random.default_rng(0).normal(size=(10000, 5)).astype(np.float32)
+    ratios = np.linalg.norm(x @ kernel.numpy(), 3, axis=1) / np.linalg.norm(x, axis=1)
+    assert ratios.max() <= sigma * (1 + 1e-5)           # no random x does better
+    assert np.isclose(sigma, float(layer.sigma), rtol=1e-4)
+    ```
+    """
 
     #: Steps the random starts of a re-estimate run (as one batch with the warm
     #: start) before the best of them is converged alone.
@@ -516,7 +726,28 @@ class GeneralisedPowerMethod(_MixedNorm):
 
 def mixed_norm_estimator(layer, u_shape, v_shape):
     """The estimator of an induced mixed norm: the closed form for domain 1 or
-    codomain inf (fixed), else the generalised power method."""
+    codomain inf (fixed), else the generalised power method.
+
+    Args:
+      layer, u_shape, v_shape: as :class:`NormEstimator`.
+
+    Returns:
+      A :class:`ClosedFormNorm` or a :class:`GeneralisedPowerMethod`.
+
+    Example:
+    ```python
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.estimators import (
+        ClosedFormNorm,
+        GeneralisedPowerMethod,
+        mixed_norm_estimator,
+    )
+
+    closed = mixed_norm_estimator(LipschitzDense(3, domain=1, codomain=2), (3,), (5,))
+    power = mixed_norm_estimator(LipschitzDense(3, domain=2, codomain=3), (3,), (5,))
+    assert isinstance(closed, ClosedFormNorm) and isinstance(power, GeneralisedPowerMethod)
+    ```
+    """
     if layer.domain == 1.0 or layer.codomain == norms.INF:
         return ClosedFormNorm(layer, u_shape, v_shape)
     return GeneralisedPowerMethod(layer, u_shape, v_shape)

@@ -6,10 +6,10 @@ import keras
 import tensorflow as tf
 
 from rflow_tf import norms
-from rflow_tf.layers._base import _PACKAGE
+from rflow_tf.layers._base import PACKAGE
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
+@keras.saving.register_keras_serializable(package=PACKAGE)
 class LearnableOrder(keras.layers.Layer):
     """A learnable norm order p in [1.001, 5], shared by the layers whose norms it ties.
 

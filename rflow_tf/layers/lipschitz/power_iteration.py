@@ -8,9 +8,25 @@ import tensorflow as tf
 
 
 def l2_normalize(x):
-    """x / ||x||_2 over all its entries (a zero x stays zero).
+    """x / ||x||_2 over all its entries (a zero x stays zero):
+    x / (||x||_2 + 1e-12).
 
-    Example: ``l2_normalize(tf.constant([3.0, 4.0]))  # [0.6, 0.8]``.
+    Args:
+      x: a float tensor of any shape.
+
+    Returns:
+      A tensor shaped like ``x``.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.power_iteration import l2_normalize
+
+    assert np.allclose(l2_normalize(tf.constant([3.0, 4.0])), [0.6, 0.8])
+    assert np.allclose(l2_normalize(tf.ones([2, 2])), 0.5)  # over all entries
+    assert not np.any(l2_normalize(tf.zeros([3])))
+    ```
     """
     return x / (tf.norm(tf.reshape(x, [-1])) + 1e-12)
 
@@ -30,6 +46,11 @@ def _smaller_gram(mat):
 _GRAM_STEPS_PER_CHECK = 4
 
 
+def _normalize_columns(x):
+    """Each column of x [n, k] divided by its 2-norm (a zero column stays zero)."""
+    return x / (tf.norm(x, axis=0, keepdims=True) + 1e-12)
+
+
 def gram_power_iteration(mat, v, tol, max_iterations):
     """Power iteration for the matrix W = M^T (M = ``mat`` [n_in, n_out]) on the
     smaller Gram matrix G (W^T W if n_in <= n_out, else W W^T), squared:
@@ -44,29 +65,56 @@ def gram_power_iteration(mat, v, tol, max_iterations):
     G is rescaled by its largest entry (no overflow); a zero matrix gives
     zero vectors (sigma 0), as the plain iteration does.
 
-    Example: ``u, v = gram_power_iteration(m, tf.ones([m.shape[0]]), 5e-4, 200)``.
+    ``v`` may also be a matrix [n_in, k] of k start vectors (columns): the k
+    iterations run in one loop, until every one has converged, and ``(u, v)``
+    are then [n_out, k] and [n_in, k].
+
+    Args:
+      mat: the matrix M [n_in, n_out] of the map W = M^T.
+      v: a start vector [n_in], or k start vectors [n_in, k].
+      tol: the convergence tolerance on the change of x per squared step.
+      max_iterations: the budget of power steps.
+
+    Returns:
+      ``(u, v)``: [n_out] and [n_in] (or [n_out, k] and [n_in, k]), unit norm;
+      sigma = u^T W v estimates ||W||_2 from below.
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.power_iteration import gram_power_iteration
+
+    m = tf.constant(np.random.default_rng(0).normal(size=(5, 3)))  # W = M^T: R^5 -> R^3
+    u, v = gram_power_iteration(m, tf.ones([5], tf.float64), 1e-10, 500)
+    sigma = float(tf.tensordot(u, tf.linalg.matvec(m, v, transpose_a=True), 1))
+    _, s, right = np.linalg.svd(m.numpy().T)
+    assert abs(sigma - s[0]) < 1e-10 and abs(abs(float(tf.tensordot(v, right[0], 1))) - 1) < 1e-10
+    ```
     """
+    columns = v.shape.rank == 2
+    starts = v if columns else v[:, None]
     gram, wide = _smaller_gram(mat)  # wide: iterate on u in R^n_out
-    x = tf.linalg.matvec(mat, v, transpose_a=True) if wide else v
+    x = tf.matmul(mat, starts, transpose_a=True) if wide else starts
     gram = gram / (tf.reduce_max(tf.abs(gram)) + 1e-30)
     gram2 = tf.matmul(gram, gram)
     k = _GRAM_STEPS_PER_CHECK
 
     def body(x, change):
         for _ in range(k - 1):
-            x = l2_normalize(tf.matmul(gram2, x))
-        x2 = l2_normalize(tf.matmul(gram2, x))
-        return x2, tf.norm(x2 - x)
+            x = _normalize_columns(tf.matmul(gram2, x))
+        x2 = _normalize_columns(tf.matmul(gram2, x))
+        return x2, tf.reduce_max(tf.norm(x2 - x, axis=0))
 
     x, _ = tf.while_loop(
         lambda x, change: change > tol,
         body,
-        (l2_normalize(x)[:, None], tf.constant(np.inf, mat.dtype)),
+        (_normalize_columns(x), tf.constant(np.inf, mat.dtype)),
         maximum_iterations=-(-int(max_iterations) // (2 * k)),
     )
-    x = x[:, 0]
-    v = l2_normalize(tf.linalg.matvec(mat, x)) if wide else x
-    return l2_normalize(tf.linalg.matvec(mat, v, transpose_a=True)), v
+    v = _normalize_columns(tf.matmul(mat, x)) if wide else x
+    u = _normalize_columns(tf.matmul(mat, v, transpose_a=True))
+    return (u, v) if columns else (u[:, 0], v[:, 0])
 
 
 def gram_top_vector(mat, v, n_squarings=10):
@@ -88,9 +136,13 @@ def gram_top_vector(mat, v, n_squarings=10):
     ```
     """
     gram, transpose = _smaller_gram(mat)
-    for _ in range(n_squarings):
+
+    def square(i, gram):
         gram = gram / tf.reduce_max(tf.abs(gram))
-        gram = tf.matmul(gram, gram)
+        return i + 1, tf.matmul(gram, gram)
+
+    # A loop, not unrolled: the graph pays per op, the loop's body is 5 of them.
+    _, gram = tf.while_loop(lambda i, _: i < n_squarings, square, (0, gram))
     if transpose:  # iterate in R^n_out, then map back: v = M u
         u = tf.linalg.matvec(gram, tf.linalg.matvec(mat, v, transpose_a=True))
         return l2_normalize(tf.linalg.matvec(mat, u))
@@ -104,9 +156,10 @@ def _kernel_symbol(kernel, w1, w2):
     exp(-i w . p) z to exp(-i w . p) S(w) z."""
     kh, kw = kernel.shape[:2]
     real = w1.dtype
-    a = tf.cast(tf.range(kh) - (kh - 1) // 2, real)
-    b = tf.cast(tf.range(kw) - (kw - 1) // 2, real)
-    phase = w1[:, None, None] * a[None, :, None] + w2[:, None, None] * b[None, None, :]
+    # Tap offsets from the centre, as constants (the graph pays per op).
+    a = tf.constant((np.arange(kh) - (kh - 1) // 2)[None, :, None], real)
+    b = tf.constant((np.arange(kw) - (kw - 1) // 2)[None, None, :], real)
+    phase = w1[:, None, None] * a + w2[:, None, None] * b
     complex_dtype = tf.complex64 if real == tf.float32 else tf.complex128
     waves = tf.exp(tf.complex(tf.zeros_like(phase), -phase))
     return tf.einsum("fab,abio->foi", waves, tf.cast(kernel, complex_dtype))
@@ -152,27 +205,30 @@ def plane_wave_start(kernel, input_hw, n_candidates=4, coarse=32):
     """
     kernel = tf.convert_to_tensor(kernel)
     real = kernel.dtype
+    np_real = real.as_numpy_dtype
     h, w = (int(n) for n in input_hw)
-    grid = tf.range(coarse, dtype=real) * (2 * np.pi / coarse)
-    g1, g2 = (tf.reshape(g, [-1]) for g in tf.meshgrid(grid, grid, indexing="ij"))
-    values, _ = _top_right_singular(_kernel_symbol(kernel, g1, g2))
+    # The frequency grids, positions and envelope do not depend on the kernel:
+    # computed here in the kernel's precision and put in the graph as constants.
+    grid = np.arange(coarse, dtype=np_real) * np_real(2 * np.pi / coarse)
+    g1, g2 = (g.reshape(-1) for g in np.meshgrid(grid, grid, indexing="ij"))
+    values, _ = _top_right_singular(_kernel_symbol(kernel, tf.constant(g1), tf.constant(g2)))
     best = tf.math.top_k(values, min(int(n_candidates), coarse * coarse)).indices
 
     def offsets(n):  # steps of pi / (n + 1), spanning one coarse cell each way
         step = np.pi / (n + 1)
         r = int(np.ceil((2 * np.pi / coarse) / step))
-        return tf.range(-r, r + 1, dtype=real) * step
+        return np.arange(-r, r + 1, dtype=np_real) * np_real(step)
 
-    o1, o2 = (tf.reshape(o, [-1]) for o in tf.meshgrid(offsets(h), offsets(w), indexing="ij"))
-    f1 = tf.reshape(tf.gather(g1, best)[:, None] + o1[None], [-1])
-    f2 = tf.reshape(tf.gather(g2, best)[:, None] + o2[None], [-1])
+    o1, o2 = (o.reshape(1, -1) for o in np.meshgrid(offsets(h), offsets(w), indexing="ij"))
+    f1 = tf.reshape(tf.gather(tf.constant(g1[:, None]), best) + o1, [-1])
+    f2 = tf.reshape(tf.gather(tf.constant(g2[:, None]), best) + o2, [-1])
     values, vectors = _top_right_singular(_kernel_symbol(kernel, f1, f2))
     i = tf.argmax(values)
-    p = tf.range(h, dtype=real)
-    q = tf.range(w, dtype=real)
+    p = np.arange(h, dtype=np_real)
+    q = np.arange(w, dtype=np_real)
     phase = f1[i] * p[:, None] + f2[i] * q[None, :]
     wave = tf.complex(tf.cos(phase), -tf.sin(phase))
-    envelope = tf.sin(np.pi * (p + 1) / (h + 1))[:, None] * tf.sin(np.pi * (q + 1) / (w + 1))
+    envelope = np.sin(np.pi * (p + 1) / (h + 1))[:, None] * np.sin(np.pi * (q + 1) / (w + 1))
     v = tf.math.real(wave[:, :, None] * vectors[i][None, None, :]) * envelope[:, :, None]
     return l2_normalize(v[None])
 

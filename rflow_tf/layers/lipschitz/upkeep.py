@@ -22,7 +22,27 @@ tracing.mark_idempotent_writer("lipschitz_upkeep")
 def backing(variable):
     """The tf.Variable behind a Keras 3 variable (a tf.Variable as it is).
 
-    Example: ``backing(layer.u).assign(u)``.
+    Layers assign their estimate through it: a Keras StatelessScope would turn
+    an assignment to the Keras variable into a no-op.
+
+    Args:
+      variable: a ``keras.Variable`` or a ``tf.Variable``.
+
+    Returns:
+      The ``tf.Variable`` that holds the value.
+
+    Example:
+    ```python
+    import keras
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.upkeep import backing
+
+    weight = keras.Variable([1.0, 2.0])
+    backing(weight).assign([3.0, 4.0])  # writes the Keras variable
+    assert isinstance(backing(weight), tf.Variable) and weight.numpy().tolist() == [3.0, 4.0]
+    plain = tf.Variable(0.0)
+    assert backing(plain) is plain
+    ```
     """
     return variable.value if isinstance(variable, keras.Variable) else variable
 
@@ -32,7 +52,17 @@ def can_store_in_context():
     not inside ``strategy.run`` of a multi-replica strategy (there every
     replica computes the same fresh estimate and uses it without storing).
 
-    Example: ``if can_store_in_context(): update_lipschitz(flow)``.
+    Returns:
+      True outside any replica context or with one replica in sync.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.upkeep import can_store_in_context
+
+    assert can_store_in_context()  # cross-replica context: store
+    assert tf.distribute.OneDeviceStrategy("/cpu:0").run(can_store_in_context)  # one replica
+    ```
     """
     ctx = tf.distribute.get_replica_context()
     return ctx is None or ctx.num_replicas_in_sync == 1
@@ -42,7 +72,27 @@ def inside_vectorized_map():
     """Whether the current trace is the body of ``tf.vectorized_map`` / pfor
     (TFP's AutoBatched JointDistributions use it): pfor traces the loop body
     under a ``loop_body`` name scope that holds its ``PlaceholderWithDefault``
-    loop variable."""
+    loop variable. A layer there uses its stored estimate: pfor cannot
+    vectorise variable assignments.
+
+    Returns:
+      A Python bool (False when executing eagerly).
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.upkeep import inside_vectorized_map
+
+    seen = []
+
+    def body(x):
+        seen.append(inside_vectorized_map())  # at trace time
+        return 2.0 * x
+
+    tf.vectorized_map(body, tf.zeros([3]))
+    assert seen[-1] and not inside_vectorized_map()
+    ```
+    """
     if tf.executing_eagerly():
         return False
     parts = tf.get_current_name_scope().split("/")
@@ -66,7 +116,33 @@ def inside_vectorized_map():
 class PowerState(NamedTuple):
     """The variables a layer's estimate reads (``read_value``) and writes
     (``assign``): tf.Variables, or :class:`HandleVariable` inside an upkeep
-    function shared by the layers of one configuration."""
+    function shared by the layers of one configuration.
+
+    Attributes:
+      kernel: the layer's kernel W.
+      u: the stored left vector (the map's output shape).
+      v: the stored right vector (the map's input shape).
+      sigma: the stored estimate of ||W||, a scalar.
+      estimated_kernel: the kernel u, v and sigma were estimated for.
+      careful: a bool: whether that estimate was the careful one (``converge``).
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.upkeep import PowerState
+
+    state = PowerState(
+        kernel=tf.Variable(tf.eye(2)),
+        u=tf.Variable([1.0, 0.0]),
+        v=tf.Variable([1.0, 0.0]),
+        sigma=tf.Variable(1.0),
+        estimated_kernel=tf.Variable(tf.eye(2)),
+        careful=tf.Variable(False),
+    )
+    state.sigma.assign(2.0)
+    assert float(state[3].read_value()) == 2.0  # a tuple of the variables, in this order
+    ```
+    """
 
     kernel: tf.Variable
     u: tf.Variable
@@ -78,7 +154,28 @@ class PowerState(NamedTuple):
 
 class HandleVariable:
     """A resource variable seen through its handle (an argument of a shared
-    graph function: variables passed by handle are not tied to the function)."""
+    graph function: variables passed by handle are not tied to the function).
+
+    Args:
+      handle: the variable's resource handle (``variable.handle``).
+      like: the variable (or anything with its ``dtype`` and ``shape``).
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.layers.lipschitz.upkeep import HandleVariable
+
+    x = tf.Variable([1.0, 2.0])
+
+    @tf.function
+    def double(handle):  # one function for any float32 [2] variable
+        var = HandleVariable(handle, x)
+        var.assign(2.0 * var.read_value())
+
+    double(x.handle)
+    assert x.numpy().tolist() == [2.0, 4.0]
+    ```
+    """
 
     def __init__(self, handle, like):
         self.handle, self.dtype, self.shape = handle, like.dtype, like.shape
@@ -106,7 +203,27 @@ def upkeep_signature(layer, store):
     variables in :class:`PowerState`: layers with equal signatures share one
     function (the type and orders fix the estimator). None for learnable
     orders (their variables are not in the state) and distributed variables
-    (a handle is one replica's)."""
+    (a handle is one replica's).
+
+    Args:
+      layer: a built :class:`~rflow_tf.layers.lipschitz.base.LipschitzLayer`.
+      store: whether the upkeep stores its estimate (see :func:`can_store_in_context`).
+
+    Returns:
+      A hashable tuple, or None when the layer needs a function of its own.
+
+    Example:
+    ```python
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.upkeep import upkeep_signature
+
+    a, b, c = LipschitzDense(3), LipschitzDense(3), LipschitzDense(4)
+    for layer in (a, b, c):
+        layer.build((None, 5))
+    assert upkeep_signature(a, True) == upkeep_signature(b, True)  # one shared function
+    assert upkeep_signature(a, True) != upkeep_signature(c, True)  # another kernel shape
+    ```
+    """
     if layer._has_learnable_order or any(
         isinstance(v, tf.distribute.DistributedValues) for v in layer._power_state()
     ):
@@ -129,7 +246,31 @@ def upkeep_signature(layer, store):
 def traced_upkeep(layer, store):
     """A graph function running ``layer._update_estimate(store)``, traced once
     per configuration (see :func:`upkeep_signature`) and reused by every
-    enclosing trace; returns a callable of no arguments."""
+    enclosing trace; returns a callable of no arguments.
+
+    The upkeep re-estimates (u, v) only if the kernel changed since the last
+    estimate, and stores them (and sigma) if ``store``; it returns (u, v).
+
+    Args:
+      layer: a built :class:`~rflow_tf.layers.lipschitz.base.LipschitzLayer`.
+      store: whether to store the estimate (see :func:`can_store_in_context`).
+
+    Returns:
+      A callable of no arguments that returns the tensors (u, v).
+
+    Example:
+    ```python
+    import numpy as np
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.upkeep import traced_upkeep
+
+    layer = LipschitzDense(3)
+    layer.build((None, 5))
+    layer.kernel.assign(np.diag([3.0, 2.0, 1.0, 0.0, 0.0])[:, :3])  # ||W||_2 = 3
+    u, v = traced_upkeep(layer, True)()
+    assert bool(layer.estimate_is_current()) and abs(float(layer.sigma) - 3.0) < 1e-4
+    ```
+    """
     signature = upkeep_signature(layer, store)
     if signature is None:
         fns = layer.__dict__.setdefault("_update_fns", {})

@@ -13,9 +13,11 @@ from rflow_tf.bijectors._base import (
     KerasBacked,
     as_float_tensor,
     check_stateless_seed,
-    zeros_for_none,
 )
+from rflow_tf.bijectors.fixed_point import fixed_point_inverse, nan_max
 from rflow_tf.bijectors.monotone import warn_on_failures
+from rflow_tf.bijectors.residual_context import condition_size_of, context_net_for, context_rows
+from rflow_tf.bijectors.residual_logdet import exact_residual_logdet, neumann_residual_logdet
 
 tfb = tfp.bijectors
 
@@ -187,7 +189,7 @@ class IResBlock(KerasBacked):
         self._condition_net = condition_net
         self.condition_size = None
         if condition_net is not None:
-            self.condition_size = _condition_size(condition_net, self._chain)
+            self.condition_size = condition_size_of(condition_net, self._chain)
         self.logdet_mode = logdet
         self.logdet_eval_mode = logdet if logdet_eval is None else logdet_eval
         self.dist = dist
@@ -267,7 +269,7 @@ class IResBlock(KerasBacked):
             vnorms=vnorms,
             learn_p=learn_p,
         )
-        condition_net = _context_net_for(
+        condition_net = context_net_for(
             net, condition_size, condition_hidden_units, condition_activation, dtype
         )
         return cls(net, condition_net=condition_net, event_ndims=1, **block_kwargs)
@@ -314,7 +316,7 @@ class IResBlock(KerasBacked):
             vnorms=vnorms,
             learn_p=learn_p,
         )
-        condition_net = _context_net_for(
+        condition_net = context_net_for(
             net, condition_size, condition_hidden_units, condition_activation, dtype
         )
         return cls(net, condition_net=condition_net, event_ndims=3, **block_kwargs)
@@ -397,46 +399,10 @@ class IResBlock(KerasBacked):
         """The pre-activation shift s(c) [B, S] for the examples of ``x`` (its
         original batch shape), or None for an unconditional block; a clear
         error for a missing, unexpected or misshapen ``conditional_input``."""
-        if self._condition_net is None:
-            if conditional_input is not None:
-                raise ValueError(
-                    f"{self.name}: got conditional_input, but this block is unconditional "
-                    "(build it with condition_size=K, or pass condition_net=...)"
-                )
+        c = context_rows(self.name, conditional_input, x, self.condition_size, self._event_ndims)
+        if c is None:
             return None
-        k = self.condition_size
-        if conditional_input is None:
-            raise ValueError(
-                f"{self.name}: this conditional block needs conditional_input=c of shape "
-                f"[..., {k}]; inside a tfb.Chain or a TransformedDistribution route it with "
-                "rflow_tf.bijectors.conditional_kwargs(flow, c)"
-            )
-        c = tf.convert_to_tensor(conditional_input, dtype_hint=x.dtype)
-        if not c.dtype.is_floating:
-            raise TypeError(
-                f"{self.name}: conditional_input must be floating-point, got {c.dtype.name} "
-                "(embed integer labels first, e.g. tf.one_hot)"
-            )
-        nd = self._event_ndims
-        x_batch = x.shape[: x.shape.rank - nd]
-        if c.shape.rank is not None:
-            if c.shape.rank < 1 or c.shape[-1] not in (None, k):
-                raise ValueError(
-                    f"{self.name}: conditional_input must have shape [..., {k}] "
-                    f"(condition_size {k}), got {c.shape}"
-                )
-            c_batch = c.shape[:-1]
-            try:
-                fits = tf.broadcast_static_shape(c_batch, x_batch).rank == x_batch.rank
-            except ValueError:
-                fits = False
-            if not fits or (x_batch.is_fully_defined() and c_batch.rank > x_batch.rank):
-                raise ValueError(
-                    f"{self.name}: the batch shape {c_batch} of conditional_input {c.shape} "
-                    f"must broadcast to the batch shape {x_batch} of the input {x.shape}"
-                )
-        c = tf.broadcast_to(c, tf.concat([tf.shape(x)[: tf.rank(x) - nd], [k]], 0))
-        shift = self._condition_net(tf.reshape(c, [-1, k]), training=training)
+        shift = self._condition_net(c, training=training)
         if not isinstance(shift, tf.Tensor) or shift.dtype != x.dtype:
             raise TypeError(
                 f"{self.name}: the context net returned dtype "
@@ -539,43 +505,16 @@ class IResBlock(KerasBacked):
         return self._unflatten(xf + gx, batch_shape), self._unflatten(ld, batch_shape)
 
     def _exact(self, x, training, shift=None):
-        """Full Jacobian by one batched VJP: example b is repeated D times and
-        copy i gets the cotangent e_i, so its input gradient is row i of J_g."""
-        d = x.shape[1:].num_elements()
-        x_rep = tf.reshape(tf.repeat(x[None], d, axis=0), [-1] + x.shape[1:].as_list())
-        if shift is not None:
-            shift = tf.reshape(tf.repeat(shift[None], d, axis=0), [-1, shift.shape[-1]])
-        cotangent = tf.repeat(tf.eye(d, dtype=x.dtype)[:, None, :], tf.shape(x)[0], axis=1)
-        with tf.GradientTape() as tape:
-            tape.watch(x_rep)
-            g_rep = self._g(x_rep, training, shift)
-        rows = tape.gradient(g_rep, x_rep, output_gradients=tf.reshape(cotangent, tf.shape(g_rep)))
-        jac = tf.transpose(tf.reshape(rows, [d, -1, d]), [1, 0, 2])  # [B, i, j]
-        gx = tf.reshape(g_rep, tf.concat([[d, -1], tf.shape(g_rep)[1:]], 0))[0]
-        return gx, est.exact_logdet(jac)
+        """g(x) and log |det(I + J_g(x))| from the full Jacobian."""
+        return exact_residual_logdet(lambda x, shift: self._g(x, training, shift), x, shift)
 
     def _backprop(self, x, v, n_terms, weights, training, shift=None):
         gx, vjp, _ = self._linearize(x, training, shift)
         return gx, est.power_series_logdet(vjp, v, n_terms, weights)
 
     def _neumann(self, x, v, n_terms, weights, training, shift=None):
-        """g(x) and the log-det estimate with Neumann-series gradients.
-
-        Default: only x, u and v are kept for the backward pass, which
-        recomputes g(x) with the weights of this forward pass (no further power
-        iteration) and differentiates g and the surrogate u^T J v together, so
-        one backward pass through g serves both. Memory therefore does not grow
-        with the number of series terms, nor with the activations of every block.
-
-        ``grad_in_forward``: the surrogate's gradients are computed here, and
-        the forward pass's activations are kept (as in ordinary backprop) for
-        the path gradient of the backward pass.
-
-        ``shift`` (a conditional block's context shift s(c), [B, S]) is a
-        second input of the custom gradient: its gradient (the path's and the
-        surrogate's, since J_g depends on c) flows on to the context net and c.
-        """
-        block = self
+        """g(x) and the log-det estimate with Neumann-series gradients
+        (:func:`rflow_tf.bijectors.residual_logdet.neumann_residual_logdet`)."""
         # Build the net before reading its variables.
         if not self._keras_tf_variables or (shift is not None and not self._net.built):
             self._g(x, False, shift)
@@ -584,91 +523,9 @@ class IResBlock(KerasBacked):
             if shift is not None
             else [w for w in self._keras_tf_variables if w.trainable]
         )
-        inputs = [x] if shift is None else [x, shift]
-        n_in = len(inputs)
-
-        def as_input_grads(grads):
-            return grads[0] if n_in == 1 else list(grads)
-
-        def recomputed_grads(dgx, dld, variables):
-            """d/d(inputs, variables) of sum(dgx * g(x)) + sum_b dld_b u_b^T J(x_b) v_b."""
-            # Recompute only once the upstream gradient exists: otherwise the
-            # executor may run every block's recomputation at the start of the
-            # backward pass and hold all their activations at once.
-            with tf.control_dependencies([t for t in (dgx, dld) if t is not None]):
-                re = [tf.identity(t) for t in inputs]
-            with tf.GradientTape() as tape:
-                for t in re:
-                    tape.watch(t)
-                gx, _, surrogate = block._linearize(re[0], False, *re[1:])
-                total = tf.zeros([], x.dtype) if dgx is None else tf.reduce_sum(dgx * gx)
-                if dld is not None:
-                    total += tf.reduce_sum(dld * surrogate(u, v))
-            grads = tape.gradient(total, re + list(variables))
-            return zeros_for_none(grads, inputs + variables)
-
-        @tf.custom_gradient
-        def residual_and_logdet(*args):
-            nonlocal u
-            x = args[0]
-            gif = block.grad_in_forward
-            with tf.GradientTape(persistent=gif, watch_accessed_variables=gif) as tape:
-                if gif:
-                    for t in args:
-                        tape.watch(t)
-                gx, vjp, surrogate = block._linearize(x, training, *args[1:])
-                with tape.stop_recording():
-                    ld, u = est.power_series_terms(vjp, v, n_terms, weights, with_neumann=True)
-                if gif:
-                    s = tf.reduce_sum(surrogate(u, v))
-            done = [ld]
-            if gif:
-                pre = tape.gradient(s, list(args) + net_vars)
-                pre_in = zeros_for_none(pre[:n_in], args)
-                pre_vars = {
-                    var.ref(): g for var, g in zip(net_vars, zeros_for_none(pre[n_in:], net_vars))
-                }
-                done += [g for g in pre if g is not None]
-            # The next block starts once this one is finished, so that the
-            # transient tensors of only one block are alive at a time.
-            with tf.control_dependencies(done):
-                gx_out = tf.identity(gx)
-
-            def grad(dgx, dld, variables=None):
-                variables = list(variables or [])
-                if not gif:
-                    grads = recomputed_grads(dgx, dld, variables)
-                    return as_input_grads(grads[:n_in]), grads[n_in:]
-                if dgx is None:
-                    dgx = tf.zeros_like(gx)
-                path = tape.gradient(gx, list(args) + variables, output_gradients=dgx)
-                path = zeros_for_none(path, list(args) + variables)
-                if dld is None:
-                    return as_input_grads(path[:n_in]), path[n_in:]
-                d_in = [
-                    p + tf.reshape(dld, [-1] + [1] * (t.shape.rank - 1)) * q
-                    for p, q, t in zip(path[:n_in], pre_in, args)
-                ]
-                uniform = tf.reduce_all(tf.equal(dld, dld[0]))
-
-                def scaled():
-                    return [
-                        tf.cast(dld[0], var.dtype) * pre_vars[var.ref()]
-                        if var.ref() in pre_vars
-                        else tf.zeros_like(var)
-                        for var in variables
-                    ]
-
-                def per_example():
-                    return recomputed_grads(None, dld, variables)[n_in:]
-
-                dvars = tf.cond(uniform, scaled, per_example) if variables else []
-                return as_input_grads(d_in), [p + d for p, d in zip(path[n_in:], dvars)]
-
-            return (gx_out, ld), grad
-
-        u = None
-        return residual_and_logdet(*inputs)
+        return neumann_residual_logdet(
+            self._linearize, x, v, n_terms, weights, training, net_vars, self.grad_in_forward, shift
+        )
 
     # ------------------------------------------------------ TFP bijector API
     def _forward(self, x, seed=None, training=False, conditional_input=None):
@@ -708,7 +565,7 @@ class IResBlock(KerasBacked):
                 "fixed-point inverse did not converge in",
                 self.inverse_max_iterations,
                 "iterations; final residual",
-                _nan_max(tf.where(ok, tf.zeros_like(residual), residual)),
+                nan_max(tf.where(ok, tf.zeros_like(residual), residual)),
                 "(inf/nan: y or an iterate is not finite);",
                 "those examples are returned as NaN",
             ]
@@ -753,18 +610,6 @@ class IResBlock(KerasBacked):
         """
         yf, batch_shape = self._flatten_batch(y, "y")
         shift = self._context_shift(conditional_input, y, False)
-        atol = tf.cast(self.inverse_atol, yf.dtype)
-        rtol = tf.cast(self.inverse_rtol, yf.dtype)
-        axes = list(range(1, 1 + self._event_ndims))
-
-        def max_abs(t):
-            return tf.reduce_max(tf.abs(t), axis=axes)
-
-        def active(x, change):
-            # Not yet within the tolerance: finite and the last step too large (NaN: False).
-            finite = tf.reduce_all(tf.math.is_finite(x), axis=axes)
-            return finite & (change > atol + rtol * max_abs(x))
-
         if shift is not None and not self._net.built:
             self._net(yf)
         if self._chain is not None and self._net.built:
@@ -774,35 +619,16 @@ class IResBlock(KerasBacked):
         else:
             g = lambda x: self._g(x, False)  # noqa: E731
 
-        def cond(i, x, change):
-            return tf.reduce_any(active(x, change))
-
-        def body(i, x, change):
-            # Every finite example iterates while any is still active: those
-            # already within the tolerance get more accurate for free.
-            go = tf.reduce_all(tf.math.is_finite(x), axis=axes)
-            x_new = yf - g(x)
-            step = max_abs(x_new - x)
-            go_x = tf.reshape(go, tf.concat([tf.shape(go), [1] * self._event_ndims], 0))
-            return i + 1, tf.where(go_x, x_new, x), tf.where(go, step, change)
-
-        change0 = tf.fill(tf.shape(yf)[:1], tf.constant(float("inf"), yf.dtype))
-        _, x, change = tf.while_loop(
-            cond,
-            body,
-            (tf.constant(0), yf, change0),
-            maximum_iterations=self.inverse_max_iterations,
+        x, residual, converged = fixed_point_inverse(
+            g,
+            yf,
+            self._event_ndims,
+            self.inverse_atol,
+            self.inverse_rtol,
+            self.inverse_max_iterations,
         )
-        r = tf.abs(x + g(x) - yf)
-        residual = _nan_max(r, axis=axes)
-        finite = (
-            tf.math.is_finite(change)
-            & tf.math.is_finite(residual)
-            & tf.reduce_all(tf.math.is_finite(x), axis=axes)
-        )
-        converged = finite & (change <= atol + rtol * max_abs(x))
         if not per_example:
-            return self._unflatten(x, batch_shape), _nan_max(residual), tf.reduce_all(converged)
+            return self._unflatten(x, batch_shape), nan_max(residual), tf.reduce_all(converged)
         return (
             self._unflatten(x, batch_shape),
             self._unflatten(residual, batch_shape),
@@ -810,53 +636,7 @@ class IResBlock(KerasBacked):
         )
 
 
-def _context_net_for(net, condition_size, hidden_units, activation, dtype):
-    """The context network of a conditional block whose branch is ``net``, or
-    None when ``condition_size`` is None."""
-    if condition_size is None:
-        return None
-    shift_size = sum(rlayers.JacobianChain.from_net(net).shift_sizes)
-    return rlayers.context_shift_net(condition_size, shift_size, hidden_units, activation, dtype)
-
-
 def _condition(conditional_input):
     """The ``conditional_input`` kwarg to pass on: none at all for an
     unconditional call, so that path's calls stay exactly as they were."""
     return {} if conditional_input is None else {"conditional_input": conditional_input}
-
-
-def _condition_size(condition_net, chain):
-    """K, the size of the context c that ``condition_net`` takes (a built Keras
-    model or layer), checked against the branch: the net must be a
-    :class:`rflow_tf.layers.JacobianChain` (where the shift enters)."""
-    if not callable(condition_net):
-        raise TypeError(
-            f"condition_net must be a callable Keras layer or model, got {type(condition_net)}"
-        )
-    if chain is None:
-        raise ValueError(
-            "condition_net needs a net of Lipschitz layers and supported activations "
-            "(rflow_tf.layers.lipschitz_dense_net / lipschitz_conv_net), whose "
-            "pre-activations the context shifts"
-        )
-    in_shape = getattr(condition_net, "input_shape", None) if condition_net.built else None
-    out_shape = getattr(condition_net, "output_shape", None) if condition_net.built else None
-    if in_shape is None or len(in_shape) != 2 or in_shape[-1] is None:
-        raise ValueError(
-            "condition_net must be built with an input of shape [batch, K], e.g. "
-            "rflow_tf.layers.context_shift_net(K, shift_size)"
-        )
-    if out_shape is not None and out_shape[-1] != sum(chain.shift_sizes):
-        raise ValueError(
-            f"condition_net must output sum(shift_sizes) = {sum(chain.shift_sizes)} values "
-            f"(one per unit of the net's layers {chain.shift_sizes}), got {out_shape[-1]}"
-        )
-    return int(in_shape[-1])
-
-
-def _nan_max(t, axis=None):
-    """max of t over ``axis``, NaN wherever a reduced element is NaN (TF and XLA's
-    reduce_max need not propagate NaN)."""
-    has_nan = tf.reduce_any(tf.math.is_nan(t), axis=axis)
-    top = tf.reduce_max(tf.where(tf.math.is_nan(t), tf.zeros_like(t), t), axis=axis)
-    return tf.where(has_nan, tf.constant(float("nan"), t.dtype), top)

@@ -12,7 +12,8 @@ Packages and modules, lowest layer first (no import runs back up; docs/ARCHITECT
                        (NAF), MixLogCDFCoupling (Flow++), Uniform/VariationalDequantizer
   rflow_tf.classifier  ClassifierHeads, hybrid_loss, ChannelNormalize (hybrid models)
   rflow_tf.config      FlowConfig (versioned), paper presets
-  rflow_tf.flow        the multiscale flow: build_stages, FlowBijector, FactorOut
+  rflow_tf.flow        the multiscale flow as one bijector: FlowBijector, FactorOut
+  rflow_tf.stages      the stages of a FlowConfig's flow: build_stages
   rflow_tf.models      ResidualFlow (Keras model), FlowDistribution
   rflow_tf.export      SavedModel export; load() returns a TransformedDistribution
   rflow_tf.convert     the authors' PyTorch checkpoints -> ResidualFlow / SavedModel (no PyTorch)

@@ -12,36 +12,11 @@ Contents
 
 The configuration lives in :mod:`rflow_tf.config` (:class:`FlowConfig`), the
 paper's presets in :mod:`rflow_tf.presets` (:func:`get_preset`) and the multiscale structure in
-:mod:`rflow_tf.flow` (:class:`FlowBijector`, :class:`FactorOut`,
-:func:`build_stages`); their names are re-exported here.
+:mod:`rflow_tf.flow` (:class:`FlowBijector`, :class:`FactorOut`) and
+:mod:`rflow_tf.stages` (:func:`build_stages`); their names are re-exported here.
 
-Architecture (data -> latent; every piece is a bijector whose ``forward`` is
-the data -> latent direction, see :mod:`rflow_tf.bijectors`)::
-
-    x in [0, 1]^(H x W x C)           (dequantised pixels)
-    LogitTransform(alpha)             y = logit(alpha + (1 - 2 alpha) x)
-    [Squeeze]                         only if squeeze_first
-    [ActNorm]                         only if first_resblock (and actnorm)
-    scale 0:  (IResBlock.conv -> ActNorm) x n_blocks[0]
-                                      (with first_resblock, block 0 is not
-                                      pre-activated)
-              Squeeze                 (H, W, C) -> (H/2, W/2, 4C), channel
-                                      c*4 + 2*dy + dx as the reference
-              [FactorOut]             half the channels -> latent (if factor_out)
-    scale 1:  ...
-    last scale: (IResBlock.conv -> ActNorm) x n_blocks[-1]
-              flatten to a vector of size d
-              [(IResBlock.dense -> ActNorm) x n_fc_blocks]   (the "FC end")
-    z in R^D, D = H * W * C, base density N(0, I)
-
-Variants (:class:`FlowConfig`): ``block="coupling"`` replaces every residual
-block by an affine coupling (:mod:`rflow_tf.bijectors.coupling`; exact log-det),
-``invertible_1x1`` puts a Glow 1x1 convolution before every block of every
-scale, ``init_layer="cifar10"`` replaces the logit by per-channel
-normalisation, and ``n_classes`` adds classifier heads
-(:class:`rflow_tf.classifier.ClassifierHeads`) on each scale's output (the
-squeezed output, or with factor-out the factored half) and on the final
-output (:meth:`ResidualFlow.classify`, :meth:`ResidualFlow.log_prob_and_logits`).
+The architecture (the stages, data -> latent), its variants and the latent
+layout are described in :mod:`rflow_tf.stages`.
 
 Change of variables, with the log-dets of all pieces (including the logit):
 
@@ -51,13 +26,6 @@ Change of variables, with the log-dets of all pieces (including the logit):
 where ``x`` is uniformly dequantised (:func:`rflow_tf.data.dequantize`), so
 ``D n_bits ln 2`` converts the density on [0, 1]^D into a likelihood of the
 discrete n-bit pixels.
-
-Latent layout: a flat vector of size D. Without factor-out it is the output of
-the last stage. With factor-out it is ``[factored_0, factored_1, ...,
-final]``, each factored part flattened in (h, w, c) order. The authors'
-PyTorch code flattens (c, h, w) instead, in the latent and before the FC end;
-that is a fixed permutation (the same model once weights are permuted), the
-one remaining layout difference from the reference (see :class:`FlowConfig`).
 
 Example:
 ```python
@@ -98,11 +66,10 @@ from rflow_tf.config import (  # noqa: F401
     legacy_defaults,
 )
 from rflow_tf.distribution import FlowDistribution, FlowLayer, finite_images_or_nan
-from rflow_tf.flow import (
-    FactorOut,  # noqa: F401
+from rflow_tf.flow import (  # noqa: F401
+    FactorOut,
     FlowBijector,
     as_seed,
-    build_stages,
     check_pixels,
     check_sample_args,
     iter_stages,
@@ -114,6 +81,7 @@ from rflow_tf.presets import (  # noqa: F401
     get_preset_training,
     preset_for_dataset,
 )
+from rflow_tf.stages import build_stages
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -149,7 +117,7 @@ class ResidualFlow(keras.Model):
     """A multiscale Residual Flow for images (a Keras 3 model).
 
     Built from a :class:`FlowConfig` (or a dict, JSON text or preset name);
-    see the module docstring for the architecture. For dequantised images
+    see :mod:`rflow_tf.stages` for the architecture. For dequantised images
     x in [0, 1]^D (D = H W C), with f the data -> latent map:
 
         log p(x) = log N(f(x); 0, I) + log |det df/dx|          (per example)

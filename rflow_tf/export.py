@@ -66,6 +66,23 @@ shape or dtype is rejected by TensorFlow with a message showing the expected
 The graphs are for inference: the residual blocks are traced without their
 custom (Neumann-series) gradients. To fine-tune, use :func:`load`.
 
+Class-conditional flows
+-----------------------
+A flow of p(x | y) (``FlowConfig.condition_classes`` = K > 0) is exported
+with the same functions and signatures, each taking the class after the
+images, latents or sample count: ``log_prob(x, label)``,
+``bits_per_dim(x, label)``, ``sample(n, label, temperature, seed)``,
+``forward(x, label)``, ``inverse(z, label)``; the signatures' extra input is
+named ``label``. A label is int32: one class for the whole batch (a scalar) or
+one per example ([B], or [n] for ``sample``); a class outside [0, K) or a
+label of another length raises ``InvalidArgumentError`` naming the problem.
+Such an export has ``format_version`` 2 (:data:`FORMAT_VERSION`) and its
+metadata adds ``conditional`` (true), ``condition_classes`` (K) and
+``condition_embedding``; ``metadata()`` adds ``condition_classes``. A reader
+of format 1 refuses it. An unconditional export is written exactly as before,
+with ``format_version`` 1. :func:`load` gives back a :class:`LoadedFlow`
+whose ``log_prob``, ``prob``, ``bits_per_dim`` and ``sample`` take ``label=``.
+
 Determinism of the log-densities
 --------------------------------
 Residual blocks estimate log-determinants. The export evaluates them with
@@ -148,8 +165,10 @@ from rflow_tf.export_format import (
     ExportNotFoundError,
     InputDtypeError,
     InputShapeError,
+    LabelError,
     NotAnExportError,
     check_seed,
+    format_version_of,
     is_export,
     load_metadata,
 )
@@ -169,6 +188,7 @@ __all__ = [
     "NotAnExportError",
     "InputShapeError",
     "InputDtypeError",
+    "LabelError",
     "EXACT_MAX_DIMS",
     "DEFAULT_SEED",
     "METADATA_FILE",
@@ -253,16 +273,60 @@ def copy_weights(src, dst):
 # ----------------------------------------------------------------------------
 
 
+def _dequantized(x, n_bits, dequantization, seed, dtype):
+    """Raw ``n_bits``-bit integer images ``x`` (checked to lie in range) as the
+    export's ``bits_per_dim`` dequantises them."""
+    xi = tf.cast(x, tf.int32)
+    checks = [
+        tf.debugging.assert_greater_equal(
+            xi,
+            0,
+            message=f"bits_per_dim: pixels must lie in [0, {2**n_bits - 1}] "
+            f"(integer images reduced to {n_bits} bits)",
+        ),
+        tf.debugging.assert_less_equal(
+            xi,
+            2**n_bits - 1,
+            message=f"bits_per_dim: pixels must lie in [0, {2**n_bits - 1}]"
+            + (
+                f" (reduce 8-bit images to {n_bits} bits first: x >> {8 - n_bits})"
+                if n_bits < 8
+                else ""
+            ),
+        ),
+    ]
+    with tf.control_dependencies(checks):
+        if dequantization == "midpoint":
+            return (tf.cast(xi, dtype) + 0.5) / (2.0**n_bits)
+        return rdata.dequantize(xi, n_bits, seed=seed, dtype=dtype)
+
+
+def _latent_draw(n, d, temperature, seed, dtype):
+    """n latents [n, d] ~ N(0, temperature^2 I) from a stateless seed."""
+    z = tf.random.stateless_normal(tf.stack([n, d]), tfp.random.sanitize_seed(seed), dtype=dtype)
+    return z * tf.cast(temperature, dtype)
+
+
+def _one_label_per_example(label, batch, n_classes):
+    """``label`` (one int, or one per example) as [batch] int32 class ids; an
+    ``InvalidArgumentError`` naming the problem for any other shape."""
+    size = tf.size(label)
+    check = tf.debugging.assert_equal(
+        (tf.rank(label) <= 1) & ((size == 1) | (size == batch)),
+        True,
+        message=f"label must be one class id in [0, {n_classes}) or a vector of one per "
+        "example (as many as images or samples)",
+    )
+    with tf.control_dependencies([check]):
+        return tf.broadcast_to(tf.reshape(label, [-1]), tf.reshape(batch, [1]))
+
+
 class _ExportModule(tf.Module):
     """Root object of the SavedModel; see the module docstring."""
 
     def __init__(self, model, meta, seed, dequantization):
         super().__init__(name="rflow_tf_export")
         cfg = model.flow_config
-        dtype = model.flow_dtype
-        h, w, c = cfg.input_shape
-        d = cfg.num_dims
-        n_bits = int(meta["n_bits"])
         meta_json = json.dumps(meta, sort_keys=True)
         # The training config (the traced model differs only in its log-det mode).
         cfg_json = rmodels.FlowConfig.from_dict(dict(meta["config"])).to_json()
@@ -276,7 +340,7 @@ class _ExportModule(tf.Module):
             meta_json, trainable=False, dtype=tf.string, name="metadata_json"
         )
         self.format_version = tf.Variable(
-            FORMAT_VERSION, trainable=False, dtype=tf.int32, name="format_version"
+            int(meta["format_version"]), trainable=False, dtype=tf.int32, name="format_version"
         )
         self._tmpdir = tempfile.mkdtemp(prefix="rflow_tf_export_")
         meta_file = os.path.join(self._tmpdir, METADATA_FILE)
@@ -284,8 +348,44 @@ class _ExportModule(tf.Module):
             f.write(json.dumps(meta, indent=2, sort_keys=True))
         self.metadata_file = tf.saved_model.Asset(meta_file)
 
-        seed_t = tf.constant(seed, tf.int32)
+        n_bits = int(meta["n_bits"])
         deq_seed = tf.constant(check_seed(meta["dequantization_seed"], "seed"), tf.int32)
+
+        def metadata():
+            """Export metadata and preprocessing facts as tensors."""
+            facts = {
+                "metadata_json": tf.constant(meta_json),
+                "config_json": tf.constant(cfg_json),
+                "n_bits": tf.constant(n_bits, tf.int32),
+                "logit_alpha": tf.constant(float(cfg.logit_alpha), tf.float64),
+                "image_shape": tf.constant(list(cfg.input_shape), tf.int32),
+                "latent_shape": tf.constant([cfg.num_dims], tf.int32),
+                "rflow_tf_version": tf.constant(meta["rflow_tf_version"]),
+                "logdet": tf.constant(meta["logdet"]),
+                "dequantization": tf.constant(dequantization),
+            }
+            if cfg.condition_classes:
+                facts["condition_classes"] = tf.constant(int(cfg.condition_classes), tf.int32)
+            return facts
+
+        self.metadata = tf.function(metadata, input_signature=[])
+        make = self._conditional_functions if cfg.condition_classes else self._functions
+        sig = make(
+            model,
+            tf.constant(seed, tf.int32),
+            lambda x: _dequantized(x, n_bits, dequantization, deq_seed, model.flow_dtype),
+            n_bits,
+        )
+        sig["metadata"] = self.metadata
+        object.__setattr__(self, "export_signatures", sig)  # not a tracked child
+
+    def _functions(self, model, seed_t, dequantized, n_bits):
+        """The functions of a flow of p(x) (set on ``self``); returns the
+        serving signatures."""
+        cfg = model.flow_config
+        dtype = model.flow_dtype
+        h, w, c = cfg.input_shape
+        d = cfg.num_dims
         image_spec = tf.TensorSpec([None, h, w, c], dtype, name="x")
         latent_spec = tf.TensorSpec([None, d], dtype, name="z")
 
@@ -307,54 +407,13 @@ class _ExportModule(tf.Module):
 
         def bits_per_dim(x):
             """Bits/dim [B] of raw n-bit integer images (dequantised here)."""
-            xi = tf.cast(x, tf.int32)
-            checks = [
-                tf.debugging.assert_greater_equal(
-                    xi,
-                    0,
-                    message=f"bits_per_dim: pixels must lie in [0, {2**n_bits - 1}] "
-                    f"(integer images reduced to {n_bits} bits)",
-                ),
-                tf.debugging.assert_less_equal(
-                    xi,
-                    2**n_bits - 1,
-                    message=f"bits_per_dim: pixels must lie in [0, {2**n_bits - 1}]"
-                    + (
-                        f" (reduce 8-bit images to {n_bits} bits first: x >> {8 - n_bits})"
-                        if n_bits < 8
-                        else ""
-                    ),
-                ),
-            ]
-            with tf.control_dependencies(checks):
-                if dequantization == "midpoint":
-                    y = (tf.cast(xi, dtype) + 0.5) / (2.0**n_bits)
-                else:
-                    y = rdata.dequantize(xi, n_bits, seed=deq_seed, dtype=dtype)
-            lp = self.log_prob(y)
+            lp = self.log_prob(dequantized(x))
             return -(lp - d * n_bits * LN2) / (d * LN2)
 
         def sample(n, temperature, seed):
             """n images in [0, 1] from z ~ N(0, temperature^2 I), stateless seed."""
-            z = tf.random.stateless_normal(
-                tf.stack([n, d]), tfp.random.sanitize_seed(seed), dtype=dtype
-            )
-            x = self.inverse(z * tf.cast(temperature, dtype))
+            x = self.inverse(_latent_draw(n, d, temperature, seed, dtype))
             return tf.clip_by_value(x, 0.0, 1.0)
-
-        def metadata():
-            """Export metadata and preprocessing facts as tensors."""
-            return {
-                "metadata_json": tf.constant(meta_json),
-                "config_json": tf.constant(cfg_json),
-                "n_bits": tf.constant(n_bits, tf.int32),
-                "logit_alpha": tf.constant(float(cfg.logit_alpha), tf.float64),
-                "image_shape": tf.constant(list(cfg.input_shape), tf.int32),
-                "latent_shape": tf.constant([d], tf.int32),
-                "rflow_tf_version": tf.constant(meta["rflow_tf_version"]),
-                "logdet": tf.constant(meta["logdet"]),
-                "dequantization": tf.constant(dequantization),
-            }
 
         sample_specs = [
             tf.TensorSpec([], tf.int32, name="n"),
@@ -376,7 +435,6 @@ class _ExportModule(tf.Module):
         self.bits_per_dim.get_concrete_function(uint8_spec)
         self.bits_per_dim.get_concrete_function(int32_spec)
         self.sample = tf.function(sample, input_signature=sample_specs)
-        self.metadata = tf.function(metadata, input_signature=[])
 
         # Serving signatures: dict outputs with stable names, calling the
         # functions above.
@@ -404,7 +462,6 @@ class _ExportModule(tf.Module):
         sig["inverse"] = tf.function(
             lambda z: {"images": self.inverse(z)}, input_signature=[latent_spec]
         )
-        sig["metadata"] = self.metadata
         if model.n_classes:
 
             def classify(x):
@@ -422,7 +479,95 @@ class _ExportModule(tf.Module):
 
             self.classify = tf.function(classify, input_signature=[image_spec])
             sig["classify"] = tf.function(sig_classify, input_signature=[image_spec])
-        object.__setattr__(self, "export_signatures", sig)  # not a tracked child
+        return sig
+
+    def _conditional_functions(self, model, seed_t, dequantized, n_bits):
+        """The functions of a class-conditional flow of p(x | y) (set on
+        ``self``): each takes the label after the images or the sample count;
+        returns the serving signatures."""
+        cfg = model.flow_config
+        dtype = model.flow_dtype
+        h, w, c = cfg.input_shape
+        d = cfg.num_dims
+        k = int(cfg.condition_classes)
+        image_spec = tf.TensorSpec([None, h, w, c], dtype, name="x")
+        latent_spec = tf.TensorSpec([None, d], dtype, name="z")
+        # One class for the whole batch (a scalar) or one per example ([B]).
+        label_spec = tf.TensorSpec(None, tf.int32, name="label")
+
+        def forward(x, label):
+            """Data -> latent given the label: (z [B, D], log |det dz/dx| [B])."""
+            label = _one_label_per_example(label, tf.shape(x)[0], k)
+            return model.forward_and_log_det(x, training=False, seed=seed_t, label=label)
+
+        def inverse(z, label):
+            """Latent -> data given the label: images [B, H, W, C] (not clipped)."""
+            label = _one_label_per_example(label, tf.shape(z)[0], k)
+            return model.bijector.inverse(z, conditional_input=model.label_context(label))
+
+        def log_prob(x, label):
+            """log p(x | y) [B] of float images in [0, 1]."""
+            z, ld = self.forward(x, label)
+            return model.base_log_prob(z) + ld
+
+        def bits_per_dim(x, label):
+            """Bits/dim [B] of p(x | y) for raw n-bit integer images."""
+            lp = self.log_prob(dequantized(x), label)
+            return -(lp - d * n_bits * LN2) / (d * LN2)
+
+        def sample(n, label, temperature, seed):
+            """n images in [0, 1] of class ``label`` (one, or n) from z ~ N(0, T^2 I)."""
+            x = self.inverse(_latent_draw(n, d, temperature, seed, dtype), label)
+            return tf.clip_by_value(x, 0.0, 1.0)
+
+        sample_specs = [
+            tf.TensorSpec([], tf.int32, name="n"),
+            label_spec,
+            tf.TensorSpec([], tf.float32, name="temperature"),
+            tf.TensorSpec([2], tf.int32, name="seed"),
+        ]
+        uint8_spec = tf.TensorSpec([None, h, w, c], tf.uint8, name="x")
+        int32_spec = tf.TensorSpec([None, h, w, c], tf.int32, name="x")
+        self.forward = tf.function(forward, input_signature=[image_spec, label_spec])
+        self.inverse = tf.function(inverse, input_signature=[latent_spec, label_spec])
+        self.log_prob = tf.function(log_prob, input_signature=[image_spec, label_spec])
+        # Two traces, uint8 and int32 pixels (see _functions).
+        self.bits_per_dim = tf.function(bits_per_dim)
+        self.bits_per_dim.get_concrete_function(uint8_spec, label_spec)
+        self.bits_per_dim.get_concrete_function(int32_spec, label_spec)
+        self.sample = tf.function(sample, input_signature=sample_specs)
+
+        def sig_forward(x, label):
+            """forward() with dict outputs for the serving signature."""
+            z, ld = self.forward(x, label)
+            return {"latent": z, "log_det": ld}
+
+        sig = {}
+        sig["serving_default"] = tf.function(
+            lambda x, label: {"log_prob": self.log_prob(x, label)},
+            input_signature=[image_spec, label_spec],
+        )
+        sig["log_prob"] = sig["serving_default"]
+        sig["bits_per_dim"] = tf.function(
+            lambda x, label: {"bits_per_dim": self.bits_per_dim(x, label)},
+            input_signature=[uint8_spec, label_spec],
+        )
+        sig["bits_per_dim_int32"] = tf.function(
+            lambda x, label: {"bits_per_dim": self.bits_per_dim(x, label)},
+            input_signature=[int32_spec, label_spec],
+        )
+        sig["sample"] = tf.function(
+            lambda n, label, temperature, seed: {
+                "images": self.sample(n, label, temperature, seed)
+            },
+            input_signature=sample_specs,
+        )
+        sig["forward"] = tf.function(sig_forward, input_signature=[image_spec, label_spec])
+        sig["inverse"] = tf.function(
+            lambda z, label: {"images": self.inverse(z, label)},
+            input_signature=[latent_spec, label_spec],
+        )
+        return sig
 
     def _cleanup(self):
         shutil.rmtree(self._tmpdir, ignore_errors=True)
@@ -558,7 +703,7 @@ def save(
 
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_of(cfg),
         "rflow_tf_version": _package_version(),
         "tensorflow_version": tf.__version__,
         "tensorflow_probability_version": tfp.__version__,
@@ -590,6 +735,10 @@ def save(
         "n_classes": int(cfg.n_classes),
         "extra": extra_metadata or {},
     }
+    if cfg.condition_classes:  # format 2: the signatures take the label
+        meta["conditional"] = True
+        meta["condition_classes"] = int(cfg.condition_classes)
+        meta["condition_embedding"] = int(cfg.condition_embedding)
 
     module = _ExportModule(export_model, meta, seed, dequantization)
     parent = os.path.dirname(os.path.abspath(path))

@@ -11,7 +11,16 @@ from rflow_tf import bijectors as rbij
 from rflow_tf import models as rmodels
 
 FORMAT = "rflow_tf.export"
-FORMAT_VERSION = 1
+#: The newest export format this rflow_tf reads and writes. An export records
+#: the lowest version that describes it: 1 for a flow of p(x) (the signatures
+#: take images only), 2 for a class-conditional flow of p(x | y) (the
+#: signatures also take the label; the metadata adds ``conditional``,
+#: ``condition_classes`` and ``condition_embedding``). A reader of format 1
+#: refuses a version-2 export instead of misreading it.
+FORMAT_VERSION = 2
+#: The format version of an unconditional export (what every export was
+#: before class-conditional flows); its metadata and signatures are unchanged.
+UNCONDITIONAL_FORMAT_VERSION = 1
 METADATA_FILE = "rflow_tf_export.json"
 #: Images with at most this many dimensions are exported with exact log-dets.
 EXACT_MAX_DIMS = 256
@@ -134,6 +143,31 @@ class InputDtypeError(ExportError, TypeError):
     """
 
 
+class LabelError(ExportError, ValueError):
+    """A loaded flow got a label it cannot use: none for a class-conditional
+    export (which models p(x | y) and needs ``label=y``), one for an
+    unconditional export, or a class outside [0, ``condition_classes``). Also
+    a ``ValueError``.
+
+    Example:
+    ```python
+    import pathlib
+    import tensorflow as tf
+    import rflow_tf
+    from rflow_tf.export import LabelError
+
+    repo = pathlib.Path(rflow_tf.__file__).resolve().parents[1]  # the repository's export
+    dist = rflow_tf.load(repo / "saved_models/digits")  # an unconditional model of p(x)
+    try:
+        dist.log_prob(tf.fill([2, 8, 8, 1], 0.5), label=3)
+    except LabelError as error:
+        assert "unconditional" in str(error)
+    else:
+        raise AssertionError("a label was accepted by an unconditional flow")
+    ```
+    """
+
+
 # ----------------------------------------------------------------------------
 # Metadata
 # ----------------------------------------------------------------------------
@@ -220,6 +254,30 @@ def eval_config(meta, logdet=None):
     if meta.get("n_exact_terms_eval") is not None:
         changes["n_exact_terms_eval"] = int(meta["n_exact_terms_eval"])
     return cfg.replace(**changes)
+
+
+def format_version_of(config):
+    """The export format version :func:`rflow_tf.export.save` records for a
+    flow of configuration ``config``: :data:`UNCONDITIONAL_FORMAT_VERSION` (1)
+    for a model of p(x), :data:`FORMAT_VERSION` (2) for a class-conditional
+    one (``config.condition_classes`` > 0), whose signatures take the label.
+
+    Args:
+      config: a :class:`~rflow_tf.config.FlowConfig`.
+
+    Returns:
+      An int.
+
+    Example:
+    ```python
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.export_format import format_version_of
+
+    assert format_version_of(FlowConfig(input_shape=(4, 4, 1))) == 1
+    assert format_version_of(FlowConfig(input_shape=(4, 4, 1), condition_classes=10)) == 2
+    ```
+    """
+    return FORMAT_VERSION if config.condition_classes else UNCONDITIONAL_FORMAT_VERSION
 
 
 def is_export(path):

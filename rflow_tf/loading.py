@@ -4,6 +4,7 @@ distribution (:func:`load`, :class:`LoadedFlow`); re-exported by
 
 import os
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
 from google.protobuf import message
@@ -16,10 +17,12 @@ from rflow_tf.export_format import (
     LN2,
     InputDtypeError,
     InputShapeError,
+    LabelError,
     NotAnExportError,
     eval_config,
     load_metadata,
 )
+from rflow_tf.flow import check_sample_args
 
 tfb = tfp.bijectors
 tfd = tfp.distributions
@@ -40,7 +43,15 @@ class LoadedFlow(rmodels.FlowDistribution):
       (``dist.model.sample(n, temperature)``, ``dist.model.converge_lipschitz()``
       after fine-tuning);
     * ``metadata`` (the export metadata dict), ``n_bits``, ``image_shape``,
-      ``logdet_seed``.
+      ``logdet_seed``, ``condition_classes``;
+    * for a class-conditional export (``condition_classes`` = K > 0), the
+      distribution p(x | y): ``log_prob``, ``prob``, ``bits_per_dim`` and
+      ``sample`` take ``label=y`` (class ids in [0, K): one int, or one per
+      image or sample) and refuse to run without it (:class:`LabelError`);
+      an unconditional export refuses a label. ``bijector_kwargs=
+      {"conditional_input": dist.model.label_context(y)}`` is the TFP
+      spelling of ``label=y`` (the embedded label is the context of every
+      residual block).
 
     Called eagerly, ``log_prob`` runs inside a ``tf.function`` (traced on the
     first call, fast afterwards; gradients flow as usual). ``sample`` is not
@@ -100,22 +111,126 @@ class LoadedFlow(rmodels.FlowDistribution):
         # Empty batch, NaN/Inf, pixels outside [0, 1]: the fresh model's checks.
         return rmodels.check_pixels(value, self.name)
 
-    def log_prob(self, value, name="log_prob", **kwargs):
+    def _label_kwargs(self, kwargs, label, batch_shape, per):
+        """``kwargs`` with the context of ``label`` added to ``bijector_kwargs``
+        (as ``conditional_input``), after checking the label against the
+        export: required by a class-conditional one, refused by an
+        unconditional one, integer class ids in [0, condition_classes), one
+        or one per example of ``batch_shape`` (``per`` names the examples)."""
+        k = self.condition_classes
+        bijector_kwargs = dict(kwargs.get("bijector_kwargs") or {})
+        if label is None:
+            if k and "conditional_input" not in bijector_kwargs:
+                raise LabelError(
+                    f"{self.name}: this export is class-conditional (a model of p(x | y) with "
+                    f"{k} classes): pass label=y, class ids in [0, {k}) (one, or one per {per})"
+                )
+            return kwargs
+        if not k:
+            raise LabelError(
+                f"{self.name}: got label=, but this export is unconditional (a model of "
+                "p(x)); label= is for exports of class-conditional flows "
+                "(FlowConfig.condition_classes)"
+            )
+        if "conditional_input" in bijector_kwargs:
+            raise LabelError(
+                f"{self.name}: give the class as label=y or its context as bijector_kwargs="
+                '{"conditional_input": dist.model.label_context(y)}, not both'
+            )
+        expected = f"class ids in [0, {k}): one int, or one per {per} (shape {list(batch_shape)})"
+        dtype = getattr(label, "dtype", None)
+        try:
+            label = tf.convert_to_tensor(label)
+        except (TypeError, ValueError) as e:
+            raise InputDtypeError(
+                f"{self.name}: label must be integer {expected}; could not convert it: {e}"
+            ) from None
+        if not label.dtype.is_integer or (dtype is not None and not tf.as_dtype(dtype).is_integer):
+            raise InputDtypeError(
+                f"{self.name}: label must be integer {expected}; got dtype {label.dtype.name}"
+            )
+        shape = label.shape
+        try:
+            fits = shape.rank is not None and shape.rank <= batch_shape.rank
+            fits = fits and tf.broadcast_static_shape(shape, batch_shape).is_compatible_with(
+                batch_shape
+            )
+        except ValueError:
+            fits = False
+        if not fits:
+            got = list(shape) if shape.rank is not None else "unknown"
+            raise InputShapeError(f"{self.name}: label must be {expected}; got shape {got}")
+        if tf.executing_eagerly():
+            values = label.numpy()
+            if values.size and (values.min() < 0 or values.max() >= k):
+                outside = sorted({int(v) for v in values.ravel() if not 0 <= v < k})
+                raise LabelError(
+                    f"{self.name}: label must be in [0, {k}) (this export's "
+                    f"condition_classes), got {outside[:5]}"
+                )
+        # In graphs the label embedding asserts the range itself.
+        bijector_kwargs["conditional_input"] = self.model.label_context(label)
+        return dict(kwargs, bijector_kwargs=bijector_kwargs)
+
+    def log_prob(self, value, name="log_prob", label=None, **kwargs):
         """log p(x) of images x in [0, 1] (shape [..., H, W, C]), after checking
-        dtype and shape. ``bijector_kwargs={"seed": s, "training": t}`` select
-        the log-det estimate (no effect for exact exports; for ``"unbiased"``
-        exports ``seed=dist.logdet_seed`` reproduces the exported values).
+        dtype and shape; log p(x | y) for a class-conditional export, which
+        needs ``label=y`` (class ids: one int, or one per image). Errors:
+        :class:`LabelError` for a missing, unexpected or out-of-range label,
+        :class:`InputDtypeError` / :class:`InputShapeError` for a label that is
+        not integers or has the wrong shape. ``bijector_kwargs={"seed": s,
+        "training": t}`` select the log-det estimate (no effect for exact
+        exports; for ``"unbiased"`` exports ``seed=dist.logdet_seed``
+        reproduces the exported values); ``bijector_kwargs={"conditional_input":
+        dist.model.label_context(y)}`` is the TFP spelling of ``label=y``.
 
-        Example: ``dist.log_prob(x)``.
+        Example: ``dist.log_prob(x)``, ``dist.log_prob(x, label=[3, 7])``.
         """
-        return super().log_prob(self._check_images(value), name=name, **kwargs)
+        value = self._check_images(value)
+        kwargs = self._label_kwargs(kwargs, label, value.shape[:-3], "image")
+        return super().log_prob(value, name=name, **kwargs)
 
-    def prob(self, value, name="prob", **kwargs):
-        """exp(log_prob(value)), with the same input checks.
+    def prob(self, value, name="prob", label=None, **kwargs):
+        """exp(log_prob(value)), with the same input and label checks.
 
-        Example: ``dist.prob(x)``.
+        Example: ``dist.prob(x)``, ``dist.prob(x, label=3)``.
         """
-        return super().prob(self._check_images(value), name=name, **kwargs)
+        value = self._check_images(value)
+        kwargs = self._label_kwargs(kwargs, label, value.shape[:-3], "image")
+        return super().prob(value, name=name, **kwargs)
+
+    def sample(
+        self, sample_shape=(), seed=None, name="sample", label=None, temperature=1.0, **kwargs
+    ):
+        """Images of shape ``sample_shape + (H, W, C)``: z ~ N(0, T^2 I) with
+        ``T = temperature`` (default 1: TFP's sample), x = f^-1(z; y) (not
+        clipped). A class-conditional export needs ``label=y``: one class for
+        every sample, or one per sample (shape ``sample_shape``); the label
+        errors are those of :meth:`log_prob`.
+
+        Example: ``dist.sample(4, seed=[1, 2])``,
+        ``dist.sample(4, label=3, temperature=0.8, seed=[1, 2])``.
+        """
+        check_sample_args(sample_shape, seed, self.name)
+        shape = tf.TensorShape(
+            [sample_shape] if np.ndim(sample_shape) == 0 else list(np.asarray(sample_shape))
+        )
+        kwargs = self._label_kwargs(kwargs, label, shape, "sample")
+        if isinstance(temperature, (bool, str)) or (
+            not tf.is_tensor(temperature) and not float(temperature) >= 0.0
+        ):
+            raise ValueError(f"{self.name}: temperature must be a number >= 0, got {temperature!r}")
+        if tf.is_tensor(temperature) or float(temperature) != 1.0:
+            kwargs["temperature"] = tf.cast(temperature, self.dtype)
+        return super().sample(sample_shape, seed=seed, name=name, **kwargs)
+
+    def _call_sample_n(self, sample_shape, seed, temperature=None, **kwargs):
+        if temperature is None:
+            return super()._call_sample_n(sample_shape, seed, **kwargs)
+        # TFP's sample with the latent scaled before the bijector.
+        distribution_kwargs, bijector_kwargs = self._kwargs_split_fn(kwargs)
+        z = self.distribution.sample(sample_shape, seed=seed, **distribution_kwargs)
+        return self.bijector.forward(z * temperature, **bijector_kwargs)
 
     def _log_prob(self, y, **kwargs):
         if not tf.executing_eagerly():
@@ -125,16 +240,27 @@ class LoadedFlow(rmodels.FlowDistribution):
             parent = super()._log_prob
             fns["log_prob"] = tf.function(lambda y, kw: parent(y, **kw), reduce_retracing=True)
         # The traced function always sees [N, H, W, C] (one trace serves every
-        # batch shape, including a single unbatched image).
+        # batch shape, including a single unbatched image), and a conditional
+        # flow's context one per image, [N, K].
         batch_shape = tf.shape(y)[:-3]
+        context = (kwargs.get("bijector_kwargs") or {}).get("conditional_input")
+        if context is not None:
+            context = tf.convert_to_tensor(context)
+            k = tf.shape(context)[-1:]
+            context = tf.reshape(
+                tf.broadcast_to(context, tf.concat([batch_shape, k], 0)), tf.concat([[-1], k], 0)
+            )
+            kwargs = dict(kwargs, bijector_kwargs=dict(kwargs["bijector_kwargs"]))
+            kwargs["bijector_kwargs"]["conditional_input"] = context
         lp = fns["log_prob"](tf.reshape(y, (-1,) + self.image_shape), kwargs)
         return tf.reshape(lp, batch_shape)
 
-    def bits_per_dim(self, x, name="bits_per_dim"):
+    def bits_per_dim(self, x, name="bits_per_dim", label=None):
         """Bits per dimension of raw integer images ``x`` (uint8/int32/int64,
         shape [..., H, W, C], values in [0, 2**n_bits - 1], already reduced to
         ``n_bits``) with the export's preprocessing and fixed seeds: the same
-        values as the SavedModel's ``bits_per_dim``.
+        values as the SavedModel's ``bits_per_dim``. ``label``: the classes of a
+        class-conditional export, as for :meth:`log_prob`.
 
         Example: ``dist.bits_per_dim(next(iter(load_image_dataset("digits", "test", 64))))``.
         """
@@ -183,7 +309,7 @@ class LoadedFlow(rmodels.FlowDistribution):
                     y = rdata.dequantize(
                         xi, n_bits, seed=meta["dequantization_seed"], dtype=self.dtype
                     )
-            lp = self.log_prob(y, bijector_kwargs={"seed": self.logdet_seed})
+            lp = self.log_prob(y, bijector_kwargs={"seed": self.logdet_seed}, label=label)
             d = float(h * w * c)
             return -(lp - d * n_bits * LN2) / (d * LN2)
 
@@ -203,6 +329,15 @@ class LoadedFlow(rmodels.FlowDistribution):
         """Bits per pixel of the training data."""
         meta = self.metadata
         return int(meta.get("n_bits") or meta.get("config", {}).get("n_bits", 8))
+
+    @property
+    def condition_classes(self):
+        """The number of classes of a class-conditional export (its methods
+        take ``label=``), 0 for a model of p(x)."""
+        model = self.model
+        if model is not None:
+            return int(model.flow_config.condition_classes)
+        return int(self.metadata.get("condition_classes") or 0)
 
     @property
     def logdet_seed(self):
@@ -252,7 +387,10 @@ def load(path, *, logdet=None):
     * ``dist.trainable_variables`` are the flow's weights, so
       ``tfp.math.minimize`` fine-tunes it (call
       ``dist.model.converge_lipschitz()`` afterwards);
-    * ``dist.model`` is the Keras model, ``dist.metadata`` the export metadata.
+    * ``dist.model`` is the Keras model, ``dist.metadata`` the export metadata;
+    * a class-conditional export's distribution is p(x | y):
+      ``dist.log_prob(x, label=y)``, ``dist.sample(n, label=y, temperature=t,
+      seed=...)`` (see :class:`LoadedFlow`).
 
     Args:
       path: directory written by :func:`save`.

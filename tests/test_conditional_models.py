@@ -112,17 +112,33 @@ def test_trainer_task_conditional_trains_evaluates_and_samples_per_class(tmp_pat
 
     from rflow_tf.training import Trainer, UsageError, resolve_run
 
-    config, options = tiny_run(tmp_path, task="conditional", n_sample_images=20)
+    export_dir = str(tmp_path / "export")
+    config, options = tiny_run(
+        tmp_path, task="conditional", n_sample_images=20, export_dir=export_dir
+    )
     assert (config.condition_classes, config.n_classes) == (10, 0)
     trainer = Trainer(config, options)
     embedding = trainer.model.label_embedding.get_weights()[0].copy()
     result = trainer.fit()
     assert result["task"] == "conditional" and result["step"] == 3
     assert math.isfinite(result["test_bpd"]) and 0 < result["test_bpd"] < 20
-    assert "test_accuracy" not in result and result["export_dir"] is None
+    assert "test_accuracy" not in result and result["export_dir"] == export_dir
     assert np.abs(trainer.model.label_embedding.get_weights()[0] - embedding).max() > 0
     header = open(result["samples"], "rb").read()[:24]
     width, height = int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
     assert (width, height) == (2 * (8 + 1) + 1, 10 * (8 + 1) + 1)  # 2 per class, 10 classes
+    # The export loads as a distribution of p(x | y) holding the EMA weights, and
+    # its bits/dim signature takes the labels.
+    import rflow_tf
+
+    dist = rflow_tf.load(export_dir)
+    assert dist.condition_classes == 10 and dist.metadata["condition_classes"] == 10
+    with trainer.ema.weights():
+        for a, b in zip(trainer.model.get_weights(), dist.model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    x_int = np.arange(4 * 64, dtype=np.uint8).reshape(4, 8, 8, 1) % 17
+    obj = tf.saved_model.load(export_dir)
+    bpd = obj.bits_per_dim(x_int, [0, 3, 7, 9]).numpy()
+    assert np.all(np.isfinite(bpd)) and np.all(bpd > 0)
     with pytest.raises(UsageError, match="condition_classes=10"):
         resolve_run(config.replace(condition_classes=3), options)

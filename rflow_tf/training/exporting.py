@@ -58,12 +58,6 @@ class Exporter:
         """
         if not export_dir:
             return None
-        if getattr(self.model.flow_config, "condition_classes", 0):
-            self.log(
-                "the SavedModel export does not take a label yet; skipping it for this "
-                "class-conditional flow (its checkpoints hold the model)"
-            )
-            return None
         try:
             export = importlib.import_module("rflow_tf.export")
         except ImportError:

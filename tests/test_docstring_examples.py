@@ -99,7 +99,9 @@ def test_docstring_example_runs(module, block, tmp_path, monkeypatch):
         namespace = dict(vars(importlib.import_module(module)))
     start = time.perf_counter()
     exec(compile(block, f"<{module} docstring>", "exec"), namespace)  # noqa: S102
-    assert time.perf_counter() - start < 30, "examples must be small"
+    # A guard against an example that trains or loops for long, not a benchmark:
+    # the slowest examples take about 10-30 s on two busy CPU cores.
+    assert time.perf_counter() - start < 90, "examples must be small"
 
 
 def rendered_modules(pages=API_PAGES):

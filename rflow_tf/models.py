@@ -53,8 +53,8 @@ import tensorflow_probability as tfp
 
 from rflow_tf import bijectors as rbij
 from rflow_tf import classifier as rclf
-from rflow_tf import data as rdata
 from rflow_tf import layers as rlayers
+from rflow_tf import model_inputs as rinputs
 
 # The configuration's names are re-exported: rflow_tf.models.FlowConfig, ...
 from rflow_tf.config import (  # noqa: F401
@@ -295,25 +295,10 @@ class ResidualFlow(keras.Model):
     # ------------------------------------------------------------ validation
     def _check_input(self, x, validate, name="x"):
         """Returns (x as a [B, H, W, C] tensor of the flow dtype, was_unbatched)."""
-        x = tf.convert_to_tensor(x)
-        if not x.dtype.is_floating:
-            raise TypeError(
-                f"{self.name}: {name} must be dequantised floats in [0, 1], got dtype "
-                f"{x.dtype.name}; convert integer pixels with "
-                f"rflow_tf.data.dequantize(x, n_bits={self.flow_config.n_bits})"
-            )
-        if x.dtype != self.flow_dtype:
-            x = tf.cast(x, self.flow_dtype)
-        shape = tuple(self.flow_config.input_shape)
-        unbatched = x.shape.rank == 3 and tuple(x.shape) == shape
-        if unbatched:
-            x = x[None]
-        if x.shape.rank != 4 or tuple(x.shape[1:]) != shape:
-            raise ValueError(
-                f"{self.name}: {name} must have shape [batch, {shape[0]}, "
-                f"{shape[1]}, {shape[2]}] (or {list(shape)}), got {x.shape}"
-            )
-        return check_pixels(x, self.name, name, values=validate), unbatched
+        cfg = self.flow_config
+        return rinputs.image_batch(
+            x, cfg.input_shape, self.flow_dtype, cfg.n_bits, self.name, validate, name
+        )
 
     # ------------------------------------------------------------ the flow
     def forward_and_log_det(self, x, training=False, seed=None, validate=True, label=None):
@@ -348,17 +333,7 @@ class ResidualFlow(keras.Model):
                 f"{self.name}: got a label, but this flow is unconditional (build it with "
                 "FlowConfig.condition_classes >= 2)"
             )
-        label = tf.convert_to_tensor(label)
-        if not label.dtype.is_integer:
-            raise TypeError(f"{self.name}: label must be integer class ids, got {label.dtype.name}")
-        n = self.flow_config.condition_classes
-        message = f"{self.name}: label must be in [0, {n})"
-        checks = [
-            tf.debugging.assert_less(label, tf.cast(n, label.dtype), message=message),
-            tf.debugging.assert_non_negative(label, message=message),
-        ]
-        with tf.control_dependencies([c for c in checks if c is not None]):
-            label = tf.identity(label)
+        label = rinputs.checked_labels(label, self.flow_config.condition_classes, self.name)
         return self.label_embedding(label)
 
     def _condition(self, label, x):
@@ -371,16 +346,7 @@ class ResidualFlow(keras.Model):
                     f"[0, {self.flow_config.condition_classes}))"
                 )
             return {}
-        context = self.label_context(label)
-        if context.shape.rank == 1:
-            context = tf.broadcast_to(context, [tf.shape(x)[0], context.shape[-1]])
-        elif context.shape.rank != 2 or (
-            x.shape[0] is not None and context.shape[0] not in (None, x.shape[0])
-        ):
-            raise ValueError(
-                f"{self.name}: label must be one int or one per image ({x.shape[0]}), got "
-                f"shape {context.shape[:-1]}"
-            )
+        context = rinputs.one_context_per_image(self.label_context(label), x, self.name)
         return {"conditional_input": context}
 
     # ------------------------------------------------------ classification
@@ -564,35 +530,16 @@ class ResidualFlow(keras.Model):
 
     # ------------------------------------------------------------ Keras fit
     def _images_from(self, data):
-        """Dequantised images from what a Keras dataset yields: x, (x,),
-        (x, y[, w]) (y and w ignored) or a dict with key "image". Integer
-        pixels are dequantised with uniform noise (``config.n_bits``)."""
-        if isinstance(data, dict):
-            if "image" not in data:
-                raise ValueError(
-                    f"{self.name}: a dict batch needs an 'image' key, got keys {sorted(data)}"
-                )
-            data = data["image"]
-        if isinstance(data, (tuple, list)):
-            data = data[0]
-        x = tf.convert_to_tensor(data)
-        if x.dtype.is_integer:
-            x = rdata.dequantize(x, self.flow_config.n_bits, dtype=self.flow_dtype)
-        return x
+        """Dequantised images from what a Keras dataset yields (see
+        :func:`rflow_tf.model_inputs.images_from_batch`)."""
+        return rinputs.images_from_batch(data, self.flow_config.n_bits, self.flow_dtype, self.name)
 
     def _labels_from(self, data):
-        """The labels of a class-conditional flow's batch, (x, y[, w]) or a dict
-        with keys "image" and "label"; None for an unconditional flow."""
+        """The labels of a class-conditional flow's batch; None for an
+        unconditional flow (see :func:`rflow_tf.model_inputs.labels_from_batch`)."""
         if self.label_embedding is None:
             return None
-        if isinstance(data, dict) and "label" in data:
-            return data["label"]
-        if isinstance(data, (tuple, list)) and len(data) >= 2:
-            return data[1]
-        raise ValueError(
-            f"{self.name}: a class-conditional flow trains on (image, label) batches or "
-            "dicts with 'image' and 'label'"
-        )
+        return rinputs.labels_from_batch(data, self.name)
 
     def train_step(self, data):
         """One Keras ``fit`` step: loss = mean bits/dim of the batch (training

@@ -57,6 +57,9 @@ One module per bijector, each re-exported here (``from rflow_tf.bijectors
 import IResBlock``):
 
 * ``iresblock``: :class:`IResBlock` (``LOGDET_MODES``);
+* ``residual_logdet``, ``fixed_point``, ``residual_context``: the residual
+  block's log-det (exact and with Neumann-series gradients), its fixed-point
+  inverse and its context checks, as functions of the branch g;
 * ``actnorm``: :class:`ActNorm`;
 * ``squeeze``: :class:`Squeeze` (``SQUEEZE_ORDERS``);
 * ``logit``: :class:`LogitTransform`;

@@ -3,9 +3,7 @@
 import keras
 import tensorflow as tf
 
-
-def _backing(variable):
-    return variable.value if isinstance(variable, keras.Variable) else variable
+from rflow_tf.layers.lipschitz.upkeep import backing
 
 
 class FusedAdam(keras.optimizers.Adam):
@@ -71,8 +69,8 @@ class FusedAdam(keras.optimizers.Adam):
             return tf.raw_ops.ResourceApplyAdam(
                 var=variable.handle,
                 lr=tf.cast(learning_rate, variable.dtype),
-                m=_backing(self._momentums[index]).handle,
-                v=_backing(self._velocities[index]).handle,
+                m=backing(self._momentums[index]).handle,
+                v=backing(self._velocities[index]).handle,
                 grad=tf.cast(tf.convert_to_tensor(gradient), variable.dtype),
                 use_locking=False,
                 **step,

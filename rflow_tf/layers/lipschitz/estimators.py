@@ -262,13 +262,16 @@ class SpectralNorm(NormEstimator):
         tol, max_iterations = self._settings(tol, max_iterations)
         return self.iterate(kernel, self._warm_start(state), tol, max_iterations)
 
+    def _restart_starts(self, kernel, state):
+        """:meth:`restart_vectors` from the deterministic random vector of ``state``."""
+        return self.restart_vectors(kernel, random_unit_like(state.v.read_value(), 1, state.sigma))
+
     def restart(self, kernel, tol=None, max_iterations=None, state=None):
         """(u, v) of the largest sigma converged from :meth:`restart_vectors`,
         ignoring the stored v."""
         state = state or self.layer._power_state()
         tol, max_iterations = self._settings(tol, max_iterations)
-        random = random_unit_like(state.v.read_value(), 1, state.sigma)
-        starts = self.restart_vectors(kernel, random)
+        starts = self._restart_starts(kernel, state)
         best = self.iterate(kernel, starts[0], tol, max_iterations)
         for v0 in starts[1:]:
             best = self.larger(kernel, best, self.iterate(kernel, v0, tol, max_iterations))
@@ -390,13 +393,9 @@ class MatrixSpectralNorm(SpectralNorm):
         best = tf.argmax(sigmas)
         return tf.gather(u, best, axis=1), tf.gather(v, best, axis=1)
 
-    def _restart_start(self, kernel, state):
-        random = random_unit_like(state.v.read_value(), 1, state.sigma)
-        return gram_top_vector(self.matrix(kernel), random)
-
     def careful(self, kernel, tol=None, max_iterations=None, state=None):
         state = state or self.layer._power_state()
-        restart = self._restart_start(kernel, state)
+        restart = self._restart_starts(kernel, state)[0]
         return self._best_of(kernel, self._warm_start(state), restart, tol, max_iterations)
 
     def upkeep(self, kernel, state):
@@ -407,9 +406,9 @@ class MatrixSpectralNorm(SpectralNorm):
         warm = self._warm_start(state)
         abrupt = self.moved_abruptly(kernel, state)
         if tf.executing_eagerly():
-            restart = self._restart_start(kernel, state) if bool(abrupt) else warm
+            restart = self._restart_starts(kernel, state)[0] if bool(abrupt) else warm
         else:
-            restart = tf.cond(abrupt, lambda: self._restart_start(kernel, state), lambda: warm)
+            restart = tf.cond(abrupt, lambda: self._restart_starts(kernel, state)[0], lambda: warm)
         return self._best_of(kernel, warm, restart)
 
 

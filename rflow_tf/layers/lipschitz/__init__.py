@@ -8,7 +8,8 @@ Modules, each re-exported here:
   stored estimate (u, v, sigma) and the verbs that keep it current;
 * ``dense``, ``conv`` -- :class:`LipschitzDense`, :class:`LipschitzConv2D`;
 * ``estimators`` -- how sigma is estimated, one strategy chosen in ``build``:
-  spectral power iteration (matrix or convolution), closed forms, the
+  spectral power iteration (matrix or convolution);
+* ``mixed_estimators`` -- the same for mixed norms: closed forms, the
   generalised power method;
 * ``power_iteration`` -- their pure numerics (Gram iteration,
   :func:`plane_wave_start`, the certified upper bound);

@@ -9,8 +9,8 @@ from rflow_tf.layers.lipschitz.base import LipschitzLayer
 from rflow_tf.layers.lipschitz.estimators import (
     ConvSpectralNorm,
     MatrixSpectralNorm,
-    mixed_norm_estimator,
 )
+from rflow_tf.layers.lipschitz.mixed_estimators import mixed_norm_estimator
 from rflow_tf.layers.lipschitz.orders import order_label
 
 

@@ -6,7 +6,8 @@ import tensorflow as tf
 from rflow_tf.layers._base import PACKAGE
 from rflow_tf.layers.initializers import bias_initializer_for
 from rflow_tf.layers.lipschitz.base import LipschitzLayer
-from rflow_tf.layers.lipschitz.estimators import MatrixSpectralNorm, mixed_norm_estimator
+from rflow_tf.layers.lipschitz.estimators import MatrixSpectralNorm
+from rflow_tf.layers.lipschitz.mixed_estimators import mixed_norm_estimator
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

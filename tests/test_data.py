@@ -242,9 +242,9 @@ def test_missing_tfds_dataset_no_download(tmp_path):
 def test_failed_download_is_wrapped(tmp_path, monkeypatch):
     """A download that starts (the network check passes) but fails is reported
     with TFDS's error in one line."""
-    from rflow_tf.data import sources
+    from rflow_tf.data import readers
 
-    monkeypatch.setattr(sources, 'network_unreachable_reason', lambda host: None)
+    monkeypatch.setattr(readers, 'network_unreachable_reason', lambda host: None)
     real_load = tfds.load
 
     def fake_load(*args, download=True, **kwargs):

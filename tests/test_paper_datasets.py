@@ -39,7 +39,7 @@ from tiny_runs import DEFAULT, tiny_flags, tiny_options  # noqa: E402
 from torch_files import zip_to_legacy  # noqa: E402
 
 from rflow_tf import data, models, torch_format  # noqa: E402
-from rflow_tf.data import glow, reference_pth, sources  # noqa: E402
+from rflow_tf.data import glow, network, reference_pth  # noqa: E402
 
 REFERENCE_DATA = os.path.join(REPO, 'tests', 'data', 'reference-data')
 EXPECTED = os.path.join(REFERENCE_DATA, 'expected.npz')
@@ -464,16 +464,16 @@ def test_download_without_network_fails_fast_saying_so(tmp_path, monkeypatch):
     elapsed = time.monotonic() - start
     assert elapsed < OFFLINE_LIMIT_S, elapsed
     assert 'storage.googleapis.com' in str(e.value)
-    assert sources.network_unreachable_reason('storage.googleapis.com') is not None
+    assert network.network_unreachable_reason('storage.googleapis.com') is not None
 
 
 def test_network_check_goes_through_the_proxy(monkeypatch):
     closed = _closed_port()
     monkeypatch.setenv('https_proxy', f'http://127.0.0.1:{closed}')
-    reason = sources.network_unreachable_reason('storage.googleapis.com')
+    reason = network.network_unreachable_reason('storage.googleapis.com')
     assert reason is not None and f'127.0.0.1:{closed}' in reason and 'proxy' in reason
     monkeypatch.setenv('no_proxy', 'storage.googleapis.com')
-    reason = sources.network_unreachable_reason('storage.googleapis.com')
+    reason = network.network_unreachable_reason('storage.googleapis.com')
     assert reason is None or 'proxy' not in reason
 
 

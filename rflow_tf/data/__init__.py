@@ -13,8 +13,9 @@ The package's modules, each re-exported here:
   is, found in seconds (`DataSource`).
 * `catalog`: what each dataset is (`ImageDatasetInfo`, `dataset_info`,
   `classification_augmentation`), re-exported by `images`;
-* `sources`: the readers behind them, the choice of source (`DataSource`)
-  and the network check (`network`); `glow`: Glow's CelebA-HQ TFRecords;
+* `sources`: the choice of source (`DataSource`); `readers`: the readers of
+  TFDS, ImageNet `.npz` files and scikit-learn's digits behind them, with the
+  network check (`network`); `glow`: Glow's CelebA-HQ TFRecords;
   `reference_pth`: the authors' `data/` folder (memory-mapped `.pth` tensors).
 * `errors`: `DatasetNotFoundError` (missing data, with every place looked in)
   and `DatasetFormatError` (damaged data, naming the file).

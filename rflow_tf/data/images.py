@@ -26,13 +26,8 @@ from rflow_tf.data.catalog import (  # noqa: F401  (re-exported)
     dataset_info,
 )
 from rflow_tf.data.errors import DatasetNotFoundError
-from rflow_tf.data.sources import (
-    DataSource,
-    digits_split,
-    locate_source,
-    npz_dataset,
-    tfds_dataset,
-)
+from rflow_tf.data.readers import digits_split, npz_dataset, tfds_dataset
+from rflow_tf.data.sources import DataSource, locate_source
 
 _TEST_SPLIT_ALIASES = ('test', 'val', 'valid', 'validation')
 

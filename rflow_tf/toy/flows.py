@@ -383,7 +383,9 @@ def power_iterate_all(layers, n):
             v = normalize(tf.linalg.matvec(k, u))  # W^T u
             u = normalize(tf.linalg.matvec(k, v, transpose_a=True))  # W v
         sigma = tf.reduce_sum(u * tf.linalg.matvec(k, v, transpose_a=True), axis=-1)
-        for i, layer in enumerate(group):
-            layer.u.assign(u[i])
-            layer.v.assign(v[i])
-            layer.sigma.assign(sigma[i])
+        # one Unpack per tensor, where indexing would add a slice and its
+        # three constants per layer
+        for layer, u_i, v_i, sigma_i in zip(group, tf.unstack(u), tf.unstack(v), tf.unstack(sigma)):
+            layer.u.assign(u_i)
+            layer.v.assign(v_i)
+            layer.sigma.assign(sigma_i)

@@ -256,36 +256,32 @@ class SpectralNorm(NormEstimator):
     def sigma(self, kernel, u, v):
         return tf.reduce_sum(tf.stop_gradient(u) * self.apply_w(tf.stop_gradient(v), kernel))
 
-    def fresh(self, kernel, tol=None, max_iterations=None, state=None):
-        """(u, v) re-converged from the stored v plus a small deterministic perturbation."""
-        state = state or self.layer._power_state()
-        tol, max_iterations = self._settings(tol, max_iterations)
-        return self.iterate(kernel, self._warm_start(state), tol, max_iterations)
-
     def _restart_starts(self, kernel, state):
         """:meth:`restart_vectors` from the deterministic random vector of ``state``."""
         return self.restart_vectors(kernel, random_unit_like(state.v.read_value(), 1, state.sigma))
 
-    def restart(self, kernel, tol=None, max_iterations=None, state=None):
-        """(u, v) of the largest sigma converged from :meth:`restart_vectors`,
-        ignoring the stored v."""
-        state = state or self.layer._power_state()
+    def best_of(self, kernel, starts, tol=None, max_iterations=None):
+        """(u, v) of the largest sigma of power iterations from each of
+        ``starts`` (a list of start vectors; the first on a tie: every
+        estimate is a lower bound of the norm, so the larger is the better).
+        Subclasses run them as one batched loop."""
         tol, max_iterations = self._settings(tol, max_iterations)
-        starts = self._restart_starts(kernel, state)
         best = self.iterate(kernel, starts[0], tol, max_iterations)
         for v0 in starts[1:]:
             best = self.larger(kernel, best, self.iterate(kernel, v0, tol, max_iterations))
         return best
 
-    def with_restart(self, kernel, u1, v1, tol=None, max_iterations=None, state=None):
-        """The larger-sigma pair of (u1, v1) and a :meth:`restart`."""
-        return self.larger(kernel, (u1, v1), self.restart(kernel, tol, max_iterations, state))
+    def restart(self, kernel, tol=None, max_iterations=None, state=None):
+        """(u, v) of the largest sigma converged from :meth:`restart_vectors`,
+        ignoring the stored v."""
+        state = state or self.layer._power_state()
+        return self.best_of(kernel, self._restart_starts(kernel, state), tol, max_iterations)
 
     def careful(self, kernel, tol=None, max_iterations=None, state=None):
-        """(u, v) of the larger sigma of the warm start and a restart."""
+        """(u, v) of the largest sigma of the warm start and a restart."""
         state = state or self.layer._power_state()
-        u1, v1 = self.fresh(kernel, tol, max_iterations, state)
-        return self.with_restart(kernel, u1, v1, tol, max_iterations, state)
+        starts = [self._warm_start(state)] + self._restart_starts(kernel, state)
+        return self.best_of(kernel, starts, tol, max_iterations)
 
     def moved_abruptly(self, kernel, state):
         """Whether ``kernel`` moved by more than :attr:`ABRUPT_CHANGE` (relative,
@@ -295,14 +291,15 @@ class SpectralNorm(NormEstimator):
 
     def upkeep(self, kernel, state):
         # The warm start is built once, outside the branch.
+        warm = self._warm_start(state)
         abrupt = self.moved_abruptly(kernel, state)
-        u1, v1 = self.fresh(kernel, state=state)
         if tf.executing_eagerly():
-            return self.with_restart(kernel, u1, v1, state=state) if bool(abrupt) else (u1, v1)
+            restarts = self._restart_starts(kernel, state) if bool(abrupt) else []
+            return self.best_of(kernel, [warm] + restarts)
         return tf.cond(
             abrupt,
-            lambda: self.with_restart(kernel, u1, v1, state=state),
-            lambda: (tf.identity(u1), tf.identity(v1)),
+            lambda: self.best_of(kernel, [warm] + self._restart_starts(kernel, state)),
+            lambda: self.best_of(kernel, [warm]),
         )
 
     def converge(self, tol, max_iterations, careful):
@@ -383,20 +380,14 @@ class MatrixSpectralNorm(SpectralNorm):
     def gram_operators(self, kernel):
         return self.matrix(kernel)[None]
 
-    def _best_of(self, kernel, warm, restart, tol=None, max_iterations=None):
-        """(u, v) of the larger sigma of power iterations from ``warm`` and
-        ``restart``, run as the two columns of one loop (``warm`` on a tie)."""
+    def best_of(self, kernel, starts, tol=None, max_iterations=None):
+        """As :meth:`SpectralNorm.best_of`, the starts as the columns of one loop."""
         tol, max_iterations = self._settings(tol, max_iterations)
         mat = self.matrix(kernel)
-        u, v = gram_power_iteration(mat, tf.stack([warm, restart], 1), tol, max_iterations)
+        u, v = gram_power_iteration(mat, tf.stack(starts, 1), tol, max_iterations)
         sigmas = tf.reduce_sum(u * tf.matmul(mat, v, transpose_a=True), 0)
         best = tf.argmax(sigmas)
         return tf.gather(u, best, axis=1), tf.gather(v, best, axis=1)
-
-    def careful(self, kernel, tol=None, max_iterations=None, state=None):
-        state = state or self.layer._power_state()
-        restart = self._restart_starts(kernel, state)[0]
-        return self._best_of(kernel, self._warm_start(state), restart, tol, max_iterations)
 
     def upkeep(self, kernel, state):
         """As :meth:`SpectralNorm.upkeep`, in one loop: after an abrupt change
@@ -409,7 +400,7 @@ class MatrixSpectralNorm(SpectralNorm):
             restart = self._restart_starts(kernel, state)[0] if bool(abrupt) else warm
         else:
             restart = tf.cond(abrupt, lambda: self._restart_starts(kernel, state)[0], lambda: warm)
-        return self._best_of(kernel, warm, restart)
+        return self.best_of(kernel, [warm, restart])
 
 
 class ConvSpectralNorm(SpectralNorm):
@@ -468,17 +459,57 @@ class ConvSpectralNorm(SpectralNorm):
         return self.layer.apply_kernel_transpose(u, kernel)
 
     def iterate(self, kernel, v, tol, max_iterations):
+        """As :meth:`SpectralNorm.iterate`, for a batch of start maps v
+        [k, H, W, c_in] at once (each normalised on its own), until every one
+        moves by less than ``tol``."""
+
+        def norms(t):
+            return tf.sqrt(tf.reduce_sum(tf.square(t), axis=(1, 2, 3), keepdims=True))
+
+        def normalize(t):
+            return t / (norms(t) + 1e-12)
+
         def body(v, change):
-            v2 = l2_normalize(self.apply_wt(self.apply_w(v, kernel), kernel))
-            return v2, tf.norm(tf.reshape(v2 - v, [-1]))
+            v2 = normalize(self.apply_wt(self.apply_w(v, kernel), kernel))
+            return v2, tf.reduce_max(norms(v2 - v))
 
         v, _ = tf.while_loop(
             lambda v, change: change > tol,
             body,
-            (l2_normalize(v), tf.constant(np.inf, kernel.dtype)),
+            (normalize(v), tf.constant(np.inf, kernel.dtype)),
             maximum_iterations=int(max_iterations),
         )
-        return l2_normalize(self.apply_w(v, kernel)), v
+        return normalize(self.apply_w(v, kernel)), v
+
+    def best_of(self, kernel, starts, tol=None, max_iterations=None):
+        """As :meth:`SpectralNorm.best_of`, the starts as the batch of one loop."""
+        tol, max_iterations = self._settings(tol, max_iterations)
+        return self._best_of_batch(kernel, tf.concat(starts, 0), tol, max_iterations)
+
+    def _best_of_batch(self, kernel, starts, tol, max_iterations):
+        """(u, v) [1, H, W, c] of the largest sigma of the loop from the batch ``starts``."""
+        u, v = self.iterate(kernel, starts, tol, max_iterations)
+        sigmas = tf.reduce_sum(u * self.apply_w(v, kernel), axis=(1, 2, 3))
+        best = tf.argmax(sigmas)[None]
+        return tf.gather(u, best), tf.gather(v, best)
+
+    def upkeep(self, kernel, state):
+        """As :meth:`SpectralNorm.upkeep`, in one loop: after an abrupt change
+        its batch holds the warm start and the restarts, otherwise the warm
+        start alone (the branch chooses the starts, not the loop)."""
+        warm = self._warm_start(state)
+        abrupt = self.moved_abruptly(kernel, state)
+        if tf.executing_eagerly():
+            return self.best_of(
+                kernel, [warm] + (self._restart_starts(kernel, state) if bool(abrupt) else [])
+            )
+        starts = tf.cond(
+            abrupt,
+            lambda: tf.concat([warm] + self._restart_starts(kernel, state), 0),
+            lambda: warm,
+        )
+        tol, max_iterations = self._settings(None, None)
+        return self._best_of_batch(kernel, starts, tol, max_iterations)
 
     def restart_vectors(self, kernel, v):
         kh, kw, c_in, c_out = kernel.shape

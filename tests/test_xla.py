@@ -9,14 +9,19 @@ seed (its Philox stream is laid out differently), so the comparison uses the
 deterministic exact log-det; with the default unbiased estimator the compiled
 step is checked to train and keep the bound."""
 
+import time
+
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
 
 from rflow_tf import layers as rl
 from rflow_tf.bijectors import IResBlock, flow_kwargs
 from rflow_tf.data import toy_2d
+from rflow_tf.layers.lipschitz import plane_wave_start
+from rflow_tf.layers.lipschitz.mixed_estimators import GeneralisedPowerMethod
 from rflow_tf.toy import ToyTrainer, parse_args
 
 tfb, tfd = tfp.bijectors, tfp.distributions
@@ -107,3 +112,150 @@ def test_toy_trainer_compiles_its_whole_step_with_xla():
     assert layers and all(bool(layer.estimate_is_current()) for layer in layers)
     for layer in layers:
         assert np.linalg.norm(layer.effective_kernel().numpy(), 2) <= layer.coeff * (1 + 1e-3)
+
+
+def _operator_norm(layer):
+    """||W||_2 of a Lipschitz layer's map with its effective kernel: a dense
+    kernel's, or a 'same' convolution's on its whole input map as a matrix."""
+    kernel = layer.effective_kernel()
+    if kernel.shape.rank == 2:
+        return np.linalg.norm(kernel.numpy(), 2)
+    (h, w), c_in = layer._input_hw, kernel.shape[2]  # noqa: SLF001
+    basis = tf.reshape(tf.eye(h * w * c_in), [h * w * c_in, h, w, c_in])
+    matrix = tf.reshape(layer.apply_kernel(basis, kernel), [h * w * c_in, -1])
+    return np.linalg.norm(matrix.numpy(), 2)
+
+
+def _image_steps(jit_compile, monkeypatch, n_steps=3):
+    """Steps of the image trainer's training step (make_train_step, one
+    replica, EMA, a step counter) on a one-block flow with the exact log-det;
+    the loss hook makes step 2's loss NaN, so that update is skipped. The
+    dequantisation noise is replaced by the cell centres: XLA's uniform draws
+    from the same seed are other numbers."""
+    import rflow_tf.data
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training.ema import EMAWeights
+    from rflow_tf.training.steps import make_optimizer, make_train_step
+
+    def centres(x_int, n_bits=8, seed=None, dtype=tf.float32):
+        return (tf.cast(x_int, dtype) + 0.5) / float(2**n_bits)
+
+    monkeypatch.setattr(rflow_tf.data, "dequantize", centres)
+    keras.utils.set_random_seed(0)
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    config = FlowConfig(
+        input_shape=(4, 4, 1), n_blocks=(1,), hidden_channels=4, fc_end=False, logdet="exact"
+    )
+    # ActNorm is initialised on a batch of its own: on the training batches
+    # no gradient is ~0 (Adam would magnify its rounding).
+    images = np.random.default_rng(0).integers(0, 256, [n_steps + 1, 8, 4, 4, 1], dtype=np.uint8)
+    with strategy.scope():
+        model = ResidualFlow(config)
+        model.initialize(centres(images[n_steps]))
+        optimizer = make_optimizer(1e-2, 2)
+        optimizer.build(model.trainable_variables)
+        ema = EMAWeights(model, model.trainable_variables, strategy).variables
+        step_var = tf.Variable(0, dtype=tf.int64)
+
+    def nan_at_step_2(loss, step):
+        return tf.where(tf.equal(step, 2), tf.constant(np.nan, loss.dtype), loss)
+
+    step_fn = make_train_step(
+        model,
+        optimizer,
+        strategy,
+        ema,
+        global_batch_size=8,
+        ema_decay=0.9,
+        jit_compile=jit_compile,
+        step_var=step_var,
+        loss_hook=nan_at_step_2,
+    )
+    outs, weights, seconds = [], [], []
+    for i in range(n_steps):
+        t = time.perf_counter()
+        out = step_fn(tf.constant(images[i]), tf.constant(i, tf.int64))
+        outs.append({k: float(v) for k, v in out.items()})
+        seconds.append(time.perf_counter() - t)
+        weights.append([v.numpy() for v in model.trainable_variables])
+    layers = rl.lipschitz_layers(model)
+    return {
+        "outs": outs,
+        "weights": weights,
+        "ema": [v.numpy() for v in ema],
+        "current": [bool(layer.estimate_is_current()) for layer in layers],
+        "sigmas": np.array([float(layer.sigma) for layer in layers]),
+        "norms": [_operator_norm(layer) for layer in layers],
+        "coeffs": [layer.coeff for layer in layers],
+        "counters": (int(step_var.numpy()), int(optimizer.iterations.numpy())),
+        "traces": step_fn.experimental_get_tracing_count(),
+        "seconds": seconds,
+    }
+
+
+def test_image_trainer_compiles_its_whole_step_once_and_matches_the_graph_step(monkeypatch):
+    """--jit_compile on one replica: one XLA executable for the whole step
+    (dequantisation, forward, backward, clipping, Adam, EMA, the skip of a
+    non-finite update, the Lipschitz upkeep), compiled at the first step and
+    reused by the next ones, with the graph step's losses, weights, EMA
+    weights and Lipschitz estimates."""
+    graph = _image_steps(False, monkeypatch)
+    xla = _image_steps(True, monkeypatch)
+    assert [o["ok"] for o in xla["outs"]] == [1.0, 0.0, 1.0]  # step 2's NaN: skipped
+    for o_xla, o_graph in zip(xla["outs"], graph["outs"]):
+        for key in ("loss", "grad_norm", "logdet"):
+            np.testing.assert_allclose(o_xla[key], o_graph[key], rtol=1e-4, equal_nan=True)
+    for w_xla, w_graph in zip(xla["weights"], graph["weights"]):
+        for a, b in zip(w_xla, w_graph):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(xla["ema"], graph["ema"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(xla["sigmas"], graph["sigmas"], rtol=1e-5)
+    assert xla["counters"] == graph["counters"] == (3, 2)  # the skipped update: no Adam step
+    assert all(xla["current"])
+    for norm, coeff in zip(xla["norms"], xla["coeffs"]):
+        assert norm <= coeff * (1 + 1e-3)
+    # Compiled once: one trace, and the later steps run the first step's
+    # executable (a recompilation takes seconds; a step, milliseconds).
+    assert xla["traces"] == 1
+    first, later = xla["seconds"][0], xla["seconds"][1:]
+    assert max(later) < first / 10, xla["seconds"]
+
+
+def _plane_wave():
+    return lambda kernel: plane_wave_start(kernel, (6, 6))
+
+
+def _mixed_norm_restart():
+    layer = rl.LipschitzDense(3, domain=2, codomain=3)
+    layer.build((None, 5))
+    estimator = GeneralisedPowerMethod(layer, (3,), (5,))
+    return lambda kernel: tf.concat(estimator.iterate(kernel, tf.ones([5]), 1e-6, 50, 4), 0)
+
+
+@pytest.mark.parametrize(
+    "make, shape", [(_plane_wave, [3, 3, 2, 3]), (_mixed_norm_restart, [5, 3])]
+)
+def test_restart_vectors_compile_once_for_a_changing_kernel(make, shape):
+    """The restarts pick their best start (the conv layers' plane wave its
+    frequency, the mixed-norm power method its best random start) with
+    gathers: a slice at the computed index would make XLA need the kernel's
+    value at compile time, so a compiled step recompiled for every new kernel."""
+    kernel = tf.Variable(tf.random.stateless_normal(shape, seed=[0, 1]))
+    change = 0.1 * tf.random.stateless_normal(shape, seed=[2, 3])
+    fn = make()
+
+    @tf.function(jit_compile=True)
+    def move_then_start(delta):
+        kernel.assign_add(delta)
+        return fn(kernel.read_value())
+
+    compiled = tf.function(fn, jit_compile=True)
+    seconds = []
+    for _ in range(3):
+        t = time.perf_counter()
+        got = move_then_start(change).numpy()
+        seconds.append(time.perf_counter() - t)
+        np.testing.assert_allclose(got, compiled(kernel.read_value()).numpy(), atol=1e-6)
+    assert max(seconds[1:]) < seconds[0] / 10, seconds

@@ -132,6 +132,13 @@ def write_scalar(name, value, step):
     )
 
 
+def _one_device(strategy):
+    """Whether ``strategy`` runs one replica on one device with no collective
+    all-reduce (a ``OneDeviceStrategy`` or the default strategy)."""
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    return strategy.num_replicas_in_sync == 1 and not isinstance(strategy, mirrored)
+
+
 def _first(strategy, value):
     return strategy.experimental_local_results(value)[0]
 
@@ -260,6 +267,13 @@ def make_train_step(
     the update. Finally run power iteration to convergence (``converge``)
     and increment ``step_var`` if given.
 
+    ``jit_compile``: compile with XLA. With one replica on one device
+    (:class:`tf.distribute.OneDeviceStrategy` or the default strategy) the
+    whole step above is one XLA program (``tf.function(jit_compile=True)``),
+    compiled at the first call and reused by the next ones; with several
+    replicas each replica's forward and backward is compiled, the
+    all-reduce, the update and the upkeep run in the graph.
+
     ``loss_hook``: None, or ``(loss, step) -> loss`` traced after the
     all-reduce, before the finiteness check, with the number of the step
     being trained (``step + 1``; see :mod:`rflow_tf.training.hooks`).
@@ -379,7 +393,11 @@ def make_train_step(
             return loss, grads, ld_mean, metrics
         return loss, grads, ld_mean
 
-    if jit_compile:
+    # One replica on one device: XLA compiles the whole step (below); several
+    # replicas: each replica's forward and backward, the all-reduce and the
+    # update staying in the graph.
+    whole_step_xla = bool(jit_compile) and _one_device(strategy)
+    if jit_compile and not whole_step_xla:
         micro = tf.function(micro, jit_compile=True)
 
     classifier = task in ("classification", "hybrid")
@@ -440,7 +458,7 @@ def make_train_step(
         decay, rest = weights[e.dtype.name]
         return e.assign(decay * e + rest * tf.cast(w, e.dtype))
 
-    @tf.function
+    @tf.function(jit_compile=whole_step_xla)
     def train_step(x, step):
         loss, gnorm, ok, ld, grads, metrics = strategy.run(replica_fn, args=(x, step))
         ok0 = _first(strategy, ok)

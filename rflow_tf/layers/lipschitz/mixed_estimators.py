@@ -191,7 +191,9 @@ class GeneralisedPowerMethod(_MixedNorm):
             seed = tf.stack([tf.constant(3, tf.int32), bits])
             starts = tf.concat([v, tf.random.stateless_normal(shape, seed, dtype=v.dtype)], 0)
             res = norms.power_iteration(apply, apply_t, starts, p, q, self.RESTART_STEPS, 0.0)
-            v = res.v[tf.argmax(res.norm)][None]
+            # A gather, not a slice at the computed index (which would make
+            # XLA need the kernel's value at compile time).
+            v = tf.gather(res.v, tf.argmax(res.norm)[None])
         res = norms.power_iteration(apply, apply_t, v, p, q, max_iterations, tol)
         return tf.reshape(res.u, layer.u.shape), tf.reshape(res.v, layer.v.shape)
 

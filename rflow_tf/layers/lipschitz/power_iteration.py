@@ -223,13 +223,15 @@ def plane_wave_start(kernel, input_hw, n_candidates=4, coarse=32):
     f1 = tf.reshape(tf.gather(tf.constant(g1[:, None]), best) + o1, [-1])
     f2 = tf.reshape(tf.gather(tf.constant(g2[:, None]), best) + o2, [-1])
     values, vectors = _top_right_singular(_kernel_symbol(kernel, f1, f2))
+    # Gathers, not slices: a slice at a computed index would make XLA need
+    # the kernel's value at compile time (one compilation per kernel).
     i = tf.argmax(values)
     p = np.arange(h, dtype=np_real)
     q = np.arange(w, dtype=np_real)
-    phase = f1[i] * p[:, None] + f2[i] * q[None, :]
+    phase = tf.gather(f1, i) * p[:, None] + tf.gather(f2, i) * q[None, :]
     wave = tf.complex(tf.cos(phase), -tf.sin(phase))
     envelope = np.sin(np.pi * (p + 1) / (h + 1))[:, None] * np.sin(np.pi * (q + 1) / (w + 1))
-    v = tf.math.real(wave[:, :, None] * vectors[i][None, None, :]) * envelope[:, :, None]
+    v = tf.math.real(wave[:, :, None] * tf.gather(vectors, i)[None, None, :]) * envelope[:, :, None]
     return l2_normalize(v[None])
 
 

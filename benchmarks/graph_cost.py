@@ -22,11 +22,14 @@ Workloads (each in a fresh subprocess, so no trace or cache is shared):
   shape, 3 scales x 2 blocks, 128 channels, our default Neumann backward),
   batch 64: the trainer's training step, its evaluation step, the sampler and
   the SavedModel export (its time is the whole ``rflow_tf.save`` call);
+* ``image_xla``: the same model and batch, the trainer's training step with
+  ``jit_compile=True`` (one replica: the whole step, Lipschitz upkeep included,
+  is one XLA program); its first call is the compilation;
 * ``celebahq``: constructing the paper's CelebA-HQ 256 model (``--celebahq``; slow).
 
 Usage::
 
-    python benchmarks/graph_cost.py                    # four_block, maf, toy, image
+    python benchmarks/graph_cost.py                    # four_block, maf, toy, image, image_xla
     python benchmarks/graph_cost.py --workloads four_block,maf
     python benchmarks/graph_cost.py --celebahq         # also the CelebA-HQ construction
     python benchmarks/graph_cost.py --single toy       # one workload, JSON lines
@@ -49,7 +52,7 @@ if REPO not in sys.path:
 
 from rflow_tf.settings import parse_settings, setting  # noqa: E402  (imports TensorFlow)
 
-WORKLOADS = ("four_block", "maf", "toy", "image")
+WORKLOADS = ("four_block", "maf", "toy", "image", "image_xla")
 
 
 def _nodes(concrete):
@@ -155,13 +158,15 @@ def _toy(steps):
     return rows
 
 
-def _image(steps):
+def _image_model():
+    """The canonical image model (one replica), its optimiser and EMA copies,
+    initialised on a batch of 64 uint8 images; returns them, the batch, the
+    strategy and the build time."""
     import tensorflow as tf
 
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     from train_step import benchmark_config
 
-    import rflow_tf
     from rflow_tf import models
     from rflow_tf import training as trainer
 
@@ -181,6 +186,16 @@ def _image(steps):
         tf.uint8,
     )
     model.initialize(tf.cast(x_int, tf.float32) / 256.0 + 1.0 / 512.0)
+    return model, optimizer, ema, x_int, strategy, build
+
+
+def _image(steps):
+    import tensorflow as tf
+
+    import rflow_tf
+    from rflow_tf import training as trainer
+
+    model, optimizer, ema, x_int, strategy, build = _image_model()
     step = trainer.make_train_step(
         model, optimizer, strategy, ema, global_batch_size=64, n_bits=8, seed=0
     )
@@ -195,6 +210,22 @@ def _image(steps):
         t = time.perf_counter()
         rflow_tf.save(model, os.path.join(tmp, "flow"), n_bits=8)
         rows.append({"part": "SavedModel export", "build_s": time.perf_counter() - t})
+    return rows
+
+
+def _image_xla(steps):
+    import tensorflow as tf
+
+    from rflow_tf import training as trainer
+
+    model, optimizer, ema, x_int, strategy, build = _image_model()
+    step = trainer.make_train_step(
+        model, optimizer, strategy, ema, global_batch_size=64, n_bits=8, seed=0, jit_compile=True
+    )
+    rows = [{"part": "build model + optimizer", "build_s": build}]
+    # The first call compiles the whole step with XLA; the next ones reuse it.
+    rows.append(measure("train step (XLA, whole)", step, (x_int, tf.constant(0, tf.int64)), steps))
+    rows[-1]["tracing_count"] = step.experimental_get_tracing_count()
     return rows
 
 
@@ -222,6 +253,8 @@ def run_single(name, steps):
         return _toy(steps)
     if name == "image":
         return _image(steps)
+    if name == "image_xla":
+        return _image_xla(steps)
     if name == "celebahq":
         return _celebahq()
     raise ValueError(f"unknown workload {name!r}")
@@ -297,6 +330,13 @@ def main(argv=None):
         print(
             f"image first step (trace + first call): "
             f"{image['trace_s'] + image['first_call_s']:.1f} s"
+        )
+    xla = results.get(("image_xla", "train step (XLA, whole)"))
+    if xla:
+        print(
+            f"image XLA whole step: trace + compile + first run "
+            f"{xla['trace_s'] + xla['first_call_s']:.1f} s, then {xla['step_s']:.3f} s per step"
+            f" (traced {xla['tracing_count']} time(s))"
         )
     print(load_average())
 

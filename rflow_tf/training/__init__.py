@@ -1,21 +1,25 @@
 """Training as a library: ``Trainer(config, options).fit()``, usable in a notebook.
 
 * ``options``: :class:`TrainingOptions` (every non-architecture setting,
-  declared once with its flag, checked on construction), :func:`flow_config_for`
-  (the FlowConfig a run of the options trains), :func:`resolve_run` (both into
-  a :class:`RunSpec` and its typed :class:`RunSettings`);
+  declared once with its flag, checked on construction), :func:`check_flags`,
+  :class:`UsageError`, :class:`TrainingDivergedError`;
+* ``run_spec``: :func:`flow_config_for` (the FlowConfig a run of the options
+  trains), :func:`resolve_run` (both into a :class:`RunSpec` and its typed
+  :class:`RunSettings`);
 * ``trainer``: :class:`Trainer` with ``fit`` (alias ``train``), ``evaluate``,
   ``sample``, ``export``, ``ema_weights``: a loop over the parts below;
-* the parts of a run: ``run_data`` (:class:`RunData`, its pipelines), ``ema``
+* the parts of a run: ``run_data`` (:class:`RunData`, its pipelines),
+  ``initialization`` (a fresh model initialised from its first batch), ``ema``
   (:class:`EMAWeights`), ``checkpoints`` (:class:`Checkpointer`),
   ``evaluation`` (:class:`Evaluator`), ``sampling`` (:class:`Sampler`, :func:`class_sample_grid`),
   ``exporting`` (:class:`Exporter`), ``metrics`` (:class:`MetricsWindow`,
-  progress lines), ``run_config`` (``config.json``), ``hooks``
-  (:class:`TrainingHook`);
-* ``steps``: the compiled distributed training / evaluation steps and the
-  optimiser;
+  progress lines), ``run_config`` (``config.json``), ``results`` (the result
+  dict, its final line, ``results.json``), ``hooks`` (:class:`TrainingHook`);
+* ``steps``: the compiled distributed training / evaluation steps, the run of
+  a training step and the optimiser;
 * ``checkpoints``: the run-directory lock, checkpoint recovery and saving;
-* ``distribute``: strategies, data sharding, the multi-worker watchdog.
+* ``distribute``: strategies, data sharding, the multi-worker step check and
+  watchdog.
 
 ``train/main.py`` is the command line over this package (flags ->
 (FlowConfig, TrainingOptions) -> Trainer).
@@ -61,16 +65,13 @@ from rflow_tf.training.options import (
     ARCHITECTURE_FLAGS,
     FLAG_CONSTRAINTS,
     TASKS,
-    RunSettings,
-    RunSpec,
     TrainingDivergedError,
     TrainingOptions,
     UsageError,
     check_flags,
-    flow_config_for,
-    resolve_run,
 )
 from rflow_tf.training.run_data import RunData
+from rflow_tf.training.run_spec import RunSettings, RunSpec, flow_config_for, resolve_run
 from rflow_tf.training.sampling import Sampler, class_sample_grid
 from rflow_tf.training.steps import (
     LinearWarmup,

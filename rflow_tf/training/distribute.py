@@ -1,5 +1,6 @@
 """Devices, tf.distribute strategies, data sharding over replicas and workers,
-and the watchdog that stops a cluster whose peer is lost."""
+the check that the workers resume at one step, and the watchdog and error of a
+cluster whose peer is lost."""
 
 import os
 import re
@@ -328,3 +329,41 @@ def worker_lost_error(error, task_type, task_id, step, run_dir):
         f"worker with the same command; training resumes from the chief's last "
         f"checkpoint ({latest})."
     )
+
+
+def check_workers_agree_on_step(strategy, step, task_type, task_id, run_dir):
+    """Checks that every worker of a multi-worker ``strategy`` resumes at the same
+    ``step``: they all read the chief's ``ckpt/`` in ``run_dir``; workers that
+    started at different steps would train different batches and wait for each
+    other forever.
+
+    Args:
+      strategy: the run's ``tf.distribute.Strategy``.
+      step: the step this worker resumes at.
+      task_type: this worker's task type.
+      task_id: this worker's task id.
+      run_dir: the run directory.
+
+    Raises:
+      UsageError: the workers start at different steps (``--out`` is not on a
+        filesystem that all workers share).
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.training.distribute import check_workers_agree_on_step
+
+    # One process: its replicas agree with themselves.
+    check_workers_agree_on_step(tf.distribute.OneDeviceStrategy("/cpu:0"), 40, None, 0, "run")
+    ```
+    """
+    local = tf.constant([step], tf.int64)
+    steps = strategy.gather(strategy.run(lambda: tf.identity(local)), axis=0)
+    lo, hi = int(tf.reduce_min(steps)), int(tf.reduce_max(steps))
+    if lo != hi:
+        raise UsageError(
+            f"the workers start at different steps ({lo} to {hi}; this is "
+            f"{task_type} {task_id} at step {step}): every worker must read the "
+            f"chief's checkpoints in {os.path.join(run_dir, 'ckpt')}, so --out must be "
+            f"on a filesystem shared by all workers"
+        )

@@ -1,5 +1,6 @@
-"""The compiled distributed training and evaluation steps and the optimiser
-(Adam with linear warm-up, gradients all-reduced before clipping)."""
+"""The compiled distributed training and evaluation steps, the run of a training
+step (an XLA compilation failure as a usage error) and the optimiser (Adam with
+linear warm-up, gradients all-reduced before clipping)."""
 
 import importlib
 import importlib.util
@@ -491,6 +492,53 @@ def make_train_step(
         return out
 
     return train_step
+
+
+def run_train_step(step_fn, batches, step, jit_compile=False):
+    """Runs training step ``step + 1``: ``step_fn(batch, step)`` (a step of
+    :func:`make_train_step`) on the next batch of the iterator ``batches``, and
+    returns the step's outputs. With ``jit_compile`` (the step compiles with
+    XLA, ``--jit_compile``), an XLA compilation failure becomes a
+    :class:`~rflow_tf.training.UsageError` naming the reason.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.training import UsageError
+    from rflow_tf.training.steps import run_train_step
+
+    def step_fn(batch, step):  # stands in for make_train_step(...)
+        return {"loss": tf.reduce_mean(batch), "step": step}
+
+    assert float(run_train_step(step_fn, iter([tf.ones([4])]), 0)["loss"]) == 1.0
+
+    def uncompilable(batch, step):
+        raise tf.errors.InvalidArgumentError(
+            None, None, "XLA compilation failed:\\nop Foo unsupported on XLA_CPU_JIT")
+    try:
+        run_train_step(uncompilable, iter([tf.ones([4])]), 0, jit_compile=True)
+    except UsageError as error:
+        assert "XLA cannot compile the training step: op Foo unsupported" in str(error)
+    else:
+        raise AssertionError("an XLA compilation failure was not reported")
+    ```
+    """
+    try:
+        return step_fn(next(batches), tf.constant(step, tf.int64))
+    except tf.errors.InvalidArgumentError as e:
+        if jit_compile and ("XLA" in str(e) or "compile" in str(e)):
+            reason = next(
+                (
+                    ln.strip()
+                    for ln in str(e).splitlines()
+                    if "unsupported" in ln or "compile-time" in ln
+                ),
+                str(e).splitlines()[0],
+            )
+            raise UsageError(
+                f"--jit_compile: XLA cannot compile the training step: {reason[:400]}"
+            ) from None
+        raise
 
 
 def make_eval_step(

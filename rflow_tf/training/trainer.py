@@ -2,7 +2,6 @@
 and runs fit / evaluate / sample / export over the parts of training/."""
 
 import datetime
-import json
 import math
 import os
 import shutil
@@ -14,12 +13,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from rflow_tf import data, models
 from rflow_tf import layers as rlayers
+from rflow_tf import models
 from rflow_tf.training.checkpoints import Checkpointer, RunDirLock
 from rflow_tf.training.distribute import (
     PEER_LOST_ERRORS,
     ProgressWatchdog,
+    check_workers_agree_on_step,
     make_strategy,
     task_of,
     worker_lost_error,
@@ -28,26 +28,24 @@ from rflow_tf.training.ema import EMAWeights
 from rflow_tf.training.evaluation import Evaluator
 from rflow_tf.training.exporting import Exporter
 from rflow_tf.training.hooks import loss_hook
+from rflow_tf.training.initialization import initialize_from_batch
 from rflow_tf.training.metrics import (
     MetricsWindow,
     format_duration,
     learned_orders_line,
     lipschitz_scalars,
-    progress_lines,
 )
-from rflow_tf.training.options import (
-    TrainingDivergedError,
-    TrainingOptions,
-    UsageError,
-    resolve_run,
-)
+from rflow_tf.training.options import TrainingDivergedError, TrainingOptions, UsageError
+from rflow_tf.training.results import final_line, run_result, write_results
 from rflow_tf.training.run_config import check_run_config, write_run_config
 from rflow_tf.training.run_data import RunData
+from rflow_tf.training.run_spec import resolve_run
 from rflow_tf.training.sampling import Sampler, step_sample_path
 from rflow_tf.training.steps import (
     make_dequantizer,
     make_optimizer,
     make_train_step,
+    run_train_step,
     trained_variables,
     write_scalar,
 )
@@ -332,9 +330,9 @@ class Trainer:
     def restore_or_initialize(self, first_batch=None):
         """Restores the newest checkpoint of the run directory that restores
         (falling back past corrupt ones, see :func:`restore_newest`); without one,
-        initialises ActNorm from ``first_batch`` (uint8 images), converges the
-        power iterations and sets the EMA to the initial weights. Returns the
-        restored checkpoint path or None.
+        initialises the model from ``first_batch`` (uint8 images; ActNorm and the
+        power iterations, :func:`initialize_from_batch`) and sets the EMA to the
+        initial weights. Returns the restored checkpoint path or None.
 
         Example: ``trainer.restore_or_initialize(next(iter(trainer.run_data.train_dataset())))``.
         """
@@ -345,49 +343,12 @@ class Trainer:
             return latest
         if first_batch is None:
             raise UsageError(f"no checkpoint in {self.ckpt_dir}")
-        labels = None
-        if isinstance(first_batch, (tuple, list)):  # (images, labels)
-            first_batch, labels = first_batch[0], first_batch[1]
-        x = first_batch[:, 0] if first_batch.shape.rank == 5 else first_batch
-        if labels is not None and labels.shape.rank == 2:  # accumulation: [B, k]
-            labels = labels[:, 0]
-        x = data.dequantize(
-            x,
-            self.flow_config.n_bits,
-            seed=[int(self.settings.seed), 12345],
-            dtype=self.model.flow_dtype,
+        initialize_from_batch(
+            self.model, first_batch, self.flow_config, self.settings.seed, log=self.log
         )
-        start = time.time()
-        self.log(
-            "initialising ActNorm from the first batch and the Lipschitz estimates of "
-            f"{len(self.model.lipschitz_layers())} layers (power iteration)"
-        )
-        if self.flow_config.condition_classes:  # a class-conditional flow needs the labels
-            self.model.initialize(x, label=labels)
-        else:
-            self.model.initialize(x)
-        self.model.converge_lipschitz(
-            progress=progress_lines(self.log, "power iteration", "layers")
-        )
-        self.log(f"initialised in {time.time() - start:.1f} s")
         self.ema.reset()
         self._restored = True
         return None
-
-    def _check_workers_agree_on_step(self, step):
-        """Multi-worker: every worker must resume at the same step (they all read the
-        chief's ``ckpt/``); otherwise they would train different batches and wait for
-        each other forever."""
-        local = tf.constant([step], tf.int64)
-        steps = self.strategy.gather(self.strategy.run(lambda: tf.identity(local)), axis=0)
-        lo, hi = int(tf.reduce_min(steps)), int(tf.reduce_max(steps))
-        if lo != hi:
-            raise UsageError(
-                f"the workers start at different steps ({lo} to {hi}; this is "
-                f"{self.task_type} {self.task_id} at step {step}): every worker must read the "
-                f"chief's checkpoints in {os.path.join(self.run_dir, 'ckpt')}, so --out must be "
-                f"on a filesystem shared by all workers"
-            )
 
     # ------------------------------------------------ evaluate, sample, export
     def evaluate(self, use_ema=True, training_estimator=False):
@@ -493,7 +454,9 @@ class Trainer:
             # iteration of the batches (see RunData.train_dataset).
             self.restore_or_initialize(next(iter(self.run_data.train_dataset(0))))
         if self.multi_worker:
-            self._check_workers_agree_on_step(start)
+            check_workers_agree_on_step(
+                self.strategy, start, self.task_type, self.task_id, self.run_dir
+            )
         self.log(
             f"run {self.spec.run_name}: dataset {self.spec.dataset} "
             f"{self.flow_config.input_shape}, preset {self.spec.preset}, "
@@ -518,7 +481,7 @@ class Trainer:
         step, nan_streak = start, 0
         try:
             while step < total:
-                out = self._run_step(step_fn, it, step)
+                out = run_train_step(step_fn, it, step, self.settings.jit_compile)
                 step += 1
                 self.watchdog.tick()
                 for hook in self.hooks:
@@ -542,27 +505,6 @@ class Trainer:
             f"({steps_per_sec:.2f} steps/s)"
         )
         return step, steps_per_sec
-
-    def _run_step(self, step_fn, batches, step):
-        """Runs training step ``step + 1`` on the next batch of the iterator
-        ``batches``; returns the step's outputs. An XLA compilation failure
-        (``--jit_compile``) becomes a UsageError."""
-        try:
-            return step_fn(next(batches), tf.constant(step, tf.int64))
-        except tf.errors.InvalidArgumentError as e:
-            if self.settings.jit_compile and ("XLA" in str(e) or "compile" in str(e)):
-                reason = next(
-                    (
-                        ln.strip()
-                        for ln in str(e).splitlines()
-                        if "unsupported" in ln or "compile-time" in ln
-                    ),
-                    str(e).splitlines()[0],
-                )
-                raise UsageError(
-                    f"--jit_compile: XLA cannot compile the training step: {reason[:400]}"
-                ) from None
-            raise
 
     def _count_non_finite(self, out, step, nan_streak):
         """The number of consecutive skipped (non-finite) steps after ``step``, whose
@@ -653,51 +595,21 @@ class Trainer:
         line = learned_orders_line(self.model.lipschitz_layers())
         if line:
             self.log(line)
-        result = self._result(step, steps_per_sec, metrics, samples)
+        result = run_result(
+            step,
+            metrics,
+            samples,
+            task=self.task,
+            data_source=self.data_source,
+            best=float(self.best_bpd.numpy()),
+            run_dir=self.run_dir,
+            steps_per_sec=steps_per_sec,
+            checkpoint=self.checkpointer.latest,
+            learned_orders=rlayers.learned_orders(self.model.lipschitz_layers()),
+        )
+        self.log(final_line(result))
         if self.is_chief:
-            with open(os.path.join(self.run_dir, "results.json"), "w") as f:
-                json.dump(result, f, indent=2)
+            write_results(self.run_dir, result)
         # Export hook: SavedModel with the EMA weights (rflow_tf.export.save).
         result["export_dir"] = self.export()
-        return result
-
-    def _result(self, step, steps_per_sec, metrics, samples):
-        """The result dict of a run that ended at ``step`` with the final
-        ``metrics`` and ``samples``; logs the final line."""
-        bpd, se = metrics["bpd"], metrics["bpd_stderr"]
-        result = {
-            "step": step,
-            "task": self.task,
-            # What "test" below is: the dataset's test split, or (TFDS CelebA-HQ) our own
-            # held-out split, which is not the paper's test set.
-            "eval_name": self.eval_name,
-            "eval_split": self.data_source.test_split,
-            "data_source": self.data_source.to_dict(),
-            "test_bpd": bpd,
-            "test_bpd_stderr": se,
-            "best_bpd": float(self.best_bpd.numpy()),
-            "samples": samples,
-            "run_dir": self.run_dir,
-            "steps_per_sec": steps_per_sec,
-            "checkpoint": self.checkpointer.latest,
-            "learned_orders": rlayers.learned_orders(self.model.lipschitz_layers()),
-        }
-        if self.task in ("classification", "hybrid"):
-            result["test_accuracy"] = metrics["accuracy"]
-            result["test_cross_entropy"] = metrics["cross_entropy"]
-        if self.task == "classification":
-            result["best_error"] = result.pop("best_bpd")
-            self.log(
-                f"final {self.eval_name} accuracy: {metrics['accuracy']:.4f}, cross-entropy "
-                f"{metrics['cross_entropy']:.4f} (EMA weights, step {step}); best error "
-                f"{result['best_error']:.4f}"
-            )
-        else:
-            name = self.eval_name
-            acc = f"; {name} accuracy {metrics['accuracy']:.4f}" if self.task == "hybrid" else ""
-            split = "" if self.data_source.paper_test_split else f" ({self.data_source.test_split})"
-            self.log(
-                f"final {name} bits/dim: {bpd:.4f} +- {se:.4f} (EMA weights, step {step}){split}; "
-                f"best {result['best_bpd']:.4f}{acc}; samples: {samples}"
-            )
         return result

@@ -22,6 +22,7 @@ from rflow_tf.layers.lipschitz.upkeep import (
     backing,
     can_store_in_context,
     inside_vectorized_map,
+    traced_converge,
     traced_upkeep,
 )
 
@@ -347,15 +348,29 @@ class LipschitzLayer(keras.layers.Layer):
         tol = self.tol if tol is None else float(tol)
         max_iterations = self.max_iterations if max_iterations is None else int(max_iterations)
 
-        def run():
-            return self._estimator.converge(tol, max_iterations, careful=at_defaults)
-
         if not at_defaults:
-            return run()
-        kept = tf.logical_and(self._estimated_carefully, self.estimate_is_current())
+            return self._estimator.converge(tol, max_iterations, careful=False)
+        if not tf.executing_eagerly() and self._estimator.shared_converge:
+            return traced_converge(self)()  # one graph function per configuration
+        return self._converge_at_own_settings()
+
+    def _converge_at_own_settings(self, state=None):
+        """:meth:`converge` at the layer's own settings on ``state`` (None: the
+        layer's own variables): the stored estimate if it is careful and
+        current, else a careful one, stored; returns sigma."""
+        state = state or self._power_state()
+
+        def run():
+            if self._estimator.shared_converge:
+                return self._estimator.converge(
+                    self.tol, self.max_iterations, careful=True, state=state
+                )
+            return self._estimator.converge(self.tol, self.max_iterations, careful=True)
+
+        kept = tf.logical_and(state.careful.read_value(), self.estimate_is_current(state))
         if tf.executing_eagerly():
-            return tf.convert_to_tensor(self.sigma) if bool(kept) else run()
-        return tf.cond(kept, lambda: tf.identity(backing(self.sigma)), run)
+            return tf.convert_to_tensor(state.sigma.read_value()) if bool(kept) else run()
+        return tf.cond(kept, lambda: tf.identity(state.sigma.read_value()), run)
 
     def mark_estimate_current(self):
         """Declares the stored u, v the estimate for the current kernel, so they

@@ -124,6 +124,10 @@ class NormEstimator:
     #: Eagerly, re-estimate with eager ops (True) or through the traced upkeep
     #: function (False: many small ops per step, which a graph runs faster).
     eager_upkeep = False
+    #: Whether :meth:`converge` takes the state it reads and writes
+    #: (``state=``), so that a graph can run it in a function shared by the
+    #: layers of one configuration (:func:`~rflow_tf.layers.lipschitz.upkeep.traced_converge`).
+    shared_converge = False
     #: Relative size of the deterministic random perturbation added to the
     #: stored v before each warm start, so that a v exactly orthogonal to the
     #: new top singular vector cannot stall the iteration.
@@ -222,6 +226,7 @@ class SpectralNorm(NormEstimator):
     """
 
     eager_upkeep = True
+    shared_converge = True
     #: A kernel that moved by more than this fraction (Frobenius norm) since
     #: its last estimate is re-estimated with a restart beside the warm start.
     ABRUPT_CHANGE = 0.1
@@ -302,20 +307,23 @@ class SpectralNorm(NormEstimator):
             lambda: self.best_of(kernel, [warm]),
         )
 
-    def converge(self, tol, max_iterations, careful):
+    def converge(self, tol, max_iterations, careful, state=None):
         """The larger sigma of a warm start and a restart (both are lower bounds
         of ||W||_2, so the larger is the better one; the restart guards
         against a stored v with no component along the top singular vector,
         or one that power iteration would need thousands of steps to find).
         A layer never estimated before has a random stored v, so eagerly it
-        runs the restart alone."""
+        runs the restart alone. ``state``: the
+        :class:`~rflow_tf.layers.lipschitz.upkeep.PowerState` to read and
+        write (None: the layer's own)."""
         layer = self.layer
-        kernel = layer._kernel_value()
+        state = state or layer._power_state()
+        kernel = layer._kernel_value(state)
         if tf.executing_eagerly() and layer._never_estimated():
-            u, v = self.restart(kernel, tol, max_iterations)
+            u, v = self.restart(kernel, tol, max_iterations, state)
         else:
-            u, v = self.careful(kernel, tol, max_iterations)
-        return layer._store(u, v, kernel, careful=careful)
+            u, v = self.careful(kernel, tol, max_iterations, state)
+        return layer._store(u, v, kernel, state=state, careful=careful)
 
     def power_steps(self, kernel, u, v, n):
         for _ in range(int(n)):

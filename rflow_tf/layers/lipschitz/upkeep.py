@@ -193,8 +193,8 @@ class HandleVariable:
         )
 
 
-#: Traced upkeep functions shared by the layers of one configuration (see
-#: :func:`upkeep_signature`), with the layer tracing them now.
+#: Traced upkeep and converge functions shared by the layers of one
+#: configuration (see :func:`upkeep_signature`), with the layer tracing them now.
 _SHARED_UPKEEP = {}
 
 
@@ -271,31 +271,88 @@ def traced_upkeep(layer, store):
     assert bool(layer.estimate_is_current()) and abs(float(layer.sigma) - 3.0) < 1e-4
     ```
     """
-    signature = upkeep_signature(layer, store)
+    return _shared_function(
+        ("lipschitz_upkeep", store),
+        layer,
+        upkeep_signature(layer, store),
+        lambda traced, state: traced._update_estimate(store, state),
+    )
+
+
+def traced_converge(layer):
+    """A graph function running the careful estimate of ``layer`` at its own
+    settings (``layer.converge()``: kept if the stored one is careful and
+    current, else warm start and restarts, stored), traced once per
+    configuration (see :func:`upkeep_signature`) and reused by every enclosing
+    trace: ``converge_lipschitz`` of a flow inside a ``tf.function`` adds one
+    function per layer configuration, not per layer. Returns a callable of no
+    arguments that returns sigma.
+
+    Args:
+      layer: a built :class:`~rflow_tf.layers.lipschitz.base.LipschitzLayer`
+        whose estimator takes its state (``shared_converge``).
+
+    Returns:
+      A callable of no arguments that returns sigma (a scalar tensor).
+
+    Example:
+    ```python
+    import numpy as np
+    import tensorflow as tf
+    from rflow_tf.layers import LipschitzDense
+    from rflow_tf.layers.lipschitz.upkeep import traced_converge
+
+    layers = [LipschitzDense(3), LipschitzDense(3)]
+    for layer in layers:
+        layer.build((None, 5))
+    layers[1].kernel.assign(np.diag([3.0, 2.0, 1.0, 0.0, 0.0])[:, :3])  # ||W||_2 = 3
+
+    @tf.function
+    def converge_all():  # both layers call one shared function
+        return [traced_converge(layer)() for layer in layers]
+
+    sigmas = converge_all()
+    assert abs(float(sigmas[1]) - 3.0) < 1e-5 and bool(layers[0].estimate_is_current())
+    ```
+    """
+    signature = upkeep_signature(layer, True)
+    return _shared_function(
+        ("lipschitz_converge",),
+        layer,
+        signature,
+        lambda traced, state: traced._converge_at_own_settings(state),
+    )
+
+
+def _shared_function(kind, layer, signature, body):
+    """A callable of no arguments running ``body(layer, state)`` in a graph
+    function named ``kind[0]``: one per ``kind`` and ``signature`` (the
+    layers' variables passed by handle), or the layer's own when
+    ``signature`` is None."""
+    name = kind[0]
     if signature is None:
-        fns = layer.__dict__.setdefault("_update_fns", {})
-        if store not in fns:
-
-            def lipschitz_upkeep():
-                return layer._update_estimate(store)
-
-            fns[store] = tf.function(lipschitz_upkeep, autograph=False)
-        return fns[store]
-    if signature not in _SHARED_UPKEEP:
+        fns = layer.__dict__.setdefault("_own_fns", {})
+        if kind not in fns:
+            fns[kind] = tf.function(
+                _named(name, lambda: body(layer, layer._power_state())), autograph=False
+            )
+        return fns[kind]
+    key = kind + signature
+    if key not in _SHARED_UPKEEP:
         tracer = []  # a weak reference to the layer whose call is being traced
 
-        def lipschitz_upkeep(*handles):
+        def shared(*handles):
             traced = tracer[-1]()
             state = [HandleVariable(h, v) for h, v in zip(handles, traced._power_state())]
-            return traced._update_estimate(store, PowerState(*state))
+            return body(traced, PowerState(*state))
 
         # Not inlined: one copy of the body serves every call site (graph
         # optimisation and instantiation pay per inlined copy).
         fn = tf.function(
-            lipschitz_upkeep, autograph=False, experimental_attributes={"_noinline": True}
+            _named(name, shared), autograph=False, experimental_attributes={"_noinline": True}
         )
-        _SHARED_UPKEEP[signature] = (fn, tracer)
-    fn, tracer = _SHARED_UPKEEP[signature]
+        _SHARED_UPKEEP[key] = (fn, tracer)
+    fn, tracer = _SHARED_UPKEEP[key]
     handles = [v.handle for v in layer._power_state()]
 
     def call():
@@ -306,3 +363,10 @@ def traced_upkeep(layer, store):
             tracer.pop()
 
     return call
+
+
+def _named(name, fn):
+    """``fn`` under the name ``name`` (a traced function is named after its
+    Python function; :mod:`rflow_tf.tracing` recognises the upkeep by it)."""
+    fn.__name__ = fn.__qualname__ = name
+    return fn

@@ -181,7 +181,9 @@ def test_grad_in_forward_equals_recomputed_neumann_gradient():
             y, ld = b.forward_and_log_det(x, seed=[4, 2], training=True, conditional_input=c)
             loss = tf.reduce_sum(weights * ld) + tf.reduce_sum(y**2)
         results.append((ld.numpy(), tape.gradient(loss, [x, c] + list(b.trainable_variables))))
-    np.testing.assert_array_equal(results[0][0], results[1][0])
+    # The same arithmetic, run by different graphs (the default mode's in a graph
+    # function shared by the blocks), may differ in the last bit.
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-14, atol=0)
     for a, b in zip(results[0][1], results[1][1]):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-12)
 

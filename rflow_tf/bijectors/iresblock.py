@@ -17,7 +17,12 @@ from rflow_tf.bijectors._base import (
 from rflow_tf.bijectors.fixed_point import fixed_point_inverse, nan_max
 from rflow_tf.bijectors.monotone import warn_on_failures
 from rflow_tf.bijectors.residual_context import condition_size_of, context_net_for, context_rows
-from rflow_tf.bijectors.residual_logdet import exact_residual_logdet, neumann_residual_logdet
+from rflow_tf.bijectors.residual_logdet import (
+    Series,
+    exact_residual_logdet,
+    neumann_residual_logdet,
+    shared_neumann_residual_logdet,
+)
 
 tfb = tfp.bijectors
 
@@ -466,15 +471,15 @@ class IResBlock(KerasBacked):
         (``logdet_eval``) call."""
         return self.logdet_mode if training else self.logdet_eval_mode
 
-    def _series(self, seed, training, dtype):
-        """Number of terms and the roulette weight function k -> weight_k for this call."""
+    def _series(self, seed, training):
+        """The terms of this call's power series (:class:`Series`)."""
         if self._mode(training) == "truncated":
-            return tf.constant(self.n_terms), lambda k: tf.ones([], dtype)
+            return Series(
+                tf.constant(self.n_terms), None, tf.constant(0), self.dist, self.dist_param
+            )
         m = self.n_exact_terms if training else self.n_exact_terms_eval
         draws = est.sample_roulette(seed, self.dist, self.dist_param, self.n_samples)
-        return tf.reduce_max(draws) + m, lambda k: est.series_weight(
-            k, draws, m, self.dist, self.dist_param, dtype
-        )
+        return Series(tf.reduce_max(draws) + m, draws, tf.constant(m), self.dist, self.dist_param)
 
     # ------------------------------------------------------------- the block
     def forward_and_log_det(self, x, seed=None, training=False, conditional_input=None):
@@ -496,35 +501,48 @@ class IResBlock(KerasBacked):
                 self._default_seed if seed is None else seed, salt="IResBlock"
             )
             probe_seed, series_seed = tfp.random.split_seed(seed, 2)
-            n_terms, weights = self._series(series_seed, training, xf.dtype)
+            series = self._series(series_seed, training)
             v = est.hutchinson_probe(tf.shape(xf), probe_seed, self.probe, xf.dtype)
             if self.neumann_grad:
-                gx, ld = self._neumann(xf, v, n_terms, weights, training, *extra)
+                gx, ld = self._neumann(xf, v, series, training, *extra)
             else:
-                gx, ld = self._backprop(xf, v, n_terms, weights, training, *extra)
+                gx, ld = self._backprop(xf, v, series, training, *extra)
         return self._unflatten(xf + gx, batch_shape), self._unflatten(ld, batch_shape)
 
     def _exact(self, x, training, shift=None):
         """g(x) and log |det(I + J_g(x))| from the full Jacobian."""
         return exact_residual_logdet(lambda x, shift: self._g(x, training, shift), x, shift)
 
-    def _backprop(self, x, v, n_terms, weights, training, shift=None):
+    def _backprop(self, x, v, series, training, shift=None):
         gx, vjp, _ = self._linearize(x, training, shift)
-        return gx, est.power_series_logdet(vjp, v, n_terms, weights)
+        return gx, est.power_series_logdet(vjp, v, series.n_terms, series.weight_fn(x.dtype))
 
-    def _neumann(self, x, v, n_terms, weights, training, shift=None):
+    def _neumann(self, x, v, series, training, shift=None):
         """g(x) and the log-det estimate with Neumann-series gradients
         (:func:`rflow_tf.bijectors.residual_logdet.neumann_residual_logdet`)."""
         # Build the net before reading its variables.
         if not self._keras_tf_variables or (shift is not None and not self._net.built):
             self._g(x, False, shift)
+        if self._chain is not None and self._net.built and not self.grad_in_forward:
+            params = self._chain.parameters(training)
+            gx, ld = shared_neumann_residual_logdet(self._chain, x, v, series, params, shift)
+            return self._checked(x, gx), ld
         net_vars = (
             self._net_variables()
             if shift is not None
             else [w for w in self._keras_tf_variables if w.trainable]
         )
+        weights = series.weight_fn(x.dtype)
         return neumann_residual_logdet(
-            self._linearize, x, v, n_terms, weights, training, net_vars, self.grad_in_forward, shift
+            self._linearize,
+            x,
+            v,
+            series.n_terms,
+            weights,
+            training,
+            net_vars,
+            self.grad_in_forward,
+            shift,
         )
 
     # ------------------------------------------------------ TFP bijector API

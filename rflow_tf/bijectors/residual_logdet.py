@@ -6,10 +6,44 @@ gradients (a custom gradient that keeps only x, u and v for the backward pass).
 functions of g alone, so they can be checked against ``slogdet`` on any map.
 """
 
+from typing import NamedTuple
+
 import tensorflow as tf
 
 from rflow_tf import estimators as est
 from rflow_tf.bijectors._base import zeros_for_none
+
+
+class Series(NamedTuple):
+    """The terms of a residual block's power series in one call: ``n_terms``
+    (an int32 scalar), the roulette ``draws`` N_i (int32 [s]; None for the
+    truncated series, every weight 1), the number of exact terms ``n_exact``
+    (an int32 scalar) and the roulette's ``dist`` and ``param``; term k
+    weighs :func:`rflow_tf.estimators.series_weight` (k, draws, n_exact).
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf import estimators as est
+    from rflow_tf.bijectors.residual_logdet import Series
+
+    draws = est.sample_roulette(tf.constant([0, 1]), "geometric", 0.5)
+    series = Series(tf.reduce_max(draws) + 2, draws, tf.constant(2), "geometric", 0.5)
+    assert float(series.weight_fn(tf.float32)(1)) == 1.0   # an exact term
+    ```
+    """
+
+    n_terms: tf.Tensor
+    draws: tf.Tensor
+    n_exact: tf.Tensor
+    dist: str
+    param: float
+
+    def weight_fn(self, dtype):
+        """k -> the weight of term k (k >= 1), in ``dtype``."""
+        return lambda k: est.series_weight(
+            k, self.draws, self.n_exact, self.dist, self.param, dtype
+        )
 
 
 def exact_residual_logdet(g, x, shift=None):
@@ -190,3 +224,118 @@ def neumann_residual_logdet(
 
     u = None
     return residual_and_logdet(*inputs)
+
+
+# The graph functions of shared_neumann_residual_logdet, by chain signature.
+_SHARED_SERIES = {}
+
+
+def shared_neumann_residual_logdet(chain, x, v, series, params, shift=None):
+    """:func:`neumann_residual_logdet` of the branch ``chain`` (a
+    :class:`rflow_tf.layers.JacobianChain`), computed by two graph functions
+    shared by every chain of one :attr:`~rflow_tf.layers.JacobianChain.signature`.
+
+    The forward function maps (x, v, the series' terms, shift, params) to
+    g(x), the estimate sum_k w_k (-1)^(k+1)/k v^T J^k v (k = 1..n_terms, w_k
+    the weights of ``series``) and the Neumann vector
+    u = sum_j (-1)^j c_{j+1} v^T J^j; the backward function maps
+    (x, u, v, upstream gradients, shift, params) to the gradients of
+    sum(dgx * g(x)) + sum_b dld_b u_b^T J(x_b) v_b in x, shift and params,
+    recomputing g(x) (paper Theorem 2). Both are traced once per signature
+    and shape and are not inlined, so a flow of many blocks of one
+    configuration holds one copy of each in its graph, and the blocks' weights
+    reach them as inputs (``params``, from ``chain.parameters()``): their
+    gradients flow on to the variables through the enclosing graph. Only x, u
+    and v are kept for the backward pass, and a block's backward pass starts
+    once its upstream gradients exist.
+
+    Args:
+        chain: the branch g.
+        x: the inputs, [B, *event_shape].
+        v: the Hutchinson probe, shaped like x.
+        series: the terms of the series (:class:`Series`).
+        params: ``chain.parameters(training)``.
+        shift: optional pre-activation shift of a conditional block, [B, S].
+
+    Returns:
+        ``(g(x), log_det)``, log_det of shape [B].
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.bijectors.residual_logdet import Series, shared_neumann_residual_logdet
+    from rflow_tf.layers import JacobianChain, lipschitz_dense_net
+
+    chain = JacobianChain.from_net(lipschitz_dense_net(2, (8,), 0.9))
+    x, v = tf.random.normal([4, 2]), tf.random.normal([4, 2])
+    series = Series(tf.constant(20), None, tf.constant(0), "poisson", 1.0)   # 20 terms, weight 1
+    gx, ld = shared_neumann_residual_logdet(chain, x, v, series, chain.parameters())
+    assert ld.shape == [4]
+    ```
+    """
+    forward, backward, tracer = _shared_series(chain, series, shift is not None)
+    draws = tf.zeros([1], tf.int32) if series.draws is None else series.draws
+    terms = (series.n_terms, draws, series.n_exact)
+    rest = ([] if shift is None else [shift]) + [tf.convert_to_tensor(p) for p in params]
+
+    def call(fn, *args):
+        tracer.append(chain)
+        try:
+            return fn(*args)
+        finally:
+            tracer.pop()
+
+    @tf.custom_gradient
+    def residual_and_logdet(x, *rest):
+        gx, ld, u = call(forward, x, v, *terms, *rest)
+
+        def grad(dgx, dld):
+            dgx = tf.zeros_like(gx) if dgx is None else dgx
+            dld = tf.zeros_like(ld) if dld is None else dld
+            return call(backward, x, u, v, dgx, dld, *rest)
+
+        return (gx, ld), grad
+
+    return residual_and_logdet(x, *rest)
+
+
+def _shared_series(chain, series, with_shift):
+    """The forward and backward graph functions of
+    :func:`shared_neumann_residual_logdet` for chains of ``chain``'s signature
+    and series of ``series``' kind, and the stack whose top is the chain being
+    traced."""
+    truncated = series.draws is None
+    key = (chain.signature, with_shift, truncated, series.dist, series.param)
+    if key not in _SHARED_SERIES:
+        tracer = []
+
+        def split(rest):
+            return (rest[0], rest[1:]) if with_shift else (None, rest)
+
+        def residual_series(x, v, n_terms, draws, n_exact, *rest):
+            shift, params = split(rest)
+            gx, lin = tracer[-1].linearize(x, params=params, shift=shift)
+            terms = Series(n_terms, None if truncated else draws, n_exact, *key[3:])
+            weights = terms.weight_fn(x.dtype)
+            ld, u = est.power_series_terms(lin.vjp, v, n_terms, weights, with_neumann=True)
+            return gx, ld, u
+
+        def residual_series_grad(x, u, v, dgx, dld, *rest):
+            inputs = [x, *rest]
+            with tf.GradientTape() as tape:
+                tape.watch(inputs)
+                shift, params = split(inputs[1:])
+                gx, lin = tracer[-1].linearize(x, params=params, shift=shift)
+                total = tf.reduce_sum(dgx * gx)
+                total += tf.reduce_sum(dld * est.neumann_surrogate_jvp(lin.jvp, u, v))
+            return zeros_for_none(tape.gradient(total, inputs), inputs)
+
+        # Not inlined: one copy of each body serves every block (graph
+        # optimisation and instantiation pay per inlined copy).
+        attributes = {"_noinline": True}
+        _SHARED_SERIES[key] = (
+            tf.function(residual_series, autograph=False, experimental_attributes=attributes),
+            tf.function(residual_series_grad, autograph=False, experimental_attributes=attributes),
+            tracer,
+        )
+    return _SHARED_SERIES[key]

@@ -116,7 +116,7 @@ class LipSwish(keras.layers.Layer):
         b = tf.nn.softplus(tf.cast(self.beta, x.dtype))
         return x * tf.sigmoid(b * x) / 1.1
 
-    def value_and_derivative(self, x):
+    def value_and_derivative(self, x, beta=None):
         """``(y, d, c)`` with phi(x) = c y and phi'(x) = c d, c = 1/1.1:
         y = x s and d = s + b x s (1 - s) with s = sigmoid(b x). (The constant
         c is returned separately so a caller can fold it into the next linear
@@ -124,8 +124,10 @@ class LipSwish(keras.layers.Layer):
         least 2^18 elements the forward and backward passes are each one fused
         XLA kernel (:func:`lipswish_value_and_derivative`); for smaller ones the
         kernel launches cost more than they save, and plain ops are used.
+        ``beta``: the parameter to use (default: the layer's weight), e.g. a
+        tensor passed into a graph function shared by several layers.
         """
-        beta = tf.cast(self.beta, x.dtype)
+        beta = tf.cast(self.beta if beta is None else beta, x.dtype)
         if (x.shape.num_elements() or 0) >= _FUSED_LIPSWISH_MIN_ELEMENTS:
             return lipswish_value_and_derivative(x, beta) + (1.0 / 1.1,)
         return _lipswish_forward.python_function(x, beta) + (1.0 / 1.1,)

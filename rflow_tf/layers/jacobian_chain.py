@@ -8,12 +8,15 @@ from rflow_tf.layers.lipschitz import LipschitzConv2D, LipschitzDense, Lipschitz
 
 
 def _activation_with_derivative(layer):
-    """The activation layer as a -> (y, d, c) with phi(a) = c y and
-    phi'(a) = c d (c a Python float), for the activations of our nets; else None."""
-    if isinstance(layer, (LipSwish, LipschitzCube)):
-        return layer.value_and_derivative
+    """The activation layer as ``(fn, params)``: fn(a, *params) -> (y, d, c) with
+    phi(a) = c y and phi'(a) = c d (c a Python float), and the layer's weights
+    fn reads (LipSwish's beta), for the activations of our nets; else None."""
+    if isinstance(layer, LipSwish):
+        return layer.value_and_derivative, ("beta",)
+    if isinstance(layer, LipschitzCube):
+        return layer.value_and_derivative, ()
     if isinstance(layer, keras.layers.Identity):
-        return lambda a: (a, tf.ones_like(a), 1.0)
+        return (lambda a: (a, tf.ones_like(a), 1.0)), ()
     if not isinstance(layer, keras.layers.Activation):
         return None
     name = layer.get_config().get("activation")
@@ -23,11 +26,11 @@ def _activation_with_derivative(layer):
             y = tf.nn.elu(a)
             return y, tf.where(a > 0, tf.ones_like(a), y + 1.0), 1.0
 
-        return elu
+        return elu, ()
     if name == "softplus":
-        return lambda a: (tf.nn.softplus(a), tf.sigmoid(a), 1.0)
+        return (lambda a: (tf.nn.softplus(a), tf.sigmoid(a), 1.0)), ()
     if name == "relu":
-        return lambda a: (tf.nn.relu(a), tf.cast(a > 0, a.dtype), 1.0)
+        return (lambda a: (tf.nn.relu(a), tf.cast(a > 0, a.dtype), 1.0)), ()
     return None
 
 
@@ -86,16 +89,43 @@ class JacobianChain:
                 return None
         return cls(layers)
 
-    def _effective_kernels(self, training):
-        """Each Lipschitz layer's effective kernel (None for activations)."""
-        kernels = []
+    def parameters(self, training=False):
+        """The tensors g depends on, flat, layer by layer: each Lipschitz
+        layer's effective kernel (after its upkeep; ``training=True`` runs its
+        ``power_iterations`` first, as the layer's own ``call`` does) and bias
+        (when it has one), each LipSwish's beta. :meth:`linearize` with
+        ``params=`` computes g from them alone, so a graph function that takes
+        them as inputs serves every chain of one :attr:`signature`.
+
+        Example: ``params = chain.parameters(); gx, lin = chain.linearize(x, params=params)``.
+        """
+        params = []
         for layer in self._layers:
             if isinstance(layer, LipschitzLayer):
                 layer._maybe_iterate(training)
-                kernels.append(layer.effective_kernel())
+                params.append(layer.effective_kernel())
+                if layer.use_bias:
+                    params.append(tf.convert_to_tensor(layer.bias))
             else:
-                kernels.append(None)
-        return kernels
+                weights = _activation_with_derivative(layer)[1]
+                params += [tf.convert_to_tensor(getattr(layer, w)) for w in weights]
+        return params
+
+    @property
+    def signature(self):
+        """What the arithmetic of :meth:`linearize` with ``params=`` depends on
+        besides its inputs: each layer's class, activation and use of a bias
+        (the kernels' shapes are those of the inputs). Chains with equal
+        signatures compute the same function of (x, params, shift).
+
+        Example: ``JacobianChain.from_net(lipschitz_dense_net(2, (8,))).signature``.
+        """
+        return tuple(
+            (type(layer).__name__, layer.use_bias)
+            if isinstance(layer, LipschitzLayer)
+            else (type(layer).__name__, layer.get_config().get("activation"))
+            for layer in self._layers
+        )
 
     @property
     def shift_sizes(self):
@@ -122,35 +152,38 @@ class JacobianChain:
             for p, n in zip(pieces, self.shift_sizes)
         ]
 
-    def linearize(self, x, training=False, kernels=None, shift=None):
+    def linearize(self, x, training=False, params=None, shift=None):
         """Returns ``(g(x), lin)``: lin.vjp(u) = u^T J_g(x), lin.jvp(v) = J_g(x) v.
 
         ``training=True`` runs each layer's ``power_iterations`` first, as
-        the layer's own ``call`` does. ``kernels``: the effective kernels to
-        use (default: read now; see :meth:`frozen`). ``shift``: None, or a
-        tensor [B, sum(:attr:`shift_sizes`)] added to the pre-activations:
-        linear layer i computes K_i h + b_i + s_i (s_i broadcast over space),
-        which moves the points a_i where phi' is evaluated but adds no
-        Jacobian factor, so Lip(g) in x keeps its bound for every shift.
+        the layer's own ``call`` does. ``params``: the tensors of
+        :meth:`parameters` to compute with (default: read now; see
+        :meth:`frozen`); then no weight of the layers is read. ``shift``:
+        None, or a tensor [B, sum(:attr:`shift_sizes`)] added to the
+        pre-activations: linear layer i computes K_i h + b_i + s_i (s_i
+        broadcast over space), which moves the points a_i where phi' is
+        evaluated but adds no Jacobian factor, so Lip(g) in x keeps its bound
+        for every shift.
         """
-        kernels = self._effective_kernels(training) if kernels is None else kernels
+        params = iter(self.parameters(training) if params is None else params)
         pieces = self._shift_pieces(shift, x.shape.rank)
         factors, h, scale, n_linear = [], x, 1.0, 0
-        for layer, kernel in zip(self._layers, kernels):
+        for layer in self._layers:
             if isinstance(layer, LipschitzLayer):
-                kernel = tf.cast(kernel, h.dtype)
+                kernel = tf.cast(next(params), h.dtype)
                 if scale != 1.0:  # phi = c y: fold c into this (small) kernel
                     kernel, scale = kernel * scale, 1.0
                 factors.append((layer, kernel))
                 h = layer.apply_kernel(h, kernel)
                 if layer.use_bias:
-                    h = h + tf.cast(layer.bias, h.dtype)
+                    h = h + tf.cast(next(params), h.dtype)
                 if pieces is not None:
                     h, n_linear = h + pieces[n_linear], n_linear + 1
             else:
                 if scale != 1.0:
                     h, factors[-1] = h * scale, (None, factors[-1][1] * scale)
-                h, d, scale = _activation_with_derivative(layer)(h)
+                fn, weights = _activation_with_derivative(layer)
+                h, d, scale = fn(h, *[next(params) for _ in weights])
                 factors.append((None, d))
         if scale != 1.0:
             h, factors[-1] = h * scale, (None, factors[-1][1] * scale)
@@ -166,8 +199,8 @@ class JacobianChain:
 
         Example: ``g = chain.frozen(); x = y - g(y)``.
         """
-        kernels = self._effective_kernels(False)
-        return lambda x: self.linearize(x, kernels=kernels, shift=shift)[0]
+        params = self.parameters(False)
+        return lambda x: self.linearize(x, params=params, shift=shift)[0]
 
 
 class _Linearization:

@@ -5,6 +5,8 @@ with it."""
 
 import tensorflow as tf
 
+from rflow_tf.bijectors.shared_branch import branch_function
+
 
 def fixed_point_inverse(g, yf, event_ndims, atol, rtol, max_iterations):
     """Solves x + g(x) = y per example by x <- y - g(x), from x = y.
@@ -77,6 +79,36 @@ def fixed_point_inverse(g, yf, event_ndims, atol, rtol, max_iterations):
     )
     converged = finite & (change <= atol + rtol * max_abs(x))
     return x, residual, converged
+
+
+def shared_fixed_point_inverse(chain, yf, params, shift, event_ndims, atol, rtol, max_iterations):
+    """:func:`fixed_point_inverse` of the branch ``chain`` (a
+    :class:`rflow_tf.layers.JacobianChain` with its weights ``params``, from
+    ``chain.parameters()``, and its pre-activation ``shift`` or None), in one
+    graph function shared by every chain of its signature and these settings
+    (:func:`rflow_tf.bijectors.shared_branch.branch_function`).
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.bijectors.fixed_point import shared_fixed_point_inverse
+    from rflow_tf.layers import JacobianChain, lipschitz_dense_net
+
+    chain = JacobianChain.from_net(lipschitz_dense_net(2, (8,), 0.9))
+    y = tf.random.normal([4, 2])
+    x, residual, ok = shared_fixed_point_inverse(
+        chain, y, chain.parameters(), None, 1, 1e-6, 1e-6, 200)
+    assert bool(tf.reduce_all(ok))
+    ```
+    """
+    settings = (event_ndims, atol, rtol, max_iterations)
+
+    def body(chain, yf, shift, *params):
+        g = lambda x: chain.linearize(x, params=params, shift=shift)[0]  # noqa: E731
+        return fixed_point_inverse(g, yf, *settings)
+
+    inverse = branch_function("residual_inverse", chain, settings, body, differentiable=True)
+    return inverse(yf, shift, *params)
 
 
 def nan_max(t, axis=None):

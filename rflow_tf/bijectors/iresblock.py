@@ -14,13 +14,18 @@ from rflow_tf.bijectors._base import (
     as_float_tensor,
     check_stateless_seed,
 )
-from rflow_tf.bijectors.fixed_point import fixed_point_inverse, nan_max
+from rflow_tf.bijectors.fixed_point import (
+    fixed_point_inverse,
+    nan_max,
+    shared_fixed_point_inverse,
+)
 from rflow_tf.bijectors.monotone import warn_on_failures
 from rflow_tf.bijectors.residual_context import condition_size_of, context_net_for, context_rows
 from rflow_tf.bijectors.residual_logdet import (
     Series,
     exact_residual_logdet,
     neumann_residual_logdet,
+    shared_exact_residual_logdet,
     shared_neumann_residual_logdet,
 )
 
@@ -372,17 +377,35 @@ class IResBlock(KerasBacked):
                 f"{x.dtype.name} input; build the net with dtype='{x.dtype.name}' "
                 "(e.g. IResBlock.dense(..., dtype='float64'))."
             )
-        key = (tuple(x.shape[1:]), tuple(gx.shape[1:]))
+        self._check_shape(x.shape, gx.shape)
+        return gx
+
+    def _check_shape(self, x_shape, gx_shape):
+        """A clear error, once per shape, unless g maps x_shape to x_shape."""
+        key = (tuple(x_shape[1:]), tuple(gx_shape[1:]))
         if key not in self._checked_shapes:
-            if gx.shape[1:] != x.shape[1:]:
+            if gx_shape[1:] != x_shape[1:]:
                 raise ValueError(
                     f"{self.name}: net must preserve the shape of its input (a residual "
-                    f"block needs g(x) shaped like x); got {tuple(x.shape[1:])} -> "
-                    f"{tuple(gx.shape[1:])}"
+                    f"block needs g(x) shaped like x); got {tuple(x_shape[1:])} -> "
+                    f"{tuple(gx_shape[1:])}"
                 )
             self._checked_shapes.add(key)
         self._track_new_weights()
-        return gx
+
+    def _shared_chain(self, x, shift=None):
+        """Whether g runs in the graph functions shared by the blocks of its
+        signature (:mod:`rflow_tf.bijectors.shared_branch`): for a
+        :class:`rflow_tf.layers.JacobianChain` net, built here if it is not
+        yet; g's output shape is checked without computing it (its linear
+        maps keep the spatial shape, the last one sets the channels)."""
+        if self._chain is None:
+            return False
+        if not self._net.built or not self._keras_tf_variables:
+            self._g(x, False, shift)
+        out = x.shape[:-1].concatenate([self._chain.shift_sizes[-1]])
+        self._check_shape(x.shape, out)
+        return True
 
     def _track_new_weights(self):
         """Mirrors the Keras weights once they exist (nets may build at first call)."""
@@ -511,6 +534,9 @@ class IResBlock(KerasBacked):
 
     def _exact(self, x, training, shift=None):
         """g(x) and log |det(I + J_g(x))| from the full Jacobian."""
+        if self._shared_chain(x, shift):
+            params = self._chain.parameters(training)
+            return shared_exact_residual_logdet(self._chain, x, params, shift)
         return exact_residual_logdet(lambda x, shift: self._g(x, training, shift), x, shift)
 
     def _backprop(self, x, v, series, training, shift=None):
@@ -520,13 +546,12 @@ class IResBlock(KerasBacked):
     def _neumann(self, x, v, series, training, shift=None):
         """g(x) and the log-det estimate with Neumann-series gradients
         (:func:`rflow_tf.bijectors.residual_logdet.neumann_residual_logdet`)."""
+        if not self.grad_in_forward and self._shared_chain(x, shift):
+            params = self._chain.parameters(training)
+            return shared_neumann_residual_logdet(self._chain, x, v, series, params, shift)
         # Build the net before reading its variables.
         if not self._keras_tf_variables or (shift is not None and not self._net.built):
             self._g(x, False, shift)
-        if self._chain is not None and self._net.built and not self.grad_in_forward:
-            params = self._chain.parameters(training)
-            gx, ld = shared_neumann_residual_logdet(self._chain, x, v, series, params, shift)
-            return self._checked(x, gx), ld
         net_vars = (
             self._net_variables()
             if shift is not None
@@ -628,23 +653,21 @@ class IResBlock(KerasBacked):
         """
         yf, batch_shape = self._flatten_batch(y, "y")
         shift = self._context_shift(conditional_input, y, False)
-        if shift is not None and not self._net.built:
-            self._net(yf)
-        if self._chain is not None and self._net.built:
-            # the kernels are read once, outside the loop
-            frozen = self._chain.frozen() if shift is None else self._chain.frozen(shift)
-            g = lambda x: self._checked(x, frozen(x))  # noqa: E731
-        else:
-            g = lambda x: self._g(x, False)  # noqa: E731
-
-        x, residual, converged = fixed_point_inverse(
-            g,
-            yf,
+        settings = (
             self._event_ndims,
             self.inverse_atol,
             self.inverse_rtol,
             self.inverse_max_iterations,
         )
+        if self._shared_chain(yf, shift):
+            # the kernels are read once, outside the loop
+            params = self._chain.parameters(False)
+            x, residual, converged = shared_fixed_point_inverse(
+                self._chain, yf, params, shift, *settings
+            )
+        else:
+            g = lambda x: self._g(x, False)  # noqa: E731
+            x, residual, converged = fixed_point_inverse(g, yf, *settings)
         if not per_example:
             return self._unflatten(x, batch_shape), nan_max(residual), tf.reduce_all(converged)
         return (

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from rflow_tf import estimators as est
 from rflow_tf.bijectors._base import zeros_for_none
+from rflow_tf.bijectors.shared_branch import branch_function
 
 
 class Series(NamedTuple):
@@ -83,6 +84,34 @@ def exact_residual_logdet(g, x, shift=None):
     jac = tf.transpose(tf.reshape(rows, [d, -1, d]), [1, 0, 2])  # [B, i, j]
     gx = tf.reshape(g_rep, tf.concat([[d, -1], tf.shape(g_rep)[1:]], 0))[0]
     return gx, est.exact_logdet(jac)
+
+
+def shared_exact_residual_logdet(chain, x, params, shift=None):
+    """:func:`exact_residual_logdet` of the branch ``chain`` (a
+    :class:`rflow_tf.layers.JacobianChain` with its weights ``params``, from
+    ``chain.parameters()``), in one graph function shared by every chain of
+    its signature (:func:`rflow_tf.bijectors.shared_branch.branch_function`):
+    ``(g(x), log |det(I + J_g(x))|)`` per example.
+
+    Example:
+    ```python
+    import tensorflow as tf
+    from rflow_tf.bijectors.residual_logdet import shared_exact_residual_logdet
+    from rflow_tf.layers import JacobianChain, lipschitz_dense_net
+
+    chain = JacobianChain.from_net(lipschitz_dense_net(2, (8,), 0.9))
+    gx, ld = shared_exact_residual_logdet(chain, tf.random.normal([4, 2]), chain.parameters())
+    assert ld.shape == [4]
+    ```
+    """
+    exact = branch_function("residual_exact", chain, (), _exact_body, differentiable=True)
+    return exact(x, shift, *params)
+
+
+def _exact_body(chain, x, shift, *params):
+    return exact_residual_logdet(
+        lambda x, shift: chain.linearize(x, params=params, shift=shift)[0], x, shift
+    )
 
 
 def neumann_residual_logdet(
@@ -226,14 +255,11 @@ def neumann_residual_logdet(
     return residual_and_logdet(*inputs)
 
 
-# The graph functions of shared_neumann_residual_logdet, by chain signature.
-_SHARED_SERIES = {}
-
-
 def shared_neumann_residual_logdet(chain, x, v, series, params, shift=None):
     """:func:`neumann_residual_logdet` of the branch ``chain`` (a
     :class:`rflow_tf.layers.JacobianChain`), computed by two graph functions
-    shared by every chain of one :attr:`~rflow_tf.layers.JacobianChain.signature`.
+    shared by every chain of one :attr:`~rflow_tf.layers.JacobianChain.signature`
+    (:func:`rflow_tf.bijectors.shared_branch.branch_function`).
 
     The forward function maps (x, v, the series' terms, shift, params) to
     g(x), the estimate sum_k w_k (-1)^(k+1)/k v^T J^k v (k = 1..n_terms, w_k
@@ -273,69 +299,50 @@ def shared_neumann_residual_logdet(chain, x, v, series, params, shift=None):
     assert ld.shape == [4]
     ```
     """
-    forward, backward, tracer = _shared_series(chain, series, shift is not None)
+    static = (series.draws is None, series.dist, series.param)
+    forward = branch_function("residual_series", chain, static, _series_forward(static))
+    backward = branch_function("residual_series_grad", chain, (), _series_backward)
     draws = tf.zeros([1], tf.int32) if series.draws is None else series.draws
     terms = (series.n_terms, draws, series.n_exact)
     rest = ([] if shift is None else [shift]) + [tf.convert_to_tensor(p) for p in params]
 
-    def call(fn, *args):
-        tracer.append(chain)
-        try:
-            return fn(*args)
-        finally:
-            tracer.pop()
-
     @tf.custom_gradient
     def residual_and_logdet(x, *rest):
-        gx, ld, u = call(forward, x, v, *terms, *rest)
+        shift_in, params_in = (None, rest) if shift is None else (rest[0], rest[1:])
+        gx, ld, u = forward(x, v, *terms, shift_in, *params_in)
 
         def grad(dgx, dld):
             dgx = tf.zeros_like(gx) if dgx is None else dgx
             dld = tf.zeros_like(ld) if dld is None else dld
-            return call(backward, x, u, v, dgx, dld, *rest)
+            return backward(x, u, v, dgx, dld, shift_in, *params_in)
 
         return (gx, ld), grad
 
     return residual_and_logdet(x, *rest)
 
 
-def _shared_series(chain, series, with_shift):
-    """The forward and backward graph functions of
-    :func:`shared_neumann_residual_logdet` for chains of ``chain``'s signature
-    and series of ``series``' kind, and the stack whose top is the chain being
-    traced."""
-    truncated = series.draws is None
-    key = (chain.signature, with_shift, truncated, series.dist, series.param)
-    if key not in _SHARED_SERIES:
-        tracer = []
+def _series_forward(static):
+    """The body of the forward function: (g(x), log-det estimate, Neumann vector u)."""
+    truncated, dist, param = static
 
-        def split(rest):
-            return (rest[0], rest[1:]) if with_shift else (None, rest)
+    def residual_series(chain, x, v, n_terms, draws, n_exact, shift, *params):
+        gx, lin = chain.linearize(x, params=params, shift=shift)
+        series = Series(n_terms, None if truncated else draws, n_exact, dist, param)
+        weights = series.weight_fn(x.dtype)
+        ld, u = est.power_series_terms(lin.vjp, v, n_terms, weights, with_neumann=True)
+        return gx, ld, u
 
-        def residual_series(x, v, n_terms, draws, n_exact, *rest):
-            shift, params = split(rest)
-            gx, lin = tracer[-1].linearize(x, params=params, shift=shift)
-            terms = Series(n_terms, None if truncated else draws, n_exact, *key[3:])
-            weights = terms.weight_fn(x.dtype)
-            ld, u = est.power_series_terms(lin.vjp, v, n_terms, weights, with_neumann=True)
-            return gx, ld, u
+    return residual_series
 
-        def residual_series_grad(x, u, v, dgx, dld, *rest):
-            inputs = [x, *rest]
-            with tf.GradientTape() as tape:
-                tape.watch(inputs)
-                shift, params = split(inputs[1:])
-                gx, lin = tracer[-1].linearize(x, params=params, shift=shift)
-                total = tf.reduce_sum(dgx * gx)
-                total += tf.reduce_sum(dld * est.neumann_surrogate_jvp(lin.jvp, u, v))
-            return zeros_for_none(tape.gradient(total, inputs), inputs)
 
-        # Not inlined: one copy of each body serves every block (graph
-        # optimisation and instantiation pay per inlined copy).
-        attributes = {"_noinline": True}
-        _SHARED_SERIES[key] = (
-            tf.function(residual_series, autograph=False, experimental_attributes=attributes),
-            tf.function(residual_series_grad, autograph=False, experimental_attributes=attributes),
-            tracer,
-        )
-    return _SHARED_SERIES[key]
+def _series_backward(chain, x, u, v, dgx, dld, shift, *params):
+    """The body of the backward function: the gradients of
+    sum(dgx * g(x)) + sum(dld * u^T J v) in (x, shift, *params) (without
+    shift when it is None), g recomputed."""
+    inputs = [x] + ([] if shift is None else [shift]) + list(params)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        gx, lin = chain.linearize(x, params=params, shift=shift)
+        total = tf.reduce_sum(dgx * gx)
+        total += tf.reduce_sum(dld * est.neumann_surrogate_jvp(lin.jvp, u, v))
+    return zeros_for_none(tape.gradient(total, inputs), inputs)

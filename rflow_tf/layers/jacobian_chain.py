@@ -189,19 +189,6 @@ class JacobianChain:
             h, factors[-1] = h * scale, (None, factors[-1][1] * scale)
         return h, _Linearization(factors)
 
-    def frozen(self, shift=None):
-        """g as a function of x alone, with every effective kernel (and its
-        Lipschitz upkeep) read once now: for evaluating g many times at fixed
-        weights, as the fixed-point inverse x <- y - g(x) does (evaluation
-        settings, ``training=False``; the same arithmetic as :meth:`linearize`).
-
-        ``shift``: the pre-activation shift of :meth:`linearize`, held fixed.
-
-        Example: ``g = chain.frozen(); x = y - g(y)``.
-        """
-        params = self.parameters(False)
-        return lambda x: self.linearize(x, params=params, shift=shift)[0]
-
 
 class _Linearization:
     """The factors of J_g(x) from :meth:`JacobianChain.linearize`."""

@@ -91,10 +91,9 @@ class JacobianChain:
 
     def parameters(self, training=False):
         """The tensors g depends on, flat, layer by layer: each Lipschitz
-        layer's kernel and divisor (:meth:`LipschitzLayer.kernel_and_divisor`,
-        after its upkeep; ``training=True`` runs its ``power_iterations``
-        first, as the layer's own ``call`` does) and bias (when it has one),
-        each LipSwish's beta. :meth:`linearize` with
+        layer's effective kernel (after its upkeep; ``training=True`` runs its
+        ``power_iterations`` first, as the layer's own ``call`` does) and bias
+        (when it has one), each LipSwish's beta. :meth:`linearize` with
         ``params=`` computes g from them alone, so a graph function that takes
         them as inputs serves every chain of one :attr:`signature`.
 
@@ -104,7 +103,7 @@ class JacobianChain:
         for layer in self._layers:
             if isinstance(layer, LipschitzLayer):
                 layer._maybe_iterate(training)
-                params += layer.kernel_and_divisor()
+                params.append(layer.effective_kernel())
                 if layer.use_bias:
                     params.append(tf.convert_to_tensor(layer.bias))
             else:
@@ -172,7 +171,6 @@ class JacobianChain:
         for layer in self._layers:
             if isinstance(layer, LipschitzLayer):
                 kernel = tf.cast(next(params), h.dtype)
-                kernel = kernel / tf.cast(next(params), h.dtype)  # the effective kernel
                 if scale != 1.0:  # phi = c y: fold c into this (small) kernel
                     kernel, scale = kernel * scale, 1.0
                 factors.append((layer, kernel))

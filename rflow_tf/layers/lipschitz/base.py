@@ -431,23 +431,12 @@ class LipschitzLayer(keras.layers.Layer):
 
         Example: ``w_eff = layer.effective_kernel()``.
         """
-        kernel, divisor = self.kernel_and_divisor()
-        return kernel / divisor
-
-    def kernel_and_divisor(self):
-        """``(W, max(1, sigma / coeff))``, whose quotient is
-        :meth:`effective_kernel`: the scalar divisor (gradient through sigma)
-        apart, so that a graph function can divide inside, where the
-        quotient's gradient is built once for all the layers it serves.
-
-        Example: ``kernel, divisor = layer.kernel_and_divisor()``.
-        """
         u, v = self.update_estimate()
         kernel = tf.convert_to_tensor(self.kernel)
         sigma = self._estimator.sigma(kernel, u, v)
         # sigma * (1 / coeff), not sigma / coeff: the gradient of a product by a
         # constant is one op, that of a quotient a dozen.
-        return kernel, tf.maximum(tf.ones_like(sigma), sigma * (1.0 / self.coeff))
+        return kernel / tf.maximum(tf.ones_like(sigma), sigma * (1.0 / self.coeff))
 
     def _maybe_iterate(self, training):
         if training and self.power_iterations > 0:

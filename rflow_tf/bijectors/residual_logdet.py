@@ -268,12 +268,14 @@ def shared_neumann_residual_logdet(chain, x, v, series, params, shift=None):
     (x, u, v, upstream gradients, shift, params) to the gradients of
     sum(dgx * g(x)) + sum_b dld_b u_b^T J(x_b) v_b in x, shift and params,
     recomputing g(x) (paper Theorem 2). Both are traced once per signature
-    and shape and are not inlined, so a flow of many blocks of one
-    configuration holds one copy of each in its graph, and the blocks' weights
+    and shape, so Python builds one copy of each for a flow of many blocks of
+    one configuration, and the blocks' weights
     reach them as inputs (``params``, from ``chain.parameters()``): their
     gradients flow on to the variables through the enclosing graph. Only x, u
-    and v are kept for the backward pass, and a block's backward pass starts
-    once its upstream gradients exist.
+    and v are kept for the backward pass; a block's g(x) is released once its
+    estimate is done, and its backward pass starts once its upstream
+    gradients exist (control dependencies, which hold when the calls are
+    inlined).
 
     Args:
         chain: the branch g.
@@ -330,7 +332,10 @@ def _series_forward(static):
         series = Series(n_terms, None if truncated else draws, n_exact, dist, param)
         weights = series.weight_fn(x.dtype)
         ld, u = est.power_series_terms(lin.vjp, v, n_terms, weights, with_neumann=True)
-        return gx, ld, u
+        # The next block starts once this one is finished, so that the
+        # transient tensors of only one block are alive at a time.
+        with tf.control_dependencies([ld, u]):
+            return tf.identity(gx), ld, u
 
     return residual_series
 
@@ -340,6 +345,13 @@ def _series_backward(chain, x, u, v, dgx, dld, shift, *params):
     sum(dgx * g(x)) + sum(dld * u^T J v) in (x, shift, *params) (without
     shift when it is None), g recomputed."""
     inputs = [x] + ([] if shift is None else [shift]) + list(params)
+    # Recompute only once the upstream gradient exists: otherwise the executor
+    # may run every block's recomputation at the start of the backward pass
+    # and hold all their activations at once.
+    with tf.control_dependencies([dgx, dld]):
+        inputs = [tf.identity(t) for t in inputs]
+    n_front = 1 if shift is None else 2
+    x, shift, params = inputs[0], (None if shift is None else inputs[1]), inputs[n_front:]
     with tf.GradientTape() as tape:
         tape.watch(inputs)
         gx, lin = chain.linearize(x, params=params, shift=shift)

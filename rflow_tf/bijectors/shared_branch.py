@@ -6,6 +6,8 @@ fixed-point inverse) in its graph, not one per block.
 
 import tensorflow as tf
 
+from rflow_tf.bijectors._base import zeros_for_none
+
 # (name, chain signature, static settings) -> (tf.function, stack of the chains being traced)
 _SHARED = {}
 
@@ -122,6 +124,6 @@ def _recomputed_gradient(body):
             tape.watch(inputs)
             outputs = [o for o in tf.nest.flatten(body(chain, *args)) if o.dtype.is_floating]
         grads = tape.gradient(outputs, inputs, output_gradients=list(upstream))
-        return [tf.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+        return zeros_for_none(grads, inputs)
 
     return gradient

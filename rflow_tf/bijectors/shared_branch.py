@@ -1,7 +1,7 @@
 """Graph functions shared by the residual branches of one signature: a flow of
-many residual blocks of one configuration holds one copy of each computation
+many residual blocks of one configuration traces one copy of each computation
 on a branch g (its log-det series and their gradient, the exact log-det, the
-fixed-point inverse) in its graph, not one per block.
+fixed-point inverse), not one per block.
 :class:`rflow_tf.bijectors.IResBlock` calls its branch through them."""
 
 import tensorflow as tf
@@ -29,8 +29,9 @@ def branch_function(name, chain, static, body, differentiable=False):
     ``differentiable=True``: the gradient of the call with respect to its
     floating-point arguments comes from a second shared function,
     ``name + "_grad"``, which recomputes ``body`` under a tape (the same
-    gradient as differentiating ``body`` inline). Without it, a call has no
-    gradient of its own: its caller defines one (``tf.custom_gradient``).
+    gradient as differentiating ``body`` inline). Without it, the caller
+    defines the gradient (``tf.custom_gradient``), or TensorFlow
+    differentiates the call itself.
 
     Args:
         name: the function's name (and part of its key).

@@ -109,6 +109,40 @@ def test_one_upkeep_function_per_layer_configuration_each_layer_its_own_estimate
             assert operator_norm(layer) <= 0.5 * (1 + SLACK)
 
 
+def test_pointwise_convolutions_share_one_upkeep_across_map_sizes_kxk_do_not():
+    """A 1x1 convolution's norm is its matrix's on any feature map, so 1x1
+    layers on 8x8 and 4x4 maps share one upkeep function; a 3x3 convolution's
+    norm depends on the map's size, so each size has its own. Each layer keeps
+    its own estimate and bound."""
+    keras.utils.set_random_seed(2)
+    sizes = (8, 4)
+    pointwise = [rl.LipschitzConv2D(5, 1, coeff=0.7) for _ in sizes]
+    spatial = [rl.LipschitzConv2D(5, 3, coeff=0.7) for _ in sizes]
+    for layers in (pointwise, spatial):
+        for layer, n in zip(layers, sizes):
+            layer.build((None, n, n, 5))
+    xs = [tf.ones([2, n, n, 5]) for n in sizes]
+
+    @tf.function
+    def apply(layers):
+        return [layer(x) for layer, x in zip(layers, xs)]
+
+    rng = np.random.default_rng(0)
+    for layers, n_functions in ((pointwise, 1), (spatial, 2)):
+        graph = apply.get_concrete_function(layers).graph.as_graph_def()
+        upkeeps = [f for f in graph.library.function if "lipschitz_upkeep" in f.signature.name]
+        assert len(upkeeps) == n_functions
+        for scale in (3.0, 0.2):
+            for layer in layers:
+                layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype(np.float32) * scale)
+            apply(layers)  # re-estimated in the shared graph function(s)
+            for layer in layers:
+                assert bool(layer.estimate_is_current())
+                raw = operator_norm(layer, layer.kernel)
+                np.testing.assert_allclose(float(layer.sigma), raw, rtol=1e-3)
+                assert operator_norm(layer) <= 0.7 * (1 + SLACK)
+
+
 @pytest.mark.parametrize("seed", [1, 4, 7, 11])
 def test_abrupt_kernel_change_is_re_estimated_with_a_restart(seed):
     """A new kernel's top singular vector can be almost orthogonal to the stored

@@ -143,6 +143,14 @@ class NormEstimator:
         gradient is that of the norm at the maximiser)."""
         raise NotImplementedError
 
+    def operator_key(self):
+        """What the estimate depends on besides the kernel, the stored
+        vectors and the layer's settings: the shape of the map's input (a
+        convolution's norm depends on its feature maps' size). Layers whose
+        traced upkeep has the same key share it
+        (:func:`~rflow_tf.layers.lipschitz.upkeep.upkeep_signature`)."""
+        return tuple(self.layer._operator_input_shape)
+
     def larger(self, kernel, first, second):
         """Of two (u, v) pairs, the one of the larger sigma (``first`` on a tie):
         every estimate is a lower bound of the norm, so the larger is the better."""
@@ -372,6 +380,12 @@ class MatrixSpectralNorm(SpectralNorm):
     def __init__(self, layer, u_shape, v_shape, matrix):
         super().__init__(layer, u_shape, v_shape)
         self.matrix = matrix
+
+    def operator_key(self):
+        """Nothing: the norm is the matrix's, whatever the input's size (a 1x1
+        convolution's on any feature map), so one traced upkeep serves every
+        map size."""
+        return ()
 
     def apply_w(self, v, kernel):
         return tf.linalg.matvec(self.matrix(kernel), v, transpose_a=True)

@@ -235,7 +235,7 @@ def upkeep_signature(layer, store):
         tuple(layer.kernel.shape),
         tuple(layer.u.shape),
         tuple(layer.v.shape),
-        tuple(layer._operator_input_shape),
+        layer._estimator.operator_key(),
         layer.tol,
         layer.max_iterations,
         layer.domain,

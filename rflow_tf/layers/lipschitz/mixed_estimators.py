@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from rflow_tf import norms
 from rflow_tf.layers.lipschitz.estimators import NormEstimator
-from rflow_tf.layers.lipschitz.upkeep import backing
+from rflow_tf.layers.lipschitz.upkeep import backing, traced_converge, upkeep_signature
 
 
 class _MixedNorm(NormEstimator):
@@ -24,10 +24,15 @@ class _MixedNorm(NormEstimator):
 
     estimate_at_build = True
 
-    def converge(self, tol, max_iterations, careful):
-        if tf.executing_eagerly():  # (many small ops per step: a graph runs them faster)
-            return self._converge_function(tol, max_iterations, careful)()
-        return self._converge(tol, max_iterations, careful)
+    def converge(self, tol, max_iterations, careful, state=None):
+        if not tf.executing_eagerly():
+            return self._converge(tol, max_iterations, careful, state)
+        # Eagerly, a graph function (many small ops per step: a graph runs them
+        # faster): at the layer's own settings the one shared by the layers of
+        # its configuration, so building a model traces it once per configuration.
+        if careful and self.shared_converge and upkeep_signature(self.layer, True) is not None:
+            return traced_converge(self.layer)()
+        return self._converge_function(tol, max_iterations, careful)()
 
     def _converge_function(self, tol, max_iterations, careful):
         """:meth:`_converge` as a graph function, traced once per settings."""
@@ -39,7 +44,9 @@ class _MixedNorm(NormEstimator):
             )
         return fns[key]
 
-    def _converge(self, tol, max_iterations, careful):
+    def _converge(self, tol, max_iterations, careful, state=None):
+        """The careful estimate on ``state`` (None: the layer's own variables),
+        stored; returns sigma."""
         raise NotImplementedError
 
 
@@ -84,9 +91,16 @@ class ClosedFormNorm(_MixedNorm):
             q,
         )
 
-    def _converge(self, tol, max_iterations, careful):
+    def _converge(self, tol, max_iterations, careful, state=None):
         layer = self.layer
-        return layer._store(layer.u, layer.v, layer._kernel_value(), careful=careful)
+        state = state or layer._power_state()
+        return layer._store(
+            state.u.read_value(),
+            state.v.read_value(),
+            layer._kernel_value(state),
+            careful=careful,
+            state=state,
+        )
 
     def power_steps(self, kernel, u, v, n):
         return None
@@ -133,6 +147,8 @@ class GeneralisedPowerMethod(_MixedNorm):
     ```
     """
 
+    #: :meth:`converge` takes the state (one graph function per configuration).
+    shared_converge = True
     #: Steps the random starts of a re-estimate run (as one batch with the warm
     #: start) before the best of them is converged alone.
     RESTART_STEPS = 10
@@ -210,13 +226,14 @@ class GeneralisedPowerMethod(_MixedNorm):
     def upkeep(self, kernel, state):
         return self.fresh(kernel, state=state)
 
-    def _converge(self, tol, max_iterations, careful):
+    def _converge(self, tol, max_iterations, careful, state=None):
         layer = self.layer
-        kernel = layer._kernel_value()
-        u1, v1 = self.fresh(kernel, tol, max_iterations)
+        state = state or layer._power_state()
+        kernel = layer._kernel_value(state)
+        u1, v1 = self.fresh(kernel, tol, max_iterations, state)
         p, q = layer.orders(kernel.dtype)
         apply, apply_t = self._operator(kernel)
-        bits = tf.bitcast(tf.cast(tf.convert_to_tensor(layer.sigma), tf.float32), tf.int32)
+        bits = tf.bitcast(tf.cast(state.sigma.read_value(), tf.float32), tf.int32)
         res = norms.induced_norm_power_method(
             apply,
             apply_t,
@@ -231,7 +248,7 @@ class GeneralisedPowerMethod(_MixedNorm):
         )
         u2, v2 = tf.reshape(res.u, layer.u.shape), tf.reshape(res.v, layer.v.shape)
         u, v = self.larger(kernel, (u1, v1), (u2, v2))
-        return layer._store(u, v, kernel, careful=careful)
+        return layer._store(u, v, kernel, careful=careful, state=state)
 
     def power_steps(self, kernel, u, v, n):
         return self.iterate(kernel, v, 0.0, int(n))

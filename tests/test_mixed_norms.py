@@ -125,6 +125,29 @@ def test_layer_norm_estimate_against_brute_force(domain, codomain):
             np.testing.assert_allclose(sigma, exact, rtol=1e-5)
 
 
+def test_layers_of_one_configuration_share_the_careful_estimate_function():
+    """Two 2->3 conv layers of one configuration, built eagerly: one traced
+    careful-estimate function serves both (so a model's build traces it once
+    per configuration), and each layer gets the estimate of its own kernel."""
+    from rflow_tf.layers.lipschitz import upkeep
+
+    keras.utils.set_random_seed(3)
+    layers = [rl.LipschitzConv2D(3, 3, coeff=0.9, domain=2, codomain=3) for _ in range(2)]
+    for layer in layers:
+        layer(tf.zeros([1, 3, 3, 2]))
+    keys = {("lipschitz_converge",) + upkeep.upkeep_signature(layer, True) for layer in layers}
+    assert len(keys) == 1
+    function = upkeep._SHARED_UPKEEP[keys.pop()][0]
+    assert function.experimental_get_tracing_count() == 1
+    layers[1].kernel.assign(layers[1].kernel * 3.0)
+    layers[1].converge()
+    sigmas = [float(layer.sigma) for layer in layers]
+    for layer, sigma in zip(layers, sigmas):
+        exact = _exact_norm(_dense_matrix(layer, layer._kernel_value()), 2.0, 3.0)
+        assert 0.99 * exact <= sigma <= exact * (1 + 1e-5), (layer.name, sigma, exact)
+    assert sigmas[1] > 2.5 * sigmas[0]
+
+
 def test_layer_reestimates_when_kernel_or_learned_order_changes():
     order = rl.LearnableOrder(3.0)
     layer = rl.LipschitzDense(6, coeff=0.9, domain=2, codomain=order)

@@ -338,7 +338,10 @@ class LipschitzLayer(keras.layers.Layer):
         At the layer's own ``tol`` and ``max_iterations``, a kernel (and
         orders) unchanged since the last ``converge`` keeps that estimate: it
         is what converging again would find, so repeated calls (before
-        evaluation, sampling, export) cost one comparison.
+        evaluation, sampling, export) cost one comparison. At the layer's own
+        settings the estimate runs in a graph function traced once per layer
+        configuration (:func:`~rflow_tf.layers.lipschitz.upkeep.traced_converge`),
+        also when called eagerly, except for a spectral norm's first estimate.
 
         Example: ``sigma = layer.converge()``.
         """
@@ -350,8 +353,13 @@ class LipschitzLayer(keras.layers.Layer):
 
         if not at_defaults:
             return self._estimator.converge(tol, max_iterations, careful=False)
-        if not tf.executing_eagerly() and self._estimator.shared_converge:
-            return traced_converge(self)()  # one graph function per configuration
+        if self._estimator.shared_converge and not (
+            tf.executing_eagerly() and self._never_estimated()
+        ):
+            # One graph function per configuration, also when called eagerly
+            # (its loops run many small ops per step, which a graph runs faster).
+            # Eagerly, a layer's first estimate runs the restart alone (below).
+            return traced_converge(self)()
         return self._converge_at_own_settings()
 
     def _converge_at_own_settings(self, state=None):

@@ -143,6 +143,29 @@ def test_pointwise_convolutions_share_one_upkeep_across_map_sizes_kxk_do_not():
                 assert operator_norm(layer) <= 0.7 * (1 + SLACK)
 
 
+def test_eager_converge_runs_one_shared_graph_function_per_configuration():
+    """converge() called eagerly (before evaluation, sampling, export) runs the
+    careful estimate in the graph function of the layer's configuration: one
+    trace serves both layers, and each gets its own kernel's norm."""
+    from rflow_tf.layers.lipschitz import upkeep
+
+    keras.utils.set_random_seed(5)
+    layers = [rl.LipschitzConv2D(4, 3, coeff=0.8) for _ in range(2)]
+    for layer in layers:
+        layer(tf.ones([1, 5, 5, 3]))  # the first estimate
+    keys = {("lipschitz_converge",) + upkeep.upkeep_signature(layer, True) for layer in layers}
+    assert len(keys) == 1
+    rng = np.random.default_rng(1)
+    for layer in layers:
+        layer.kernel.assign(rng.normal(size=layer.kernel.shape).astype(np.float32))
+        layer.converge()
+        assert bool(layer.estimate_is_current())
+        np.testing.assert_allclose(
+            float(layer.sigma), operator_norm(layer, layer.kernel), rtol=1e-4
+        )
+    assert upkeep._SHARED_UPKEEP[keys.pop()][0].experimental_get_tracing_count() == 1
+
+
 @pytest.mark.parametrize("seed", [1, 4, 7, 11])
 def test_abrupt_kernel_change_is_re_estimated_with_a_restart(seed):
     """A new kernel's top singular vector can be almost orthogonal to the stored

@@ -13,6 +13,7 @@ from tensorflow.core.framework import summary_pb2
 from rflow_tf import classifier as rclf
 from rflow_tf import data
 from rflow_tf.bijectors import dequantization as rdeq
+from rflow_tf.layers.lipschitz.upkeep import backing
 from rflow_tf.optimizers import FusedAdam
 from rflow_tf.training.options import TASKS, UsageError
 
@@ -144,27 +145,9 @@ def _first(strategy, value):
     return strategy.experimental_local_results(value)[0]
 
 
-def variable_value(v):
-    """The ``tf.Variable`` behind ``v``: a Keras variable's backing variable, or ``v``.
-
-    Args:
-      v: a ``keras.Variable`` or a ``tf.Variable``.
-
-    Returns:
-      A ``tf.Variable``.
-
-    Example:
-    ```python
-    import keras
-    import tensorflow as tf
-    from rflow_tf.training.steps import variable_value
-
-    w = keras.Variable(1.0)
-    variable_value(w).assign_add(1.0)  # writes the Keras variable
-    assert float(w) == 2.0 and isinstance(variable_value(w), tf.Variable)
-    ```
-    """
-    return v.value if isinstance(v, keras.Variable) else v
+#: The ``tf.Variable`` behind a Keras variable (a ``tf.Variable`` as it is): the
+#: Lipschitz layers' helper under the name the training code and its users know.
+variable_value = backing
 
 
 def make_dequantizer(kind, flow_config):

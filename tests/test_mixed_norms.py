@@ -164,6 +164,51 @@ def test_layer_reestimates_when_kernel_or_learned_order_changes():
         np.testing.assert_allclose(float(layer.sigma), exact, rtol=1e-3)
 
 
+def test_layers_with_their_own_learned_orders_share_one_function_each_its_orders():
+    """Two layers of one configuration, each with a learnable codomain order of
+    its own: one traced careful estimate and one upkeep serve both, each
+    reading its own order (from its state), in a graph and eagerly."""
+    from rflow_tf.layers.lipschitz import upkeep
+
+    keras.utils.set_random_seed(4)
+    orders = [rl.LearnableOrder(3.0), rl.LearnableOrder(1.5)]
+    layers = [rl.LipschitzDense(6, coeff=0.9, domain=2, codomain=o) for o in orders]
+    for layer in layers:
+        layer(tf.zeros([1, 4]))
+    signatures = {upkeep.upkeep_signature(layer, True) for layer in layers}
+    assert len(signatures) == 1
+    converge = upkeep._SHARED_UPKEEP[("lipschitz_converge",) + next(iter(signatures))][0]
+
+    @tf.function
+    def both(x):
+        return [layer(x) for layer in layers]
+
+    for change in ("order", "kernel"):
+        for order, layer in zip(orders, layers):
+            if change == "order":
+                order.raw.assign(order.raw + 0.4)
+            else:
+                layer.kernel.assign(layer.kernel * 1.5 + 0.1)
+        both(tf.ones([1, 4]))  # the in-call upkeep, in the shared function
+        for order, layer in zip(orders, layers):
+            assert bool(layer.estimate_is_current())
+            exact = _exact_norm(layer.kernel.numpy().T, 2.0, float(order.order()))
+            np.testing.assert_allclose(float(layer.sigma), exact, rtol=1e-3)
+    for layer in layers:
+        layer.kernel.assign(layer.kernel * 0.5)
+        layer.converge()  # eagerly, in the shared careful estimate
+    for order, layer in zip(orders, layers):
+        exact = _exact_norm(layer.kernel.numpy().T, 2.0, float(order.order()))
+        np.testing.assert_allclose(float(layer.sigma), exact, rtol=1e-3)
+    assert converge.experimental_get_tracing_count() == 1
+    upkeeps = [
+        f
+        for f in both.get_concrete_function(tf.ones([1, 4])).graph.as_graph_def().library.function
+        if "lipschitz_upkeep" in f.signature.name
+    ]
+    assert len(upkeeps) == 1
+
+
 def test_get_config_round_trips_orders():
     order = rl.LearnableOrder(2.5)
     layer = rl.LipschitzDense(3, coeff=0.8, domain="f", codomain=order)

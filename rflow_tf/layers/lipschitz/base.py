@@ -3,6 +3,8 @@ the settings, the stored estimate (u, v, sigma) and the verbs that keep the
 estimate current; how sigma is estimated is the layer's estimator
 (:mod:`rflow_tf.layers.lipschitz.estimators`), chosen in ``build``."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
@@ -10,7 +12,7 @@ import tensorflow as tf
 # tapes do not build its (unused) backward function at trace time.
 from tensorflow.python.eager import record as _tape_record
 
-from rflow_tf import tracing
+from rflow_tf import norms, tracing
 from rflow_tf.layers.lipschitz.orders import (
     LearnableOrder,
     order_argument,
@@ -199,7 +201,34 @@ class LipschitzLayer(keras.layers.Layer):
         Example: ``LipschitzDense(4, domain="f", codomain=2).orders()  # (inf, 2.0)``.
         """
         dtype = dtype or self.dtype
+        override = self.__dict__.get("_orders_override")
+        if override is not None:  # inside a shared function: the orders of its state
+            return tuple(o if isinstance(o, float) else tf.cast(o, dtype) for o in override)
         return order_value(self.domain, dtype), order_value(self.codomain, dtype)
+
+    @contextlib.contextmanager
+    def _orders_of(self, state):
+        """Within the block, :meth:`orders` gives the orders of ``state``: a
+        learnable one read from its variable there (a function shared by the
+        layers of one configuration reads each layer's orders from its state)."""
+        if state.domain_raw is None and state.codomain_raw is None:
+            yield
+            return
+        object.__setattr__(
+            self,
+            "_orders_override",
+            tuple(
+                fixed if raw is None else norms.order_from_unconstrained(raw.read_value())
+                for fixed, raw in (
+                    (self.domain, state.domain_raw),
+                    (self.codomain, state.codomain_raw),
+                )
+            ),
+        )
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_orders_override", None)
 
     def _order_vector(self):
         p, q = self.orders(self.kernel.dtype)
@@ -208,6 +237,9 @@ class LipschitzLayer(keras.layers.Layer):
 
     # ------------------------------------------------------------------ state
     def _power_state(self):
+        def raw(order):
+            return backing(order.raw) if isinstance(order, LearnableOrder) else None
+
         return PowerState(
             backing(self.kernel),
             backing(self.u),
@@ -215,6 +247,9 @@ class LipschitzLayer(keras.layers.Layer):
             backing(self.sigma),
             self._estimated_kernel,
             self._estimated_carefully,
+            raw(self.domain),
+            raw(self.codomain),
+            self.__dict__.get("_estimated_orders"),
         )
 
     def _kernel_value(self, state=None):
@@ -233,8 +268,8 @@ class LipschitzLayer(keras.layers.Layer):
         state.careful.assign(bool(current and careful))
         if current:
             state.estimated_kernel.assign(kernel)
-            if self._has_learnable_order:
-                self._estimated_orders.assign(self._order_vector())
+            if state.estimated_orders is not None:
+                state.estimated_orders.assign(self._order_vector())
         return sigma
 
     def _never_estimated(self):
@@ -251,8 +286,10 @@ class LipschitzLayer(keras.layers.Layer):
         current = tf.reduce_all(
             tf.equal(self._kernel_value(state), state.estimated_kernel.read_value())
         )
-        if self._has_learnable_order:
-            same = tf.reduce_all(tf.equal(self._order_vector(), self._estimated_orders))
+        if state.estimated_orders is not None:
+            same = tf.reduce_all(
+                tf.equal(self._order_vector(), state.estimated_orders.read_value())
+            )
             current = tf.logical_and(current, same)
         return current
 

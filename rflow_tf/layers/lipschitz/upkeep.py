@@ -6,12 +6,13 @@ the layers of that configuration (:func:`traced_upkeep`), so a flow of many
 blocks adds few graph nodes for it."""
 
 import weakref
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import keras
 import tensorflow as tf
 
 from rflow_tf import tracing
+from rflow_tf.layers.lipschitz.orders import LearnableOrder
 
 # The upkeep stores the converged estimate for the kernel it reads: calling it
 # again at the same state computes the same, so its writes never make a value
@@ -125,6 +126,11 @@ class PowerState(NamedTuple):
       sigma: the stored estimate of ||W||, a scalar.
       estimated_kernel: the kernel u, v and sigma were estimated for.
       careful: a bool: whether that estimate was the careful one (``converge``).
+      domain_raw, codomain_raw: the unconstrained variable of a learnable
+        domain / codomain order (:class:`~rflow_tf.layers.LearnableOrder`),
+        None for a fixed order.
+      estimated_orders: the orders [p, q] the estimate was made for, None
+        when both are fixed.
 
     Example:
     ```python
@@ -150,6 +156,9 @@ class PowerState(NamedTuple):
     sigma: tf.Variable
     estimated_kernel: tf.Variable
     careful: tf.Variable
+    domain_raw: Optional[tf.Variable] = None
+    codomain_raw: Optional[tf.Variable] = None
+    estimated_orders: Optional[tf.Variable] = None
 
 
 class HandleVariable:
@@ -211,6 +220,8 @@ def upkeep_signature(layer, store):
 
     Returns:
       A hashable tuple, or None when the layer needs a function of its own.
+      A learnable order enters as the word "learnable" (its variable is in
+      the state), a fixed one as its value.
 
     Example:
     ```python
@@ -224,9 +235,7 @@ def upkeep_signature(layer, store):
     assert upkeep_signature(a, True) != upkeep_signature(c, True)  # another kernel shape
     ```
     """
-    if layer._has_learnable_order or any(
-        isinstance(v, tf.distribute.DistributedValues) for v in layer._power_state()
-    ):
+    if any(isinstance(v, tf.distribute.DistributedValues) for v in layer._power_state()):
         return None
     return (
         type(layer),
@@ -238,8 +247,10 @@ def upkeep_signature(layer, store):
         layer._estimator.operator_key(),
         layer.tol,
         layer.max_iterations,
-        layer.domain,
-        layer.codomain,
+        *(
+            "learnable" if isinstance(o, LearnableOrder) else o
+            for o in (layer.domain, layer.codomain)
+        ),
     )
 
 
@@ -343,8 +354,15 @@ def _shared_function(kind, layer, signature, body):
 
         def shared(*handles):
             traced = tracer[-1]()
-            state = [HandleVariable(h, v) for h, v in zip(handles, traced._power_state())]
-            return body(traced, PowerState(*state))
+            handles = iter(handles)
+            state = PowerState(
+                *(
+                    None if v is None else HandleVariable(next(handles), v)
+                    for v in traced._power_state()
+                )
+            )
+            with traced._orders_of(state):
+                return body(traced, state)
 
         # Not inlined: one copy of the body serves every call site (graph
         # optimisation and instantiation pay per inlined copy).
@@ -353,7 +371,7 @@ def _shared_function(kind, layer, signature, body):
         )
         _SHARED_UPKEEP[key] = (fn, tracer)
     fn, tracer = _SHARED_UPKEEP[key]
-    handles = [v.handle for v in layer._power_state()]
+    handles = [v.handle for v in layer._power_state() if v is not None]
 
     def call():
         tracer.append(weakref.ref(layer))

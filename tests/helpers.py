@@ -61,18 +61,23 @@ def jacobian(fn, x, per_example=False, use_pfor=True):
     flattened: numpy ``[batch, d_out, d_in]``, in ``x``'s dtype.
 
     ``per_example``: one call of ``fn`` on a batch of one per example (for maps
-    that do not treat a batch's examples apart); ``use_pfor=False``: the tape's
-    while-loop Jacobian, for ops pfor cannot vectorise."""
+    that do not treat a batch's examples apart), in a graph function traced
+    once for all examples (``fn`` must be traceable); ``use_pfor=False``: the
+    tape's while-loop Jacobian, for ops pfor cannot vectorise."""
     x = tf.convert_to_tensor(x)
     if per_example:
-        return np.concatenate(
-            [jacobian(fn, x[i : i + 1], use_pfor=use_pfor) for i in range(x.shape[0])]
-        )
+        one = tf.function(lambda xi: _batch_jacobian(fn, xi, use_pfor))
+        return np.concatenate([one(x[i : i + 1]).numpy() for i in range(x.shape[0])])
+    return _batch_jacobian(fn, x, use_pfor).numpy()
+
+
+def _batch_jacobian(fn, x, use_pfor):
+    """The Jacobians of ``fn`` at the examples of ``x``, events flattened: [batch, d_out, d_in]."""
     with tf.GradientTape(persistent=not use_pfor) as tape:
         tape.watch(x)
         y = tf.reshape(fn(x), [x.shape[0], -1])
     jac = tape.batch_jacobian(y, x, experimental_use_pfor=use_pfor)
-    return tf.reshape(jac, [x.shape[0], y.shape[1], -1]).numpy()
+    return tf.reshape(jac, [x.shape[0], y.shape[1], -1])
 
 
 def finite_difference_jacobian(fn, x, eps):

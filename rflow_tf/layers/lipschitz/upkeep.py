@@ -210,9 +210,8 @@ _SHARED_UPKEEP = {}
 def upkeep_signature(layer, store):
     """Everything the traced upkeep of ``layer`` depends on besides the
     variables in :class:`PowerState`: layers with equal signatures share one
-    function (the type and orders fix the estimator). None for learnable
-    orders (their variables are not in the state) and distributed variables
-    (a handle is one replica's).
+    function (the type and orders fix the estimator). None for distributed
+    variables (a handle is one replica's).
 
     Args:
       layer: a built :class:`~rflow_tf.layers.lipschitz.base.LipschitzLayer`.

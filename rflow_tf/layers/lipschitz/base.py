@@ -390,12 +390,12 @@ class LipschitzLayer(keras.layers.Layer):
 
         if not at_defaults:
             return self._estimator.converge(tol, max_iterations, careful=False)
-        if self._estimator.shared_converge and not (
-            tf.executing_eagerly() and self._never_estimated()
+        estimator = self._estimator
+        if estimator.shared_converge and not (
+            estimator.eager_first_estimate and tf.executing_eagerly() and self._never_estimated()
         ):
             # One graph function per configuration, also when called eagerly
             # (its loops run many small ops per step, which a graph runs faster).
-            # Eagerly, a layer's first estimate runs the restart alone (below).
             return traced_converge(self)()
         return self._converge_at_own_settings()
 

@@ -128,6 +128,9 @@ class NormEstimator:
     #: (``state=``), so that a graph can run it in a function shared by the
     #: layers of one configuration (:func:`~rflow_tf.layers.lipschitz.upkeep.traced_converge`).
     shared_converge = False
+    #: Whether a layer's first estimate, called eagerly, runs eagerly (its own
+    #: path for a never-estimated layer) rather than in the shared function.
+    eager_first_estimate = False
     #: Relative size of the deterministic random perturbation added to the
     #: stored v before each warm start, so that a v exactly orthogonal to the
     #: new top singular vector cannot stall the iteration.
@@ -235,6 +238,7 @@ class SpectralNorm(NormEstimator):
 
     eager_upkeep = True
     shared_converge = True
+    eager_first_estimate = True  # the restart alone (the stored v is random)
     #: A kernel that moved by more than this fraction (Frobenius norm) since
     #: its last estimate is re-estimated with a restart beside the warm start.
     ABRUPT_CHANGE = 0.1

@@ -15,7 +15,7 @@ import tensorflow as tf
 
 from rflow_tf import norms
 from rflow_tf.layers.lipschitz.estimators import NormEstimator
-from rflow_tf.layers.lipschitz.upkeep import backing, traced_converge, upkeep_signature
+from rflow_tf.layers.lipschitz.upkeep import backing
 
 
 class _MixedNorm(NormEstimator):
@@ -28,10 +28,8 @@ class _MixedNorm(NormEstimator):
         if not tf.executing_eagerly():
             return self._converge(tol, max_iterations, careful, state)
         # Eagerly, a graph function (many small ops per step: a graph runs them
-        # faster): at the layer's own settings the one shared by the layers of
-        # its configuration, so building a model traces it once per configuration.
-        if careful and self.shared_converge and upkeep_signature(self.layer, True) is not None:
-            return traced_converge(self.layer)()
+        # faster). At the layer's own settings the layer's converge() already
+        # runs the one shared by its configuration, where the estimator allows.
         return self._converge_function(tol, max_iterations, careful)()
 
     def _converge_function(self, tol, max_iterations, careful):

@@ -1,13 +1,16 @@
 """Lean graphs: values reused within one trace only while no variable may have
 been written (rflow_tf.tracing), TFP's inverse(forward(x)) recall without a
 traced inversion, one shared upkeep function per layer configuration, and the
-in-call re-estimate after an abrupt kernel change."""
+in-call re-estimate after an abrupt kernel change, and graph optimisation in one
+round for the package's own graph functions."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_probability as tfp
+from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+from tensorflow.python.eager import context
 from test_lipschitz_bound import SLACK, operator_norm
 
 from rflow_tf import layers as rl
@@ -180,3 +183,99 @@ def test_abrupt_kernel_change_is_re_estimated_with_a_restart(seed):
         norm = operator_norm(layer)
         assert norm <= 0.98 * (1 + SLACK)
         assert norm >= min(operator_norm(layer, layer.kernel), 0.98) * (1 - SLACK)
+
+
+def _rounds(config_proto_serialized):
+    """The meta-optimizer rounds a function call's config asks for."""
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(config_proto_serialized)
+    return config.graph_options.rewrite_options.meta_optimizer_iterations
+
+
+def _call_rounds():
+    return _rounds(context.context().function_call_options.config_proto_serialized)
+
+
+def test_one_optimizer_round_applies_inside_only_and_keeps_a_users_own_setting():
+    ONE, TWO = rewriter_config_pb2.RewriterConfig.ONE, rewriter_config_pb2.RewriterConfig.TWO
+    before = _call_rounds()
+    assert before == rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS
+    seen = []
+    fn = tf.function(lambda x: seen.append(_call_rounds()) or x * 2.0)
+    with tracing.one_optimizer_round():
+        assert _call_rounds() == ONE
+        with tracing.one_optimizer_round():  # nested: unchanged
+            assert _call_rounds() == ONE
+        assert float(fn(tf.constant(2.0))) == 4.0  # traced and run in one round
+    assert seen == [ONE] and _call_rounds() == before
+    assert float(fn(tf.constant(3.0))) == 6.0  # the same function outside
+    # A configuration that sets the rounds itself is the user's: kept.
+    ctx = context.context()
+    saved = ctx.function_call_options
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(saved.config_proto_serialized)
+    config.graph_options.rewrite_options.meta_optimizer_iterations = TWO
+    ctx.function_call_options = context.FunctionCallOptions(config_proto=config)
+    try:
+        with tracing.one_optimizer_round():
+            assert _call_rounds() == TWO
+    finally:
+        ctx.function_call_options = saved
+    assert _call_rounds() == before
+
+
+def test_upkeep_calls_ask_for_one_round_in_a_users_own_tf_function():
+    layer = rl.LipschitzDense(3)
+    layer.build((None, 4))
+
+    @tf.function
+    def f(x):  # a plain tf.function, outside any rflow_tf context
+        return layer(x)
+
+    graph = f.get_concrete_function(tf.ones([2, 4])).graph
+    calls = [
+        op
+        for op in graph.get_operations()
+        if op.type == "StatefulPartitionedCall"
+        and op.get_attr("f").name.startswith("__inference_lipschitz_upkeep")
+    ]
+    assert calls, "the layer's upkeep is not a called function"
+    for op in calls:
+        assert _rounds(op.get_attr("config_proto")) == rewriter_config_pb2.RewriterConfig.ONE
+    assert _call_rounds() == rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS
+    np.testing.assert_allclose(f(tf.ones([2, 4])).numpy(), layer(tf.ones([2, 4])).numpy())
+
+
+def test_training_step_is_traced_and_run_in_one_optimizer_round():
+    from rflow_tf.config import FlowConfig
+    from rflow_tf.models import ResidualFlow
+    from rflow_tf.training.steps import make_optimizer, make_train_step
+
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    images = np.random.default_rng(0).integers(0, 256, [4, 4, 4, 1], dtype=np.uint8)
+    with strategy.scope():
+        model = ResidualFlow(
+            FlowConfig(
+                input_shape=(4, 4, 1),
+                n_blocks=(1,),
+                block="coupling",
+                hidden_channels=4,
+                fc_end=False,
+            )
+        )
+        model.initialize(tf.cast(images, tf.float32) / 255)
+        opt = make_optimizer(1e-3, 10)
+        opt.build(model.trainable_variables)
+        ema = [tf.Variable(tf.convert_to_tensor(v)) for v in model.trainable_variables]
+    seen = []
+
+    def loss_hook(loss, step):  # traced inside the step
+        seen.append(_call_rounds())
+        return loss
+
+    step = make_train_step(model, opt, strategy, ema, global_batch_size=4, loss_hook=loss_hook)
+    out = step(tf.constant(images), tf.constant(0, tf.int64))
+    assert bool(out["ok"]) and np.isfinite(float(out["loss"]))
+    assert seen == [rewriter_config_pb2.RewriterConfig.ONE]
+    assert step.experimental_get_tracing_count() == 1
+    assert _call_rounds() == rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS

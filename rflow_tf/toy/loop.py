@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from rflow_tf import layers as rlayers
+from rflow_tf import tracing
 from rflow_tf.data import TOY_DATASETS, toy_2d
 from rflow_tf.optimizers import FusedAdam
 from rflow_tf.toy.flows import build_flow, power_iterate_all
@@ -244,11 +245,15 @@ class ToyTrainer:
                         layer.update_estimate()
             return loss
 
-        self._train_step = tf.function(train_step, jit_compile=bool(args.jit_compile))
+        # Each graph optimised in one round at its first call (rflow_tf.tracing).
+        graph_fn = tracing.in_one_optimizer_round
+        self._train_step = graph_fn(tf.function(train_step, jit_compile=bool(args.jit_compile)))
         spec = [tf.TensorSpec([None, 2], tf.float32)]
-        self.log_prob_exact = tf.function(flow.log_prob_exact, input_signature=spec)
-        self._sample = tf.function(self._inverse, input_signature=spec)
-        self._converge = tf.function(lambda: rlayers.converge_lipschitz(flow.keras_models))
+        self.log_prob_exact = graph_fn(tf.function(flow.log_prob_exact, input_signature=spec))
+        self._sample = graph_fn(tf.function(self._inverse, input_signature=spec))
+        self._converge = graph_fn(
+            tf.function(lambda: rlayers.converge_lipschitz(flow.keras_models))
+        )
 
     def _inverse(self, z):
         x = z

@@ -5,7 +5,7 @@ import os
 
 import tensorflow as tf
 
-from rflow_tf import data
+from rflow_tf import data, tracing
 
 
 class Sampler:
@@ -76,7 +76,7 @@ class Sampler:
                 fn = tf.function(
                     lambda seed: self.model.sample(n, temperature=temperature, seed=seed)
                 )
-            self._fn = ((n, temperature), fn)
+            self._fn = ((n, temperature), tracing.in_one_optimizer_round(fn))
         if classes:
             nrow = max(1, n // classes)
         ctx = self.ema.weights() if use_ema else contextlib.nullcontext()

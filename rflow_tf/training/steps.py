@@ -11,7 +11,7 @@ import tensorflow as tf
 from tensorflow.core.framework import summary_pb2
 
 from rflow_tf import classifier as rclf
-from rflow_tf import data
+from rflow_tf import data, tracing
 from rflow_tf.bijectors import dequantization as rdeq
 from rflow_tf.layers.lipschitz.upkeep import backing
 from rflow_tf.optimizers import FusedAdam
@@ -474,7 +474,7 @@ def make_train_step(
         out.update({m: _first(strategy, v) for m, v in zip(metric_names, metrics)})
         return out
 
-    return train_step
+    return tracing.in_one_optimizer_round(train_step)
 
 
 def run_train_step(step_fn, batches, step, jit_compile=False):
@@ -619,4 +619,4 @@ def make_eval_step(
         out = strategy.run(replica_fn, args=(x, mask, index))
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in out]
 
-    return eval_step
+    return tracing.in_one_optimizer_round(eval_step)

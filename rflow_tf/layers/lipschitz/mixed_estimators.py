@@ -13,7 +13,7 @@ interface; the numerics are :mod:`rflow_tf.norms`.
 import numpy as np
 import tensorflow as tf
 
-from rflow_tf import norms
+from rflow_tf import norms, tracing
 from rflow_tf.layers.lipschitz.estimators import NormEstimator
 from rflow_tf.layers.lipschitz.upkeep import backing
 
@@ -37,8 +37,8 @@ class _MixedNorm(NormEstimator):
         fns = self.__dict__.setdefault("_converge_fns", {})
         key = (tol, max_iterations, careful)
         if key not in fns:
-            fns[key] = tf.function(
-                lambda: self._converge(tol, max_iterations, careful), autograph=False
+            fns[key] = tracing.in_one_optimizer_round(
+                tf.function(lambda: self._converge(tol, max_iterations, careful), autograph=False)
             )
         return fns[key]
 

@@ -343,8 +343,10 @@ def _shared_function(kind, layer, signature, body):
     if signature is None:
         fns = layer.__dict__.setdefault("_own_fns", {})
         if kind not in fns:
-            fns[kind] = tf.function(
-                _named(name, lambda: body(layer, layer._power_state())), autograph=False
+            fns[kind] = tracing.in_one_optimizer_round(
+                tf.function(
+                    _named(name, lambda: body(layer, layer._power_state())), autograph=False
+                )
             )
         return fns[kind]
     key = kind + signature
@@ -375,7 +377,9 @@ def _shared_function(kind, layer, signature, body):
     def call():
         tracer.append(weakref.ref(layer))
         try:
-            return fn(*handles)
+            # Not inlined: optimised when first run, in one round wherever it is called.
+            with tracing.one_optimizer_round():
+                return fn(*handles)
         finally:
             tracer.pop()
 

@@ -279,3 +279,37 @@ def test_training_step_is_traced_and_run_in_one_optimizer_round():
     assert seen == [rewriter_config_pb2.RewriterConfig.ONE]
     assert step.experimental_get_tracing_count() == 1
     assert _call_rounds() == rewriter_config_pb2.RewriterConfig.DEFAULT_NUM_ITERS
+
+
+def test_no_upkeep_call_leaves_an_output_unused():
+    # Graph optimisation gives a call that leaves outputs unused a copy of the
+    # function of its own (specialised to drop them), optimised and
+    # instantiated anew: the after-step upkeep of every layer did.
+    layer = rl.LipschitzDense(3)
+    layer.build((None, 4))
+    opt = keras.optimizers.SGD(0.1)
+    opt.build(layer.trainable_variables)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.square(layer(x)))
+        grads = tape.gradient(loss, layer.trainable_variables)
+        opt.apply_gradients(zip(grads, layer.trainable_variables))
+        rl.update_lipschitz([layer])  # the after-step upkeep: (u, v) not used
+        return loss
+
+    graph = step.get_concrete_function(tf.ones([2, 4])).graph
+    calls = [
+        op
+        for op in graph.get_operations()
+        if op.type == "StatefulPartitionedCall"
+        and op.get_attr("f").name.startswith("__inference_lipschitz_upkeep")
+    ]
+    assert len(calls) == 2  # the forward's use and the after-step upkeep
+    for op in calls:
+        assert all(out.consumers() for out in op.outputs), op.name
+    step(tf.ones([2, 4]))
+    assert bool(layer.estimate_is_current())
+    sigma = np.linalg.norm(layer.kernel.numpy(), 2)
+    assert abs(float(layer.sigma) - sigma) <= 1e-4 * sigma

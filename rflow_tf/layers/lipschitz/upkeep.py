@@ -259,7 +259,8 @@ def traced_upkeep(layer, store):
     enclosing trace; returns a callable of no arguments.
 
     The upkeep re-estimates (u, v) only if the kernel changed since the last
-    estimate, and stores them (and sigma) if ``store``; it returns (u, v).
+    estimate, and stores them (and sigma) if ``store``; it returns (u, v)
+    (storing: read from the variables after the call).
 
     Args:
       layer: a built :class:`~rflow_tf.layers.lipschitz.base.LipschitzLayer`.
@@ -281,12 +282,32 @@ def traced_upkeep(layer, store):
     assert bool(layer.estimate_is_current()) and abs(float(layer.sigma) - 3.0) < 1e-4
     ```
     """
-    return _shared_function(
-        ("lipschitz_upkeep", store),
-        layer,
-        upkeep_signature(layer, store),
-        lambda traced, state: traced._update_estimate(store, state),
-    )
+    signature = upkeep_signature(layer, store)
+    if not store:
+        return _shared_function(
+            ("lipschitz_upkeep", False),
+            layer,
+            signature,
+            lambda traced, state: traced._update_estimate(False, state),
+        )
+
+    def store_only(traced, state):
+        traced._update_estimate(True, state)
+
+    # Storing, the function returns nothing and (u, v) are read from the
+    # variables after it (the reads are ordered after the call that writes
+    # them). Returning them, the call sites that use neither (the after-step
+    # upkeep of every layer) would each be given a copy of the function that
+    # graph optimisation specialises to drop its outputs, optimised and
+    # instantiated anew at the first call.
+    run = _shared_function(("lipschitz_upkeep", True), layer, signature, store_only)
+
+    def call():
+        run()
+        state = layer._power_state()
+        return tuple(HandleVariable(v.handle, v).read_value() for v in (state.u, state.v))
+
+    return call
 
 
 def traced_converge(layer):

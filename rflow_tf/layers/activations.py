@@ -35,7 +35,7 @@ from rflow_tf.layers._base import PACKAGE
 _FUSED_LIPSWISH_MIN_ELEMENTS = 2**18
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _lipswish_forward(x, beta):
     b = tf.nn.softplus(beta)
     bx = b * x
@@ -43,7 +43,7 @@ def _lipswish_forward(x, beta):
     return x * s, s + tf.raw_ops.SigmoidGrad(y=s, dy=bx)  # SigmoidGrad(s, w) = w s (1 - s)
 
 
-@tf.function(jit_compile=True)
+@tf.function(jit_compile=True, autograph=False)
 def _lipswish_backward(x, beta, gy, gd=None):
     """d/d(x, beta) of sum(gy * y + gd * d); ``gd=None``: of sum(gy * y) only
     (a separate trace, without the second-derivative terms)."""

@@ -305,7 +305,8 @@ def traced_upkeep(layer, store):
     def call():
         run()
         state = layer._power_state()
-        return tuple(HandleVariable(v.handle, v).read_value() for v in (state.u, state.v))
+        # (read as the variable reads itself: a distributed one in any context)
+        return tf.convert_to_tensor(state.u), tf.convert_to_tensor(state.v)
 
     return call
 

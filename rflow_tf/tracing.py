@@ -327,7 +327,7 @@ def one_optimizer_round():
     second time. On a flow's graphs the second round finds almost nothing
     (the canonical image training step: 6,047 nodes after the first round,
     6,032 after the second) and costs about as long as the first, so one round
-    shortens the first call by about a fifth, and the steps after it run the
+    shortens the first call by a fifth to a third, and the steps after it run the
     same arithmetic. Every pass still runs; only the number of rounds
     changes, and a configuration that sets the rounds itself (or switches the
     meta-optimizer off) is left as it is.
@@ -355,6 +355,8 @@ def one_optimizer_round():
     assert float(step(tf.constant(1.0))) == 10.0  # the same function outside
     ```
     """
+    # TensorFlow's own per-thread options of function calls (what its
+    # ``function_executor_type`` context changes), not a public API.
     ctx = _context.context()
     saved = ctx.function_call_options
     config = config_pb2.ConfigProto()

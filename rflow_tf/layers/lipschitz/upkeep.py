@@ -388,9 +388,12 @@ def _shared_function(kind, layer, signature, body):
                 return body(traced, state)
 
         # Not inlined: one copy of the body serves every call site (graph
-        # optimisation and instantiation pay per inlined copy).
-        fn = tf.function(
-            _named(name, shared), autograph=False, experimental_attributes={"_noinline": True}
+        # optimisation and instantiation pay per inlined copy), optimised when
+        # first run, in one round wherever it is called.
+        fn = tracing.in_one_optimizer_round(
+            tf.function(
+                _named(name, shared), autograph=False, experimental_attributes={"_noinline": True}
+            )
         )
         _SHARED_UPKEEP[key] = (fn, tracer)
     fn, tracer = _SHARED_UPKEEP[key]
@@ -399,9 +402,7 @@ def _shared_function(kind, layer, signature, body):
     def call():
         tracer.append(weakref.ref(layer))
         try:
-            # Not inlined: optimised when first run, in one round wherever it is called.
-            with tracing.one_optimizer_round():
-                return fn(*handles)
+            return fn(*handles)
         finally:
             tracer.pop()
 

@@ -239,7 +239,9 @@ def make_train_step(
     label_smoothing=0.0,
     loss_hook=None,
 ):
-    """The distributed training step, a ``tf.function(x, step)``.
+    """The distributed training step, a ``tf.function(x, step)`` whose graph is
+    optimised in one round at its first call
+    (:func:`rflow_tf.tracing.in_one_optimizer_round`).
 
     Per replica (seed = fold_in([seed, step], replica id)), for each of
     ``accumulate`` micro-batches of uint8 images: dequantise, compute
@@ -551,7 +553,9 @@ def make_eval_step(
       dequantizer: the run's variational dequantiser, or None (uniform noise).
 
     Returns:
-      A ``tf.function`` ``(x, mask, batch_index) -> sums`` (see above).
+      A ``tf.function`` ``(x, mask, batch_index) -> sums`` (see above), its
+      graph optimised in one round at its first call
+      (:func:`rflow_tf.tracing.in_one_optimizer_round`).
 
     Example:
     ```python
